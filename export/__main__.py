@@ -1,0 +1,53 @@
+"""python -m export: publish a trained model as a versioned ONNX serving package, or --verify one."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("--verify", metavar="VERSION_DIR", help="verify serving_models/<name>/<version> and exit 0/1")
+    p.add_argument("--run-dir", help="a run directory written by `python -m train`")
+    p.add_argument("--serving-dir", default="serving_models")
+    p.add_argument("--name", default="pneumonia")
+    p.add_argument("--model", default="best", help="best (from comparison.json) or a model name of the run")
+    p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
+    p.add_argument("--opset", type=int, default=17)
+    args = p.parse_args(argv)
+    if not args.verify and not args.run_dir:
+        p.error("one of --run-dir or --verify is required")
+    return args
+
+
+def verify(version_dir: str) -> int:
+    from export.package import verify_package
+
+    checks = verify_package(version_dir)
+    for check in checks:
+        print(check.line())
+    ok = all(c.ok for c in checks)
+    print(f"{'OK' if ok else 'FAILED'}: {version_dir}")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.verify:
+        return verify(args.verify)  # no TensorFlow on this path
+    from export.convert import ExportInputError, ParityError, export
+
+    command = "python -m export " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command)
+    except ExportInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Convert a trained tf-keras model to ONNX, prove parity, and publish atomically."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from export.package import (
+    CARD_FILE,
+    INPUT_NAME,
+    METADATA_FILE,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    _json_io,
+    expected_io,
+    load_session,
+    model_card,
+    sha256_file,
+    triton_config,
+    versions,
+)
+from train.data import read_split_csv
+from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+
+PARITY_TOLERANCE = 1e-5
+MIN_PARITY_IMAGES = 64
+
+
+class ExportInputError(ValueError):
+    """Bad export input (exit 2); the message is one line."""
+
+
+class ParityError(RuntimeError):
+    """ONNX and Keras disagree (exit 1)."""
+
+
+def read_run(run_dir: str, model: str) -> tuple[str, dict, dict]:
+    """-> (model name, its metrics.json, the run's comparison.json)."""
+    if not os.path.isdir(run_dir):
+        raise ExportInputError(f"run dir not found: {run_dir}")
+    try:
+        with open(os.path.join(run_dir, "comparison.json")) as f:
+            comparison = json.load(f)
+    except (OSError, ValueError):
+        raise ExportInputError(f"{run_dir} has no readable comparison.json (is it a `python -m train` run?)") from None
+    name = comparison["best"] if model == "best" else model
+    trained = [r["model"] for r in comparison["models"]]
+    if name not in trained:
+        raise ExportInputError(f"model {name!r} is not in run {run_dir} (it has {', '.join(trained)})")
+    try:
+        with open(os.path.join(run_dir, name, "metrics.json")) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        raise ExportInputError(f"{run_dir}/{name}/metrics.json is missing or unreadable") from None
+    return name, metrics, comparison
+
+
+def load_keras(path: str):
+    from train.models import load_model
+
+    if not os.path.isfile(path):
+        raise ExportInputError(f"model file not found: {path}")
+    try:
+        return load_model(path)
+    except Exception as exc:  # noqa: BLE001 - any load failure means a bad model file
+        raise ExportInputError(f"cannot load {path}: {str(exc).splitlines()[0][:150]}") from None
+
+
+def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
+    """tf2onnx.from_keras with a dynamic batch; input `image`, output renamed `probability`."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = [tf.TensorSpec((None, image_size, image_size, 1), tf.float32, name=INPUT_NAME)]
+    model_proto, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=opset)
+    (old,) = [o.name for o in model_proto.graph.output]
+    for node in model_proto.graph.node:
+        node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
+        node.input[:] = [OUTPUT_NAME if i == old else i for i in node.input]
+    model_proto.graph.output[0].name = OUTPUT_NAME
+    model_proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model_proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with open(path, "wb") as f:
+        f.write(model_proto.SerializeToString())
+
+
+def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, int]:
+    """>= n images from the run's test split (then val, then train if test is small), plus all-zeros and all-ones."""
+    rows = read_split_csv(os.path.join(run_dir, "split.csv"))
+    order = {"test": 0, "val": 1, "train": 2}
+    rows.sort(key=lambda r: order[r[1]])
+    images = []
+    for ex, _split in rows:
+        if len(images) >= n:
+            break
+        try:
+            images.append(preprocess_image(ex.path, config))
+        except ImageError:
+            continue
+    size = config.image_size
+    edges = [np.zeros((size, size, 1), np.float32), np.ones((size, size, 1), np.float32)]
+    return np.stack(images + edges), len(images)
+
+
+def parity(keras_model, onnx_path: str, x: np.ndarray, threshold: float) -> dict:
+    p_keras = keras_model.predict(x, batch_size=64, verbose=0).reshape(-1)
+    session = load_session(onnx_path)
+    p_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].reshape(-1)
+    diff = np.abs(p_keras.astype(np.float64) - p_onnx.astype(np.float64))
+    return {
+        "images": int(len(x)),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "decisions_equal": bool(np.array_equal(p_keras >= threshold, p_onnx >= threshold)),
+        "tolerance": PARITY_TOLERANCE,
+    }
+
+
+def library_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+    import tf_keras
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+            "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _strip(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k != "classification_report"}
+
+
+def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
+                   export_command) -> dict:
+    config = metrics["preprocessing"]
+    io = expected_io(int(config["image_size"]))
+    return {
+        "name": name,
+        "version": version,
+        "architecture": arch,
+        "source": {
+            "run_dir": os.path.abspath(run_dir),
+            "model_file": os.path.join(os.path.abspath(run_dir), arch, "model.keras"),
+            "train_command": run_info.get("command"),
+            "export_command": export_command,
+            "seed": run_info.get("args", {}).get("seed"),
+            "split": run_info.get("args", {}).get("split"),
+            "split_counts": run_info.get("split_counts"),
+        },
+        "preprocessing": config,
+        "input": _json_io(io["input"]),
+        "output": _json_io(io["output"]),
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "decision_threshold": metrics["chosen_threshold"],
+        "target_recall": metrics["target_recall"],
+        "val_roc_auc": metrics["val_roc_auc"],
+        "test_metrics": {"at_0.5": _strip(metrics["test_at_0.5"]), "at_chosen": _strip(metrics["test_at_chosen"])},
+        "parity": parity_result,
+        "versions": library_versions(),
+        "opset": opset,
+        "sha256": sha256,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
+           opset: int = 17, export_command: str = "", log=print) -> str:
+    """Convert, check parity, publish serving_dir/name/version atomically; returns the version dir."""
+    arch, metrics, _ = read_run(run_dir, model)
+    name_dir = os.path.join(serving_dir, name)
+    existing = versions(name_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if version < 1:
+        raise ExportInputError("--version must be >= 1")
+    final = os.path.join(name_dir, str(version))
+    if os.path.exists(final):
+        raise ExportInputError(f"{final} already exists; versions are never overwritten")
+    try:
+        os.makedirs(name_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=name_dir)
+    except OSError as exc:
+        raise ExportInputError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+    try:
+        keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
+        config = PreprocessConfig.from_dict(metrics["preprocessing"])
+        onnx_path = os.path.join(staging, MODEL_FILE)
+        t0 = time.perf_counter()
+        to_onnx(keras_model, config.image_size, opset, onnx_path)
+        seconds = time.perf_counter() - t0
+        log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
+        x, n_images = parity_images(run_dir, config)
+        result = parity(keras_model, onnx_path, x, metrics["chosen_threshold"])
+        result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
+        log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
+            f"decisions equal: {result['decisions_equal']}")
+        if result["max_abs_diff"] > PARITY_TOLERANCE or not result["decisions_equal"]:
+            raise ParityError(f"parity failed: max |Δp| {result['max_abs_diff']:.3e} (limit {PARITY_TOLERANCE:g}), "
+                              f"decisions equal: {result['decisions_equal']}; nothing published")
+        with open(os.path.join(run_dir, "run.json")) as f:
+            run_info = json.load(f)
+        meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
+                              run_info=run_info, parity_result=result, opset=opset,
+                              sha256=sha256_file(onnx_path), export_command=export_command)
+        with open(os.path.join(staging, METADATA_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(staging, CARD_FILE), "w") as f:
+            f.write(model_card(meta))
+        os.rename(staging, final)  # atomic publish: the version appears complete or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _atomic_write(os.path.join(name_dir, "config.pbtxt"), triton_config(name, config.image_size))
+    log(f"published {final}")
+    return final

@@ -1,0 +1,45 @@
+"""python -m train: build, train and evaluate the study models on a folder of X-rays."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODELS = "baseline_cnn,augmented_cnn,vgg19"
+SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    p.add_argument("--data-dir", required=True, help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")
+    p.add_argument("--output-dir", required=True, help="run directory to create")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {DEFAULT_MODELS}")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping usually ends sooner)")
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split", default="0.70,0.15,0.15", help="train,val,test fractions")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--select-by", default="val_roc_auc", choices=SELECT_BY)
+    p.add_argument("--vgg19-weights", default="imagenet", help="imagenet (Keras cache, no download) | none | PATH")
+    p.add_argument("--limit-per-class", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--cnn", default="study", choices=("study", "bn_gap"),
+                   help="CNN variant for baseline_cnn/augmented_cnn: the study's, or batch norm + global pooling")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
+
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Find labelled X-rays, derive patient ids, and split train/val/test grouped by patient.
+
+No TensorFlow here: the functions are pure and cheap to test.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from train.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)-", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)-", re.IGNORECASE),
+)
+
+
+class DataError(ValueError):
+    """Bad data directory; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str
+    label: str  # NORMAL or PNEUMONIA
+    patient: str
+
+
+def patient_id(filename: str) -> str:
+    """Kaggle file name -> patient id; any other name is its own patient."""
+    name = os.path.basename(filename)
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return os.path.splitext(name)[0]
+
+
+def find_examples(data_dir: str | os.PathLike) -> list[Example]:
+    """Kaggle layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* or flat ROOT/{NORMAL,PNEUMONIA}/*."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    parents = [root] + [root / s for s in SPLITS if (root / s).is_dir()]
+    examples = []
+    for parent in parents:
+        for label in CLASSES:
+            class_dir = parent / label
+            if not class_dir.is_dir():
+                continue
+            for dirpath, _dirs, files in os.walk(class_dir):
+                for name in sorted(files):
+                    if is_image_file(name):
+                        examples.append(Example(os.path.join(dirpath, name), label, patient_id(name)))
+    if not examples:
+        raise DataError(f"no images (.jpeg/.jpg/.png) under {root}/[train|val|test/]NORMAL|PNEUMONIA")
+    counts = Counter(e.label for e in examples)
+    for label in CLASSES:
+        if counts[label] == 0:
+            raise DataError(f"class {label} has no images under {root}")
+    return sorted(examples, key=lambda e: e.path)
+
+
+def limit_per_class(examples: Sequence[Example], limit: int, seed: int) -> list[Example]:
+    """A deterministic random subset of at most `limit` images per class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in CLASSES:
+        members = [e for e in examples if e.label == label]
+        if len(members) > limit:
+            keep = sorted(rng.choice(len(members), size=limit, replace=False))
+            members = [members[i] for i in keep]
+        out.extend(members)
+    return sorted(out, key=lambda e: e.path)
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _groups(examples: Sequence[Example], digests: Sequence[str]) -> list[int]:
+    """Union patients that share a byte-identical file; returns a group index per example."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_patient_of_digest: dict[str, str] = {}
+    for ex, digest in zip(examples, digests):
+        find("p:" + ex.patient)
+        other = first_patient_of_digest.setdefault(digest, ex.patient)
+        parent[find("p:" + ex.patient)] = find("p:" + other)
+    roots = [find("p:" + ex.patient) for ex in examples]
+    index = {r: i for i, r in enumerate(sorted(set(roots)))}
+    return [index[r] for r in roots]
+
+
+def split_examples(
+    examples: Sequence[Example],
+    fractions: Sequence[float] = (0.70, 0.15, 0.15),
+    seed: int = 42,
+    digests: Sequence[str] | None = None,
+) -> list[str]:
+    """Assign each example to train/val/test, stratified by class, grouped by patient.
+
+    Groups are patients, merged when they share a byte-identical image. Each group
+    takes its majority label; per label, groups are shuffled with `seed` and each is
+    given to the split furthest below its target image count (largest deficit).
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"--split must be three non-negative fractions summing to 1, got {list(fractions)}")
+    if digests is None:
+        digests = [file_digest(e.path) for e in examples]
+    group_of = _groups(examples, digests)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(group_of):
+        members[g].append(i)
+    group_label = {
+        g: Counter(examples[i].label for i in idx).most_common(1)[0][0] for g, idx in members.items()
+    }
+    rng = np.random.default_rng(seed)
+    assignment = [""] * len(examples)
+    for label in CLASSES:
+        groups = sorted(g for g, lab in group_label.items() if lab == label)
+        rng.shuffle(groups)
+        total = sum(len(members[g]) for g in groups)
+        targets = np.asarray(fractions, dtype=float) * total
+        filled = np.zeros(3)
+        for g in groups:
+            k = int(np.argmax(targets - filled))
+            filled[k] += len(members[g])
+            for i in members[g]:
+                assignment[i] = SPLITS[k]
+    return assignment
+
+
+def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split", "patient"])
+        for ex, split in zip(examples, splits):
+            writer.writerow([ex.path, ex.label, split, ex.patient])
+
+
+def read_split_csv(path: str | os.PathLike) -> list[tuple[Example, str]]:
+    with open(path, newline="") as f:
+        return [(Example(r["path"], r["label"], r["patient"]), r["split"]) for r in csv.DictReader(f)]
+
+
+def _load_one(args):
+    path, config = args
+    try:
+        return preprocess_image(path, config), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def load_images(
+    paths: Sequence[str], config: PreprocessConfig, workers: int | None = None
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Preprocess images in parallel -> (array (n_ok, S, S, 1), ok indices, [(path, error)])."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, config) for p in paths]
+    if workers > 1 and len(paths) > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_load_one, jobs, chunksize=64))
+    else:
+        results = [_load_one(j) for j in jobs]
+    ok = [i for i, (arr, _) in enumerate(results) if arr is not None]
+    failed = [(paths[i], err) for i, (arr, err) in enumerate(results) if arr is None]
+    size = config.image_size
+    images = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 1), np.float32)
+    return images, ok, failed
+
+
+def labels_to_array(labels: Iterable[str]) -> np.ndarray:
+    return np.asarray([CLASSES.index(label) for label in labels], dtype=np.float32)

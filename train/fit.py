@@ -1,0 +1,109 @@
+"""Training loops: tf.data input pipelines, class weights, early stopping, epoch log."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from train.models import keras
+
+
+def class_weights(y: np.ndarray) -> dict[int, float]:
+    classes = np.unique(y.astype(int))
+    weights = compute_class_weight("balanced", classes=classes, y=y.astype(int))
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Random rotation, zoom, shift and contrast: used in the input pipeline only."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
+            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 2),
+            keras.layers.RandomContrast(0.2, seed=seed + 3),
+        ],
+        name="augment",
+    )
+
+
+def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: keras.Sequential | None = None):
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(
+            lambda xb, yb: (tf.clip_by_value(augment(xb, training=True), 0.0, 1.0), yb),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One console line per epoch: loss, val loss, val AUC, seconds."""
+
+    def __init__(self, name: str, epochs: int, log=print):
+        super().__init__()
+        self.name, self.epochs, self.log = name, epochs, log
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.seconds.append(time.perf_counter() - self._t0)
+        self.log(
+            f"[{self.name}] epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+            f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {logs.get('val_auc', float('nan')):.4f}  "
+            f"{self.seconds[-1]:.1f}s"
+        )
+
+
+def fit(
+    model: keras.Model,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    *,
+    name: str,
+    epochs: int,
+    patience: int,
+    seed: int,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    augment: bool = False,
+    log=print,
+) -> dict:
+    """Adam + BCE + class weights + early stopping on val loss (best weights restored).
+
+    Returns the history dict (per-epoch lists) with `seconds` and `best_epoch` added.
+    """
+    keras.utils.set_random_seed(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+    train_ds = make_dataset(*train_xy, batch_size, True, seed, augmenter(seed) if augment else None)
+    val_ds = make_dataset(*val_xy, batch_size, False, seed)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    epoch_log = EpochLog(name, epochs, log)
+    hist = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        class_weight=class_weights(train_xy[1]),
+        callbacks=[stop, epoch_log],
+        verbose=0,
+    )
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    history["seconds"] = epoch_log.seconds
+    history["best_epoch"] = int(stop.best_epoch) + 1
+    return history
+
+
+def predict(model: keras.Model, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    return model.predict(x, batch_size=batch_size, verbose=0).reshape(-1).astype(np.float64)

@@ -1,0 +1,108 @@
+"""The three study models, built with tf-keras (Keras 2 API), which tf2onnx converts.
+
+Every model takes (N, S, S, 1) float32 in [0, 1] and returns (N, 1) P(pneumonia).
+No Lambda layers: saved models load without pickled code.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tf_keras as keras  # noqa: E402
+
+MODEL_NAMES = ("baseline_cnn", "augmented_cnn", "vgg19")
+VGG19_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG19_WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/" + VGG19_WEIGHTS_FILE
+)
+# VGG's "caffe" preprocessing on [0, 255] BGR input; channels are equal for grayscale.
+_VGG_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class WeightsError(ValueError):
+    """VGG19 weights cannot be found; the message is one line for the user."""
+
+
+def build_cnn(
+    image_size: int,
+    filters: tuple[int, ...] = (32, 64, 128),
+    dense: int = 128,
+    dropout: float = 0.5,
+    batch_norm: bool = False,
+    global_pool: bool = False,
+    name: str = "baseline_cnn",
+) -> keras.Model:
+    """Conv/pool blocks and a dense head; the study's CNN with its defaults.
+
+    `batch_norm` and `global_pool` are the levers the study did not pull.
+    """
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = inputs
+    for i, n in enumerate(filters):
+        x = keras.layers.Conv2D(n, 3, padding="same", use_bias=not batch_norm, name=f"conv{i}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.Activation("relu", name=f"relu{i}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    if global_pool:
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(dense, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def resolve_vgg19_weights(weights: str) -> str | None:
+    """'imagenet' -> the cached file (never a download), 'none' -> None, else a path."""
+    if weights.lower() == "none":
+        return None
+    if weights.lower() == "imagenet":
+        cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+        path = os.path.join(cache, VGG19_WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            raise WeightsError(
+                f"VGG19 ImageNet weights not found at {path}: download {VGG19_WEIGHTS_URL} there, "
+                "pass --vgg19-weights PATH, or pass --vgg19-weights none"
+            )
+        return path
+    if not os.path.isfile(weights):
+        raise WeightsError(f"VGG19 weights file not found: {weights}")
+    return weights
+
+
+def vgg19_parts(image_size: int, weights: str | None, head_units=(512, 256, 128, 64), dropout=0.3):
+    """-> (full model, frozen feature extractor, head).
+
+    The full model is feature_extractor followed by head, so the head can be trained
+    on features computed once per image and the full model saved afterwards.
+    """
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    rgb = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    # [0, 1] gray -> VGG's input: x * 255 - mean (BGR order; channels are equal).
+    x = keras.layers.Rescaling(255.0, offset=[-m for m in _VGG_MEAN_BGR], name="vgg_preprocess")(rgb)
+    base = keras.applications.VGG19(
+        include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+    )
+    base.trainable = False
+    features = base(x, training=False)
+    extractor = keras.Model(inputs, features, name="vgg19_features")
+
+    head_in = keras.Input(features.shape[1:], name="features")
+    h = keras.layers.Flatten(name="flatten")(head_in)
+    for i, units in enumerate(head_units):
+        h = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(h)
+        h = keras.layers.Dropout(dropout, name=f"dropout{i}")(h)
+    out = keras.layers.Dense(1, activation="sigmoid", name="probability")(h)
+    head = keras.Model(head_in, out, name="vgg19_head")
+
+    full = keras.Model(inputs, head(extractor(inputs)), name="vgg19")
+    return full, extractor, head
+
+
+def load_model(path: str) -> keras.Model:
+    """Load a saved .keras model (safe mode: no pickled code)."""
+    return keras.models.load_model(path, compile=False, safe_mode=True)

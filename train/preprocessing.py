@@ -1,0 +1,132 @@
+"""The one preprocessing function: image bytes -> (S, S, 1) float32 in [0, 1].
+
+Pillow + numpy only (no TensorFlow): training, the export parity check and the
+batch job all call :func:`preprocess_image` with the parameters recorded in the
+model's metadata (:class:`PreprocessConfig`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import warnings
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+SUPPORTED_FORMATS = ("JPEG", "PNG")
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """An input that cannot become a model input; the message is one short line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything the scoring side needs to reproduce training's inputs exactly."""
+
+    image_size: int = 128
+    color_mode: str = "L"  # 8-bit grayscale
+    resize_filter: str = "bilinear"
+    scaling: str = "divide_by_255"  # float32 in [0, 1]
+    jpeg_draft: bool = True  # let libjpeg decode at a reduced scale (>= image_size)
+    min_side: int = 32  # smaller inputs are rejected, not upscaled from nothing
+
+    def __post_init__(self):
+        if self.resize_filter not in _FILTERS:
+            raise ValueError(f"unknown resize_filter {self.resize_filter!r}")
+        if self.color_mode != "L" or self.scaling != "divide_by_255":
+            raise ValueError("only color_mode 'L' with scaling 'divide_by_255' is implemented")
+        if self.image_size < 8:
+            raise ValueError("image_size must be >= 8")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _to_grayscale_8bit(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> mode 'L'. 16/32-bit integer data is mapped linearly from
+    [0, 65535] to [0, 255] (Pillow's own convert would clip at 255)."""
+    if img.mode == "L":
+        return img
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        arr = np.clip(arr, 0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        img = img.convert("RGBA").convert("RGB")
+    return img.convert("L")
+
+
+def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Image.Image:
+    """Open, validate and decode to an upright 8-bit grayscale Pillow image."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with warnings.catch_warnings():
+            # Treat anything over Pillow's MAX_IMAGE_PIXELS as a bomb, not only 2x over it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(stream, formats=None)
+            if img.format not in SUPPORTED_FORMATS:
+                raise ImageError(f"unsupported image format {img.format}")
+            w, h = img.size
+            if min(w, h) < config.min_side:
+                raise ImageError(f"image too small ({w}x{h}, need >= {config.min_side} px per side)")
+            if config.jpeg_draft and img.format == "JPEG":
+                img.draft("L", (config.image_size, config.image_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_grayscale_8bit(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb: {exc}".splitlines()[0][:200]) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a decodable image") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"decode failed: {msg}"[:200]) from None
+
+
+def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Grayscale Pillow image -> (S, S, 1) float32 in [0, 1]."""
+    size = (config.image_size, config.image_size)
+    if img.size != size:
+        img = img.resize(size, _FILTERS[config.resize_filter])
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    return arr[:, :, np.newaxis]
+
+
+def preprocess_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """THE preprocessing function: file path or bytes -> (S, S, 1) float32 in [0, 1].
+
+    Raises ImageError (one-line message) for anything that is not a usable image.
+    """
+    return to_model_input(decode_image(source, config), config)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
