@@ -1,0 +1,196 @@
+"""The job's files: listing, prediction shards, reconciliation, metrics.json, report.md, histogram.png."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import uuid
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from batch_job.scoring import COLUMNS
+
+LISTING_FILE = "_listing.jsonl"
+
+
+def shard_name(shard_id: int) -> str:
+    return f"predictions-{shard_id:05d}.csv"
+
+
+def write_listing(path: str, items: Iterable[tuple[int, str]]) -> int:
+    """Stream (input index, path) pairs to a JSON-lines file; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for index, p in items:
+            f.write(json.dumps([index, p], ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def shard_listing(path: str, shard_size: int) -> list[tuple[int, int, int]]:
+    """Cut the listing into shards: (shard id, byte offset, count); one pass, no paths kept."""
+    shards, offset, start, in_shard = [], 0, 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            offset += len(line)
+            in_shard += 1
+            if in_shard == shard_size:
+                shards.append((len(shards), start, in_shard))
+                start, in_shard = offset, 0
+    if in_shard:
+        shards.append((len(shards), start, in_shard))
+    return shards
+
+
+def read_listing(path: str, offset: int = 0, count: int | None = None) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for n, line in enumerate(f):
+            if count is not None and n >= count:
+                break
+            index, p = json.loads(line)
+            yield index, p
+
+
+def write_shard(out_dir: str, shard_id: int, records: list[dict]) -> str:
+    """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it."""
+    final = os.path.join(out_dir, shard_name(shard_id))
+    tmp = os.path.join(out_dir, f".{shard_name(shard_id)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, final)
+    return final
+
+
+def read_shard(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: unexpected header {reader.fieldnames}")
+        return list(reader)
+
+
+def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str]) -> dict:
+    """Check every listed path has exactly one row; gather what metrics need.
+
+    Streams shard by shard: memory holds one shard plus the scored probabilities.
+    """
+    listing = os.path.join(out_dir, LISTING_FILE)
+    probs, labels, per_input = [], [], defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0})
+    found = scored = failed = missing = duplicated = unexpected = 0
+    expected_files = {shard_name(s) for s, _, _ in shards}
+    for shard_id, offset, count in shards:
+        listed = list(read_listing(listing, offset, count))
+        found += len(listed)
+        path = os.path.join(out_dir, shard_name(shard_id))
+        rows = read_shard(path) if os.path.exists(path) else []
+        by_path: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            by_path[row["path"]].append(row)
+        listed_paths = {p for _, p in listed}
+        unexpected += sum(len(v) for k, v in by_path.items() if k not in listed_paths)
+        for index, p in listed:
+            counts = per_input[inputs[index]]
+            counts["found"] += 1
+            hits = by_path.get(p, [])
+            if not hits:
+                missing += 1
+                continue
+            duplicated += len(hits) - 1
+            row = hits[0]
+            if row["status"] == "ok":
+                scored += 1
+                counts["scored"] += 1
+                probs.append(float(row["probability"]))
+                labels.append(row["label"])
+            else:
+                failed += 1
+                counts["failed"] += 1
+    stray = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "predictions-*.csv"))
+                   if os.path.basename(p) not in expected_files)
+    return {
+        "images_found": found, "images_scored": scored, "images_failed": failed,
+        "missing": missing, "duplicated": duplicated, "unexpected": unexpected, "stray_shards": stray,
+        "per_input": dict(per_input), "probabilities": np.asarray(probs, dtype=np.float64), "labels": labels,
+        "ok": missing == 0 and duplicated == 0 and unexpected == 0 and not stray
+        and found == scored + failed,
+    }
+
+
+def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str, wall_seconds: float) -> dict:
+    """metrics.json content; labelled metrics (scikit-learn) when any scored image has a label."""
+    from train.evaluate import operating_point
+
+    probs = rec["probabilities"]
+    hist, edges = np.histogram(probs, bins=10, range=(0.0, 1.0))
+    positives = int(np.sum(probs >= threshold))
+    out = {
+        "images_found": rec["images_found"],
+        "images_scored": rec["images_scored"],
+        "images_failed": rec["images_failed"],
+        "positive_count": positives,
+        "positive_rate": positives / len(probs) if len(probs) else 0.0,
+        "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
+        "per_input": rec["per_input"],
+        "model": model_id,
+        "threshold": threshold,
+        "runner": runner,
+        "wall_seconds": round(wall_seconds, 3),
+        "images_per_second": round(rec["images_found"] / wall_seconds, 2) if wall_seconds > 0 else None,
+    }
+    labelled = np.asarray([lab != "" for lab in rec["labels"]], dtype=bool)
+    if labelled.any():
+        y = np.asarray([lab == "PNEUMONIA" for lab in np.asarray(rec["labels"])[labelled]], dtype=int)
+        point = operating_point(y, probs[labelled], threshold)
+        out["labelled_images"] = int(labelled.sum())
+        for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"):
+            out[key] = point[key]
+        out["confusion_matrix"] = point["confusion_matrix"]
+    return out
+
+
+def write_histogram(path: str, probs: np.ndarray, threshold: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(probs, bins=10, range=(0, 1), color="steelblue", edgecolor="white")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("P(pneumonia)")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_markdown(m: dict) -> str:
+    lines = ["# Batch scoring report", "",
+             f"Model `{m['model']}`, threshold {m['threshold']:.4f}, runner {m['runner']}, "
+             f"{m['wall_seconds']:.1f} s, {m['images_per_second']} images/s.", "",
+             "| images found | scored | failed | positive | positive rate |", "|---|---|---|---|---|",
+             f"| {m['images_found']} | {m['images_scored']} | {m['images_failed']} | {m['positive_count']} "
+             f"| {m['positive_rate']:.4f} |", "", "## Per input", "", "| input | found | scored | failed |",
+             "|---|---|---|---|"]
+    lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} |" for k, v in m["per_input"].items()]
+    h = m["probability_histogram"]
+    lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
+    lines += [f"| {lo:.1f}–{hi:.1f} | {c} |" for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"])]
+    lines += ["", "![histogram](histogram.png)"]
+    if "accuracy" in m:
+        cm = m["confusion_matrix"]
+        lines += ["", f"## Against folder labels ({m['labelled_images']} labelled images)", "",
+                  "| accuracy | precision | recall | specificity | F1 | ROC AUC |", "|---|---|---|---|---|---|",
+                  "| " + " | ".join("n/a" if m[k] is None else f"{m[k]:.4f}" for k in
+                                   ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")) + " |",
+                  "", "| true \\ predicted | NORMAL | PNEUMONIA |", "|---|---|---|",
+                  f"| NORMAL | {cm['tn']} | {cm['fp']} |", f"| PNEUMONIA | {cm['fn']} | {cm['tp']} |"]
+    return "\n".join(lines) + "\n"

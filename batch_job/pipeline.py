@@ -1,0 +1,307 @@
+"""The Beam pipeline that scores image trees, correct on DirectRunner and on DaskRunner.
+
+Design (see README, "Why the pipeline looks like this"):
+* Files are listed by the driver, streamed to ``_listing.jsonl`` in the temporary
+  output dir and cut into shards; the pipeline starts from ``Create`` over shard
+  descriptors (id, byte offset, count) - a few integers per shard.
+* Each shard is read, decoded, scored in batches and written as one CSV inside
+  ``process`` (never ``finish_bundle``, whose output DaskRunner drops), as a single
+  linear chain (DaskRunner computes only the last leaf).
+* The driver then reconciles: every listed path must have exactly one row. Only
+  then are metrics computed and the directory renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from batch_job import outputs
+from batch_job.listing import InputError, check_inputs, iter_images
+from batch_job.scoring import ScoringSpec, default_workers, score_paths
+from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
+
+LOG = logging.getLogger("batch_job")
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+MAX_SHARD = 2048
+
+
+class ReconciliationError(RuntimeError):
+    """Outputs do not account for every listed image (exit 1)."""
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model.")
+    p.add_argument("--input", action="append", required=True,
+                   help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
+    p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
+    p.add_argument("--output", required=True, help="output directory (created atomically)")
+    p.add_argument("--threshold", type=float, default=None, help="default: the model's validation-chosen threshold")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    return p.parse_known_args(argv)
+
+
+# ---------------------------------------------------------------- Beam stages
+
+class ReadShard(beam.DoFn):
+    """(shard id, offset, count) -> (shard id, [paths]) from the listing file."""
+
+    def __init__(self, listing_path: str):
+        self.listing_path = listing_path
+
+    def process(self, shard):
+        shard_id, offset, count = shard
+        yield shard_id, [p for _, p in outputs.read_listing(self.listing_path, offset, count)]
+
+
+class ScoreShard(beam.DoFn):
+    """(shard id, [paths]) -> (shard id, [records]); the onnxruntime session is per process."""
+
+    def __init__(self, spec: ScoringSpec):
+        self.spec = spec
+        self.images = beam.metrics.Metrics.counter("batch_job", "images")
+
+    def process(self, element):
+        shard_id, paths = element
+        records = score_paths(paths, self.spec)
+        self.images.inc(len(records))
+        yield shard_id, records
+
+
+class WriteShard(beam.DoFn):
+    """(shard id, [records]) -> (shard id, rows written); the CSV is written atomically in process()."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(self, element):
+        shard_id, records = element
+        outputs.write_shard(self.out_dir, shard_id, records)
+        yield shard_id, len(records)
+
+
+def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpec, out_dir: str):
+    return (
+        p
+        | "ListShards" >> beam.Create(shards, reshuffle=True)
+        | "ReadShard" >> beam.ParDo(ReadShard(listing_path))
+        | "DecodeAndScore" >> beam.ParDo(ScoreShard(spec))
+        | "WriteShard" >> beam.ParDo(WriteShard(out_dir))
+    )
+
+
+# ------------------------------------------------------------ runner choice
+
+def resolve_runner(pipeline_args: list[str]):
+    """-> (runner object or name, runner label, options, worker count).
+
+    DirectRunner becomes the FnApiRunner in multi-process mode (one worker per core
+    unless --direct_num_workers says otherwise) without Beam's Prism download
+    attempt. DaskRunner is resolved by class. Other runners pass through by name.
+    """
+    options = PipelineOptions(pipeline_args)
+    name = options.view_as(StandardOptions).runner or "DirectRunner"
+    short = name.rsplit(".", 1)[-1]
+    if short in ("DirectRunner", "FnApiRunner"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        direct = options.view_as(DirectOptions)
+        extra = []
+        if "--direct_num_workers" not in " ".join(pipeline_args):
+            extra.append(f"--direct_num_workers={default_workers()}")
+        if "--direct_running_mode" not in " ".join(pipeline_args):
+            extra.append("--direct_running_mode=multi_processing")
+        if "--default_sdk_harness_log_level" not in " ".join(pipeline_args):
+            extra.append("--default_sdk_harness_log_level=WARNING")
+        options = PipelineOptions(pipeline_args + extra)
+        direct = options.view_as(DirectOptions)
+        workers = direct.direct_num_workers or 1
+        return FnApiRunner(), "DirectRunner", options, workers
+    if short == "DaskRunner":
+        from apache_beam.runners.dask.dask_runner import DaskRunner
+
+        extra = []
+        if "--dask_npartitions" not in " ".join(pipeline_args) and "--dask_partition_size" not in " ".join(pipeline_args):
+            extra.append("--dask_partition_size=1")  # one shard per Dask task
+        return DaskRunner(), "DaskRunner", PipelineOptions(pipeline_args + extra), None
+    return name, short, options, None
+
+
+# ------------------------------------------------------------------- driver
+
+def _prepare_output(out: str, overwrite: bool) -> str:
+    """Refuse a non-empty OUT_DIR (unless --overwrite); make the temp dir beside it."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temps(out)
+        tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.tmp-{os.getpid()}-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the published dir gets normal permissions
+        return tmp
+    except OSError as exc:
+        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
+
+
+def _remove_stale_temps(out: str) -> None:
+    """Temp dirs of earlier runs on this OUT_DIR whose process is gone (killed jobs)."""
+    prefix = os.path.basename(out) + ".tmp-"
+    parent = os.path.dirname(out)
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: str, out: str) -> None:
+    if os.path.exists(out):
+        trash = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(trash, "x"))
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _shard_size(requested: int | None, n: int, batch_size: int, workers: int | None) -> int:
+    if requested:
+        return requested
+    per_worker_units = 4 * (workers or 4)  # a few units per worker balances the tail
+    size = math.ceil(n / per_worker_units) if n else batch_size
+    return int(min(MAX_SHARD, max(batch_size, math.ceil(size / batch_size) * batch_size)))
+
+
+class Progress(threading.Thread):
+    """Logs images done and images/s from the shard files as they appear (any runner)."""
+
+    def __init__(self, tmp: str, shards, interval: float = 5.0):
+        super().__init__(daemon=True)
+        self.tmp, self.sizes, self.interval = tmp, {outputs.shard_name(s): c for s, _, c in shards}, interval
+        self.total = sum(self.sizes.values())
+        self.stop = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def done(self) -> int:
+        return sum(c for name, c in self.sizes.items() if os.path.exists(os.path.join(self.tmp, name)))
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            n = self.done()
+            rate = n / (time.perf_counter() - self.t0)
+            LOG.info("progress: %d/%d images scored (%.1f images/s)", n, self.total, rate)
+
+
+def run(argv=None, test_pipeline=None) -> int:
+    """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input)."""
+    t0 = time.perf_counter()
+    args, pipeline_args = parse_args(argv)
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    check_inputs(args.input)
+    version_dir = os.path.abspath(resolve_version_dir(args.model))
+    checks = verify_package(version_dir)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")
+    meta = load_metadata(version_dir)
+    model_id = f"{meta['name']}/{meta['version']}"
+    threshold = float(meta["decision_threshold"] if args.threshold is None else args.threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError("--threshold must be in [0, 1]")
+    runner, runner_label, options, workers = resolve_runner(pipeline_args)
+    out = os.path.abspath(args.output)
+    tmp = _prepare_output(out, args.overwrite)
+    try:
+        listing = os.path.join(tmp, outputs.LISTING_FILE)
+        # Count first (paths only), then cut into shards sized for the worker count.
+        n = outputs.write_listing(listing, iter_images(args.input))
+        if n == 0:
+            raise InputError(f"no image files (.jpeg/.jpg/.png) found in {', '.join(args.input)}")
+        size = _shard_size(args.shard_size, n, args.batch_size, workers)
+        shards = outputs.shard_listing(listing, size)
+        LOG.info("listed %d images in %.1fs -> %d shards of <= %d; model %s, threshold %.4f, runner %s",
+                 n, time.perf_counter() - t0, len(shards), size, model_id, threshold, runner_label)
+        spec = ScoringSpec(os.path.join(version_dir, "model.onnx"), model_id, meta["preprocessing"], threshold,
+                           args.batch_size, intra_op_threads=1 if (workers or 2) > 1 else 0)
+        progress = Progress(tmp, shards)
+        progress.start()
+        try:
+            p = test_pipeline or beam.Pipeline(runner=runner, options=options)
+            build_pipeline(p, shards, listing, spec, tmp)
+            result = p.run()
+            result.wait_until_finish()
+        finally:
+            progress.stop.set()
+        rec = outputs.reconcile(tmp, shards, args.input)
+        if not rec["ok"]:
+            raise ReconciliationError(
+                f"reconciliation failed: found {rec['images_found']}, scored {rec['images_scored']}, failed "
+                f"{rec['images_failed']}, missing {rec['missing']}, duplicated {rec['duplicated']}, unexpected "
+                f"{rec['unexpected']}, stray shards {len(rec['stray_shards'])}; output not published")
+        wall = time.perf_counter() - t0
+        metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, wall)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(outputs.report_markdown(metrics))
+        outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(summary(metrics, out))
+    return 0
+
+
+def summary(m: dict, out: str) -> str:
+    line = (f"scored {m['images_scored']}/{m['images_found']} images ({m['images_failed']} failed) with "
+            f"{m['model']} on {m['runner']} in {m['wall_seconds']:.1f}s ({m['images_per_second']} images/s); "
+            f"{m['positive_count']} flagged PNEUMONIA (rate {m['positive_rate']:.3f}, threshold {m['threshold']:.4f})")
+    if "accuracy" in m:
+        line += (f"\nagainst folder labels ({m['labelled_images']}): accuracy {m['accuracy']:.4f}, recall "
+                 f"{m['recall']:.4f}, specificity {m['specificity']:.4f}, ROC AUC "
+                 + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"))
+    return line + f"\noutputs in {out}: predictions-*.csv, metrics.json, report.md, histogram.png"
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("apache_beam", "distributed", "dask"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return run(argv)
+    except (InputError, PackageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ReconciliationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,102 @@
+"""Decode, preprocess and score images with onnxruntime (no TensorFlow, no Beam)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from batch_job.listing import is_uri, label_from_path
+from export.package import INPUT_NAME, OUTPUT_NAME, load_session
+from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+
+COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
+
+_SESSIONS: dict[tuple[str, int], object] = {}
+
+
+def get_session(model_path: str, intra_op_threads: int):
+    """One onnxruntime session per worker process, created on first use and reused."""
+    key = (model_path, intra_op_threads)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = load_session(model_path, intra_op_threads)
+    return _SESSIONS[key]
+
+
+def read_bytes(path: str) -> bytes:
+    if is_uri(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_input(path: str, config: PreprocessConfig) -> np.ndarray:
+    """File -> model input; ImageError with a short reason for anything unusable."""
+    try:
+        data = read_bytes(path)
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory") from None
+    except FileNotFoundError:
+        raise ImageError("file not found (vanished or dangling link)") from None
+    except OSError as exc:
+        raise ImageError(f"read failed: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return preprocess_image(data, config)
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """Everything a worker needs; small and picklable."""
+
+    model_path: str
+    model_id: str  # <name>/<version>
+    preprocessing: dict
+    threshold: float
+    batch_size: int = 64
+    intra_op_threads: int = 1
+
+
+def _record(path: str, spec: ScoringSpec, probability: float | None = None, error: str = "") -> dict:
+    ok = probability is not None
+    return {
+        "path": path,
+        "status": "ok" if ok else "error",
+        "probability": f"{probability:.8f}" if ok else "",
+        "prediction": ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else "",
+        "threshold": f"{spec.threshold:.8f}",
+        "label": label_from_path(path),
+        "model": spec.model_id,
+        "error": error,
+    }
+
+
+def score_paths(paths: list[str], spec: ScoringSpec) -> list[dict]:
+    """One record per path, in order: decoded in batches of spec.batch_size and scored."""
+    config = PreprocessConfig.from_dict(spec.preprocessing)
+    session = get_session(spec.model_path, spec.intra_op_threads)
+    records: list[dict] = []
+    for start in range(0, len(paths), spec.batch_size):
+        chunk = paths[start:start + spec.batch_size]
+        arrays, slots, out = [], [], [None] * len(chunk)
+        for i, path in enumerate(chunk):
+            try:
+                arrays.append(load_input(path, config))
+                slots.append(i)
+            except ImageError as exc:
+                out[i] = _record(path, spec, error=str(exc))
+        if arrays:
+            (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(arrays)})
+            for i, p in zip(slots, probs.reshape(-1)):
+                out[i] = _record(chunk[i], spec, float(p))
+        records.extend(out)
+    return records
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
