@@ -258,7 +258,12 @@ def run(argv=None, test_pipeline=None) -> int:
             p = test_pipeline or beam.Pipeline(runner=runner, options=options)
             build_pipeline(p, shards, listing, spec, tmp)
             result = p.run()
-            result.wait_until_finish()
+            try:
+                result.wait_until_finish()
+            finally:
+                client = getattr(result, "client", None)  # DaskRunner leaves its dask client open
+                if client is not None:
+                    client.close()
         finally:
             progress.stop.set()
         rec = outputs.reconcile(tmp, shards, args.input)

@@ -59,7 +59,7 @@ class PreprocessConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _to_grayscale_8bit(img: Image.Image) -> Image.Image:
+def to_grayscale_8bit(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> mode 'L'. 16/32-bit integer data is mapped linearly from
     [0, 65535] to [0, 255] (Pillow's own convert would clip at 255)."""
     if img.mode == "L":
@@ -95,7 +95,7 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
                 img.draft("L", (config.image_size, config.image_size))
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_grayscale_8bit(img)
+            return to_grayscale_8bit(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,0 +1,137 @@
+"""Shared fixtures: synthetic image trees, hostile inputs, and a TensorFlow-free ONNX model package."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job.synthetic import make_tree
+from export.package import INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "train")
+
+
+def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45) -> None:
+    """P = sigmoid(scale * (mean pixel - offset)): bright (blobby) images score high."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Sub", ["mean", "offset"], ["centred"]),
+            helper.make_node("Mul", ["centred", "scale"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "one"], [OUTPUT_NAME]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", image_size, image_size, 1])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        initializer=[
+            helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, image_size: int = 32,
+                  threshold: float = 0.5, **model_kwargs) -> str:
+    """A published package as `python -m export` lays it out, around the tiny ONNX model."""
+    vdir = os.path.join(serving_dir, name, str(version))
+    os.makedirs(vdir)
+    model_path = os.path.join(vdir, "model.onnx")
+    make_onnx_model(model_path, image_size, **model_kwargs)
+    meta = {
+        "name": name, "version": version, "architecture": "tiny_test_graph",
+        "preprocessing": {"image_size": image_size, "color_mode": "L", "resize_filter": "bilinear",
+                          "scaling": "divide_by_255", "jpeg_draft": True, "min_side": 32},
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, image_size, image_size, 1]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, 1]},
+        "class_names": ["NORMAL", "PNEUMONIA"], "decision_threshold": threshold, "target_recall": 0.95,
+        "sha256": sha256_file(model_path),
+    }
+    with open(os.path.join(vdir, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(serving_dir, name, "config.pbtxt"), "w") as f:
+        f.write(triton_config(name, image_size))
+    return vdir
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height (no real pixel data): trips Pillow's bomb check at open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def write_bad_inputs(folder: str) -> dict[str, str]:
+    """Every hostile input kind of issue 'batch_job'; -> {path: expected error fragment}."""
+    os.makedirs(folder, exist_ok=True)
+    bad = {}
+
+    def put(name, data: bytes, fragment):
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        bad[path] = fragment
+
+    put("zero_bytes.jpeg", b"", "empty file")
+    buf = _jpeg_bytes(64)
+    put("truncated.jpeg", buf[: len(buf) // 2], "decode failed")
+    put("text_file.jpg", b"this is not an image, just text\n", "not a decodable image")
+    gif = _encode(Image.new("L", (64, 64), 100), "GIF")
+    put("actually_gif.png", gif, "unsupported image format GIF")
+    put("bomb.png", png_with_size(20000, 20000), "decompression bomb")
+    put("one_pixel.png", _encode(Image.new("L", (1, 1), 5), "PNG"), "too small")
+    unreadable = os.path.join(folder, "no_permission.jpeg")
+    with open(unreadable, "wb") as f:
+        f.write(_jpeg_bytes(64))
+    os.chmod(unreadable, 0)
+    if os.geteuid() != 0:  # root reads anything: then the file is simply scored
+        bad[unreadable] = "permission denied"
+    return bad
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _jpeg_bytes(size: int) -> bytes:
+    rng = np.random.default_rng(1)
+    return _encode(Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> str:
+    serving = tmp_path_factory.mktemp("serving")
+    write_package(str(serving))
+    return str(serving / "pneumonia")
+
+
+@pytest.fixture(scope="session")
+def labelled_tree(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """Nested labelled tree + unlabelled folder + every bad-input kind -> (root, bad paths)."""
+    root = str(tmp_path_factory.mktemp("xrays"))
+    make_tree(os.path.join(root, "site_a"), per_class=24, size=96, seed=3, nested=True)
+    unlabelled = os.path.join(root, "site_b", "incoming, night 1", "ünïcode dir")
+    os.makedirs(unlabelled)
+    for i in range(5):
+        Image.new("L", (80, 80), 40 + 40 * i).save(os.path.join(unlabelled, f"scan {i}, copy.png"))
+    bad = write_bad_inputs(os.path.join(root, "site_a", "PNEUMONIA", "bad"))
+    return root, bad

@@ -1,0 +1,275 @@
+"""End-to-end tests of the Beam batch job on DirectRunner (2 worker processes) and DaskRunner."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from batch_job import outputs
+from batch_job.listing import iter_images, label_from_path
+from batch_job.pipeline import main
+from export.package import load_session
+from train.preprocessing import PreprocessConfig, preprocess_image
+
+from conftest import write_package
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_predictions(out_dir: str) -> dict[str, dict]:
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "predictions-*.csv"))):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            assert reader.fieldnames == ["path", "status", "probability", "prediction", "threshold", "label",
+                                         "model", "error"]
+            for row in reader:
+                assert row["path"] not in rows, f"duplicate row for {row['path']}"
+                rows[row["path"]] = row
+    return rows
+
+
+def all_image_paths(root: str) -> set[str]:
+    return {p for _, p in iter_images([root])}
+
+
+@pytest.fixture(scope="module")
+def direct_run(labelled_tree, tiny_package, tmp_path_factory):
+    root, _ = labelled_tree
+    out = str(tmp_path_factory.mktemp("direct") / "out")
+    rc = main(["--input", root, "--model", tiny_package, "--output", out, "--batch-size", "8",
+               "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def dask_run(labelled_tree, tiny_package, tmp_path_factory):
+    from distributed import LocalCluster
+
+    root, _ = labelled_tree
+    out = str(tmp_path_factory.mktemp("dask") / "out")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        rc = main(["--input", root, "--model", tiny_package, "--output", out, "--batch-size", "8",
+                   "--runner", "DaskRunner", f"--dask_client_address={cluster.scheduler_address}"])
+    return rc, out
+
+
+def test_direct_runner_scores_every_image_once(direct_run, labelled_tree):
+    rc, out = direct_run
+    root, bad = labelled_tree
+    assert rc == 0
+    rows = read_predictions(out)
+    assert set(rows) == all_image_paths(root)
+    assert len(rows) == 48 + 5 + 7  # synthetic labelled + unlabelled + every bad kind (incl. the chmod-0 one)
+    assert len(glob.glob(os.path.join(out, "predictions-*.csv"))) > 1  # work was spread over shards
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["images_found"] == m["images_scored"] + m["images_failed"] == len(rows)
+    assert m["images_failed"] == len(bad)
+    assert m["runner"] == "DirectRunner" and m["model"] == "pneumonia/1"
+    for path, fragment in bad.items():
+        assert rows[path]["status"] == "error" and fragment in rows[path]["error"], rows[path]
+        assert rows[path]["probability"] == "" and rows[path]["prediction"] == ""
+
+
+def test_labels_come_from_ancestor_folders(direct_run, labelled_tree):
+    rows = read_predictions(direct_run[1])
+    for path, row in rows.items():
+        expected = "PNEUMONIA" if "/PNEUMONIA/" in path else "NORMAL" if "/NORMAL/" in path else ""
+        assert row["label"] == expected
+    assert label_from_path("/a/normal/x/y.png") == "NORMAL"
+    assert label_from_path("/a/b/y.png") == ""
+
+
+def test_probabilities_equal_direct_onnxruntime(direct_run, tiny_package):
+    rows = read_predictions(direct_run[1])
+    session = load_session(os.path.join(tiny_package, "1", "model.onnx"))
+    config = PreprocessConfig(image_size=32)
+    ok = [p for p, r in rows.items() if r["status"] == "ok"]
+    x = np.stack([preprocess_image(p, config) for p in ok])
+    direct = session.run(["probability"], {"image": x})[0].reshape(-1)
+    got = np.asarray([float(rows[p]["probability"]) for p in ok])
+    assert np.max(np.abs(got - direct)) <= 1e-6
+    for p in ok:
+        assert rows[p]["prediction"] == ("PNEUMONIA" if float(rows[p]["probability"]) >= 0.5 else "NORMAL")
+
+
+def test_metrics_equal_scikit_learn(direct_run):
+    rc, out = direct_run
+    rows = read_predictions(out)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    labelled = [r for r in rows.values() if r["status"] == "ok" and r["label"]]
+    y = np.asarray([r["label"] == "PNEUMONIA" for r in labelled], dtype=int)
+    p = np.asarray([float(r["probability"]) for r in labelled])
+    pred = (p >= 0.5).astype(int)
+    assert m["labelled_images"] == len(labelled)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    assert m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["confusion_matrix"]["matrix"] == [[tn, fp], [fn, tp]]
+    all_ok = np.asarray([float(r["probability"]) for r in rows.values() if r["status"] == "ok"])
+    assert m["positive_count"] == int((all_ok >= 0.5).sum())
+    assert m["probability_histogram"]["counts"] == np.histogram(all_ok, bins=10, range=(0, 1))[0].tolist()
+    assert sum(v["found"] for v in m["per_input"].values()) == m["images_found"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert f"| {m['images_found']} | {m['images_scored']} | {m['images_failed']} |" in report
+    assert os.path.getsize(os.path.join(out, "histogram.png")) > 1000
+
+
+def test_dask_runner_gives_identical_predictions(direct_run, dask_run):
+    rc, out = dask_run
+    assert rc == 0
+    direct, dask = read_predictions(direct_run[1]), read_predictions(out)
+    assert dask == direct
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["runner"] == "DaskRunner"
+    assert m["images_found"] == m["images_scored"] + m["images_failed"] == len(direct)
+
+
+def test_rerun_is_identical_and_overwrite_needed(direct_run, labelled_tree, tiny_package, capsys):
+    root, _ = labelled_tree
+    out = direct_run[1]
+    before = read_predictions(out)
+    assert main(["--input", root, "--model", tiny_package, "--output", out, "--direct_num_workers=1"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["--input", root, "--model", tiny_package, "--output", out, "--overwrite",
+                 "--direct_num_workers=1", "--shard-size", "16"]) == 0
+    assert read_predictions(out) == before
+    assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+
+
+def test_threshold_override(labelled_tree, tiny_package, tmp_path):
+    root, _ = labelled_tree
+    out = str(tmp_path / "o")
+    assert main(["--input", os.path.join(root, "site_b"), "--model", tiny_package, "--output", out,
+                 "--threshold", "0.9", "--direct_running_mode=in_memory"]) == 0
+    rows = read_predictions(out)
+    assert len(rows) == 5
+    for r in rows.values():
+        assert float(r["threshold"]) == 0.9
+        assert r["prediction"] == ("PNEUMONIA" if float(r["probability"]) >= 0.9 else "NORMAL")
+        assert r["label"] == ""
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert "accuracy" not in m  # no labels -> no labelled metrics
+
+
+def test_glob_input_and_newest_version(labelled_tree, tmp_path):
+    root, _ = labelled_tree
+    serving = str(tmp_path / "serving")
+    write_package(serving, version=1, offset=0.45)
+    write_package(serving, version=2, offset=0.2)
+    out = str(tmp_path / "o")
+    assert main(["--input", os.path.join(root, "site_a", "NORMAL", "*", "*.jpeg"), "--model",
+                 os.path.join(serving, "pneumonia"), "--output", out, "--direct_running_mode=in_memory"]) == 0
+    rows = read_predictions(out)
+    assert rows and all(r["model"] == "pneumonia/2" and r["path"].endswith(".jpeg") for r in rows.values())
+
+
+@pytest.mark.parametrize("case", ["no_input", "no_images", "model_missing", "model_corrupt", "unwritable",
+                                  "bad_threshold"])
+def test_job_level_failures_exit_2_and_write_nothing(case, labelled_tree, tiny_package, tmp_path, capsys):
+    root, _ = labelled_tree
+    args = {"--input": root, "--model": tiny_package, "--output": str(tmp_path / "out")}
+    extra = []
+    if case == "no_input":
+        args["--input"] = str(tmp_path / "nope")
+    elif case == "no_images":
+        (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
+        (tmp_path / "empty" / "NORMAL" / "notes.txt").write_text("x")
+        args["--input"] = str(tmp_path / "empty")
+    elif case == "model_missing":
+        args["--model"] = str(tmp_path / "serving" / "nothing")
+    elif case == "model_corrupt":
+        vdir = write_package(str(tmp_path / "serving"))
+        data = bytearray(open(os.path.join(vdir, "model.onnx"), "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(os.path.join(vdir, "model.onnx"), "wb").write(bytes(data))
+        args["--model"] = vdir
+    elif case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+        args["--output"] = str(tmp_path / "afile" / "out")
+    elif case == "bad_threshold":
+        extra = ["--threshold", "1.5"]
+    argv = [x for kv in args.items() for x in kv] + extra + ["--direct_running_mode=in_memory"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert not os.path.exists(tmp_path / "out")
+    assert not glob.glob(str(tmp_path / "out.tmp-*"))
+
+
+def test_lost_shard_fails_reconciliation(labelled_tree, tiny_package, tmp_path, monkeypatch, capsys):
+    """A shard that never arrives (as DaskRunner's dropped outputs would) is a job failure, not a gap."""
+    root, _ = labelled_tree
+    real = outputs.write_shard
+
+    def drop_first_shard(out_dir, shard_id, records):
+        if shard_id == 0:
+            return None
+        return real(out_dir, shard_id, records)
+
+    monkeypatch.setattr(outputs, "write_shard", drop_first_shard)
+    out = str(tmp_path / "out")
+    rc = main(["--input", root, "--model", tiny_package, "--output", out, "--shard-size", "16",
+               "--direct_running_mode=in_memory"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "missing 16" in err
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*")
+
+
+def test_reconcile_counts_duplicates_and_strays(tmp_path):
+    listing = str(tmp_path / outputs.LISTING_FILE)
+    outputs.write_listing(listing, [(0, f"/x/{i}.png") for i in range(5)])
+    shards = outputs.shard_listing(listing, 2)
+    assert shards == [(0, 0, 2), (1, shards[1][1], 2), (2, shards[2][1], 1)]
+    rec = {"status": "ok", "probability": "0.5", "prediction": "PNEUMONIA", "threshold": "0.5", "label": "",
+           "model": "m/1", "error": ""}
+    outputs.write_shard(str(tmp_path), 0, [dict(rec, path="/x/0.png"), dict(rec, path="/x/1.png")])
+    outputs.write_shard(str(tmp_path), 1, [dict(rec, path="/x/2.png"), dict(rec, path="/x/2.png"),
+                                           dict(rec, path="/x/3.png")])
+    outputs.write_shard(str(tmp_path), 7, [dict(rec, path="/x/4.png")])
+    r = outputs.reconcile(str(tmp_path), shards, ["/x"])
+    assert (r["images_found"], r["images_scored"], r["missing"], r["duplicated"]) == (5, 4, 1, 1)
+    assert r["stray_shards"] == ["predictions-00007.csv"] and not r["ok"]
+
+
+def test_scoring_side_imports_no_tensorflow():
+    code = ("import sys, batch_job.pipeline, batch_job.scoring, export.package, train.preprocessing; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_package, tmp_path):
+    root, _ = labelled_tree
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "batch_job", "--input", root, "--model", tiny_package, "--output", out,
+           "--shard-size", "1", "--batch-size", "1", "--direct_num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+        time.sleep(0.05)
+    assert glob.glob(out + ".tmp-*/predictions-*.csv"), "the job never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out)
+    assert glob.glob(out + ".tmp-*")  # the killed run's temp dir is still there...
+    proc = subprocess.run(cmd[:-5] + ["--direct_num_workers=1"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not glob.glob(out + ".tmp-*")  # ...and the successful rerun removed it
+    assert set(read_predictions(out)) == all_image_paths(root)

@@ -1,0 +1,145 @@
+"""The one preprocessing function: every Pillow mode, bytes == path, clear errors, no TensorFlow."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.preprocessing import ImageError, PreprocessConfig, preprocess_image, to_grayscale_8bit, to_model_input
+
+from conftest import png_with_size
+
+CFG = PreprocessConfig(image_size=32)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gray_level(value_8bit: int) -> dict[str, Image.Image]:
+    """The same uniform gray in every mode the function must accept."""
+    v = value_8bit
+    p = Image.new("P", (64, 48), 0)
+    p.putpalette([v, v, v] * 256)
+    rgba = Image.new("RGBA", (64, 48), (v, v, v, 255))
+    return {
+        "L": Image.new("L", (64, 48), v),
+        "RGB": Image.new("RGB", (64, 48), (v, v, v)),
+        "RGBA": rgba,
+        "P": p,
+        "I;16": Image.fromarray(np.full((48, 64), v * 257, dtype=np.uint16)),
+        "I": Image.fromarray(np.full((48, 64), v * 257, dtype=np.int32)),
+    }
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_every_mode_gives_same_gray(mode):
+    img = gray_level(128)[mode]
+    assert img.mode == mode
+    out = preprocess_image(encode(img, "PNG"), CFG)
+    assert out.shape == (32, 32, 1) and out.dtype == np.float32
+    assert np.allclose(out, 128 / 255, atol=1 / 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "I"])
+def test_every_in_memory_mode_converts_to_8bit_gray(mode):
+    """Mode I (32-bit) cannot be written to PNG by Pillow 13; check the conversion step directly."""
+    img = gray_level(128)[mode]
+    assert img.mode == mode
+    gray = to_grayscale_8bit(img)
+    assert gray.mode == "L" and np.all(np.asarray(gray) == 128)
+    out = to_model_input(gray, CFG)
+    assert np.allclose(out, 128 / 255)
+
+
+def test_cmyk_jpeg_and_rgb_jpeg():
+    rgb = Image.new("RGB", (64, 64), (200, 200, 200))
+    cmyk = rgb.convert("CMYK")
+    a = preprocess_image(encode(rgb, "JPEG", quality=95), CFG)
+    b = preprocess_image(encode(cmyk, "JPEG", quality=95), CFG)
+    assert a.shape == b.shape == (32, 32, 1)
+    assert np.allclose(a, 200 / 255, atol=3 / 255)
+    assert np.allclose(b, 200 / 255, atol=6 / 255)
+
+
+def test_range_resize_and_bytes_equal_path(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (100, 70), dtype=np.uint8)
+    arr[0, 0], arr[1, 1] = 0, 255
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    from_path = preprocess_image(str(path), CFG)
+    from_bytes = preprocess_image(path.read_bytes(), CFG)
+    assert np.array_equal(from_path, from_bytes)
+    assert from_path.min() >= 0.0 and from_path.max() <= 1.0
+    expected = np.asarray(Image.fromarray(arr).resize((32, 32), Image.Resampling.BILINEAR), np.float32) / 255
+    assert np.array_equal(from_path[:, :, 0], expected)
+
+
+def test_image_size_parameter():
+    out = preprocess_image(encode(Image.new("L", (300, 200), 10)), PreprocessConfig(image_size=128))
+    assert out.shape == (128, 128, 1)
+
+
+def test_exif_rotation_is_applied():
+    arr = np.zeros((40, 80), np.uint8)
+    arr[:, :40] = 255  # left half white
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    out = preprocess_image(encode(img, "JPEG", quality=95, exif=exif.tobytes()), PreprocessConfig(image_size=32))
+    assert out[:8, :, 0].mean() > 0.9 and out[-8:, :, 0].mean() < 0.1  # white half is now on top
+
+
+def test_jpeg_draft_decodes_large_scans_close_to_full_decode():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1100, 0:1400]
+    arr = (127 + 60 * np.sin(xx / 90) * np.cos(yy / 70) + rng.normal(0, 5, (1100, 1400))).clip(0, 255)
+    data = encode(Image.fromarray(arr.astype(np.uint8)), "JPEG", quality=90)
+    fast = preprocess_image(data, PreprocessConfig(image_size=128, jpeg_draft=True))
+    full = preprocess_image(data, PreprocessConfig(image_size=128, jpeg_draft=False))
+    assert np.abs(fast - full).mean() < 0.01
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "not a decodable image"),
+        (b"plain text, not an image", "not a decodable image"),
+        (encode(Image.new("L", (64, 64)), "GIF"), "unsupported image format GIF"),
+        (encode(Image.new("L", (64, 64)), "BMP"), "unsupported image format BMP"),
+        (encode(Image.new("L", (1, 1)), "PNG"), "too small"),
+        (png_with_size(20000, 20000), "decompression bomb"),
+        (encode(Image.new("L", (64, 64), 9), "JPEG")[:300], "decode failed"),
+    ],
+)
+def test_bad_inputs_raise_one_line_image_error(data, fragment):
+    with pytest.raises(ImageError) as info:
+        preprocess_image(data, CFG)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_an_image_error(tmp_path):
+    with pytest.raises(ImageError, match="file not found"):
+        preprocess_image(str(tmp_path / "nope.png"), CFG)
+
+
+def test_config_round_trip_and_validation():
+    cfg = PreprocessConfig(image_size=64, resize_filter="bicubic")
+    assert PreprocessConfig.from_dict(cfg.to_dict() | {"unknown_key": 1}) == cfg
+    with pytest.raises(ValueError):
+        PreprocessConfig(resize_filter="magic")
+
+
+def test_preprocessing_imports_no_tensorflow():
+    code = "import sys, train.preprocessing, train.data, train.evaluate; sys.exit('tensorflow' in sys.modules)"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0

@@ -1,0 +1,435 @@
+"""train.models, train.fit and the `python -m train` CLI, on tiny synthetic data.
+
+Everything runs at 32 px for 1-2 epochs; the full CLI run happens once per module.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import stat
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job.synthetic import make_tree
+from train.__main__ import main as train_main
+from train.data import read_split_csv
+from train.evaluate import operating_point
+from train.models import (
+    VGG19_WEIGHTS_FILE,
+    WeightsError,
+    build_cnn,
+    keras,
+    load_model,
+    resolve_vgg19_weights,
+    vgg19_parts,
+)
+from train.preprocessing import PreprocessConfig, preprocess_image
+
+MODELS = ("baseline_cnn", "augmented_cnn", "vgg19")
+PNGS = ("training_curves.png", "confusion_matrix_0.5.png", "confusion_matrix_chosen.png", "roc_curve.png",
+        "samples.png")
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+# -------------------------------------------------------------------- models
+
+
+def _build(name):
+    if name == "vgg19":
+        return vgg19_parts(32, None)[0]
+    return build_cnn(32, name=name)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_builds_saves_and_reloads(tmp_path, name):
+    model = _build(name)
+    assert model.name == name
+    assert tuple(model.input_shape) == (None, 32, 32, 1)
+    assert tuple(model.output_shape) == (None, 1)
+    layers = list(_all_layers(model))
+    assert layers, "no layers?"
+    assert not [l.name for l in layers if isinstance(l, keras.layers.Lambda) or type(l).__name__ == "Lambda"]
+    # augmentation lives in the input pipeline, never in the saved model
+    assert not [l.name for l in layers if type(l).__name__.startswith("Random")]
+
+    x = np.random.default_rng(0).uniform(0, 1, (5, 32, 32, 1)).astype(np.float32)
+    before = model.predict(x, verbose=0)
+    assert before.shape == (5, 1)
+    assert np.all((before >= 0) & (before <= 1))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = load_model(path)
+    assert reloaded.name == name
+    assert tuple(reloaded.input_shape) == (None, 32, 32, 1)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), before)
+
+
+def test_vgg19_parts_compose_and_base_is_frozen():
+    full, extractor, head = vgg19_parts(32, None)
+    assert extractor.trainable_weights == []
+    assert len(head.trainable_weights) == 10  # 5 Dense layers: kernel + bias each
+    assert tuple(extractor.output_shape) == (None, 1, 1, 512)  # 32 px / 2**5
+    x = np.random.default_rng(1).uniform(0, 1, (3, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(
+        full.predict(x, verbose=0), head.predict(extractor.predict(x, verbose=0), verbose=0), atol=1e-6
+    )
+
+
+def test_resolve_vgg19_weights(tmp_path, monkeypatch):
+    cache = tmp_path / "keras_home"
+    cache.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(cache))
+    with pytest.raises(WeightsError) as info:
+        resolve_vgg19_weights("imagenet")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert os.path.join(str(cache), "models", VGG19_WEIGHTS_FILE) in msg
+    assert "none" in msg
+    assert not os.path.exists(cache / "models")  # nothing downloaded or created
+
+    assert resolve_vgg19_weights("none") is None
+    assert resolve_vgg19_weights("None") is None
+    with pytest.raises(WeightsError, match="not found"):
+        resolve_vgg19_weights(str(tmp_path / "missing.h5"))
+    own = tmp_path / "own.h5"
+    own.write_bytes(b"x")
+    assert resolve_vgg19_weights(str(own)) == str(own)
+    (cache / "models").mkdir()
+    (cache / "models" / VGG19_WEIGHTS_FILE).write_bytes(b"x")
+    assert resolve_vgg19_weights("imagenet") == os.path.join(str(cache), "models", VGG19_WEIGHTS_FILE)
+
+
+# ---------------------------------------------------------------------- fit
+
+
+def _toy(n, rng):
+    y = np.tile([0.0, 1.0], n // 2).astype(np.float32)
+    x = rng.uniform(0, 0.5, (n, 32, 32, 1)).astype(np.float32)
+    x[y == 1, 8:24, 8:24, :] += 0.5
+    return x, y
+
+
+def test_fit_early_stopping_restores_best_weights():
+    from train import fit
+
+    rng = np.random.default_rng(0)
+    train_xy = _toy(32, rng)
+    x_val, y_val = _toy(16, rng)
+    y_val[:6] = 1 - y_val[:6]  # partly contradicts training, so val loss turns worse
+    model = build_cnn(32, filters=(4,), dense=8, dropout=0.0)
+    lines = []
+    history = fit.fit(model, train_xy, (x_val, y_val), name="toy", epochs=8, patience=2, seed=0,
+                      learning_rate=0.03, log=lines.append)
+
+    val_loss = history["val_loss"]
+    n = len(val_loss)
+    assert history["best_epoch"] == int(np.argmin(val_loss)) + 1
+    # early stopping ran: patience epochs after the best, and the best is not the last epoch,
+    # so restoring the best weights actually changed the model
+    assert n == history["best_epoch"] + 2 and n < 8, val_loss
+    assert val_loss[-1] > min(val_loss) + 1e-3, val_loss
+    assert len(history["loss"]) == len(history["seconds"]) == len(lines) == n
+    assert lines[0].startswith("[toy] epoch 1/8  loss ")
+
+    loss, _auc = model.evaluate(x_val, y_val, batch_size=32, verbose=0)
+    assert loss == pytest.approx(min(val_loss), abs=1e-4)
+    # the same by hand: binary cross-entropy (Keras clips p to [1e-7, 1 - 1e-7])
+    p = np.clip(model.predict(x_val, verbose=0).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
+    bce = -np.mean(y_val * np.log(p) + (1 - y_val) * np.log(1 - p))
+    assert bce == pytest.approx(min(val_loss), abs=1e-4)
+
+
+def test_class_weights_balanced():
+    from train.fit import class_weights
+
+    # 2 NORMAL, 6 PNEUMONIA: n / (2 * count) -> 8/4 = 2.0 and 8/12 = 2/3
+    w = class_weights(np.array([0, 0, 1, 1, 1, 1, 1, 1], dtype=np.float32))
+    assert w == {0: pytest.approx(2.0), 1: pytest.approx(2 / 3)}
+
+
+# ------------------------------------------------------------- CLI end to end
+
+CORRUPT_NAME = "person999_bacteria_999.jpeg"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_cli")
+    data = base / "data"
+    images = make_tree(str(data), per_class=24, size=48, seed=0)
+    corrupt = data / "PNEUMONIA" / CORRUPT_NAME
+    corrupt.write_text("not an image at all\n")
+    out = base / "runs" / "run1"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--epochs", "2",
+            "--patience", "1", "--vgg19-weights", "none"]
+    rc = train_main(argv)
+    return {"rc": rc, "out": out, "data": data, "images": images, "corrupt": str(corrupt), "argv": argv}
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_cli_run_succeeds_and_leaves_no_temp_dirs(cli_run):
+    assert cli_run["rc"] == 0
+    assert os.listdir(cli_run["out"].parent) == ["run1"]
+    assert sorted(os.listdir(cli_run["out"])) == sorted(
+        ["split.csv", "comparison.json", "comparison.md", "run.json", *MODELS])
+
+
+def test_cli_split_csv(cli_run):
+    path = cli_run["out"] / "split.csv"
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "label", "split", "patient"]
+    rows = read_split_csv(path)
+    assert sorted(ex.path for ex, _ in rows) == sorted(cli_run["images"])  # corrupt one left out
+    assert cli_run["corrupt"] not in {ex.path for ex, _ in rows}
+    assert {s for _, s in rows} == {"train", "val", "test"}
+    by_patient = defaultdict(set)
+    for ex, s in rows:
+        by_patient[ex.patient].add(s)
+        assert ex.label == os.path.basename(os.path.dirname(ex.path))
+    assert len(by_patient) == 24  # 12 IM-1xxx + 12 personNNN, two images each
+    assert all(len(v) == 1 for v in by_patient.values())
+    for split in ("train", "val", "test"):
+        labels = {ex.label for ex, s in rows if s == split}
+        assert labels == {"NORMAL", "PNEUMONIA"}, split
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cli_model_outputs(cli_run, name):
+    d = cli_run["out"] / name
+    for png in PNGS:
+        with Image.open(d / png) as img:
+            assert img.format == "PNG" and img.size[0] > 100, png
+    history = _json(d / "history.json")
+    assert 1 <= len(history["loss"]) <= 2
+    assert len(history["val_loss"]) == len(history["seconds"]) == len(history["loss"])
+    assert history["best_epoch"] == int(np.argmin(history["val_loss"])) + 1
+    if name == "vgg19":
+        assert history["feature_seconds"] >= 0
+
+    m = _json(d / "metrics.json")
+    assert m["model"] == name
+    assert m["target_recall"] == 0.95
+    assert m["preprocessing"] == PreprocessConfig(image_size=32).to_dict()
+    assert m["test_at_0.5"]["threshold"] == 0.5
+    assert m["test_at_chosen"]["threshold"] == m["chosen_threshold"]
+    assert 0.0 <= m["chosen_threshold"] <= 1.0
+    rows = read_split_csv(cli_run["out"] / "split.csv")
+    n_test = sum(1 for _, s in rows if s == "test")
+    n_val = sum(1 for _, s in rows if s == "val")
+    assert m["test_at_0.5"]["n"] == m["test_at_chosen"]["n"] == n_test
+    assert m["val_at_chosen"]["n"] == n_val
+    # the chosen threshold reaches the target recall on validation (its defining property)
+    assert m["val_at_chosen"]["recall"] >= 0.95
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cli_saved_model_reproduces_test_metrics(cli_run, name):
+    """model.keras is the model that was evaluated: reloading it and scoring the test split
+    from split.csv gives the same confusion matrices and ROC AUC as metrics.json."""
+    from train.fit import predict
+
+    m = _json(cli_run["out"] / name / "metrics.json")
+    config = PreprocessConfig.from_dict(m["preprocessing"])
+    test = [(ex, s) for ex, s in read_split_csv(cli_run["out"] / "split.csv") if s == "test"]
+    x = np.stack([preprocess_image(ex.path, config) for ex, _ in test])
+    y = np.array([ex.label == "PNEUMONIA" for ex, _ in test], dtype=float)
+    model = load_model(str(cli_run["out"] / name / "model.keras"))
+    p = predict(model, x)
+    for key, thr in (("test_at_0.5", 0.5), ("test_at_chosen", m["chosen_threshold"])):
+        # skip decisions sitting within float noise of the threshold (cannot be compared)
+        if np.min(np.abs(p - thr)) < 1e-6:
+            continue
+        got = operating_point(y, p, thr)
+        assert got["confusion_matrix"]["matrix"] == m[key]["confusion_matrix"]["matrix"], key
+    assert operating_point(y, p, 0.5)["roc_auc"] == pytest.approx(m["test_at_0.5"]["roc_auc"], abs=1e-9)
+
+
+def test_cli_comparison(cli_run):
+    comp = _json(cli_run["out"] / "comparison.json")
+    assert comp["select_by"] == "val_roc_auc"
+    assert [r["model"] for r in comp["models"]] == list(MODELS)
+    aucs = [r["val_roc_auc"] for r in comp["models"]]
+    assert comp["best"] == MODELS[int(np.argmax(aucs))]  # first of any tie, like max()
+    for row in comp["models"]:
+        m = _json(cli_run["out"] / row["model"] / "metrics.json")
+        h = _json(cli_run["out"] / row["model"] / "history.json")
+        assert row["val_roc_auc"] == m["val_roc_auc"]
+        assert row["chosen_threshold"] == m["chosen_threshold"]
+        assert row["best_epoch"] == h["best_epoch"] and row["epochs_run"] == len(h["loss"])
+        assert row["test_at_chosen.recall"] == m["test_at_chosen"]["recall"]
+        assert row["test_at_0.5.specificity"] == m["test_at_0.5"]["specificity"]
+        assert row["val_specificity"] == m["val_at_chosen"]["specificity"]
+    assert comp["skipped_images"] == [{"path": cli_run["corrupt"], "error": "not a decodable image"}]
+
+    md = (cli_run["out"] / "comparison.md").read_text()
+    assert f"Best by `val_roc_auc`: **{comp['best']}**" in md
+    for name in MODELS:
+        assert sum(1 for line in md.splitlines() if line.startswith(f"| {name} |")) == 2
+    assert "Skipped (undecodable) images: 1" in md
+    assert f"- `{cli_run['corrupt']}`: not a decodable image" in md
+
+
+def test_cli_run_json(cli_run):
+    info = _json(cli_run["out"] / "run.json")
+    assert (info["images_found"], info["images_used"], info["images_skipped"]) == (49, 48, 1)
+    assert info["data_dir"] == os.path.abspath(cli_run["data"])
+    assert info["preprocessing"]["image_size"] == 32
+    assert info["args"]["epochs"] == 2 and info["args"]["models"] == "baseline_cnn,augmented_cnn,vgg19"
+    rows = read_split_csv(cli_run["out"] / "split.csv")
+    for split in ("train", "val", "test"):
+        members = [ex for ex, s in rows if s == split]
+        assert info["split_counts"][split] == {
+            "images": len(members), "pneumonia": sum(ex.label == "PNEUMONIA" for ex in members)}
+    assert sum(c["images"] for c in info["split_counts"].values()) == 48
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG train/run.py:221: run.json 'command' is built from sys.argv, not from the argv passed "
+    "to train.__main__.main(argv), so a programmatic run records the caller's command line "
+    "(here pytest's), and export copies it into metadata source.train_command / MODEL_CARD.md"))
+def test_cli_run_json_records_the_given_command(cli_run):
+    info = _json(cli_run["out"] / "run.json")
+    assert info["command"] == "python -m train " + " ".join(cli_run["argv"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG train/run.py:160: the run dir is a tempfile.mkdtemp() renamed into place, so it keeps "
+    "mkdtemp's mode 0700 instead of the umask default (0755 under umask 022) that its files and "
+    "subdirectories get; other users (e.g. an export or serving account) cannot read the run"))
+def test_cli_run_dir_has_default_permissions(cli_run):
+    expected = 0o777 & ~_umask()
+    if expected == 0o700:
+        pytest.skip("umask makes 0700 the default anyway")
+    assert stat.S_IMODE(os.stat(cli_run["out"]).st_mode) == expected
+
+
+# ---------------------------------------------------------------- CLI errors
+
+
+def _expect_error(capsys, argv, *fragments):
+    rc = train_main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (out, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def _args(data, out, *extra):
+    return ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--epochs", "1",
+            "--vgg19-weights", "none", *extra]
+
+
+def test_cli_error_missing_data_dir(tmp_path, capsys):
+    _expect_error(capsys, _args(tmp_path / "nope", tmp_path / "run"), "data directory not found",
+                  str(tmp_path / "nope"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_error_no_images(tmp_path, capsys):
+    (tmp_path / "data" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "data" / "PNEUMONIA").mkdir()
+    (tmp_path / "data" / "NORMAL" / "a.txt").write_text("x")
+    (tmp_path / "data" / "PNEUMONIA" / "b.gif").write_bytes(b"GIF89a")
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run"), "no images")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_cli_error_empty_class(tmp_path, capsys):
+    paths = make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    for p in paths:
+        if "/PNEUMONIA/" in p:
+            os.remove(p)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run"), "class PNEUMONIA has no images")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_cli_error_split_lacks_a_class(tmp_path, capsys):
+    # one patient per class: val and test cannot hold both classes; fails after the temp
+    # run dir exists, which must be removed
+    make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run"), "split lacks one of the classes")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("models, fragment", [
+    ("baseline_cnn,resnet50", "resnet50"),
+    ("vgg16", "vgg16"),
+    (",", "unknown model"),
+])
+def test_cli_error_unknown_model(tmp_path, capsys, models, fragment):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run", "--models", models), "unknown model",
+                  fragment)
+    assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("split", ["0.5,0.3,0.3", "0.7,0.3", "0.8,0.2,0", "a,b,c"])
+def test_cli_error_bad_split(tmp_path, capsys, split):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run", "--split", split), "--split must be")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_cli_error_vgg19_imagenet_weights_missing(tmp_path, capsys, monkeypatch):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    (tmp_path / "keras_home").mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    argv = _args(tmp_path / "data", tmp_path / "run", "--models", "vgg19")
+    argv[argv.index("--vgg19-weights") + 1] = "imagenet"
+    line = _expect_error(capsys, argv, "VGG19 ImageNet weights not found",
+                         os.path.join(str(tmp_path / "keras_home"), "models", VGG19_WEIGHTS_FILE), "none")
+    assert line.startswith("error: VGG19")
+    assert sorted(os.listdir(tmp_path)) == ["data", "keras_home"]
+    assert os.listdir(tmp_path / "keras_home") == []
+
+
+def test_cli_existing_output_dir_and_overwrite(tmp_path, capsys, cli_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    _expect_error(capsys, _args(cli_run["data"], out, "--models", "baseline_cnn"), "exists and is not empty",
+                  "--overwrite")
+    assert os.listdir(out) == ["old.txt"]
+
+    # --overwrite with a run that then fails keeps the old contents
+    make_tree(str(tmp_path / "tiny"), per_class=2, size=48, seed=2)
+    _expect_error(capsys, _args(tmp_path / "tiny", out, "--models", "baseline_cnn", "--overwrite"),
+                  "split lacks")
+    assert os.listdir(out) == ["old.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["run", "tiny"]
+
+    rc = train_main(_args(cli_run["data"], out, "--models", "baseline_cnn", "--overwrite"))
+    assert rc == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["baseline_cnn", "comparison.json", "comparison.md", "run.json",
+                                       "split.csv"]
+    assert _json(out / "comparison.json")["best"] == "baseline_cnn"
+    assert os.path.isfile(out / "baseline_cnn" / "model.keras")
+    assert sorted(os.listdir(tmp_path)) == ["run", "tiny"]  # no .tmp-/.old- leftovers
+    # same data, seed and split as the module run: the same split.csv
+    assert (out / "split.csv").read_text() == (cli_run["out"] / "split.csv").read_text()
