@@ -1,0 +1,23 @@
+# Scoring image: the base install only (onnxruntime + Beam), no TensorFlow.
+#   docker build -t pneumonia-batch .
+#   docker run --rm -v /data/xrays:/input:ro -v /data/scores:/output pneumonia-batch
+#   docker run --rm -v ...:/input:ro -v ...:/output pneumonia-batch --input /input --output /output/2026-11-25
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 scorer
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY train ./train
+COPY export ./export
+COPY batch_job ./batch_job
+COPY serving_models ./serving_models
+RUN pip install .
+
+USER scorer
+VOLUME ["/input", "/output"]
+# --model defaults to the shipped model; a later --model on the command line wins.
+# exec form: the job is PID 1, so the container exits with the job's exit code.
+ENTRYPOINT ["python", "-m", "batch_job", "--model", "/app/serving_models/pneumonia"]
+CMD ["--input", "/input", "--output", "/output/scores"]

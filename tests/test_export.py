@@ -1,0 +1,468 @@
+"""`python -m export`: ONNX conversion, parity, versioned atomic publishing, --verify.
+
+One tiny training run of all three architectures (32 px, 1 epoch) is exported once per module
+as versions 1, 2, 3; the other tests copy from it or publish into their own serving dirs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from batch_job.synthetic import make_tree
+from export.__main__ import main as export_main
+from train.__main__ import main as train_main
+from train.data import read_split_csv
+from train.preprocessing import PreprocessConfig, preprocess_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")
+CHECKS = ["metadata", "sha256", "onnx.checker", "onnxruntime", "input contract", "output contract", "zero batch"]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _snapshot(root):
+    """{relative path: sha256 or 'dir'} of everything under root ({} if it does not exist)."""
+    snap = {}
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            snap[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in files:
+            p = os.path.join(dirpath, f)
+            snap[os.path.relpath(p, root)] = _sha256(p)
+    return snap
+
+
+def _export(run_dir, serving_dir, *extra):
+    return export_main(["--run-dir", str(run_dir), "--serving-dir", str(serving_dir), "--name", "pneumonia",
+                        *extra])
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    data = base / "data"
+    make_tree(str(data), per_class=40, size=48, seed=0)
+    run = base / "run"
+    rc = train_main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--epochs", "1",
+                     "--vgg19-weights", "none"])
+    assert rc == 0
+    serving = base / "serving_models"
+    rcs = [_export(run, serving, "--model", arch) for arch in ARCHS]
+    return {"base": base, "run": run, "serving": serving, "name_dir": serving / "pneumonia", "rcs": rcs}
+
+
+def _vdir(published, version):
+    return published["name_dir"] / str(version)
+
+
+def _copy_version(published, version, dest):
+    shutil.copytree(_vdir(published, version), dest)
+    return dest
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def test_three_versions_in_order(published):
+    assert published["rcs"] == [0, 0, 0]
+    assert sorted(os.listdir(published["name_dir"])) == ["1", "2", "3", "config.pbtxt"]
+    for version, arch in enumerate(ARCHS, start=1):
+        d = _vdir(published, version)
+        assert sorted(os.listdir(d)) == ["MODEL_CARD.md", "metadata.json", "model.onnx"]
+        meta = _json(d / "metadata.json")
+        assert (meta["version"], meta["architecture"]) == (version, arch)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_verify_published_versions(published, version, capsys):
+    d = str(_vdir(published, version))
+    assert export_main(["--verify", d]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"PASS {c}" for c in CHECKS]
+    assert lines[-1] == f"OK: {d}"
+
+
+@pytest.mark.parametrize("version, arch", list(enumerate(ARCHS, start=1)))
+def test_metadata(published, version, arch):
+    d = _vdir(published, version)
+    meta = _json(d / "metadata.json")
+    run = published["run"]
+    metrics = _json(run / arch / "metrics.json")
+    assert meta["name"] == "pneumonia"
+    assert meta["version"] == version
+    assert meta["architecture"] == arch
+    assert meta["preprocessing"] == metrics["preprocessing"] == PreprocessConfig(image_size=32).to_dict()
+    assert meta["input"] == {"name": "image", "dtype": "float32", "shape": [-1, 32, 32, 1]}
+    assert meta["output"] == {"name": "probability", "dtype": "float32", "shape": [-1, 1]}
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert meta["decision_threshold"] == metrics["chosen_threshold"]
+    assert meta["target_recall"] == 0.95
+    assert set(meta["test_metrics"]) == {"at_0.5", "at_chosen"}
+    for key, src in (("at_0.5", "test_at_0.5"), ("at_chosen", "test_at_chosen")):
+        expected = {k: v for k, v in metrics[src].items() if k != "classification_report"}
+        assert meta["test_metrics"][key] == expected
+    assert meta["test_metrics"]["at_chosen"]["threshold"] == meta["decision_threshold"]
+
+    parity = meta["parity"]
+    assert parity["max_abs_diff"] <= 1e-5
+    assert parity["decisions_equal"] is True
+    assert parity["images"] >= 66
+    assert parity["images"] == parity["split_images"] + parity["edge_inputs"]
+    assert parity["edge_inputs"] == 2 and parity["split_images"] == 64
+
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    assert meta["versions"]["onnx"] == onnx.__version__
+    assert meta["versions"]["onnxruntime"] == onnxruntime.__version__
+    assert meta["versions"]["tensorflow"] == tf.__version__
+    assert meta["versions"]["tf2onnx"] == tf2onnx.__version__
+    assert set(meta["versions"]) == {"python", "tensorflow", "tf_keras", "tf2onnx", "onnx", "onnxruntime"}
+    assert meta["opset"] == 17
+    opsets = {o.domain: o.version for o in onnx.load(str(d / "model.onnx")).opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == 17
+    assert meta["sha256"] == _sha256(d / "model.onnx")
+    created = datetime.fromisoformat(meta["created_utc"])
+    assert created.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - created) < timedelta(hours=1)
+    assert meta["source"]["model_file"] == os.path.join(str(run), arch, "model.keras")
+    assert meta["source"]["split_counts"] == _json(run / "run.json")["split_counts"]
+    assert "--model " + arch in meta["source"]["export_command"]
+
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "not a diagnosis" in card
+    assert f"version {version}" in card
+    assert f"{meta['decision_threshold']:.4f}" in card
+    assert meta["sha256"] in card
+
+
+@pytest.mark.parametrize("version, arch", list(enumerate(ARCHS, start=1)))
+def test_onnx_equals_keras_on_real_images(published, version, arch):
+    from export.package import load_session
+    from train.models import load_model
+
+    d = _vdir(published, version)
+    meta = _json(d / "metadata.json")
+    config = PreprocessConfig.from_dict(meta["preprocessing"])
+    rows = [ex for ex, s in read_split_csv(published["run"] / "split.csv") if s in ("test", "val")]
+    assert len(rows) >= 20
+    x = np.stack([preprocess_image(ex.path, config) for ex in rows])
+    keras_model = load_model(str(published["run"] / arch / "model.keras"))
+    p_keras = keras_model.predict(x, verbose=0)
+    session = load_session(str(d / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["probability"]
+    (p_onnx,) = session.run(["probability"], {"image": x})
+    assert p_onnx.shape == (len(rows), 1) and p_onnx.dtype == np.float32
+    assert np.max(np.abs(p_onnx.astype(np.float64) - p_keras.astype(np.float64))) <= 1e-5
+    thr = meta["decision_threshold"]
+    np.testing.assert_array_equal(p_onnx >= thr, p_keras >= thr)
+    # a batch of one works too (dynamic batch dimension)
+    (one,) = session.run(["probability"], {"image": x[:1]})
+    assert abs(float(one[0, 0]) - float(p_keras[0, 0])) <= 1e-5
+
+
+def _pbtxt_section(text, key):
+    match = re.search(rf"^{key}\s*\[\s*(.*?)^\]", text, re.S | re.M)
+    assert match, key
+    entries = re.findall(r'\{\s*name:\s*"([^"]+)"\s+data_type:\s*(\w+)\s+dims:\s*\[([^\]]*)\]\s*\}', match.group(1))
+    return [(name, dtype, [int(v) for v in dims.replace(",", " ").split()]) for name, dtype, dims in entries]
+
+
+def _graph_io(values, inits):
+    out = []
+    for v in values:
+        if v.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        out.append((v.name, v.type.tensor_type.elem_type, dims))
+    return out
+
+
+def test_triton_config_matches_onnx_graph(published):
+    import onnx
+
+    text = (published["name_dir"] / "config.pbtxt").read_text()
+    assert re.search(r'^name:\s*"pneumonia"\s*$', text, re.M)
+    assert re.search(r'^platform:\s*"onnxruntime_onnx"\s*$', text, re.M)
+    max_batch = int(re.search(r"^max_batch_size:\s*(\d+)\s*$", text, re.M).group(1))
+    assert max_batch > 0  # the batch dim is implicit in dims
+    cfg_in = _pbtxt_section(text, "input")
+    cfg_out = _pbtxt_section(text, "output")
+    assert len(cfg_in) == len(cfg_out) == 1
+    for version in (1, 2, 3):
+        model = onnx.load(str(_vdir(published, version) / "model.onnx"))
+        inits = {i.name for i in model.graph.initializer}
+        (g_in,) = _graph_io(model.graph.input, inits)
+        (g_out,) = _graph_io(model.graph.output, inits)
+        for (name, dtype, dims), (g_name, g_type, g_dims) in ((cfg_in[0], g_in), (cfg_out[0], g_out)):
+            assert name == g_name
+            assert g_type == onnx.TensorProto.FLOAT and dtype == "TYPE_FP32"
+            assert isinstance(g_dims[0], str)  # dynamic batch
+            assert dims == g_dims[1:]
+    assert cfg_in[0][0] == "image" and cfg_in[0][2] == [32, 32, 1]
+    assert cfg_out[0][0] == "probability" and cfg_out[0][2] == [1]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG export/convert.py:203,223: the version dir is a tempfile.mkdtemp() renamed into place, so "
+    "it is published with mode 0700 (not the umask default, e.g. 0755, of its parent and files); a "
+    "Triton server or batch job running as another user cannot read serving_models/<name>/<version>"))
+def test_version_dir_has_default_permissions(published):
+    old = os.umask(0)
+    os.umask(old)
+    expected = 0o777 & ~old
+    if expected == 0o700:
+        pytest.skip("umask makes 0700 the default anyway")
+    assert stat.S_IMODE(os.stat(published["name_dir"]).st_mode) == expected
+    assert stat.S_IMODE(os.stat(_vdir(published, 1)).st_mode) == expected
+
+
+# ------------------------------------------------------------ version numbers
+
+
+def _expect_error(capsys, rc, *fragments):
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (out, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_explicit_then_default_version_and_no_overwrite(published, tmp_path, capsys):
+    serving = tmp_path / "serving"
+    assert _export(published["run"], serving, "--model", "baseline_cnn", "--version", "7") == 0
+    assert _export(published["run"], serving, "--model", "baseline_cnn") == 0
+    name_dir = serving / "pneumonia"
+    assert sorted(os.listdir(name_dir)) == ["7", "8", "config.pbtxt"]
+    assert _json(name_dir / "7" / "metadata.json")["version"] == 7
+    assert _json(name_dir / "8" / "metadata.json")["version"] == 8
+    capsys.readouterr()
+
+    before = _snapshot(serving)
+    rc = _export(published["run"], serving, "--model", "augmented_cnn", "--version", "8")
+    _expect_error(capsys, rc, "already exists", str(name_dir / "8"))
+    rc = _export(published["run"], serving, "--model", "augmented_cnn", "--version", "0")
+    _expect_error(capsys, rc, "--version must be >= 1")
+    assert _snapshot(serving) == before
+
+
+# ---------------------------------------------------------------- atomicity
+
+
+@pytest.fixture
+def serving_with_v1(published, tmp_path):
+    """A serving dir that already holds version 1 (a copy) and config.pbtxt."""
+    serving = tmp_path / "serving"
+    (serving / "pneumonia").mkdir(parents=True)
+    _copy_version(published, 1, serving / "pneumonia" / "1")
+    shutil.copy(published["name_dir"] / "config.pbtxt", serving / "pneumonia" / "config.pbtxt")
+    return serving
+
+
+def test_failed_conversion_publishes_nothing(published, serving_with_v1, monkeypatch):
+    import export.convert
+
+    seen = []
+
+    def broken_to_onnx(keras_model, image_size, opset, path):
+        seen.append(path)
+        with open(path, "wb") as f:
+            f.write(b"\x08\x07partial onnx")
+        raise RuntimeError("conversion blew up half way")
+
+    monkeypatch.setattr(export.convert, "to_onnx", broken_to_onnx)
+    before = _snapshot(serving_with_v1)
+    with pytest.raises(RuntimeError, match="half way"):
+        _export(published["run"], serving_with_v1, "--model", "augmented_cnn")
+    assert len(seen) == 1
+    assert os.path.basename(os.path.dirname(seen[0])).startswith(".tmp-2-")  # it was staging version 2
+    assert not os.path.exists(seen[0])
+    assert _snapshot(serving_with_v1) == before
+    leftovers = [n for n in os.listdir(serving_with_v1 / "pneumonia") if ".tmp-" in n]
+    assert leftovers == []
+
+
+def test_parity_failure_exits_1_and_publishes_nothing(published, serving_with_v1, monkeypatch, capsys):
+    import export.convert
+
+    def bad_parity(keras_model, onnx_path, x, threshold):
+        assert os.path.isfile(onnx_path) and x.shape[1:] == (32, 32, 1)
+        return {"images": int(len(x)), "max_abs_diff": 1.0, "mean_abs_diff": 0.5, "decisions_equal": True,
+                "tolerance": 1e-5}
+
+    monkeypatch.setattr(export.convert, "parity", bad_parity)
+    before = _snapshot(serving_with_v1)
+    rc = _export(published["run"], serving_with_v1, "--model", "baseline_cnn")
+    out, err = capsys.readouterr()
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: parity failed")
+    assert "nothing published" in lines[0]
+    assert _snapshot(serving_with_v1) == before
+
+
+def test_decisions_differing_is_a_parity_failure(published, tmp_path, monkeypatch, capsys):
+    import export.convert
+
+    monkeypatch.setattr(export.convert, "parity", lambda *a: {
+        "images": 66, "max_abs_diff": 0.0, "mean_abs_diff": 0.0, "decisions_equal": False, "tolerance": 1e-5})
+    serving = tmp_path / "serving"
+    assert _export(published["run"], serving, "--model", "baseline_cnn") == 1
+    assert "decisions equal: False" in capsys.readouterr().err
+    assert [n for n in os.listdir(serving / "pneumonia")] == []
+
+
+# ------------------------------------------------------------------- verify
+
+
+def test_verify_catches_flipped_byte(published, tmp_path, capsys):
+    d = _copy_version(published, 1, tmp_path / "1")
+    model = d / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    assert export_main(["--verify", str(d)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("PASS metadata")
+    assert lines[1].startswith("FAIL sha256:")
+    assert len(lines) == 3 and lines[-1] == f"FAILED: {d}"
+
+
+def test_verify_catches_metadata_model_mismatch(published, tmp_path, capsys):
+    d = _copy_version(published, 1, tmp_path / "1")
+    meta = _json(d / "metadata.json")
+    meta["preprocessing"]["image_size"] = 64
+    meta["input"]["shape"] = [-1, 64, 64, 1]
+    (d / "metadata.json").write_text(json.dumps(meta, indent=2))
+    assert export_main(["--verify", str(d)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "PASS sha256" in [line.split(":")[0] for line in lines]  # the model itself is intact
+    fail = [line for line in lines if line.startswith("FAIL")]
+    assert len(fail) == 1 and fail[0].startswith("FAIL input contract")
+    assert "32, 32, 1" in fail[0] and "64, 64, 1" in fail[0]
+    assert lines[-1] == f"FAILED: {d}"
+
+
+def test_verify_missing_metadata(published, tmp_path, capsys):
+    d = _copy_version(published, 1, tmp_path / "1")
+    os.remove(d / "metadata.json")
+    assert export_main(["--verify", str(d)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("FAIL metadata") and "missing" in lines[0]
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_error_missing_run_dir(tmp_path, capsys):
+    rc = _export(tmp_path / "no_run", tmp_path / "serving", "--model", "baseline_cnn")
+    _expect_error(capsys, rc, "run dir not found")
+    assert os.listdir(tmp_path) == []
+
+
+def test_error_model_not_in_run(published, tmp_path, capsys):
+    rc = _export(published["run"], tmp_path / "serving", "--model", "resnet50")
+    _expect_error(capsys, rc, "'resnet50' is not in run", "baseline_cnn, augmented_cnn, vgg19")
+    assert os.listdir(tmp_path) == []
+
+
+def _corrupt_run(published, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(published["run"], run, ignore=lambda d, names: ["vgg19", "augmented_cnn"] if d == str(
+        published["run"]) else [])
+    (run / "baseline_cnn" / "model.keras").write_bytes(b"PK\x03\x04 this is not a zip or a model")
+    return run
+
+
+def test_error_corrupt_model_file(published, tmp_path, capsys):
+    run = _corrupt_run(published, tmp_path)
+    serving = tmp_path / "serving"
+    rc = _export(run, serving, "--model", "baseline_cnn")
+    _expect_error(capsys, rc, "cannot load", "model.keras")
+    # no version, no staging dir, no config.pbtxt
+    assert _snapshot(serving) in ({}, {"pneumonia": "dir"})
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG export/convert.py:200-203: export() creates serving_dir/<name>/ before loading the Keras "
+    "model, so a bad model.keras (exit 2) still leaves an empty serving_dir/<name>/ behind"))
+def test_error_corrupt_model_file_writes_nothing(published, tmp_path, capsys):
+    run = _corrupt_run(published, tmp_path)
+    rc = _export(run, tmp_path / "serving", "--model", "baseline_cnn")
+    _expect_error(capsys, rc, "cannot load")
+    assert not os.path.exists(tmp_path / "serving")
+
+
+def test_error_unwritable_serving_dir(published, tmp_path, capsys):
+    if os.geteuid() == 0:
+        # root ignores permissions: make the serving dir path a regular file instead
+        serving = tmp_path / "serving"
+        serving.write_text("not a directory")
+        rc = _export(published["run"], serving, "--model", "baseline_cnn")
+        _expect_error(capsys, rc, "cannot write to serving dir", str(serving))
+        assert serving.read_text() == "not a directory"
+        assert os.listdir(tmp_path) == ["serving"]
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        os.chmod(parent, 0o500)
+        try:
+            rc = _export(published["run"], parent / "serving", "--model", "baseline_cnn")
+            _expect_error(capsys, rc, "cannot write to serving dir")
+            assert os.listdir(parent) == []
+        finally:
+            os.chmod(parent, 0o700)
+
+
+# ------------------------------------------------------------- no TensorFlow
+
+
+def _fresh_python(code):
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_import_export_package_does_not_import_tensorflow():
+    proc = _fresh_python(
+        "import sys, export.package\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'tf2onnx'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_verify_does_not_import_tensorflow(published):
+    d = str(_vdir(published, 1))
+    proc = _fresh_python(
+        "import sys\n"
+        "from export.__main__ import main\n"
+        f"rc = main(['--verify', {d!r}])\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'tf2onnx'))\n"
+        "print('TF', bad)\n"
+        "sys.exit(rc or (3 if bad else 0))\n")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TF []" in proc.stdout and f"OK: {d}" in proc.stdout
