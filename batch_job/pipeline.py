@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -29,6 +28,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from batch_job import outputs
 from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
+from train.fsutil import publish_dir, temp_dir_beside
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
 
 LOG = logging.getLogger("batch_job")
@@ -151,11 +151,7 @@ def _prepare_output(out: str, overwrite: bool) -> str:
     try:
         os.makedirs(parent, exist_ok=True)
         _remove_stale_temps(out)
-        tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.tmp-{os.getpid()}-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the published dir gets normal permissions
-        return tmp
+        return temp_dir_beside(out, f"tmp-{os.getpid()}")
     except OSError as exc:
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
 
@@ -180,16 +176,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _publish(tmp: str, out: str) -> None:
-    if os.path.exists(out):
-        trash = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(trash, "x"))
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _shard_size(requested: int | None, n: int, batch_size: int, workers: int | None) -> int:
@@ -279,7 +265,7 @@ def run(argv=None, test_pipeline=None) -> int:
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(outputs.report_markdown(metrics))
         outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
-        _publish(tmp, out)
+        publish_dir(tmp, out, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -19,6 +18,7 @@ from export.package import (
     OUTPUT_NAME,
     _json_io,
     expected_io,
+    load_metadata,
     load_session,
     model_card,
     sha256_file,
@@ -26,6 +26,7 @@ from export.package import (
     versions,
 )
 from train.data import read_split_csv
+from train.fsutil import publish_dir, temp_dir_beside
 from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
@@ -189,13 +190,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     final = os.path.join(name_dir, str(version))
     if os.path.exists(final):
         raise ExportInputError(f"{final} already exists; versions are never overwritten")
+    keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
     try:
         os.makedirs(name_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=name_dir)
+        staging = temp_dir_beside(final)
     except OSError as exc:
         raise ExportInputError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
     try:
-        keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
         config = PreprocessConfig.from_dict(metrics["preprocessing"])
         onnx_path = os.path.join(staging, MODEL_FILE)
         t0 = time.perf_counter()
@@ -219,10 +220,15 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
             f.write(model_card(meta))
-        os.rename(staging, final)  # atomic publish: the version appears complete or not at all
+        try:  # atomic publish: the version appears complete or not at all
+            publish_dir(staging, final)
+        except OSError:
+            raise ExportInputError(f"{final} appeared while exporting; versions are never overwritten") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _atomic_write(os.path.join(name_dir, "config.pbtxt"), triton_config(name, config.image_size))
+    newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
+    _atomic_write(os.path.join(name_dir, "config.pbtxt"),
+                  triton_config(name, int(newest["preprocessing"]["image_size"])))
     log(f"published {final}")
     return final

@@ -132,10 +132,11 @@ def test_fit_early_stopping_restores_best_weights():
     train_xy = _toy(32, rng)
     x_val, y_val = _toy(16, rng)
     y_val[:6] = 1 - y_val[:6]  # partly contradicts training, so val loss turns worse
+    keras.utils.set_random_seed(3)  # initial weights independent of what ran before
     model = build_cnn(32, filters=(4,), dense=8, dropout=0.0)
     lines = []
     history = fit.fit(model, train_xy, (x_val, y_val), name="toy", epochs=8, patience=2, seed=0,
-                      learning_rate=0.03, log=lines.append)
+                      learning_rate=0.01, log=lines.append)
 
     val_loss = history["val_loss"]
     n = len(val_loss)
@@ -143,7 +144,8 @@ def test_fit_early_stopping_restores_best_weights():
     # early stopping ran: patience epochs after the best, and the best is not the last epoch,
     # so restoring the best weights actually changed the model
     assert n == history["best_epoch"] + 2 and n < 8, val_loss
-    assert val_loss[-1] > min(val_loss) + 1e-3, val_loss
+    assert val_loss[-1] > min(val_loss) + 1e-2, val_loss
+    assert history["best_epoch"] >= 2  # not simply the first epoch
     assert len(history["loss"]) == len(history["seconds"]) == len(lines) == n
     assert lines[0].startswith("[toy] epoch 1/8  loss ")
 
@@ -304,19 +306,11 @@ def test_cli_run_json(cli_run):
     assert sum(c["images"] for c in info["split_counts"].values()) == 48
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG train/run.py:221: run.json 'command' is built from sys.argv, not from the argv passed "
-    "to train.__main__.main(argv), so a programmatic run records the caller's command line "
-    "(here pytest's), and export copies it into metadata source.train_command / MODEL_CARD.md"))
 def test_cli_run_json_records_the_given_command(cli_run):
     info = _json(cli_run["out"] / "run.json")
     assert info["command"] == "python -m train " + " ".join(cli_run["argv"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG train/run.py:160: the run dir is a tempfile.mkdtemp() renamed into place, so it keeps "
-    "mkdtemp's mode 0700 instead of the umask default (0755 under umask 022) that its files and "
-    "subdirectories get; other users (e.g. an export or serving account) cannot read the run"))
 def test_cli_run_dir_has_default_permissions(cli_run):
     expected = 0o777 & ~_umask()
     if expected == 0o700:

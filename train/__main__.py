@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
     from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
 
     try:

@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -28,6 +27,7 @@ from train.data import (
     write_split_csv,
 )
 from train.evaluate import evaluate
+from train.fsutil import publish_dir, temp_dir_beside
 from train.models import MODEL_NAMES, WeightsError, build_cnn, resolve_vgg19_weights, vgg19_parts
 from train.preprocessing import PreprocessConfig
 
@@ -157,16 +157,10 @@ def run(args) -> int:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
     config = PreprocessConfig(image_size=args.image_size)
     out = os.path.abspath(args.output_dir)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    tmp = temp_dir_beside(out)
     try:
         _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
-            os.rename(out, os.path.join(old, "run"))
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        publish_dir(tmp, out, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -225,7 +219,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     with open(os.path.join(run_dir, "comparison.md"), "w") as f:
         f.write(comparison_markdown(rows, best, args.select_by, failed))
     _write_json(os.path.join(run_dir, "run.json"), {
-        "command": "python -m train " + " ".join(sys.argv[1:]),
+        "command": "python -m train " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
         "args": vars(args),
         "data_dir": os.path.abspath(args.data_dir),
         "images_found": len(examples) + len(failed),

@@ -1,0 +1,103 @@
+"""Benchmark 1: scoring throughput of (a) the Beam pipeline, (b) a bare onnxruntime loop, (c) the notebook way.
+
+    python bench/bench_scoring.py [--n 2000] [--model serving_models/pneumonia] [--keras-model RUN/model.keras]
+
+Generates two inputs (n 224x224 RGB JPEGs; n 1400x1100 grayscale JPEGs, quality 90), then times on the same
+images: (a) `python -m batch_job` on DirectRunner with one worker per core (whole command, start-up included);
+(b) one process: plain Pillow decode + resize, onnxruntime, batch 64; (c) Keras `model.predict` on images loaded
+one by one with Keras image utils (needs the train extra; skipped without a Keras model). Also the pipeline's
+start-up time (a one-image job).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import DEFAULT_MODEL, REPO, machine, make_jpegs, table  # noqa: E402
+from batch_job.listing import iter_images  # noqa: E402
+from export.package import load_metadata, load_session, resolve_version_dir  # noqa: E402
+
+
+def run_pipeline(inp: str, model: str, extra=()) -> float:
+    out = tempfile.mkdtemp(prefix="bench-out-")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "batch_job", "--input", inp, "--model", model, "--output", out,
+                           "--overwrite", *extra], cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"pipeline failed: {proc.stderr[-800:]}")
+    return wall
+
+
+def bare_loop(paths: list[str], model_path: str, size: int, batch: int = 64) -> float:
+    session = load_session(model_path)  # default threads: all cores for one process
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        x = np.stack([np.asarray(Image.open(p).convert("L").resize((size, size), Image.Resampling.BILINEAR),
+                                 np.float32)[:, :, None] / 255.0 for p in paths[i:i + batch]])
+        session.run(["probability"], {"image": x})
+    return time.perf_counter() - t0
+
+
+def notebook_way(paths: list[str], keras_model: str, size: int) -> float:
+    code = f"""
+import os, sys, time, json
+os.environ["TF_USE_LEGACY_KERAS"] = "1"; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tf_keras as keras
+model = keras.models.load_model({keras_model!r}, compile=False)
+paths = json.load(sys.stdin)
+t0 = time.perf_counter()
+x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, color_mode="grayscale", target_size=({size}, {size}))) / 255.0 for p in paths])
+model.predict(x, verbose=0)
+print(time.perf_counter() - t0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(paths), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"keras run failed: {proc.stderr[-800:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--keras-model", default=None, help="model.keras for (c); default: the package's source model")
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
+    args = p.parse_args(argv)
+    vdir = resolve_version_dir(args.model)
+    meta = load_metadata(vdir)
+    size = int(meta["preprocessing"]["image_size"])
+    keras_model = args.keras_model or meta.get("source", {}).get("model_file")
+    if keras_model and not os.path.isfile(keras_model):
+        keras_model = None
+    inputs = {
+        "224x224 RGB": make_jpegs(os.path.join(args.work_dir, f"rgb224-{args.n}"), args.n, (224, 224), mode="RGB"),
+        "1400x1100 gray": make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L"),
+    }
+    one = os.path.join(args.work_dir, "one")
+    make_jpegs(one, 1, (224, 224))
+    startup = min(run_pipeline(one, args.model) for _ in range(2))
+    rows = []
+    for name, folder in inputs.items():
+        paths = [q for _, q in iter_images([folder])]
+        a = len(paths) / run_pipeline(folder, args.model)
+        b = len(paths) / bare_loop(paths, os.path.join(vdir, "model.onnx"), size)
+        c = len(paths) / notebook_way(paths, keras_model, size) if keras_model else float("nan")
+        rows.append([name, len(paths), a, b, c, a / b, a / c])
+    print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({size}px)")
+    print(f"pipeline start-up (1-image job, whole command): {startup:.2f} s")
+    print(table(["input", "images", "a: pipeline img/s", "b: bare loop img/s", "c: notebook img/s", "a/b", "a/c"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

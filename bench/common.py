@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmarks: machine description, synthetic inputs, tables."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TRAIN = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "chest_xray", "train"))
+DEFAULT_MODEL = os.path.join(REPO, "serving_models", "pneumonia")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} cores, {cpu}, Python {platform.python_version()}"
+
+
+def make_jpegs(folder: str, n: int, size: tuple[int, int], seed: int = 0, mode: str = "RGB") -> str:
+    """n synthetic X-ray-like JPEGs (quality 90) under folder/{NORMAL,PNEUMONIA}; reused if present."""
+    marker = os.path.join(folder, f".done-{n}-{size[0]}x{size[1]}-{mode}")
+    if os.path.exists(marker):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 120 + 50 * np.sin(xx / (w / 9)) * np.cos(yy / (h / 7))
+    for i in range(n):
+        label = "PNEUMONIA" if i % 2 else "NORMAL"
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        noise = rng.normal(0, 12, (h, w))
+        arr = np.clip(base + noise + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+        if mode == "RGB":
+            img = img.convert("RGB")
+        img.save(os.path.join(folder, label, f"img{i:06d}.jpeg"), quality=90)
+    open(marker, "w").close()
+    return folder
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(out)
