@@ -7,6 +7,7 @@ import re
 from typing import Iterator
 
 from train.data import CLASSES
+from train.dicom import is_dicom
 from train.preprocessing import is_image_file
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -28,13 +29,25 @@ def check_inputs(inputs: list[str]) -> None:
         raise InputError(f"input path not found: {', '.join(missing)}")
 
 
+def is_candidate(path: str) -> bool:
+    """An image by extension (.jpeg .jpg .png .dcm), or any file with the DICOM preamble."""
+    if is_image_file(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(132))
+    except OSError:
+        return False
+
+
 def _walk(root: str) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
-            if is_image_file(name):
-                yield os.path.join(dirpath, name)
+            path = os.path.join(dirpath, name)
+            if is_candidate(path):
+                yield path
 
 
 def _match_uri(pattern: str) -> Iterator[str]:
@@ -54,13 +67,13 @@ def iter_input(path: str) -> Iterator[str]:
     elif os.path.isdir(path):
         yield from _walk(path)
     elif os.path.isfile(path) or os.path.islink(path):
-        if is_image_file(path):
+        if is_candidate(path):
             yield path
     else:  # a glob
         for match in sorted(glob.iglob(path, recursive=True)):
             if os.path.isdir(match):
                 yield from _walk(match)
-            elif is_image_file(match):
+            elif is_candidate(match):
                 yield match
 
 

@@ -55,16 +55,44 @@ def read_listing(path: str, offset: int = 0, count: int | None = None) -> Iterat
             yield index, p
 
 
-def write_shard(out_dir: str, shard_id: int, records: list[dict]) -> str:
-    """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it."""
-    final = os.path.join(out_dir, shard_name(shard_id))
-    tmp = os.path.join(out_dir, f".{shard_name(shard_id)}.{uuid.uuid4().hex}.tmp")
+def ledger_sidecar(shard_id: int) -> str:
+    return f"_ledger-{shard_id:05d}.jsonl"
+
+
+def _atomic_text(final: str, write) -> None:
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        write(f)
+    os.replace(tmp, final)
+
+
+def write_shard(out_dir: str, shard_id: int, records: list[dict], with_ledger: bool = False) -> str:
+    """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it.
+
+    With the ledger, the newly scored images' (sha256, probability, path) go to a sidecar
+    first; the CSV, written last, is what marks the shard complete.
+    """
+    if with_ledger:
+        _atomic_text(os.path.join(out_dir, ledger_sidecar(shard_id)), lambda f: f.writelines(
+            json.dumps([r["sha256"], float(r["probability"]), r["path"]], ensure_ascii=False) + "\n"
+            for r in records if r["status"] == "ok"))
+    final = os.path.join(out_dir, shard_name(shard_id))
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-    os.replace(tmp, final)
+
+    _atomic_text(final, write_csv)
     return final
+
+
+def read_ledger_entries(out_dir: str, shards) -> Iterator[tuple[str, float, str]]:
+    for shard_id, _, _ in shards:
+        with open(os.path.join(out_dir, ledger_sidecar(shard_id)), encoding="utf-8") as f:
+            for line in f:
+                sha, prob, path = json.loads(line)
+                yield sha, prob, path
 
 
 def read_shard(path: str) -> list[dict]:
@@ -81,8 +109,9 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
     Streams shard by shard: memory holds one shard plus the scored probabilities.
     """
     listing = os.path.join(out_dir, LISTING_FILE)
-    probs, labels, per_input = [], [], defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0})
-    found = scored = failed = missing = duplicated = unexpected = 0
+    probs, labels = [], []
+    per_input = defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0, "skipped": 0})
+    found = scored = failed = skipped = missing = duplicated = unexpected = 0
     expected_files = {shard_name(s) for s, _, _ in shards}
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
@@ -103,9 +132,13 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
                 continue
             duplicated += len(hits) - 1
             row = hits[0]
-            if row["status"] == "ok":
-                scored += 1
-                counts["scored"] += 1
+            if row["status"] in ("ok", "skipped"):  # skipped rows carry their earlier probability
+                if row["status"] == "ok":
+                    scored += 1
+                    counts["scored"] += 1
+                else:
+                    skipped += 1
+                    counts["skipped"] += 1
                 probs.append(float(row["probability"]))
                 labels.append(row["label"])
             else:
@@ -114,11 +147,11 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
     stray = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "predictions-*.csv"))
                    if os.path.basename(p) not in expected_files)
     return {
-        "images_found": found, "images_scored": scored, "images_failed": failed,
+        "images_found": found, "images_scored": scored, "images_failed": failed, "images_skipped": skipped,
         "missing": missing, "duplicated": duplicated, "unexpected": unexpected, "stray_shards": stray,
         "per_input": dict(per_input), "probabilities": np.asarray(probs, dtype=np.float64), "labels": labels,
         "ok": missing == 0 and duplicated == 0 and unexpected == 0 and not stray
-        and found == scored + failed,
+        and found == scored + failed + skipped,
     }
 
 
@@ -133,6 +166,7 @@ def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str, wal
         "images_found": rec["images_found"],
         "images_scored": rec["images_scored"],
         "images_failed": rec["images_failed"],
+        "images_skipped": rec["images_skipped"],
         "positive_count": positives,
         "positive_rate": positives / len(probs) if len(probs) else 0.0,
         "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
@@ -176,11 +210,13 @@ def report_markdown(m: dict) -> str:
     lines = ["# Batch scoring report", "",
              f"Model `{m['model']}`, threshold {m['threshold']:.4f}, runner {m['runner']}, "
              f"{m['wall_seconds']:.1f} s, {m['images_per_second']} images/s.", "",
-             "| images found | scored | failed | positive | positive rate |", "|---|---|---|---|---|",
-             f"| {m['images_found']} | {m['images_scored']} | {m['images_failed']} | {m['positive_count']} "
-             f"| {m['positive_rate']:.4f} |", "", "## Per input", "", "| input | found | scored | failed |",
-             "|---|---|---|---|"]
-    lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} |" for k, v in m["per_input"].items()]
+             "| images found | scored | failed | skipped (in ledger) | positive | positive rate |",
+             "|---|---|---|---|---|---|",
+             f"| {m['images_found']} | {m['images_scored']} | {m['images_failed']} | {m['images_skipped']} "
+             f"| {m['positive_count']} | {m['positive_rate']:.4f} |", "", "## Per input", "",
+             "| input | found | scored | failed | skipped |", "|---|---|---|---|---|"]
+    lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} | {v['skipped']} |"
+              for k, v in m["per_input"].items()]
     h = m["probability_histogram"]
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {c} |" for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"])]

@@ -13,6 +13,7 @@ Design (see README, "Why the pipeline looks like this"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -21,11 +22,13 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job import outputs
+from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--shard-size", type=int, default=None,
                    help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--ledger", default=None, metavar="PATH.sqlite",
+                   help="SQLite ledger: images whose bytes this model already scored are skipped, new ones recorded")
     return p.parse_known_args(argv)
 
 
@@ -84,22 +89,23 @@ class ScoreShard(beam.DoFn):
 class WriteShard(beam.DoFn):
     """(shard id, [records]) -> (shard id, rows written); the CSV is written atomically in process()."""
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, with_ledger: bool = False):
+        self.out_dir, self.with_ledger = out_dir, with_ledger
 
     def process(self, element):
         shard_id, records = element
-        outputs.write_shard(self.out_dir, shard_id, records)
+        outputs.write_shard(self.out_dir, shard_id, records, self.with_ledger)
         yield shard_id, len(records)
 
 
 def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpec, out_dir: str):
+    with_ledger = spec.ledger_path is not None
     return (
         p
         | "ListShards" >> beam.Create(shards, reshuffle=True)
         | "ReadShard" >> beam.ParDo(ReadShard(listing_path))
         | "DecodeAndScore" >> beam.ParDo(ScoreShard(spec))
-        | "WriteShard" >> beam.ParDo(WriteShard(out_dir))
+        | "WriteShard" >> beam.ParDo(WriteShard(out_dir, with_ledger))
     )
 
 
@@ -206,6 +212,26 @@ class Progress(threading.Thread):
             LOG.info("progress: %d/%d images scored (%.1f images/s)", n, self.total, rate)
 
 
+def _execute(p: beam.Pipeline) -> None:
+    result = p.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)  # DaskRunner leaves its dask client open
+        if client is not None:
+            client.close()
+
+
+def _orphaned_output(out: str, book) -> bool:
+    """OUT_DIR published by a run that was killed before its ledger commit."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            run_id = json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return False
+    return bool(run_id) and not book.knows_run(run_id)
+
+
 def run(argv=None, test_pipeline=None) -> int:
     """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input)."""
     t0 = time.perf_counter()
@@ -225,56 +251,62 @@ def run(argv=None, test_pipeline=None) -> int:
         raise InputError("--threshold must be in [0, 1]")
     runner, runner_label, options, workers = resolve_runner(pipeline_args)
     out = os.path.abspath(args.output)
-    tmp = _prepare_output(out, args.overwrite)
-    try:
-        listing = os.path.join(tmp, outputs.LISTING_FILE)
-        # Count first (paths only), then cut into shards sized for the worker count.
-        n = outputs.write_listing(listing, iter_images(args.input))
-        if n == 0:
-            raise InputError(f"no image files (.jpeg/.jpg/.png) found in {', '.join(args.input)}")
-        size = _shard_size(args.shard_size, n, args.batch_size, workers)
-        shards = outputs.shard_listing(listing, size)
-        LOG.info("listed %d images in %.1fs -> %d shards of <= %d; model %s, threshold %.4f, runner %s",
-                 n, time.perf_counter() - t0, len(shards), size, model_id, threshold, runner_label)
-        spec = ScoringSpec(os.path.join(version_dir, "model.onnx"), model_id, meta["preprocessing"], threshold,
-                           args.batch_size, intra_op_threads=1 if (workers or 2) > 1 else 0)
-        progress = Progress(tmp, shards)
-        progress.start()
+    book = Ledger(args.ledger) if args.ledger else contextlib.nullcontext()
+    with book:
+        overwrite = args.overwrite
+        if args.ledger and not overwrite and _orphaned_output(out, book):
+            LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
+            overwrite = True
+        tmp = _prepare_output(out, overwrite)
         try:
-            p = test_pipeline or beam.Pipeline(runner=runner, options=options)
-            build_pipeline(p, shards, listing, spec, tmp)
-            result = p.run()
+            listing = os.path.join(tmp, outputs.LISTING_FILE)
+            # Count first (paths only), then cut into shards sized for the worker count.
+            n = outputs.write_listing(listing, iter_images(args.input))
+            if n == 0:
+                raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)}")
+            size = _shard_size(args.shard_size, n, args.batch_size, workers)
+            shards = outputs.shard_listing(listing, size)
+            LOG.info("listed %d images in %.1fs -> %d shards of <= %d; model %s, threshold %.4f, runner %s",
+                     n, time.perf_counter() - t0, len(shards), size, model_id, threshold, runner_label)
+            spec = ScoringSpec(os.path.join(version_dir, "model.onnx"), model_id, meta["preprocessing"], threshold,
+                               args.batch_size, intra_op_threads=1 if (workers or 2) > 1 else 0,
+                               ledger_path=book.path if args.ledger else None)
+            progress = Progress(tmp, shards)
+            progress.start()
             try:
-                result.wait_until_finish()
+                p = test_pipeline or beam.Pipeline(runner=runner, options=options)
+                build_pipeline(p, shards, listing, spec, tmp)
+                _execute(p)
             finally:
-                client = getattr(result, "client", None)  # DaskRunner leaves its dask client open
-                if client is not None:
-                    client.close()
-        finally:
-            progress.stop.set()
-        rec = outputs.reconcile(tmp, shards, args.input)
-        if not rec["ok"]:
-            raise ReconciliationError(
-                f"reconciliation failed: found {rec['images_found']}, scored {rec['images_scored']}, failed "
-                f"{rec['images_failed']}, missing {rec['missing']}, duplicated {rec['duplicated']}, unexpected "
-                f"{rec['unexpected']}, stray shards {len(rec['stray_shards'])}; output not published")
-        wall = time.perf_counter() - t0
-        metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, wall)
-        with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(outputs.report_markdown(metrics))
-        outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
-        publish_dir(tmp, out, replace=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                progress.stop.set()
+            rec = outputs.reconcile(tmp, shards, args.input)
+            if not rec["ok"]:
+                raise ReconciliationError(
+                    f"reconciliation failed: found {rec['images_found']}, scored {rec['images_scored']}, failed "
+                    f"{rec['images_failed']}, skipped {rec['images_skipped']}, missing {rec['missing']}, "
+                    f"duplicated {rec['duplicated']}, unexpected {rec['unexpected']}, stray shards "
+                    f"{len(rec['stray_shards'])}; output not published")
+            metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, time.perf_counter() - t0)
+            metrics["run_id"] = uuid.uuid4().hex
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            with open(os.path.join(tmp, "report.md"), "w") as f:
+                f.write(outputs.report_markdown(metrics))
+            outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
+            publish_dir(tmp, out, replace=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if args.ledger:  # only after OUT_DIR is published; one transaction
+            added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
+            LOG.info("ledger %s: %d new images recorded", book.path, added)
     print(summary(metrics, out))
     return 0
 
 
 def summary(m: dict, out: str) -> str:
-    line = (f"scored {m['images_scored']}/{m['images_found']} images ({m['images_failed']} failed) with "
+    line = (f"scored {m['images_scored']}/{m['images_found']} images ({m['images_failed']} failed, "
+            f"{m['images_skipped']} skipped as already in the ledger) with "
             f"{m['model']} on {m['runner']} in {m['wall_seconds']:.1f}s ({m['images_per_second']} images/s); "
             f"{m['positive_count']} flagged PNEUMONIA (rate {m['positive_rate']:.3f}, threshold {m['threshold']:.4f})")
     if "accuracy" in m:
@@ -290,7 +322,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return run(argv)
-    except (InputError, PackageError) as exc:
+    except (InputError, PackageError, LedgerBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ReconciliationError as exc:

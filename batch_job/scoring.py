@@ -1,11 +1,13 @@
 """Decode, preprocess and score images with onnxruntime (no TensorFlow, no Beam)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from batch_job import ledger
 from batch_job.listing import is_uri, label_from_path
 from export.package import INPUT_NAME, OUTPUT_NAME, load_session
 from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
@@ -33,8 +35,8 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def load_input(path: str, config: PreprocessConfig) -> np.ndarray:
-    """File -> model input; ImageError with a short reason for anything unusable."""
+def read_input(path: str) -> bytes:
+    """File -> its bytes; ImageError with a short reason when it cannot be read."""
     try:
         data = read_bytes(path)
     except PermissionError:
@@ -47,7 +49,7 @@ def load_input(path: str, config: PreprocessConfig) -> np.ndarray:
         raise ImageError(f"read failed: {exc.strerror or exc}") from None
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return preprocess_image(data, config)
+    return data
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,22 @@ class ScoringSpec:
     threshold: float
     batch_size: int = 64
     intra_op_threads: int = 1
+    ledger_path: str | None = None  # skip images already scored by this model
 
 
-def _record(path: str, spec: ScoringSpec, probability: float | None = None, error: str = "") -> dict:
+def _record(path: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
+            sha256: str = "", status: str | None = None) -> dict:
     ok = probability is not None
     return {
         "path": path,
-        "status": "ok" if ok else "error",
+        "status": status or ("ok" if ok else "error"),
         "probability": f"{probability:.8f}" if ok else "",
         "prediction": ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else "",
         "threshold": f"{spec.threshold:.8f}",
         "label": label_from_path(path),
         "model": spec.model_id,
         "error": error,
+        "sha256": sha256,  # not a CSV column: feeds the ledger
     }
 
 
@@ -84,16 +89,23 @@ def score_paths(paths: list[str], spec: ScoringSpec) -> list[dict]:
     for start in range(0, len(paths), spec.batch_size):
         chunk = paths[start:start + spec.batch_size]
         arrays, slots, out = [], [], [None] * len(chunk)
+        digests = [""] * len(chunk)
         for i, path in enumerate(chunk):
             try:
-                arrays.append(load_input(path, config))
+                data = read_input(path)
+                digests[i] = hashlib.sha256(data).hexdigest()
+                earlier = spec.ledger_path and ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
+                if earlier:
+                    out[i] = _record(path, spec, earlier[0], sha256=digests[i], status="skipped")
+                    continue
+                arrays.append(preprocess_image(data, config))
                 slots.append(i)
             except ImageError as exc:
-                out[i] = _record(path, spec, error=str(exc))
+                out[i] = _record(path, spec, error=str(exc), sha256=digests[i])
         if arrays:
             (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(arrays)})
             for i, p in zip(slots, probs.reshape(-1)):
-                out[i] = _record(chunk[i], spec, float(p))
+                out[i] = _record(chunk[i], spec, float(p), sha256=digests[i])
         records.extend(out)
     return records
 

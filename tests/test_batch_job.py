@@ -215,10 +215,10 @@ def test_lost_shard_fails_reconciliation(labelled_tree, tiny_package, tmp_path, 
     root, _ = labelled_tree
     real = outputs.write_shard
 
-    def drop_first_shard(out_dir, shard_id, records):
+    def drop_first_shard(out_dir, shard_id, records, with_ledger=False):
         if shard_id == 0:
             return None
-        return real(out_dir, shard_id, records)
+        return real(out_dir, shard_id, records, with_ledger)
 
     monkeypatch.setattr(outputs, "write_shard", drop_first_shard)
     out = str(tmp_path / "out")

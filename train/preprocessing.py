@@ -15,7 +15,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+from train.dicom import decode_dicom, is_dicom
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 SUPPORTED_FORMATS = ("JPEG", "PNG")
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -78,19 +80,29 @@ def to_grayscale_8bit(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
+def _check_size(img: Image.Image, config: PreprocessConfig) -> Image.Image:
+    w, h = img.size
+    if min(w, h) < config.min_side:
+        raise ImageError(f"image too small ({w}x{h}, need >= {config.min_side} px per side)")
+    return img
+
+
 def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Image.Image:
-    """Open, validate and decode to an upright 8-bit grayscale Pillow image."""
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale Pillow image."""
     try:
+        if not isinstance(source, (bytes, bytearray)):
+            with open(source, "rb") as f:
+                source = f.read()
+        if is_dicom(source):
+            return _check_size(decode_dicom(bytes(source), Image.MAX_IMAGE_PIXELS), config)
+        stream = io.BytesIO(source)
         with warnings.catch_warnings():
             # Treat anything over Pillow's MAX_IMAGE_PIXELS as a bomb, not only 2x over it.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(stream, formats=None)
             if img.format not in SUPPORTED_FORMATS:
                 raise ImageError(f"unsupported image format {img.format}")
-            w, h = img.size
-            if min(w, h) < config.min_side:
-                raise ImageError(f"image too small ({w}x{h}, need >= {config.min_side} px per side)")
+            _check_size(img, config)
             if config.jpeg_draft and img.format == "JPEG":
                 img.draft("L", (config.image_size, config.image_size))
             img.load()
@@ -98,6 +110,8 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
             return to_grayscale_8bit(img)
     except ImageError:
         raise
+    except IsADirectoryError:
+        raise ImageError("is a directory") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"decompression bomb: {exc}".splitlines()[0][:200]) from None
     except Image.UnidentifiedImageError:
@@ -108,7 +122,7 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
         raise ImageError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"decode failed: {msg}"[:200]) from None
+        raise ImageError(f"decode failed: {msg}"[:400]) from None
 
 
 def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:

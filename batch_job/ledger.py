@@ -1,0 +1,98 @@
+"""The SQLite ledger of images already scored, for incremental nightly runs.
+
+Keyed by (sha256 of the file's bytes, model `<name>/<version>`). Workers only read it
+(one read-only connection per process); the driver holds an exclusive lock file for
+the whole run and writes the new entries in one transaction after OUT_DIR is published.
+Each run also records its run id; an OUT_DIR whose run id the ledger does not know was
+published by a run killed before its ledger commit, and the next run may replace it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from datetime import datetime, timezone
+from typing import Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS scored (
+    sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    probability REAL NOT NULL,
+    scored_utc TEXT NOT NULL,
+    path TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (sha256, model)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    out_dir TEXT NOT NULL,
+    model TEXT NOT NULL,
+    images_new INTEGER NOT NULL,
+    finished_utc TEXT NOT NULL
+);
+"""
+
+
+class LedgerBusy(RuntimeError):
+    """Another batch job holds the ledger."""
+
+
+class Ledger:
+    """Driver side: create, lock, and commit."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._lock_file = None
+
+    def __enter__(self) -> "Ledger":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._lock_file = open(self.path + ".lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise LedgerBusy(f"ledger {self.path} is in use by another batch job; run again when it has finished") from None
+        with sqlite3.connect(self.path) as conn:
+            conn.executescript(SCHEMA)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_file:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+    def knows_run(self, run_id: str) -> bool:
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+    def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]]) -> int:
+        """Insert (sha256, probability, path) entries and the run, in one transaction."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        conn = sqlite3.connect(self.path)
+        try:
+            with conn:  # one transaction: all or nothing
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO scored (sha256, model, probability, scored_utc, path, run_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    ((sha, model, prob, now, path, run_id) for sha, prob, path in entries),
+                )
+                added = conn.total_changes - before
+                conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+        finally:
+            conn.close()
+        return added
+
+
+_READERS: dict[str, sqlite3.Connection] = {}
+
+
+def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
+    """Worker side: (probability, scored_utc) of an earlier score, or None."""
+    conn = _READERS.get(path)
+    if conn is None:
+        conn = _READERS[path] = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
+                       (sha256, model)).fetchone()
+    return (float(row[0]), row[1]) if row else None
