@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -126,7 +127,8 @@ def resolve_runner(pipeline_args: list[str]):
 
         direct = options.view_as(DirectOptions)
         extra = []
-        if "--direct_num_workers" not in " ".join(pipeline_args):
+        joined = " ".join(pipeline_args)
+        if "--direct_num_workers" not in joined and "in_memory" not in joined:
             extra.append(f"--direct_num_workers={default_workers()}")
         if "--direct_running_mode" not in " ".join(pipeline_args):
             extra.append("--direct_running_mode=multi_processing")
@@ -212,6 +214,14 @@ class Progress(threading.Thread):
             LOG.info("progress: %d/%d images scored (%.1f images/s)", n, self.total, rate)
 
 
+KILL_ENV = "BATCH_JOB_TEST_KILL_AT"  # crash-safety tests: SIGKILL the driver at a named point
+
+
+def _kill_point(name: str) -> None:
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _execute(p: beam.Pipeline) -> None:
     result = p.run()
     try:
@@ -264,6 +274,7 @@ def run(argv=None, test_pipeline=None) -> int:
             n = outputs.write_listing(listing, iter_images(args.input))
             if n == 0:
                 raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)}")
+            _kill_point("listed")
             size = _shard_size(args.shard_size, n, args.batch_size, workers)
             shards = outputs.shard_listing(listing, size)
             LOG.info("listed %d images in %.1fs -> %d shards of <= %d; model %s, threshold %.4f, runner %s",
@@ -279,6 +290,7 @@ def run(argv=None, test_pipeline=None) -> int:
                 _execute(p)
             finally:
                 progress.stop.set()
+            _kill_point("scored")
             rec = outputs.reconcile(tmp, shards, args.input)
             if not rec["ok"]:
                 raise ReconciliationError(
@@ -293,7 +305,9 @@ def run(argv=None, test_pipeline=None) -> int:
             with open(os.path.join(tmp, "report.md"), "w") as f:
                 f.write(outputs.report_markdown(metrics))
             outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
+            _kill_point("written")
             publish_dir(tmp, out, replace=True)
+            _kill_point("published")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,0 +1,297 @@
+"""Nightly operation: the ledger, crash safety at every kill point, DICOM input, and the fault corpus."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job.ledger import Ledger, LedgerBusy
+from batch_job.listing import iter_images
+from batch_job.pipeline import KILL_ENV, main
+from batch_job.synthetic import make_tree
+
+from conftest import write_bad_inputs
+from dicom_factory import dicom_bytes
+from test_batch_job import REPO, read_predictions
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def ledger_rows(path: str) -> list[tuple]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT sha256, model, probability, path FROM scored ORDER BY path").fetchall()
+
+
+def job(args: list[str], env_kill: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop(KILL_ENV, None)
+    if env_kill:
+        env[KILL_ENV] = env_kill
+    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # reap orphaned Beam workers of a killed driver
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    root = str(tmp_path / "in")
+    make_tree(root, per_class=10, size=64, seed=5)
+    return root
+
+
+# ------------------------------------------------------------------ ledger
+
+def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path):
+    from conftest import write_package
+
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    assert main(base + ["--output", str(tmp_path / "night1")]) == 0
+    first = read_predictions(str(tmp_path / "night1"))
+    assert {r["status"] for r in first.values()} == {"ok"} and len(first) == 20
+    assert len(ledger_rows(ledger)) == 20
+    # night 2: two new images (one a byte-copy of a known image under a new name) plus a broken one
+    shutil.copy(next(iter(first)), os.path.join(small_tree, "NORMAL", "copy_of_known.jpeg"))
+    Image.new("L", (64, 64), 200).save(os.path.join(small_tree, "NORMAL", "new.png"))
+    open(os.path.join(small_tree, "NORMAL", "broken.jpeg"), "wb").close()
+    assert main(base + ["--output", str(tmp_path / "night2")]) == 0
+    second = read_predictions(str(tmp_path / "night2"))
+    statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
+    assert statuses.pop("copy_of_known.jpeg") == "skipped"  # same bytes, same model
+    assert statuses.pop("new.png") == "ok" and statuses.pop("broken.jpeg") == "error"
+    assert set(statuses.values()) == {"skipped"}
+    for path, row in first.items():  # earlier probability and prediction carried over
+        assert second[path]["probability"] == row["probability"] and second[path]["prediction"] == row["prediction"]
+    m = json.load(open(tmp_path / "night2" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
+    rows = ledger_rows(ledger)
+    assert len(rows) == 21 and len({(r[0], r[1]) for r in rows}) == 21  # no duplicates; failures not recorded
+    # a new model version rescores everything
+    serving = str(tmp_path / "serving")
+    write_package(serving, version=2)
+    assert main(["--input", small_tree, "--model", os.path.join(serving, "pneumonia"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory", "--output", str(tmp_path / "night3")]) == 0
+    third = read_predictions(str(tmp_path / "night3"))
+    assert {r["status"] for r in third.values()} == {"ok", "error"}
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21  # 22 ok rows, two share bytes
+
+
+def test_second_job_on_a_busy_ledger_fails_clearly(small_tree, tiny_package, tmp_path, capsys):
+    ledger = str(tmp_path / "ledger.sqlite")
+    with Ledger(ledger):
+        with pytest.raises(LedgerBusy):
+            Ledger(ledger).__enter__()
+        rc = main(["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--output",
+                   str(tmp_path / "o"), "--direct_running_mode=in_memory"])
+    assert rc == 2
+    assert "in use by another batch job" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM scored").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("point", ["listed", "scored", "written", "published"])
+def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_package, tmp_path):
+    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
+    args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
+            "--direct_num_workers=2", "--shard-size", "4"]
+    killed = job(args, env_kill=point)
+    assert killed.returncode == -signal.SIGKILL
+    if point != "published":
+        assert not os.path.exists(out)
+    assert ledger_rows(ledger) == []  # the ledger is as if the run had never started
+    rerun = job(args)
+    assert rerun.returncode == 0, rerun.stderr[-1500:]
+    rows = read_predictions(out)
+    assert set(rows) == {p for _, p in iter_images([small_tree])}
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+    entries = ledger_rows(ledger)
+    assert len(entries) == 20 and len({e[0] for e in entries}) == 20
+
+
+def test_sigkill_while_scoring_then_rerun(small_tree, tiny_package, tmp_path):
+    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
+    args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
+            "--direct_num_workers=1", "--shard-size", "1", "--batch-size", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out) and ledger_rows(ledger) == []
+    assert job(args).returncode == 0
+    assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
+
+
+def test_dask_worker_killed_mid_run_job_still_accounts_for_every_image(tiny_package, tmp_path):
+    from distributed import Client, LocalCluster
+
+    root = str(tmp_path / "in")
+    make_tree(root, per_class=40, size=64, seed=9)
+    out = str(tmp_path / "out")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster.scheduler_address) as client:
+            worker_pids = list(client.run(os.getpid).values())
+        result = {}
+        t = threading.Thread(target=lambda: result.update(rc=main([
+            "--input", root, "--model", tiny_package, "--output", out, "--shard-size", "1", "--batch-size", "1",
+            "--runner", "DaskRunner", f"--dask_client_address={cluster.scheduler_address}"])))
+        t.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and len(glob.glob(out + ".tmp-*/predictions-*.csv")) < 3:
+            time.sleep(0.01)
+        os.kill(worker_pids[0], signal.SIGKILL)
+        t.join(120)
+    assert result.get("rc") == 0
+    rows = read_predictions(out)
+    assert set(rows) == {p for _, p in iter_images([root])} and len(rows) == 80
+
+
+# ------------------------------------------------------------------- DICOM
+
+def test_dicom_decoding_rules():
+    from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+
+    cfg = PreprocessConfig(image_size=32)
+    ramp12 = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    mono2 = preprocess_image(dicom_bytes(ramp12, bits_stored=12), cfg)
+    assert mono2[0, 0, 0] < 0.05 and mono2[0, -1, 0] > 0.95  # 12-bit range mapped to 0..1
+    mono1 = preprocess_image(dicom_bytes(ramp12, bits_stored=12, photometric="MONOCHROME1"), cfg)
+    assert np.allclose(mono1, 1.0 - mono2, atol=1 / 255)  # MONOCHROME1 inverted
+    ramp16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    assert np.allclose(preprocess_image(dicom_bytes(ramp16), cfg), mono2, atol=2 / 255)
+    ramp8 = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    assert np.allclose(preprocess_image(dicom_bytes(ramp8), cfg), mono2, atol=2 / 255)
+    # a window of centre 1024, width 1024 saturates everything above 1536 and below 512
+    windowed = preprocess_image(dicom_bytes(ramp12, bits_stored=12, window=(1024, 1024)), cfg)
+    assert windowed[0, -4, 0] == 1.0 and windowed[0, 2, 0] == 0.0
+    # rescale slope/intercept (modality LUT) is linear: the same picture after min..max mapping
+    assert np.allclose(preprocess_image(dicom_bytes(ramp12, bits_stored=12, slope=2.0, intercept=-1024), cfg),
+                       mono2, atol=1 / 255)
+    multi = preprocess_image(dicom_bytes(np.stack([ramp12, ramp12[:, ::-1]]), bits_stored=12), cfg)
+    assert np.allclose(multi, mono2, atol=1 / 255)  # first frame
+    with pytest.raises(ImageError, match="pylibjpeg"):  # names the missing decoder packages
+        preprocess_image(dicom_bytes(ramp12, compressed_junk=True), cfg)
+    with pytest.raises(ImageError, match="DICOM"):
+        preprocess_image(dicom_bytes(ramp12)[:600], cfg)
+
+
+# ------------------------------------------------------------ fault corpus
+
+def write_big_png(path: str, side: int) -> None:
+    """A real side x side 8-bit grayscale PNG, streamed so making it needs no side*side memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp, row, parts = zlib.compressobj(9), b"\x00" * (side + 1), []
+    for _ in range(side):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)))
+        f.write(chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
+    """-> {path: 'ok' or an expected error fragment}; symlink loops and links are added too."""
+    expect = {}
+    bad = write_bad_inputs(os.path.join(root, "bad"))
+    expect.update(bad)
+    if os.geteuid() == 0:  # root reads a chmod-0 file: it is scored
+        expect[os.path.join(root, "bad", "no_permission.jpeg")] = "ok"
+    for name in ("with space.png", "ünïcødé 名前.png", "comma, and \"quote\".png", "semi;colon.png"):
+        p = os.path.join(root, "names", name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        Image.new("L", (48, 48), 90).save(p)
+        expect[p] = "ok"
+    tiny = os.path.join(root, "tiny")
+    os.makedirs(tiny)
+    for i in range(10_000):
+        p = os.path.join(tiny, f"t{i:05d}.png")
+        Image.new("L", (32, 32), i % 256).save(p)
+        expect[p] = "ok"
+    write_big_png(os.path.join(root, "huge_20000.png"), 20_000)
+    expect[os.path.join(root, "huge_20000.png")] = "decompression bomb"
+    odd = os.path.join(root, "odd")
+    os.makedirs(odd)
+    arr = np.zeros((40, 80), np.uint8)
+    arr[:, :40] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(os.path.join(odd, "exif_rotated.jpg"), exif=exif.tobytes())
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(os.path.join(odd, "sixteen_bit.png"))
+    Image.new("RGB", (64, 64), (10, 200, 30)).convert("CMYK").save(os.path.join(odd, "cmyk.jpg"))
+    pal = Image.new("P", (64, 64), 1)
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.save(os.path.join(odd, "palette_transparent.png"), transparency=0)
+    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    with open(os.path.join(odd, "scan.dcm"), "wb") as f:
+        f.write(dicom_bytes(ramp, bits_stored=12))
+    with open(os.path.join(odd, "no_extension_dicom"), "wb") as f:
+        f.write(dicom_bytes(ramp, bits_stored=12, photometric="MONOCHROME1"))
+    for name in ("exif_rotated.jpg", "sixteen_bit.png", "cmyk.jpg", "palette_transparent.png", "scan.dcm",
+                 "no_extension_dicom"):
+        expect[os.path.join(odd, name)] = "ok"
+    with open(os.path.join(odd, "corrupt.dcm"), "wb") as f:
+        f.write(dicom_bytes(ramp)[:700])
+    expect[os.path.join(odd, "corrupt.dcm")] = "DICOM"
+    os.makedirs(os.path.join(root, "loop"))
+    os.symlink(root, os.path.join(root, "loop", "back_to_root"))  # a symlink loop: not followed
+    os.makedirs(outside, exist_ok=True)
+    target = os.path.join(outside, "outside.png")
+    Image.new("L", (48, 48), 30).save(target)
+    os.symlink(target, os.path.join(root, "link_to_outside.png"))  # a linked file: scored under its link path
+    expect[os.path.join(root, "link_to_outside.png")] = "ok"
+    return expect
+
+
+def test_fault_corpus(tmp_path):
+    from conftest import write_package
+
+    serving = str(tmp_path / "serving")
+    write_package(serving)
+    root = str(tmp_path / "corpus")
+    expect = build_fault_corpus(root, str(tmp_path / "elsewhere"))
+    out = str(tmp_path / "out")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = job(["--input", root, "--model", os.path.join(serving, "pneumonia"), "--output", out,
+                "--ledger", str(tmp_path / "l.sqlite"), "--direct_num_workers=2"], timeout=300)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_predictions(out)  # parses every CSV shard; asserts the header and no duplicate path
+    assert set(rows) == set(expect)  # every path exactly once; the loop added nothing
+    for path, want in expect.items():
+        if want == "ok":
+            assert rows[path]["status"] == "ok", (path, rows[path]["error"])
+        else:
+            assert rows[path]["status"] == "error" and want in rows[path]["error"], (path, rows[path])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["images_found"] == m["images_scored"] + m["images_failed"] + m["images_skipped"] == len(expect)
+    assert len(expect) >= 10_020
+    assert max(peak_kib, before) < 1_500_000  # no process of the job went over 1.5 GB (20k x 20k PNG not decoded)
