@@ -1,0 +1,90 @@
+"""The Dockerfile without a Docker engine: COPY sources, the install line, and the entrypoint in a fresh venv."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from batch_job.synthetic import make_tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def instructions() -> list[tuple[str, str]]:
+    text = open(os.path.join(REPO, "Dockerfile")).read().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def exec_form(op: str) -> list[str]:
+    (rest,) = [r for o, r in instructions() if o == op]
+    return json.loads(rest)
+
+
+def test_base_image_user_and_copy_sources():
+    ops = instructions()
+    assert ops[0] == ("FROM", "python:3.11-slim")
+    users = [r for o, r in ops if o == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    for op, rest in ops:
+        if op == "COPY":
+            *sources, _dest = shlex.split(rest)
+            for src in sources:
+                assert os.path.exists(os.path.join(REPO, src)), f"COPY source {src} does not exist"
+    assert os.path.isfile(os.path.join(REPO, "serving_models", "pneumonia", "config.pbtxt"))
+
+
+def test_install_line_is_the_base_install_without_tensorflow():
+    runs = [r for o, r in instructions() if o == "RUN" and "pip install" in r]
+    assert runs == ["pip install ."]  # the project itself, no extras: exactly pyproject's base dependencies
+    project = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]
+    base = " ".join(project["dependencies"]).lower()
+    assert "tensorflow" not in base and "keras" not in base and "tf2onnx" not in base
+    assert any(d.startswith("tensorflow") for d in project["optional-dependencies"]["train"])
+    for pkg in ("apache-beam[dask]", "onnxruntime", "pillow", "numpy", "scikit-learn", "pydicom"):
+        assert pkg in base
+
+
+def test_entrypoint_defaults():
+    entry, cmd = exec_form("ENTRYPOINT"), exec_form("CMD")
+    assert entry[:3] == ["python", "-m", "batch_job"]
+    assert entry[entry.index("--model") + 1] == "/app/serving_models/pneumonia"
+    assert cmd[cmd.index("--input") + 1] == "/input" and cmd[cmd.index("--output") + 1].startswith("/output")
+    volumes = json.loads([r for o, r in instructions() if o == "VOLUME"][0])
+    assert set(volumes) == {"/input", "/output"}
+
+
+@pytest.mark.skipif(os.environ.get("SKIP_FRESH_VENV") == "1", reason="SKIP_FRESH_VENV=1")
+def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
+    """What the container runs, run directly in a new venv with `pip install .` (as the Dockerfile does)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    install = subprocess.run([py, "-m", "pip", "install", "-q", REPO], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    probe = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is None)"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert probe.stdout.strip() == "True"  # the scoring install has no TensorFlow
+    make_tree(str(tmp_path / "input"), per_class=6, size=256, seed=2)
+    entry = [py if a == "python" else a.replace("/app/", REPO + "/") for a in exec_form("ENTRYPOINT")]
+    cmd = [a.replace("/input", str(tmp_path / "input")).replace("/output", str(tmp_path / "output"))
+           for a in exec_form("CMD")]
+    proc = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"scored 12/12 images", proc.stdout)
+    metrics = json.load(open(tmp_path / "output" / "scores" / "metrics.json"))
+    assert metrics["model"].startswith("pneumonia/") and metrics["images_found"] == 12
+    # a later --output on the command line wins, and the exit code is the job's: an existing output dir -> 2
+    again = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stderr
