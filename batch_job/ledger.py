@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pathlib
 import sqlite3
 from datetime import datetime, timezone
 from typing import Iterable
@@ -34,7 +35,11 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-class LedgerBusy(RuntimeError):
+class LedgerError(RuntimeError):
+    """The ledger cannot be used (exit 2); one line."""
+
+
+class LedgerBusy(LedgerError):
     """Another batch job holds the ledger."""
 
 
@@ -46,15 +51,22 @@ class Ledger:
         self._lock_file = None
 
     def __enter__(self) -> "Ledger":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._lock_file = open(self.path + ".lock", "a+")
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._lock_file = open(self.path + ".lock", "a+")
+        except OSError as exc:
+            raise LedgerError(f"cannot open ledger {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
             raise LedgerBusy(f"ledger {self.path} is in use by another batch job; run again when it has finished") from None
-        with sqlite3.connect(self.path) as conn:
-            conn.executescript(SCHEMA)
+        try:
+            with sqlite3.connect(self.path) as conn:
+                conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            self.__exit__()
+            raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {exc}") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,13 +88,18 @@ class Ledger:
                 conn.executemany(
                     "INSERT OR IGNORE INTO scored (sha256, model, probability, scored_utc, path, run_id) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    ((sha, model, prob, now, path, run_id) for sha, prob, path in entries),
+                    ((sha, model, prob, now, _printable(path), run_id) for sha, prob, path in entries),
                 )
                 added = conn.total_changes - before
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
         finally:
             conn.close()
         return added
+
+
+def _printable(path: str) -> str:
+    """File names that are not valid UTF-8 are stored with U+FFFD (the path column is informational)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 _READERS: dict[str, sqlite3.Connection] = {}
@@ -92,7 +109,8 @@ def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
     """Worker side: (probability, scored_utc) of an earlier score, or None."""
     conn = _READERS.get(path)
     if conn is None:
-        conn = _READERS[path] = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
+        conn = _READERS[path] = sqlite3.connect(uri, uri=True, check_same_thread=False)
     row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     return (float(row[0]), row[1]) if row else None

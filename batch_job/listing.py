@@ -1,9 +1,9 @@
 """Find image files under the --input arguments, streaming (no per-image state but the path)."""
 from __future__ import annotations
 
-import glob
 import os
 import re
+import stat
 from typing import Iterator
 
 from train.data import CLASSES
@@ -30,23 +30,67 @@ def check_inputs(inputs: list[str]) -> None:
 
 
 def is_candidate(path: str) -> bool:
-    """An image by extension (.jpeg .jpg .png .dcm), or any file with the DICOM preamble."""
+    """An image by extension (.jpeg .jpg .png .dcm), or a regular file with the DICOM preamble.
+
+    Files with an image extension are always listed (an unreadable one becomes an error row);
+    others are only sniffed when they are regular files (a FIFO would block open()).
+    """
     if is_image_file(path):
         return True
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             return is_dicom(f.read(132))
     except OSError:
         return False
 
 
-def _walk(root: str) -> Iterator[str]:
+def glob_regex(pattern: str) -> re.Pattern:
+    """Shell glob -> regex over whole paths: `*` and `?` stay within a folder, `**/` spans folders."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1:j].replace("\\", "\\\\")
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _glob(pattern: str) -> Iterator[str]:
+    """Walk from the pattern's literal folder prefix without following symlinked folders."""
+    pattern = os.path.abspath(pattern)
+    parts = pattern.split(os.sep)
+    literal = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+    root = os.sep.join(parts[:literal]) or os.sep
+    regex = glob_regex(pattern)
+    for path in _walk(root, select=lambda p: bool(regex.match(p))):
+        yield path
+
+
+def _walk(root: str, select=lambda path: True) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if is_candidate(path):
+            if select(path) and is_candidate(path):
                 yield path
 
 
@@ -70,22 +114,26 @@ def iter_input(path: str) -> Iterator[str]:
         if is_candidate(path):
             yield path
     else:  # a glob
-        for match in sorted(glob.iglob(path, recursive=True)):
-            if os.path.isdir(match):
-                yield from _walk(match)
-            elif is_candidate(match):
-                yield match
+        yield from _glob(path)
 
 
 def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
-    """-> (index of the --input it came from, path); a file reached twice is listed once."""
+    """-> (index of the --input it came from, absolute path as found).
+
+    A file reached twice (two inputs, or a symlink to a file also listed) is listed once:
+    duplicates are detected on the resolved path.
+    """
     seen: set[str] = set()
     for index, root in enumerate(inputs):
-        for path in iter_input(root):
-            key = path if is_uri(path) else os.path.abspath(path)
-            if key not in seen:
-                seen.add(key)
-                yield index, key
+        try:
+            for path in iter_input(root):
+                shown = path if is_uri(path) else os.path.abspath(path)
+                key = path if is_uri(path) else os.path.realpath(path)
+                if key not in seen:
+                    seen.add(key)
+                    yield index, shown
+        except ValueError as exc:  # e.g. gs:// without apache-beam[gcp]
+            raise InputError(f"cannot list {root}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def label_from_path(path: str) -> str:

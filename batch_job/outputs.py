@@ -5,13 +5,13 @@ import csv
 import glob
 import json
 import os
-import uuid
 from collections import defaultdict
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from batch_job.scoring import COLUMNS
+from train.fsutil import atomic_write
 
 LISTING_FILE = "_listing.jsonl"
 
@@ -23,9 +23,9 @@ def shard_name(shard_id: int) -> str:
 def write_listing(path: str, items: Iterable[tuple[int, str]]) -> int:
     """Stream (input index, path) pairs to a JSON-lines file; returns the count."""
     count = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="ascii") as f:
         for index, p in items:
-            f.write(json.dumps([index, p], ensure_ascii=False) + "\n")
+            f.write(json.dumps([index, p]) + "\n")  # ASCII: surrogate-escaped names round-trip
             count += 1
     return count
 
@@ -59,13 +59,6 @@ def ledger_sidecar(shard_id: int) -> str:
     return f"_ledger-{shard_id:05d}.jsonl"
 
 
-def _atomic_text(final: str, write) -> None:
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        write(f)
-    os.replace(tmp, final)
-
-
 def write_shard(out_dir: str, shard_id: int, records: list[dict], with_ledger: bool = False) -> str:
     """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it.
 
@@ -73,8 +66,8 @@ def write_shard(out_dir: str, shard_id: int, records: list[dict], with_ledger: b
     first; the CSV, written last, is what marks the shard complete.
     """
     if with_ledger:
-        _atomic_text(os.path.join(out_dir, ledger_sidecar(shard_id)), lambda f: f.writelines(
-            json.dumps([r["sha256"], float(r["probability"]), r["path"]], ensure_ascii=False) + "\n"
+        atomic_write(os.path.join(out_dir, ledger_sidecar(shard_id)), lambda f: f.writelines(
+            json.dumps([r["sha256"], float(r["probability"]), r["path"]]) + "\n"
             for r in records if r["status"] == "ok"))
     final = os.path.join(out_dir, shard_name(shard_id))
 
@@ -83,7 +76,7 @@ def write_shard(out_dir: str, shard_id: int, records: list[dict], with_ledger: b
         writer.writeheader()
         writer.writerows(records)
 
-    _atomic_text(final, write_csv)
+    atomic_write(final, write_csv)
     return final
 
 
@@ -95,8 +88,14 @@ def read_ledger_entries(out_dir: str, shards) -> Iterator[tuple[str, float, str]
                 yield sha, prob, path
 
 
+def remove_partial_files(out_dir: str) -> None:
+    """Delete hidden temp files that a killed or retried task left half-written."""
+    for path in glob.glob(os.path.join(out_dir, ".*.tmp")):
+        os.remove(path)
+
+
 def read_shard(path: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise ValueError(f"{path}: unexpected header {reader.fieldnames}")

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -29,10 +30,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job import outputs
-from batch_job.ledger import Ledger, LedgerBusy
+from batch_job.ledger import Ledger, LedgerError
 from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
+from train.preprocessing import PreprocessConfig
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
 
 LOG = logging.getLogger("batch_job")
@@ -63,50 +65,46 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 # ---------------------------------------------------------------- Beam stages
 
 class ReadShard(beam.DoFn):
-    """(shard id, offset, count) -> (shard id, [paths]) from the listing file."""
+    """(shard id, offset, count) -> (shard id, [paths as bytes]) from the listing file.
+
+    Paths travel as bytes (os.fsencode): Beam's string coder rejects file names that are
+    not valid UTF-8, which real file systems do contain.
+    """
 
     def __init__(self, listing_path: str):
         self.listing_path = listing_path
 
     def process(self, shard):
         shard_id, offset, count = shard
-        yield shard_id, [p for _, p in outputs.read_listing(self.listing_path, offset, count)]
+        yield shard_id, [os.fsencode(p) for _, p in outputs.read_listing(self.listing_path, offset, count)]
 
 
-class ScoreShard(beam.DoFn):
-    """(shard id, [paths]) -> (shard id, [records]); the onnxruntime session is per process."""
+class ScoreAndWriteShard(beam.DoFn):
+    """(shard id, [paths]) -> (shard id, rows written).
 
-    def __init__(self, spec: ScoringSpec):
-        self.spec = spec
+    Decodes and scores in batches (the onnxruntime session is one per worker process) and
+    writes the shard's CSV atomically inside process(): never in finish_bundle, whose
+    output DaskRunner drops. A retried task simply rewrites the same file.
+    """
+
+    def __init__(self, spec: ScoringSpec, out_dir: str):
+        self.spec, self.out_dir = spec, out_dir
         self.images = beam.metrics.Metrics.counter("batch_job", "images")
 
     def process(self, element):
         shard_id, paths = element
-        records = score_paths(paths, self.spec)
+        records = score_paths([os.fsdecode(p) for p in paths], self.spec)
+        outputs.write_shard(self.out_dir, shard_id, records, self.spec.ledger_path is not None)
         self.images.inc(len(records))
-        yield shard_id, records
-
-
-class WriteShard(beam.DoFn):
-    """(shard id, [records]) -> (shard id, rows written); the CSV is written atomically in process()."""
-
-    def __init__(self, out_dir: str, with_ledger: bool = False):
-        self.out_dir, self.with_ledger = out_dir, with_ledger
-
-    def process(self, element):
-        shard_id, records = element
-        outputs.write_shard(self.out_dir, shard_id, records, self.with_ledger)
         yield shard_id, len(records)
 
 
 def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpec, out_dir: str):
-    with_ledger = spec.ledger_path is not None
     return (
         p
         | "ListShards" >> beam.Create(shards, reshuffle=True)
         | "ReadShard" >> beam.ParDo(ReadShard(listing_path))
-        | "DecodeAndScore" >> beam.ParDo(ScoreShard(spec))
-        | "WriteShard" >> beam.ParDo(WriteShard(out_dir, with_ledger))
+        | "DecodeScoreWrite" >> beam.ParDo(ScoreAndWriteShard(spec, out_dir))
     )
 
 
@@ -158,22 +156,28 @@ def _prepare_output(out: str, overwrite: bool) -> str:
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
-        _remove_stale_temps(out)
-        return temp_dir_beside(out, f"tmp-{os.getpid()}")
+        _clean_leftovers(out)
+        return temp_dir_beside(out, f"tmp-{os.getpid()}@{socket.gethostname()}")
     except OSError as exc:
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
 
 
-def _remove_stale_temps(out: str) -> None:
-    """Temp dirs of earlier runs on this OUT_DIR whose process is gone (killed jobs)."""
-    prefix = os.path.basename(out) + ".tmp-"
-    parent = os.path.dirname(out)
-    for name in os.listdir(parent):
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+def _clean_leftovers(out: str) -> None:
+    """Leftovers of killed runs on this OUT_DIR: temp dirs whose process (on this host) is gone,
+    and the previous OUT_DIR parked by an --overwrite killed between its two renames (restored)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if name.startswith(base + ".tmp-"):
+            owner = name[len(base) + 5:].rsplit("-", 1)[0]  # "<pid>@<host>"
+            pid, _, host = owner.partition("@")
+            if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(base + ".old-"):
+            parked = os.path.join(path, "old")
+            if os.path.isdir(parked) and not os.path.exists(out):
+                os.rename(parked, out)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -233,32 +237,41 @@ def _execute(p: beam.Pipeline) -> None:
 
 
 def _orphaned_output(out: str, book) -> bool:
-    """OUT_DIR published by a run that was killed before its ledger commit."""
+    """OUT_DIR published by a run on this ledger that was killed before its ledger commit."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
-            run_id = json.load(f).get("run_id")
+            m = json.load(f)
     except (OSError, ValueError):
         return False
-    return bool(run_id) and not book.knows_run(run_id)
+    return m.get("ledger") == book.path and bool(m.get("run_id")) and not book.knows_run(m["run_id"])
+
+
+def _model_contract(version_dir: str, threshold_arg: float | None):
+    """Verified package -> (metadata, model id, threshold); every problem is one PackageError line."""
+    checks = verify_package(version_dir)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")
+    meta = load_metadata(version_dir)
+    try:
+        PreprocessConfig.from_dict(meta["preprocessing"])
+        threshold = float(meta["decision_threshold"] if threshold_arg is None else threshold_arg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise PackageError(f"model {version_dir} has unusable metadata: {exc}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError("--threshold must be in [0, 1]")
+    return meta, f"{meta['name']}/{meta['version']}", threshold
 
 
 def run(argv=None, test_pipeline=None) -> int:
     """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input)."""
     t0 = time.perf_counter()
     args, pipeline_args = parse_args(argv)
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1")
+    if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
+        raise InputError("--batch-size and --shard-size must be >= 1")
     check_inputs(args.input)
     version_dir = os.path.abspath(resolve_version_dir(args.model))
-    checks = verify_package(version_dir)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")
-    meta = load_metadata(version_dir)
-    model_id = f"{meta['name']}/{meta['version']}"
-    threshold = float(meta["decision_threshold"] if args.threshold is None else args.threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError("--threshold must be in [0, 1]")
+    meta, model_id, threshold = _model_contract(version_dir, args.threshold)
     runner, runner_label, options, workers = resolve_runner(pipeline_args)
     out = os.path.abspath(args.output)
     book = Ledger(args.ledger) if args.ledger else contextlib.nullcontext()
@@ -291,6 +304,7 @@ def run(argv=None, test_pipeline=None) -> int:
             finally:
                 progress.stop.set()
             _kill_point("scored")
+            outputs.remove_partial_files(tmp)  # half-written shards of killed/retried tasks
             rec = outputs.reconcile(tmp, shards, args.input)
             if not rec["ok"]:
                 raise ReconciliationError(
@@ -300,13 +314,19 @@ def run(argv=None, test_pipeline=None) -> int:
                     f"{len(rec['stray_shards'])}; output not published")
             metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, time.perf_counter() - t0)
             metrics["run_id"] = uuid.uuid4().hex
+            if args.ledger:
+                metrics["ledger"] = book.path
             with open(os.path.join(tmp, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
             with open(os.path.join(tmp, "report.md"), "w") as f:
                 f.write(outputs.report_markdown(metrics))
             outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
             _kill_point("written")
-            publish_dir(tmp, out, replace=True)
+            try:
+                publish_dir(tmp, out, replace=overwrite)
+            except FileExistsError:
+                raise InputError(f"output dir {out} was created by someone else during the run; "
+                                 "nothing published (rerun with another --output or --overwrite)") from None
             _kill_point("published")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -336,9 +356,14 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return run(argv)
-    except (InputError, PackageError, LedgerBusy) as exc:
+    except (InputError, PackageError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ReconciliationError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in debug log
+        LOG.debug("job failed", exc_info=True)
+        reason = (str(exc).strip().splitlines() or [""])[-1][:300]
+        print(f"error: job failed ({type(exc).__name__}): {reason}; nothing published", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +36,18 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: nothing larger is read into memory
+
+
 def read_input(path: str) -> bytes:
     """File -> its bytes; ImageError with a short reason when it cannot be read."""
     try:
+        if not is_uri(path):
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise ImageError(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES})")
         data = read_bytes(path)
     except PermissionError:
         raise ImageError("permission denied") from None
@@ -68,12 +78,14 @@ class ScoringSpec:
 def _record(path: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
             sha256: str = "", status: str | None = None) -> dict:
     ok = probability is not None
+    if ok:
+        probability = round(float(probability), 8)  # decide on exactly what the CSV and ledger hold
     return {
         "path": path,
         "status": status or ("ok" if ok else "error"),
         "probability": f"{probability:.8f}" if ok else "",
         "prediction": ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else "",
-        "threshold": f"{spec.threshold:.8f}",
+        "threshold": repr(float(spec.threshold)),
         "label": label_from_path(path),
         "model": spec.model_id,
         "error": error,
@@ -102,6 +114,9 @@ def score_paths(paths: list[str], spec: ScoringSpec) -> list[dict]:
                 slots.append(i)
             except ImageError as exc:
                 out[i] = _record(path, spec, error=str(exc), sha256=digests[i])
+            except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                out[i] = _record(path, spec, error=f"unexpected {type(exc).__name__}: {reason}", sha256=digests[i])
         if arrays:
             (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(arrays)})
             for i, p in zip(slots, probs.reshape(-1)):

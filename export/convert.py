@@ -25,8 +25,8 @@ from export.package import (
     triton_config,
     versions,
 )
-from train.data import read_split_csv
-from train.fsutil import publish_dir, temp_dir_beside
+from train.data import CLASSES, read_split_csv
+from train.fsutil import atomic_write, publish_dir, temp_dir_beside
 from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
@@ -50,8 +50,14 @@ def read_run(run_dir: str, model: str) -> tuple[str, dict, dict]:
             comparison = json.load(f)
     except (OSError, ValueError):
         raise ExportInputError(f"{run_dir} has no readable comparison.json (is it a `python -m train` run?)") from None
-    name = comparison["best"] if model == "best" else model
-    trained = [r["model"] for r in comparison["models"]]
+    try:
+        name = comparison["best"] if model == "best" else model
+        trained = [r["model"] for r in comparison["models"]]
+    except (KeyError, TypeError):
+        raise ExportInputError(f"{run_dir}/comparison.json lacks 'best' or 'models'") from None
+    for needed in ("run.json", "split.csv"):
+        if not os.path.isfile(os.path.join(run_dir, needed)):
+            raise ExportInputError(f"{run_dir}/{needed} is missing (is it a complete `python -m train` run?)")
     if name not in trained:
         raise ExportInputError(f"model {name!r} is not in run {run_dir} (it has {', '.join(trained)})")
     try:
@@ -158,7 +164,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         "preprocessing": config,
         "input": _json_io(io["input"]),
         "output": _json_io(io["output"]),
-        "class_names": ["NORMAL", "PNEUMONIA"],
+        "class_names": list(CLASSES),
         "decision_threshold": metrics["chosen_threshold"],
         "target_recall": metrics["target_recall"],
         "val_roc_auc": metrics["val_roc_auc"],
@@ -169,13 +175,6 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         "sha256": sha256,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
@@ -204,6 +203,9 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
         x, n_images = parity_images(run_dir, config)
+        if n_images < MIN_PARITY_IMAGES and n_images < len(read_split_csv(os.path.join(run_dir, "split.csv"))):
+            raise ParityError(f"parity needs {MIN_PARITY_IMAGES} images of the run's split but only {n_images} "
+                              "could be read (moved data?); nothing published")
         result = parity(keras_model, onnx_path, x, metrics["chosen_threshold"])
         result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
         log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
@@ -228,7 +230,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
-    _atomic_write(os.path.join(name_dir, "config.pbtxt"),
-                  triton_config(name, int(newest["preprocessing"]["image_size"])))
+    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]))
+    atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(config_text))
     log(f"published {final}")
     return final

@@ -11,16 +11,17 @@ Layout (a valid Triton model repository)::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from train.data import CLASSES as CLASS_NAMES  # noqa: F401 - re-exported for the scoring side
+from train.fsutil import sha256_file  # noqa: F401 - re-exported
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -40,14 +41,6 @@ class Check:
 
     def line(self) -> str:
         return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def versions(name_dir: str) -> list[int]:

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def read_predictions(out_dir: str) -> dict[str, dict]:
     rows = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "predictions-*.csv"))):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             assert reader.fieldnames == ["path", "status", "probability", "prediction", "threshold", "label",
                                          "model", "error"]

@@ -5,7 +5,6 @@ import glob
 import io
 import json
 import os
-import resource
 import shutil
 import signal
 import sqlite3
@@ -37,16 +36,35 @@ def ledger_rows(path: str) -> list[tuple]:
         return conn.execute("SELECT sha256, model, probability, path FROM scored ORDER BY path").fetchall()
 
 
-def job(args: list[str], env_kill: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def job(args: list[str], env_kill: str | None = None, timeout: int = 120, peak: list | None = None):
+    """Run the batch job in its own process group; `peak` receives the max summed RSS of its process tree."""
+    import psutil
+
     env = dict(os.environ)
     env.pop(KILL_ENV, None)
     if env_kill:
         env[KILL_ENV] = env_kill
     proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    stop = threading.Event()
+
+    def sample():
+        top, best = psutil.Process(proc.pid), 0
+        while not stop.wait(0.05):
+            try:
+                best = max(best, sum(p.memory_info().rss for p in [top] + top.children(recursive=True)))
+            except psutil.Error:
+                pass
+        if peak is not None:
+            peak.append(best)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
+        stop.set()
+        sampler.join()
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # reap orphaned Beam workers of a killed driver
         except ProcessLookupError:
@@ -97,6 +115,26 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     assert {r["status"] for r in third.values()} == {"ok", "error"}
     with sqlite3.connect(ledger) as conn:
         assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21  # 22 ok rows, two share bytes
+
+
+def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_package, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--input", small_tree, "--model", tiny_package, "--output", out, "--direct_running_mode=in_memory"]
+    assert main(common) == 0
+    before = read_predictions(out)
+    assert main(common + ["--ledger", str(tmp_path / "l.sqlite")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert read_predictions(out) == before
+
+
+def test_unusable_ledger_file_is_one_line_exit_2(small_tree, tiny_package, tmp_path, capsys):
+    bad = tmp_path / "not_a_db.sqlite"
+    bad.write_text("this is not sqlite " * 100)
+    assert main(["--input", small_tree, "--model", tiny_package, "--output", str(tmp_path / "o"),
+                 "--ledger", str(bad), "--direct_running_mode=in_memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a usable SQLite ledger" in err[0]
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_second_job_on_a_busy_ledger_fails_clearly(small_tree, tiny_package, tmp_path, capsys):
@@ -261,6 +299,12 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
     with open(os.path.join(odd, "corrupt.dcm"), "wb") as f:
         f.write(dicom_bytes(ramp)[:700])
     expect[os.path.join(odd, "corrupt.dcm")] = "DICOM"
+    latin1 = os.path.join(os.fsencode(root), b"names", b"latin1_\xe9t\xe9.png")  # not valid UTF-8
+    Image.new("L", (48, 48), 70).save(latin1, format="PNG")
+    expect[os.fsdecode(latin1)] = "ok"
+    os.mkfifo(os.path.join(root, "names", "fifo.png"))  # would block a naive open()
+    expect[os.path.join(root, "names", "fifo.png")] = "not a regular file"
+    os.mkfifo(os.path.join(root, "names", "fifo_no_extension"))  # not sniffed, not listed
     os.makedirs(os.path.join(root, "loop"))
     os.symlink(root, os.path.join(root, "loop", "back_to_root"))  # a symlink loop: not followed
     os.makedirs(outside, exist_ok=True)
@@ -279,10 +323,9 @@ def test_fault_corpus(tmp_path):
     root = str(tmp_path / "corpus")
     expect = build_fault_corpus(root, str(tmp_path / "elsewhere"))
     out = str(tmp_path / "out")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak: list[int] = []
     proc = job(["--input", root, "--model", os.path.join(serving, "pneumonia"), "--output", out,
-                "--ledger", str(tmp_path / "l.sqlite"), "--direct_num_workers=2"], timeout=300)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                "--ledger", str(tmp_path / "ledger #1?.sqlite"), "--direct_num_workers=2"], timeout=300, peak=peak)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_predictions(out)  # parses every CSV shard; asserts the header and no duplicate path
     assert set(rows) == set(expect)  # every path exactly once; the loop added nothing
@@ -294,4 +337,11 @@ def test_fault_corpus(tmp_path):
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["images_found"] == m["images_scored"] + m["images_failed"] + m["images_skipped"] == len(expect)
     assert len(expect) >= 10_020
-    assert max(peak_kib, before) < 1_500_000  # no process of the job went over 1.5 GB (20k x 20k PNG not decoded)
+    from train.fsutil import sha256_file
+
+    distinct = {sha256_file(p) for p, r in rows.items() if r["status"] == "ok"}  # 10,000 tiny files: 256 contents
+    assert {r[0] for r in ledger_rows(str(tmp_path / "ledger #1?.sqlite"))} == distinct
+    # a glob through the symlink loop lists each file once, and only what the pattern matches
+    globbed = [p for _, p in iter_images([os.path.join(root, "**", "*.dcm")])]
+    assert sorted(os.path.basename(p) for p in globbed) == ["corrupt.dcm", "scan.dcm"]
+    assert 0 < peak[0] < 1.5e9  # driver + 2 workers together stayed under 1.5 GB (the 20k x 20k PNG is not decoded)

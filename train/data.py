@@ -5,7 +5,7 @@ No TensorFlow here: the functions are pure and cheap to test.
 from __future__ import annotations
 
 import csv
-import hashlib
+import multiprocessing
 import os
 import re
 from collections import Counter, defaultdict
@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from train.fsutil import atomic_write, sha256_file
 from train.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -51,7 +52,7 @@ def patient_id(filename: str) -> str:
 
 def find_examples(data_dir: str | os.PathLike) -> list[Example]:
     """Kaggle layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* or flat ROOT/{NORMAL,PNEUMONIA}/*."""
-    root = Path(data_dir)
+    root = Path(os.path.abspath(data_dir))
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     parents = [root] + [root / s for s in SPLITS if (root / s).is_dir()]
@@ -85,14 +86,6 @@ def limit_per_class(examples: Sequence[Example], limit: int, seed: int) -> list[
             members = [members[i] for i in keep]
         out.extend(members)
     return sorted(out, key=lambda e: e.path)
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _groups(examples: Sequence[Example], digests: Sequence[str]) -> list[int]:
@@ -131,7 +124,7 @@ def split_examples(
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(f"--split must be three non-negative fractions summing to 1, got {list(fractions)}")
     if digests is None:
-        digests = [file_digest(e.path) for e in examples]
+        digests = [sha256_file(e.path) for e in examples]
     group_of = _groups(examples, digests)
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(group_of):
@@ -156,15 +149,17 @@ def split_examples(
 
 
 def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
+    def write(f):
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split", "patient"])
         for ex, split in zip(examples, splits):
             writer.writerow([ex.path, ex.label, split, ex.patient])
 
+    atomic_write(str(path), write)
+
 
 def read_split_csv(path: str | os.PathLike) -> list[tuple[Example, str]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return [(Example(r["path"], r["label"], r["patient"]), r["split"]) for r in csv.DictReader(f)]
 
 
@@ -183,7 +178,8 @@ def load_images(
     workers = workers or os.cpu_count() or 1
     jobs = [(p, config) for p in paths]
     if workers > 1 and len(paths) > 64:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: the caller may already run TensorFlow's threads
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_load_one, jobs, chunksize=64))
     else:
         results = [_load_one(j) for j in jobs]

@@ -30,27 +30,39 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
         raise ValueError(f"corrupt DICOM: {_first_line(exc)}") from None
     if "PixelData" not in ds:
         raise ValueError("DICOM without pixel data")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if max_pixels and rows * cols > max_pixels:
-        raise ValueError(f"decompression bomb: DICOM of {cols}x{rows} pixels exceeds limit of {max_pixels}")
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        arr = ds.pixel_array
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        raise ValueError("corrupt DICOM: bad Rows/Columns") from None
+    if max_pixels and rows * cols * samples > max_pixels:
+        raise ValueError(f"decompression bomb: DICOM frame of {cols}x{rows}x{samples} exceeds {max_pixels} pixels")
+    try:
+        from pydicom.pixels import pixel_array
+
+        arr = pixel_array(ds, index=0)  # only the first frame is decoded, whatever NumberOfFrames says
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         raise ValueError(f"DICOM pixel data not decodable ({name}): {_first_line(exc)}") from None
-    if frames > 1 or arr.ndim == 4:
-        arr = arr[0]
-    if arr.ndim == 3:  # colour DICOM (RGB): average the channels
-        arr = arr.mean(axis=-1)
-    arr = apply_modality_lut(arr, ds).astype(np.float64)
-    arr = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        arr = arr.max() + arr.min() - arr
+    try:
+        if arr.ndim == 3:  # colour DICOM (RGB): average the channels
+            arr = arr.mean(axis=-1, dtype=np.float32)
+        arr = apply_modality_lut(arr, ds)
+        arr = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            arr = arr.max() + arr.min() - arr
+    except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
+        raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {_first_line(exc)}") from None
+    return Image.fromarray(stretch_to_uint8(arr), mode="L")
+
+
+def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map an array's own min..max linearly to 0..255 (constant arrays become 0)."""
+    arr = np.nan_to_num(np.asarray(arr, dtype=np.float32))
     lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    scaled = (arr - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return np.rint(scaled).astype(np.uint8)
 
 
 def _first_line(exc: Exception) -> str:

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from train.dicom import decode_dicom, is_dicom
+from train.dicom import decode_dicom, is_dicom, stretch_to_uint8
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 SUPPORTED_FORMATS = ("JPEG", "PNG")
@@ -71,10 +71,7 @@ def to_grayscale_8bit(img: Image.Image) -> Image.Image:
         arr = np.clip(arr, 0, 65535) * (255.0 / 65535.0)
         return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
     if img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+        return Image.fromarray(stretch_to_uint8(np.asarray(img)), mode="L")
     if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
         img = img.convert("RGBA").convert("RGB")
     return img.convert("L")

@@ -66,9 +66,11 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise UsageError(f"output dir {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}")
+    existing = parent
+    while not os.path.isdir(existing):  # the nearest existing ancestor must be writable
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"cannot write to {existing}")
     return models, fractions  # type: ignore[return-value]
 
 
@@ -157,7 +159,11 @@ def run(args) -> int:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
     config = PreprocessConfig(image_size=args.image_size)
     out = os.path.abspath(args.output_dir)
-    tmp = temp_dir_beside(out)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = temp_dir_beside(out)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {os.path.dirname(out)}: {exc.strerror}") from None
     try:
         _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
         publish_dir(tmp, out, replace=True)
