@@ -201,7 +201,7 @@ def _shard_size(requested: int | None, n: int, batch_size: int, workers: int | N
 class Progress(threading.Thread):
     """Logs images done and images/s from the shard files as they appear (any runner)."""
 
-    def __init__(self, tmp: str, shards, interval: float = 5.0):
+    def __init__(self, tmp: str, shards, interval: float = 2.0):
         super().__init__(daemon=True)
         self.tmp, self.sizes, self.interval = tmp, {outputs.shard_name(s): c for s, _, c in shards}, interval
         self.total = sum(self.sizes.values())
@@ -303,6 +303,7 @@ def run(argv=None, test_pipeline=None) -> int:
                 _execute(p)
             finally:
                 progress.stop.set()
+            LOG.info("pipeline finished after %.1fs", time.perf_counter() - t0)
             _kill_point("scored")
             outputs.remove_partial_files(tmp)  # half-written shards of killed/retried tasks
             rec = outputs.reconcile(tmp, shards, args.input)
@@ -351,7 +352,12 @@ def summary(m: dict, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if not LOG.handlers:  # Beam configures the root logger on import; the job logs through its own handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
