@@ -90,7 +90,7 @@ def _check_splits(data) -> None:
 
 def _cnn(args, name):
     if args.cnn == "bn_gap":
-        return build_cnn(args.image_size, filters=(32, 64, 128, 256), dense=128, dropout=0.5,
+        return build_cnn(args.image_size, filters=(16, 32, 64, 128), dense=64, dropout=0.5,
                          batch_norm=True, global_pool=True, name=name)
     return build_cnn(args.image_size, name=name)
 
