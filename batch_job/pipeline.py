@@ -226,6 +226,17 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _prewarm_report_imports() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+        import sklearn.metrics  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a warm-up; the real import reports problems
+        pass
+
+
 def _execute(p: beam.Pipeline) -> None:
     result = p.run()
     try:
@@ -273,6 +284,8 @@ def run(argv=None, test_pipeline=None) -> int:
     version_dir = os.path.abspath(resolve_version_dir(args.model))
     meta, model_id, threshold = _model_contract(version_dir, args.threshold)
     runner, runner_label, options, workers = resolve_runner(pipeline_args)
+    # The report needs scikit-learn and matplotlib (~2 s of imports): load them while the pipeline runs.
+    threading.Thread(target=_prewarm_report_imports, daemon=True).start()
     out = os.path.abspath(args.output)
     book = Ledger(args.ledger) if args.ledger else contextlib.nullcontext()
     with book:
@@ -292,6 +305,10 @@ def run(argv=None, test_pipeline=None) -> int:
             shards = outputs.shard_listing(listing, size)
             LOG.info("listed %d images in %.1fs -> %d shards of <= %d; model %s, threshold %.4f, runner %s",
                      n, time.perf_counter() - t0, len(shards), size, model_id, threshold, runner_label)
+            if runner_label == "DirectRunner" and len(shards) == 1 and "--direct_running_mode" not in " ".join(pipeline_args):
+                # one work unit cannot be parallelised: score it in this process, no worker start-up
+                options, workers = PipelineOptions(pipeline_args + ["--direct_running_mode=in_memory",
+                                                                    "--direct_num_workers=1"]), 1
             spec = ScoringSpec(os.path.join(version_dir, "model.onnx"), model_id, meta["preprocessing"], threshold,
                                args.batch_size, intra_op_threads=1 if (workers or 2) > 1 else 0,
                                ledger_path=book.path if args.ledger else None)
@@ -313,6 +330,7 @@ def run(argv=None, test_pipeline=None) -> int:
                     f"{rec['images_failed']}, skipped {rec['images_skipped']}, missing {rec['missing']}, "
                     f"duplicated {rec['duplicated']}, unexpected {rec['unexpected']}, stray shards "
                     f"{len(rec['stray_shards'])}; output not published")
+            outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
             metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, time.perf_counter() - t0)
             metrics["run_id"] = uuid.uuid4().hex
             if args.ledger:
@@ -321,7 +339,6 @@ def run(argv=None, test_pipeline=None) -> int:
                 json.dump(metrics, f, indent=2)
             with open(os.path.join(tmp, "report.md"), "w") as f:
                 f.write(outputs.report_markdown(metrics))
-            outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
             _kill_point("written")
             try:
                 publish_dir(tmp, out, replace=overwrite)

@@ -2,7 +2,8 @@
 
     python bench/bench_memory.py [--n 2000] [--model serving_models/pneumonia]
 
-The larger input repeats the same files through symlinks in many folders (each is a distinct path to score).
+The larger input repeats the same files as hard links in many folders: distinct paths (the job de-duplicates
+symlinks, not hard links), no extra disk.
 Peak RSS is the maximum over time of the summed RSS of the job's whole process tree, sampled every 50 ms.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def replicate(src: str, dst: str, copies: int) -> str:
                 folder = os.path.join(dst, f"copy{c:03d}", label)
                 os.makedirs(folder)
                 for name in os.listdir(os.path.join(src, label)):
-                    os.symlink(os.path.join(src, label, name), os.path.join(folder, name))
+                    os.link(os.path.join(src, label, name), os.path.join(folder, name))
     return dst
 
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
     args = p.parse_args(argv)
     small = make_jpegs(os.path.join(args.work_dir, f"rgb224-{args.n}"), args.n, (224, 224), mode="RGB")
-    large = replicate(small, os.path.join(args.work_dir, f"rgb224-{args.n}x{args.factor}"), args.factor)
+    large = replicate(small, os.path.join(args.work_dir, f"rgb224-{args.n}x{args.factor}-hardlinks"), args.factor)
     rows = []
     for name, folder, n in (("small", small, args.n), ("large", large, args.n * args.factor)):
         peak, wall = peak_rss(folder, args.model)

@@ -117,6 +117,18 @@ def _jpeg_bytes(size: int) -> bytes:
     return _encode(Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)), "JPEG", quality=90)
 
 
+def assert_one_line_error(capsys, rc: int, *fragments: str, code: int = 2) -> str:
+    """The CLI contract for bad input: exit `code`, exactly one stderr line starting 'error: '."""
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == code, (out, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory) -> str:
     serving = tmp_path_factory.mktemp("serving")

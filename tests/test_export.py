@@ -23,6 +23,7 @@ from export.__main__ import main as export_main
 from train.__main__ import main as train_main
 from train.data import read_split_csv
 from train.preprocessing import PreprocessConfig, preprocess_image
+from conftest import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")
@@ -239,13 +240,7 @@ def test_version_dir_has_default_permissions(published):
 
 
 def _expect_error(capsys, rc, *fragments):
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert rc == 2, (out, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    assert_one_line_error(capsys, rc, *fragments)
 
 
 def test_explicit_then_default_version_and_no_overwrite(published, tmp_path, capsys):

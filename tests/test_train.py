@@ -28,6 +28,7 @@ from train.models import (
     vgg19_parts,
 )
 from train.preprocessing import PreprocessConfig, preprocess_image
+from conftest import assert_one_line_error
 
 MODELS = ("baseline_cnn", "augmented_cnn", "vgg19")
 PNGS = ("training_curves.png", "confusion_matrix_0.5.png", "confusion_matrix_chosen.png", "roc_curve.png",
@@ -322,15 +323,7 @@ def test_cli_run_dir_has_default_permissions(cli_run):
 
 
 def _expect_error(capsys, argv, *fragments):
-    rc = train_main(argv)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert rc == 2, (out, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+    return assert_one_line_error(capsys, train_main(argv), *fragments)
 
 
 def _args(data, out, *extra):
