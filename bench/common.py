@@ -6,7 +6,7 @@ import platform
 import shutil
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TRAIN = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "chest_xray", "train"))
@@ -29,7 +29,7 @@ def machine() -> str:
 
 def make_jpegs(folder: str, n: int, size: tuple[int, int], seed: int = 0, mode: str = "RGB") -> str:
     """n synthetic X-ray-like JPEGs (quality 90) under folder/{NORMAL,PNEUMONIA}; reused if present."""
-    marker = os.path.join(folder, f".done-{n}-{size[0]}x{size[1]}-{mode}")
+    marker = os.path.join(folder, f".done-v2-{n}-{size[0]}x{size[1]}-{mode}")
     if os.path.exists(marker):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -40,9 +40,11 @@ def make_jpegs(folder: str, n: int, size: tuple[int, int], seed: int = 0, mode: 
     for i in range(n):
         label = "PNEUMONIA" if i % 2 else "NORMAL"
         os.makedirs(os.path.join(folder, label), exist_ok=True)
-        noise = rng.normal(0, 12, (h, w))
-        arr = np.clip(base + noise + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, "L")
+        # film-grain-like noise: correlated over ~4 px, as in real scans (white noise would make
+        # unrealistically large JPEGs whose entropy decoding dominates every decoder)
+        grain = rng.normal(0, 6, (h // 4 + 1, w // 4 + 1)).repeat(4, 0).repeat(4, 1)[:h, :w]
+        arr = np.clip(base + grain + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L").filter(ImageFilter.GaussianBlur(1.5))
         if mode == "RGB":
             img = img.convert("RGB")
         img.save(os.path.join(folder, label, f"img{i:06d}.jpeg"), quality=90)
