@@ -123,24 +123,21 @@ def resolve_runner(pipeline_args: list[str]):
     if short in ("DirectRunner", "FnApiRunner"):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-        direct = options.view_as(DirectOptions)
-        extra = []
-        joined = " ".join(pipeline_args)
+        joined, extra = " ".join(pipeline_args), []  # defaults only for what the user did not set
         if "--direct_num_workers" not in joined and "in_memory" not in joined:
             extra.append(f"--direct_num_workers={default_workers()}")
-        if "--direct_running_mode" not in " ".join(pipeline_args):
+        if "--direct_running_mode" not in joined:
             extra.append("--direct_running_mode=multi_processing")
-        if "--default_sdk_harness_log_level" not in " ".join(pipeline_args):
+        if "--default_sdk_harness_log_level" not in joined:
             extra.append("--default_sdk_harness_log_level=WARNING")
         options = PipelineOptions(pipeline_args + extra)
-        direct = options.view_as(DirectOptions)
-        workers = direct.direct_num_workers or 1
+        workers = options.view_as(DirectOptions).direct_num_workers or 1
         return FnApiRunner(), "DirectRunner", options, workers
     if short == "DaskRunner":
         from apache_beam.runners.dask.dask_runner import DaskRunner
 
-        extra = []
-        if "--dask_npartitions" not in " ".join(pipeline_args) and "--dask_partition_size" not in " ".join(pipeline_args):
+        joined, extra = " ".join(pipeline_args), []
+        if "--dask_npartitions" not in joined and "--dask_partition_size" not in joined:
             extra.append("--dask_partition_size=1")  # one shard per Dask task
         return DaskRunner(), "DaskRunner", PipelineOptions(pipeline_args + extra), None
     return name, short, options, None
