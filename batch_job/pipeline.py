@@ -38,7 +38,6 @@ from train.preprocessing import PreprocessConfig
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
 
 LOG = logging.getLogger("batch_job")
-DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 MAX_SHARD = 2048
 
 

@@ -105,11 +105,12 @@ def score_paths(paths: list[str], spec: ScoringSpec) -> list[dict]:
         for i, path in enumerate(chunk):
             try:
                 data = read_input(path)
-                digests[i] = hashlib.sha256(data).hexdigest()
-                earlier = spec.ledger_path and ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
-                if earlier:
-                    out[i] = _record(path, spec, earlier[0], sha256=digests[i], status="skipped")
-                    continue
+                if spec.ledger_path:  # the ledger key; not needed otherwise
+                    digests[i] = hashlib.sha256(data).hexdigest()
+                    earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
+                    if earlier:
+                        out[i] = _record(path, spec, earlier[0], sha256=digests[i], status="skipped")
+                        continue
                 arrays.append(preprocess_image(data, config))
                 slots.append(i)
             except ImageError as exc:

@@ -98,7 +98,10 @@ def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
 
 
 def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, int]:
-    """>= n images from the run's test split (then val, then train if test is small), plus all-zeros and all-ones."""
+    """>= n images from the run's test split (then val, then train if test is small), plus all-zeros and all-ones.
+
+    ParityError when fewer than min(n, images in the split) can be read (e.g. the data moved).
+    """
     rows = read_split_csv(os.path.join(run_dir, "split.csv"))
     order = {"test": 0, "val": 1, "train": 2}
     rows.sort(key=lambda r: order[r[1]])
@@ -110,6 +113,9 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
             images.append(preprocess_image(ex.path, config))
         except ImageError:
             continue
+    if len(images) < min(n, len(rows)):
+        raise ParityError(f"parity needs {min(n, len(rows))} images of the run's split but only {len(images)} "
+                          "could be read (moved data?); nothing published")
     size = config.image_size
     edges = [np.zeros((size, size, 1), np.float32), np.ones((size, size, 1), np.float32)]
     return np.stack(images + edges), len(images)
@@ -203,9 +209,6 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
         x, n_images = parity_images(run_dir, config)
-        if n_images < MIN_PARITY_IMAGES and n_images < len(read_split_csv(os.path.join(run_dir, "split.csv"))):
-            raise ParityError(f"parity needs {MIN_PARITY_IMAGES} images of the run's split but only {n_images} "
-                              "could be read (moved data?); nothing published")
         result = parity(keras_model, onnx_path, x, metrics["chosen_threshold"])
         result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
         log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
