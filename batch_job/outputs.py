@@ -154,8 +154,10 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
     }
 
 
-def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str, wall_seconds: float) -> dict:
-    """metrics.json content; labelled metrics (scikit-learn) when any scored image has a label."""
+def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str) -> dict:
+    """metrics.json content; labelled metrics (scikit-learn) when any scored image has a label.
+
+    The caller adds the timings (:func:`add_timings`) once the whole report is written."""
     from train.evaluate import operating_point
 
     probs = rec["probabilities"]
@@ -173,8 +175,6 @@ def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str, wal
         "model": model_id,
         "threshold": threshold,
         "runner": runner,
-        "wall_seconds": round(wall_seconds, 3),
-        "images_per_second": round(rec["images_found"] / wall_seconds, 2) if wall_seconds > 0 else None,
     }
     labelled = np.asarray([lab != "" for lab in rec["labels"]], dtype=bool)
     if labelled.any():
@@ -185,6 +185,19 @@ def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str, wal
             out[key] = point[key]
         out["confusion_matrix"] = point["confusion_matrix"]
     return out
+
+
+def add_timings(metrics: dict, setup_s: float, scoring_s: float, report_s: float) -> dict:
+    """Wall time of the job's phases: setup (arguments, model verification, listing), scoring (the
+    Beam pipeline, worker start included) and report (reconciliation, metrics, histogram)."""
+    wall = setup_s + scoring_s + report_s
+    n = metrics["images_found"]
+    metrics["wall_seconds"] = round(wall, 3)
+    metrics["images_per_second"] = round(n / wall, 2) if wall > 0 else None
+    metrics["timings"] = {"setup_seconds": round(setup_s, 3), "scoring_seconds": round(scoring_s, 3),
+                          "report_seconds": round(report_s, 3),
+                          "scoring_images_per_second": round(n / scoring_s, 2) if scoring_s > 0 else None}
+    return metrics
 
 
 def write_histogram(path: str, probs: np.ndarray, threshold: float, title: str) -> None:

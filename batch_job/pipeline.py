@@ -109,12 +109,28 @@ def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpe
 
 # ------------------------------------------------------------ runner choice
 
+THREADS_UP_TO = 4
+
+
+def default_running_mode(cores: int) -> str:
+    """Worker threads in this process up to THREADS_UP_TO cores, worker processes beyond.
+
+    Pillow's decoder and onnxruntime release the GIL, so threads need no worker start-up
+    (two SDK worker processes cost ~2-3 s each job) and share one model session. The
+    Python part of scoring an image holds the GIL for ~15% of its time on 2 cores
+    (measured: 2 threads score 1.7x as fast as 1), which caps threads at ~6x; beyond
+    4 cores, processes. bench/RESULTS.md has the numbers.
+    """
+    return "multi_threading" if cores <= THREADS_UP_TO else "multi_processing"
+
+
 def resolve_runner(pipeline_args: list[str]):
     """-> (runner object or name, runner label, options, worker count).
 
-    DirectRunner becomes the FnApiRunner in multi-process mode (one worker per core
-    unless --direct_num_workers says otherwise) without Beam's Prism download
-    attempt. DaskRunner is resolved by class. Other runners pass through by name.
+    DirectRunner becomes the FnApiRunner with one worker per core (threads on small
+    machines, processes on large ones: :func:`default_running_mode`) unless
+    --direct_num_workers / --direct_running_mode say otherwise, without Beam's Prism
+    download attempt. DaskRunner is resolved by class. Other runners pass through by name.
     """
     options = PipelineOptions(pipeline_args)
     name = options.view_as(StandardOptions).runner or "DirectRunner"
@@ -126,7 +142,7 @@ def resolve_runner(pipeline_args: list[str]):
         if "--direct_num_workers" not in joined and "in_memory" not in joined:
             extra.append(f"--direct_num_workers={default_workers()}")
         if "--direct_running_mode" not in joined:
-            extra.append("--direct_running_mode=multi_processing")
+            extra.append("--direct_running_mode=" + default_running_mode(default_workers()))
         if "--default_sdk_harness_log_level" not in joined:
             extra.append("--default_sdk_harness_log_level=WARNING")
         options = PipelineOptions(pipeline_args + extra)
@@ -222,17 +238,6 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _prewarm_report_imports() -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-        import sklearn.metrics  # noqa: F401
-    except Exception:  # noqa: BLE001 - only a warm-up; the real import reports problems
-        pass
-
-
 def _execute(p: beam.Pipeline) -> None:
     result = p.run()
     try:
@@ -280,8 +285,6 @@ def run(argv=None, test_pipeline=None) -> int:
     version_dir = os.path.abspath(resolve_version_dir(args.model))
     meta, model_id, threshold = _model_contract(version_dir, args.threshold)
     runner, runner_label, options, workers = resolve_runner(pipeline_args)
-    # The report needs scikit-learn and matplotlib (~2 s of imports): load them while the pipeline runs.
-    threading.Thread(target=_prewarm_report_imports, daemon=True).start()
     out = os.path.abspath(args.output)
     book = Ledger(args.ledger) if args.ledger else contextlib.nullcontext()
     with book:
@@ -310,13 +313,15 @@ def run(argv=None, test_pipeline=None) -> int:
                                ledger_path=book.path if args.ledger else None)
             progress = Progress(tmp, shards)
             progress.start()
+            t_scoring = time.perf_counter()
             try:
                 p = test_pipeline or beam.Pipeline(runner=runner, options=options)
                 build_pipeline(p, shards, listing, spec, tmp)
                 _execute(p)
             finally:
                 progress.stop.set()
-            LOG.info("pipeline finished after %.1fs", time.perf_counter() - t0)
+            t_report = time.perf_counter()
+            LOG.info("pipeline finished after %.1fs (%.1fs scoring)", t_report - t0, t_report - t_scoring)
             _kill_point("scored")
             outputs.remove_partial_files(tmp)  # half-written shards of killed/retried tasks
             rec = outputs.reconcile(tmp, shards, args.input)
@@ -326,8 +331,9 @@ def run(argv=None, test_pipeline=None) -> int:
                     f"{rec['images_failed']}, skipped {rec['images_skipped']}, missing {rec['missing']}, "
                     f"duplicated {rec['duplicated']}, unexpected {rec['unexpected']}, stray shards "
                     f"{len(rec['stray_shards'])}; output not published")
+            metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label)
             outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
-            metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label, time.perf_counter() - t0)
+            outputs.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report)
             metrics["run_id"] = uuid.uuid4().hex
             if args.ledger:
                 metrics["ledger"] = book.path

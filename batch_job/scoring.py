@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,14 +17,19 @@ from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
 COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
 
 _SESSIONS: dict[tuple[str, int], object] = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
 def get_session(model_path: str, intra_op_threads: int):
-    """One onnxruntime session per worker process, created on first use and reused."""
+    """One onnxruntime session per worker process, created on first use and reused.
+
+    Worker threads of one process share it: InferenceSession.run is thread-safe and, with one
+    intra-op thread, computes on the calling thread (the GIL is released meanwhile)."""
     key = (model_path, intra_op_threads)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = load_session(model_path, intra_op_threads)
-    return _SESSIONS[key]
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = load_session(model_path, intra_op_threads)
+        return _SESSIONS[key]
 
 
 def read_bytes(path: str) -> bytes:

@@ -42,12 +42,13 @@ def all_image_paths(root: str) -> set[str]:
     return {p for _, p in iter_images([root])}
 
 
-@pytest.fixture(scope="module")
-def direct_run(labelled_tree, tiny_package, tmp_path_factory):
+@pytest.fixture(scope="module", params=["multi_threading", "multi_processing"])
+def direct_run(request, labelled_tree, tiny_package, tmp_path_factory):
+    """DirectRunner with 2 workers in both modes: threads (the default up to 4 cores) and processes."""
     root, _ = labelled_tree
     out = str(tmp_path_factory.mktemp("direct") / "out")
     rc = main(["--input", root, "--model", tiny_package, "--output", out, "--batch-size", "8",
-               "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+               "--direct_num_workers=2", f"--direct_running_mode={request.param}"])
     return rc, out
 
 
@@ -73,6 +74,11 @@ def test_direct_runner_scores_every_image_once(direct_run, labelled_tree):
     assert len(glob.glob(os.path.join(out, "predictions-*.csv"))) > 1  # work was spread over shards
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["images_found"] == m["images_scored"] + m["images_failed"] == len(rows)
+    t = m["timings"]  # the job's phases add up to its wall time; the bench reads the scoring phase
+    assert min(t["setup_seconds"], t["scoring_seconds"], t["report_seconds"]) > 0
+    assert t["setup_seconds"] + t["scoring_seconds"] + t["report_seconds"] == pytest.approx(m["wall_seconds"], abs=0.002)
+    assert t["scoring_images_per_second"] == pytest.approx(len(rows) / t["scoring_seconds"], rel=0.01)
+    assert m["images_per_second"] == pytest.approx(len(rows) / m["wall_seconds"], rel=0.01)
     assert m["images_failed"] == len(bad)
     assert m["runner"] == "DirectRunner" and m["model"] == "pneumonia/1"
     for path, fragment in bad.items():
@@ -148,6 +154,23 @@ def test_rerun_is_identical_and_overwrite_needed(direct_run, labelled_tree, tiny
                  "--direct_num_workers=1", "--shard-size", "16"]) == 0
     assert read_predictions(out) == before
     assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+
+
+def test_direct_runner_defaults_threads_on_small_machines_and_respects_flags():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from batch_job.pipeline import THREADS_UP_TO, default_running_mode, resolve_runner
+    from batch_job.scoring import default_workers
+
+    assert default_running_mode(1) == default_running_mode(THREADS_UP_TO) == "multi_threading"
+    assert default_running_mode(THREADS_UP_TO + 1) == default_running_mode(64) == "multi_processing"
+    _, label, options, workers = resolve_runner([])
+    direct = options.view_as(DirectOptions)
+    assert label == "DirectRunner" and workers == direct.direct_num_workers == default_workers()
+    assert direct.direct_running_mode == default_running_mode(default_workers())
+    _, _, options, workers = resolve_runner(["--direct_running_mode=multi_processing", "--direct_num_workers=3"])
+    direct = options.view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers, workers) == ("multi_processing", 3, 3)
 
 
 def test_threshold_override(labelled_tree, tiny_package, tmp_path):

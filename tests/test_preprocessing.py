@@ -116,7 +116,8 @@ def test_jpeg_draft_decodes_large_scans_close_to_full_decode():
         (encode(Image.new("L", (64, 64)), "GIF"), "unsupported image format GIF"),
         (encode(Image.new("L", (64, 64)), "BMP"), "unsupported image format BMP"),
         (encode(Image.new("L", (1, 1)), "PNG"), "too small"),
-        (png_with_size(20000, 20000), "decompression bomb"),
+        (png_with_size(20000, 20000), "decompression bomb"),  # Pillow itself refuses (> 2x its limit)
+        (png_with_size(12000, 12000), "decompression bomb"),  # Pillow only warns (1x-2x): refused here
         (encode(Image.new("L", (64, 64), 9), "JPEG")[:300], "decode failed"),
     ],
 )
@@ -125,6 +126,38 @@ def test_bad_inputs_raise_one_line_image_error(data, fragment):
         preprocess_image(data, CFG)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_bomb_check_holds_in_concurrent_threads():
+    """The batch job decodes in worker threads: every bomb must be refused in every thread, every
+    good image decoded, and the process-wide warning filters left as they were (a per-call
+    warnings.catch_warnings() swaps them and loses bombs to races)."""
+    import threading
+    import warnings
+
+    bomb, good = png_with_size(12000, 12000), encode(Image.new("L", (64, 64), 100), "PNG")
+    before = list(warnings.filters)
+    outcomes, lock = [], threading.Lock()
+
+    def worker(k):
+        for i in range(200):
+            data = bomb if (i + k) % 2 else good
+            try:
+                preprocess_image(data, CFG)
+                got = "ok"
+            except ImageError as exc:
+                got = "bomb" if "decompression bomb" in str(exc) else str(exc)
+            with lock:
+                outcomes.append(("bomb" if data is bomb else "ok", got))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 800
+    assert all(expected == got for expected, got in outcomes)
+    assert list(warnings.filters) == before
 
 
 def test_missing_file_is_an_image_error(tmp_path):

@@ -17,6 +17,10 @@ from PIL import Image, ImageOps
 
 from train.dicom import decode_dicom, is_dicom, stretch_to_uint8
 
+# _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
+# process-wide filter list and is not thread-safe (the batch job decodes in several threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 SUPPORTED_FORMATS = ("JPEG", "PNG")
 _FILTERS = {
@@ -78,7 +82,12 @@ def to_grayscale_8bit(img: Image.Image) -> Image.Image:
 
 
 def _check_size(img: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """Reject images too small to score and, before any pixel is decoded, anything over Pillow's
+    MAX_IMAGE_PIXELS (Pillow itself only warns there and refuses at twice that)."""
     w, h = img.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {limit}")
     if min(w, h) < config.min_side:
         raise ImageError(f"image too small ({w}x{h}, need >= {config.min_side} px per side)")
     return img
@@ -92,24 +101,20 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
                 source = f.read()
         if is_dicom(source):
             return _check_size(decode_dicom(bytes(source), Image.MAX_IMAGE_PIXELS), config)
-        stream = io.BytesIO(source)
-        with warnings.catch_warnings():
-            # Treat anything over Pillow's MAX_IMAGE_PIXELS as a bomb, not only 2x over it.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(stream, formats=None)
-            if img.format not in SUPPORTED_FORMATS:
-                raise ImageError(f"unsupported image format {img.format}")
-            _check_size(img, config)
-            if config.jpeg_draft and img.format == "JPEG":
-                img.draft("L", (config.image_size, config.image_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_grayscale_8bit(img)
+        img = Image.open(io.BytesIO(source), formats=None)
+        if img.format not in SUPPORTED_FORMATS:
+            raise ImageError(f"unsupported image format {img.format}")
+        _check_size(img, config)
+        if config.jpeg_draft and img.format == "JPEG":
+            img.draft("L", (config.image_size, config.image_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_grayscale_8bit(img)
     except ImageError:
         raise
     except IsADirectoryError:
         raise ImageError("is a directory") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb: {exc}".splitlines()[0][:200]) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a decodable image") from None
