@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from batch_job import outputs
 from batch_job.ledger import Ledger, LedgerError
 from batch_job.listing import InputError, check_inputs, iter_images
+from batch_job.report_worker import Reporter
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
 from train.preprocessing import PreprocessConfig
@@ -275,8 +276,10 @@ def _model_contract(version_dir: str, threshold_arg: float | None):
     return meta, f"{meta['name']}/{meta['version']}", threshold
 
 
-def run(argv=None, test_pipeline=None) -> int:
-    """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input)."""
+def run(argv=None, test_pipeline=None, reporter: Reporter | None = None) -> int:
+    """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input).
+
+    `reporter` makes metrics.json's content and histogram.png (default: in this process)."""
     t0 = time.perf_counter()
     args, pipeline_args = parse_args(argv)
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
@@ -331,8 +334,8 @@ def run(argv=None, test_pipeline=None) -> int:
                     f"{rec['images_failed']}, skipped {rec['images_skipped']}, missing {rec['missing']}, "
                     f"duplicated {rec['duplicated']}, unexpected {rec['unexpected']}, stray shards "
                     f"{len(rec['stray_shards'])}; output not published")
-            metrics = outputs.compute_metrics(rec, threshold, model_id, runner_label)
-            outputs.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], threshold, model_id)
+            metrics = (reporter or Reporter(helper=False)).report(rec, threshold, model_id, runner_label,
+                                                                   os.path.join(tmp, "histogram.png"))
             outputs.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report)
             metrics["run_id"] = uuid.uuid4().hex
             if args.ledger:
@@ -370,7 +373,7 @@ def summary(m: dict, out: str) -> str:
     return line + f"\noutputs in {out}: predictions-*.csv, metrics.json, report.md, histogram.png"
 
 
-def main(argv=None) -> int:
+def main(argv=None, reporter: Reporter | None = None) -> int:
     if not LOG.handlers:  # Beam configures the root logger on import; the job logs through its own handler
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -380,7 +383,7 @@ def main(argv=None) -> int:
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return run(argv)
+        return run(argv, reporter=reporter)
     except (InputError, PackageError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

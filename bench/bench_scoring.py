@@ -17,6 +17,7 @@ Also the pipeline's start-up: a one-image job, whole command.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -99,11 +100,8 @@ def main(argv=None) -> int:
     keras_model = args.keras_model or meta.get("source", {}).get("model_file")
     if keras_model and not os.path.isfile(keras_model):
         keras_model = None
-    try:
-        import tf_keras  # noqa: F401
-        has_tf = True
-    except ImportError:
-        has_tf = False
+    has_tf = importlib.util.find_spec("tf_keras") is not None  # (c) runs in its own process
+
     inputs = {
         "224x224 RGB": make_jpegs(os.path.join(args.work_dir, f"rgb224-{args.n}"), args.n, (224, 224), mode="RGB"),
         "1400x1100 gray": make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L"),

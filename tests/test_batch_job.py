@@ -296,3 +296,18 @@ def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_pac
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not glob.glob(out + ".tmp-*")  # ...and the successful rerun removed it
     assert set(read_predictions(out)) == all_image_paths(root)
+
+
+def test_command_line_job_reports_like_the_in_process_job(labelled_tree, tiny_package, tmp_path):
+    """`python -m batch_job` makes its report in a helper process; the outputs are the same."""
+    root, _ = labelled_tree
+    common = ["--input", root, "--model", tiny_package, "--direct_running_mode=in_memory"]
+    cli_out, here_out = str(tmp_path / "cli"), str(tmp_path / "here")
+    proc = subprocess.run([sys.executable, "-m", "batch_job", *common, "--output", cli_out], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main([*common, "--output", here_out]) == 0
+    volatile = ("timings", "wall_seconds", "images_per_second", "run_id")
+    cli, here = (json.load(open(os.path.join(d, "metrics.json"))) for d in (cli_out, here_out))
+    assert {k: v for k, v in cli.items() if k not in volatile} == {k: v for k, v in here.items() if k not in volatile}
+    assert cli["accuracy"] is not None and os.path.getsize(os.path.join(cli_out, "histogram.png")) > 1000
