@@ -82,7 +82,7 @@ class ReadShard(beam.DoFn):
 class ScoreAndWriteShard(beam.DoFn):
     """(shard id, [paths]) -> (shard id, rows written).
 
-    Decodes and scores in batches (the onnxruntime session is one per worker process) and
+    Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads) and
     writes the shard's CSV atomically inside process(): never in finish_bundle, whose
     output DaskRunner drops. A retried task simply rewrites the same file.
     """

@@ -1,4 +1,4 @@
-"""Benchmark 2: peak RSS of the batch job (driver + worker processes) for N vs 10*N images.
+"""Benchmark 2: peak RSS of the batch job (the whole process tree: job, workers, report helper) for N vs 10*N images.
 
     python bench/bench_memory.py [--n 2000] [--model serving_models/pneumonia]
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the Beam batch job on DirectRunner (2 worker processes) and DaskRunner."""
+"""End-to-end tests of the Beam batch job on DirectRunner (2 worker threads; 2 worker processes) and DaskRunner."""
 from __future__ import annotations
 
 import csv
