@@ -239,6 +239,25 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _discard(tmp: str) -> None:
+    """Remove a failed job's temp dir. Renamed first: workers still running (threads after Ctrl-C,
+    Dask tasks after a driver failure) then fail to create files in it instead of racing rmtree.
+    The new name keeps the "<out>.tmp-<pid>@<host>-" prefix, so a later run cleans up what remains."""
+    gone = tmp + ".discarded"
+    try:
+        os.rename(tmp, gone)
+    except OSError:
+        gone = tmp
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _quiet_abandoned_workers() -> None:
+    """After Ctrl-C, worker threads still running fail on the removed temp dir; the process is
+    going down with one line (see main), so their tracebacks are noise: silence them."""
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+
+
 def _execute(p: beam.Pipeline) -> None:
     result = p.run()
     try:
@@ -351,8 +370,10 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None) -> int:
                 raise InputError(f"output dir {out} was created by someone else during the run; "
                                  "nothing published (rerun with another --output or --overwrite)") from None
             _kill_point("published")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                _quiet_abandoned_workers()
+            _discard(tmp)
             raise
         if args.ledger:  # only after OUT_DIR is published; one transaction
             added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
@@ -390,6 +411,9 @@ def main(argv=None, reporter: Reporter | None = None) -> int:
     except ReconciliationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing published", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in debug log
         LOG.debug("job failed", exc_info=True)
         reason = (str(exc).strip().splitlines() or [""])[-1][:300]

@@ -20,6 +20,7 @@ from batch_job.pipeline import main
 from export.package import load_session
 from train.preprocessing import PreprocessConfig, preprocess_image
 
+from batch_job.synthetic import make_tree
 from conftest import write_package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,3 +312,23 @@ def test_command_line_job_reports_like_the_in_process_job(labelled_tree, tiny_pa
     cli, here = (json.load(open(os.path.join(d, "metrics.json"))) for d in (cli_out, here_out))
     assert {k: v for k, v in cli.items() if k not in volatile} == {k: v for k, v in here.items() if k not in volatile}
     assert cli["accuracy"] is not None and os.path.getsize(os.path.join(cli_out, "histogram.png")) > 1000
+
+
+def test_ctrl_c_stops_the_job_with_one_line_and_nothing_published(tmp_path):
+    root = str(tmp_path / "in")
+    make_tree(root, per_class=150, size=256, seed=1)  # 300 images, one per work unit: a job of several seconds
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "batch_job", "--input", root, "--model", os.path.join(REPO, "serving_models",
+           "pneumonia"), "--output", out, "--shard-size", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+        time.sleep(0.05)
+    assert glob.glob(out + ".tmp-*/predictions-*.csv"), "the job never started writing"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "error: interrupted; nothing published"
+    assert "Traceback" not in err
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*")
