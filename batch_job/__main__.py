@@ -1,18 +1,36 @@
-"""python -m batch_job: score X-ray folders with a published ONNX model (Apache Beam)."""
+"""python -m batch_job (or pneumonia-batch): score X-ray folders with a published ONNX model (Apache Beam)."""
 import logging
 import os
+import signal
 import sys
+import time
 
 from batch_job.report_worker import Reporter
 
-if __name__ == "__main__":
-    # Importing Beam logs a warning on the root logger about optional GCP client libraries
-    # (apitools/BigQuery) that this job never uses; the job logs through its own logger.
-    logging.getLogger().setLevel(logging.ERROR)
-    reporter = Reporter()  # first, so its imports overlap Beam's (batch_job/report_worker.py)
-    from batch_job.pipeline import main
 
-    code = main(reporter=reporter)
+def _on_sigint(signum, frame):
+    """Ctrl-C: the job stops with one line (batch_job.pipeline.main). Worker threads and Beam's
+    cleanup that are still running fail on the removed temp dir; their tracebacks are noise."""
+    logging.disable(logging.CRITICAL)
+    import threading
+
+    threading.excepthook = lambda args: None
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    started = time.perf_counter()
+    reporter = Reporter()  # first, so its imports overlap Beam's (batch_job/report_worker.py)
+    root = logging.getLogger()
+    level = root.level
+    # Importing Beam logs a warning on the root logger about optional GCP client libraries
+    # (apitools/BigQuery) that this job never uses.
+    root.setLevel(logging.ERROR)
+    from batch_job.pipeline import main as job_main
+
+    root.setLevel(level)
+    signal.signal(signal.SIGINT, _on_sigint)
+    code = job_main(reporter=reporter, started=started)
     reporter.close()
     # Every output is written, closed and renamed by now. Skip the interpreter's teardown of
     # Beam, gRPC and onnxruntime objects: it took ~1 s per job (measured), longer than scoring
@@ -20,3 +38,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

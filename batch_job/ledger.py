@@ -114,3 +114,9 @@ def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
     row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     return (float(row[0]), row[1]) if row else None
+
+
+def close_readers() -> None:
+    for conn in _READERS.values():
+        conn.close()
+    _READERS.clear()

@@ -33,7 +33,7 @@ from batch_job import outputs
 from batch_job.ledger import Ledger, LedgerError
 from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.report_worker import Reporter
-from batch_job.scoring import ScoringSpec, default_workers, score_paths
+from batch_job.scoring import ScoringSpec, default_workers, reset_worker_caches, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
 from train.preprocessing import PreprocessConfig
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
@@ -44,6 +44,10 @@ MAX_SHARD = 2048
 
 class ReconciliationError(RuntimeError):
     """Outputs do not account for every listed image (exit 1)."""
+
+
+class InterruptedAfterPublishing(RuntimeError):
+    """Ctrl-C after OUT_DIR was published, before the ledger recorded it (exit 130)."""
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -251,13 +255,6 @@ def _discard(tmp: str) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def _quiet_abandoned_workers() -> None:
-    """After Ctrl-C, worker threads still running fail on the removed temp dir; the process is
-    going down with one line (see main), so their tracebacks are noise: silence them."""
-    logging.disable(logging.CRITICAL)
-    threading.excepthook = lambda args: None
-
-
 def _execute(p: beam.Pipeline) -> None:
     result = p.run()
     try:
@@ -295,11 +292,13 @@ def _model_contract(version_dir: str, threshold_arg: float | None):
     return meta, f"{meta['name']}/{meta['version']}", threshold
 
 
-def run(argv=None, test_pipeline=None, reporter: Reporter | None = None) -> int:
+def run(argv=None, test_pipeline=None, reporter: Reporter | None = None, started: float | None = None) -> int:
     """The batch job; returns the exit code (0 ok, 1 reconciliation failure, 2 bad input).
 
-    `reporter` makes metrics.json's content and histogram.png (default: in this process)."""
-    t0 = time.perf_counter()
+    `reporter` makes metrics.json's content and histogram.png (default: in this process);
+    `started` is the command's perf_counter() at start-up, so the timings include the imports."""
+    t0 = time.perf_counter() if started is None else started
+    reset_worker_caches()  # sessions / ledger readers of an earlier in-process job may be stale
     args, pipeline_args = parse_args(argv)
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
@@ -370,13 +369,16 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None) -> int:
                 raise InputError(f"output dir {out} was created by someone else during the run; "
                                  "nothing published (rerun with another --output or --overwrite)") from None
             _kill_point("published")
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                _quiet_abandoned_workers()
+        except BaseException:
             _discard(tmp)
             raise
         if args.ledger:  # only after OUT_DIR is published; one transaction
-            added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
+            try:
+                added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
+            except KeyboardInterrupt:
+                raise InterruptedAfterPublishing(
+                    f"interrupted after publishing {out}, before the ledger recorded it (the ledger is unchanged); "
+                    "rerun the same command: it replaces that output and records it") from None
             LOG.info("ledger %s: %d new images recorded", book.path, added)
     print(summary(metrics, out))
     return 0
@@ -394,7 +396,7 @@ def summary(m: dict, out: str) -> str:
     return line + f"\noutputs in {out}: predictions-*.csv, metrics.json, report.md, histogram.png"
 
 
-def main(argv=None, reporter: Reporter | None = None) -> int:
+def main(argv=None, reporter: Reporter | None = None, started: float | None = None) -> int:
     if not LOG.handlers:  # Beam configures the root logger on import; the job logs through its own handler
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -404,7 +406,7 @@ def main(argv=None, reporter: Reporter | None = None) -> int:
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return run(argv, reporter=reporter)
+        return run(argv, reporter=reporter, started=started)
     except (InputError, PackageError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -413,6 +415,9 @@ def main(argv=None, reporter: Reporter | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing published", file=sys.stderr)
+        return 130
+    except InterruptedAfterPublishing as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in debug log
         LOG.debug("job failed", exc_info=True)

@@ -32,6 +32,13 @@ def get_session(model_path: str, intra_op_threads: int):
         return _SESSIONS[key]
 
 
+def reset_worker_caches() -> None:
+    """Forget this process's sessions and ledger readers (a new job in the same process)."""
+    with _SESSIONS_LOCK:
+        _SESSIONS.clear()
+    ledger.close_readers()
+
+
 def read_bytes(path: str) -> bytes:
     if is_uri(path):
         from apache_beam.io.filesystems import FileSystems

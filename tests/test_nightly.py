@@ -344,3 +344,22 @@ def test_fault_corpus(tmp_path):
     globbed = [p for _, p in iter_images([os.path.join(root, "**", "*.dcm")])]
     assert sorted(os.path.basename(p) for p in globbed) == ["corrupt.dcm", "scan.dcm"]
     assert 0 < peak[0] < 1.5e9  # driver + 2 workers together stayed under 1.5 GB (the 20k x 20k PNG is not decoded)
+
+
+def test_ctrl_c_after_publishing_says_so_and_rerun_records_it(small_tree, tiny_package, tmp_path, monkeypatch, capsys):
+    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
+    args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
+            "--direct_running_mode=in_memory"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Ledger, "commit", interrupted)
+        assert main(args) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: interrupted after publishing {out}, before the ledger")
+    assert "Traceback" not in err
+    assert os.path.isdir(out) and ledger_rows(ledger) == []
+    assert main(args) == 0  # replaces the orphaned output and records every image
+    assert len(ledger_rows(ledger)) == 20

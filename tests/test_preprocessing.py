@@ -160,6 +160,15 @@ def test_bomb_check_holds_in_concurrent_threads():
     assert list(warnings.filters) == before
 
 
+def test_bomb_is_an_image_error_even_when_warnings_are_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # as `python -W error` would
+        with pytest.raises(ImageError, match="decompression bomb"):
+            preprocess_image(png_with_size(12000, 12000), CFG)
+
+
 def test_missing_file_is_an_image_error(tmp_path):
     with pytest.raises(ImageError, match="file not found"):
         preprocess_image(str(tmp_path / "nope.png"), CFG)

@@ -50,6 +50,24 @@ def test_a_dead_helper_means_the_report_is_made_in_process(tmp_path, caplog):
     assert "report helper failed" in caplog.text
 
 
+def test_a_stalled_helper_means_the_report_is_made_in_process(tmp_path, caplog, monkeypatch):
+    import signal
+
+    from batch_job import report_worker
+
+    monkeypatch.setattr(report_worker, "READY_WAIT", 0.5)
+    rec = fake_reconciliation()
+    reporter = Reporter()
+    os.kill(reporter.proc.pid, signal.SIGSTOP)  # e.g. starved of CPU on a busy host
+    proc = reporter.proc
+    with caplog.at_level(logging.WARNING, logger="batch_job"):
+        got = reporter.report(rec, 0.5, "pneumonia/9", "DirectRunner", str(tmp_path / "h.png"))
+    assert got == make_report(rec, 0.5, "pneumonia/9", "DirectRunner", str(tmp_path / "h2.png"))
+    assert "not ready after" in caplog.text
+    proc.join(10)
+    assert not proc.is_alive()  # report() gave up on it and ended it
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

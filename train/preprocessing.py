@@ -114,7 +114,7 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
         raise
     except IsADirectoryError:
         raise ImageError("is a directory") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: if made an error
         raise ImageError(f"decompression bomb: {exc}".splitlines()[0][:200]) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a decodable image") from None
