@@ -5,21 +5,13 @@ import signal
 import sys
 import time
 
+from batch_job.interrupts import GATE
 from batch_job.report_worker import Reporter
-
-
-def _on_sigint(signum, frame):
-    """Ctrl-C: the job stops with one line (batch_job.pipeline.main). Worker threads and Beam's
-    cleanup that are still running fail on the removed temp dir; their tracebacks are noise."""
-    logging.disable(logging.CRITICAL)
-    import threading
-
-    threading.excepthook = lambda args: None
-    raise KeyboardInterrupt
 
 
 def main() -> int:
     started = time.perf_counter()
+    signal.signal(signal.SIGINT, GATE.handler)  # batch_job/interrupts.py
     reporter = Reporter()  # first, so its imports overlap Beam's (batch_job/report_worker.py)
     root = logging.getLogger()
     level = root.level
@@ -29,7 +21,6 @@ def main() -> int:
     from batch_job.pipeline import main as job_main
 
     root.setLevel(level)
-    signal.signal(signal.SIGINT, _on_sigint)
     code = job_main(reporter=reporter, started=started)
     reporter.close()
     # Every output is written, closed and renamed by now. Skip the interpreter's teardown of

@@ -102,21 +102,18 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-_READERS: dict[str, sqlite3.Connection] = {}
+_READERS: dict[tuple, sqlite3.Connection] = {}
 
 
 def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
     """Worker side: (probability, scored_utc) of an earlier score, or None."""
-    conn = _READERS.get(path)
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino)  # a ledger file replaced at the same path gets a new reader
+    conn = _READERS.get(key)
     if conn is None:
         uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
-        conn = _READERS[path] = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn = _READERS.setdefault(key, sqlite3.connect(uri, uri=True, check_same_thread=False))
     row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     return (float(row[0]), row[1]) if row else None
 
-
-def close_readers() -> None:
-    for conn in _READERS.values():
-        conn.close()
-    _READERS.clear()

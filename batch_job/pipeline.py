@@ -33,7 +33,8 @@ from batch_job import outputs
 from batch_job.ledger import Ledger, LedgerError
 from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.report_worker import Reporter
-from batch_job.scoring import ScoringSpec, default_workers, reset_worker_caches, score_paths
+from batch_job.interrupts import GATE
+from batch_job.scoring import ScoringSpec, default_workers, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
 from train.preprocessing import PreprocessConfig
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
@@ -46,8 +47,6 @@ class ReconciliationError(RuntimeError):
     """Outputs do not account for every listed image (exit 1)."""
 
 
-class InterruptedAfterPublishing(RuntimeError):
-    """Ctrl-C after OUT_DIR was published, before the ledger recorded it (exit 130)."""
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -298,7 +297,6 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None, started
     `reporter` makes metrics.json's content and histogram.png (default: in this process);
     `started` is the command's perf_counter() at start-up, so the timings include the imports."""
     t0 = time.perf_counter() if started is None else started
-    reset_worker_caches()  # sessions / ledger readers of an earlier in-process job may be stale
     args, pipeline_args = parse_args(argv)
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
@@ -308,7 +306,8 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None, started
     runner, runner_label, options, workers = resolve_runner(pipeline_args)
     out = os.path.abspath(args.output)
     book = Ledger(args.ledger) if args.ledger else contextlib.nullcontext()
-    with book:
+    publishing = contextlib.ExitStack()  # holds GATE.deferred() from publishing to the ledger commit
+    with book, publishing:
         overwrite = args.overwrite
         if args.ledger and not overwrite and _orphaned_output(out, book):
             LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
@@ -363,6 +362,7 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None, started
             with open(os.path.join(tmp, "report.md"), "w") as f:
                 f.write(outputs.report_markdown(metrics))
             _kill_point("written")
+            publishing.enter_context(GATE.deferred())  # a Ctrl-C from here on waits for the ledger commit
             try:
                 publish_dir(tmp, out, replace=overwrite)
             except FileExistsError:
@@ -373,13 +373,12 @@ def run(argv=None, test_pipeline=None, reporter: Reporter | None = None, started
             _discard(tmp)
             raise
         if args.ledger:  # only after OUT_DIR is published; one transaction
-            try:
-                added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
-            except KeyboardInterrupt:
-                raise InterruptedAfterPublishing(
-                    f"interrupted after publishing {out}, before the ledger recorded it (the ledger is unchanged); "
-                    "rerun the same command: it replaces that output and records it") from None
+            added = book.commit(metrics["run_id"], out, model_id, outputs.read_ledger_entries(out, shards))
             LOG.info("ledger %s: %d new images recorded", book.path, added)
+        publishing.close()
+    if GATE.pending:
+        GATE.pending = False
+        LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
     print(summary(metrics, out))
     return 0
 
@@ -415,9 +414,6 @@ def main(argv=None, reporter: Reporter | None = None, started: float | None = No
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing published", file=sys.stderr)
-        return 130
-    except InterruptedAfterPublishing as exc:
-        print(f"error: {exc}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in debug log
         LOG.debug("job failed", exc_info=True)

@@ -3,7 +3,8 @@
 Importing scikit-learn and matplotlib costs ~2.5 s of one core: more than scoring 2,000 small
 images. `python -m batch_job` starts this helper first thing, before it imports Beam, so those
 imports run on a core that is otherwise idle while the job imports Beam, verifies the model and
-lists the files; at the lowest CPU priority, so they never slow the scoring. The helper then says
+lists the files; at the lowest CPU priority, so they never slow the scoring (the report itself is
+made at normal priority). The helper then says
 it is ready and waits, idle, until the report is asked for. If it is not ready within READY_WAIT
 seconds at that point, fails, or takes longer than REPORT_WAIT, the report is made in the job's
 own process, so the outputs never depend on it. The helper exits when the job closes its end of
@@ -39,15 +40,25 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
-def _helper(conn, parent: int) -> None:
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    os.nice(19)  # idle CPU only: never slow the scoring down
+def _warm_imports() -> None:
+    """In a thread of its own at the lowest priority (Linux: nice is per thread), so the imports use
+    idle CPU only and never slow the scoring; the report itself is made at normal priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
+
+def _helper(conn, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    warm = threading.Thread(target=_warm_imports)
+    warm.start()
+    warm.join()
     try:
         conn.send("ready")
         args = conn.recv()
@@ -62,16 +73,19 @@ def _helper(conn, parent: int) -> None:
 def _start_detached(proc) -> None:
     """Start proc (and multiprocessing's resource tracker, if it starts one) with stdout and
     stderr on /dev/null, so neither holds the job's output pipes open."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved = os.dup(1), os.dup(2)
+    opened: list[int] = []
+    saved: list[int] = []
     try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
+        opened.append(os.open(os.devnull, os.O_WRONLY))
+        saved.extend((os.dup(1), os.dup(2)))
+        os.dup2(opened[0], 1)
+        os.dup2(opened[0], 2)
         proc.start()
     finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (devnull, *saved):
+        if len(saved) == 2:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+        for fd in opened + saved:
             os.close(fd)
 
 
@@ -121,4 +135,5 @@ class Reporter:
             self.conn.close()
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()  # nothing to clean up; also ends a stopped helper
+            self.proc.join(1)  # no write of a killed helper may follow the in-process report
         self.conn = self.proc = None

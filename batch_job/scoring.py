@@ -16,7 +16,7 @@ from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
 
-_SESSIONS: dict[tuple[str, int], object] = {}
+_SESSIONS: dict[tuple, object] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
@@ -25,18 +25,12 @@ def get_session(model_path: str, intra_op_threads: int):
 
     Worker threads of one process share it: InferenceSession.run is thread-safe and, with one
     intra-op thread, computes on the calling thread (the GIL is released meanwhile)."""
-    key = (model_path, intra_op_threads)
+    st = os.stat(model_path)  # a model file replaced in place gets a new session
+    key = (model_path, intra_op_threads, st.st_mtime_ns, st.st_size)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
             _SESSIONS[key] = load_session(model_path, intra_op_threads)
         return _SESSIONS[key]
-
-
-def reset_worker_caches() -> None:
-    """Forget this process's sessions and ledger readers (a new job in the same process)."""
-    with _SESSIONS_LOCK:
-        _SESSIONS.clear()
-    ledger.close_readers()
 
 
 def read_bytes(path: str) -> bytes:
