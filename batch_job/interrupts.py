@@ -2,7 +2,7 @@
 
 `python -m batch_job` installs GATE.handler for SIGINT before anything else. Outside
 GATE.deferred() a Ctrl-C raises KeyboardInterrupt (the job removes its temp dir and exits 130),
-and the tracebacks of worker threads still running are silenced. Inside it (publishing OUT_DIR
+and what worker threads still running print or log is silenced. Inside it (publishing OUT_DIR
 and the ledger commit) the interrupt is held until the section ends, so OUT_DIR and the ledger
 are never left half-done and the job's last line is always true.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 
 
@@ -22,8 +24,11 @@ class InterruptGate:
         if self.depth:
             self.pending = True
             return
+        # Worker threads still running fail on the removed temp dir; Beam prints their tracebacks to
+        # sys.stderr and logs them. The job's own last line goes to sys.__stderr__ (pipeline.main).
         logging.disable(logging.CRITICAL)
         threading.excepthook = lambda args: None
+        sys.stderr = open(os.devnull, "w")
         raise KeyboardInterrupt
 
     @contextlib.contextmanager

@@ -412,8 +412,8 @@ def main(argv=None, reporter: Reporter | None = None, started: float | None = No
     except ReconciliationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing published", file=sys.stderr)
+    except KeyboardInterrupt:  # __stderr__: the command's SIGINT handler has muted sys.stderr
+        print("error: interrupted; nothing published", file=sys.__stderr__ or sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in debug log
         LOG.debug("job failed", exc_info=True)
