@@ -3,7 +3,9 @@
     python bench/bench_scoring.py [--n 2000] [--repeat 3] [--model serving_models/pneumonia] [--keras-model F]
 
 Generates two inputs (n 224x224 RGB JPEGs; n 1400x1100 grayscale JPEGs, quality 90), then times on the same
-images, each method --repeat times in turn (best run kept: this is a shared, noisy 2-core VM):
+images, each method --repeat times in turn (a shared, noisy 2-core VM: single runs vary by ±15%, so each repeat
+is one a, b, c triple run back to back, and the table gives medians: of each rate and of the per-triple ratios,
+with the range of the ratios):
 (a) `python -m batch_job` on DirectRunner with one worker per core. Its throughput is images / the job's scoring
     phase (the Beam pipeline from submission to the last shard written, worker start included), as the job
     itself reports in metrics.json `timings`; the whole command (imports, model verification, listing, report,
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +92,7 @@ print(time.perf_counter() - t0)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--repeat", type=int, default=3, help="runs of each method per input; the best is kept")
+    p.add_argument("--repeat", type=int, default=5, help="interleaved runs of each method per input (medians)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--keras-model", default=None, help="model.keras for (c); default: the package's source model")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     }
     one = os.path.join(args.work_dir, "one")
     make_jpegs(one, 1, (224, 224))
-    startup = min(run_pipeline(one, args.model)[0] for _ in range(args.repeat))
+    startup = statistics.median(run_pipeline(one, args.model)[0] for _ in range(args.repeat))
     rows, whole_rows = [], []
     for name, folder in inputs.items():
         paths = [q for _, q in iter_images([folder])]
@@ -119,20 +122,24 @@ def main(argv=None) -> int:
             b_runs.append(bare_loop(paths, os.path.join(vdir, "model.onnx"), size))
             if has_tf:
                 c_runs.append(notebook_way(paths, keras_model, size, meta.get("architecture", "baseline_cnn")))
-        a = max(t["scoring_images_per_second"] for _, t in a_runs)
-        best_whole, best_t = min(a_runs, key=lambda r: r[0])
-        b = n / min(b_runs)
-        c = n / min(c_runs) if c_runs else float("nan")
-        rows.append([name, n, a, b, c, a / b, a / c])
-        whole_rows.append([name, n / best_whole, best_whole, best_t["setup_seconds"], best_t["scoring_seconds"],
-                           best_t["report_seconds"], n / best_whole / b, n / best_whole / c])
-    print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({size}px); best of {args.repeat}; "
+        a_i = [t["scoring_images_per_second"] for _, t in a_runs]
+        b_i = [n / s for s in b_runs]
+        c_i = [n / s for s in c_runs] if c_runs else [float("nan")] * len(a_i)
+        ab = [x / y for x, y in zip(a_i, b_i)]
+        ac = [x / y for x, y in zip(a_i, c_i)]
+        med = statistics.median
+        rows.append([name, n, med(a_i), med(b_i), med(c_i), med(ab), f"{min(ab):.3f}–{max(ab):.3f}", med(ac),
+                     f"{min(ac):.3f}–{max(ac):.3f}"])
+        mid_whole, mid_t = sorted(a_runs, key=lambda r: r[0])[len(a_runs) // 2]
+        whole_rows.append([name, n / mid_whole, mid_whole, mid_t["setup_seconds"], mid_t["scoring_seconds"],
+                           mid_t["report_seconds"], n / mid_whole / med(b_i)])
+    print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({size}px); medians of {args.repeat}; "
           f"(c) from {(keras_model or 'the architecture, untrained weights') if has_tf else 'n/a: no TensorFlow'}")
-    print(f"pipeline start-up (1-image job, whole command): {startup:.2f} s")
-    print(table(["input", "images", "a: pipeline img/s", "b: bare loop img/s", "c: notebook img/s", "a/b", "a/c"], rows))
-    print("\nwhole command (a, start-up and report included; in-job phases from metrics.json timings):")
-    print(table(["input", "img/s", "wall s", "setup s", "scoring s", "report s", "a_whole/b", "a_whole/c"],
-                whole_rows))
+    print(f"pipeline start-up (1-image job, whole command, median): {startup:.2f} s")
+    print(table(["input", "images", "a: pipeline img/s", "b: bare loop img/s", "c: notebook img/s", "a/b",
+                 "a/b range", "a/c", "a/c range"], rows))
+    print("\nwhole command (a, start-up and report included; the median run; phases from metrics.json timings):")
+    print(table(["input", "img/s", "wall s", "setup s", "scoring s", "report s", "a_whole/b"], whole_rows))
     return 0
 
 
