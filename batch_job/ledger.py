@@ -116,4 +116,3 @@ def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
     row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     return (float(row[0]), row[1]) if row else None
-

@@ -32,8 +32,8 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from batch_job import outputs
 from batch_job.ledger import Ledger, LedgerError
 from batch_job.listing import InputError, check_inputs, iter_images
-from batch_job.report_worker import Reporter
 from batch_job.interrupts import GATE
+from batch_job.report_worker import Reporter
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
 from train.fsutil import publish_dir, temp_dir_beside
 from train.preprocessing import PreprocessConfig
@@ -45,8 +45,6 @@ MAX_SHARD = 2048
 
 class ReconciliationError(RuntimeError):
     """Outputs do not account for every listed image (exit 1)."""
-
-
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -142,11 +140,11 @@ def resolve_runner(pipeline_args: list[str]):
     if short in ("DirectRunner", "FnApiRunner"):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-        joined, extra = " ".join(pipeline_args), []  # defaults only for what the user did not set
+        joined, extra, cores = " ".join(pipeline_args), [], default_workers()  # defaults only where unset
         if "--direct_num_workers" not in joined and "in_memory" not in joined:
-            extra.append(f"--direct_num_workers={default_workers()}")
+            extra.append(f"--direct_num_workers={cores}")
         if "--direct_running_mode" not in joined:
-            extra.append("--direct_running_mode=" + default_running_mode(default_workers()))
+            extra.append("--direct_running_mode=" + default_running_mode(cores))
         if "--default_sdk_harness_log_level" not in joined:
             extra.append("--default_sdk_harness_log_level=WARNING")
         options = PipelineOptions(pipeline_args + extra)

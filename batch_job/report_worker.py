@@ -4,8 +4,8 @@ Importing scikit-learn and matplotlib costs ~2.5 s of one core: more than scorin
 images. `python -m batch_job` starts this helper first thing, before it imports Beam, so those
 imports run on a core that is otherwise idle while the job imports Beam, verifies the model and
 lists the files; at the lowest CPU priority, so they never slow the scoring (the report itself is
-made at normal priority). The helper then says
-it is ready and waits, idle, until the report is asked for. If it is not ready within READY_WAIT
+made at normal priority). The helper then says it is ready and waits, idle, until the report is
+asked for. If it is not ready within READY_WAIT
 seconds at that point, fails, or takes longer than REPORT_WAIT, the report is made in the job's
 own process, so the outputs never depend on it. The helper exits when the job closes its end of
 the pipe, or within a fraction of a second of the job dying; it never holds the job's stdout or

@@ -1,6 +1,6 @@
 """Benchmark 1: scoring throughput of (a) the Beam pipeline, (b) a bare onnxruntime loop, (c) the notebook way.
 
-    python bench/bench_scoring.py [--n 2000] [--repeat 3] [--model serving_models/pneumonia] [--keras-model F]
+    python bench/bench_scoring.py [--n 2000] [--repeat 5] [--model serving_models/pneumonia] [--keras-model F]
 
 Generates two inputs (n 224x224 RGB JPEGs; n 1400x1100 grayscale JPEGs, quality 90), then times on the same
 images, each method --repeat times in turn (a shared, noisy 2-core VM: single runs vary by ±15%, so each repeat

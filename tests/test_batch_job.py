@@ -17,10 +17,10 @@ from sklearn import metrics as skm
 from batch_job import outputs
 from batch_job.listing import iter_images, label_from_path
 from batch_job.pipeline import main
+from batch_job.synthetic import make_tree
 from export.package import load_session
 from train.preprocessing import PreprocessConfig, preprocess_image
 
-from batch_job.synthetic import make_tree
 from conftest import write_package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
