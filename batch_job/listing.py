@@ -6,9 +6,9 @@ import re
 import stat
 from typing import Iterator
 
-from train.data import CLASSES
-from train.dicom import is_dicom
-from train.preprocessing import is_image_file
+from xray_core.labels import CLASSES
+from xray_core.dicom import is_dicom
+from xray_core.preprocessing import is_image_file
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB_CHARS = ("*", "?", "[")

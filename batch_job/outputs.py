@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from batch_job.scoring import COLUMNS
-from train.fsutil import atomic_write
+from xray_core.files import atomic_write
 
 LISTING_FILE = "_listing.jsonl"
 
@@ -158,7 +158,7 @@ def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str) -> 
     """metrics.json content; labelled metrics (scikit-learn) when any scored image has a label.
 
     The caller adds the timings (:func:`add_timings`) once the whole report is written."""
-    from train.evaluate import operating_point
+    from xray_core.metrics import operating_point
 
     probs = rec["probabilities"]
     hist, edges = np.histogram(probs, bins=10, range=(0.0, 1.0))

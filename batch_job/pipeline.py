@@ -35,8 +35,8 @@ from batch_job.listing import InputError, check_inputs, iter_images
 from batch_job.interrupts import GATE
 from batch_job.report_worker import Reporter
 from batch_job.scoring import ScoringSpec, default_workers, score_paths
-from train.fsutil import publish_dir, temp_dir_beside
-from train.preprocessing import PreprocessConfig
+from xray_core.files import publish_dir, temp_dir_beside
+from xray_core.preprocessing import PreprocessConfig
 from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
 
 LOG = logging.getLogger("batch_job")

@@ -12,7 +12,7 @@ import numpy as np
 from batch_job import ledger
 from batch_job.listing import is_uri, label_from_path
 from export.package import INPUT_NAME, OUTPUT_NAME, load_session
-from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
 

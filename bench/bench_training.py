@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from train import fit
     from train.data import find_examples, labels_to_array, load_images, split_examples
     from train.models import build_cnn, keras, vgg19_parts
-    from train.preprocessing import PreprocessConfig
+    from xray_core.preprocessing import PreprocessConfig
 
     examples = find_examples(args.data_dir)
     t0 = time.perf_counter()

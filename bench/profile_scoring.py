@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import DEFAULT_MODEL, machine, table  # noqa: E402
 from batch_job.listing import iter_images  # noqa: E402
 from export.package import load_metadata, load_session, resolve_version_dir  # noqa: E402
-from train.preprocessing import PreprocessConfig, decode_image, preprocess_image, to_model_input  # noqa: E402
+from xray_core.preprocessing import PreprocessConfig, decode_image, preprocess_image, to_model_input  # noqa: E402
 
 
 def per_image_ms(fn, items, passes: int = 5) -> float:

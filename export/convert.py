@@ -26,8 +26,8 @@ from export.package import (
     versions,
 )
 from train.data import CLASSES, read_split_csv
-from train.fsutil import atomic_write, publish_dir, temp_dir_beside
-from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+from xray_core.files import atomic_write, publish_dir, temp_dir_beside
+from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
 MIN_PARITY_IMAGES = 64

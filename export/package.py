@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.data import CLASSES as CLASS_NAMES  # noqa: F401 - re-exported for the scoring side
-from train.fsutil import sha256_file  # noqa: F401 - re-exported
+from xray_core.labels import CLASSES as CLASS_NAMES  # noqa: F401 - re-exported for the scoring side
+from xray_core.files import sha256_file  # noqa: F401 - re-exported
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"

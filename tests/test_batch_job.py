@@ -19,7 +19,7 @@ from batch_job.listing import iter_images, label_from_path
 from batch_job.pipeline import main
 from batch_job.synthetic import make_tree
 from export.package import load_session
-from train.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 from conftest import write_package
 
@@ -271,7 +271,7 @@ def test_reconcile_counts_duplicates_and_strays(tmp_path):
 
 
 def test_scoring_side_imports_no_tensorflow():
-    code = ("import sys, batch_job.pipeline, batch_job.scoring, export.package, train.preprocessing; "
+    code = ("import sys, batch_job.pipeline, batch_job.scoring, export.package, xray_core.preprocessing; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -24,7 +24,7 @@ from train.data import (
     split_examples,
     write_split_csv,
 )
-from train.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 
 def _touch(path, content: bytes | None = None) -> str:

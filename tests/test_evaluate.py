@@ -1,10 +1,10 @@
-"""train.evaluate: threshold choice and operating-point metrics against hand-computed numbers."""
+"""xray_core.metrics: threshold choice and operating-point metrics against hand-computed numbers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from train.evaluate import choose_threshold, evaluate, operating_point
+from xray_core.metrics import choose_threshold, evaluate, operating_point
 
 # Validation case A (5 NORMAL, 5 PNEUMONIA), scores sorted per class:
 #   NORMAL    0.1 0.2 0.3 0.4 0.6

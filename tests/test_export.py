@@ -22,7 +22,7 @@ from batch_job.synthetic import make_tree
 from export.__main__ import main as export_main
 from train.__main__ import main as train_main
 from train.data import read_split_csv
-from train.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from conftest import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -213,7 +213,7 @@ def test_dask_worker_killed_mid_run_job_still_accounts_for_every_image(tiny_pack
 # ------------------------------------------------------------------- DICOM
 
 def test_dicom_decoding_rules():
-    from train.preprocessing import ImageError, PreprocessConfig, preprocess_image
+    from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
     cfg = PreprocessConfig(image_size=32)
     ramp12 = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
@@ -336,7 +336,7 @@ def test_fault_corpus(tmp_path):
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["images_found"] == m["images_scored"] + m["images_failed"] + m["images_skipped"] == len(expect)
     assert len(expect) >= 10_020
-    from train.fsutil import sha256_file
+    from xray_core.files import sha256_file
 
     distinct = {sha256_file(p) for p, r in rows.items() if r["status"] == "ok"}  # 10,000 tiny files: 256 contents
     assert {r[0] for r in ledger_rows(str(tmp_path / "ledger #1?.sqlite"))} == distinct

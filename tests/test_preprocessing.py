@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.preprocessing import ImageError, PreprocessConfig, preprocess_image, to_grayscale_8bit, to_model_input
+from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image, to_grayscale_8bit, to_model_input
 
 from conftest import png_with_size
 
@@ -182,6 +182,6 @@ def test_config_round_trip_and_validation():
 
 
 def test_preprocessing_imports_no_tensorflow():
-    code = "import sys, train.preprocessing, train.data, train.evaluate; sys.exit('tensorflow' in sys.modules)"
+    code = "import sys, xray_core.preprocessing, train.data, xray_core.metrics; sys.exit('tensorflow' in sys.modules)"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0

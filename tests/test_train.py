@@ -17,7 +17,7 @@ from PIL import Image
 from batch_job.synthetic import make_tree
 from train.__main__ import main as train_main
 from train.data import read_split_csv
-from train.evaluate import operating_point
+from xray_core.metrics import operating_point
 from train.models import (
     VGG19_WEIGHTS_FILE,
     WeightsError,
@@ -27,7 +27,7 @@ from train.models import (
     resolve_vgg19_weights,
     vgg19_parts,
 )
-from train.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from conftest import assert_one_line_error
 
 MODELS = ("baseline_cnn", "augmented_cnn", "vgg19")

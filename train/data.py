@@ -16,10 +16,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from train.fsutil import atomic_write, sha256_file
-from train.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
+from xray_core.files import atomic_write, sha256_file
+from xray_core.labels import CLASSES
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
 
-CLASSES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
 
 _PATIENT_PATTERNS = (

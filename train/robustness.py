@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from train.data import labels_to_array, read_split_csv
-from train.preprocessing import ImageError, PreprocessConfig, decode_image, to_model_input
+from xray_core.preprocessing import ImageError, PreprocessConfig, decode_image, to_model_input
 
 
 def _gamma(g):
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from sklearn.metrics import roc_auc_score
 
-    from train.evaluate import operating_point
+    from xray_core.metrics import operating_point
     from train.models import load_model
 
     comparison = json.load(open(os.path.join(args.run_dir, "comparison.json")))

@@ -26,10 +26,10 @@ from train.data import (
     split_examples,
     write_split_csv,
 )
-from train.evaluate import evaluate
-from train.fsutil import publish_dir, temp_dir_beside
+from xray_core.metrics import evaluate
+from xray_core.files import publish_dir, temp_dir_beside
 from train.models import MODEL_NAMES, WeightsError, build_cnn, resolve_vgg19_weights, vgg19_parts
-from train.preprocessing import PreprocessConfig
+from xray_core.preprocessing import PreprocessConfig
 
 
 class UsageError(ValueError):

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from train.dicom import decode_dicom, is_dicom, stretch_to_uint8
+from xray_core.dicom import decode_dicom, is_dicom, stretch_to_uint8
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
 # process-wide filter list and is not thread-safe (the batch job decodes in several threads).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from train.data import CLASSES
+from xray_core.labels import CLASSES
 
 
 def choose_threshold(y_true, y_prob, target_recall: float = 0.95) -> float:
