@@ -14,9 +14,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="best", help="best (from comparison.json) or a model name of the run")
     p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--calibrate-dir", default=None,
+                   help="labelled sample of new scans (folders NORMAL/PNEUMONIA at or below it): the decision "
+                        "threshold is chosen there, with a 2-fold estimate of what it does on unseen scans")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="with --calibrate-dir: the recall the threshold must reach (default: the run's)")
     args = p.parse_args(argv)
     if not args.verify and not args.run_dir:
         p.error("one of --run-dir or --verify is required")
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        p.error("--target-recall must be in (0, 1]")
     return args
 
 
@@ -39,7 +46,8 @@ def main(argv=None) -> int:
 
     command = "python -m export " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command)
+        export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command,
+               calibrate_dir=args.calibrate_dir, target_recall=args.target_recall)
     except ExportInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

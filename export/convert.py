@@ -151,7 +151,7 @@ def _strip(point: dict) -> dict:
 
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
-                   export_command) -> dict:
+                   export_command, site=None) -> dict:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]))
     return {
@@ -171,10 +171,13 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         "input": _json_io(io["input"]),
         "output": _json_io(io["output"]),
         "class_names": list(CLASSES),
-        "decision_threshold": metrics["chosen_threshold"],
-        "target_recall": metrics["target_recall"],
+        "decision_threshold": site["threshold"] if site else metrics["chosen_threshold"],
+        "threshold_source": "site calibration sample" if site else "internal validation split",
+        "validation_threshold": metrics["chosen_threshold"],
+        "target_recall": site["target_recall"] if site else metrics["target_recall"],
         "val_roc_auc": metrics["val_roc_auc"],
         "test_metrics": {"at_0.5": _strip(metrics["test_at_0.5"]), "at_chosen": _strip(metrics["test_at_chosen"])},
+        "site_calibration": site,
         "parity": parity_result,
         "versions": library_versions(),
         "opset": opset,
@@ -184,9 +187,18 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
 
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
-           opset: int = 17, export_command: str = "", log=print) -> str:
-    """Convert, check parity, publish serving_dir/name/version atomically; returns the version dir."""
+           opset: int = 17, export_command: str = "", calibrate_dir: str | None = None,
+           target_recall: float | None = None, log=print) -> str:
+    """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
+    from export.calibrate import CalibrationError, calibrate, list_labelled
+
     arch, metrics, _ = read_run(run_dir, model)
+    target_recall = metrics["target_recall"] if target_recall is None else target_recall
+    if calibrate_dir is not None:
+        try:
+            list_labelled(calibrate_dir)  # refuse a bad folder before any work
+        except CalibrationError as exc:
+            raise ExportInputError(str(exc)) from None
     name_dir = os.path.join(serving_dir, name)
     existing = versions(name_dir)
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
@@ -208,8 +220,16 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         to_onnx(keras_model, config.image_size, opset, onnx_path)
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
+        site = None
+        if calibrate_dir is not None:
+            try:
+                site = calibrate(load_session(onnx_path), calibrate_dir, config, metrics["chosen_threshold"],
+                                 target_recall, log=log)
+            except CalibrationError as exc:
+                raise ExportInputError(f"{exc}; nothing published") from None
+        threshold = site["threshold"] if site else metrics["chosen_threshold"]
         x, n_images = parity_images(run_dir, config)
-        result = parity(keras_model, onnx_path, x, metrics["chosen_threshold"])
+        result = parity(keras_model, onnx_path, x, threshold)
         result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
         log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
             f"decisions equal: {result['decisions_equal']}")
@@ -220,7 +240,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
-                              sha256=sha256_file(onnx_path), export_command=export_command)
+                              sha256=sha256_file(onnx_path), export_command=export_command, site=site)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, CARD_FILE), "w") as f:

@@ -22,6 +22,8 @@ from train.models import (
     VGG19_WEIGHTS_FILE,
     WeightsError,
     build_cnn,
+    build_resnet,
+    ensemble,
     keras,
     load_model,
     resolve_vgg19_weights,
@@ -30,9 +32,10 @@ from train.models import (
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from conftest import assert_one_line_error
 
-MODELS = ("baseline_cnn", "augmented_cnn", "vgg19")
+MODELS = ("baseline_cnn", "augmented_cnn", "vgg19", "resnet_aug")
 PNGS = ("training_curves.png", "confusion_matrix_0.5.png", "confusion_matrix_chosen.png", "roc_curve.png",
         "samples.png")
+SITE_PNGS = tuple("site_" + p for p in PNGS if p != "training_curves.png")
 
 
 def _all_layers(model):
@@ -54,6 +57,8 @@ def _umask() -> int:
 def _build(name):
     if name == "vgg19":
         return vgg19_parts(32, None)[0]
+    if name == "resnet_aug":
+        return build_resnet(32)
     return build_cnn(32, name=name)
 
 
@@ -178,11 +183,14 @@ def cli_run(tmp_path_factory):
     images = make_tree(str(data), per_class=24, size=48, seed=0)
     corrupt = data / "PNEUMONIA" / CORRUPT_NAME
     corrupt.write_text("not an image at all\n")
+    site = base / "site"
+    site_images = make_tree(str(site), per_class=10, size=48, seed=7)
     out = base / "runs" / "run1"
     argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--epochs", "2",
-            "--patience", "1", "--vgg19-weights", "none"]
+            "--patience", "1", "--vgg19-weights", "none", "--site-dir", str(site), "--ensemble", "2"]
     rc = train_main(argv)
-    return {"rc": rc, "out": out, "data": data, "images": images, "corrupt": str(corrupt), "argv": argv}
+    return {"rc": rc, "out": out, "data": data, "images": images, "corrupt": str(corrupt), "argv": argv,
+            "site": site, "site_images": site_images}
 
 
 def _json(path):
@@ -220,13 +228,19 @@ def test_cli_split_csv(cli_run):
 @pytest.mark.parametrize("name", MODELS)
 def test_cli_model_outputs(cli_run, name):
     d = cli_run["out"] / name
-    for png in PNGS:
+    for png in PNGS + SITE_PNGS:
         with Image.open(d / png) as img:
             assert img.format == "PNG" and img.size[0] > 100, png
     history = _json(d / "history.json")
     assert 1 <= len(history["loss"]) <= 2
-    assert len(history["val_loss"]) == len(history["seconds"]) == len(history["loss"])
-    assert history["best_epoch"] == int(np.argmin(history["val_loss"])) + 1
+    assert len(history["val_loss"]) == len(history["loss"])
+    if name == "resnet_aug":  # cosine schedule, no early stopping: the last epoch's weights; 2 members
+        assert len(history["loss"]) == 2 and history["best_epoch"] == 2
+        assert [len(h["loss"]) for h in history["members"]] == [2, 2]
+        assert len(history["seconds"]) == 4
+    else:
+        assert len(history["seconds"]) == len(history["loss"])
+        assert history["best_epoch"] == int(np.argmin(history["val_loss"])) + 1
     if name == "vgg19":
         assert history["feature_seconds"] >= 0
 
@@ -244,6 +258,17 @@ def test_cli_model_outputs(cli_run, name):
     assert m["val_at_chosen"]["n"] == n_val
     # the chosen threshold reaches the target recall on validation (its defining property)
     assert m["val_at_chosen"]["recall"] >= 0.95
+    # the site sample: all of it, at 0.5, at the validation threshold, and at its own threshold
+    assert m["site_at_0.5"]["n"] == m["site_at_chosen"]["n"] == len(cli_run["site_images"]) == 20
+    assert m["site_at_chosen"]["threshold"] == m["chosen_threshold"]
+    assert m["site_at_site_threshold"]["recall"] >= 0.95
+    assert m["site_roc_auc"] == m["site_at_0.5"]["roc_auc"]
+    if name == "resnet_aug":
+        assert [r["model"] for r in m["members"]] == ["resnet_aug_m0", "resnet_aug_m1"]
+        for r in m["members"]:
+            assert 0 <= r["site_roc_auc"] <= 1 and 0 <= r["test_roc_auc"] <= 1 and r["seconds"] > 0
+    else:
+        assert "members" not in m
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -267,6 +292,16 @@ def test_cli_saved_model_reproduces_test_metrics(cli_run, name):
         assert got["confusion_matrix"]["matrix"] == m[key]["confusion_matrix"]["matrix"], key
     assert operating_point(y, p, 0.5)["roc_auc"] == pytest.approx(m["test_at_0.5"]["roc_auc"], abs=1e-9)
 
+    # site_predictions.csv holds every site image with the reloaded model's probability
+    with open(cli_run["out"] / name / "site_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(cli_run["site_images"])
+    x_site = np.stack([preprocess_image(r["path"], config) for r in rows])
+    np.testing.assert_allclose(predict(model, x_site), [float(r["probability"]) for r in rows], atol=2e-6)
+    y_site = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=float)
+    assert operating_point(y_site, [float(r["probability"]) for r in rows], 0.5)["roc_auc"] == pytest.approx(
+        m["site_roc_auc"], abs=1e-5)
+
 
 def test_cli_comparison(cli_run):
     comp = _json(cli_run["out"] / "comparison.json")
@@ -283,12 +318,18 @@ def test_cli_comparison(cli_run):
         assert row["test_at_chosen.recall"] == m["test_at_chosen"]["recall"]
         assert row["test_at_0.5.specificity"] == m["test_at_0.5"]["specificity"]
         assert row["val_specificity"] == m["val_at_chosen"]["specificity"]
+        assert row["site_roc_auc"] == m["site_roc_auc"]
+        assert row["site_at_chosen.specificity"] == m["site_at_chosen"]["specificity"]
+        assert row["site_specificity_at_target_recall"] == m["site_at_site_threshold"]["specificity"]
     assert comp["skipped_images"] == [{"path": cli_run["corrupt"], "error": "not a decodable image"}]
 
     md = (cli_run["out"] / "comparison.md").read_text()
     assert f"Best by `val_roc_auc`: **{comp['best']}**" in md
-    for name in MODELS:
-        assert sum(1 for line in md.splitlines() if line.startswith(f"| {name} |")) == 2
+    site_part, internal_part = md.split("## Internal test split")
+    assert "## Site sample first" in site_part
+    for name in MODELS:  # two operating points in each table
+        assert sum(1 for line in site_part.splitlines() if line.startswith(f"| {name} |")) == 2
+        assert sum(1 for line in internal_part.splitlines() if line.startswith(f"| {name} |")) == 2
     assert "Skipped (undecodable) images: 1" in md
     assert f"- `{cli_run['corrupt']}`: not a decodable image" in md
 
@@ -298,7 +339,8 @@ def test_cli_run_json(cli_run):
     assert (info["images_found"], info["images_used"], info["images_skipped"]) == (49, 48, 1)
     assert info["data_dir"] == os.path.abspath(cli_run["data"])
     assert info["preprocessing"]["image_size"] == 32
-    assert info["args"]["epochs"] == 2 and info["args"]["models"] == "baseline_cnn,augmented_cnn,vgg19"
+    assert info["args"]["epochs"] == 2 and info["args"]["models"] == "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
+    assert info["site_dir"] == os.path.abspath(cli_run["site"])
     rows = read_split_csv(cli_run["out"] / "split.csv")
     for split in ("train", "val", "test"):
         members = [ex for ex, s in rows if s == split]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MODELS = "baseline_cnn,augmented_cnn,vgg19"
-SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy")
+DEFAULT_MODELS = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
+SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy", "site_roc_auc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,8 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--cnn", default="study", choices=("study", "bn_gap"),
-                   help="CNN variant for baseline_cnn/augmented_cnn: the study's, or bn_gap: 4 conv blocks of 16-32-64-128 filters with batch norm, global average pooling, dense 64")
+    p.add_argument("--site-dir", default=None,
+                   help="labelled sample of new scans, ROOT/{NORMAL,PNEUMONIA}/*: evaluated, never trained on")
+    p.add_argument("--ensemble", type=int, default=1, help="resnet_aug: members (seeds seed, seed+1, ...) averaged in one graph")
+    p.add_argument("--mixup", type=float, default=0.0, help="resnet_aug: mixup Beta(a, a) parameter; 0 turns it off")
+    p.add_argument("--crop-min-area", type=float, default=0.5, help="resnet_aug: smallest random-crop area fraction")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     return p.parse_args(argv)
 

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from train.augment import AugmentConfig, augment_batch
 from train.models import keras
 
 
@@ -16,29 +17,13 @@ def class_weights(y: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
-def augmenter(seed: int) -> keras.Sequential:
-    """Random rotation, zoom, shift and contrast: used in the input pipeline only."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
-            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 2),
-            keras.layers.RandomContrast(0.2, seed=seed + 3),
-        ],
-        name="augment",
-    )
-
-
-def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: keras.Sequential | None = None):
+def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: AugmentConfig | None = None):
     ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(
-            lambda xb, yb: (tf.clip_by_value(augment(xb, training=True), 0.0, 1.0), yb),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        ds = ds.map(lambda xb, yb: augment_batch(xb, yb, augment, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -74,34 +59,45 @@ def fit(
     seed: int,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
-    augment: bool = False,
+    augment: AugmentConfig | None = None,
+    label_smoothing: float = 0.0,
+    cosine: bool = False,
     log=print,
 ) -> dict:
-    """Adam + BCE + class weights + early stopping on val loss (best weights restored).
+    """Adam + BCE + class weights, then one of two schedules:
+
+    - constant learning rate with early stopping on val loss (best weights restored): the study's;
+    - `cosine`: the learning rate decays to 0 over `epochs` and the last epoch's weights are kept
+      (the internal validation split cannot tell shift-robust weights from the rest).
 
     Returns the history dict (per-epoch lists) with `seconds` and `best_epoch` added.
     """
     keras.utils.set_random_seed(seed)
+    steps = int(np.ceil(len(train_xy[0]) / batch_size))
+    lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps) if cosine else learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="binary_crossentropy",
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.AUC(name="auc")],
     )
-    train_ds = make_dataset(*train_xy, batch_size, True, seed, augmenter(seed) if augment else None)
+    train_ds = make_dataset(*train_xy, batch_size, True, seed, augment)
     val_ds = make_dataset(*val_xy, batch_size, False, seed)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     epoch_log = EpochLog(name, epochs, log)
+    callbacks = [epoch_log]
+    if not cosine:
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+        callbacks.insert(0, stop)
     hist = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
         class_weight=class_weights(train_xy[1]),
-        callbacks=[stop, epoch_log],
+        callbacks=callbacks,
         verbose=0,
     )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     history["seconds"] = epoch_log.seconds
-    history["best_epoch"] = int(stop.best_epoch) + 1
+    history["best_epoch"] = len(history["loss"]) if cosine else int(stop.best_epoch) + 1
     return history
 
 

@@ -1,4 +1,4 @@
-"""The three study models, built with tf-keras (Keras 2 API), which tf2onnx converts.
+"""The study's three models and the shift-robust recipe, built with tf-keras (Keras 2 API), which tf2onnx converts.
 
 Every model takes (N, S, S, 1) float32 in [0, 1] and returns (N, 1) P(pneumonia).
 No Lambda layers: saved models load without pickled code.
@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tf_keras as keras  # noqa: E402
 
-MODEL_NAMES = ("baseline_cnn", "augmented_cnn", "vgg19")
+MODEL_NAMES = ("baseline_cnn", "augmented_cnn", "vgg19", "resnet_aug")
 VGG19_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG19_WEIGHTS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/" + VGG19_WEIGHTS_FILE
@@ -30,29 +30,66 @@ def build_cnn(
     filters: tuple[int, ...] = (32, 64, 128),
     dense: int = 128,
     dropout: float = 0.5,
-    batch_norm: bool = False,
-    global_pool: bool = False,
     name: str = "baseline_cnn",
 ) -> keras.Model:
-    """Conv/pool blocks and a dense head; the study's CNN with its defaults.
-
-    `batch_norm` and `global_pool` are the levers the study did not pull.
-    """
+    """The study's CNN: conv/relu/max-pool blocks, flatten, a dense layer, dropout, one sigmoid unit."""
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = inputs
     for i, n in enumerate(filters):
-        x = keras.layers.Conv2D(n, 3, padding="same", use_bias=not batch_norm, name=f"conv{i}")(x)
-        if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
-        x = keras.layers.Activation("relu", name=f"relu{i}")(x)
+        x = keras.layers.Conv2D(n, 3, padding="same", activation="relu", name=f"conv{i}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
-    if global_pool:
-        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    else:
-        x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(dense, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _conv_bn(x, filters: int, stride: int, name: str, relu: bool = True):
+    x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
+
+
+def _residual_block(x, filters: int, stride: int, name: str):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = _conv_bn(x, filters, stride, f"{name}_a")
+    y = _conv_bn(y, filters, 1, f"{name}_b", relu=False)
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.Activation("relu", name=f"{name}_out")(y)
+
+
+def build_resnet(
+    image_size: int,
+    stem: int = 32,
+    stages: tuple[int, ...] = (32, 64, 128, 256),
+    dropout: float = 0.3,
+    name: str = "resnet_aug",
+) -> keras.Model:
+    """A small ResNet: a stride-2 stem, one residual block per stage (stride 2 from the second),
+    batch norm, then the class-activation-map head: global average pooling over the last block
+    (layer `last_block`), dropout, one linear unit `logit`, a sigmoid `probability`."""
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = _conv_bn(inputs, stem, 2, "stem")
+    for i, filters in enumerate(stages):
+        x = _residual_block(x, filters, 1 if i == 0 else 2, f"stage{i}")
+    x = keras.layers.Activation("linear", name="last_block")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.Dense(1, name="logit")(x)
+    outputs = keras.layers.Activation("sigmoid", name="probability")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def ensemble(members: list[keras.Model], name: str) -> keras.Model:
+    """One graph that averages its members' probabilities (a single member is returned as is)."""
+    if len(members) == 1:
+        return members[0]
+    inputs = keras.Input(members[0].input_shape[1:], name="image")
+    outputs = keras.layers.Average(name="probability")([m(inputs) for m in members])
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from train import plots
+from train.comparison import comparison_markdown, summary_row
 from train.data import (
     CLASSES,
     DataError,
@@ -26,9 +27,9 @@ from train.data import (
     split_examples,
     write_split_csv,
 )
-from xray_core.metrics import evaluate
+from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
 from xray_core.files import publish_dir, temp_dir_beside
-from train.models import MODEL_NAMES, WeightsError, build_cnn, resolve_vgg19_weights, vgg19_parts
+from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.preprocessing import PreprocessConfig
 
 
@@ -60,8 +61,16 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         raise UsageError("--epochs must be >= 1, --patience >= 0, --image-size >= 32")
     if args.limit_per_class is not None and args.limit_per_class < 3:
         raise UsageError("--limit-per-class must be >= 3")
+    if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
+        raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
+    if args.select_by.startswith("site_") and not args.site_dir:
+        raise UsageError(f"--select-by {args.select_by} needs --site-dir")
     if not os.path.isdir(args.data_dir):
         raise DataError(f"data directory not found: {args.data_dir}")
+    if args.site_dir and not os.path.isdir(args.site_dir):
+        raise DataError(f"site directory not found: {args.site_dir}")
+    if args.site_dir and _same_or_inside(args.site_dir, args.data_dir):
+        raise UsageError("--site-dir must not overlap --data-dir: the site sample is never trained on")
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise UsageError(f"output dir {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
@@ -72,6 +81,12 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if not os.access(existing, os.W_OK):
         raise UsageError(f"cannot write to {existing}")
     return models, fractions  # type: ignore[return-value]
+
+
+def _same_or_inside(a: str, b: str) -> bool:
+    """True when one of the two folders is the other or lies inside it (real paths)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
 
 
 def _split_arrays(images, labels, splits):
@@ -88,67 +103,9 @@ def _check_splits(data) -> None:
             raise DataError(f"the {name} split lacks one of the classes {CLASSES}: add images or change --split")
 
 
-def _cnn(args, name):
-    if args.cnn == "bn_gap":
-        return build_cnn(args.image_size, filters=(16, 32, 64, 128), dense=64, dropout=0.5,
-                         batch_norm=True, global_pool=True, name=name)
-    return build_cnn(args.image_size, name=name)
-
-
-def train_one(name, args, data, vgg_weights):
-    """Train one model -> (full keras model, history, p_val, p_test)."""
-    from train import fit
-    from train.models import keras
-
-    keras.utils.set_random_seed(args.seed)
-    common = dict(name=name, epochs=args.epochs, patience=args.patience, seed=args.seed,
-                  batch_size=args.batch_size, learning_rate=args.learning_rate)
-    if name in ("baseline_cnn", "augmented_cnn"):
-        model = _cnn(args, name)
-        history = fit.fit(model, data["train"], data["val"], augment=(name == "augmented_cnn"), **common)
-        return model, history, fit.predict(model, data["val"][0]), fit.predict(model, data["test"][0])
-    # vgg19: the base is frozen, so compute its features once and train only the head on them.
-    model, extractor, head = vgg19_parts(args.image_size, vgg_weights)
-    t0 = time.perf_counter()
-    feats = {k: extractor.predict(x, batch_size=64, verbose=0) for k, (x, _) in data.items()}
-    _log(f"[vgg19] cached frozen-base features for {sum(len(f) for f in feats.values())} images "
-         f"in {time.perf_counter() - t0:.1f}s")
-    history = fit.fit(head, (feats["train"], data["train"][1]), (feats["val"], data["val"][1]), **common)
-    history["feature_seconds"] = time.perf_counter() - t0 - sum(history["seconds"])
-    return model, history, fit.predict(head, feats["val"]), fit.predict(head, feats["test"])
-
-
 def _write_json(path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
-
-
-def _summary_row(name, m, history) -> dict:
-    row = {"model": name, "val_roc_auc": m["val_roc_auc"], "chosen_threshold": m["chosen_threshold"],
-           "best_epoch": history["best_epoch"], "epochs_run": len(history["loss"]),
-           "seconds_per_epoch": float(np.mean(history["seconds"]))}
-    for key in ("pr_auc", "specificity", "f1", "accuracy"):
-        row[f"val_{key}"] = m["val_at_chosen"][key]
-    for point in ("test_at_0.5", "test_at_chosen"):
-        for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc"):
-            row[f"{point}.{key}"] = m[point][key]
-    return row
-
-
-def comparison_markdown(rows, best, select_by, skipped) -> str:
-    lines = [f"# Model comparison\n\nBest by `{select_by}`: **{best}**\n",
-             "| model | val ROC AUC | threshold | point | accuracy | precision | recall | specificity | F1 | ROC AUC | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        for point, label in (("test_at_0.5", "0.5"), ("test_at_chosen", "chosen")):
-            lines.append(
-                f"| {r['model']} | {r['val_roc_auc']:.4f} | {r['chosen_threshold']:.4f} | {label} | "
-                + " | ".join(f"{r[f'{point}.{k}']:.4f}" for k in
-                             ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
-                + f" | {r['seconds_per_epoch']:.1f} |")
-    lines.append(f"\nSkipped (undecodable) images: {len(skipped)}")
-    lines += [f"- `{p}`: {err}" for p, err in skipped]
-    return "\n".join(lines) + "\n"
 
 
 def run(args) -> int:
@@ -174,6 +131,99 @@ def run(args) -> int:
     return 0
 
 
+def _load_site(site_dir: str, config) -> tuple[list, np.ndarray, np.ndarray]:
+    """The site sample: ROOT/{NORMAL,PNEUMONIA}/* -> (examples, images, labels). Never trained on."""
+    examples = find_examples(site_dir)
+    images, ok, failed = load_images([e.path for e in examples], config)
+    for path, err in failed:
+        _log(f"skipped site image {path}: {err}")
+    examples = [examples[i] for i in ok]
+    labels = labels_to_array(e.label for e in examples)
+    if len(labels) == 0 or labels.min() == labels.max():
+        raise DataError(f"the site sample {site_dir} needs decodable images of both classes")
+    _log(f"site sample: {len(examples)} images ({int(labels.sum())} pneumonia) from {site_dir}")
+    return examples, images, labels
+
+
+def site_metrics(y_site, p_site, chosen: float, target_recall: float) -> dict:
+    """The site sample at 0.5, at the validation-chosen threshold, and (optimistic) at its own threshold."""
+    own = choose_threshold(y_site, p_site, target_recall)
+    return {"site_roc_auc": operating_point(y_site, p_site, 0.5)["roc_auc"],
+            "site_at_0.5": operating_point(y_site, p_site, 0.5),
+            "site_at_chosen": operating_point(y_site, p_site, chosen),
+            "site_at_site_threshold": operating_point(y_site, p_site, own)}
+
+
+def _member_summary(member, history, data, site, target_recall) -> dict:
+    """One ensemble member on its own: how much of the ensemble's result any single seed gives."""
+    from train.fit import predict
+
+    y_val, y_test = data["val"][1], data["test"][1]
+    row = {"model": member.name, "seconds": float(sum(history["seconds"])),
+           "val_roc_auc": operating_point(y_val, predict(member, data["val"][0]), 0.5)["roc_auc"],
+           "test_roc_auc": operating_point(y_test, predict(member, data["test"][0]), 0.5)["roc_auc"]}
+    if site is not None:
+        p_site = predict(member, site[1])
+        own = choose_threshold(site[2], p_site, target_recall)
+        row["site_roc_auc"] = operating_point(site[2], p_site, 0.5)["roc_auc"]
+        row["site_specificity_at_target_recall"] = operating_point(site[2], p_site, own)["specificity"]
+    return row
+
+
+def _write_site_predictions(path, examples, y, p) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "probability"])
+        writer.writerows((e.path, e.label, f"{prob:.6f}") for e, prob in zip(examples, p))
+
+
+def _plots(model_dir, name, m, y, p, images, prefix, seed) -> None:
+    for point, thr in (("0.5", 0.5), ("chosen", m["chosen_threshold"])):
+        plots.confusion_matrix(y, p, thr, os.path.join(model_dir, f"{prefix}confusion_matrix_{point}.png"),
+                               f"{name} {prefix.rstrip('_') or 'test'}, threshold {thr:.3f}")
+    plots.roc_curve(y, p, os.path.join(model_dir, f"{prefix}roc_curve.png"), name)
+    plots.sample_grid(images, y, p, m["chosen_threshold"], os.path.join(model_dir, f"{prefix}samples.png"), seed=seed)
+
+
+def _train_and_report(name, args, data, site, run_dir, config, vgg_weights) -> tuple[dict, dict]:
+    from train.fit import predict
+    from train.trainers import train_one
+
+    model_dir = os.path.join(run_dir, name)
+    os.makedirs(model_dir)
+    model, history, members, p = train_one(name, args, data, vgg_weights)
+    m = evaluate(data["val"][1], p["val"], data["test"][1], p["test"], args.target_recall)
+    m["model"] = name
+    m["preprocessing"] = config.to_dict()
+    if site is not None:
+        p_site = predict(model, site[1], batch_size=64)
+        m.update(site_metrics(site[2], p_site, m["chosen_threshold"], args.target_recall))
+        _write_site_predictions(os.path.join(model_dir, "site_predictions.csv"), site[0], site[2], p_site)
+        _plots(model_dir, name, m, site[2], p_site, site[1], "site_", args.seed)
+    if members:
+        m["members"] = [_member_summary(mem, h, data, site, args.target_recall)
+                        for mem, h in zip(members, history["members"])]
+    model.save(os.path.join(model_dir, "model.keras"))
+    _write_json(os.path.join(model_dir, "history.json"), history)
+    _write_json(os.path.join(model_dir, "metrics.json"), m)
+    plots.training_curves(history, os.path.join(model_dir, "training_curves.png"))
+    _plots(model_dir, name, m, data["test"][1], p["test"], data["test"][0], "", args.seed)
+    t = m["test_at_chosen"]
+    _log(f"[{name}] test: ROC AUC {t['roc_auc']:.4f}; at threshold {m['chosen_threshold']:.4f} "
+         f"recall {t['recall']:.4f} specificity {t['specificity']:.4f}")
+    if site is not None:
+        sc = m["site_at_chosen"]
+        _log(f"[{name}] site: ROC AUC {m['site_roc_auc']:.4f}; at threshold {m['chosen_threshold']:.4f} "
+             f"recall {sc['recall']:.4f} specificity {sc['specificity']:.4f}; specificity at recall "
+             f"{args.target_recall} on the site itself {m['site_at_site_threshold']['specificity']:.4f}")
+    for row in m.get("members", []):
+        _log(f"[{name}] member {row['model']}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in row.items() if k not in ("model", "seconds")))
+    return summary_row(name, m, history), m
+
+
 def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -> None:
     t0 = time.perf_counter()
     _log(f"found {len(examples)} images ({', '.join(f'{c} {sum(e.label == c for e in examples)}' for c in CLASSES)})")
@@ -191,33 +241,9 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     data = _split_arrays(images, labels, splits)
     _check_splits(data)
     _log("split: " + ", ".join(f"{k} {len(y)} ({int(y.sum())} pneumonia)" for k, (_, y) in data.items()))
+    site = _load_site(args.site_dir, config) if args.site_dir else None
 
-    rows, all_metrics = [], {}
-    for name in models:
-        model_dir = os.path.join(run_dir, name)
-        os.makedirs(model_dir)
-        model, history, p_val, p_test = train_one(name, args, data, vgg_weights)
-        m = evaluate(data["val"][1], p_val, data["test"][1], p_test, args.target_recall)
-        m["model"] = name
-        m["preprocessing"] = config.to_dict()
-        model.save(os.path.join(model_dir, "model.keras"))
-        _write_json(os.path.join(model_dir, "history.json"), history)
-        _write_json(os.path.join(model_dir, "metrics.json"), m)
-        y_test = data["test"][1]
-        plots.training_curves(history, os.path.join(model_dir, "training_curves.png"))
-        for point, thr in (("0.5", 0.5), ("chosen", m["chosen_threshold"])):
-            plots.confusion_matrix(y_test, p_test, thr, os.path.join(model_dir, f"confusion_matrix_{point}.png"),
-                                   f"{name} test, threshold {thr:.3f}")
-        plots.roc_curve(y_test, p_test, os.path.join(model_dir, "roc_curve.png"), name)
-        plots.sample_grid(data["test"][0], y_test, p_test, m["chosen_threshold"],
-                          os.path.join(model_dir, "samples.png"), seed=args.seed)
-        t = m["test_at_chosen"]
-        _log(f"[{name}] test: ROC AUC {t['roc_auc']:.4f}; at threshold {m['chosen_threshold']:.4f} "
-             f"recall {t['recall']:.4f} specificity {t['specificity']:.4f}; at 0.5 recall "
-             f"{m['test_at_0.5']['recall']:.4f} specificity {m['test_at_0.5']['specificity']:.4f}")
-        rows.append(_summary_row(name, m, history))
-        all_metrics[name] = m
-
+    rows = [_train_and_report(name, args, data, site, run_dir, config, vgg_weights)[0] for name in models]
     best = max(rows, key=lambda r: r[args.select_by])["model"]
     comparison = {"best": best, "select_by": args.select_by, "models": rows,
                   "skipped_images": [{"path": p, "error": e} for p, e in failed]}
@@ -228,6 +254,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
         "command": "python -m train " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
         "args": vars(args),
         "data_dir": os.path.abspath(args.data_dir),
+        "site_dir": os.path.abspath(args.site_dir) if args.site_dir else None,
         "images_found": len(examples) + len(failed),
         "images_used": len(examples),
         "images_skipped": len(failed),

@@ -1,0 +1,140 @@
+"""--calibrate-dir: choose the package's decision threshold on a labelled sample of new scans, and estimate
+what a threshold chosen that way does on scans it did not see.
+
+The sample is labelled by the batch job's folder rule (xray_core.labels). Its metrics are reported at 0.5, at the
+validation split's threshold and at the calibrated threshold. The calibrated threshold's own metrics are
+optimistic (it was chosen on those images), so a 2-fold estimate is added: patients are split into two halves
+(stratified by class), the threshold is chosen on one half and measured on the other, then the other way round;
+the pooled out-of-half decisions give recall, specificity and accuracy with Wilson 95% intervals, and ROC AUC
+comes with a patient-level bootstrap 95% interval.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.model_selection import StratifiedGroupKFold
+
+from export.package import INPUT_NAME, OUTPUT_NAME
+from train.data import patient_id
+from xray_core.labels import CLASSES, label_from_relative_path
+from xray_core.metrics import choose_threshold, operating_point
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
+
+SEED = 0
+BOOTSTRAP = 2000
+
+
+class CalibrationError(ValueError):
+    """A calibration folder that cannot be used; the message is one line."""
+
+
+def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
+    """(path, label) for every image under cal_dir with a NORMAL/PNEUMONIA folder at or below cal_dir."""
+    if not os.path.isdir(cal_dir):
+        raise CalibrationError(f"calibration dir not found: {cal_dir}")
+    found = []
+    for dirpath, dirs, files in os.walk(cal_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            label = label_from_relative_path(os.path.relpath(path, cal_dir))
+            if label and is_image_file(name):
+                found.append((path, label))
+    missing = [c for c in CLASSES if not any(label == c for _, label in found)]
+    if missing:
+        raise CalibrationError(f"calibration dir {cal_dir} has no images under a folder named {' or '.join(missing)}")
+    return found
+
+
+def score(session, paths: list[str], config: PreprocessConfig, batch: int = 64):
+    """-> (probabilities of the decodable images, their indices, [(path, error)])."""
+    images, ok, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(preprocess_image(path, config))
+            ok.append(i)
+        except ImageError as exc:
+            failed.append((path, str(exc)))
+    if not images:
+        raise CalibrationError("no calibration image could be decoded")
+    x = np.stack(images)
+    probs = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
+    return np.concatenate(probs).astype(np.float64), ok, failed
+
+
+def wilson(k: int, n: int) -> list[float]:
+    ci = binomtest(int(k), int(n)).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def auc_interval(y, p, groups, seed: int = SEED, n: int = BOOTSTRAP) -> list[float]:
+    """Percentile bootstrap over patients (a patient's images stay together)."""
+    rng = np.random.default_rng(seed)
+    patients = np.unique(groups)
+    rows = {g: np.flatnonzero(groups == g) for g in patients}
+    aucs = []
+    for _ in range(n):
+        idx = np.concatenate([rows[g] for g in rng.choice(patients, size=len(patients), replace=True)])
+        if 0 < y[idx].sum() < len(idx):
+            aucs.append(operating_point(y[idx], p[idx], 0.5)["roc_auc"])
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
+def two_fold(y, p, groups, target_recall: float, seed: int = SEED) -> dict:
+    """Threshold chosen on one half of the patients, measured on the other; pooled over both halves."""
+    folds = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=seed)
+    decided = np.zeros(len(y), dtype=int)
+    thresholds = []
+    for fit_idx, eval_idx in folds.split(np.zeros(len(y)), y, groups):
+        thr = choose_threshold(y[fit_idx], p[fit_idx], target_recall)
+        thresholds.append({"threshold": thr, "fit_images": int(len(fit_idx)), "eval_images": int(len(eval_idx))})
+        decided[eval_idx] = (p[eval_idx] >= thr).astype(int)
+    pos, neg = y == 1, y == 0
+    tp, tn = int((decided[pos] == 1).sum()), int((decided[neg] == 0).sum())
+    correct = tp + tn
+    return {
+        "method": "2-fold by patient (StratifiedGroupKFold, seed 0): threshold chosen on one half, measured on the other",
+        "folds": thresholds,
+        "roc_auc": operating_point(y, p, 0.5)["roc_auc"],
+        "roc_auc_ci95": auc_interval(y, p, groups, seed),
+        "recall": tp / int(pos.sum()), "recall_ci95": wilson(tp, pos.sum()),
+        "specificity": tn / int(neg.sum()), "specificity_ci95": wilson(tn, neg.sum()),
+        "accuracy": correct / len(y), "accuracy_ci95": wilson(correct, len(y)),
+    }
+
+
+def _strip(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k != "classification_report"}
+
+
+def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: float, target_recall: float,
+              log=print) -> dict:
+    """-> the `site_calibration` block of metadata.json; its `threshold` becomes the decision threshold."""
+    found = list_labelled(cal_dir)
+    p, ok, failed = score(session, [path for path, _ in found], config)
+    for path, err in failed:
+        log(f"calibration: skipped {path}: {err}")
+    kept = [found[i] for i in ok]
+    y = np.asarray([CLASSES.index(label) for _, label in kept])
+    if y.min() == y.max():
+        raise CalibrationError(f"calibration dir {cal_dir} needs decodable images of both classes")
+    groups = np.asarray([patient_id(path) for path, _ in kept])
+    threshold = choose_threshold(y, p, target_recall)
+    result = {
+        "dir": os.path.abspath(cal_dir),
+        "images": int(len(y)), "normal": int((y == 0).sum()), "pneumonia": int(y.sum()),
+        "patients": int(len(np.unique(groups))), "skipped": [{"path": a, "error": b} for a, b in failed],
+        "target_recall": float(target_recall),
+        "threshold": threshold,
+        "at_0.5": _strip(operating_point(y, p, 0.5)),
+        "at_validation_threshold": _strip(operating_point(y, p, val_threshold)),
+        "at_calibrated_threshold": _strip(operating_point(y, p, threshold)),
+        "two_fold": two_fold(y, p, groups, target_recall),
+    }
+    est = result["two_fold"]
+    log(f"calibrated on {len(y)} images of {cal_dir}: threshold {threshold:.4f}; 2-fold estimate ROC AUC "
+        f"{est['roc_auc']:.4f}, recall {est['recall']:.4f}, specificity {est['specificity']:.4f}, "
+        f"accuracy {est['accuracy']:.4f}")
+    return result

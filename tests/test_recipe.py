@@ -1,0 +1,159 @@
+"""The shift-robust recipe: augmentation, the ResNet's class-activation-map head, ensembles, the cosine
+schedule, and the train CLI's --site-dir / --select-by site_roc_auc handling (tiny synthetic data)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from batch_job.synthetic import make_tree
+from conftest import assert_one_line_error
+from train.__main__ import main as train_main
+from train.augment import AugmentConfig, augment_batch, mixup, photometric, random_resized_crop
+from train.models import build_resnet, ensemble, keras, load_model
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _batch(n=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.uniform(0, 1, (n, size, size, 1)).astype(np.float32))
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_full_area_square_crop_is_the_identity():
+    x = _batch()
+    out = random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), seed=1)
+    np.testing.assert_allclose(out.numpy(), x.numpy(), atol=1e-5)
+
+
+def test_crop_zooms_in():
+    # a centred bright square on black: a crop of at most 60% of the area makes the square bigger
+    x = np.zeros((16, 32, 32, 1), np.float32)
+    x[:, 12:20, 12:20] = 1.0
+    out = random_resized_crop(tf.constant(x), (0.3, 0.6), (1.0, 1.0), seed=2).numpy()
+    assert out.shape == x.shape
+    bright = (out > 0.5).reshape(16, -1).sum(axis=1)
+    assert np.all((bright == 0) | (bright > 64)), bright  # the square is either cropped away or enlarged
+    assert (bright > 64).sum() >= 8
+
+
+def test_photometric_stays_in_range_and_varies_per_image():
+    x = tf.tile(_batch(1), [16, 1, 1, 1])  # the same image 16 times
+    out = photometric(x, AugmentConfig(), seed=3).numpy()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    means = out.reshape(16, -1).mean(axis=1)
+    assert np.ptp(means) > 0.05  # different brightness/contrast/gamma per image
+    none = AugmentConfig(brightness=0.0, contrast=(1.0, 1.0), gamma=(1.0, 1.0))
+    np.testing.assert_allclose(photometric(x, none, seed=3).numpy(), x.numpy(), atol=1e-6)
+
+
+def test_mixup_is_a_convex_combination_of_pairs():
+    x = tf.constant(np.stack([np.full((4, 4, 1), v, np.float32) for v in (0.0, 1.0, 0.0, 1.0)]))
+    y = tf.constant([0.0, 1.0, 0.0, 1.0])
+    xm, ym = mixup(x, y, alpha=0.4, seed=4)
+    xm, ym = xm.numpy(), ym.numpy()
+    assert np.all((ym >= 0) & (ym <= 1))
+    # images are constant 0 or 1 with labels equal to the value: mixed label == mixed pixel value
+    np.testing.assert_allclose(xm[:, 0, 0, 0], ym, atol=1e-6)
+
+
+def test_augment_batch_without_mixup_keeps_labels():
+    y = tf.constant([0.0, 1.0] * 4)
+    x, y_out = augment_batch(_batch(), y, AugmentConfig(), seed=5)
+    assert x.shape == (8, 32, 32, 1)
+    np.testing.assert_array_equal(y_out.numpy(), y.numpy())
+
+
+# ------------------------------------------------------------- the model head
+
+
+def test_resnet_head_gives_exact_class_activation_maps():
+    """GAP over `last_block`, then one linear unit: the logit is the spatial mean of the CAM."""
+    keras.utils.set_random_seed(0)
+    model = build_resnet(32)
+    x = _batch(4).numpy()
+    # give batch norm non-trivial statistics so the check is not vacuous
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.fit(x, np.array([0, 1, 0, 1.0]), epochs=1, verbose=0)
+    names = [layer.name for layer in model.layers]
+    assert names[-4:] == ["gap", "dropout", "logit", "probability"]
+    assert names.index("last_block") == len(names) - 5
+    features = keras.Model(model.input, model.get_layer("last_block").output).predict(x, verbose=0)
+    assert features.shape[1:3] == (2, 2)  # 32 px / 16
+    w, b = model.get_layer("logit").get_weights()
+    cam = np.einsum("nhwc,c->nhw", features, w[:, 0])
+    logit = cam.mean(axis=(1, 2)) + b[0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), model.predict(x, verbose=0)[:, 0], atol=1e-5)
+
+
+def test_ensemble_averages_members_and_reloads(tmp_path):
+    keras.utils.set_random_seed(1)
+    members = [build_resnet(32, name=f"m{i}") for i in range(3)]
+    model = ensemble(members, "resnet_aug")
+    x = _batch(5).numpy()
+    expected = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-6)
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_allclose(load_model(str(tmp_path / "model.keras")).predict(x, verbose=0), expected, atol=1e-6)
+    assert ensemble(members[:1], "x") is members[0]
+
+
+def test_cosine_schedule_keeps_the_last_epoch():
+    from train import fit
+
+    keras.utils.set_random_seed(2)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (16, 32, 32, 1)).astype(np.float32)
+    y = np.tile([0.0, 1.0], 8).astype(np.float32)
+    model = build_resnet(32)
+    history = fit.fit(model, (x, y), (x[:8], y[:8]), name="toy", epochs=3, patience=0, seed=0, cosine=True,
+                      label_smoothing=0.05, augment=AugmentConfig(), log=lambda _: None)
+    assert len(history["loss"]) == 3 and history["best_epoch"] == 3  # patience 0 would stop a constant schedule
+    assert int(model.optimizer.iterations) == 3  # one step of 16 per epoch
+    # the rate used by the last of 3 steps: cosine from 1e-3 to 0 over 3 steps, at step 2
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 2 / 3)), rel=1e-4)
+    loss = model.evaluate(x[:8], y[:8], verbose=0)[0]
+    assert loss == pytest.approx(history["val_loss"][-1], abs=1e-4)  # no weights were restored
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _args(data, out, *extra):
+    return ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--epochs", "1", *extra]
+
+
+def test_select_by_site_needs_site_dir(tmp_path, capsys):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", "--select-by", "site_roc_auc")),
+                          "--select-by site_roc_auc needs --site-dir")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_site_dir_missing_or_inside_data_is_refused(tmp_path, capsys):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", "--site-dir",
+                                                   str(tmp_path / "nope"))), "site directory not found")
+    assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", "--site-dir",
+                                                   str(tmp_path / "data" / "NORMAL"))), "must not overlap")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_select_by_site_roc_auc_picks_the_best_on_the_site(tmp_path):
+    data = make_tree(str(tmp_path / "data"), per_class=16, size=48, seed=0)
+    assert data
+    make_tree(str(tmp_path / "site"), per_class=8, size=48, seed=9)
+    out = tmp_path / "run"
+    rc = train_main(_args(tmp_path / "data", out, "--models", "baseline_cnn,resnet_aug", "--site-dir",
+                          str(tmp_path / "site"), "--select-by", "site_roc_auc"))
+    assert rc == 0
+    with open(out / "comparison.json") as f:
+        comp = json.load(f)
+    aucs = {r["model"]: r["site_roc_auc"] for r in comp["models"]}
+    assert comp["select_by"] == "site_roc_auc"
+    assert comp["best"] == max(aucs, key=aucs.get)

@@ -1,0 +1,74 @@
+"""Training-time augmentation in the tf.data input pipeline (never in the saved graph).
+
+The shift-robust recipe: a random resized crop (area 0.5-1, aspect 3/4-4/3) and per-image
+gamma, contrast and brightness jitter; optionally mixup. Batched tensors (B, S, S, 1) in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    crop_area: tuple[float, float] = (0.5, 1.0)
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.15  # added: U(-b, b)
+    contrast: tuple[float, float] = (0.7, 1.3)  # around each image's mean
+    gamma: tuple[float, float] = (0.7, 1.4)
+    mixup_alpha: float = 0.0  # 0: no mixup
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _uniform(shape, bounds, seed):
+    return tf.random.uniform(shape, bounds[0], bounds[1], seed=seed)
+
+
+def random_resized_crop(x: tf.Tensor, area, aspect, seed: int) -> tf.Tensor:
+    """Each image: a random box of `area` of the image at `aspect` (w/h), resized back to S x S."""
+    n = tf.shape(x)[0]
+    size = tf.shape(x)[1:3]
+    s = _uniform([n], area, seed)
+    r = tf.exp(_uniform([n], (math.log(aspect[0]), math.log(aspect[1])), seed + 1))
+    h = tf.minimum(tf.sqrt(s / r), 1.0)
+    w = tf.minimum(tf.sqrt(s * r), 1.0)
+    y0 = tf.random.uniform([n], seed=seed + 2) * (1.0 - h)
+    x0 = tf.random.uniform([n], seed=seed + 3) * (1.0 - w)
+    boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(n), size)
+
+
+def photometric(x: tf.Tensor, cfg: AugmentConfig, seed: int) -> tf.Tensor:
+    """Gamma, then contrast around each image's mean, then brightness; clipped to [0, 1]."""
+    n = tf.shape(x)[0]
+    gamma = tf.reshape(_uniform([n], cfg.gamma, seed), (-1, 1, 1, 1))
+    x = tf.pow(tf.clip_by_value(x, 0.0, 1.0), gamma)
+    contrast = tf.reshape(_uniform([n], cfg.contrast, seed + 1), (-1, 1, 1, 1))
+    mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * contrast + mean
+    x = x + tf.reshape(_uniform([n], (-cfg.brightness, cfg.brightness), seed + 2), (-1, 1, 1, 1))
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def mixup(x: tf.Tensor, y: tf.Tensor, alpha: float, seed: int):
+    """Mix each example with another of the batch: lam ~ Beta(alpha, alpha)."""
+    n = tf.shape(x)[0]
+    a = tf.random.gamma([n], alpha, seed=seed)
+    b = tf.random.gamma([n], alpha, seed=seed + 1)
+    lam = a / (a + b)
+    perm = tf.random.shuffle(tf.range(n), seed=seed + 2)
+    x = tf.reshape(lam, (-1, 1, 1, 1)) * x + tf.reshape(1 - lam, (-1, 1, 1, 1)) * tf.gather(x, perm)
+    y = lam * tf.cast(y, tf.float32) + (1 - lam) * tf.gather(tf.cast(y, tf.float32), perm)
+    return x, y
+
+
+def augment_batch(x: tf.Tensor, y: tf.Tensor, cfg: AugmentConfig, seed: int):
+    x = random_resized_crop(x, cfg.crop_area, cfg.crop_aspect, seed)
+    x = photometric(x, cfg, seed + 10)
+    if cfg.mixup_alpha > 0:
+        x, y = mixup(x, y, cfg.mixup_alpha, seed + 20)
+    return x, y
