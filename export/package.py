@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xray_core.errors import one_line
 from xray_core.labels import CLASSES as CLASS_NAMES  # noqa: F401 - re-exported for the scoring side
 from xray_core.files import sha256_file  # noqa: F401 - re-exported
 
@@ -122,12 +123,12 @@ def verify_package(version_dir: str) -> list[Check]:
         onnx.checker.check_model(model)
         checks.append(Check("onnx.checker", True, f"opset {model.opset_import[0].version}"))
     except Exception as exc:  # noqa: BLE001 - any checker failure is a failed check
-        return checks + [Check("onnx.checker", False, str(exc).splitlines()[0][:200])]
+        return checks + [Check("onnx.checker", False, one_line(exc, 200))]
     try:
         session = load_session(model_path)
         checks.append(Check("onnxruntime", True, "session created"))
     except Exception as exc:  # noqa: BLE001
-        return checks + [Check("onnxruntime", False, str(exc).splitlines()[0][:200])]
+        return checks + [Check("onnxruntime", False, one_line(exc, 200))]
     ins, outs = model_io(model)
     size = int(meta["preprocessing"]["image_size"])
     want = expected_io(size)
@@ -141,7 +142,7 @@ def verify_package(version_dir: str) -> list[Check]:
         ok = out.shape == (2, 1) and out.dtype == np.float32 and bool(np.all((out >= 0) & (out <= 1)))
         checks.append(Check("zero batch", ok, f"output shape {out.shape}, values {out.ravel().round(6).tolist()}"))
     except Exception as exc:  # noqa: BLE001
-        checks.append(Check("zero batch", False, str(exc).splitlines()[0][:200]))
+        checks.append(Check("zero batch", False, one_line(exc, 200)))
     return checks
 
 

@@ -185,3 +185,14 @@ def test_preprocessing_imports_no_tensorflow():
     code = "import sys, xray_core.preprocessing, train.data, xray_core.metrics; sys.exit('tensorflow' in sys.modules)"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0
+
+
+def test_an_exception_as_one_line():
+    from xray_core.errors import one_line
+
+    assert one_line(ValueError("Unable to decode:\n  pylibjpeg\n\n  gdcm\n")) == "Unable to decode: pylibjpeg gdcm"
+    beam = RuntimeError("Error processing bundle\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                        "OSError: disk full [while running 'DecodeScoreWrite']\n")
+    assert one_line(beam) == "OSError: disk full [while running 'DecodeScoreWrite']"
+    assert one_line(KeyError()) == "KeyError" and one_line(ValueError("  \n ")) == "ValueError"
+    assert one_line(ValueError("x" * 500), 200) == "x" * 200

@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from xray_core.errors import one_line
+
 DICOM_MAGIC_OFFSET = 128
 
 
@@ -27,7 +29,7 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
-        raise ValueError(f"corrupt DICOM: {_first_line(exc)}") from None
+        raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
     if "PixelData" not in ds:
         raise ValueError("DICOM without pixel data")
     try:
@@ -44,7 +46,7 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
-        raise ValueError(f"DICOM pixel data not decodable ({name}): {_first_line(exc)}") from None
+        raise ValueError(f"DICOM pixel data not decodable ({name}): {one_line(exc)}") from None
     try:
         if arr.ndim == 3:  # colour DICOM (RGB): average the channels
             arr = arr.mean(axis=-1, dtype=np.float32)
@@ -53,7 +55,7 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
         if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             arr = arr.max() + arr.min() - arr
     except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
-        raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {one_line(exc)}") from None
     return Image.fromarray(stretch_to_uint8(arr), mode="L")
 
 
@@ -64,8 +66,3 @@ def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
     scaled = (arr - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
     return np.rint(scaled).astype(np.uint8)
 
-
-def _first_line(exc: Exception) -> str:
-    """The message folded onto one line (pydicom lists missing decoder packages on later lines)."""
-    text = " ".join(part.strip() for part in str(exc).split("\n") if part.strip())
-    return (text or type(exc).__name__)[:300]

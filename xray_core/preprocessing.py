@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from xray_core.dicom import decode_dicom, is_dicom, stretch_to_uint8
+from xray_core.errors import one_line
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
 # process-wide filter list and is not thread-safe (the batch job decodes in several threads).
@@ -115,7 +116,7 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
     except IsADirectoryError:
         raise ImageError("is a directory") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: if made an error
-        raise ImageError(f"decompression bomb: {exc}".splitlines()[0][:200]) from None
+        raise ImageError(f"decompression bomb: {one_line(exc, 200)}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a decodable image") from None
     except FileNotFoundError:
@@ -123,8 +124,7 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
     except PermissionError:
         raise ImageError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"decode failed: {msg}"[:400]) from None
+        raise ImageError(f"decode failed: {one_line(exc, 385)}") from None
 
 
 def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:

@@ -1,0 +1,15 @@
+"""An exception as one line: the form every command's error messages and error rows use."""
+from __future__ import annotations
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception's message folded onto one line and cut to `limit` characters; its type name if empty.
+
+    A message that carries a traceback (Beam re-raises a worker's error with the worker's traceback in
+    the text) gives only its last line: the error that ended the traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any(line.startswith(TRACEBACK) for line in lines):
+        lines = lines[-1:]
+    return (" ".join(lines) or type(exc).__name__)[:limit]
