@@ -9,11 +9,15 @@ published by a run killed before its ledger commit, and the next run may replace
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import pathlib
 import sqlite3
 from datetime import datetime, timezone
 from typing import Iterable
+
+from batch_job.errors import InputError
+from xray_core.errors import one_line
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scored (
@@ -35,7 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-class LedgerError(RuntimeError):
+class LedgerError(InputError):
     """The ledger cannot be used (exit 2); one line."""
 
 
@@ -66,7 +70,7 @@ class Ledger:
                 conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             self.__exit__()
-            raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {exc}") from None
+            raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {one_line(exc)}") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -102,17 +106,20 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-_READERS: dict[tuple, sqlite3.Connection] = {}
+READERS_KEPT = 4  # per worker process; a long-lived Dask worker sees one ledger after another
+
+
+@functools.lru_cache(maxsize=READERS_KEPT)
+def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
+    """A read-only connection, shared by the worker threads of a process; the READERS_KEPT most recently
+    used are kept (one dropped from the cache is closed when garbage-collected, after any thread using it)."""
+    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
 
 def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
     """Worker side: (probability, scored_utc) of an earlier score, or None."""
-    st = os.stat(path)
-    key = (path, st.st_dev, st.st_ino)  # a ledger file replaced at the same path gets a new reader
-    conn = _READERS.get(key)
-    if conn is None:
-        uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
-        conn = _READERS.setdefault(key, sqlite3.connect(uri, uri=True, check_same_thread=False))
-    row = conn.execute("SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?",
-                       (sha256, model)).fetchone()
+    st = os.stat(path)  # a ledger file replaced at the same path gets a new reader
+    row = _reader(path, st.st_dev, st.st_ino).execute(
+        "SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
     return (float(row[0]), row[1]) if row else None

@@ -6,25 +6,44 @@ import re
 import stat
 from typing import Iterator
 
-from xray_core.labels import CLASSES
+from batch_job.errors import InputError
 from xray_core.dicom import is_dicom
+from xray_core.errors import one_line
+from xray_core.labels import label_from_relative_path
 from xray_core.preprocessing import is_image_file
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB_CHARS = ("*", "?", "[")
 
 
-class InputError(ValueError):
-    """A job-level input problem (exit 2); the message is one line."""
-
-
 def is_uri(path: str) -> bool:
     return bool(_URI.match(path))
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The folders of a glob before its first wildcard."""
+    parts = pattern.split("/")
+    literal = next(i for i, part in enumerate(parts) if _is_glob(part))
+    return "/".join(parts[:literal]) or "/"
+
+
+def input_root(arg: str) -> str:
+    """What an --input names: the folder or file itself (absolute), or for a glob the folders before its
+    first wildcard. Labels come only from at or below it; the output and the ledger must stay out of it."""
+    if is_uri(arg):
+        return _literal_prefix(arg) if _is_glob(arg) else arg.rstrip("/")
+    if os.path.lexists(arg) or not _is_glob(arg):
+        return os.path.abspath(arg)
+    return _literal_prefix(os.path.abspath(arg))
+
+
 def check_inputs(inputs: list[str]) -> None:
     """Every --input must exist (a folder or file), match something (a glob), or be a URI."""
-    missing = [p for p in inputs if not is_uri(p) and not any(c in p for c in _GLOB_CHARS) and not os.path.exists(p)]
+    missing = [p for p in inputs if not is_uri(p) and not _is_glob(p) and not os.path.exists(p)]
     if missing:
         raise InputError(f"input path not found: {', '.join(missing)}")
 
@@ -76,12 +95,8 @@ def glob_regex(pattern: str) -> re.Pattern:
 def _glob(pattern: str) -> Iterator[str]:
     """Walk from the pattern's literal folder prefix without following symlinked folders."""
     pattern = os.path.abspath(pattern)
-    parts = pattern.split(os.sep)
-    literal = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
-    root = os.sep.join(parts[:literal]) or os.sep
     regex = glob_regex(pattern)
-    for path in _walk(root, select=lambda p: bool(regex.match(p))):
-        yield path
+    yield from _walk(_literal_prefix(pattern), select=lambda p: bool(regex.match(p)))
 
 
 def _walk(root: str, select=lambda path: True) -> Iterator[str]:
@@ -97,7 +112,7 @@ def _walk(root: str, select=lambda path: True) -> Iterator[str]:
 def _match_uri(pattern: str) -> Iterator[str]:
     from apache_beam.io.filesystems import FileSystems
 
-    if not any(c in pattern for c in _GLOB_CHARS):
+    if not _is_glob(pattern):
         pattern = pattern.rstrip("/") + "/**"
     for result in FileSystems.match([pattern]):
         for meta in result.metadata_list:
@@ -133,13 +148,14 @@ def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
                     seen.add(key)
                     yield index, shown
         except ValueError as exc:  # e.g. gs:// without apache-beam[gcp]
-            raise InputError(f"cannot list {root}: {str(exc).splitlines()[0][:200]}") from None
+            raise InputError(f"cannot list {root}: {one_line(exc, 200)}") from None
 
 
-def label_from_path(path: str) -> str:
-    """NORMAL/PNEUMONIA from the nearest such ancestor folder (any case), else ''."""
-    parts = re.split(r"[/\\]", path)[:-1]
-    for part in reversed(parts):
-        if part.upper() in CLASSES:
-            return part.upper()
-    return ""
+def label_from_path(path: str, root: str) -> str:
+    """NORMAL or PNEUMONIA (any case) from the nearest folder of that name at or below the input's root
+    (:func:`input_root`: the root's own name counts), else ''. Folders above the root never count, and a
+    single-file input has no folder at or below it."""
+    root = root.rstrip("/")
+    if not path.startswith(root + "/"):
+        return ""
+    return label_from_relative_path(os.path.basename(root) + path[len(root):])

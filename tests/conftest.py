@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import zlib
@@ -14,6 +15,7 @@ from batch_job.synthetic import make_tree
 from export.package import INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "train")
+SITE_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "site_sample")
 
 
 def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45) -> None:
@@ -147,3 +149,31 @@ def labelled_tree(tmp_path_factory) -> tuple[str, dict[str, str]]:
         Image.new("L", (80, 80), 40 + 40 * i).save(os.path.join(unlabelled, f"scan {i}, copy.png"))
     bad = write_bad_inputs(os.path.join(root, "site_a", "PNEUMONIA", "bad"))
     return root, bad
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def job_log():
+    """What the batch job logs (logger "batch_job", INFO and up), through a handler of the test's own: it
+    does not depend on pytest's log capture, its version, or which test ran first."""
+    logger = logging.getLogger("batch_job")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

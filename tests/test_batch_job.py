@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,14 +15,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from batch_job import outputs
-from batch_job.listing import iter_images, label_from_path
-from batch_job.pipeline import main
+from batch_job import shards
+from batch_job.cli import main
+from batch_job.listing import input_root, iter_images, label_from_path
+from batch_job.reconcile import reconcile
 from batch_job.synthetic import make_tree
 from export.package import load_session
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
-from conftest import write_package
+from conftest import SITE_SAMPLE, assert_one_line_error, write_package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,13 +89,42 @@ def test_direct_runner_scores_every_image_once(direct_run, labelled_tree):
         assert rows[path]["probability"] == "" and rows[path]["prediction"] == ""
 
 
-def test_labels_come_from_ancestor_folders(direct_run, labelled_tree):
+def test_labels_come_from_folders_below_the_input(direct_run, labelled_tree):
     rows = read_predictions(direct_run[1])
     for path, row in rows.items():
         expected = "PNEUMONIA" if "/PNEUMONIA/" in path else "NORMAL" if "/NORMAL/" in path else ""
         assert row["label"] == expected
-    assert label_from_path("/a/normal/x/y.png") == "NORMAL"
-    assert label_from_path("/a/b/y.png") == ""
+    assert label_from_path("/a/in/normal/x/y.png", "/a/in") == "NORMAL"  # any case, nearest folder wins
+    assert label_from_path("/a/in/NORMAL/PNEUMONIA/y.png", "/a/in") == "PNEUMONIA"
+    assert label_from_path("/a/in/b/y.png", "/a/in") == ""
+    assert label_from_path("/a/NORMAL/y.png", "/a/NORMAL") == "NORMAL"  # the input's own folder counts
+    assert label_from_path("/a/NORMAL/in/y.png", "/a/NORMAL/in") == ""  # a folder above it never does
+    assert label_from_path("/a/NORMAL/y.png", "/a/NORMAL/y.png") == ""  # a single-file input: no folder below
+    assert input_root("/a/NORMAL/*/x.png") == "/a/NORMAL" and input_root("gs://b/PNEUMONIA/**") == "gs://b/PNEUMONIA"
+
+
+def test_no_labels_from_folders_above_the_input(tmp_path, tiny_package):
+    """--input /data/Pneumonia/incoming: the images are not labelled, and no labelled metrics are reported."""
+    incoming = tmp_path / "data" / "Pneumonia" / "incoming"
+    make_tree(str(incoming / "site"), per_class=3, size=64, seed=4)  # labelled folders below the input...
+    for p in glob.glob(str(incoming / "site" / "*" / "*")):
+        os.rename(p, incoming / os.path.basename(p))  # ...moved up: now only the folder above is named
+    out = str(tmp_path / "out")
+    assert main(["--input", str(incoming), "--model", tiny_package, "--output", out,
+                 "--direct_running_mode=in_memory"]) == 0
+    rows = read_predictions(out)
+    assert len(rows) == 6 and {r["label"] for r in rows.values()} == {""}
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert "accuracy" not in m and "labelled_images" not in m and "recall" not in m
+    # the input's own folder, and a glob's literal folders, still label
+    out2, out3 = str(tmp_path / "out2"), str(tmp_path / "out3")
+    assert main(["--input", str(tmp_path / "data" / "Pneumonia"), "--model", tiny_package, "--output", out2,
+                 "--direct_running_mode=in_memory"]) == 0
+    assert {r["label"] for r in read_predictions(out2).values()} == {"PNEUMONIA"}
+    glob_input = str(tmp_path / "data" / "*" / "incoming" / "*.jpeg")
+    assert main(["--input", glob_input, "--model", tiny_package, "--output", out3,
+                 "--direct_running_mode=in_memory"]) == 0
+    assert {r["label"] for r in read_predictions(out3).values()} == {"PNEUMONIA"}  # below the glob's root
 
 
 def test_probabilities_equal_direct_onnxruntime(direct_run, tiny_package):
@@ -157,21 +188,32 @@ def test_rerun_is_identical_and_overwrite_needed(direct_run, labelled_tree, tiny
     assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
 
 
-def test_direct_runner_defaults_threads_on_small_machines_and_respects_flags():
+def test_runner_defaults_apply_only_where_the_user_set_nothing():
     from apache_beam.options.pipeline_options import DirectOptions
+    from apache_beam.runners.dask.dask_runner import DaskOptions
 
-    from batch_job.pipeline import THREADS_UP_TO, default_running_mode, resolve_runner
-    from batch_job.scoring import default_workers
+    from batch_job.runner import THREADS_UP_TO, choose_runner, default_running_mode, default_workers
 
     assert default_running_mode(1) == default_running_mode(THREADS_UP_TO) == "multi_threading"
     assert default_running_mode(THREADS_UP_TO + 1) == default_running_mode(64) == "multi_processing"
-    _, label, options, workers = resolve_runner([])
-    direct = options.view_as(DirectOptions)
-    assert label == "DirectRunner" and workers == direct.direct_num_workers == default_workers()
-    assert direct.direct_running_mode == default_running_mode(default_workers())
-    _, _, options, workers = resolve_runner(["--direct_running_mode=multi_processing", "--direct_num_workers=3"])
-    direct = options.view_as(DirectOptions)
-    assert (direct.direct_running_mode, direct.direct_num_workers, workers) == ("multi_processing", 3, 3)
+    cores = default_workers()
+
+    def direct(args):
+        r = choose_runner(args)
+        o = r.options.view_as(DirectOptions)
+        return r.label, o.direct_running_mode, o.direct_num_workers, r.workers
+
+    assert direct([]) == ("DirectRunner", default_running_mode(cores), cores, cores)
+    assert direct(["--job_name=in_memory_direct_num_workers"]) == direct([])  # values are not option names
+    assert direct(["--direct_running_mode", "multi_processing", "--direct_num_workers", "3"])[1:] == (
+        "multi_processing", 3, 3)
+    assert direct(["--direct_running_mode=in_memory"])[1:] == ("in_memory", 1, 1)  # Beam's default, given explicitly
+    assert direct(["--direct_num_workers=1"])[2:] == (1, 1)
+    assert choose_runner([]).options.get_all_options()["default_sdk_harness_log_level"] == "WARNING"
+    dask = choose_runner(["--runner=DaskRunner"])
+    assert dask.label == "DaskRunner" and dask.options.view_as(DaskOptions).partition_size == 1
+    dask = choose_runner(["--runner", "DaskRunner", "--dask_npartitions", "3"]).options.view_as(DaskOptions)
+    assert (dask.npartitions, dask.partition_size) == (3, None)
 
 
 def test_threshold_override(labelled_tree, tiny_package, tmp_path):
@@ -237,14 +279,14 @@ def test_job_level_failures_exit_2_and_write_nothing(case, labelled_tree, tiny_p
 def test_lost_shard_fails_reconciliation(labelled_tree, tiny_package, tmp_path, monkeypatch, capsys):
     """A shard that never arrives (as DaskRunner's dropped outputs would) is a job failure, not a gap."""
     root, _ = labelled_tree
-    real = outputs.write_shard
+    real = shards.write_shard
 
     def drop_first_shard(out_dir, shard_id, records, with_ledger=False):
         if shard_id == 0:
             return None
         return real(out_dir, shard_id, records, with_ledger)
 
-    monkeypatch.setattr(outputs, "write_shard", drop_first_shard)
+    monkeypatch.setattr(shards, "write_shard", drop_first_shard)
     out = str(tmp_path / "out")
     rc = main(["--input", root, "--model", tiny_package, "--output", out, "--shard-size", "16",
                "--direct_running_mode=in_memory"])
@@ -255,27 +297,36 @@ def test_lost_shard_fails_reconciliation(labelled_tree, tiny_package, tmp_path, 
 
 
 def test_reconcile_counts_duplicates_and_strays(tmp_path):
-    listing = str(tmp_path / outputs.LISTING_FILE)
-    outputs.write_listing(listing, [(0, f"/x/{i}.png") for i in range(5)])
-    shards = outputs.shard_listing(listing, 2)
-    assert shards == [(0, 0, 2), (1, shards[1][1], 2), (2, shards[2][1], 1)]
+    listing = str(tmp_path / shards.LISTING_FILE)
+    shards.write_listing(listing, [(0, f"/x/{i}.png", "") for i in range(5)])
+    cut = shards.cut_listing(listing, 2)
+    assert cut == [(0, 0, 2), (1, cut[1][1], 2), (2, cut[2][1], 1)]
     rec = {"status": "ok", "probability": "0.5", "prediction": "PNEUMONIA", "threshold": "0.5", "label": "",
            "model": "m/1", "error": ""}
-    outputs.write_shard(str(tmp_path), 0, [dict(rec, path="/x/0.png"), dict(rec, path="/x/1.png")])
-    outputs.write_shard(str(tmp_path), 1, [dict(rec, path="/x/2.png"), dict(rec, path="/x/2.png"),
-                                           dict(rec, path="/x/3.png")])
-    outputs.write_shard(str(tmp_path), 7, [dict(rec, path="/x/4.png")])
-    r = outputs.reconcile(str(tmp_path), shards, ["/x"])
+    shards.write_shard(str(tmp_path), 0, [dict(rec, path="/x/0.png"), dict(rec, path="/x/1.png")])
+    shards.write_shard(str(tmp_path), 1, [dict(rec, path="/x/2.png"), dict(rec, path="/x/2.png"),
+                                          dict(rec, path="/x/3.png")])
+    shards.write_shard(str(tmp_path), 7, [dict(rec, path="/x/4.png")])
+    r = reconcile(str(tmp_path), cut, ["/x"])
     assert (r["images_found"], r["images_scored"], r["missing"], r["duplicated"]) == (5, 4, 1, 1)
     assert r["stray_shards"] == ["predictions-00007.csv"] and not r["ok"]
 
 
-def test_scoring_side_imports_no_tensorflow():
-    code = ("import sys, batch_job.pipeline, batch_job.scoring, export.package, xray_core.preprocessing; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tf2onnx')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+def test_scoring_side_imports_nothing_from_train_or_tensorflow():
+    """Every batch_job module, export/package.py and xray_core, imported in a fresh interpreter."""
+    code = ("import importlib, pkgutil, sys, batch_job, xray_core\n"
+            "for pkg in (batch_job, xray_core):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+            "import export.package\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('train', 'tensorflow', 'tf_keras', 'keras', 'tf2onnx')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    assert "batch_job.pipeline" in subprocess.run(  # the check above can fail: it does see what is imported
+        [sys.executable, "-c", code.replace("('train',", "('batch_job', 'train',")], cwd=REPO, capture_output=True,
+        text=True).stdout
 
 
 def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_package, tmp_path):
@@ -292,16 +343,16 @@ def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_pac
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(out)
-    assert glob.glob(out + ".tmp-*")  # the killed run's temp dir is still there...
+    (left,) = glob.glob(out + ".tmp-*")  # the killed run's temp dir is still there (named as README says)...
+    assert re.fullmatch(rf"out\.tmp-{proc.pid}@[^/]+-\w+", os.path.basename(left)), left
     proc = subprocess.run(cmd[:-5] + ["--direct_num_workers=1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not glob.glob(out + ".tmp-*")  # ...and the successful rerun removed it
     assert set(read_predictions(out)) == all_image_paths(root)
 
 
-def test_command_line_job_reports_like_the_in_process_job(labelled_tree, tiny_package, tmp_path):
-    """The installed `pneumonia-batch` command (= `python -m batch_job`) makes its report in a helper
-    process; the outputs are those of the in-process job."""
+def test_command_line_job_gives_the_in_process_outputs(labelled_tree, tiny_package, tmp_path):
+    """The installed `pneumonia-batch` command (= `python -m batch_job`) writes what the in-process job writes."""
     script = os.path.join(os.path.dirname(sys.executable), "pneumonia-batch")
     if not os.path.exists(script):
         pytest.skip("the project is not installed in this environment (pip install -e .)")
@@ -311,12 +362,13 @@ def test_command_line_job_reports_like_the_in_process_job(labelled_tree, tiny_pa
     proc = subprocess.run([script, *common, "--output", cli_out], cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # (whether the helper or the fallback made it is tested in test_report_worker.py)
+    assert re.match(rf"scored \d+/{len(all_image_paths(root))} images", proc.stdout) and " INFO listed " in proc.stderr
     assert main([*common, "--output", here_out], started=time.perf_counter() - 50) == 0
     assert json.load(open(os.path.join(here_out, "metrics.json")))["timings"]["setup_seconds"] >= 50
     volatile = ("timings", "wall_seconds", "images_per_second", "run_id")
     cli, here = (json.load(open(os.path.join(d, "metrics.json"))) for d in (cli_out, here_out))
     assert {k: v for k, v in cli.items() if k not in volatile} == {k: v for k, v in here.items() if k not in volatile}
+    assert read_predictions(cli_out) == read_predictions(here_out)
     assert cli["accuracy"] is not None and os.path.getsize(os.path.join(cli_out, "histogram.png")) > 1000
 
 
@@ -334,8 +386,131 @@ def test_ctrl_c_stops_the_job_with_one_line_and_nothing_published(tmp_path):
         time.sleep(0.05)
     assert glob.glob(out + ".tmp-*/predictions-*.csv"), "the job never started writing"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    stdout, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "error: interrupted; nothing published"
-    assert "Traceback" not in err
+    # the job's line, once (worker threads still running may log their failures on the removed temp dir)
+    assert err.splitlines().count("error: interrupted; nothing published") == 1, err[-3000:]
+    assert stdout == ""
     assert not os.path.exists(out) and not glob.glob(out + ".tmp-*")
+
+
+# ------------------------------------------------- OUT_DIR, inputs and ledger stay apart (issue 11, defect 1)
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("case", ["output_is_input", "output_inside_input", "input_inside_output",
+                                  "output_is_a_link_to_input", "output_inside_glob_root", "ledger_inside_input",
+                                  "ledger_inside_output", "input_is_a_file_in_output"])
+def test_output_and_ledger_never_overlap_an_input(case, tiny_package, tmp_path, capsys):
+    """Refused before anything is read or written: exit 2, one line, every file as it was, nothing created."""
+    data = tmp_path / "data"
+    make_tree(str(data / "in"), per_class=2, size=64, seed=6)
+    inp, out, ledger = str(data / "in"), str(tmp_path / "scores"), None
+    if case == "output_is_input":
+        out = inp
+    elif case == "output_inside_input":
+        out = os.path.join(inp, "scores")
+    elif case == "input_inside_output":
+        out = str(data)
+    elif case == "output_is_a_link_to_input":
+        os.symlink(inp, tmp_path / "link")
+        out = str(tmp_path / "link")
+    elif case == "output_inside_glob_root":
+        inp, out = str(data / "*" / "NORMAL" / "*.jpeg"), str(data / "scores")
+    elif case == "ledger_inside_input":
+        ledger = os.path.join(inp, "ledger.sqlite")
+    elif case == "ledger_inside_output":
+        ledger = os.path.join(out, "ledger.sqlite")
+    elif case == "input_is_a_file_in_output":
+        inp, out = glob.glob(str(data / "in" / "NORMAL" / "*"))[0], str(data / "in")
+    before, listing = snapshot(str(tmp_path)), sorted(os.listdir(tmp_path))
+    argv = ["--input", inp, "--model", tiny_package, "--output", out, "--overwrite", "--direct_running_mode=in_memory"]
+    line = assert_one_line_error(capsys, main(argv + (["--ledger", ledger] if ledger else [])))
+    assert ("overlap" if ledger is None else "lies inside") in line
+    assert snapshot(str(tmp_path)) == before and sorted(os.listdir(tmp_path)) == listing
+
+
+# ------------------------------------------------------------------- the shared data's site sample
+
+@pytest.mark.skipif(not os.path.isdir(SITE_SAMPLE), reason="../shared/data/chest_xray/site_sample is not present")
+def test_site_sample_of_real_xrays(tmp_path):
+    """313 real labelled X-rays (../shared/data/chest_xray/site_sample/{NORMAL,PNEUMONIA}) with the shipped model."""
+    counts = {label: len(os.listdir(os.path.join(SITE_SAMPLE, label))) for label in ("NORMAL", "PNEUMONIA")}
+    out = str(tmp_path / "out")
+    assert main(["--input", SITE_SAMPLE, "--model", os.path.join(REPO, "serving_models", "pneumonia"),
+                 "--output", out]) == 0
+    rows = read_predictions(out)
+    assert len(rows) == sum(counts.values()) == 313
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {label: sum(r["label"] == label for r in rows.values()) for label in counts} == counts
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["images_found"] == m["images_scored"] == m["labelled_images"] == 313
+    cm = m["confusion_matrix"]
+    assert (cm["tn"] + cm["fp"], cm["fn"] + cm["tp"]) == (counts["NORMAL"], counts["PNEUMONIA"])
+    y = np.asarray([r["label"] == "PNEUMONIA" for r in rows.values()], dtype=int)
+    p = np.asarray([float(r["probability"]) for r in rows.values()])
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p)) and m["roc_auc"] > 0.5
+    assert m["recall"] == pytest.approx(cm["tp"] / counts["PNEUMONIA"])
+
+
+# ------------------------------------------------------------------------------ issue 11, defects 4-6
+
+def test_parked_output_is_restored_before_the_emptiness_check(labelled_tree, tiny_package, tmp_path, capsys):
+    """An OUT_DIR parked by an --overwrite killed between its two renames comes back first; the job then
+    refuses at once (exit 2), instead of scoring everything and failing at publish."""
+    root, _ = labelled_tree
+    out = tmp_path / "out"
+    parked = tmp_path / "out.old-x1y2z3" / "old"
+    parked.mkdir(parents=True)
+    (parked / "predictions-00000.csv").write_text("last night's\n")
+    assert not out.exists()
+    rc = main(["--input", root, "--model", tiny_package, "--output", str(out), "--direct_running_mode=in_memory"])
+    assert_one_line_error(capsys, rc, "not empty")
+    assert (out / "predictions-00000.csv").read_text() == "last night's\n"  # restored, untouched
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no parked dir, no temp dir
+
+
+def test_model_sessions_per_worker_are_bounded(tmp_path):
+    """A long-lived worker that sees one model version after another keeps only the last few sessions."""
+    import gc
+    import weakref
+
+    from batch_job.scoring import get_session
+
+    paths = [os.path.join(write_package(str(tmp_path / "serving"), version=v), "model.onnx") for v in range(1, 9)]
+    first = get_session(paths[0], 1)
+    assert get_session(paths[0], 1) is first  # reused while in use
+    refs = [weakref.ref(get_session(p, 1)) for p in paths]
+    del first
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert alive[-1] and sum(alive) <= 4, alive
+
+
+def test_uri_inputs_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    """The 1 GiB limit applies to URI inputs too (read through Beam's FileSystems, here a test scheme)."""
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    from batch_job import scoring
+    from xray_core.preprocessing import ImageError
+
+    class PrefixFileSystem(LocalFileSystem):  # testfs:///x is the local file /x
+        @classmethod
+        def scheme(cls):
+            return "testfs"
+
+        def open(self, path, *args, **kwargs):
+            return super().open(path[len("testfs://"):], *args, **kwargs)
+
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    small.write_bytes(b"x" * 100)
+    big.write_bytes(b"x" * 101)
+    monkeypatch.setattr(scoring, "MAX_FILE_BYTES", 100)
+    assert scoring.read_input(f"testfs://{small}") == b"x" * 100
+    with pytest.raises(ImageError, match="file too large"):
+        scoring.read_input(f"testfs://{big}")
+    with pytest.raises(ImageError, match="file too large"):
+        scoring.read_input(str(big))  # as for local files

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch_job.cli import main
 from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import iter_images
-from batch_job.pipeline import KILL_ENV, main
+from batch_job.pipeline import KILL_ENV
 from batch_job.synthetic import make_tree
 
-from conftest import write_bad_inputs
+from conftest import assert_one_line_error, write_bad_inputs
 from dicom_factory import dicom_bytes
 from test_batch_job import REPO, read_predictions
 
@@ -103,6 +104,11 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
         assert second[path]["probability"] == row["probability"] and second[path]["prediction"] == row["prediction"]
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
+    published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, ledger sidecar included
+    assert published == ["_ledger-00000.jsonl", "_listing.jsonl", "histogram.png", "metrics.json",
+                         "predictions-00000.csv", "report.md"]
+    sidecar = [json.loads(line) for line in open(tmp_path / "night2" / "_ledger-00000.jsonl")]
+    assert [os.path.basename(e[2]) for e in sidecar] == ["new.png"] and len(sidecar[0][0]) == 64
     rows = ledger_rows(ledger)
     assert len(rows) == 21 and len({(r[0], r[1]) for r in rows}) == 21  # no duplicates; failures not recorded
     # a new model version rescores everything
@@ -348,27 +354,69 @@ def test_fault_corpus(tmp_path):
 
 
 def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(small_tree, tiny_package, tmp_path, monkeypatch,
-                                                                   caplog):
+                                                                   job_log):
     """The command's SIGINT handler (batch_job/interrupts.py) holds a Ctrl-C that arrives while OUT_DIR is
     published and the ledger committed: the job completes, both are consistent, and it says so."""
-    import batch_job.pipeline as pipeline
+    from batch_job import outdir
     from batch_job.interrupts import GATE
 
     ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
-    real_publish = pipeline.publish_dir
+    real_publish = outdir.publish_dir
 
     def publish_with_ctrl_c(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)  # handled (held) before the rename below
         real_publish(*a, **k)
 
-    monkeypatch.setattr(pipeline, "publish_dir", publish_with_ctrl_c)
+    monkeypatch.setattr(outdir, "publish_dir", publish_with_ctrl_c)
     previous = signal.signal(signal.SIGINT, GATE.handler)
     try:
-        with caplog.at_level("WARNING", logger="batch_job"):
-            rc = main(["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
-                       "--direct_running_mode=in_memory"])
+        rc = main(["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
+                   "--direct_running_mode=in_memory"])
     finally:
         signal.signal(signal.SIGINT, previous)
     assert rc == 0 and not GATE.pending and GATE.depth == 0
-    assert "Ctrl-C arrived while the outputs were being published; the job completed first" in caplog.text
+    assert "Ctrl-C arrived while the outputs were being published; the job completed first" in job_log.text
     assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
+
+
+def test_failed_ledger_commit_says_outputs_were_published_and_exits_3(small_tree, tiny_package, tmp_path,
+                                                                       monkeypatch, capsys):
+    """OUT_DIR is published, the ledger commit fails: the line says so (not "nothing published"), exit 3,
+    and the next run with the same ledger rescores those images."""
+    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "night1")
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Ledger, "commit", locked)
+    common = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    line = assert_one_line_error(capsys, main(common + ["--output", out]), f"outputs published in {out}",
+                                 "not updated", "database is locked", "rescores", code=3)
+    assert "nothing published" not in line
+    assert len(read_predictions(out)) == 20 and ledger_rows(ledger) == []
+    monkeypatch.undo()
+    assert main(common + ["--output", str(tmp_path / "night2")]) == 0
+    assert {r["status"] for r in read_predictions(str(tmp_path / "night2")).values()} == {"ok"}  # rescored
+    assert len(ledger_rows(ledger)) == 20
+
+
+def test_ledger_readers_per_worker_are_bounded(tmp_path):
+    """A long-lived worker that sees one ledger after another keeps only the last few open."""
+    import gc
+
+    from batch_job.ledger import lookup
+
+    paths = []
+    for i in range(8):
+        path = str(tmp_path / f"ledger{i}.sqlite")
+        with Ledger(path) as book:
+            book.commit(f"run{i}", "/out", "m/1", [("ab" * 32, 0.25, "/x.png")])
+        paths.append(os.path.realpath(path))
+    assert [lookup(p, "ab" * 32, "m/1")[0] for p in paths] == [0.25] * 8
+
+    def open_ledgers() -> set[str]:
+        gc.collect()  # a connection is closed when collected (it is in a reference cycle with its statement cache)
+        fds = os.listdir("/proc/self/fd")
+        return {t for t in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in fds) if t in paths}
+
+    assert len(open_ledgers()) <= 4 and paths[-1] in open_ledgers()

@@ -1,0 +1,61 @@
+"""The command line: arguments, the job, its last lines and its exit code (README, "Exit codes")."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from batch_job.errors import JobError
+from batch_job.interrupts import GATE
+from batch_job.pipeline import run
+from batch_job.report import summary
+from batch_job.shards import MAX_SHARD
+from export.package import PackageError
+from xray_core.errors import one_line
+
+LOG = logging.getLogger("batch_job")
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """-> (the job's arguments, everything else: Beam pipeline options, passed through untouched)."""
+    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model.")
+    p.add_argument("--input", action="append", required=True,
+                   help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
+    p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
+    p.add_argument("--output", required=True, help="output directory (created atomically)")
+    p.add_argument("--threshold", type=float, default=None, help="default: the model's validation-chosen threshold")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--ledger", default=None, metavar="PATH.sqlite",
+                   help="SQLite ledger: images whose bytes this model already scored are skipped, new ones recorded")
+    return p.parse_known_args(argv)
+
+
+def fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {message}\n")  # one write: worker threads may be logging meanwhile
+    sys.stderr.flush()
+    return code
+
+
+def main(argv=None, started: float | None = None) -> int:
+    """Run the job; -> its exit code. Errors are one line on stderr."""
+    args, beam_args = parse_args(argv)
+    try:
+        metrics = run(args, beam_args, started)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing published", 130)
+    except JobError as exc:
+        return fail(str(exc), exc.exit_code)
+    except PackageError as exc:
+        return fail(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
+        LOG.debug("job failed", exc_info=True)
+        return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
+    if GATE.pending:
+        GATE.pending = False
+        LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
+    print(summary(metrics, os.path.abspath(args.output)))
+    return 0
