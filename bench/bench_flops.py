@@ -1,6 +1,6 @@
 """Benchmark 3: onnxruntime GFLOP/s on the shipped model vs numpy float32 matmul GFLOP/s.
 
-    python bench/bench_flops.py [--model serving_models/pneumonia] [--batch 64] [--threads 0]
+    python -m bench.bench_flops [--model serving_models/pneumonia] [--batch 64] [--threads 0]
 
 FLOPs are counted from the ONNX graph after shape inference: 2*MACs for Conv, Gemm and MatMul (other ops are
 ignored, so the model's GFLOP/s is slightly understated). Both sides use the same thread count.
@@ -14,9 +14,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DEFAULT_MODEL, machine, table  # noqa: E402
-from export.package import load_metadata, load_session, resolve_version_dir  # noqa: E402
+from bench.common import DEFAULT_MODEL, machine, table
+from export.package import load_metadata, load_session, resolve_version_dir
 
 
 def count_flops(model_path: str, batch: int) -> int:

@@ -1,6 +1,6 @@
-"""Benchmark 2: peak RSS of the batch job (the whole process tree: job, workers, report helper) for N vs 10*N images.
+"""Benchmark 2: peak RSS of the batch job (the whole process tree: job and workers) for N vs 10*N images.
 
-    python bench/bench_memory.py [--n 2000] [--model serving_models/pneumonia]
+    python -m bench.bench_memory [--n 2000] [--model serving_models/pneumonia]
 
 The larger input repeats the same files as hard links in many folders: distinct paths (the job de-duplicates
 symlinks, not hard links), no extra disk.
@@ -17,8 +17,7 @@ import time
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DEFAULT_MODEL, REPO, machine, make_jpegs, table  # noqa: E402
+from bench.common import DEFAULT_MODEL, REPO, hardlink_copies, machine, make_jpegs, table
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -48,17 +47,6 @@ def peak_rss(inp: str, model: str) -> tuple[int, float]:
     return peak, time.perf_counter() - t0
 
 
-def replicate(src: str, dst: str, copies: int) -> str:
-    if not os.path.isdir(dst):
-        for c in range(copies):
-            for label in ("NORMAL", "PNEUMONIA"):
-                folder = os.path.join(dst, f"copy{c:03d}", label)
-                os.makedirs(folder)
-                for name in os.listdir(os.path.join(src, label)):
-                    os.link(os.path.join(src, label, name), os.path.join(folder, name))
-    return dst
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=2000)
@@ -67,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
     args = p.parse_args(argv)
     small = make_jpegs(os.path.join(args.work_dir, f"rgb224-{args.n}"), args.n, (224, 224), mode="RGB")
-    large = replicate(small, os.path.join(args.work_dir, f"rgb224-{args.n}x{args.factor}-hardlinks"), args.factor)
+    large = hardlink_copies(small, os.path.join(args.work_dir, f"rgb224-{args.n}x{args.factor}-hardlinks"), args.factor)
     rows = []
     for name, folder, n in (("small", small, args.n), ("large", large, args.n * args.factor)):
         peak, wall = peak_rss(folder, args.model)

@@ -1,6 +1,6 @@
 """Benchmark 1: scoring throughput of (a) the Beam pipeline, (b) a bare onnxruntime loop, (c) the notebook way.
 
-    python bench/bench_scoring.py [--n 2000] [--repeat 5] [--model serving_models/pneumonia] [--keras-model F]
+    python -m bench.bench_scoring [--n 2000] [--repeat 5] [--model serving_models/pneumonia] [--keras-model F]
 
 Generates two inputs (n 224x224 RGB JPEGs; n 1400x1100 grayscale JPEGs, quality 90), then times on the same
 images, each method --repeat times in turn (a shared, noisy 2-core VM: single runs vary by ±15%, so each repeat
@@ -32,25 +32,25 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DEFAULT_MODEL, REPO, machine, make_jpegs, table  # noqa: E402
-from batch_job.listing import iter_images  # noqa: E402
-from export.package import load_metadata, load_session, resolve_version_dir  # noqa: E402
+from bench.common import DEFAULT_MODEL, REPO, machine, make_jpegs, table
+from batch_job.listing import iter_images
+from export.package import load_metadata, load_session, resolve_version_dir
 
 
-def run_pipeline(inp: str, model: str, extra=()) -> tuple[float, dict]:
-    """-> (whole-command seconds, the job's metrics.json timings)."""
+def run_pipeline(inp: str, model: str, extra=(), repo: str = REPO) -> tuple[float, dict]:
+    """`python -m batch_job` of the checkout `repo` (its working directory comes first on sys.path)
+    -> (whole-command seconds, the job's metrics.json)."""
     out = tempfile.mkdtemp(prefix="bench-out-")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "batch_job", "--input", inp, "--model", model, "--output", out,
-                           "--overwrite", *extra], cwd=REPO, capture_output=True, text=True)
+                           "--overwrite", *extra], cwd=repo, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"pipeline failed: {proc.stderr[-800:]}")
     with open(os.path.join(out, "metrics.json")) as f:
-        timings = json.load(f)["timings"]
+        metrics = json.load(f)
     shutil.rmtree(out, ignore_errors=True)
-    return wall, timings
+    return wall, metrics
 
 
 def bare_loop(paths: list[str], model_path: str, size: int, batch: int = 64) -> float:
@@ -66,7 +66,6 @@ def bare_loop(paths: list[str], model_path: str, size: int, batch: int = 64) -> 
 def notebook_way(paths: list[str], keras_model: str | None, size: int, architecture: str) -> float:
     code = f"""
 import os, sys, time, json
-sys.path.insert(0, {REPO!r})
 os.environ["TF_USE_LEGACY_KERAS"] = "1"; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tf_keras as keras
 if {keras_model!r}:
@@ -83,7 +82,8 @@ x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, color_mode="grays
 model.predict(x, verbose=0)
 print(time.perf_counter() - t0)
 """
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(paths), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(paths), capture_output=True, text=True,
+                          cwd=REPO)  # `-c` puts the working directory first on sys.path: this checkout's train/
     if proc.returncode != 0:
         raise SystemExit(f"keras run failed: {proc.stderr[-800:]}")
     return float(proc.stdout.strip().splitlines()[-1])
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             b_runs.append(bare_loop(paths, os.path.join(vdir, "model.onnx"), size))
             if has_tf:
                 c_runs.append(notebook_way(paths, keras_model, size, meta.get("architecture", "baseline_cnn")))
-        a_i = [t["scoring_images_per_second"] for _, t in a_runs]
+        a_i = [m["timings"]["scoring_images_per_second"] for _, m in a_runs]
         b_i = [n / s for s in b_runs]
         c_i = [n / s for s in c_runs] if c_runs else [float("nan")] * len(a_i)
         ab = [x / y for x, y in zip(a_i, b_i)]
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         med = statistics.median
         rows.append([name, n, med(a_i), med(b_i), med(c_i), med(ab), f"{min(ab):.3f}–{max(ab):.3f}", med(ac),
                      f"{min(ac):.3f}–{max(ac):.3f}"])
-        mid_whole, mid_t = sorted(a_runs, key=lambda r: r[0])[len(a_runs) // 2]
+        mid_whole, mid_m = sorted(a_runs, key=lambda r: r[0])[len(a_runs) // 2]
+        mid_t = mid_m["timings"]
         whole_rows.append([name, n / mid_whole, mid_whole, mid_t["setup_seconds"], mid_t["scoring_seconds"],
                            mid_t["report_seconds"], n / mid_whole / med(b_i)])
     print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({size}px); medians of {args.repeat}; "

@@ -1,6 +1,6 @@
 """Benchmark 4: training seconds per epoch (needs the train extra and ../shared/data).
 
-    python bench/bench_training.py [--data-dir ../shared/data/chest_xray/train] [--epochs 2] [--vgg-images 600]
+    python -m bench.bench_training [--data-dir ../shared/data/chest_xray/train] [--epochs 2] [--vgg-images 600]
 
 (1) baseline_cnn at 128 px on the shared data's training split (70% of 5,216 images), seconds per epoch
     (the first epoch includes tf.function tracing, so the table shows the later epochs' mean too);
@@ -10,14 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import SHARED_TRAIN, machine, table  # noqa: E402
+from bench.common import SHARED_TRAIN, machine, table
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,19 @@ def make_jpegs(folder: str, n: int, size: tuple[int, int], seed: int = 0, mode: 
     return folder
 
 
+def hardlink_copies(src: str, dst: str, copies: int) -> str:
+    """dst/copyNNN/{NORMAL,PNEUMONIA}/...: `copies` hard-linked copies of src's images (distinct paths, which the
+    job scores one by one, no extra disk); reused if present."""
+    if not os.path.isdir(dst):
+        for c in range(copies):
+            for label in ("NORMAL", "PNEUMONIA"):
+                folder = os.path.join(dst, f"copy{c:03d}", label)
+                os.makedirs(folder)
+                for name in os.listdir(os.path.join(src, label)):
+                    os.link(os.path.join(src, label, name), os.path.join(folder, name))
+    return dst
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:

@@ -1,9 +1,9 @@
 """Where a scored image's time goes: per-image cost of each step, one thread, on the bench inputs.
 
-    python bench/profile_scoring.py [--n 500] [--model serving_models/pneumonia]
+    python -m bench.profile_scoring [--n 500] [--model serving_models/pneumonia]
 
 Times each step of the shared preprocessing and scoring on one core (best of 5 passes over n images of
-each bench input; run bench_scoring.py first, it generates them) and derives the ceiling for the pipeline
+each bench input; run `python -m bench.bench_scoring` first, it generates them) and derives the ceiling for the pipeline
 on this machine: cores / (sum of the steps), i.e. every core busy with nothing but decode and model.
 The entropy-decoding floor is the JPEG decode at libjpeg's smallest scale (1/8): every Huffman-coded
 coefficient is still read; only the inverse DCT and the pixels it writes shrink.
@@ -19,11 +19,10 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DEFAULT_MODEL, machine, table  # noqa: E402
-from batch_job.listing import iter_images  # noqa: E402
-from export.package import load_metadata, load_session, resolve_version_dir  # noqa: E402
-from xray_core.preprocessing import PreprocessConfig, decode_image, preprocess_image, to_model_input  # noqa: E402
+from bench.common import DEFAULT_MODEL, machine, table
+from batch_job.listing import iter_images
+from export.package import load_metadata, load_session, resolve_version_dir
+from xray_core.preprocessing import PreprocessConfig, decode_image, preprocess_image, to_model_input
 
 
 def per_image_ms(fn, items, passes: int = 5) -> float:
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     for name, folder in (("224x224 RGB", f"rgb224-{args.bench_n}"), ("1400x1100 gray", f"gray1400-{args.bench_n}")):
         paths = [q for _, q in iter_images([os.path.join(args.work_dir, folder)])][:args.n]
         if not paths:
-            raise SystemExit(f"no bench images in {args.work_dir}/{folder}: run bench/bench_scoring.py first")
+            raise SystemExit(f"no bench images in {args.work_dir}/{folder}: run python -m bench.bench_scoring first")
         datas = [open(q, "rb").read() for q in paths]
 
         def draft_floor(d):
