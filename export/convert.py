@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from export.card import model_card
 from export.package import (
     CARD_FILE,
     INPUT_NAME,
@@ -20,7 +21,6 @@ from export.package import (
     expected_io,
     load_metadata,
     load_session,
-    model_card,
     sha256_file,
     triton_config,
     versions,

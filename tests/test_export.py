@@ -26,7 +26,7 @@ from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from conftest import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")
+ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: the --calibrate-dir tests below
 CHECKS = ["metadata", "sha256", "onnx.checker", "onnxruntime", "input contract", "output contract", "zero batch"]
 
 
@@ -64,11 +64,12 @@ def published(tmp_path_factory):
     make_tree(str(data), per_class=40, size=48, seed=0)
     run = base / "run"
     rc = train_main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--epochs", "1",
-                     "--vgg19-weights", "none"])
+                     "--vgg19-weights", "none", "--models", "baseline_cnn,augmented_cnn,vgg19"])
     assert rc == 0
     serving = base / "serving_models"
     rcs = [_export(run, serving, "--model", arch) for arch in ARCHS]
-    return {"base": base, "run": run, "serving": serving, "name_dir": serving / "pneumonia", "rcs": rcs}
+    return {"base": base, "run": run, "serving": serving, "name_dir": serving / "pneumonia", "rcs": rcs,
+            "data": data}
 
 
 def _vdir(published, version):
@@ -454,3 +455,137 @@ def test_verify_does_not_import_tensorflow(published):
         "sys.exit(rc or (3 if bad else 0))\n")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TF []" in proc.stdout and f"OK: {d}" in proc.stdout
+
+
+# ------------------------------------------------------------ --calibrate-dir
+
+
+@pytest.fixture(scope="module")
+def calibrated(published):
+    """resnet_aug (an ensemble of two) trained with a site sample, exported with --calibrate-dir."""
+    base = published["base"]
+    site = base / "site"
+    make_tree(str(site), per_class=24, size=48, seed=5)
+    run = base / "run_recipe"
+    assert train_main(["--data-dir", str(published["data"]), "--output-dir", str(run), "--image-size", "32",
+                       "--epochs", "2", "--models", "resnet_aug", "--ensemble", "2", "--site-dir", str(site)]) == 0
+    serving = base / "serving_calibrated"
+    rc = _export(run, serving, "--model", "resnet_aug", "--calibrate-dir", str(site), "--target-recall", "0.9")
+    return {"rc": rc, "run": run, "site": site, "serving": serving, "vdir": serving / "pneumonia" / "1"}
+
+
+def _site_scores(calibrated):
+    from export.package import load_session
+
+    meta = _json(calibrated["vdir"] / "metadata.json")
+    config = PreprocessConfig.from_dict(meta["preprocessing"])
+    paths = sorted(str(p) for p in calibrated["site"].rglob("*") if p.suffix in (".jpeg", ".png"))
+    x = np.stack([preprocess_image(p, config) for p in paths])
+    (p,) = load_session(str(calibrated["vdir"] / "model.onnx")).run(["probability"], {"image": x})
+    y = np.array(["/PNEUMONIA/" in path for path in paths], dtype=int)
+    return meta, y, p.reshape(-1).astype(np.float64)
+
+
+def test_calibrated_threshold_comes_from_the_site_sample(calibrated):
+    from xray_core.metrics import choose_threshold, operating_point
+
+    assert calibrated["rc"] == 0
+    meta, y, p = _site_scores(calibrated)
+    site = meta["site_calibration"]
+    metrics = _json(calibrated["run"] / "resnet_aug" / "metrics.json")
+    assert site["images"] == len(y) == 48 and (site["normal"], site["pneumonia"]) == (24, 24)
+    assert site["target_recall"] == meta["target_recall"] == 0.9
+    assert meta["threshold_source"] == "site calibration sample"
+    assert meta["validation_threshold"] == metrics["chosen_threshold"]
+    assert meta["decision_threshold"] == site["threshold"] == pytest.approx(choose_threshold(y, p, 0.9), abs=1e-6)
+    for key, thr in (("at_0.5", 0.5), ("at_validation_threshold", metrics["chosen_threshold"]),
+                     ("at_calibrated_threshold", site["threshold"])):
+        expected = operating_point(y, p, thr)
+        assert site[key]["threshold"] == pytest.approx(thr)
+        assert site[key]["confusion_matrix"]["matrix"] == expected["confusion_matrix"]["matrix"], key
+        assert site[key]["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+    assert site["at_calibrated_threshold"]["recall"] >= 0.9
+    # parity was checked at the package's (calibrated) threshold
+    assert meta["parity"]["decisions_equal"] is True
+
+
+def test_two_fold_estimate_is_out_of_sample_with_intervals(calibrated):
+    meta, y, p = _site_scores(calibrated)
+    est = meta["site_calibration"]["two_fold"]
+    assert [f["eval_images"] for f in est["folds"]] and sum(f["eval_images"] for f in est["folds"]) == len(y)
+    assert sum(f["fit_images"] for f in est["folds"]) == len(y)
+    for key in ("recall", "specificity", "accuracy", "roc_auc"):
+        lo, hi = est[f"{key}_ci95"]
+        assert 0 <= lo <= est[key] <= hi <= 1, key
+    # pooled counts are whole images: recall * positives is an integer
+    assert est["recall"] * y.sum() == pytest.approx(round(est["recall"] * y.sum()))
+    assert est["accuracy"] == pytest.approx((est["recall"] * y.sum() + est["specificity"] * (len(y) - y.sum())) / len(y))
+
+
+def test_two_fold_on_known_scores():
+    from export.calibrate import two_fold
+
+    # 20 patients with two images each; scores separate the classes perfectly
+    groups = np.repeat(np.arange(20), 2)
+    y = np.where(groups % 2 == 0, 0, 1)
+    p = np.where(y == 1, 0.9, 0.1) + np.linspace(0, 0.05, 40)
+    est = two_fold(y, p, groups, 0.95)
+    assert (est["recall"], est["specificity"], est["accuracy"], est["roc_auc"]) == (1.0, 1.0, 1.0, 1.0)
+    assert est["recall_ci95"][1] == pytest.approx(1.0) and est["recall_ci95"][0] < 1.0
+    # each half's threshold sits between the classes
+    assert all(0.15 < f["threshold"] <= 0.95 for f in est["folds"])
+    # both halves are patient-disjoint: 10 patients (20 images) each
+    assert [f["eval_images"] for f in est["folds"]] == [20, 20]
+
+
+def test_threshold_from_one_half_can_miss_on_the_other():
+    """The out-of-half recall is below target when the halves differ: the estimate is not in-sample."""
+    from export.calibrate import two_fold
+    from xray_core.metrics import choose_threshold, operating_point
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 60)
+    p = np.where(y == 1, rng.normal(0.7, 0.15, 100), rng.normal(0.35, 0.15, 100))
+    groups = np.arange(100)
+    est = two_fold(y, p, groups, 0.95)
+    in_sample = operating_point(y, p, choose_threshold(y, p, 0.95))
+    assert in_sample["recall"] >= 0.95
+    assert est["recall"] != in_sample["recall"] or est["specificity"] != in_sample["specificity"]
+
+
+def test_calibration_labels_only_from_folders_under_the_dir(tmp_path):
+    from export.calibrate import list_labelled
+
+    root = tmp_path / "PNEUMONIA" / "incoming"
+    make_tree(str(root / "site"), per_class=2, size=48, seed=3)
+    (root / "loose.jpeg").write_bytes((root / "site" / "NORMAL").iterdir().__next__().read_bytes())
+    (root / "site" / "Normal_extra").mkdir()
+    found = list_labelled(str(root))
+    assert sorted(label for _, label in found) == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]
+    assert not any(path.endswith("loose.jpeg") for path, _ in found)  # the ancestor PNEUMONIA never counts
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    (None, "calibration dir not found"),
+    ("NORMAL", "no images under a folder named PNEUMONIA"),
+])
+def test_calibrate_dir_errors_publish_nothing(calibrated, tmp_path, capsys, layout, fragment):
+    cal = tmp_path / "cal"
+    if layout:
+        make_tree(str(cal), per_class=2, size=48, seed=4)
+        shutil.rmtree(cal / "PNEUMONIA")
+    serving = tmp_path / "serving"
+    rc = _export(calibrated["run"], serving, "--model", "resnet_aug", "--calibrate-dir", str(cal))
+    _expect_error(capsys, rc, fragment)
+    assert _snapshot(serving) == {}
+
+
+def test_calibrated_model_card_gives_site_numbers_first(calibrated):
+    meta = _json(calibrated["vdir"] / "metadata.json")
+    card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
+    est = meta["site_calibration"]["two_fold"]
+    site_at = card.index("Site sample")
+    assert site_at < card.index("Internal test split")
+    assert f"{est['roc_auc']:.3f}" in card and f"{est['specificity']:.3f}" in card
+    assert f"{meta['decision_threshold']:.4f}" in card
+    assert "overestimates" in card

@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="labelled sample of new scans, ROOT/{NORMAL,PNEUMONIA}/*: evaluated, never trained on")
     p.add_argument("--ensemble", type=int, default=1, help="resnet_aug: members (seeds seed, seed+1, ...) averaged in one graph")
     p.add_argument("--mixup", type=float, default=0.0, help="resnet_aug: mixup Beta(a, a) parameter; 0 turns it off")
+    p.add_argument("--augment", default="recipe", choices=("recipe", "none"),
+                   help="resnet_aug: the recipe's augmentation, or none (an experiment's control)")
     p.add_argument("--crop-min-area", type=float, default=0.5, help="resnet_aug: smallest random-crop area fraction")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     return p.parse_args(argv)

@@ -15,7 +15,9 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def recipe_augment(args) -> AugmentConfig:
+def recipe_augment(args) -> AugmentConfig | None:
+    if args.augment == "none":
+        return None
     return AugmentConfig(crop_area=(args.crop_min_area, 1.0), mixup_alpha=args.mixup)
 
 

@@ -1,0 +1,98 @@
+"""MODEL_CARD.md for a published version: the site sample's numbers first, then the internal split's."""
+from __future__ import annotations
+
+import json
+
+from export.package import INPUT_NAME, OUTPUT_NAME
+
+_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _row(label: str, m: dict | None) -> str:
+    return f"| {label} | " + " | ".join(_fmt((m or {}).get(k)) for k in _KEYS) + " |"
+
+
+def _ci(est: dict, key: str) -> str:
+    lo, hi = est[f"{key}_ci95"]
+    return f"{est[key]:.3f} (95% CI {lo:.3f}–{hi:.3f})"
+
+
+def site_section(meta: dict) -> str:
+    site = meta.get("site_calibration")
+    if not site:
+        return ("## Site sample\nNot calibrated on a site sample: the threshold comes from the internal validation\n"
+                "split, whose scans come from the same collection as training. Expect lower specificity on new\n"
+                "scans and calibrate on local data (`python -m export ... --calibrate-dir`) before use.\n")
+    est = site["two_fold"]
+    test_auc = meta.get("test_metrics", {}).get("at_0.5", {}).get("roc_auc")
+    return f"""## Site sample first: what to expect on new scans
+Calibrated on {site['images']} labelled images ({site['normal']} normal, {site['pneumonia']} pneumonia,
+{site['patients']} patients) from a later collection than the training data (`{site['dir']}`).
+
+**Expected on unseen scans (2-fold estimate):** the threshold was chosen on one half of the patients and
+measured on the other, then the other way round. ROC AUC {_ci(est, 'roc_auc')}; recall {_ci(est, 'recall')};
+specificity {_ci(est, 'specificity')}; accuracy {_ci(est, 'accuracy')}. Fold thresholds:
+{', '.join(f"{f['threshold']:.4f}" for f in est['folds'])}.
+
+| threshold on the whole site sample | accuracy | precision | recall | specificity | F1 | ROC AUC |
+|---|---|---|---|---|---|---|
+{_row('0.5', site['at_0.5'])}
+{_row(f"{meta['validation_threshold']:.4f} (internal validation)", site['at_validation_threshold'])}
+{_row(f"{site['threshold']:.4f} (calibrated here; in-sample, optimistic)", site['at_calibrated_threshold'])}
+
+The internal test split overestimates: ROC AUC {_fmt(test_auc)} there against {_fmt(site['at_0.5']['roc_auc'])} on
+the site sample (the first models: 0.998 against 0.92). Judge this model by the numbers above.
+"""
+
+
+def model_card(meta: dict) -> str:
+    pts = meta.get("test_metrics", {})
+    src = meta.get("source", {})
+    parity = meta.get("parity", {})
+    size = meta["preprocessing"]["image_size"]
+    source = meta.get("threshold_source", "internal validation split")
+    return f"""# Model card: {meta['name']} version {meta['version']}
+
+**Architecture:** {meta.get('architecture')} (tf-keras, exported to ONNX opset {meta.get('opset')}).
+**Input:** `{INPUT_NAME}` float32 (N, {size}, {size}, 1) in [0, 1];
+**output:** `{OUTPUT_NAME}` float32 (N, 1) = P(pneumonia).
+**Decision threshold:** {meta['decision_threshold']:.4f}, chosen on the {source} as the most specific
+threshold reaching recall {meta.get('target_recall')}. PNEUMONIA when probability >= threshold.
+
+## Intended use
+A screening aid that flags chest X-rays that may show pneumonia so that a radiologist reads them first.
+It is **not a diagnosis** and must not be used without a clinician's review.
+
+{site_section(meta)}
+## Internal test split (same collection as training; overestimates)
+Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's Medical Center), the Kaggle
+"chest-xray-pneumonia" training folder, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,
+stratified by class and grouped by patient (no patient, and no byte-identical image, in two splits).
+Split sizes: {json.dumps(src.get('split_counts', {}))}.
+
+| threshold | accuracy | precision | recall | specificity | F1 | ROC AUC |
+|---|---|---|---|---|---|---|
+{_row('0.5', pts.get('at_0.5'))}
+{_row(f"{meta.get('validation_threshold', meta['decision_threshold']):.4f} (internal validation)", pts.get('at_chosen'))}
+
+## Limitations
+- Pediatric patients (1 to 5 years old) from one hospital; adults and other sites are out of distribution.
+- Scans from a later collection score worse than the internal split says (see the site sample above);
+  re-check the threshold on local data before use.
+- Images are squashed to {size}x{size} grayscale; laterality, devices and text markers are not modelled.
+
+## Parity (ONNX vs Keras)
+{parity.get('images', 'n/a')} images: max |Δprobability| {parity.get('max_abs_diff', 'n/a')}, identical decisions: {parity.get('decisions_equal', 'n/a')}.
+
+## Reproduce
+```
+{src.get('train_command', 'n/a')}
+{src.get('export_command', 'n/a')}
+```
+Seed {src.get('seed', 'n/a')}. Versions: {json.dumps(meta.get('versions', {}))}.
+sha256 of model.onnx: `{meta['sha256']}`. Created {meta.get('created_utc')}.
+"""
