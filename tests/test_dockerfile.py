@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -27,6 +28,17 @@ def instructions() -> list[tuple[str, str]]:
     return out
 
 
+def copies() -> list[tuple[str, str]]:
+    """(source, destination relative to /app) of every COPY."""
+    out = []
+    for op, rest in instructions():
+        if op == "COPY":
+            *sources, dest = shlex.split(rest)
+            out += [(src, os.path.join(dest, os.path.basename(src)) if dest.endswith("/") else dest)
+                    for src in sources]
+    return out
+
+
 def exec_form(op: str) -> list[str]:
     (rest,) = [r for o, r in instructions() if o == op]
     return json.loads(rest)
@@ -37,11 +49,11 @@ def test_base_image_user_and_copy_sources():
     assert ops[0] == ("FROM", "python:3.11-slim")
     users = [r for o, r in ops if o == "USER"]
     assert users and users[-1] not in ("root", "0")
-    for op, rest in ops:
-        if op == "COPY":
-            *sources, _dest = shlex.split(rest)
-            for src in sources:
-                assert os.path.exists(os.path.join(REPO, src)), f"COPY source {src} does not exist"
+    sources = [src for src, _ in copies()]
+    for src in sources:
+        assert os.path.exists(os.path.join(REPO, src)), f"COPY source {src} does not exist"
+    assert {"xray_core", "export", "batch_job", "serving_models"} <= set(sources)
+    assert "train" not in sources  # the scoring side imports nothing from train/ (tested in test_batch_job.py)
     assert os.path.isfile(os.path.join(REPO, "serving_models", "pneumonia", "config.pbtxt"))
 
 
@@ -67,17 +79,24 @@ def test_entrypoint_defaults():
 
 @pytest.mark.skipif(os.environ.get("SKIP_FRESH_VENV") == "1", reason="SKIP_FRESH_VENV=1")
 def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
-    """What the container runs, run directly in a new venv with `pip install .` (as the Dockerfile does)."""
+    """What the container runs, run directly in a new venv with `pip install .` of exactly the files the
+    Dockerfile COPYs into /app (here tmp_path/app), as the Dockerfile does."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for src, dest in copies():
+        copy = shutil.copytree if os.path.isdir(os.path.join(REPO, src)) else shutil.copy
+        copy(os.path.join(REPO, src), app / dest, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                     if copy is shutil.copytree else {}))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
-    install = subprocess.run([py, "-m", "pip", "install", "-q", REPO], capture_output=True, text=True)
+    install = subprocess.run([py, "-m", "pip", "install", "-q", str(app)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     probe = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is None)"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "True"  # the scoring install has no TensorFlow
     make_tree(str(tmp_path / "input"), per_class=6, size=256, seed=2)
-    entry = [py if a == "python" else a.replace("/app/", REPO + "/") for a in exec_form("ENTRYPOINT")]
+    entry = [py if a == "python" else a.replace("/app/", f"{app}/") for a in exec_form("ENTRYPOINT")]
     cmd = [a.replace("/input", str(tmp_path / "input")).replace("/output", str(tmp_path / "output"))
            for a in exec_form("CMD")]
     proc = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
