@@ -54,8 +54,9 @@ def main(argv=None, started: float | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
-    if GATE.pending:
-        GATE.pending = False
+    finally:
+        held, GATE.pending = GATE.pending, False  # a Ctrl-C held while publishing (interrupts.py)
+    if held:
         LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
     print(summary(metrics, os.path.abspath(args.output)))
     return 0
