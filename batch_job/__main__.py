@@ -1,5 +1,6 @@
 """python -m batch_job (or pneumonia-batch): score X-ray folders with a published ONNX model (Apache Beam)."""
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,15 @@ def main() -> int:
     logging.getLogger("batch_job").setLevel(logging.INFO)
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return job_main(started=started)
+    code = job_main(started=started)
+    if code != 0:
+        # After a Ctrl-C or a failed pipeline, Beam's worker threads and gRPC servers may still be running; the
+        # interpreter's teardown can then abort the process (SIGABRT, "terminate called without an active
+        # exception": 2 Ctrl-C runs of 8 here) and replace the job's exit code. Its outputs are settled by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
