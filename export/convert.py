@@ -26,6 +26,7 @@ from export.package import (
     versions,
 )
 from train.data import CLASSES, read_split_csv
+from xray_core.errors import one_line
 from xray_core.files import atomic_write, publish_dir, temp_dir_beside
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
@@ -76,7 +77,7 @@ def load_keras(path: str):
     try:
         return load_model(path)
     except Exception as exc:  # noqa: BLE001 - any load failure means a bad model file
-        raise ExportInputError(f"cannot load {path}: {str(exc).splitlines()[0][:150]}") from None
+        raise ExportInputError(f"cannot load {path}: {one_line(exc, 150)}") from None
 
 
 def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:

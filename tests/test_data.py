@@ -353,3 +353,21 @@ def test_load_images_parallel_equals_serial(tmp_path):
     assert serial[1] == parallel[1] == [i for i in range(70) if i not in (5, 66)]
     assert serial[2] == parallel[2]
     assert [p for p, _ in serial[2]] == [paths[5], paths[66]]
+
+
+def test_training_finds_and_decodes_dicom(tmp_path):
+    """Training accepts .dcm like the batch job, through the same decoder."""
+    from batch_job.synthetic import make_tree
+    from dicom_factory import dicom_bytes
+
+    from train.data import find_examples, load_images
+
+    make_tree(str(tmp_path), per_class=2, size=48, seed=0)
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    (tmp_path / "NORMAL" / "IM-0999-0001.dcm").write_bytes(dicom_bytes(pixels, bits_stored=12))
+    examples = find_examples(str(tmp_path))
+    dcm = [e for e in examples if e.path.endswith(".dcm")]
+    assert [(e.label, e.patient) for e in dcm] == [("NORMAL", "IM-0999")]
+    images, ok, failed = load_images([e.path for e in dcm], PreprocessConfig(image_size=32))
+    assert failed == [] and images.shape == (1, 32, 32, 1)
+    assert images.max() > 0.95 and images.min() < 0.05  # min..max stretched to the full range

@@ -67,7 +67,7 @@ def find_examples(data_dir: str | os.PathLike) -> list[Example]:
                     if is_image_file(name):
                         examples.append(Example(os.path.join(dirpath, name), label, patient_id(name)))
     if not examples:
-        raise DataError(f"no images (.jpeg/.jpg/.png) under {root}/[train|val|test/]NORMAL|PNEUMONIA")
+        raise DataError(f"no images (.jpeg/.jpg/.png/.dcm) under {root}/[train|val|test/]NORMAL|PNEUMONIA")
     counts = Counter(e.label for e in examples)
     for label in CLASSES:
         if counts[label] == 0:
