@@ -49,7 +49,7 @@ def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
 
 
 def score(session, paths: list[str], config: PreprocessConfig, batch: int = 64):
-    """-> (probabilities of the decodable images, their indices, [(path, error)])."""
+    """-> (probabilities of the decodable images, the images, their indices, [(path, error)])."""
     images, ok, failed = [], [], []
     for i, path in enumerate(paths):
         try:
@@ -61,7 +61,7 @@ def score(session, paths: list[str], config: PreprocessConfig, batch: int = 64):
         raise CalibrationError("no calibration image could be decoded")
     x = np.stack(images)
     probs = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
-    return np.concatenate(probs).astype(np.float64), ok, failed
+    return np.concatenate(probs).astype(np.float64), x, ok, failed
 
 
 def wilson(k: int, n: int) -> list[float]:
@@ -110,10 +110,11 @@ def _strip(point: dict) -> dict:
 
 
 def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: float, target_recall: float,
-              log=print) -> dict:
-    """-> the `site_calibration` block of metadata.json; its `threshold` becomes the decision threshold."""
+              log=print) -> tuple[dict, np.ndarray]:
+    """-> (the `site_calibration` block of metadata.json, the decoded images). Its `threshold` becomes the
+    package's decision threshold."""
     found = list_labelled(cal_dir)
-    p, ok, failed = score(session, [path for path, _ in found], config)
+    p, images, ok, failed = score(session, [path for path, _ in found], config)
     for path, err in failed:
         log(f"calibration: skipped {path}: {err}")
     kept = [found[i] for i in ok]
@@ -137,4 +138,4 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
     log(f"calibrated on {len(y)} images of {cal_dir}: threshold {threshold:.4f}; 2-fold estimate ROC AUC "
         f"{est['roc_auc']:.4f}, recall {est['recall']:.4f}, specificity {est['specificity']:.4f}, "
         f"accuracy {est['accuracy']:.4f}")
-    return result
+    return result, images

@@ -49,6 +49,34 @@ the site sample (the first models: 0.998 against 0.92). Judge this model by the 
 """
 
 
+def heatmap_section(meta: dict) -> str:
+    heat = meta.get("heatmap")
+    if not heat:
+        return ("## Heatmaps\nNone: this model's head is not global average pooling plus one linear unit, so it has no "
+                "exact class-activation map; the package has the `probability` output only.\n")
+    h, w = meta["heatmap_output"]["shape"][1:]
+    faith = heat["faithfulness"]
+    if faith.get("flagged"):
+        verdict = (f"**{'Passed' if faith['passed'] else 'FAILED'}**: on {faith['flagged']} images of the "
+                   f"{faith['source']} flagged at {faith['threshold']:.4f}, blanking (to the image mean) the 10% of "
+                   f"pixels with the highest heatmap values lowered P(pneumonia) more than blanking a random 10% for "
+                   f"{faith['share_top_beats_random']:.1%} of them (required: {faith['required_share']:.0%}; mean "
+                   f"drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_random']:.3f}).")
+        if not faith["passed"]:
+            verdict += " The heatmaps are not shown to point at what drives the score: do not rely on them."
+    else:
+        verdict = "Not measured: no image was flagged."
+    return f"""## Heatmaps
+Output `heatmap` (N, {h}, {w}): the class-activation map of the last convolutional block for P(pneumonia) (feature
+maps weighted by the final unit's weights; an ensemble averages its members' maps). Higher means more evidence for
+pneumonia; same orientation as the input, at the block's resolution ({h}×{w} for a
+{meta['preprocessing']['image_size']} px input). Parity with Keras: max |Δ| {heat['parity']['max_abs_diff']:.2e}
+(limit {heat['parity']['tolerance']:.2e}, 1e-4 of the maps' range).
+
+Faithfulness check: {verdict}
+"""
+
+
 def model_card(meta: dict) -> str:
     pts = meta.get("test_metrics", {})
     src = meta.get("source", {})
@@ -68,6 +96,7 @@ A screening aid that flags chest X-rays that may show pneumonia so that a radiol
 It is **not a diagnosis** and must not be used without a clinician's review.
 
 {site_section(meta)}
+{heatmap_section(meta)}
 ## Internal test split (same collection as training; overestimates)
 Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's Medical Center), the Kaggle
 "chest-xray-pneumonia" training folder, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,

@@ -11,14 +11,17 @@ from datetime import datetime, timezone
 import numpy as np
 
 from export.card import model_card
+from export.heatmap import heatmap_checks, heatmap_hw, with_heatmap
 from export.package import (
     CARD_FILE,
+    HEATMAP_NAME,
     INPUT_NAME,
     METADATA_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
     _json_io,
     expected_io,
+    heatmap_hw as heatmap_hw_of,
     load_metadata,
     load_session,
     sha256_file,
@@ -81,18 +84,20 @@ def load_keras(path: str):
 
 
 def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
-    """tf2onnx.from_keras with a dynamic batch; input `image`, output renamed `probability`."""
+    """tf2onnx.from_keras with a dynamic batch; input `image`; outputs renamed, in order, `probability` and
+    (a model with two outputs) `heatmap`."""
     import tensorflow as tf
     import tf2onnx
 
     spec = [tf.TensorSpec((None, image_size, image_size, 1), tf.float32, name=INPUT_NAME)]
     model_proto, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=opset)
-    (old,) = [o.name for o in model_proto.graph.output]
+    rename = dict(zip([o.name for o in model_proto.graph.output], (OUTPUT_NAME, HEATMAP_NAME)))
     for node in model_proto.graph.node:
-        node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
-        node.input[:] = [OUTPUT_NAME if i == old else i for i in node.input]
-    model_proto.graph.output[0].name = OUTPUT_NAME
-    model_proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        node.output[:] = [rename.get(o, o) for o in node.output]
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    for output in model_proto.graph.output:
+        output.name = rename[output.name]
+        output.type.tensor_type.shape.dim[0].dim_param = "N"
     model_proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     with open(path, "wb") as f:
         f.write(model_proto.SerializeToString())
@@ -152,9 +157,9 @@ def _strip(point: dict) -> dict:
 
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
-                   export_command, site=None) -> dict:
+                   export_command, site=None, heat=None, hw=None) -> dict:
     config = metrics["preprocessing"]
-    io = expected_io(int(config["image_size"]))
+    io = expected_io(int(config["image_size"]), hw)
     return {
         "name": name,
         "version": version,
@@ -171,6 +176,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         "preprocessing": config,
         "input": _json_io(io["input"]),
         "output": _json_io(io["output"]),
+        **({"heatmap_output": _json_io(io["heatmap_output"]), "heatmap": heat} if hw else {}),
         "class_names": list(CLASSES),
         "decision_threshold": site["threshold"] if site else metrics["chosen_threshold"],
         "threshold_source": "site calibration sample" if site else "internal validation split",
@@ -209,6 +215,10 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     if os.path.exists(final):
         raise ExportInputError(f"{final} already exists; versions are never overwritten")
     keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
+    export_model = with_heatmap(keras_model) or keras_model  # a `heatmap` output where the head allows one
+    hw = heatmap_hw(export_model)
+    if hw is None:
+        log(f"{arch} has no class-activation-map head: exporting `probability` only, no heatmaps")
     try:
         os.makedirs(name_dir, exist_ok=True)
         staging = temp_dir_beside(final)
@@ -218,14 +228,14 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         config = PreprocessConfig.from_dict(metrics["preprocessing"])
         onnx_path = os.path.join(staging, MODEL_FILE)
         t0 = time.perf_counter()
-        to_onnx(keras_model, config.image_size, opset, onnx_path)
+        to_onnx(export_model, config.image_size, opset, onnx_path)
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
-        site = None
+        site = site_images = None
         if calibrate_dir is not None:
             try:
-                site = calibrate(load_session(onnx_path), calibrate_dir, config, metrics["chosen_threshold"],
-                                 target_recall, log=log)
+                site, site_images = calibrate(load_session(onnx_path), calibrate_dir, config,
+                                              metrics["chosen_threshold"], target_recall, log=log)
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
         threshold = site["threshold"] if site else metrics["chosen_threshold"]
@@ -237,11 +247,18 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         if result["max_abs_diff"] > PARITY_TOLERANCE or not result["decisions_equal"]:
             raise ParityError(f"parity failed: max |Δp| {result['max_abs_diff']:.3e} (limit {PARITY_TOLERANCE:g}), "
                               f"decisions equal: {result['decisions_equal']}; nothing published")
+        heat = None
+        if hw is not None:
+            faith_images, source = (site_images, "site calibration") if site else (x[:n_images], "test split")
+            heat = heatmap_checks(keras_model, onnx_path, x, threshold, faith_images, source, log=log)
+            if not heat["parity"]["passed"]:
+                raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
+                                  f"{heat['parity']['tolerance']:.3e}; nothing published")
         with open(os.path.join(run_dir, "run.json")) as f:
             run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
-                              sha256=sha256_file(onnx_path), export_command=export_command, site=site)
+                              sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
@@ -254,7 +271,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
-    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]))
+    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]), heatmap=heatmap_hw_of(newest))
     atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(config_text))
     log(f"published {final}")
     return final

@@ -23,6 +23,7 @@ from xray_core.files import sha256_file  # noqa: F401 - re-exported
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
+HEATMAP_NAME = "heatmap"  # optional second output: class-activation map (N, h, w)
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -80,11 +81,20 @@ def load_metadata(version_dir: str) -> dict:
     return meta
 
 
-def expected_io(image_size: int) -> dict:
-    return {
+def expected_io(image_size: int, heatmap_hw: tuple[int, int] | None = None) -> dict:
+    io = {
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [None, image_size, image_size, 1]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, 1]},
     }
+    if heatmap_hw:
+        io["heatmap_output"] = {"name": HEATMAP_NAME, "dtype": "float32", "shape": [None, *heatmap_hw]}
+    return io
+
+
+def heatmap_hw(meta: dict) -> tuple[int, int] | None:
+    """(h, w) of the package's heatmap output, or None for a package without one."""
+    heat = meta.get("heatmap_output")
+    return (int(heat["shape"][1]), int(heat["shape"][2])) if heat else None
 
 
 def _graph_io(value_info) -> dict:
@@ -131,16 +141,31 @@ def verify_package(version_dir: str) -> list[Check]:
         return checks + [Check("onnxruntime", False, one_line(exc, 200))]
     ins, outs = model_io(model)
     size = int(meta["preprocessing"]["image_size"])
-    want = expected_io(size)
-    for key, got in (("input", ins), ("output", outs)):
-        ok = got == [want[key]] and meta[key] == _json_io(want[key])
-        checks.append(Check(f"{key} contract", ok, f"model {got}, metadata {meta[key]}, expected {_json_io(want[key])}"))
+    hw = heatmap_hw(meta)
+    want = expected_io(size, hw)
+    got_outputs = {o["name"]: o for o in outs}
+    checks.append(Check("input contract", ins == [want["input"]] and meta["input"] == _json_io(want["input"]),
+                        f"model {ins}, metadata {meta['input']}, expected {_json_io(want['input'])}"))
+    expected_outputs = [k for k in ("output", "heatmap_output") if k in want]
+    for key in expected_outputs:
+        got = got_outputs.get(want[key]["name"])
+        ok = got == want[key] and meta[key] == _json_io(want[key])
+        label = "output contract" if key == "output" else "heatmap contract"
+        checks.append(Check(label, ok, f"model {got}, metadata {meta[key]}, expected {_json_io(want[key])}"))
+    if len(outs) != len(expected_outputs):
+        checks.append(Check("output contract", False, f"model outputs {[o['name'] for o in outs]}, metadata "
+                                                      f"{[meta[k]['name'] for k in expected_outputs]}"))
     if not all(c.ok for c in checks):
         return checks
     try:
-        (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((2, size, size, 1), np.float32)})
+        names = [want[k]["name"] for k in expected_outputs]
+        out, *heat = session.run(names, {INPUT_NAME: np.zeros((2, size, size, 1), np.float32)})
         ok = out.shape == (2, 1) and out.dtype == np.float32 and bool(np.all((out >= 0) & (out <= 1)))
-        checks.append(Check("zero batch", ok, f"output shape {out.shape}, values {out.ravel().round(6).tolist()}"))
+        detail = f"output shape {out.shape}, values {out.ravel().round(6).tolist()}"
+        if heat:
+            ok = ok and heat[0].shape == (2, *hw) and heat[0].dtype == np.float32 and bool(np.isfinite(heat[0]).all())
+            detail += f"; heatmap shape {heat[0].shape}"
+        checks.append(Check("zero batch", ok, detail))
     except Exception as exc:  # noqa: BLE001
         checks.append(Check("zero batch", False, one_line(exc, 200)))
     return checks
@@ -162,8 +187,14 @@ def load_session(model_path: str, intra_op_threads: int = 0):
     return ort.InferenceSession(model_path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def triton_config(name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE) -> str:
-    """config.pbtxt for Triton's onnxruntime backend (dims exclude the batch dimension)."""
+def triton_config(name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE,
+                  heatmap: tuple[int, int] | None = None) -> str:
+    """config.pbtxt for Triton's onnxruntime backend (dims exclude the batch dimension).
+
+    One config serves every version of a name, and versions differ in input size and outputs, so Triton
+    loads only the newest version (`version_policy`), the one this config describes."""
+    heat = (f',\n  {{ name: "{HEATMAP_NAME}" data_type: TYPE_FP32 dims: [ {heatmap[0]}, {heatmap[1]} ] }}'
+            if heatmap else "")
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
@@ -172,7 +203,7 @@ def triton_config(name: str, image_size: int, max_batch_size: int = MAX_BATCH_SI
         f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {image_size}, {image_size}, 1 ] }}\n'
         "]\n"
         "output [\n"
-        f'  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] }}\n'
+        f'  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ 1 ] }}{heat}\n'
         "]\n"
         "version_policy: { latest { num_versions: 1 } }\n"
     )

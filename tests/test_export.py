@@ -589,3 +589,137 @@ def test_calibrated_model_card_gives_site_numbers_first(calibrated):
     assert f"{est['roc_auc']:.3f}" in card and f"{est['specificity']:.3f}" in card
     assert f"{meta['decision_threshold']:.4f}" in card
     assert "overestimates" in card
+
+
+# ------------------------------------------------------------------- heatmaps
+
+
+def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
+    from export.heatmap import reference_heatmaps
+    from train.models import load_model
+
+    meta, y, p = _site_scores(calibrated)
+    assert meta["heatmap_output"] == {"name": "heatmap", "dtype": "float32", "shape": [-1, 2, 2]}  # 32 px / 16
+    config = PreprocessConfig.from_dict(meta["preprocessing"])
+    paths = sorted(str(q) for q in calibrated["site"].rglob("*") if q.suffix in (".jpeg", ".png"))
+    x = np.stack([preprocess_image(q, config) for q in paths])
+    from export.package import load_session
+
+    prob, heat = load_session(str(calibrated["vdir"] / "model.onnx")).run(["probability", "heatmap"], {"image": x})
+    keras_model = load_model(str(calibrated["run"] / "resnet_aug" / "model.keras"))
+    ref = reference_heatmaps(keras_model, x)
+    assert heat.shape == (len(x), 2, 2) and heat.dtype == np.float32
+    assert np.abs(heat - ref).max() <= 1e-4 * np.ptp(ref)
+    np.testing.assert_allclose(prob[:, 0], keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)  # unchanged
+    # each member's map is exact: sigmoid(mean(map) + bias) is the member's probability
+    member = keras_model.get_layer("resnet_aug_m0")
+    m_ref = reference_heatmaps(member, x)
+    bias = member.get_layer("logit").get_weights()[1][0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-(m_ref.mean(axis=(1, 2)) + bias))),
+                               member.predict(x, verbose=0)[:, 0], atol=1e-5)
+    h = meta["heatmap"]
+    assert h["parity"]["passed"] and h["parity"]["max_abs_diff"] <= h["parity"]["tolerance"]
+    faith = h["faithfulness"]
+    assert faith["source"] == "site calibration" and faith["images"] == len(x)
+    assert faith["flagged"] == int((p >= meta["decision_threshold"]).sum())
+    if faith["flagged"]:
+        assert faith["passed"] == (faith["share_top_beats_random"] >= 0.8)
+    card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
+    assert "## Heatmaps" in card and "Faithfulness check" in card
+
+
+def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
+    text = (calibrated["serving"] / "pneumonia" / "config.pbtxt").read_text()
+    assert [e[0] for e in _pbtxt_section(text, "output")] == ["probability", "heatmap"]
+    assert _pbtxt_section(text, "output")[1][2] == [2, 2]
+    assert "version_policy: { latest { num_versions: 1 } }" in text
+    assert export_main(["--verify", str(calibrated["vdir"])]) == 0
+    assert "PASS heatmap contract" in capsys.readouterr().out
+    # metadata that lies about the heatmap's shape fails verification
+    bad = tmp_path / "1"
+    shutil.copytree(calibrated["vdir"], bad)
+    meta = _json(bad / "metadata.json")
+    meta["heatmap_output"]["shape"] = [-1, 4, 4]
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    assert export_main(["--verify", str(bad)]) == 1
+    assert "FAIL heatmap contract" in capsys.readouterr().out
+
+
+def test_models_without_a_cam_head_export_probability_only(published):
+    import onnx
+
+    for version in (1, 2, 3):
+        meta = _json(_vdir(published, version) / "metadata.json")
+        assert "heatmap_output" not in meta and "heatmap" not in meta
+        outputs = [o.name for o in onnx.load(str(_vdir(published, version) / "model.onnx")).graph.output]
+        assert outputs == ["probability"]
+        assert "None: this model's head" in (_vdir(published, version) / "MODEL_CARD.md").read_text()
+
+
+def _region_model(path, size=16):
+    """P = sigmoid(40 * (mean of the top-left quadrant - 0.5)); heatmap input-independent (fed as an input
+    so the test chooses where it points)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    half = size // 2
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["quad"]),
+            helper.make_node("ReduceMean", ["quad"], ["mean"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Sub", ["mean", "half"], ["c"]),
+            helper.make_node("Mul", ["c", "k"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["p"]),
+            helper.make_node("Unsqueeze", ["p", "one"], ["probability"]),
+            helper.make_node("Mul", ["mean", "zero"], ["z"]),  # (N,) zeros, to give the map a batch dimension
+            helper.make_node("Reshape", ["z", "shape3"], ["z3"]),
+            helper.make_node("Add", ["z3", "map"], ["heatmap"]),
+        ],
+        "region",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", size, size, 1]),
+         helper.make_tensor_value_info("map", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", 2, 2])],
+        initializer=[
+            helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+            helper.make_tensor("ends", TensorProto.INT64, [2], [half, half]),
+            helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+            helper.make_tensor("k", TensorProto.FLOAT, [], [40.0]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("shape3", TensorProto.INT64, [3], [-1, 1, 1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+class _FixedMap:
+    """An onnxruntime session whose `map` input is fixed: the heatmap points where the test says."""
+
+    def __init__(self, path, heat):
+        from export.package import load_session
+
+        self.session, self.heat = load_session(path), np.asarray(heat, np.float32)
+
+    def run(self, names, feeds):
+        return self.session.run(names, {**feeds, "map": self.heat})
+
+
+@pytest.mark.parametrize("heat, passes", [
+    ([[1.0, 0.0], [0.0, 0.0]], True),   # points at the quadrant that drives the score
+    ([[0.0, 0.0], [0.0, 1.0]], False),  # points at a quadrant the score ignores
+])
+def test_faithfulness_tells_a_pointing_map_from_a_wrong_one(tmp_path, heat, passes):
+    from export.faithfulness import faithfulness
+
+    _region_model(str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 0.3, (20, 16, 16, 1)).astype(np.float32)
+    x[:, :8, :8] = rng.uniform(0.7, 1.0, (20, 8, 8, 1))  # bright top-left: all flagged
+    result = faithfulness(_FixedMap(str(tmp_path / "m.onnx"), heat), x, 0.5, "test")
+    assert result["flagged"] == 20
+    assert result["passed"] is passes
+    assert (result["share_top_beats_random"] == 1.0) if passes else (result["share_top_beats_random"] <= 0.2)

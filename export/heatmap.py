@@ -1,0 +1,89 @@
+"""The class-activation map as a second graph output (TensorFlow side of export).
+
+A model whose head is global average pooling over a layer named `last_block`, then one linear unit `logit`
+(train.models.build_resnet), has an exact class-activation map: the feature maps of `last_block` weighted by
+`logit`'s weights, shape (N, h, w). Its spatial mean plus the unit's bias is the logit. An ensemble's map is the
+average of its members' maps, as its probability is the average of theirs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from export.faithfulness import faithfulness
+from export.package import HEATMAP_NAME, INPUT_NAME, load_session
+
+PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps' range
+
+
+def _is_cam_member(model) -> bool:
+    names = {layer.name for layer in model.layers}
+    return {"last_block", "gap", "logit"} <= names and model.get_layer("logit").units == 1
+
+
+def cam_members(model) -> list:
+    """The model itself when it has a CAM head, else its nested members that all have one, else []."""
+    if _is_cam_member(model):
+        return [model]
+    nested = [layer for layer in model.layers if hasattr(layer, "layers") and hasattr(layer, "get_layer")]
+    return nested if nested and all(_is_cam_member(m) for m in nested) else []
+
+
+def with_heatmap(model):
+    """A model with outputs [probability, heatmap] sharing `model`'s weights, or None without a CAM head."""
+    from train.models import keras
+
+    members = cam_members(model)
+    if not members:
+        return None
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    probs, maps = [], []
+    for i, member in enumerate(members):
+        both = keras.Model(member.input, [member.output, member.get_layer("last_block").output],
+                           name=f"{member.name}_with_features")
+        p, features = both(inputs)
+        w = member.get_layer("logit").get_weights()[0]  # (C, 1)
+        cam = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name=f"cam{i}")
+        m = cam(features)
+        cam.set_weights([w.reshape(1, 1, -1, 1)])
+        probs.append(p)
+        maps.append(m)
+    prob = probs[0] if len(probs) == 1 else keras.layers.Average()(probs)
+    heat = maps[0] if len(maps) == 1 else keras.layers.Average()(maps)
+    prob = keras.layers.Activation("linear", name="probability")(prob)
+    heat = keras.layers.Reshape(tuple(heat.shape[1:3]), name=HEATMAP_NAME)(heat)
+    return keras.Model(inputs, [prob, heat], name=f"{model.name}_with_heatmap")
+
+
+def reference_heatmaps(model, x: np.ndarray) -> np.ndarray:
+    """The maps computed from Keras feature maps and weights in numpy (the parity reference)."""
+    from train.models import keras
+
+    maps = []
+    for member in cam_members(model):
+        features = keras.Model(member.input, member.get_layer("last_block").output).predict(x, verbose=0)
+        maps.append(np.einsum("nhwc,c->nhw", features, member.get_layer("logit").get_weights()[0][:, 0]))
+    return np.mean(maps, axis=0)
+
+
+def heatmap_hw(export_model) -> tuple[int, int] | None:
+    """(h, w) of a model's heatmap output; None for a one-output model."""
+    return tuple(int(d) for d in export_model.output_shape[1][1:3]) if len(export_model.outputs) == 2 else None
+
+
+def heatmap_checks(keras_model, onnx_path: str, x: np.ndarray, threshold: float, faith_images: np.ndarray,
+                   faith_source: str, log=print) -> dict:
+    """Parity of the ONNX heatmap with the Keras reference on x, and the faithfulness check on faith_images."""
+    session = load_session(onnx_path)
+    ref = reference_heatmaps(keras_model, x)
+    got = session.run([HEATMAP_NAME], {INPUT_NAME: x})[0]
+    span = float(ref.max() - ref.min())
+    diff = float(np.abs(got.astype(np.float64) - ref).max())
+    parity = {"images": int(len(x)), "max_abs_diff": diff, "map_range": span,
+              "tolerance": PARITY_RELATIVE * span, "passed": diff <= PARITY_RELATIVE * span}
+    log(f"heatmap parity: max |Δ| {diff:.2e} (limit {PARITY_RELATIVE * span:.2e} = 1e-4 of the maps' range)")
+    faith = faithfulness(session, faith_images, threshold, faith_source)
+    if faith["flagged"]:
+        log(f"faithfulness on {faith['flagged']} flagged {faith_source} images: blanking the hottest 10% lowered "
+            f"P(pneumonia) more than a random 10% for {faith['share_top_beats_random']:.1%} "
+            f"({'passed' if faith['passed'] else 'FAILED'}: needs {faith['required_share']:.0%})")
+    return {"parity": parity, "faithfulness": faith}
