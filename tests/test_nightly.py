@@ -420,3 +420,28 @@ def test_ledger_readers_per_worker_are_bounded(tmp_path):
         return {t for t in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in fds) if t in paths}
 
     assert len(open_ledgers()) <= 4 and paths[-1] in open_ledgers()
+
+
+# ------------------------------------------------------------------------- issue 11 review (ddc3b43..)
+def test_publish_puts_the_old_output_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    """Review defect 8: the old OUT_DIR stayed parked when renaming the new one into place failed."""
+    from xray_core import files
+
+    final, new = tmp_path / "out", tmp_path / "new"
+    final.mkdir()
+    (final / "a.csv").write_text("old")
+    new.mkdir()
+    (new / "a.csv").write_text("new")
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.fspath(src) == str(new):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space"):
+        files.publish_dir(str(new), str(final), replace=True)
+    monkeypatch.undo()
+    assert (final / "a.csv").read_text() == "old" and (new / "a.csv").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["new", "out"]  # no parked folder left

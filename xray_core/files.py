@@ -1,12 +1,24 @@
-"""Atomic directory publishing shared by train, export and batch_job (no TensorFlow)."""
+"""Atomic directory publishing shared by train, export and batch_job (no TensorFlow).
+
+A folder that a process works in beside its final place (a temp dir, or an old output parked during a
+replace) can hold LOCK_FILE: created already flock'ed by that process and naming it (pid@host). The lock
+ends when the process does, however it ends, so a later process can tell a dead owner's folder (the lock
+can be taken) from a live one's, on any host and in containers where every process is PID 1.
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
+import stat
 import tempfile
 import uuid
 from typing import IO, Callable
+
+LOCK_FILE = ".owner.lock"
 
 
 def temp_dir_beside(final: str, tag: str = "tmp") -> str:
@@ -23,19 +35,88 @@ def temp_dir_beside(final: str, tag: str = "tmp") -> str:
 
 
 def publish_dir(tmp: str, final: str, replace: bool = False) -> None:
-    """Rename `tmp` to `final`. With `replace`, an existing `final` is swapped out, then deleted."""
+    """Rename `tmp` to `final`. With `replace`, an existing `final` is parked as ``final.old-XXXXXXXX/old``
+    (a folder holding this process's LOCK_FILE), `tmp` takes its place, then the parked one is deleted. If
+    that second rename fails, the parked one is put back. Only a process killed between the two renames
+    leaves it parked: batch_job/outdir.py restores it."""
     final = os.path.abspath(final)
     if os.path.isdir(final) and not os.listdir(final):
         os.rmdir(final)  # an empty directory stands in for nothing
-    if os.path.exists(final):
-        if not replace:
-            raise FileExistsError(final)
-        trash = tempfile.mkdtemp(prefix=f"{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-        os.rename(final, os.path.join(trash, "old"))
+    if not os.path.exists(final):
         os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+        return
+    if not replace:
+        raise FileExistsError(final)
+    trash = tempfile.mkdtemp(prefix=f"{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+    parked, lock = os.path.join(trash, "old"), None
+    try:
+        lock = hold_lock(trash)
+        os.rename(final, parked)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(parked, final)  # the old one back in its place
+            raise
+    finally:
+        if os.path.exists(final) or not os.path.lexists(parked):  # never delete the only copy
+            remove_dir(trash)
+        if lock is not None:
+            lock.close()
+
+
+def hold_lock(folder: str) -> IO[str]:
+    """Create folder/LOCK_FILE, naming this process (pid@host), already flock'ed (it appears under its name
+    only once locked). Keep the returned file open while the folder is in use: closing it, or the process
+    ending, releases the lock."""
+    staged = os.path.join(folder, f"{LOCK_FILE}.{uuid.uuid4().hex}")
+    f = open(staged, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write(f"{os.getpid()}@{socket.gethostname()}\n")
+        f.flush()
+        os.rename(staged, os.path.join(folder, LOCK_FILE))
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.remove(staged)
+        raise
+    return f
+
+
+def take_abandoned_lock(folder: str) -> IO | None:
+    """folder/LOCK_FILE, now flock'ed by this process, if no process holds it (its owner is gone);
+    None if it is held, missing, or not a regular file. Close it when done with the folder."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    f = os.fdopen(fd, "r+")
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+    except OSError:
+        pass
+    f.close()
+    return None
+
+
+def remove_dir(path: str) -> None:
+    """Delete a temp or parked folder, its LOCK_FILE last, so one left half-deleted by a killed process is
+    still recognisable by its lock. Best effort: what cannot be deleted stays."""
+    try:
+        names = sorted(os.listdir(path), key=lambda name: name == LOCK_FILE)
+    except OSError:
+        return
+    for name in names:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(entry)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def sha256_file(path: str) -> str:
