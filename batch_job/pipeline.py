@@ -46,10 +46,10 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
+    runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input)
     outdir.refuse_overlaps(args.input, args.output, args.ledger)  # before anything is read or written
     model = load_model(args.model, args.threshold)
-    runner = choose_runner(beam_args)
     out = os.path.abspath(args.output)
     with Ledger(args.ledger) if args.ledger else contextlib.nullcontext() as book:
         outdir.clean_leftovers(out)

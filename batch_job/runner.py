@@ -4,7 +4,8 @@ DirectRunner becomes the FnApiRunner with one worker per core (threads on small 
 large ones: :func:`default_running_mode`), without Beam's Prism download attempt. DaskRunner is resolved
 by class, one shard per Dask task. Other runners pass through by name. Every option the user gave wins:
 the job's defaults go first on the option list, or are added only where Beam's parsed options show the
-user set nothing.
+user set nothing. An argument that neither the job nor Beam's option parser knows is refused (Beam itself
+would drop it with a log warning).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from batch_job.errors import InputError
 
 THREADS_UP_TO = 4
 
@@ -41,26 +44,67 @@ class Runner:
     workers: int  # for sizing shards; a guess where the runner decides
 
 
+def beam_leftovers(beam_args: list[str]) -> list[str]:
+    """What Beam's own option parser does not recognise among `beam_args` (stray words, misspelt options):
+    Beam would drop them with only a log warning. InputError for a value it cannot parse."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    class Parser(_BeamArgumentParser):
+        def error(self, message):
+            raise InputError(f"bad Beam pipeline option: {message}")
+
+    parser, classes = Parser(allow_abbrev=False), {}
+    for cls in PipelineOptions.__subclasses__():  # as PipelineOptions.get_all_options does
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam has no public parser of all its options
+    return parser.parse_known_args(beam_args)[1]
+
+
+def refuse_leftovers(beam_args: list[str]) -> None:
+    leftovers = beam_leftovers(beam_args)
+    if leftovers:
+        raise InputError(f"unrecognized arguments: {' '.join(leftovers)} (neither a job option nor a Beam "
+                         "pipeline option; see --help)")
+
+
 def choose_runner(beam_args: list[str]) -> Runner:
+    """The runner and its options; InputError for arguments neither the job nor Beam knows."""
     name = PipelineOptions(beam_args).view_as(StandardOptions).runner or "DirectRunner"
     short = name.rsplit(".", 1)[-1]
-    if short in ("DirectRunner", "FnApiRunner"):
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        cores = default_workers()
-        defaults = [f"--direct_running_mode={default_running_mode(cores)}", "--default_sdk_harness_log_level=WARNING"]
-        mode = PipelineOptions(defaults + beam_args).view_as(DirectOptions).direct_running_mode
-        if mode != "in_memory":  # in_memory runs one worker whatever the count (and warns if it is not 1)
-            defaults.append(f"--direct_num_workers={cores}")
-        options = PipelineOptions(defaults + beam_args)
-        return Runner(FnApiRunner(), "DirectRunner", options, options.view_as(DirectOptions).direct_num_workers)
     if short == "DaskRunner":
-        from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner
-
-        dask = PipelineOptions(beam_args).view_as(DaskOptions)
-        extra = ["--dask_partition_size=1"] if dask.npartitions is None and dask.partition_size is None else []
-        return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)  # one shard per task
+        from apache_beam.runners.dask import dask_runner  # noqa: F401 - adds --dask_* to Beam's options
+    refuse_leftovers(beam_args)
+    if short in ("DirectRunner", "FnApiRunner"):
+        return direct_runner(beam_args)
+    if short == "DaskRunner":
+        return dask_runner_with(beam_args)
     return Runner(name, short, PipelineOptions(beam_args), 4)
+
+
+def dask_runner_with(beam_args: list[str]) -> Runner:
+    """DaskRunner, one shard per Dask task unless the options partition otherwise."""
+    from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner
+
+    dask = PipelineOptions(beam_args).view_as(DaskOptions)
+    extra = ["--dask_partition_size=1"] if dask.npartitions is None and dask.partition_size is None else []
+    return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)
+
+
+def direct_runner(beam_args: list[str]) -> Runner:
+    """FnApiRunner, one worker per core unless the options say otherwise (0 workers: one per core, as Beam)."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    cores = default_workers()
+    defaults = [f"--direct_running_mode={default_running_mode(cores)}", "--default_sdk_harness_log_level=WARNING"]
+    mode = PipelineOptions(defaults + beam_args).view_as(DirectOptions).direct_running_mode
+    if mode != "in_memory":  # in_memory runs one worker whatever the count (and warns if it is not 1)
+        defaults.append(f"--direct_num_workers={cores}")
+    options = PipelineOptions(defaults + beam_args)
+    workers = options.view_as(DirectOptions).direct_num_workers
+    if workers < 0:
+        raise InputError("--direct_num_workers must be >= 0 (0: one worker per core)")
+    return Runner(FnApiRunner(), "DirectRunner", options, workers or cores)
 
 
 def execute(pipeline: beam.Pipeline) -> None:

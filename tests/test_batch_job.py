@@ -514,3 +514,43 @@ def test_uri_inputs_over_the_size_limit_are_refused(tmp_path, monkeypatch):
         scoring.read_input(f"testfs://{big}")
     with pytest.raises(ImageError, match="file too large"):
         scoring.read_input(str(big))  # as for local files
+
+
+# ------------------------------------------------------------------------- issue 11 review (ddc3b43..)
+def small_run(inp: str, model: str, out, *extra: str) -> list[str]:
+    return ["--input", inp, "--model", model, "--output", str(out), *extra, "--direct_running_mode=in_memory"]
+
+
+@pytest.mark.parametrize("extra", [["stray"], ["--treshold", "0.99"], ["--direct_num_workrs=2"]])
+def test_arguments_neither_the_job_nor_beam_knows_are_refused(extra, tiny_package, tmp_path, capsys):
+    """Review defect 3: `--input a b --treshold 0.99` scored only `a` at the default threshold, exit 0."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    argv = ["--input", str(inp), *extra, "--model", tiny_package, "--output", str(tmp_path / "out"),
+            "--direct_running_mode=in_memory"]
+    assert_one_line_error(capsys, main(argv), "unrecognized arguments", extra[0])
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_beam_options_still_pass_through():
+    from batch_job.runner import beam_leftovers, choose_runner
+
+    assert beam_leftovers(["--runner=DirectRunner", "--job_name", "j", "--experiments=a", "--experiments=b",
+                           "--direct_num_workers", "2", "--save_main_session"]) == []
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    dask = choose_runner(["--runner", "DaskRunner", "--dask_client_address=tcp://h:8786", "--dask_npartitions=3"])
+    assert (dask.options.view_as(DaskOptions).address, dask.options.view_as(DaskOptions).npartitions) == (
+        "tcp://h:8786", 3)
+
+
+def test_zero_direct_workers_means_one_per_core(tiny_package, tmp_path):
+    """Review defect 4: --direct_num_workers=0 (Beam: all cores) divided by zero."""
+    from batch_job.runner import choose_runner, default_workers
+
+    assert choose_runner(["--direct_num_workers=0"]).workers == default_workers()
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    assert main(["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"),
+                 "--direct_num_workers=0"]) == 0
+    assert len(read_predictions(str(tmp_path / "out"))) == 4
