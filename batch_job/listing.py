@@ -27,7 +27,7 @@ def _is_glob(path: str) -> bool:
 def _literal_prefix(pattern: str) -> str:
     """The folders of a glob before its first wildcard."""
     parts = pattern.split("/")
-    literal = next(i for i, part in enumerate(parts) if _is_glob(part))
+    literal = next((i for i, part in enumerate(parts) if _is_glob(part)), len(parts))
     return "/".join(parts[:literal]) or "/"
 
 
@@ -128,8 +128,10 @@ def iter_input(path: str) -> Iterator[str]:
     elif os.path.isfile(path) or os.path.islink(path):
         if is_candidate(path):
             yield path
-    else:  # a glob
+    elif _is_glob(path):
         yield from _glob(path)
+    else:  # gone since check_inputs
+        raise InputError(f"input path not found: {path}")
 
 
 def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
@@ -147,6 +149,8 @@ def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
                 if key not in seen:
                     seen.add(key)
                     yield index, shown
+        except InputError:
+            raise
         except ValueError as exc:  # e.g. gs:// without apache-beam[gcp]
             raise InputError(f"cannot list {root}: {one_line(exc, 200)}") from None
 

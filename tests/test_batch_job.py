@@ -554,3 +554,16 @@ def test_zero_direct_workers_means_one_per_core(tiny_package, tmp_path):
     assert main(["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"),
                  "--direct_num_workers=0"]) == 0
     assert len(read_predictions(str(tmp_path / "out"))) == 4
+
+
+def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, monkeypatch, capsys):
+    """Review defect 7: 'RuntimeError: generator raised StopIteration', exit 1."""
+    from batch_job import pipeline
+    from batch_job.errors import InputError
+
+    gone = str(tmp_path / "gone")
+    with pytest.raises(InputError, match="input path not found"):
+        list(iter_images([gone]))
+    monkeypatch.setattr(pipeline, "check_inputs", lambda inputs: None)  # as if removed just after the check
+    assert_one_line_error(capsys, main(small_run(gone, tiny_package, tmp_path / "out")), "input path not found")
+    assert os.listdir(tmp_path) == []
