@@ -48,9 +48,9 @@ def main(argv=None, started: float | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
-        return fail(str(exc), exc.exit_code)
+        return fail(one_line(exc, 1000), exc.exit_code)
     except PackageError as exc:
-        return fail(str(exc), 2)
+        return fail(one_line(exc, 1000), 2)
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)

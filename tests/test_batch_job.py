@@ -567,3 +567,9 @@ def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, mo
     monkeypatch.setattr(pipeline, "check_inputs", lambda inputs: None)  # as if removed just after the check
     assert_one_line_error(capsys, main(small_run(gone, tiny_package, tmp_path / "out")), "input path not found")
     assert os.listdir(tmp_path) == []
+
+
+def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
+    """Review nit: a JobError's message was printed as it was; a path with a newline made two lines."""
+    missing = str(tmp_path / "no\nsuch")
+    assert_one_line_error(capsys, main(small_run(missing, tiny_package, tmp_path / "out")), "input path not found")
