@@ -8,6 +8,7 @@ published by a run killed before its ledger commit, and the next run may replace
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -47,6 +48,54 @@ class LedgerBusy(LedgerError):
     """Another batch job holds the ledger."""
 
 
+def _read_only(path: str) -> sqlite3.Connection:
+    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+
+def check_usable(path: str) -> None:
+    """Refuse, creating nothing, what Ledger(path) would refuse: an existing file that is not SQLite, a lock
+    held by another job, a new ledger whose folder cannot be created."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        try:
+            with contextlib.closing(_read_only(path)) as conn:
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        fd = None
+    except OSError as exc:
+        raise LedgerError(f"cannot open ledger {path}: {exc.strerror}") from None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LedgerBusy(f"ledger {path} is in use by another batch job; run again when it has finished") from None
+        finally:
+            os.close(fd)
+    folder = os.path.dirname(path)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise LedgerError(f"cannot open ledger {path}: {folder} is not a writable folder")
+
+
+def knows_run(path: str, run_id: str) -> bool:
+    """The ledger recorded this run (read-only; a ledger or table not there yet knows none)."""
+    if not os.path.exists(path):
+        return False
+    with contextlib.closing(_read_only(path)) as conn:
+        try:
+            return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return False
+            raise
+
+
 class Ledger:
     """Driver side: create, lock, and commit."""
 
@@ -77,10 +126,6 @@ class Ledger:
         if self._lock_file:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
-
-    def knows_run(self, run_id: str) -> bool:
-        with sqlite3.connect(self.path) as conn:
-            return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]]) -> int:
         """Insert (sha256, probability, path) entries and the run, in one transaction."""
@@ -113,8 +158,7 @@ READERS_KEPT = 4  # per worker process; a long-lived Dask worker sees one ledger
 def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
     """A read-only connection, shared by the worker threads of a process; the READERS_KEPT most recently
     used are kept (one dropped from the cache is closed when garbage-collected, after any thread using it)."""
-    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
-    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+    return _read_only(path)
 
 
 def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:

@@ -42,10 +42,13 @@ def input_root(arg: str) -> str:
 
 
 def check_inputs(inputs: list[str]) -> None:
-    """Every --input must exist (a folder or file), match something (a glob), or be a URI."""
+    """Every --input must exist (a folder or file) or be a glob or a URI, and local inputs must hold an image
+    (the walk stops at the first): refused before anything is created. URIs are listed only by the job."""
     missing = [p for p in inputs if not is_uri(p) and not _is_glob(p) and not os.path.exists(p)]
     if missing:
         raise InputError(f"input path not found: {', '.join(missing)}")
+    if not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
+        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)}")
 
 
 def is_candidate(path: str) -> bool:

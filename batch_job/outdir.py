@@ -1,114 +1,229 @@
-"""OUT_DIR: kept apart from the inputs and the ledger, built as a temp dir beside it, published by rename.
+"""OUT_DIR: kept apart from the inputs, the ledger and the model, built as a temp dir beside it, published by rename.
 
-The temp dir is ``OUT_DIR.tmp-<pid>@<host>-<random>``; a failed job's is renamed ``....discarded`` and
-removed; one left by a killed job is removed by the next job on the same OUT_DIR, and an OUT_DIR parked
-as ``OUT_DIR.old-<random>/old`` by an --overwrite killed between its two renames is restored.
+The temp dir is ``OUT_DIR.tmp-<pid>@<host>-XXXXXXXX``; the job holds a lock on a file in it (LOCK_FILE,
+xray_core/files.py) until it is published or discarded. A failed job renames its own ``....discarded`` and
+removes it. The next job on the same OUT_DIR removes a temp dir whose lock is free (its job was killed) and
+restores an OUT_DIR that an --overwrite killed between its two renames left parked as
+``OUT_DIR.old-XXXXXXXX/old``. It touches nothing else: only folders beside OUT_DIR named exactly so, holding
+LOCK_FILE, its lock free, and nothing but what the job writes there.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
+import re
 import socket
+from typing import IO
 
-from batch_job.errors import InputError
+from batch_job.errors import InputError, JobError
+from batch_job.ledger import knows_run
 from batch_job.listing import input_root, is_uri
-from xray_core.files import publish_dir, temp_dir_beside
+from xray_core.files import LOCK_FILE, hold_lock, publish_dir, remove_dir, take_abandoned_lock, temp_dir_beside
+
+LOG = logging.getLogger("batch_job")
+RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
+# What a temp dir holds (README "Outputs", its ledger and heatmap sidecars, half-written ``.*.tmp`` files)
+JOB_FILES = re.compile(r"(\.owner\.lock|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|predictions-\d+\.csv|"
+                       r"metrics\.json|report\.(md|html)|\w+\.png|heatmaps|\..+\.tmp)\Z")
+PARKED_FILES = (LOCK_FILE, "old")
+_held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
+
+
+def temp_name(base: str) -> re.Pattern:
+    return re.compile(re.escape(base) + rf"\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")
+
+
+def parked_name(base: str) -> re.Pattern:
+    return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")
 
 
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def refuse_overlaps(inputs: list[str], output: str, ledger: str | None) -> None:
-    """InputError unless OUT_DIR and every local input (its root: :func:`input_root`) are disjoint, and the
-    ledger lies inside neither. Real paths: symlinks resolved. Nothing is read or written."""
-    out = os.path.realpath(output)
-    roots = [(arg, os.path.realpath(input_root(arg))) for arg in inputs if not is_uri(arg)]
-    for arg, root in roots:
-        if _within(out, root) or _within(root, out):
-            raise InputError(f"--output {output} and --input {arg} overlap (one contains the other); "
+def _identities(path: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of `path` and of each of its ancestors that exists."""
+    found = set()
+    while True:
+        try:
+            st = os.stat(path)
+            found.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        parent = os.path.dirname(path)
+        if parent == path:
+            return found
+        path = parent
+
+
+def inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it: as real paths (symlinks resolved), or because `folder` is the
+    same file as `path` or one of its existing ancestors (bind mounts, case-insensitive file systems)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    if _within(path, folder):
+        return True
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _identities(path)
+
+
+def _kept_folder(path: str, out: str) -> str | None:
+    """The job's temp or parked folder beside OUT_DIR that `path` is or lies in, if any."""
+    path, out = os.path.realpath(path), os.path.realpath(out)
+    parent, base = os.path.split(out)
+    if path == parent or not _within(path, parent):
+        return None
+    first = os.path.relpath(path, parent).split(os.sep)[0]
+    ours = temp_name(base).match(first) or parked_name(base).match(first)
+    return os.path.join(parent, first) if ours else None
+
+
+def refuse_overlaps(inputs: list[str], output: str, ledger: str | None, model_dir: str) -> None:
+    """InputError unless OUT_DIR and every local input (its root: :func:`input_root`) and the model package
+    are disjoint, the ledger lies inside none of them, and no input or ledger lies in one of the folders the
+    job keeps beside OUT_DIR (its later cleanup must never reach them). Nothing is written."""
+    read = [(f"--input {arg}", input_root(arg)) for arg in inputs if not is_uri(arg)]
+    read.append((f"--model (package {model_dir})", model_dir))
+    for what, root in read:
+        if inside(output, root) or inside(root, output):
+            raise InputError(f"--output {output} and {what} overlap (one contains the other); "
                              "the job never writes where it reads")
+    kept = read[:-1] + ([(f"--ledger {ledger}", ledger)] if ledger else [])
+    for what, path in kept:
+        folder = _kept_folder(path, output)
+        if folder:
+            raise InputError(f"{what} lies in {folder}, a temporary or parked folder of batch jobs on "
+                             f"--output {output}; move it or choose another --output")
     if ledger:
-        book = os.path.realpath(ledger)
-        for arg, root in roots:
-            if _within(book, root):
-                raise InputError(f"--ledger {ledger} lies inside --input {arg}; keep it outside the inputs")
-        if _within(book, out):
-            raise InputError(f"--ledger {ledger} lies inside --output {output}; keep it outside the output")
+        for what, root in read + [(f"--output {output}", output)]:
+            if inside(ledger, root):
+                raise InputError(f"--ledger {ledger} lies inside {what}; keep it outside the inputs, the model "
+                                 "and the output")
 
 
 def clean_leftovers(out: str) -> None:
-    """Remove the temp dirs of killed jobs on this OUT_DIR (their process on this host is gone) and
-    restore an OUT_DIR parked by an --overwrite killed between its two renames."""
-    parent, base = os.path.dirname(out), os.path.basename(out)
+    """Remove the temp dirs of killed jobs on this OUT_DIR and restore an OUT_DIR parked by an --overwrite
+    killed between its two renames: only folders of exactly those names whose lock is free (module doc)."""
+    parent, base = os.path.split(out)
+    temp, parked = temp_name(base), parked_name(base)
     try:
         names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
         for name in names:
             path = os.path.join(parent, name)
-            if name.startswith(base + ".tmp-"):
-                pid, _, host = name[len(base) + 5:].rsplit("-", 1)[0].partition("@")
-                if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
-                    shutil.rmtree(path, ignore_errors=True)
-            elif name.startswith(base + ".old-"):
-                parked = os.path.join(path, "old")
-                if os.path.isdir(parked) and not os.path.exists(out):
-                    os.rename(parked, out)
-                shutil.rmtree(path, ignore_errors=True)
+            if temp.match(name):
+                _remove_abandoned(path)
+            elif parked.match(name):
+                _restore_abandoned(path, out)
     except OSError as exc:
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _abandoned(path: str, allowed) -> IO | None:
+    """The free lock of a folder of ours (now held here) that holds only names `allowed` accepts; else None."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    lock = take_abandoned_lock(path)
+    if lock is not None and not all(allowed(name) for name in os.listdir(path)):
+        LOG.warning("left %s as it is: it holds files that batch jobs do not write", path)
+        lock.close()
+        return None
+    return lock
 
 
-def orphaned(out: str, book) -> bool:
+def _remove_abandoned(path: str) -> None:
+    lock = _abandoned(path, JOB_FILES.match)
+    if lock is not None:
+        with lock:
+            remove_dir(path)
+        LOG.info("removed %s, left by a job that was killed", path)
+
+
+def _restore_abandoned(path: str, out: str) -> None:
+    lock = _abandoned(path, PARKED_FILES.__contains__)
+    if lock is None:
+        return
+    with lock:
+        old = os.path.join(path, "old")
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # an empty directory stands in for nothing
+        if os.path.isdir(old) and not os.path.lexists(out):
+            os.rename(old, out)
+            LOG.warning("restored %s: an --overwrite was killed while replacing it", out)
+        remove_dir(path)  # with an OUT_DIR in place, what remains was already replaced
+
+
+def orphaned(out: str, ledger: str) -> bool:
     """OUT_DIR was published by a job on this ledger that was killed before its ledger commit."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             m = json.load(f)
     except (OSError, ValueError):
         return False
-    return m.get("ledger") == book.path and bool(m.get("run_id")) and not book.knows_run(m["run_id"])
+    if not isinstance(m, dict) or m.get("ledger") != os.path.abspath(ledger) or not m.get("run_id"):
+        return False
+    return not knows_run(ledger, m["run_id"])
+
+
+def refuse_existing(out: str, overwrite: bool) -> None:
+    """Refuse a non-empty OUT_DIR (unless overwrite) and one that cannot be created. Nothing is written."""
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+    folder = os.path.dirname(out)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output dir {out} is not writable: {folder} is not a writable folder")
 
 
 def prepare(out: str, overwrite: bool) -> str:
-    """Refuse a non-empty OUT_DIR (unless overwrite); -> a new temp dir beside it."""
-    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+    """Refuse a non-empty OUT_DIR (unless overwrite); -> a new temp dir beside it, locked by this job."""
+    refuse_existing(out, overwrite)
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        return temp_dir_beside(out, f"tmp-{os.getpid()}@{socket.gethostname()}")
+        tmp = temp_dir_beside(out, f"tmp-{os.getpid()}@{socket.gethostname()}")
     except OSError as exc:
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
+    try:
+        _held[tmp] = hold_lock(tmp)
+    except BaseException:
+        os.rmdir(tmp)
+        raise
+    return tmp
+
+
+def _release(tmp: str) -> None:
+    lock = _held.pop(tmp, None)
+    if lock is not None:
+        lock.close()
 
 
 def publish(tmp: str, out: str, overwrite: bool) -> None:
-    """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded."""
+    """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded.
+    The lock file is deleted first (it is no output); the lock itself is held until the rename is done."""
     try:
+        os.remove(os.path.join(tmp, LOCK_FILE))
         publish_dir(tmp, out, replace=overwrite)
     except OSError as exc:
         discard(tmp)
         if isinstance(exc, FileExistsError):
-            raise InputError(f"output dir {out} was created by someone else during the run; "
-                             "nothing published (rerun with another --output or --overwrite)") from None
+            raise JobError(f"output dir {out} was created by someone else while the job ran; the scores were "
+                           "discarded, nothing published (rerun with another --output, or --overwrite)") from None
         raise
+    finally:
+        _release(tmp)
 
 
 def discard(tmp: str) -> None:
     """Remove a failed job's temp dir. Renamed first: workers still running (threads after Ctrl-C,
-    Dask tasks after a driver failure) then fail to create files in it instead of racing rmtree.
-    The new name keeps the temp dir's prefix, so a later job cleans up what remains."""
+    Dask tasks after a driver failure) then fail to create files in it instead of racing the removal.
+    The lock file goes last, so a later job still cleans up what a kill in between leaves."""
     gone = tmp + ".discarded"
     try:
         os.rename(tmp, gone)
     except OSError:
         gone = tmp
-    shutil.rmtree(gone, ignore_errors=True)
+    remove_dir(gone)
+    _release(tmp)

@@ -21,7 +21,7 @@ from batch_job import outdir, report
 from batch_job import shards as shard_files
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.interrupts import GATE
-from batch_job.ledger import Ledger
+from batch_job.ledger import Ledger, check_usable
 from batch_job.listing import check_inputs, input_root, iter_images, label_from_path
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -48,15 +48,18 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
         raise InputError("--batch-size and --shard-size must be >= 1")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input)
-    outdir.refuse_overlaps(args.input, args.output, args.ledger)  # before anything is read or written
     model = load_model(args.model, args.threshold)
+    package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
+    outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
+    if args.ledger:
+        check_usable(args.ledger)  # every refusal comes before anything is created
     out = os.path.abspath(args.output)
+    outdir.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
+    outdir.refuse_existing(out, replaceable(args, out))
     with Ledger(args.ledger) if args.ledger else contextlib.nullcontext() as book:
-        outdir.clean_leftovers(out)
-        overwrite = args.overwrite
-        if book is not None and not overwrite and outdir.orphaned(out, book):
+        overwrite = replaceable(args, out)  # again, now that this job holds the ledger
+        if overwrite and not args.overwrite:
             LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
-            overwrite = True
         tmp = outdir.prepare(out, overwrite)
         try:
             listing, shards = list_images(args, tmp, runner.workers)
@@ -84,6 +87,11 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             if book is not None:
                 commit_ledger(book, metrics, out, shards)
     return metrics
+
+
+def replaceable(args: argparse.Namespace, out: str) -> bool:
+    """--overwrite, or OUT_DIR was published by a job on this ledger killed before its ledger commit."""
+    return args.overwrite or (bool(args.ledger) and outdir.orphaned(out, args.ledger))
 
 
 def list_images(args: argparse.Namespace, tmp: str, workers: int) -> tuple[str, list]:

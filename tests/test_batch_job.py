@@ -21,6 +21,7 @@ from batch_job.listing import input_root, iter_images, label_from_path
 from batch_job.reconcile import reconcile
 from batch_job.synthetic import make_tree
 from export.package import load_session
+from xray_core.files import hold_lock
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 from conftest import SITE_SAMPLE, assert_one_line_error, write_package
@@ -459,12 +460,13 @@ def test_site_sample_of_real_xrays(tmp_path):
 # ------------------------------------------------------------------------------ issue 11, defects 4-6
 
 def test_parked_output_is_restored_before_the_emptiness_check(labelled_tree, tiny_package, tmp_path, capsys):
-    """An OUT_DIR parked by an --overwrite killed between its two renames comes back first; the job then
-    refuses at once (exit 2), instead of scoring everything and failing at publish."""
+    """An OUT_DIR parked by an --overwrite of ours killed between its two renames (its lock file free) comes
+    back first; the job then refuses at once (exit 2), instead of scoring everything and failing at publish."""
     root, _ = labelled_tree
     out = tmp_path / "out"
-    parked = tmp_path / "out.old-x1y2z3" / "old"
+    parked = tmp_path / "out.old-x1y2z3ab" / "old"  # as xray_core.files.publish_dir names it
     parked.mkdir(parents=True)
+    hold_lock(str(parked.parent)).close()  # the killed job's lock file, no longer held
     (parked / "predictions-00000.csv").write_text("last night's\n")
     assert not out.exists()
     rc = main(["--input", root, "--model", tiny_package, "--output", str(out), "--direct_running_mode=in_memory"])
@@ -573,3 +575,107 @@ def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, cap
     """Review nit: a JobError's message was printed as it was; a path with a newline made two lines."""
     missing = str(tmp_path / "no\nsuch")
     assert_one_line_error(capsys, main(small_run(missing, tiny_package, tmp_path / "out")), "input path not found")
+
+
+def test_folders_named_like_the_jobs_own_but_not_made_by_it_are_never_touched(tiny_package, tmp_path):
+    """Review defect 1: `<OUT>.old-*` folders of the user's (one of them the input) were deleted, and an
+    `old/` in one became OUT_DIR. Only exact names with the job's free lock file and nothing else are ours."""
+    jan = tmp_path / "scores.old-jan"
+    make_tree(str(jan), per_class=2, size=64, seed=3)
+    (tmp_path / "scores.old-2024").mkdir()
+    (tmp_path / "scores.old-20240101" / "old").mkdir(parents=True)  # a parked folder's exact name and shape
+    (tmp_path / "scores.old-20240101" / "old" / "notes.txt").write_text("mine")
+    (tmp_path / "scores.tmp-1@elsewhere-abcd1234").mkdir()  # a temp dir's exact name, without the lock file
+    (tmp_path / "scores.tmp-1@elsewhere-abcd1234" / "predictions-00000.csv").write_text("mine")
+    before, names = snapshot(str(tmp_path)), sorted(os.listdir(tmp_path))
+    assert main(small_run(str(jan), tiny_package, tmp_path / "scores")) == 0
+    assert len(read_predictions(str(tmp_path / "scores"))) == 4
+    assert sorted(os.listdir(tmp_path)) == sorted(names + ["scores"])
+    assert {k: v for k, v in snapshot(str(tmp_path)).items() if not k.startswith("scores/")} == before
+
+
+@pytest.mark.parametrize("kind", ["alive", "not_ours", "more_than_ours"])
+def test_a_parked_output_is_restored_only_when_its_job_is_gone(kind, tiny_package, tmp_path):
+    """Review defect 1: a concurrent job could 'restore' another job's OUT_DIR parked mid-publish. Restored
+    only with the job's lock file there and free (its job is dead), and nothing else in the parked folder."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    trash = tmp_path / "out.old-abcd1234"
+    (trash / "old").mkdir(parents=True)
+    (trash / "old" / "predictions-00000.csv").write_text("last night's\n")
+    lock = None
+    if kind == "alive":
+        lock = hold_lock(str(trash))  # the job publishing it is still running
+    elif kind == "more_than_ours":
+        hold_lock(str(trash)).close()
+        (trash / "notes.txt").write_text("mine")
+    before = snapshot(str(trash))
+    try:
+        assert main(small_run(str(inp), tiny_package, tmp_path / "out")) == 0  # OUT_DIR was free: published
+    finally:
+        if lock is not None:
+            lock.close()
+    assert snapshot(str(trash)) == before
+    assert len(read_predictions(str(tmp_path / "out"))) == 4
+
+
+@pytest.mark.parametrize("name", ["out.old-abcd1234", "out.tmp-12@host-abcd1234"])
+def test_an_input_inside_a_folder_the_job_keeps_beside_its_output_is_refused(name, tiny_package, tmp_path, capsys):
+    """Review defect 1: the cleanup must never reach an input: one in a folder named like the job's temp or
+    parked folders for this OUT_DIR is refused before anything is written."""
+    inp = tmp_path / name / "old"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    before = snapshot(str(tmp_path))
+    assert_one_line_error(capsys, main(small_run(str(inp), tiny_package, tmp_path / "out")), "temporary or parked")
+    assert snapshot(str(tmp_path)) == before and sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_overlap_is_found_by_file_identity(tiny_package, tmp_path, monkeypatch):
+    """Review defect 5: a bind mount or another letter case on a case-insensitive file system names the same
+    folder by another path, which real paths do not reveal; (st_dev, st_ino) of the existing ancestors do.
+    Simulated: real paths left unresolved, so the link below is such a second name."""
+    from batch_job import outdir
+    from batch_job.errors import InputError
+
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    os.symlink(inp, tmp_path / "alias")
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    package = os.path.dirname(tiny_package)
+    with pytest.raises(InputError, match="overlap"):
+        outdir.refuse_overlaps([str(inp)], str(tmp_path / "alias" / "scores"), None, package)
+    with pytest.raises(InputError, match="overlap"):
+        outdir.refuse_overlaps([str(tmp_path / "alias" / "NORMAL")], str(inp), None, package)
+    with pytest.raises(InputError, match="lies inside"):
+        outdir.refuse_overlaps([str(inp)], str(tmp_path / "out"), str(tmp_path / "alias" / "l.sqlite"), package)
+    outdir.refuse_overlaps([str(inp)], str(tmp_path / "out"), str(tmp_path / "l.sqlite"), package)  # apart
+
+
+def test_output_on_a_bind_mount_of_the_input_is_refused(tiny_package, tmp_path):
+    """Review defect 5, for real where this machine lets an unprivileged user namespace bind-mount."""
+    import shlex
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces with mounts here")
+    inp, mnt = tmp_path / "in", tmp_path / "mnt"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    mnt.mkdir()
+    before = snapshot(str(inp))
+    job = shlex.join([sys.executable, "-m", "batch_job", *small_run(str(inp), tiny_package, mnt / "scores")])
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {shlex.quote(str(inp))} "
+                           f"{shlex.quote(str(mnt))} && {job}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "overlap" in proc.stderr, proc.stderr[-2000:]
+    assert snapshot(str(inp)) == before and not os.path.exists(inp / "scores")
+
+
+@pytest.mark.parametrize("where", ["package", "version", "serving"])
+def test_output_never_overlaps_the_model(where, tmp_path, capsys):
+    """Review nit: `--output serving_models/pneumonia --overwrite` replaced the model's folder."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    version = write_package(str(tmp_path / "serving"))
+    out = {"package": os.path.dirname(version), "version": version, "serving": str(tmp_path / "serving")}[where]
+    before = snapshot(str(tmp_path))
+    line = assert_one_line_error(capsys, main(small_run(str(inp), version, out, "--overwrite")), "overlap")
+    assert "--model" in line and snapshot(str(tmp_path)) == before

@@ -445,3 +445,87 @@ def test_publish_puts_the_old_output_back_when_the_new_one_cannot_take_its_place
     monkeypatch.undo()
     assert (final / "a.csv").read_text() == "old" and (new / "a.csv").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["new", "out"]  # no parked folder left
+
+
+def test_temp_dirs_go_when_their_job_is_dead_whatever_its_host_and_stay_while_it_runs(small_tree, tiny_package,
+                                                                                       tmp_path):
+    """Review defect 2: in Docker every job is PID 1 on a new hostname, so pid@host never matched and temp
+    dirs of killed jobs stayed; and a live job whose pid is not visible here lost its temp dir. The owner's
+    lock on the temp dir's lock file decides."""
+    import socket
+
+    from xray_core.files import hold_lock
+
+    def temp_dir(name: str, *files: str) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        for f in files:
+            (path / f).write_text("x")
+        return str(path)
+
+    dead = temp_dir("out.tmp-1@0f3c2a9b7d1e-abcd1234", "_listing.jsonl", "predictions-00000.csv")
+    hold_lock(dead).close()  # a killed container's job: its lock is free
+    half_removed = temp_dir("out.tmp-1@0f3c2a9b7d1e-efgh5678.discarded")
+    hold_lock(half_removed).close()
+    running = temp_dir(f"out.tmp-999999999@{socket.gethostname()}-ijkl9012", "_listing.jsonl")
+    lock = hold_lock(running)  # a job in another PID namespace: its pid means nothing here
+    try:
+        assert main(["--input", small_tree, "--model", tiny_package, "--output", str(tmp_path / "out"),
+                     "--direct_running_mode=in_memory"]) == 0
+    finally:
+        lock.close()
+    assert sorted(os.listdir(tmp_path)) == ["in", "out", os.path.basename(running)]
+
+
+def all_paths(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder)
+                  for n in dirs + files)
+
+
+@pytest.mark.parametrize("case", ["output_not_empty", "ledger_unusable", "ledger_busy", "output_unwritable",
+                                  "no_images"])
+def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_package, tmp_path, capsys):
+    """Review defect 6: refused runs created the ledger file, its lock and its folders first."""
+    ledger, out = str(tmp_path / "books" / "ledger.sqlite"), tmp_path / "scores" / "night1"
+    held, inp = None, small_tree
+    if case == "output_not_empty":
+        out.mkdir(parents=True)
+        (out / "theirs.txt").write_text("x")
+    elif case == "ledger_unusable":
+        ledger = str(tmp_path / "not_a_db.sqlite")
+        open(ledger, "w").write("this is not sqlite " * 100)
+    elif case == "ledger_busy":
+        held = Ledger(ledger).__enter__()
+    elif case == "output_unwritable":
+        (tmp_path / "scores").write_text("a file where a folder should be")
+    else:
+        inp = str(tmp_path / "empty")
+        os.makedirs(os.path.join(inp, "NORMAL"))
+    before = all_paths(tmp_path)
+    try:
+        rc = main(["--input", inp, "--model", tiny_package, "--output", str(out), "--ledger", ledger,
+                   "--direct_running_mode=in_memory"])
+    finally:
+        if held is not None:
+            held.__exit__()
+    assert_one_line_error(capsys, rc)
+    assert all_paths(tmp_path) == before
+
+
+def test_output_made_by_someone_else_during_the_run_is_a_job_failure(small_tree, tiny_package, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Review nit: this exited 2, 'refused before starting', after all the scoring. Now exit 1, and says so."""
+    from batch_job import pipeline
+
+    out = tmp_path / "out"
+    real_check = pipeline.check
+
+    def check_then_someone_writes(rec):
+        real_check(rec)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(pipeline, "check", check_then_someone_writes)
+    rc = main(["--input", small_tree, "--model", tiny_package, "--output", str(out), "--direct_running_mode=in_memory"])
+    assert_one_line_error(capsys, rc, "created by someone else while the job ran", "nothing published", code=1)
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["in", "out"]
