@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from batch_job.errors import InputError
-from export.package import PackageError, load_metadata, resolve_version_dir, verify_package
+from export.package import PackageError, heatmap_hw, load_metadata, resolve_version_dir, verify_package
 from xray_core.errors import one_line
 from xray_core.preprocessing import PreprocessConfig
 
@@ -16,6 +16,7 @@ class Model:
     model_id: str  # <name>/<version>
     preprocessing: dict
     threshold: float
+    heatmap_hw: tuple[int, int] | None = None  # (h, w) of the package's heatmap output; None: it has none
 
 
 def load_model(model_arg: str, threshold_arg: float | None) -> Model:
@@ -33,4 +34,4 @@ def load_model(model_arg: str, threshold_arg: float | None) -> Model:
     if not 0.0 <= threshold <= 1.0:
         raise InputError("--threshold must be in [0, 1]")
     return Model(os.path.join(version_dir, "model.onnx"), f"{meta['name']}/{meta['version']}",
-                 meta["preprocessing"], threshold)
+                 meta["preprocessing"], threshold, heatmap_hw(meta))

@@ -1,8 +1,9 @@
-"""The batch job, step by step: check -> list -> score -> reconcile -> report -> publish -> commit.
+"""The batch job, step by step: check -> list -> score -> reconcile -> heatmaps -> report -> publish -> commit.
 
 Each step's work lives in its own module: listing.py (find images, folder labels), shards.py (the
 listing file, shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner),
-reconcile.py, report.py, outdir.py (OUT_DIR's temp dir, publishing), ledger.py. Nothing is published
+reconcile.py, heatmaps.py (overlays of the top flagged images), report.py, figures.py and html_report.py
+(report.html), outdir.py (OUT_DIR's temp dir, publishing), ledger.py. Nothing is published
 unless every listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uuid
 
 import apache_beam as beam
 
-from batch_job import outdir, report
+from batch_job import figures, heatmaps, html_report, outdir, report
 from batch_job import shards as shard_files
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.interrupts import GATE
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
+    if args.heatmaps < 0:
+        raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input)
     model = load_model(args.model, args.threshold)
@@ -68,15 +71,20 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
                      model.threshold, runner.label)
             kill_point("listed")
             t_scoring = time.perf_counter()
-            score(runner, shards, listing, scoring_spec(model, args.batch_size, runner, book), tmp)
+            score(runner, shards, listing, scoring_spec(model, args.batch_size, runner, book, args.heatmaps), tmp)
             t_report = time.perf_counter()
             LOG.info("pipeline finished after %.1fs (%.1fs scoring)", t_report - t0, t_report - t_scoring)
             kill_point("scored")
             rec = reconcile(tmp, shards, args.input)
             check(rec)
+            flagged = heatmaps.make_heatmaps(tmp, shards, args.heatmaps, model.preprocessing)
+            t_heatmaps = time.perf_counter() - t_report
             metrics = write_report(rec, model, runner.label, tmp, book)
-            report.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report)
+            metrics["heatmaps"] = heatmaps.summary(flagged, args.heatmaps, model.heatmap_hw is not None)
+            report.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
+                               t_heatmaps)
             report.write_metrics(tmp, metrics)
+            html_report.write_html(tmp, metrics, flagged, shards)
             kill_point("written")
         except BaseException:
             outdir.discard(tmp)
@@ -106,10 +114,15 @@ def list_images(args: argparse.Namespace, tmp: str, workers: int) -> tuple[str, 
     return listing, shard_files.cut_listing(listing, size)
 
 
-def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | None) -> ScoringSpec:
+def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | None,
+                 n_heatmaps: int = 0) -> ScoringSpec:
+    if n_heatmaps and model.heatmap_hw is None:
+        LOG.info("model %s has no heatmap output: no heatmaps (the report lists the top flagged images without)",
+                 model.model_id)
     return ScoringSpec(model.path, model.model_id, model.preprocessing, model.threshold, batch_size,
                        intra_op_threads=1 if runner.workers > 1 else 0,  # one per worker: no oversubscription
-                       ledger_path=book.path if book is not None else None)
+                       ledger_path=book.path if book is not None else None,
+                       heatmaps=n_heatmaps, with_heatmap=bool(n_heatmaps) and model.heatmap_hw is not None)
 
 
 def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str) -> None:
@@ -122,9 +135,11 @@ def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: st
 
 
 def write_report(rec: dict, model: Model, runner_label: str, tmp: str, book: Ledger | None) -> dict:
-    """Metrics and histogram.png; -> metrics.json's content without timings."""
+    """Metrics, histogram.png and with folder labels confusion.png and roc.png; -> metrics.json's content
+    without timings."""
     metrics = report.compute_metrics(rec, model.threshold, model.model_id, runner_label)
     report.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], model.threshold, model.model_id)
+    figures.write_labelled_figures(tmp, rec, metrics)
     metrics["run_id"] = uuid.uuid4().hex
     if book is not None:
         metrics["ledger"] = book.path

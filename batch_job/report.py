@@ -48,15 +48,16 @@ def compute_metrics(rec: dict, threshold: float, model_id: str, runner: str) -> 
     return out
 
 
-def add_timings(metrics: dict, setup_s: float, scoring_s: float, report_s: float) -> dict:
+def add_timings(metrics: dict, setup_s: float, scoring_s: float, report_s: float, heatmaps_s: float = 0.0) -> dict:
     """Wall time of the job's phases: setup (arguments, model verification, listing), scoring (the
-    Beam pipeline, worker start included) and report (reconciliation, metrics, histogram)."""
+    Beam pipeline, worker start included) and report (reconciliation, heatmap overlays, metrics, figures);
+    heatmaps_s: the overlays' part of the report phase."""
     wall = setup_s + scoring_s + report_s
     n = metrics["images_found"]
     metrics["wall_seconds"] = round(wall, 3)
     metrics["images_per_second"] = round(n / wall, 2) if wall > 0 else None
     metrics["timings"] = {"setup_seconds": round(setup_s, 3), "scoring_seconds": round(scoring_s, 3),
-                          "report_seconds": round(report_s, 3),
+                          "report_seconds": round(report_s, 3), "heatmaps_seconds": round(heatmaps_s, 3),
                           "scoring_images_per_second": round(n / scoring_s, 2) if scoring_s > 0 else None}
     return metrics
 
@@ -94,6 +95,12 @@ def report_markdown(m: dict) -> str:
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {c} |" for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"])]
     lines += ["", "![histogram](histogram.png)"]
+    heat = m.get("heatmaps")
+    if heat and heat["requested"]:
+        lines += ["", "## Heatmaps", "",
+                  f"{heat['written']} overlays in `heatmaps/` (the top flagged images scored in this run, "
+                  f"`--heatmaps {heat['requested']}`); see report.html." if heat["model_has_heatmaps"]
+                  else "None: the model has no heatmap output."]
     if "accuracy" in m:
         cm = m["confusion_matrix"]
         lines += ["", f"## Against folder labels ({m['labelled_images']} labelled images)", "",
@@ -115,4 +122,6 @@ def summary(m: dict, out: str) -> str:
         line += (f"\nagainst folder labels ({m['labelled_images']}): accuracy {m['accuracy']:.4f}, recall "
                  f"{m['recall']:.4f}, specificity {m['specificity']:.4f}, ROC AUC "
                  + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"))
-    return line + f"\noutputs in {out}: predictions-*.csv, metrics.json, report.md, histogram.png"
+    heat = m.get("heatmaps", {})
+    return line + (f"\noutputs in {out}: report.html, predictions-*.csv, metrics.json, report.md, histogram.png"
+                   + (f", heatmaps/ ({heat['written']})" if heat.get("written") else ""))

@@ -12,11 +12,11 @@ import numpy as np
 
 from batch_job import ledger
 from batch_job.listing import is_uri
-from export.package import INPUT_NAME, OUTPUT_NAME, load_session
+from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, load_session
 from xray_core.errors import one_line
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
-COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
+COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error", "heatmap")
 SESSIONS_KEPT = 4  # per worker process; a long-lived Dask worker sees one model version after another
 _SESSIONS_LOCK = threading.Lock()
 
@@ -93,6 +93,8 @@ class ScoringSpec:
     batch_size: int = 64
     intra_op_threads: int = 1
     ledger_path: str | None = None  # skip images already scored by this model
+    heatmaps: int = 0  # keep the shard's top N flagged images for the heatmap step (0: none)
+    with_heatmap: bool = False  # the model has a heatmap output: fetch it for flagged images
 
 
 def _record(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
@@ -109,13 +111,15 @@ def _record(path: str, label: str, spec: ScoringSpec, probability: float | None 
         "label": label,
         "model": spec.model_id,
         "error": error,
+        "heatmap": "",  # filled in by the driver's heatmap step (heatmaps.py) for the top N flagged images
         "sha256": sha256,  # not a CSV column: feeds the ledger
     }
 
 
 def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[dict]:
     """One record per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the
-    folder labels the listing found for the paths (default: none)."""
+    folder labels the listing found for the paths (default: none). With spec.with_heatmap, each flagged
+    (PNEUMONIA) record also holds its class-activation map under "heatmap_array" (not a CSV column)."""
     labels = labels or [""] * len(paths)
     config = PreprocessConfig.from_dict(spec.preprocessing)
     session = get_session(spec.model_path, spec.intra_op_threads)
@@ -141,8 +145,11 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 reason = f"unexpected {type(exc).__name__}: {one_line(exc, 200)}"
                 out[i] = _record(path, label, spec, error=reason, sha256=digests[i])
         if arrays:
-            (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(arrays)})
-            for i, p in zip(slots, probs.reshape(-1)):
+            names = [OUTPUT_NAME, HEATMAP_NAME] if spec.with_heatmap else [OUTPUT_NAME]
+            probs, *maps = session.run(names, {INPUT_NAME: np.stack(arrays)})
+            for j, (i, p) in enumerate(zip(slots, probs.reshape(-1))):
                 out[i] = _record(*chunk[i], spec, float(p), sha256=digests[i])
+                if maps and out[i]["prediction"] == "PNEUMONIA":
+                    out[i]["heatmap_array"] = maps[0][j]
         records.extend(out)
     return records

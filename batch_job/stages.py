@@ -11,6 +11,7 @@ import os
 
 import apache_beam as beam
 
+from batch_job import heatmaps
 from batch_job import shards as shard_files
 from batch_job.scoring import ScoringSpec, score_paths
 
@@ -36,6 +37,7 @@ class ScoreAndWriteShard(beam.DoFn):
 
     Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads)
     and writes the shard's CSV atomically inside process(). A retried task simply rewrites the same file.
+    With spec.heatmaps = N, the shard's top N flagged images go to a sidecar first (heatmaps.py).
     """
 
     def __init__(self, spec: ScoringSpec, out_dir: str):
@@ -44,6 +46,8 @@ class ScoreAndWriteShard(beam.DoFn):
     def process(self, element):
         shard_id, paths, labels = element
         records = score_paths([os.fsdecode(p) for p in paths], self.spec, labels)
+        if self.spec.heatmaps:
+            heatmaps.write_sidecar(self.out_dir, shard_id, heatmaps.top_flagged(records, self.spec.heatmaps))
         shard_files.write_shard(self.out_dir, shard_id, records, self.spec.ledger_path is not None)
         yield shard_id, len(records)
 

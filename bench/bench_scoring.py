@@ -15,6 +15,13 @@ with the range of the ratios):
     before the clock starts; needs the train extra). Without the package's source model.keras, (c) uses the same
     architecture with untrained weights: the same FLOPs, so the same speed.
 Also the pipeline's start-up: a one-image job, whole command.
+
+    python -m bench.bench_scoring --heatmap-cost 50 --model PACKAGE_WITH_HEATMAPS [--n 2000] [--repeat 5]
+
+measures only what `--heatmaps N` costs: the job on the n 1400x1100 JPEGs with `--heatmaps N` and with
+`--heatmaps 0`, in turn --repeat times, both with `--threshold 0` (every image flagged: the most work for the
+per-shard choice, and N overlays for sure); medians of the whole command, the scoring phase and the overlays
+step (metrics.json `timings.heatmaps_seconds`), and of the per-pair ratio of the whole command's time.
 """
 from __future__ import annotations
 
@@ -89,6 +96,22 @@ print(time.perf_counter() - t0)
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def heatmap_cost(folder: str, model: str, n_heatmaps: int, repeat: int) -> str:
+    """The job with --heatmaps n_heatmaps and with --heatmaps 0, interleaved; -> a table."""
+    runs: dict[int, list] = {n_heatmaps: [], 0: []}
+    for _ in range(repeat):
+        for n, done in runs.items():
+            done.append(run_pipeline(folder, model, ["--heatmaps", str(n), "--threshold", "0"]))
+    med = statistics.median
+    ratios = [a[0] / b[0] for a, b in zip(runs[n_heatmaps], runs[0])]
+    rows = [[f"--heatmaps {n}", med(w for w, _ in r), med(m["timings"]["scoring_seconds"] for _, m in r),
+             med(m["timings"]["heatmaps_seconds"] for _, m in r), med(m["heatmaps"]["written"] for _, m in r)]
+            for n, r in runs.items()]
+    return (table(["job", "whole command s", "scoring s", "overlays s", "overlays written"], rows)
+            + f"\nwhole command, with / without (per pair): median {med(ratios):.3f}, "
+              f"range {min(ratios):.3f}–{max(ratios):.3f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=2000)
@@ -96,9 +119,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--keras-model", default=None, help="model.keras for (c); default: the package's source model")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
+    p.add_argument("--heatmap-cost", type=int, default=None, metavar="N",
+                   help="only time --heatmaps N against --heatmaps 0 on the 1400x1100 JPEGs (a model with heatmaps)")
     args = p.parse_args(argv)
     vdir = resolve_version_dir(args.model)
     meta = load_metadata(vdir)
+    if args.heatmap_cost is not None:
+        if "heatmap_output" not in meta:
+            raise SystemExit(f"{vdir} has no heatmap output: --heatmap-cost needs a model exported with one")
+        folder = make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L")
+        print(f"machine: {machine()}; model {meta['name']}/{meta['version']}; {args.n} 1400x1100 gray JPEGs; "
+              f"medians of {args.repeat}")
+        print(heatmap_cost(folder, args.model, args.heatmap_cost, args.repeat))
+        return 0
     size = int(meta["preprocessing"]["image_size"])
     keras_model = args.keras_model or meta.get("source", {}).get("model_file")
     if keras_model and not os.path.isfile(keras_model):

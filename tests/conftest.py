@@ -12,34 +12,46 @@ import pytest
 from PIL import Image
 
 from batch_job.synthetic import make_tree
-from export.package import INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
+from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "train")
 SITE_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "site_sample")
 
 
-def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45) -> None:
-    """P = sigmoid(scale * (mean pixel - offset)): bright (blobby) images score high."""
+def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45,
+                    heatmap_hw: tuple[int, int] | None = None) -> None:
+    """P = sigmoid(scale * (mean pixel - offset)): bright (blobby) images score high.
+
+    With heatmap_hw (h, w), dividing image_size: a second output `heatmap` (N, h, w), the input average-pooled
+    to h x w (bright = evidence for pneumonia, as in the probability; same orientation as the input)."""
     import onnx
     from onnx import TensorProto, helper
 
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Sub", ["mean", "offset"], ["centred"]),
+        helper.make_node("Mul", ["centred", "scale"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p"]),
+        helper.make_node("Unsqueeze", ["p", "one"], [OUTPUT_NAME]),
+    ]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])]
+    inits = [
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    if heatmap_hw:
+        h, w = heatmap_hw
+        assert image_size % h == 0 and image_size % w == 0, (image_size, heatmap_hw)
+        nodes += [helper.make_node("Reshape", ["image", "blocks"], ["tiles"]),
+                  helper.make_node("ReduceMean", ["tiles"], [HEATMAP_NAME], axes=[2, 4], keepdims=0)]
+        outputs.append(helper.make_tensor_value_info(HEATMAP_NAME, TensorProto.FLOAT, ["N", h, w]))
+        inits.append(helper.make_tensor("blocks", TensorProto.INT64, [5],
+                                        [-1, h, image_size // h, w, image_size // w]))
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=0),
-            helper.make_node("Sub", ["mean", "offset"], ["centred"]),
-            helper.make_node("Mul", ["centred", "scale"], ["logit"]),
-            helper.make_node("Sigmoid", ["logit"], ["p"]),
-            helper.make_node("Unsqueeze", ["p", "one"], [OUTPUT_NAME]),
-        ],
-        "tiny",
+        nodes, "tiny",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", image_size, image_size, 1])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
-        initializer=[
-            helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
-            helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
-            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
-        ],
-    )
+        outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -48,7 +60,8 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
 
 def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, image_size: int = 32,
                   threshold: float = 0.5, **model_kwargs) -> str:
-    """A published package as `python -m export` lays it out, around the tiny ONNX model."""
+    """A published package as `python -m export` lays it out, around the tiny ONNX model (with a heatmap
+    output and its metadata key when model_kwargs has heatmap_hw)."""
     vdir = os.path.join(serving_dir, name, str(version))
     os.makedirs(vdir)
     model_path = os.path.join(vdir, "model.onnx")
@@ -62,10 +75,13 @@ def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, i
         "class_names": ["NORMAL", "PNEUMONIA"], "decision_threshold": threshold, "target_recall": 0.95,
         "sha256": sha256_file(model_path),
     }
+    hw = model_kwargs.get("heatmap_hw")
+    if hw:
+        meta["heatmap_output"] = {"name": HEATMAP_NAME, "dtype": "float32", "shape": [-1, *hw]}
     with open(os.path.join(vdir, "metadata.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(serving_dir, name, "config.pbtxt"), "w") as f:
-        f.write(triton_config(name, image_size))
+        f.write(triton_config(name, image_size, heatmap=tuple(hw) if hw else None))
     return vdir
 
 
@@ -135,6 +151,14 @@ def assert_one_line_error(capsys, rc: int, *fragments: str, code: int = 2) -> st
 def tiny_package(tmp_path_factory) -> str:
     serving = tmp_path_factory.mktemp("serving")
     write_package(str(serving))
+    return str(serving / "pneumonia")
+
+
+@pytest.fixture(scope="session")
+def heat_package(tmp_path_factory) -> str:
+    """The tiny model with a 4x4 heatmap output (its input average-pooled)."""
+    serving = tmp_path_factory.mktemp("serving_heat")
+    write_package(str(serving), image_size=32, heatmap_hw=(4, 4))
     return str(serving / "pneumonia")
 
 

@@ -35,7 +35,7 @@ def read_predictions(out_dir: str) -> dict[str, dict]:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             assert reader.fieldnames == ["path", "status", "probability", "prediction", "threshold", "label",
-                                         "model", "error"]
+                                         "model", "error", "heatmap"]
             for row in reader:
                 assert row["path"] not in rows, f"duplicate row for {row['path']}"
                 rows[row["path"]] = row

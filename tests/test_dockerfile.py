@@ -64,7 +64,7 @@ def test_install_line_is_the_base_install_without_tensorflow():
     base = " ".join(project["dependencies"]).lower()
     assert "tensorflow" not in base and "keras" not in base and "tf2onnx" not in base
     assert any(d.startswith("tensorflow") for d in project["optional-dependencies"]["train"])
-    for pkg in ("apache-beam[dask]", "onnxruntime", "pillow", "numpy", "scikit-learn", "pydicom"):
+    for pkg in ("apache-beam[dask]", "onnxruntime", "pillow", "numpy", "scikit-learn", "pydicom", "jinja2"):
         assert pkg in base
 
 
@@ -104,6 +104,7 @@ def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
     assert re.search(r"scored 12/12 images", proc.stdout)
     metrics = json.load(open(tmp_path / "output" / "scores" / "metrics.json"))
     assert metrics["model"].startswith("pneumonia/") and metrics["images_found"] == 12
+    assert "Batch scoring report" in (tmp_path / "output" / "scores" / "report.html").read_text()  # template installed
     # a later --output on the command line wins, and the exit code is the job's: an existing output dir -> 2
     again = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -105,8 +105,8 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
     published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, ledger sidecar included
-    assert published == ["_ledger-00000.jsonl", "_listing.jsonl", "histogram.png", "metrics.json",
-                         "predictions-00000.csv", "report.md"]
+    assert published == ["_ledger-00000.jsonl", "_listing.jsonl", "confusion.png", "histogram.png", "metrics.json",
+                         "predictions-00000.csv", "report.html", "report.md", "roc.png"]
     sidecar = [json.loads(line) for line in open(tmp_path / "night2" / "_ledger-00000.jsonl")]
     assert [os.path.basename(e[2]) for e in sidecar] == ["new.png"] and len(sidecar[0][0]) == 64
     rows = ledger_rows(ledger)

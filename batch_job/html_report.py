@@ -1,0 +1,125 @@
+"""report.html: one self-contained page (Jinja2, autoescaped; no script, no network) whose images are the PNGs
+beside it in OUT_DIR, linked relatively: the run's summary, the probability histogram, with folder labels the
+confusion matrix and ROC curve, the flagged images with their heatmaps (highest first) and the error rows.
+
+File names are shown as text whatever they hold: markup and quotes are escaped, bytes that are not UTF-8 are
+shown as \\xNN. The page stays under MAX_BYTES: long names are shortened in the middle, and the tiles and
+error rows shown are capped (the CSVs hold them all).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+
+from batch_job import figures
+from batch_job import shards as shard_files
+
+TEMPLATE = "report.html.j2"
+REPORT_FILE = "report.html"
+MAX_BYTES = 1_000_000
+MAX_TEXT = 200  # characters shown of a path or an error
+CAPS = (500, 500)  # tiles, error rows shown at most (halved until the page fits MAX_BYTES)
+
+
+@functools.lru_cache(maxsize=1)
+def environment():
+    import jinja2
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(folder), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def display(text: str, limit: int = MAX_TEXT) -> str:
+    """Text to show: valid UTF-8 (undecodable name bytes, kept as surrogate escapes, become \\xNN), at most
+    `limit` characters (the middle cut out)."""
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return shown if len(shown) <= limit else shown[:limit // 2 - 1] + "…" + shown[-(limit // 2):]
+
+
+def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
+    """The first `cap` error rows of the shard CSVs, in shard order."""
+    rows: list[dict] = []
+    for shard_id, _, _ in shards:
+        if len(rows) >= cap:
+            break
+        for row in shard_files.read_shard(os.path.join(out_dir, shard_files.shard_name(shard_id))):
+            if row["status"] == "error" and len(rows) < cap:
+                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT)})
+    return rows
+
+
+def flagged_note(m: dict, shown: int) -> str:
+    heat = m.get("heatmaps", {"requested": 0, "model_has_heatmaps": False})
+    if heat["requested"] == 0:
+        return "Heatmaps are turned off (--heatmaps 0); the flagged images are the PNEUMONIA rows of the CSVs."
+    if not shown:
+        return "No image scored in this run was flagged."
+    if not heat["model_has_heatmaps"]:
+        return (f"The model {m['model']} has no heatmap output. The {shown} flagged images scored in this run with "
+                f"the highest probability (of {m['positive_count']} flagged), without heatmaps:")
+    return (f"The {shown} flagged images scored in this run with the highest probability (of {m['positive_count']} "
+            "flagged), each under its heatmap: the model's class-activation map for pneumonia, scaled per image "
+            "(red: where the image holds the most evidence, blue: the least). Click a tile for its full size.")
+
+
+def labelled_section(m: dict, out_dir: str) -> dict | None:
+    if "accuracy" not in m:
+        return None
+    names = {figures.CONFUSION_FILE: "confusion matrix", figures.ROC_FILE: "ROC curve"}
+    return {"count": m["labelled_images"],
+            "scores": [(name, "n/a" if m[k] is None else f"{m[k]:.4f}") for k, name in
+                       (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
+                        ("specificity", "specificity"), ("f1", "F1"), ("roc_auc", "ROC AUC"))],
+            "figures": [{"src": f, "alt": alt} for f, alt in names.items() if os.path.exists(os.path.join(out_dir, f))]}
+
+
+def probability(p: float) -> str:
+    """Four decimals; "> 0.9999" rather than a rounded 1.0000."""
+    return "> 0.9999" if 0.99995 <= p < 1.0 else f"{p:.4f}"
+
+
+def tile(rank: int, item) -> dict:
+    folder, name = os.path.split(item.path)
+    return {"rank": rank, "src": item.png, "probability": probability(item.probability), "label": item.label,
+            "name": display(name, MAX_TEXT // 2), "folder": display(folder)}
+
+
+def context(m: dict, out_dir: str, flagged: list, errors: list[dict], tiles_cap: int) -> dict:
+    """Everything the template shows; every string from outside (paths, reasons) already through display()."""
+    wall = m.get("wall_seconds")
+    cards = [("found", m["images_found"], ""), ("scored", m["images_scored"], ""),
+             ("failed", m["images_failed"], "fail"), ("skipped (ledger)", m["images_skipped"], ""),
+             ("flagged PNEUMONIA", m["positive_count"], "flag"), ("positive rate", f"{m['positive_rate']:.1%}", "")]
+    return {
+        "model": display(m["model"]), "threshold": f"{m['threshold']:.4f}", "runner": m["runner"],
+        "wall": "time n/a" if wall is None else f"{wall:.1f} s",
+        "rate": f"{m.get('images_per_second')} images/s", "run_id": m.get("run_id", ""),
+        "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cards": [{"key": k, "value": v, "css": css} for k, v, css in cards],
+        "per_input": [{"input": display(k), **v} for k, v in m["per_input"].items()],
+        "histogram": "histogram.png", "labelled": labelled_section(m, out_dir),
+        "flagged_note": flagged_note(m, len(flagged)),
+        "tiles": [tile(rank, item) for rank, item in enumerate(flagged[:tiles_cap], 1)],
+        "tiles_left": max(0, len(flagged) - tiles_cap),
+        "errors": errors, "error_total": m["images_failed"], "skipped": m["images_skipped"],
+    }
+
+
+def render(ctx: dict) -> str:
+    return environment().get_template(TEMPLATE).render(**ctx)
+
+
+def write_html(out_dir: str, metrics: dict, flagged: list, shards) -> int:
+    """Write out_dir/report.html (UTF-8, under MAX_BYTES); -> its size in bytes."""
+    tiles_cap, errors_cap = CAPS
+    errors = error_rows(out_dir, shards, errors_cap)
+    while True:
+        page = render(context(metrics, out_dir, flagged, errors[:errors_cap], tiles_cap)).encode("utf-8")
+        if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0):
+            break
+        tiles_cap, errors_cap = tiles_cap // 2, errors_cap // 2
+    with open(os.path.join(out_dir, REPORT_FILE), "wb") as f:
+        f.write(page)
+    return len(page)

@@ -1,0 +1,226 @@
+"""Heatmaps of the top N flagged images (--heatmaps N): per-shard choice, the driver's merge, the overlays and
+the predictions' `heatmap` column, on DirectRunner and DaskRunner, with the ledger, and for models without one."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job import heatmaps, overlay
+from batch_job import shards as shard_files
+from batch_job.cli import main
+from batch_job.synthetic import make_tree
+
+from conftest import assert_one_line_error
+
+from test_batch_job import read_predictions
+
+N = 6
+HOT = 50  # red minus blue where the map peaks: at most 0.55 x 128 (jet's top colour is dark red, 128, 0, 0)
+
+
+def bright(value: int, blob: tuple[int, int] | None = None, size: tuple[int, int] = (96, 96)) -> Image.Image:
+    """A flat image; with `blob` (x, y) a white 24 px square there, the hottest cell of the tiny model's map."""
+    arr = np.full(size[::-1], value, np.uint8)
+    if blob:
+        x, y = blob
+        arr[y:y + 24, x:x + 24] = 255
+    return Image.fromarray(arr, "L")
+
+
+@pytest.fixture(scope="module")
+def heat_tree(tmp_path_factory) -> str:
+    """Synthetic labelled images, two identical very bright ones (a tie), one with a blob at its top left and
+    one JPEG whose EXIF orientation turns its stored top-left blob to the top right when displayed."""
+    root = str(tmp_path_factory.mktemp("heat_xrays"))
+    make_tree(root, per_class=10, size=96, seed=5)
+    extra = os.path.join(root, "PNEUMONIA", "extra")
+    os.makedirs(extra)
+    for name in ("tie_b.png", "tie_a.png"):
+        bright(250).save(os.path.join(extra, name))
+    bright(200, blob=(0, 0), size=(192, 96)).save(os.path.join(extra, "blob_top_left.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: the stored top left becomes the top right
+    bright(200, blob=(0, 0)).save(os.path.join(extra, "rotated.jpeg"), quality=95, exif=exif)
+    return root
+
+
+def run_job(tree: str, package: str, out: str, *extra: str) -> int:
+    return main(["--input", tree, "--model", package, "--output", out, "--batch-size", "4", "--shard-size", "8",
+                 "--direct_num_workers=2", "--direct_running_mode=multi_threading", *extra])
+
+
+@pytest.fixture(scope="module")
+def heat_run(heat_tree, heat_package, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("heat_run") / "out")
+    assert run_job(heat_tree, heat_package, out, "--heatmaps", str(N)) == 0
+    return out
+
+
+def expected_top(rows: dict[str, dict], n: int) -> list[str]:
+    flagged = [p for p, r in rows.items() if r["status"] == "ok" and r["prediction"] == "PNEUMONIA"]
+    return sorted(flagged, key=lambda p: (-float(rows[p]["probability"]), p))[:n]
+
+
+def red_minus_blue(img: Image.Image, box: tuple[float, float, float, float]) -> float:
+    w, h = img.size
+    arr = np.asarray(img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))), np.float64)
+    return float(arr[..., 0].mean() - arr[..., 2].mean())
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+
+def test_top_flagged_takes_only_flagged_images_scored_now_ties_by_path():
+    def rec(path, p, status="ok"):
+        return {"path": path, "status": status, "probability": "" if p is None else f"{p:.8f}", "label": "",
+                "prediction": "" if p is None else ("PNEUMONIA" if p >= 0.5 else "NORMAL")}
+
+    records = [rec("/d", 0.9), rec("/c", 0.9), rec("/a", 0.7), rec("/skip", 0.99, "skipped"), rec("/n", 0.4),
+               rec("/err", None, "error"), rec("/b", 0.95)]
+    assert [f.path for f in heatmaps.top_flagged(records, 3)] == ["/b", "/c", "/d"]
+    assert [f.path for f in heatmaps.top_flagged(records, 10)] == ["/b", "/c", "/d", "/a"]
+    assert heatmaps.top_flagged(records, 0) == []
+
+
+def test_union_of_shard_top_n_gives_the_run_top_n(tmp_path):
+    """Per-shard top N written as sidecars, merged by the driver: exactly the global top N, ties by path."""
+    rng = np.random.default_rng(0)
+    probs = np.round(rng.uniform(0.3, 1.0, 200), 2)  # two decimals: many ties
+    records = [{"path": f"/img/{i:03d}.png", "status": "ok", "probability": f"{p:.8f}", "label": "",
+                "prediction": "PNEUMONIA" if p >= 0.5 else "NORMAL"} for i, p in enumerate(probs)]
+    cut = [(s, 0, 0) for s in range(7)]
+    for s, part in enumerate(np.array_split(np.arange(200), 7)):
+        heatmaps.write_sidecar(str(tmp_path), s, heatmaps.top_flagged([records[i] for i in part], 9))
+    chosen = heatmaps.make_heatmaps(str(tmp_path), cut, 9, {})
+    want = sorted((r for r in records if r["prediction"] == "PNEUMONIA"),
+                  key=lambda r: (-float(r["probability"]), r["path"]))[:9]
+    assert [c.path for c in chosen] == [r["path"] for r in want]
+    assert [c.probability for c in chosen] == [float(r["probability"]) for r in want]
+    assert not glob.glob(str(tmp_path / "_heatmaps-*")) and not os.path.exists(tmp_path / "heatmaps")
+
+
+def test_overlay_keeps_orientation_aspect_and_the_gray_image():
+    buf = io.BytesIO()
+    bright(100, size=(1400, 600)).save(buf, "PNG")
+    heat = np.zeros((4, 4), np.float32)
+    heat[0, 0] = 3.0  # top-left cell: the most evidence
+    img = overlay.render(buf.getvalue(), heat, {"image_size": 32})
+    assert img.mode == "RGB" and img.size == (512, 219)  # long side 512, aspect kept
+    assert red_minus_blue(img, (0, 0, 0.06, 0.06)) > HOT  # (dark) red where the map is hottest...
+    assert red_minus_blue(img, (0.5, 0.5, 1, 1)) < -15  # ...blue where it is coldest
+    # the coldest pixels: 85% gray 100, 15% the colormap's lowest colour (0, 0, 128)
+    assert tuple(np.asarray(img)[-1, -1]) == (85, 85, 104)
+    assert overlay.normalise(np.full((2, 2), 7.0)).tolist() == [[0, 0], [0, 0]]
+
+
+def test_a_vanished_original_gets_no_heatmap_and_the_rest_do(tmp_path, caplog):
+    good, gone = str(tmp_path / "good.png"), str(tmp_path / "gone.png")
+    bright(220).save(good)
+    rows = [{"path": p, "status": "ok", "probability": f"{q:.8f}", "prediction": "PNEUMONIA", "threshold": "0.5",
+             "label": "", "model": "m/1", "error": "", "heatmap": "", "heatmap_array": np.ones((4, 4), np.float32)}
+            for p, q in ((good, 0.8), (gone, 0.9))]
+    out = tmp_path / "out"
+    out.mkdir()
+    shard_files.write_shard(str(out), 0, rows)
+    heatmaps.write_sidecar(str(out), 0, heatmaps.top_flagged(rows, 5))
+    chosen = heatmaps.make_heatmaps(str(out), [(0, 0, 2)], 5, {"image_size": 32})
+    assert [(c.path, bool(c.png)) for c in chosen] == [(gone, False), (good, True)]
+    csv_rows = {r["path"]: r["heatmap"] for r in shard_files.read_shard(str(out / shard_files.shard_name(0)))}
+    assert csv_rows == {gone: "", good: chosen[1].png} and chosen[1].png.startswith("heatmaps/0002-")
+    assert "no heatmap for " + gone in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+def test_top_n_flagged_get_overlays_and_the_heatmap_column(heat_run):
+    rows = read_predictions(heat_run)
+    top = expected_top(rows, N)
+    assert len(top) == N and {os.path.basename(p) for p in top[:2]} == {"tie_a.png", "tie_b.png"}
+    assert os.path.basename(top[0]) == "tie_a.png"  # equal probabilities: the smaller path first
+    for rank, path in enumerate(top, 1):
+        rel = rows[path]["heatmap"]
+        assert rel.startswith(f"heatmaps/{rank:04d}-") and rel.endswith(".png")
+        with Image.open(os.path.join(heat_run, rel)) as img:
+            img.load()
+            assert img.mode == "RGB" and max(img.size) <= 512
+    assert all(r["heatmap"] == "" for p, r in rows.items() if p not in top)
+    assert sorted(os.listdir(os.path.join(heat_run, "heatmaps"))) == sorted(os.path.basename(rows[p]["heatmap"])
+                                                                           for p in top)
+    assert not glob.glob(os.path.join(heat_run, "_heatmaps-*"))  # sidecars merged and removed
+    m = json.load(open(os.path.join(heat_run, "metrics.json")))
+    assert m["heatmaps"] == {"requested": N, "model_has_heatmaps": True, "flagged_listed": N, "written": N}
+    assert 0 <= m["timings"]["heatmaps_seconds"] <= m["timings"]["report_seconds"]
+
+
+def test_overlays_follow_the_image_as_displayed(heat_package, heat_tree, tmp_path):
+    """The hottest cell over the blob: top left for a plain PNG, top right for a JPEG whose EXIF rotates it."""
+    out = str(tmp_path / "out")
+    extra = os.path.join(heat_tree, "PNEUMONIA", "extra")
+    assert main(["--input", os.path.join(extra, "blob_top_left.png"), "--input", os.path.join(extra, "rotated.jpeg"),
+                 "--model", heat_package, "--output", out, "--direct_running_mode=in_memory"]) == 0
+    rows = {os.path.basename(p): r for p, r in read_predictions(out).items()}
+    with Image.open(os.path.join(out, rows["blob_top_left.png"]["heatmap"])) as img:
+        assert img.size == (192, 96)
+        assert red_minus_blue(img, (0, 0, 0.1, 0.2)) > HOT and red_minus_blue(img, (0.5, 0.5, 1, 1)) < 0
+    with Image.open(os.path.join(out, rows["rotated.jpeg"]["heatmap"])) as img:
+        assert red_minus_blue(img, (0.8, 0, 1, 0.2)) > HOT and red_minus_blue(img, (0, 0, 0.2, 0.2)) < 0
+
+
+def test_heatmaps_off_and_models_without_heatmaps(heat_tree, heat_package, tiny_package, tmp_path, job_log):
+    off = str(tmp_path / "off")
+    assert run_job(heat_tree, heat_package, off, "--heatmaps", "0") == 0
+    assert not os.path.exists(os.path.join(off, "heatmaps")) and not glob.glob(os.path.join(off, "_heatmaps-*"))
+    assert {r["heatmap"] for r in read_predictions(off).values()} == {""}
+    assert json.load(open(os.path.join(off, "metrics.json")))["heatmaps"]["written"] == 0
+    assert "has no heatmap output" not in job_log.text
+    plain = str(tmp_path / "plain")
+    assert run_job(heat_tree, tiny_package, plain) == 0  # default --heatmaps 50
+    notes = [line for line in job_log.text.splitlines() if "has no heatmap output" in line]
+    assert notes == ["model pneumonia/1 has no heatmap output: no heatmaps (the report lists the top flagged "
+                     "images without)"]
+    assert not os.path.exists(os.path.join(plain, "heatmaps")) and not glob.glob(os.path.join(plain, "_heatmaps-*"))
+    assert {r["heatmap"] for r in read_predictions(plain).values()} == {""}
+    m = json.load(open(os.path.join(plain, "metrics.json")))
+    assert m["heatmaps"] == {"requested": 50, "model_has_heatmaps": False,
+                             "flagged_listed": min(50, m["positive_count"]), "written": 0}
+
+
+def test_negative_heatmaps_is_refused(heat_tree, heat_package, tmp_path, capsys):
+    rc = main(["--input", heat_tree, "--model", heat_package, "--output", str(tmp_path / "o"), "--heatmaps", "-1"])
+    assert_one_line_error(capsys, rc, "--heatmaps must be >= 0")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_images_skipped_through_the_ledger_get_no_heatmap(heat_tree, heat_package, tmp_path):
+    book = str(tmp_path / "ledger.sqlite")
+    first = str(tmp_path / "first")
+    extra = os.path.join(heat_tree, "PNEUMONIA", "extra")
+    assert run_job(extra, heat_package, first, "--ledger", book) == 0  # the brightest images, scored first
+    second = str(tmp_path / "second")
+    assert run_job(heat_tree, heat_package, second, "--ledger", book, "--heatmaps", "3") == 0
+    rows = read_predictions(second)
+    fresh = {p: r for p, r in rows.items() if r["status"] == "ok"}
+    assert {r["heatmap"] for p, r in rows.items() if r["status"] == "skipped"} == {""}
+    with_heat = sorted((r["heatmap"], p) for p, r in rows.items() if r["heatmap"])
+    assert [p for _, p in with_heat] == expected_top(fresh, 3)
+
+
+def test_dask_runner_writes_the_same_heatmaps(heat_run, heat_tree, heat_package, tmp_path):
+    from distributed import LocalCluster
+
+    out = str(tmp_path / "dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(["--input", heat_tree, "--model", heat_package, "--output", out, "--batch-size", "4",
+                     "--shard-size", "8", "--heatmaps", str(N), "--runner", "DaskRunner",
+                     f"--dask_client_address={cluster.scheduler_address}"]) == 0
+    assert read_predictions(out) == read_predictions(heat_run)
+    for name in os.listdir(os.path.join(heat_run, "heatmaps")):
+        with open(os.path.join(out, "heatmaps", name), "rb") as a, open(os.path.join(heat_run, "heatmaps", name),
+                                                                          "rb") as b:
+            assert a.read() == b.read()
+

@@ -1,0 +1,160 @@
+"""report.html as a person would look at it: every image it shows exists and decodes, file names with quotes,
+markup and invalid UTF-8 are shown as text, it stays under 1 MB, and headless Chromium renders it (not blank)."""
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job import html_report
+from batch_job import shards as shard_files
+from batch_job.cli import main
+from batch_job.synthetic import make_tree
+
+from conftest import write_bad_inputs
+
+from test_batch_job import read_predictions
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+MARKUP = "<img src=x onerror=alert(1)>"
+HOSTILE = ['quote"d \'name\'.png', f"{MARKUP}.png", "a&amp;b.png"]
+BAD_UTF8 = b"caf\xe9 \xff.png"  # Latin-1 bytes: not UTF-8
+
+
+class Page(HTMLParser):
+    """The page's tags and attributes, and its text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: str) -> tuple[Page, str]:
+    raw = open(path, "rb").read()
+    page = Page()
+    page.feed(raw.decode("utf-8"))  # strict: the page is valid UTF-8 whatever the file names
+    return page, " ".join(" ".join(page.text).split())
+
+
+@pytest.fixture(scope="module")
+def report_run(heat_package, tmp_path_factory) -> str:
+    """Labelled synthetic images, every bad-input kind (one with markup in its name), bright flagged images
+    named with quotes, markup, an entity and invalid UTF-8."""
+    root = tmp_path_factory.mktemp("report_xrays")
+    make_tree(str(root / "site"), per_class=12, size=96, seed=7)
+    odd = root / "site" / "PNEUMONIA" / "odd"
+    odd.mkdir()
+    for i, name in enumerate(HOSTILE):
+        Image.new("L", (160, 120), 200 + 10 * i).save(odd / name)
+    Image.new("L", (160, 120), 230).save(os.path.join(os.fsencode(str(odd)), BAD_UTF8), format="PNG")
+    write_bad_inputs(str(root / "site" / "bad"))
+    (root / "site" / "bad" / f'{MARKUP}"broken.jpeg').write_bytes(b"")
+    out = str(tmp_path_factory.mktemp("report_run") / "out")
+    assert main(["--input", str(root / "site"), "--model", heat_package, "--output", out, "--shard-size", "10",
+                 "--heatmaps", "8", "--threshold", "0.58", "--direct_running_mode=in_memory"]) == 0
+    return out
+
+
+def test_every_image_the_page_shows_exists_and_decodes(report_run):
+    page, _ = parse(os.path.join(report_run, "report.html"))
+    srcs = [a["src"] for tag, a in page.tags if tag == "img"]
+    links = [a["href"] for tag, a in page.tags if tag == "a"]
+    assert not [tag for tag, _ in page.tags if tag in ("script", "link", "iframe", "object")]
+    for ref in srcs + links:  # relative links into OUT_DIR: nothing from the network, nothing outside
+        assert "://" not in ref and not ref.startswith(("/", "..")), ref
+        with Image.open(os.path.join(report_run, ref)) as img:
+            img.load()
+            assert img.width > 50 and img.height > 50
+    heat = sorted(r["heatmap"] for r in read_predictions(report_run).values() if r["heatmap"])
+    assert len(heat) == 8
+    assert sorted(srcs) == sorted(["histogram.png", "confusion.png", "roc.png"] + heat)
+    assert sorted(set(links)) == heat
+    assert os.path.getsize(os.path.join(report_run, "report.html")) < 1_000_000
+
+
+def test_page_shows_the_run_and_odd_names_as_text(report_run):
+    import json
+
+    m = json.load(open(os.path.join(report_run, "metrics.json")))
+    raw = open(os.path.join(report_run, "report.html"), encoding="utf-8").read()
+    page, text = parse(os.path.join(report_run, "report.html"))
+    assert MARKUP not in raw and html.escape(MARKUP) in raw  # escaped, never markup
+    assert [a for tag, a in page.tags if tag == "img" and a.get("src") == "x"] == []
+    for name in HOSTILE:
+        assert name in text
+    assert "caf\\xe9 \\xff.png" in text  # invalid UTF-8 shown as \xNN
+    for card in (f"{m['images_found']} found", f"{m['images_scored']} scored", f"{m['images_failed']} failed",
+                 f"{m['positive_count']} flagged PNEUMONIA", f"{m['positive_rate']:.1%} positive rate"):
+        assert card in text, card
+    assert f"Model {m['model']} · threshold {m['threshold']:.4f} · runner {m['runner']}" in text
+    rows = read_predictions(report_run)
+    top = sorted((r for r in rows.values() if r["heatmap"]), key=lambda r: r["heatmap"])
+    probs = [float(r["probability"]) for r in top]
+    assert probs == sorted(probs, reverse=True)  # the heatmaps' ranks: highest probability first
+    positions = [text.index(f"#{i} P = {html_report.probability(p)}") for i, p in enumerate(probs, 1)]
+    assert positions == sorted(positions)  # the tiles in that order
+    errors = [r for r in rows.values() if r["status"] == "error"]
+    assert f"Errors ({len(errors)})" in text and len(errors) == m["images_failed"] >= 6
+    for r in errors:
+        assert html_report.display(r["error"]) in text
+    assert f'{MARKUP}"broken.jpeg' in text and "empty file (0 bytes)" in text
+
+
+def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
+    rows = [{"path": f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "status": "error", "probability": "",
+             "prediction": "", "threshold": "0.5", "label": "", "model": "m/1", "error": "decode failed: " + "x" * 900,
+             "heatmap": ""} for i in range(3000)]
+    for s in range(3):
+        shard_files.write_shard(str(tmp_path), s, rows[s * 1000:(s + 1) * 1000])
+    m = {"images_found": 3000, "images_scored": 0, "images_failed": 3000, "images_skipped": 0, "positive_count": 0,
+         "positive_rate": 0.0, "per_input": {"/data": {"found": 3000, "scored": 0, "failed": 3000, "skipped": 0}},
+         "model": "m/1", "threshold": 0.5, "runner": "DirectRunner", "wall_seconds": 1.0, "images_per_second": 3000}
+    size = html_report.write_html(str(tmp_path), m, [], [(s, 0, 1000) for s in range(3)])
+    assert size == os.path.getsize(tmp_path / "report.html") and 300_000 < size < 1_000_000
+    _, text = parse(str(tmp_path / "report.html"))
+    shown = text.count("decode failed: ")
+    assert 100 <= shown <= 500 and f"{3000 - shown} more error rows are in the predictions CSVs" in text
+
+
+def screenshot(page: str, png: str, tmp: str) -> np.ndarray:
+    """Headless Chromium's screenshot of `page` (1280x2400), with no network."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={tmp}", "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1280,2400",
+           f"--screenshot={png}", "file://" + page]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and os.path.exists(png), proc.stderr[-2000:]
+    with Image.open(png) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def colourful(shot: np.ndarray) -> float:
+    """Share of pixels with a clear colour (the figures and heatmaps; the page's own text and frames are gray)."""
+    return float(np.mean(shot.max(axis=2) - shot.min(axis=2) > 60))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium; .ci/run "
+                                             "installs it): report.html was not rendered")
+def test_headless_chromium_renders_the_page_with_its_images(report_run, tmp_path):
+    shot = screenshot(os.path.join(report_run, "report.html"), str(tmp_path / "shot.png"), str(tmp_path / "a"))
+    assert shot.shape[:2] == (2400, 1280)
+    assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # not blank, not one colour
+    assert colourful(shot) > 0.02, colourful(shot)  # 0.06 here; the page without its images: 0.0014
+    # the same page without its PNGs beside it: text and frames only, which the check above tells apart
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(os.path.join(report_run, "report.html"), bare)
+    without = screenshot(str(bare / "report.html"), str(tmp_path / "bare.png"), str(tmp_path / "b"))
+    assert colourful(without) < 0.01, colourful(without)
