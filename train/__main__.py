@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixup", type=float, default=0.0, help="resnet_aug: mixup Beta(a, a) parameter; 0 turns it off")
     p.add_argument("--augment", default="recipe", choices=("recipe", "none"),
                    help="resnet_aug: the recipe's augmentation, or none (an experiment's control)")
+    p.add_argument("--last-stride", type=int, default=2, choices=(1, 2),
+                   help="resnet_aug: stride of the last stage (1: heatmaps of S/8 instead of S/16 per side)")
     p.add_argument("--crop-min-area", type=float, default=0.5, help="resnet_aug: smallest random-crop area fraction")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     return p.parse_args(argv)

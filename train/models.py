@@ -68,14 +68,17 @@ def build_resnet(
     stages: tuple[int, ...] = (32, 64, 128, 256),
     dropout: float = 0.3,
     name: str = "resnet_aug",
+    last_stride: int = 2,
 ) -> keras.Model:
-    """A small ResNet: a stride-2 stem, one residual block per stage (stride 2 from the second),
+    """A small ResNet: a stride-2 stem, one residual block per stage (stride 2 from the second; the last
+    stage's stride is `last_stride`: 1 doubles the class-activation map's resolution),
     batch norm, then the class-activation-map head: global average pooling over the last block
     (layer `last_block`), dropout, one linear unit `logit`, a sigmoid `probability`."""
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = _conv_bn(inputs, stem, 2, "stem")
     for i, filters in enumerate(stages):
-        x = _residual_block(x, filters, 1 if i == 0 else 2, f"stage{i}")
+        stride = 1 if i == 0 else (last_stride if i == len(stages) - 1 else 2)
+        x = _residual_block(x, filters, stride, f"stage{i}")
     x = keras.layers.Activation("linear", name="last_block")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
