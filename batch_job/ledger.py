@@ -19,6 +19,7 @@ from typing import Iterable
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
+from xray_core.files import blocking_ancestor
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scored (
@@ -76,11 +77,9 @@ def check_usable(path: str) -> None:
             raise LedgerBusy(f"ledger {path} is in use by another batch job; run again when it has finished") from None
         finally:
             os.close(fd)
-    folder = os.path.dirname(path)
-    while not os.path.lexists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise LedgerError(f"cannot open ledger {path}: {folder} is not a writable folder")
+    blocked = blocking_ancestor(path)
+    if blocked:
+        raise LedgerError(f"cannot open ledger {path}: {blocked} is not a writable folder")
 
 
 def knows_run(path: str, run_id: str) -> bool:

@@ -19,7 +19,8 @@ from typing import IO
 from batch_job.errors import InputError, JobError
 from batch_job.ledger import knows_run
 from batch_job.listing import input_root, is_uri
-from xray_core.files import LOCK_FILE, hold_lock, publish_dir, remove_dir, take_abandoned_lock, temp_dir_beside
+from xray_core.files import (LOCK_FILE, hold_lock, publish_dir, remove_dir, take_abandoned_lock, temp_dir_beside,
+                             blocking_ancestor)
 
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
@@ -171,11 +172,9 @@ def refuse_existing(out: str, overwrite: bool) -> None:
     """Refuse a non-empty OUT_DIR (unless overwrite) and one that cannot be created. Nothing is written."""
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
-    folder = os.path.dirname(out)
-    while not os.path.lexists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"output dir {out} is not writable: {folder} is not a writable folder")
+    blocked = blocking_ancestor(out)
+    if blocked:
+        raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")
 
 
 def prepare(out: str, overwrite: bool) -> str:

@@ -157,3 +157,10 @@ def test_select_by_site_roc_auc_picks_the_best_on_the_site(tmp_path):
     aucs = {r["model"]: r["site_roc_auc"] for r in comp["models"]}
     assert comp["select_by"] == "site_roc_auc"
     assert comp["best"] == max(aucs, key=aucs.get)
+
+
+def test_last_stride_one_doubles_the_heatmap_resolution():
+    for stride, side in ((2, 2), (1, 4)):  # 32 px input: S/16 or S/8 per side
+        model = build_resnet(32, last_stride=stride)
+        assert model.get_layer("last_block").output_shape[1:3] == (side, side)
+        assert model.count_params() == build_resnet(32).count_params()  # same weights, finer last map

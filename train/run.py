@@ -28,7 +28,7 @@ from train.data import (
     write_split_csv,
 )
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
-from xray_core.files import publish_dir, temp_dir_beside
+from xray_core.files import publish_dir, temp_dir_beside, blocking_ancestor
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.preprocessing import PreprocessConfig
 
@@ -74,12 +74,9 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     out = os.path.abspath(args.output_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise UsageError(f"output dir {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
-    parent = os.path.dirname(out)
-    existing = parent
-    while not os.path.isdir(existing):  # the nearest existing ancestor must be writable
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"cannot write to {existing}")
+    blocked = blocking_ancestor(out)
+    if blocked:
+        raise UsageError(f"cannot write to {blocked}")
     return models, fractions  # type: ignore[return-value]
 
 

@@ -142,3 +142,12 @@ def atomic_write(path: str, write: Callable[[IO[str]], object]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def blocking_ancestor(path: str) -> str | None:
+    """None when `path` can be created (its nearest existing ancestor is a writable folder), else that
+    ancestor, for the error message."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) else folder

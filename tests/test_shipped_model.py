@@ -1,0 +1,96 @@
+"""The shipped default model and the quickstart's real X-rays (no TensorFlow needed)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from batch_job.cli import main as batch_main
+from conftest import SITE_SAMPLE
+from export.package import resolve_version_dir, verify_package
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME_DIR = os.path.join(REPO, "serving_models", "pneumonia")
+EXAMPLES = os.path.join(REPO, "examples", "xrays")
+
+
+def _meta(version_dir):
+    with open(os.path.join(version_dir, "metadata.json")) as f:
+        return json.load(f)
+
+
+def _rows(out_dir):
+    import csv
+    import glob
+
+    rows = []
+    for shard in sorted(glob.glob(os.path.join(out_dir, "predictions-*.csv"))):
+        with open(shard, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def test_default_is_version_3_calibrated_on_the_site_with_heatmaps():
+    vdir = resolve_version_dir(NAME_DIR)
+    assert os.path.basename(vdir) == "3"
+    assert all(check.ok for check in verify_package(vdir)), [c.line() for c in verify_package(vdir)]
+    meta = _meta(vdir)
+    assert meta["architecture"] == "resnet_aug"
+    assert meta["threshold_source"] == "site calibration sample"
+    assert meta["decision_threshold"] == meta["site_calibration"]["threshold"]
+    assert meta["heatmap_output"]["shape"][0] == -1
+    # the issue's targets, by the recorded 2-fold estimate (a worse model must not become the default)
+    est = meta["site_calibration"]["two_fold"]
+    assert est["roc_auc"] >= 0.975 and est["recall"] >= 0.95 and est["specificity"] >= 0.85
+    for old in ("1", "2"):  # earlier versions stay
+        assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, old)))
+
+
+def test_model_card_gives_the_site_numbers_first():
+    card = open(os.path.join(resolve_version_dir(NAME_DIR), "MODEL_CARD.md")).read()
+    assert card.index("Site sample first") < card.index("Internal test split")
+    assert "overestimates" in card
+
+
+def test_examples_are_small_grayscale_real_xrays_with_their_licence():
+    files = [os.path.join(d, f) for d, _, fs in os.walk(EXAMPLES) for f in fs]
+    assert 20 <= len(files) <= 40
+    for path in files:
+        with Image.open(path) as img:
+            assert img.mode == "L" and max(img.size) <= 224, path
+    readme = open(os.path.join(REPO, "examples", "README.md")).read()
+    assert "CC BY 4.0" in readme and "Kermany" in readme and "calibrate" in readme
+
+
+def test_quickstart_scores_the_shipped_xrays_with_labels(tmp_path):
+    """Quickstart command 1: every shipped X-ray scored, labelled from its folder, and the in-sample
+    figures of the shipped model on them."""
+    out = str(tmp_path / "scored")
+    assert batch_main(["--input", EXAMPLES, "--model", NAME_DIR, "--output", out, "--overwrite"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 30 and {r["status"] for r in rows} == {"ok"}
+    assert sorted(r["label"] for r in rows) == ["NORMAL"] * 15 + ["PNEUMONIA"] * 15
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["images_scored"] == 30
+    assert m["accuracy"] >= 0.9 and m["roc_auc"] >= 0.95  # these images also calibrated the threshold
+
+
+@pytest.mark.skipif(not os.path.isdir(SITE_SAMPLE), reason="../shared/data/chest_xray/site_sample not present")
+def test_batch_job_reproduces_the_recorded_site_calibration(tmp_path):
+    """Scoring the site sample with the batch job gives the ROC AUC and the confusion matrix at the package's
+    threshold that export recorded: the two sides preprocess and score identically."""
+    out = str(tmp_path / "out")
+    assert batch_main(["--input", SITE_SAMPLE, "--model", NAME_DIR, "--output", out, "--heatmaps", "0"]) == 0
+    rows = _rows(out)
+    y = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=int)
+    p = np.array([float(r["probability"]) for r in rows])
+    site = _meta(resolve_version_dir(NAME_DIR))["site_calibration"]
+    assert len(rows) == site["images"] == 313
+    assert skm.roc_auc_score(y, p) == pytest.approx(site["at_0.5"]["roc_auc"], abs=1e-6)
+    cm = skm.confusion_matrix(y, (p >= site["threshold"]).astype(int), labels=[0, 1]).tolist()
+    assert cm == site["at_calibrated_threshold"]["confusion_matrix"]["matrix"]
