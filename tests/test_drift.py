@@ -1,0 +1,83 @@
+"""batch_job.drift on synthetic embeddings and probabilities (issue 14, first part: the statistics)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batch_job.drift import (
+    DOMAIN_AUC_LIMIT,
+    MIN_IMAGES,
+    domain_auc,
+    drift_figures,
+    histogram_shares,
+    psi,
+    sample_rows,
+    summary_line,
+)
+
+D = 32
+
+
+def _embeddings(n, shift=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, (n, D))
+    x[:, :4] += shift  # a shift in a few feature directions, as a new scanner would cause
+    return x
+
+
+def _probs(n, positive_share=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    pos = rng.random(n) < positive_share
+    return np.where(pos, rng.beta(8, 1.5, n), rng.beta(1.5, 8, n))
+
+
+def test_psi_of_identical_histograms_is_zero_and_grows_with_the_shift():
+    ref = histogram_shares(_probs(5000))
+    assert psi(ref, ref) == 0.0
+    assert psi(ref, histogram_shares(_probs(5000, seed=1))) < 0.02  # another sample, same distribution
+    small, large = (psi(ref, histogram_shares(_probs(5000, share, seed=2))) for share in (0.7, 0.9))
+    assert 0.02 < small < large
+
+
+def test_psi_by_hand():
+    # two bins: 0.5/0.5 against 0.8/0.2 -> 0.3 ln(1.6) + (-0.3) ln(0.4)
+    assert psi(np.array([0.5, 0.5]), np.array([0.8, 0.2])) == pytest.approx(0.3 * np.log(1.6) - 0.3 * np.log(0.4))
+    # an empty bin is floored, not infinite
+    assert np.isfinite(psi(np.array([1.0, 0.0]), np.array([0.5, 0.5])))
+
+
+def test_domain_auc_tells_no_drift_from_a_shifted_mean():
+    ref = _embeddings(600, seed=0)
+    same = domain_auc(ref, _embeddings(300, seed=1))
+    shifted = domain_auc(ref, _embeddings(300, shift=0.5, seed=1))
+    assert 0.40 < same < DOMAIN_AUC_LIMIT
+    # 0.5 SD in 4 directions: Mahalanobis distance 1.0, so the best possible AUC is Phi(1 / sqrt 2) = 0.76
+    assert DOMAIN_AUC_LIMIT < 0.65 < shifted <= 0.77
+
+
+def test_domain_auc_is_seeded_and_bounded():
+    ref, cur = _embeddings(3000, seed=0), _embeddings(2500, shift=0.2, seed=1)
+    assert domain_auc(ref, cur, seed=3, max_rows=500) == domain_auc(ref, cur, seed=3, max_rows=500)
+    rng = np.random.default_rng(0)
+    assert len(sample_rows(cur, 500, rng)) == 500 and len(sample_rows(cur[:10], 500, rng)) == 10
+
+
+def test_drift_figures_and_summary_lines():
+    ref_e, ref_p = _embeddings(600), _probs(600)
+    none = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, seed=1), threshold=0.5)
+    assert none["judged"] and not none["detected"]
+    assert summary_line(none).startswith("drift: none (domain AUC ")
+    found = drift_figures(ref_e, ref_p, _embeddings(300, shift=0.8, seed=1), _probs(300, seed=1), threshold=0.5)
+    assert found["detected"] and found["domain_auc"] > found["domain_auc_limit"]
+    assert summary_line(found).startswith("drift: DETECTED (")
+    # a prevalence change alone moves PSI: the positive rate is reported beside it
+    prevalence = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, 0.95, seed=1), threshold=0.5)
+    assert prevalence["psi"] > prevalence["psi_limit"] and prevalence["positive_rate"] > 0.9
+    assert abs(prevalence["reference_positive_rate"] - 0.6) < 0.06
+
+
+def test_too_few_images_to_judge():
+    few = drift_figures(_embeddings(600), _probs(600), _embeddings(MIN_IMAGES - 1, shift=3.0),
+                        _probs(MIN_IMAGES - 1), threshold=0.5)
+    assert few["judged"] is False and few["detected"] is False and "domain_auc" not in few
+    assert summary_line(few) == f"drift: too few images to judge ({MIN_IMAGES - 1} scored, need {MIN_IMAGES})"
