@@ -1,4 +1,4 @@
-"""PNG plots for a trained model (matplotlib + scikit-learn displays)."""
+"""PNG plots for a trained model (matplotlib); the confusion matrix and ROC curve are xray_core.plots'."""
 from __future__ import annotations
 
 import matplotlib
@@ -6,7 +6,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 from train.data import CLASSES  # noqa: E402
 
@@ -20,27 +19,6 @@ def training_curves(history: dict, path: str) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def confusion_matrix(y_true, y_prob, threshold: float, path: str, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    y_pred = (np.asarray(y_prob) >= threshold).astype(int)
-    ConfusionMatrixDisplay.from_predictions(
-        np.asarray(y_true).astype(int), y_pred, labels=[0, 1], display_labels=list(CLASSES), ax=ax, colorbar=False
-    )
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def roc_curve(y_true, y_prob, path: str, name: str) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    RocCurveDisplay.from_predictions(np.asarray(y_true).astype(int), y_prob, name=name, ax=ax)
-    ax.plot([0, 1], [0, 1], ":", color="grey")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

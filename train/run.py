@@ -30,6 +30,7 @@ from train.data import (
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
 from xray_core.files import publish_dir, temp_dir_beside, blocking_ancestor
 from xray_core.metrics import choose_threshold, evaluate, operating_point
+from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
 
 
@@ -178,9 +179,10 @@ def _write_site_predictions(path, examples, y, p) -> None:
 
 def _plots(model_dir, name, m, y, p, images, prefix, seed) -> None:
     for point, thr in (("0.5", 0.5), ("chosen", m["chosen_threshold"])):
-        plots.confusion_matrix(y, p, thr, os.path.join(model_dir, f"{prefix}confusion_matrix_{point}.png"),
-                               f"{name} {prefix.rstrip('_') or 'test'}, threshold {thr:.3f}")
-    plots.roc_curve(y, p, os.path.join(model_dir, f"{prefix}roc_curve.png"), name)
+        confusion_matrix_png(y, p, thr, os.path.join(model_dir, f"{prefix}confusion_matrix_{point}.png"),
+                             f"{name} {prefix.rstrip('_') or 'test'}, threshold {thr:.3f}")
+    roc_curve_png(y, p, os.path.join(model_dir, f"{prefix}roc_curve.png"), name,
+                  title=f"{name} {prefix.rstrip('_') or 'test'}")
     plots.sample_grid(images, y, p, m["chosen_threshold"], os.path.join(model_dir, f"{prefix}samples.png"), seed=seed)
 
 
