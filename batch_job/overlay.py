@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from xray_core.preprocessing import PreprocessConfig, decode_image
+from xray_core.preprocessing import PreprocessConfig, decode_image, upsample_map
 
 MAX_SIDE = 512
 COLORMAP = "jet"
@@ -37,13 +37,6 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     return (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
 
 
-def upsample(heat01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) in [0, 1] -> (height, width) for size (width, height), bilinear; the map covers the whole image,
-    as the model's input is the whole image resized (no crop)."""
-    up = Image.fromarray(np.ascontiguousarray(heat01, dtype=np.float32), mode="F").resize(size, Image.BILINEAR)
-    return np.clip(np.asarray(up), 0.0, 1.0)
-
-
 @functools.lru_cache(maxsize=1)
 def tables() -> tuple[list[int], ...]:
     """Pillow point tables over the 256 heat levels: red, green, blue (the colormap) and opacity (0-255)."""
@@ -66,7 +59,7 @@ def blend(gray: Image.Image, heat01: np.ndarray) -> Image.Image:
 def render(data: bytes, heatmap: np.ndarray, preprocessing: dict) -> Image.Image:
     """Image bytes and its (h, w) heatmap -> the RGB overlay."""
     img = display_image(data, preprocessing)
-    return blend(img, upsample(normalise(heatmap), img.size))
+    return blend(img, np.clip(upsample_map(normalise(heatmap), img.size), 0.0, 1.0))
 
 
 def save_png(img: Image.Image, path: str) -> None:

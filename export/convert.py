@@ -127,9 +127,8 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
     return np.stack(images + edges), len(images)
 
 
-def parity(keras_model, onnx_path: str, x: np.ndarray, threshold: float) -> dict:
+def parity(keras_model, session, x: np.ndarray, threshold: float) -> dict:
     p_keras = keras_model.predict(x, batch_size=64, verbose=0).reshape(-1)
-    session = load_session(onnx_path)
     p_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].reshape(-1)
     diff = np.abs(p_keras.astype(np.float64) - p_onnx.astype(np.float64))
     return {
@@ -231,16 +230,17 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         to_onnx(export_model, config.image_size, opset, onnx_path)
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
+        session = load_session(onnx_path)  # one session for calibration, parity and the heatmap checks
         site = site_images = None
         if calibrate_dir is not None:
             try:
-                site, site_images = calibrate(load_session(onnx_path), calibrate_dir, config,
+                site, site_images = calibrate(session, calibrate_dir, config,
                                               metrics["chosen_threshold"], target_recall, log=log)
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
         threshold = site["threshold"] if site else metrics["chosen_threshold"]
         x, n_images = parity_images(run_dir, config)
-        result = parity(keras_model, onnx_path, x, threshold)
+        result = parity(keras_model, session, x, threshold)
         result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
         log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
             f"decisions equal: {result['decisions_equal']}")
@@ -250,7 +250,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         heat = None
         if hw is not None:
             faith_images, source = (site_images, "site calibration") if site else (x[:n_images], "test split")
-            heat = heatmap_checks(keras_model, onnx_path, x, threshold, faith_images, source, log=log)
+            heat = heatmap_checks(keras_model, session, x, threshold, faith_images, source, log=log)
             if not heat["parity"]["passed"]:
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")

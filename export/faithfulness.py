@@ -8,18 +8,13 @@ more than blanking random ones for at least 80% of the flagged images.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME
+from xray_core.preprocessing import upsample_map
 
 FRACTION = 0.10
 REQUIRED_SHARE = 0.80
 SEED = 0
-
-
-def upsample(heatmap: np.ndarray, size: int) -> np.ndarray:
-    """(h, w) -> (size, size), bilinear (Pillow, float32)."""
-    return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
 
 
 def blank(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -61,7 +56,7 @@ def faithfulness(session, images: np.ndarray, threshold: float, source: str, bat
     size = images.shape[1]
     top, rand = [], []
     for i in flagged:
-        up = upsample(heat[i], size)
+        up = upsample_map(heat[i], (size, size))
         top.append(blank(images[i], top_mask(up, FRACTION)))
         rand.append(blank(images[i], random_mask(up.shape, FRACTION, rng)))
     if not len(flagged):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.faithfulness import faithfulness
-from export.package import HEATMAP_NAME, INPUT_NAME, load_session
+from export.package import HEATMAP_NAME, INPUT_NAME
 
 PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps' range
 
@@ -70,10 +70,10 @@ def heatmap_hw(export_model) -> tuple[int, int] | None:
     return tuple(int(d) for d in export_model.output_shape[1][1:3]) if len(export_model.outputs) == 2 else None
 
 
-def heatmap_checks(keras_model, onnx_path: str, x: np.ndarray, threshold: float, faith_images: np.ndarray,
+def heatmap_checks(keras_model, session, x: np.ndarray, threshold: float, faith_images: np.ndarray,
                    faith_source: str, log=print) -> dict:
-    """Parity of the ONNX heatmap with the Keras reference on x, and the faithfulness check on faith_images."""
-    session = load_session(onnx_path)
+    """Parity of the ONNX heatmap (onnxruntime `session`) with the Keras reference on x, and the faithfulness
+    check on faith_images."""
     ref = reference_heatmaps(keras_model, x)
     got = session.run([HEATMAP_NAME], {INPUT_NAME: x})[0]
     span = float(ref.max() - ref.min())

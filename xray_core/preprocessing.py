@@ -144,5 +144,12 @@ def preprocess_image(source: Union[bytes, str, os.PathLike], config: PreprocessC
     return to_model_input(decode_image(source, config), config)
 
 
+def upsample_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A model's (h, w) map -> (height, width) for size (width, height), bilinear (Pillow, float32). The map
+    covers the whole image, as the model's input is the whole image resized (no crop)."""
+    heat = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32), mode="F")
+    return np.asarray(heat.resize(size, _FILTERS["bilinear"]))
+
+
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
