@@ -9,7 +9,6 @@ from typing import Iterator
 from batch_job.errors import InputError
 from xray_core.dicom import is_dicom
 from xray_core.errors import one_line
-from xray_core.labels import label_from_relative_path
 from xray_core.preprocessing import is_image_file
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -156,13 +155,3 @@ def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
             raise
         except ValueError as exc:  # e.g. gs:// without apache-beam[gcp]
             raise InputError(f"cannot list {root}: {one_line(exc, 200)}") from None
-
-
-def label_from_path(path: str, root: str) -> str:
-    """NORMAL or PNEUMONIA (any case) from the nearest folder of that name at or below the input's root
-    (:func:`input_root`: the root's own name counts), else ''. Folders above the root never count, and a
-    single-file input has no folder at or below it."""
-    root = root.rstrip("/")
-    if not path.startswith(root + "/"):
-        return ""
-    return label_from_relative_path(os.path.basename(root) + path[len(root):])

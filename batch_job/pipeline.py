@@ -23,7 +23,7 @@ from batch_job import shards as shard_files
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.interrupts import GATE
 from batch_job.ledger import Ledger, check_usable
-from batch_job.listing import check_inputs, input_root, iter_images, label_from_path
+from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
 from batch_job.reconcile import check, reconcile
@@ -31,6 +31,7 @@ from batch_job.runner import Runner, choose_runner, execute
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
 from xray_core.errors import one_line
+from xray_core.labels import label_from_path
 
 LOG = logging.getLogger("batch_job")
 KILL_ENV = "BATCH_JOB_TEST_KILL_AT"  # crash-safety tests: SIGKILL the job at a named step

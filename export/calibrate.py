@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from export.package import INPUT_NAME, OUTPUT_NAME
 from train.data import patient_id
-from xray_core.labels import CLASSES, label_from_relative_path
+from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
 
@@ -39,7 +39,7 @@ def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(dirpath, name)
-            label = label_from_relative_path(os.path.relpath(path, cal_dir))
+            label = label_from_path(os.path.abspath(path), os.path.abspath(cal_dir))
             if label and is_image_file(name):
                 found.append((path, label))
     missing = [c for c in CLASSES if not any(label == c for _, label in found)]

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from xray_core.errors import one_line
-from xray_core.labels import CLASSES as CLASS_NAMES  # noqa: F401 - re-exported for the scoring side
 from xray_core.files import sha256_file  # noqa: F401 - re-exported
 
 INPUT_NAME = "image"

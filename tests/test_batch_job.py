@@ -17,11 +17,12 @@ from sklearn import metrics as skm
 
 from batch_job import shards
 from batch_job.cli import main
-from batch_job.listing import input_root, iter_images, label_from_path
+from batch_job.listing import input_root, iter_images
 from batch_job.reconcile import reconcile
 from batch_job.synthetic import make_tree
 from export.package import load_session
 from xray_core.files import hold_lock
+from xray_core.labels import label_from_path
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 from conftest import SITE_SAMPLE, assert_one_line_error, write_package
