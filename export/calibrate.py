@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from export.package import INPUT_NAME, OUTPUT_NAME
 from train.data import patient_id
 from xray_core.labels import CLASSES, label_from_path
-from xray_core.metrics import choose_threshold, operating_point
+from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
 
 SEED = 0
@@ -105,9 +105,6 @@ def two_fold(y, p, groups, target_recall: float, seed: int = SEED) -> dict:
     }
 
 
-def _strip(point: dict) -> dict:
-    return {k: v for k, v in point.items() if k != "classification_report"}
-
 
 def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: float, target_recall: float,
               log=print) -> tuple[dict, np.ndarray]:
@@ -129,9 +126,9 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
         "patients": int(len(np.unique(groups))), "skipped": [{"path": a, "error": b} for a, b in failed],
         "target_recall": float(target_recall),
         "threshold": threshold,
-        "at_0.5": _strip(operating_point(y, p, 0.5)),
-        "at_validation_threshold": _strip(operating_point(y, p, val_threshold)),
-        "at_calibrated_threshold": _strip(operating_point(y, p, threshold)),
+        "at_0.5": without_report(operating_point(y, p, 0.5)),
+        "at_validation_threshold": without_report(operating_point(y, p, val_threshold)),
+        "at_calibrated_threshold": without_report(operating_point(y, p, threshold)),
         "two_fold": two_fold(y, p, groups, target_recall),
     }
     est = result["two_fold"]

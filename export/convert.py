@@ -31,6 +31,7 @@ from export.package import (
 from train.data import CLASSES, read_split_csv
 from xray_core.errors import one_line
 from xray_core.files import atomic_write, publish_dir, temp_dir_beside
+from xray_core.metrics import without_report
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
@@ -151,9 +152,6 @@ def library_versions() -> dict:
             "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _strip(point: dict) -> dict:
-    return {k: v for k, v in point.items() if k != "classification_report"}
-
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None) -> dict:
@@ -182,7 +180,8 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         "validation_threshold": metrics["chosen_threshold"],
         "target_recall": site["target_recall"] if site else metrics["target_recall"],
         "val_roc_auc": metrics["val_roc_auc"],
-        "test_metrics": {"at_0.5": _strip(metrics["test_at_0.5"]), "at_chosen": _strip(metrics["test_at_chosen"])},
+        "test_metrics": {"at_0.5": without_report(metrics["test_at_0.5"]),
+                         "at_chosen": without_report(metrics["test_at_chosen"])},
         "site_calibration": site,
         "parity": parity_result,
         "versions": library_versions(),

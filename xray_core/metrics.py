@@ -53,6 +53,11 @@ def operating_point(y_true, y_prob, threshold: float) -> dict:
     }
 
 
+def without_report(point: dict) -> dict:
+    """An operating point without its classification report (the form metadata.json records)."""
+    return {k: v for k, v in point.items() if k != "classification_report"}
+
+
 def evaluate(y_val, p_val, y_test, p_test, target_recall: float) -> dict:
     """Both operating points on the test split; the tuned threshold comes from validation."""
     chosen = choose_threshold(y_val, p_val, target_recall)
