@@ -1,5 +1,6 @@
 """report.html: one self-contained page (Jinja2, autoescaped; no script, no network) whose images are the PNGs
-beside it in OUT_DIR, linked relatively: the run's summary, the probability histogram, with folder labels the
+beside it in OUT_DIR, linked relatively: the run's summary, the probability histogram, the drift check (its
+line, figures, drift.png and drift_trend.png as drift_report.py wrote them), with folder labels the
 confusion matrix and ROC curve, the flagged images with their heatmaps (highest first) and the error rows.
 
 File names are shown as text whatever they hold: markup and quotes are escaped, bytes that are not UTF-8 are
@@ -12,7 +13,7 @@ import datetime
 import functools
 import os
 
-from batch_job import figures
+from batch_job import drift_report, figures
 from batch_job import shards as shard_files
 
 TEMPLATE = "report.html.j2"
@@ -75,6 +76,31 @@ def labelled_section(m: dict, out_dir: str) -> dict | None:
             "figures": [{"src": f, "alt": alt} for f, alt in names.items() if os.path.exists(os.path.join(out_dir, f))]}
 
 
+def drift_state(drift: dict) -> str:
+    """The drift card's value, also the banner's style: "DETECTED", "none" or "not judged"."""
+    return "DETECTED" if drift["detected"] else "none" if drift["judged"] else "not judged"
+
+
+def drift_section(m: dict, out_dir: str) -> dict | None:
+    """The "Drift" section: its line and state, the figures' cells, the images drift_report wrote."""
+    from batch_job.drift import summary_line
+
+    drift = m.get("drift")
+    if drift is None:
+        return None
+    names = {drift_report.DRIFT_FILE: "probability histograms: this run vs the validation split",
+             drift_report.TREND_FILE: "domain AUC and PSI over the last runs"}
+    shown = [f for f in drift.get("figures", []) if f in names and os.path.exists(os.path.join(out_dir, f))]
+    state = drift_state(drift)
+    return {"line": summary_line(drift), "css": {"DETECTED": "detected", "none": "none"}.get(state, "unjudged"),
+            "row": drift_report.figures_row(drift) if drift["reference"] else None,
+            "over_auc": drift.get("domain_auc") is not None and drift["domain_auc"] > drift["domain_auc_limit"],
+            "over_psi": drift.get("psi") is not None and drift["psi"] > drift["psi_limit"],
+            "explanation": drift_report.explanation(drift) if drift["reference"] else "",
+            "figures": [{"src": f, "alt": names[f]} for f in shown],
+            "width": drift_report.PIXELS[0], "height": drift_report.PIXELS[1]}
+
+
 def probability(p: float) -> str:
     """Four decimals; "> 0.9999" rather than a rounded 1.0000."""
     return "> 0.9999" if 0.99995 <= p < 1.0 else f"{p:.4f}"
@@ -92,6 +118,9 @@ def context(m: dict, out_dir: str, flagged: list, errors: list[dict], tiles_cap:
     cards = [("found", m["images_found"], ""), ("scored", m["images_scored"], ""),
              ("failed", m["images_failed"], "fail"), ("skipped (ledger)", m["images_skipped"], ""),
              ("flagged PNEUMONIA", m["positive_count"], "flag"), ("positive rate", f"{m['positive_rate']:.1%}", "")]
+    if "drift" in m:
+        state = drift_state(m["drift"])
+        cards.append(("drift", state, {"DETECTED": "flag word", "none": "word", "not judged": "muted word"}[state]))
     return {
         "model": display(m["model"]), "threshold": f"{m['threshold']:.4f}", "runner": m["runner"],
         "wall": "time n/a" if wall is None else f"{wall:.1f} s",
@@ -99,7 +128,7 @@ def context(m: dict, out_dir: str, flagged: list, errors: list[dict], tiles_cap:
         "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cards": [{"key": k, "value": v, "css": css} for k, v, css in cards],
         "per_input": [{"input": display(k), **v} for k, v in m["per_input"].items()],
-        "histogram": "histogram.png", "labelled": labelled_section(m, out_dir),
+        "histogram": "histogram.png", "drift": drift_section(m, out_dir), "labelled": labelled_section(m, out_dir),
         "flagged_note": flagged_note(m, len(flagged)),
         "tiles": [tile(rank, item) for rank, item in enumerate(flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(flagged) - tiles_cap),

@@ -4,7 +4,9 @@ Keyed by (sha256 of the file's bytes, model `<name>/<version>`). Workers only re
 (one read-only connection per process); the driver holds an exclusive lock file for
 the whole run and writes the new entries in one transaction after OUT_DIR is published.
 Each run also records its run id; an OUT_DIR whose run id the ledger does not know was
-published by a run killed before its ledger commit, and the next run may replace it.
+published by a run killed before its ledger commit, and the next run may replace it. A run whose model has a
+drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend.
+Tables are created if missing: a ledger written before a table existed opens and commits as before.
 """
 from __future__ import annotations
 
@@ -38,7 +40,19 @@ CREATE TABLE IF NOT EXISTS runs (
     images_new INTEGER NOT NULL,
     finished_utc TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS drift (
+    run_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    finished_utc TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    judged INTEGER NOT NULL,
+    detected INTEGER NOT NULL,
+    domain_auc REAL,
+    psi REAL,
+    positive_rate REAL
+);
 """
+DRIFT_COLUMNS = ("run_id", "finished_utc", "images", "judged", "detected", "domain_auc", "psi", "positive_rate")
 
 
 class LedgerError(InputError):
@@ -126,8 +140,10 @@ class Ledger:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
 
-    def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]]) -> int:
-        """Insert (sha256, probability, path) entries and the run, in one transaction."""
+    def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
+               drift: dict | None = None) -> int:
+        """Insert (sha256, probability, path) entries, the run and, given the metrics' `drift` block of a model
+        with a drift reference, the run's drift figures: in one transaction. -> the entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:
@@ -140,9 +156,24 @@ class Ledger:
                 )
                 added = conn.total_changes - before
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+                if drift is not None and drift["reference"]:
+                    conn.execute(f"INSERT INTO drift (model, {', '.join(DRIFT_COLUMNS)}) VALUES (?{', ?' * 8})",
+                                 (model, run_id, now, drift["images"], int(drift["judged"]), int(drift["detected"]),
+                                  drift.get("domain_auc"), drift.get("psi"), drift.get("positive_rate")))
         finally:
             conn.close()
         return added
+
+    def drift_history(self, model: str, limit: int) -> list[dict]:
+        """The drift figures of the last `limit` committed runs of `model` (`<name>/<version>`), oldest first:
+        dicts with DRIFT_COLUMNS' keys (judged and detected as bools; domain_auc, psi None when not judged)."""
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            rows = conn.execute(f"SELECT {', '.join(DRIFT_COLUMNS)} FROM drift WHERE model = ? "
+                                "ORDER BY rowid DESC LIMIT ?", (model, max(limit, 0))).fetchall()
+        history = [dict(zip(DRIFT_COLUMNS, row)) for row in reversed(rows)]
+        for h in history:
+            h["judged"], h["detected"] = bool(h["judged"]), bool(h["detected"])
+        return history
 
 
 def _printable(path: str) -> str:

@@ -1,10 +1,13 @@
-"""The job's report: metrics.json, report.md and histogram.png (scikit-learn, matplotlib), and its last line."""
+"""The job's report: metrics.json, report.md and histogram.png (scikit-learn, matplotlib), and its last lines;
+report.md's drift section and figures come from drift_report.py."""
 from __future__ import annotations
 
 import json
 import os
 
 import numpy as np
+
+from batch_job import drift_report
 
 
 def write_metrics(out_dir: str, metrics: dict) -> None:
@@ -95,6 +98,7 @@ def report_markdown(m: dict) -> str:
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {c} |" for lo, hi, c in zip(h["bin_edges"], h["bin_edges"][1:], h["counts"])]
     lines += ["", "![histogram](histogram.png)"]
+    lines += drift_report.markdown_section(m)
     heat = m.get("heatmaps")
     if heat and heat["requested"]:
         lines += ["", "## Heatmaps", "",
@@ -122,6 +126,11 @@ def summary(m: dict, out: str) -> str:
         line += (f"\nagainst folder labels ({m['labelled_images']}): accuracy {m['accuracy']:.4f}, recall "
                  f"{m['recall']:.4f}, specificity {m['specificity']:.4f}, ROC AUC "
                  + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"))
+    if "drift" in m:
+        from batch_job.drift import summary_line
+
+        line += "\n" + summary_line(m["drift"])
     heat = m.get("heatmaps", {})
+    drift_files = "".join(f", {f}" for f in m.get("drift", {}).get("figures", []))
     return line + (f"\noutputs in {out}: report.html, predictions-*.csv, metrics.json, report.md, histogram.png"
-                   + (f", heatmaps/ ({heat['written']})" if heat.get("written") else ""))
+                   + drift_files + (f", heatmaps/ ({heat['written']})" if heat.get("written") else ""))

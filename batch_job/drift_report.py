@@ -1,0 +1,190 @@
+"""The drift part of the report (issue 14): drift.png, drift_trend.png and report.md's "Drift" section.
+
+The statistics are batch_job/drift.py's `drift` block (drift_figures / no_reference); this module only draws
+and words them (matplotlib, imported on first use). The driver's calls, in this order:
+
+    history = trend_history(book, model.model_id, metrics["run_id"], drift)  # before the ledger commit
+    drift["figures"] = write_figures(tmp, drift, reference_probs, probs, threshold, model.model_id, history)
+    metrics["drift"] = drift                   # then report.write_metrics and html_report.write_html
+    ...
+    book.commit(run_id, out, model_id, entries, drift=drift)  # the run's drift row, same transaction
+
+`drift["figures"]` is the contract with report.md, report.html and the job's last lines: the names of the
+figures written into OUT_DIR (a subset of [DRIFT_FILE, TREND_FILE], in that order). They show and list
+only those; without the key, none. The trend covers the last TREND_RUNS runs of the same model version
+(`<name>/<version>`) in the ledger, this run last; without a ledger (or without a reference) there is none.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+
+from batch_job.ledger import DRIFT_COLUMNS as HISTORY_KEYS  # a trend point: one row of the ledger's drift table
+
+DRIFT_FILE = "drift.png"
+TREND_FILE = "drift_trend.png"
+TREND_RUNS = 30
+FIGSIZE = (5.2, 3.5)  # inches at DPI: both figures are 520 x 350 pixels, side by side in report.html
+DPI = 100
+PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+REFERENCE_NAME = "the model's validation split"
+CAVEAT = ("A change in prevalence alone (more or fewer pneumonia cases) also moves both figures, hence the "
+          "positive rate beside them.")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+
+
+def histogram_png(path: str, reference_probs, probs, threshold: float, title: str) -> None:
+    """The reference's and this run's probability histograms overlaid, each bin as a share of its own images."""
+    ref, cur = np.clip(np.asarray(reference_probs, float), 0, 1), np.clip(np.asarray(probs, float), 0, 1)
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    ref_shares, _, _ = ax.hist(ref, bins=10, range=(0, 1), weights=np.full(len(ref), 1 / max(len(ref), 1)),
+                               color="#b8c2cc", edgecolor="white", label=f"reference: validation split ({len(ref):,})")
+    shares, _, _ = ax.hist(cur, bins=10, range=(0, 1), weights=np.full(len(cur), 1 / max(len(cur), 1)),
+                           histtype="step", linewidth=2, color="steelblue", label=f"this run ({len(cur):,})")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.5 * max(float(np.max(ref_shares)), float(np.max(shares)), 0.05))  # room for the legend
+    ax.set_xlabel("P(pneumonia)")
+    ax.set_ylabel("share of images")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left")
+    _save(fig, path)
+
+
+def _series(history: list[dict], key: str) -> np.ndarray:
+    """One figure per run; NaN where the run was not judged (a gap in the line)."""
+    return np.array([np.nan if h.get(key) is None or not h["judged"] else float(h[key]) for h in history])
+
+
+def _panel(ax, x: np.ndarray, values: np.ndarray, detected: np.ndarray, limit: float, name: str,
+           floor: float) -> None:
+    ax.plot(x, values, "-o", color="steelblue", markersize=3.5, linewidth=1.2)
+    ax.plot(x[detected], values[detected], "o", color="#b3261e", markersize=7, label="drift detected")
+    ax.axhline(limit, color="#b3261e", linestyle="--", linewidth=1, label="limit")
+    ax.text(1.0, limit, f"{limit:.2f} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+            color="#b3261e", fontsize=7)
+    seen = values[~np.isnan(values)]
+    if not len(seen):
+        ax.text(0.5, 0.5, "not judged", transform=ax.transAxes, ha="center", va="center", color="#6b7580")
+    top = max(limit, float(seen.max()) if len(seen) else limit)
+    bottom = min(floor, float(seen.min()) if len(seen) else floor)
+    ax.set_ylim(bottom, top + 0.15 * max(top - bottom, 0.1))
+    ax.set_ylabel(name)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float) -> None:
+    """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its limit;
+    runs with drift detected in red, runs not judged left as gaps."""
+    from matplotlib.ticker import MaxNLocator
+
+    x = np.arange(1, len(history) + 1)
+    detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
+    fig, (top, bottom) = _pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
+    _panel(top, x, _series(history, "domain_auc"), detected, auc_limit, "domain AUC", 0.45)
+    _panel(bottom, x, _series(history, "psi"), detected, psi_limit, "PSI", 0.0)
+    bottom.set_xlim(0.5, len(history) + 0.5)
+    if len(history) <= 10:
+        bottom.set_xticks(x)
+    else:
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    first, last = (h["finished_utc"][:10] for h in (history[0], history[-1]))
+    dates = last if first == last else f"{first} to {last}"
+    bottom.set_xlabel(f"run ({dates}; the last is this run)", fontsize=8)
+    runs = f"last {len(history)} runs" if len(history) > 1 else "1 run so far"
+    top.set_title(f"Drift, {runs} of this version", fontsize=10, loc="left")
+    top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=7.5,
+               borderaxespad=0.2, handletextpad=0.3, columnspacing=1.0)
+    _save(fig, path)
+
+
+def history_entry(run_id: str, drift: dict) -> dict:
+    """This run as one point of the trend (the shape of Ledger.drift_history's entries), finished now."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return dict(zip(HISTORY_KEYS, (run_id, now, drift["images"], bool(drift["judged"]), bool(drift["detected"]),
+                                   drift.get("domain_auc"), drift.get("psi"), drift.get("positive_rate"))))
+
+
+def trend_history(book, model_id: str, run_id: str, drift: dict) -> list[dict] | None:
+    """The trend's points: the ledger's last TREND_RUNS - 1 runs of this model version, then this run; None
+    without a ledger (book None) or without a drift reference."""
+    if book is None or not drift["reference"]:
+        return None
+    return book.drift_history(model_id, TREND_RUNS - 1) + [history_entry(run_id, drift)]
+
+
+def write_figures(out_dir: str, drift: dict, reference_probs, probs, threshold: float, model_id: str,
+                  history: list[dict] | None = None) -> list[str]:
+    """drift.png when the model has a drift reference and this run scored any image, drift_trend.png when it
+    has one and `history` has a run (without a reference the ledger keeps no drift rows: nothing to trend);
+    -> the names written (for drift["figures"])."""
+    written = []
+    if not drift["reference"]:
+        return written
+    if len(probs):
+        histogram_png(os.path.join(out_dir, DRIFT_FILE), reference_probs, probs, threshold,
+                      f"{model_id}: this run vs its validation split")
+        written.append(DRIFT_FILE)
+    if history:
+        trend_png(os.path.join(out_dir, TREND_FILE), history[-TREND_RUNS:], drift["domain_auc_limit"],
+                  drift["psi_limit"])
+        written.append(TREND_FILE)
+    return written
+
+
+def _number(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def figures_row(drift: dict) -> dict:
+    """The table's cells as text: domain AUC, PSI (n/a when not judged), positive rates, image counts."""
+    sampled = f" ({drift['sampled']:,} sampled)" if "sampled" in drift else ""
+    return {"domain_auc": _number(drift.get("domain_auc")), "auc_limit": f"{drift['domain_auc_limit']:.2f}",
+            "psi": _number(drift.get("psi")), "psi_limit": f"{drift['psi_limit']:.2f}",
+            "positive_rate": _number(drift.get("positive_rate")),
+            "reference_positive_rate": _number(drift.get("reference_positive_rate")),
+            "images": f"{drift['images']:,}{sampled}", "reference_images": _number(drift.get("reference_images"), ",")}
+
+
+def explanation(drift: dict) -> str:
+    """What the figures compare, in two sentences, and the prevalence caveat."""
+    return (f"Domain AUC: how well a classifier tells this run's images from {REFERENCE_NAME} (0.5: it cannot); "
+            f"PSI: how far the probability histogram moved. They cover the {drift['images']:,} images scored in "
+            f"this run, not those skipped as already in the ledger. {CAVEAT}")
+
+
+def markdown_section(m: dict) -> list[str]:
+    """report.md's "Drift" section (no lines when metrics has no drift block)."""
+    from batch_job.drift import summary_line
+
+    drift = m.get("drift")
+    if drift is None:
+        return []
+    lines = ["", "## Drift", "", summary_line(drift)]
+    if drift["reference"]:
+        r = figures_row(drift)
+        lines += ["", "| domain AUC (limit) | PSI (limit) | positive rate: this run vs reference "
+                      "| images scored (sampled) vs reference images |", "|---|---|---|---|",
+                  f"| {r['domain_auc']} ({r['auc_limit']}) | {r['psi']} ({r['psi_limit']}) "
+                  f"| {r['positive_rate']} vs {r['reference_positive_rate']} "
+                  f"| {r['images']} vs {r['reference_images']} |",
+                  "", explanation(drift)]
+    alts = {DRIFT_FILE: "probabilities: this run vs the validation split", TREND_FILE: "drift trend"}
+    shown = [f"![{alts[f]}]({f})" for f in drift.get("figures", []) if f in alts]
+    return lines + (["", *shown] if shown else [])
