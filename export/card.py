@@ -77,6 +77,22 @@ Faithfulness check: {verdict}
 """
 
 
+def drift_section(meta: dict) -> str:
+    ref = meta.get("reference")
+    if not ref:
+        return ("## Drift reference\nNone: without an `embedding` output the batch job cannot compare a run with "
+                "what the model was validated on (it says `drift: not checked`).\n")
+    return f"""## Drift reference
+Output `embedding` (N, {ref['embedding_dim']}): the pooled features that feed the final unit (an ensemble's members'
+concatenated). `reference.npz` holds P(pneumonia) of the {ref['images']} readable images of the internal validation
+split and the embeddings of {ref['embedding_rows']} of them (float16); the batch job compares every run with it
+(domain-classifier ROC AUC of the embeddings, PSI of the probability histogram, positive rate). `splits.csv` lists
+the run's {ref['splits']['val']} validation and {ref['splits']['test']} internal-test images (paths relative to the
+training folder): scoring the test images must say `drift: none`. Embedding parity with Keras: max |Δ|
+{ref.get('embedding_parity_max_abs_diff', float('nan')):.2e}.
+"""
+
+
 def model_card(meta: dict) -> str:
     pts = meta.get("test_metrics", {})
     src = meta.get("source", {})
@@ -97,6 +113,7 @@ It is **not a diagnosis** and must not be used without a clinician's review.
 
 {site_section(meta)}
 {heatmap_section(meta)}
+{drift_section(meta)}
 ## Internal test split (same collection as training; overestimates)
 Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's Medical Center), the Kaggle
 "chest-xray-pneumonia" training folder, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,

@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 
+from export import reference
 from export.card import model_card
-from export.heatmap import heatmap_checks, heatmap_hw, with_heatmap
+from export.heatmap import embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
+from export.metadata import build_metadata
 from export.package import (
     CARD_FILE,
+    EMBEDDING_NAME,
     HEATMAP_NAME,
     INPUT_NAME,
     METADATA_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
-    _json_io,
-    expected_io,
+    embedding_dim as embedding_dim_of,
     heatmap_hw as heatmap_hw_of,
     load_metadata,
     load_session,
@@ -28,10 +28,9 @@ from export.package import (
     triton_config,
     versions,
 )
-from train.data import CLASSES, read_split_csv
+from train.data import load_images, read_split_csv
 from xray_core.errors import one_line
 from xray_core.files import atomic_write, publish_dir, temp_dir_beside
-from xray_core.metrics import without_report
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
@@ -85,14 +84,14 @@ def load_keras(path: str):
 
 
 def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
-    """tf2onnx.from_keras with a dynamic batch; input `image`; outputs renamed, in order, `probability` and
-    (a model with two outputs) `heatmap`."""
+    """tf2onnx.from_keras with a dynamic batch; input `image`; outputs renamed, in order, `probability`,
+    `heatmap` and `embedding` (as many as the model has)."""
     import tensorflow as tf
     import tf2onnx
 
     spec = [tf.TensorSpec((None, image_size, image_size, 1), tf.float32, name=INPUT_NAME)]
     model_proto, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=opset)
-    rename = dict(zip([o.name for o in model_proto.graph.output], (OUTPUT_NAME, HEATMAP_NAME)))
+    rename = dict(zip([o.name for o in model_proto.graph.output], (OUTPUT_NAME, HEATMAP_NAME, EMBEDDING_NAME)))
     for node in model_proto.graph.node:
         node.output[:] = [rename.get(o, o) for o in node.output]
         node.input[:] = [rename.get(i, i) for i in node.input]
@@ -141,54 +140,32 @@ def parity(keras_model, session, x: np.ndarray, threshold: float) -> dict:
     }
 
 
-def library_versions() -> dict:
-    import onnx
-    import onnxruntime
-    import tensorflow as tf
-    import tf2onnx
-    import tf_keras
-
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
-            "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-
-def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
-                   export_command, site=None, heat=None, hw=None) -> dict:
-    config = metrics["preprocessing"]
-    io = expected_io(int(config["image_size"]), hw)
-    return {
-        "name": name,
-        "version": version,
-        "architecture": arch,
-        "source": {
-            "run_dir": os.path.abspath(run_dir),
-            "model_file": os.path.join(os.path.abspath(run_dir), arch, "model.keras"),
-            "train_command": run_info.get("command"),
-            "export_command": export_command,
-            "seed": run_info.get("args", {}).get("seed"),
-            "split": run_info.get("args", {}).get("split"),
-            "split_counts": run_info.get("split_counts"),
-        },
-        "preprocessing": config,
-        "input": _json_io(io["input"]),
-        "output": _json_io(io["output"]),
-        **({"heatmap_output": _json_io(io["heatmap_output"]), "heatmap": heat} if hw else {}),
-        "class_names": list(CLASSES),
-        "decision_threshold": site["threshold"] if site else metrics["chosen_threshold"],
-        "threshold_source": "site calibration sample" if site else "internal validation split",
-        "validation_threshold": metrics["chosen_threshold"],
-        "target_recall": site["target_recall"] if site else metrics["target_recall"],
-        "val_roc_auc": metrics["val_roc_auc"],
-        "test_metrics": {"at_0.5": without_report(metrics["test_at_0.5"]),
-                         "at_chosen": without_report(metrics["test_at_chosen"])},
-        "site_calibration": site,
-        "parity": parity_result,
-        "versions": library_versions(),
-        "opset": opset,
-        "sha256": sha256,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def build_reference(run_dir: str, config: PreprocessConfig, export_model, session, x: np.ndarray, staging: str,
+                    log=print) -> dict:
+    """reference.npz (the validation split's probabilities and embeddings) and splits.csv in `staging`, after
+    checking the ONNX embedding against Keras on the parity images x; -> metadata.json's `reference`."""
+    keras_emb = export_model.predict(x, batch_size=64, verbose=0)[2]
+    onnx_emb = session.run([EMBEDDING_NAME], {INPUT_NAME: x})[0]
+    diff = float(np.abs(keras_emb.astype(np.float64) - onnx_emb).max())
+    span = float(keras_emb.max() - keras_emb.min())
+    if diff > 1e-4 * max(span, 1e-6):
+        raise ParityError(f"embedding parity failed: max |Δ| {diff:.3e} > 1e-4 of its range {span:.3e}; "
+                          "nothing published")
+    rows = read_split_csv(os.path.join(run_dir, "split.csv"))
+    val = [ex.path for ex, split in rows if split == "val"]
+    images, ok, _failed = load_images(val, config)
+    if not ok:
+        raise ParityError("no image of the run's validation split could be read (moved data?); nothing published")
+    arrays = reference.compute(session, images)
+    path = os.path.join(staging, reference.REFERENCE_FILE)
+    reference.write(path, arrays)
+    counts = reference.write_splits(os.path.join(staging, reference.SPLITS_FILE),
+                                    [(ex.path, split) for ex, split in rows],
+                                    reference.training_folder([ex.path for ex, _ in rows]))
+    log(f"drift reference: {len(ok)} validation images ({len(val) - len(ok)} unreadable), embeddings "
+        f"{arrays['embeddings'].shape}, embedding parity max |Δ| {diff:.2e}; {reference.SPLITS_FILE}: "
+        f"{counts['val']} val, {counts['test']} test")
+    return {**reference.summary(path, arrays, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
@@ -214,9 +191,9 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         raise ExportInputError(f"{final} already exists; versions are never overwritten")
     keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
     export_model = with_heatmap(keras_model) or keras_model  # a `heatmap` output where the head allows one
-    hw = heatmap_hw(export_model)
+    hw, dim = heatmap_hw(export_model), embedding_dim(export_model)
     if hw is None:
-        log(f"{arch} has no class-activation-map head: exporting `probability` only, no heatmaps")
+        log(f"{arch} has no class-activation-map head: exporting `probability` only, no heatmaps, no drift reference")
     try:
         os.makedirs(name_dir, exist_ok=True)
         staging = temp_dir_beside(final)
@@ -253,11 +230,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             if not heat["parity"]["passed"]:
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
+        ref = build_reference(run_dir, config, export_model, session, x, staging, log) if dim else None
         with open(os.path.join(run_dir, "run.json")) as f:
             run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
-                              sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw)
+                              sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
+                              dim=dim, ref=ref)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
@@ -270,7 +249,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
-    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]), heatmap=heatmap_hw_of(newest))
+    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]), heatmap=heatmap_hw_of(newest),
+                                embedding=embedding_dim_of(newest))
     atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(config_text))
     log(f"published {final}")
     return final

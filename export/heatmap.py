@@ -4,13 +4,16 @@ A model whose head is global average pooling over a layer named `last_block`, th
 (train.models.build_resnet), has an exact class-activation map: the feature maps of `last_block` weighted by
 `logit`'s weights, shape (N, h, w). Its spatial mean plus the unit's bias is the logit. An ensemble's map is the
 average of its members' maps, as its probability is the average of theirs.
+
+The same graph gets a third output, `embedding` (N, D): the pooled features (`gap`) that feed `logit`, the
+members' concatenated. The batch job's drift check compares them with the package's reference (reference.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from export.faithfulness import faithfulness
-from export.package import HEATMAP_NAME, INPUT_NAME
+from export.package import EMBEDDING_NAME, HEATMAP_NAME, INPUT_NAME
 
 PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps' range
 
@@ -29,18 +32,20 @@ def cam_members(model) -> list:
 
 
 def with_heatmap(model):
-    """A model with outputs [probability, heatmap] sharing `model`'s weights, or None without a CAM head."""
+    """A model with outputs [probability, heatmap, embedding] sharing `model`'s weights, or None without a CAM
+    head."""
     from train.models import keras
 
     members = cam_members(model)
     if not members:
         return None
     inputs = keras.Input(model.input_shape[1:], name="image")
-    probs, maps = [], []
+    probs, maps, pooled = [], [], []
     for i, member in enumerate(members):
-        both = keras.Model(member.input, [member.output, member.get_layer("last_block").output],
-                           name=f"{member.name}_with_features")
-        p, features = both(inputs)
+        both = keras.Model(member.input, [member.output, member.get_layer("last_block").output,
+                                          member.get_layer("gap").output], name=f"{member.name}_with_features")
+        p, features, g = both(inputs)
+        pooled.append(g)
         w = member.get_layer("logit").get_weights()[0]  # (C, 1)
         cam = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name=f"cam{i}")
         m = cam(features)
@@ -51,7 +56,9 @@ def with_heatmap(model):
     heat = maps[0] if len(maps) == 1 else keras.layers.Average()(maps)
     prob = keras.layers.Activation("linear", name="probability")(prob)
     heat = keras.layers.Reshape(tuple(heat.shape[1:3]), name=HEATMAP_NAME)(heat)
-    return keras.Model(inputs, [prob, heat], name=f"{model.name}_with_heatmap")
+    embedding = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled)
+    embedding = keras.layers.Activation("linear", name=EMBEDDING_NAME)(embedding)
+    return keras.Model(inputs, [prob, heat, embedding], name=f"{model.name}_with_heatmap")
 
 
 def reference_heatmaps(model, x: np.ndarray) -> np.ndarray:
@@ -67,7 +74,12 @@ def reference_heatmaps(model, x: np.ndarray) -> np.ndarray:
 
 def heatmap_hw(export_model) -> tuple[int, int] | None:
     """(h, w) of a model's heatmap output; None for a one-output model."""
-    return tuple(int(d) for d in export_model.output_shape[1][1:3]) if len(export_model.outputs) == 2 else None
+    return tuple(int(d) for d in export_model.output_shape[1][1:3]) if len(export_model.outputs) >= 2 else None
+
+
+def embedding_dim(export_model) -> int | None:
+    """D of a model's embedding output (N, D); None for a model without one."""
+    return int(export_model.output_shape[2][1]) if len(export_model.outputs) >= 3 else None
 
 
 def heatmap_checks(keras_model, session, x: np.ndarray, threshold: float, faith_images: np.ndarray,

@@ -8,6 +8,7 @@ Layout (a valid Triton model repository)::
     serving_models/<name>/<version>/model.onnx
     serving_models/<name>/<version>/metadata.json
     serving_models/<name>/<version>/MODEL_CARD.md
+    serving_models/<name>/<version>/reference.npz, splits.csv  (drift reference, export/reference.py)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from xray_core.files import sha256_file  # noqa: F401 - re-exported
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 HEATMAP_NAME = "heatmap"  # optional second output: class-activation map (N, h, w)
+EMBEDDING_NAME = "embedding"  # optional third output: pooled features (N, D), for the drift check
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -80,13 +82,15 @@ def load_metadata(version_dir: str) -> dict:
     return meta
 
 
-def expected_io(image_size: int, heatmap_hw: tuple[int, int] | None = None) -> dict:
+def expected_io(image_size: int, heatmap_hw: tuple[int, int] | None = None, embedding_dim: int | None = None) -> dict:
     io = {
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [None, image_size, image_size, 1]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, 1]},
     }
     if heatmap_hw:
         io["heatmap_output"] = {"name": HEATMAP_NAME, "dtype": "float32", "shape": [None, *heatmap_hw]}
+    if embedding_dim:
+        io["embedding_output"] = {"name": EMBEDDING_NAME, "dtype": "float32", "shape": [None, embedding_dim]}
     return io
 
 
@@ -94,6 +98,12 @@ def heatmap_hw(meta: dict) -> tuple[int, int] | None:
     """(h, w) of the package's heatmap output, or None for a package without one."""
     heat = meta.get("heatmap_output")
     return (int(heat["shape"][1]), int(heat["shape"][2])) if heat else None
+
+
+def embedding_dim(meta: dict) -> int | None:
+    """D of the package's embedding output, or None for a package without one."""
+    emb = meta.get("embedding_output")
+    return int(emb["shape"][1]) if emb else None
 
 
 def _graph_io(value_info) -> dict:
@@ -140,34 +150,44 @@ def verify_package(version_dir: str) -> list[Check]:
         return checks + [Check("onnxruntime", False, one_line(exc, 200))]
     ins, outs = model_io(model)
     size = int(meta["preprocessing"]["image_size"])
-    hw = heatmap_hw(meta)
-    want = expected_io(size, hw)
+    hw, dim = heatmap_hw(meta), embedding_dim(meta)
+    want = expected_io(size, hw, dim)
     got_outputs = {o["name"]: o for o in outs}
     checks.append(Check("input contract", ins == [want["input"]] and meta["input"] == _json_io(want["input"]),
                         f"model {ins}, metadata {meta['input']}, expected {_json_io(want['input'])}"))
-    expected_outputs = [k for k in ("output", "heatmap_output") if k in want]
+    expected_outputs = [k for k in ("output", "heatmap_output", "embedding_output") if k in want]
     for key in expected_outputs:
         got = got_outputs.get(want[key]["name"])
         ok = got == want[key] and meta[key] == _json_io(want[key])
-        label = "output contract" if key == "output" else "heatmap contract"
+        label = "output contract" if key == "output" else f"{key.replace('_output', '')} contract"
         checks.append(Check(label, ok, f"model {got}, metadata {meta[key]}, expected {_json_io(want[key])}"))
     if len(outs) != len(expected_outputs):
         checks.append(Check("output contract", False, f"model outputs {[o['name'] for o in outs]}, metadata "
                                                       f"{[meta[k]['name'] for k in expected_outputs]}"))
     if not all(c.ok for c in checks):
         return checks
-    try:
-        names = [want[k]["name"] for k in expected_outputs]
-        out, *heat = session.run(names, {INPUT_NAME: np.zeros((2, size, size, 1), np.float32)})
-        ok = out.shape == (2, 1) and out.dtype == np.float32 and bool(np.all((out >= 0) & (out <= 1)))
-        detail = f"output shape {out.shape}, values {out.ravel().round(6).tolist()}"
-        if heat:
-            ok = ok and heat[0].shape == (2, *hw) and heat[0].dtype == np.float32 and bool(np.isfinite(heat[0]).all())
-            detail += f"; heatmap shape {heat[0].shape}"
-        checks.append(Check("zero batch", ok, detail))
-    except Exception as exc:  # noqa: BLE001
-        checks.append(Check("zero batch", False, one_line(exc, 200)))
+    shapes = {want[k]["name"]: tuple(2 if d is None else d for d in want[k]["shape"]) for k in expected_outputs}
+    checks.append(zero_batch_check(session, shapes, size))
+    if checks[-1].ok and "reference" in meta:  # packages exported before drift checks have none
+        from export.reference import reference_check
+
+        checks.append(reference_check(version_dir, meta, dim))
     return checks
+
+
+def zero_batch_check(session, shapes: dict[str, tuple], size: int) -> Check:
+    """The model runs on two all-zero images; every output has its contract's shape (`shapes`, by name), is
+    float32 and finite, and the probability lies in [0, 1]."""
+    try:
+        got = dict(zip(shapes, session.run(list(shapes), {INPUT_NAME: np.zeros((2, size, size, 1), np.float32)})))
+    except Exception as exc:  # noqa: BLE001
+        return Check("zero batch", False, one_line(exc, 200))
+    ok = all(a.shape == shapes[n] and a.dtype == np.float32 and bool(np.isfinite(a).all()) for n, a in got.items())
+    out = got[OUTPUT_NAME]
+    ok = ok and bool(np.all((out >= 0) & (out <= 1)))
+    detail = f"output values {out.ravel().round(6).tolist()}; shapes " + ", ".join(
+        f"{n} {a.shape}" for n, a in got.items())
+    return Check("zero batch", ok, detail)
 
 
 def _json_io(io: dict) -> dict:
@@ -187,13 +207,15 @@ def load_session(model_path: str, intra_op_threads: int = 0):
 
 
 def triton_config(name: str, image_size: int, max_batch_size: int = MAX_BATCH_SIZE,
-                  heatmap: tuple[int, int] | None = None) -> str:
+                  heatmap: tuple[int, int] | None = None, embedding: int | None = None) -> str:
     """config.pbtxt for Triton's onnxruntime backend (dims exclude the batch dimension).
 
     One config serves every version of a name, and versions differ in input size and outputs, so Triton
     loads only the newest version (`version_policy`), the one this config describes."""
     heat = (f',\n  {{ name: "{HEATMAP_NAME}" data_type: TYPE_FP32 dims: [ {heatmap[0]}, {heatmap[1]} ] }}'
             if heatmap else "")
+    if embedding:
+        heat += f',\n  {{ name: "{EMBEDDING_NAME}" data_type: TYPE_FP32 dims: [ {embedding} ] }}'
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'

@@ -12,18 +12,19 @@ import pytest
 from PIL import Image
 
 from batch_job.synthetic import make_tree
-from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
+from export.package import EMBEDDING_NAME, HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, sha256_file, triton_config
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "train")
 SITE_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray", "site_sample")
 
 
 def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45,
-                    heatmap_hw: tuple[int, int] | None = None) -> None:
+                    heatmap_hw: tuple[int, int] | None = None, embedding_grid: int | None = None) -> None:
     """P = sigmoid(scale * (mean pixel - offset)): bright (blobby) images score high.
 
     With heatmap_hw (h, w), dividing image_size: a second output `heatmap` (N, h, w), the input average-pooled
-    to h x w (bright = evidence for pneumonia, as in the probability; same orientation as the input)."""
+    to h x w (bright = evidence for pneumonia, as in the probability; same orientation as the input).
+    With embedding_grid g: an output `embedding` (N, g*g), the input average-pooled to g x g and flattened."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -48,6 +49,14 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
         outputs.append(helper.make_tensor_value_info(HEATMAP_NAME, TensorProto.FLOAT, ["N", h, w]))
         inits.append(helper.make_tensor("blocks", TensorProto.INT64, [5],
                                         [-1, h, image_size // h, w, image_size // w]))
+    if embedding_grid:
+        g = embedding_grid
+        nodes += [helper.make_node("Reshape", ["image", "cells"], ["cell_tiles"]),
+                  helper.make_node("ReduceMean", ["cell_tiles"], ["pooled"], axes=[2, 4], keepdims=0),
+                  helper.make_node("Reshape", ["pooled", "flat"], [EMBEDDING_NAME])]
+        outputs.append(helper.make_tensor_value_info(EMBEDDING_NAME, TensorProto.FLOAT, ["N", g * g]))
+        inits += [helper.make_tensor("cells", TensorProto.INT64, [5], [-1, g, image_size // g, g, image_size // g]),
+                  helper.make_tensor("flat", TensorProto.INT64, [2], [-1, g * g])]
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", image_size, image_size, 1])],
@@ -59,12 +68,15 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
 
 
 def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, image_size: int = 32,
-                  threshold: float = 0.5, **model_kwargs) -> str:
+                  threshold: float = 0.5, reference_images: np.ndarray | None = None, **model_kwargs) -> str:
     """A published package as `python -m export` lays it out, around the tiny ONNX model (with a heatmap
-    output and its metadata key when model_kwargs has heatmap_hw)."""
+    output and its metadata key when model_kwargs has heatmap_hw; with reference_images (N, S, S, 1), an
+    `embedding` output and the drift reference computed from them, as export does from the validation split)."""
     vdir = os.path.join(serving_dir, name, str(version))
     os.makedirs(vdir)
     model_path = os.path.join(vdir, "model.onnx")
+    if reference_images is not None:
+        model_kwargs.setdefault("embedding_grid", 4)
     make_onnx_model(model_path, image_size, **model_kwargs)
     meta = {
         "name": name, "version": version, "architecture": "tiny_test_graph",
@@ -78,10 +90,23 @@ def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, i
     hw = model_kwargs.get("heatmap_hw")
     if hw:
         meta["heatmap_output"] = {"name": HEATMAP_NAME, "dtype": "float32", "shape": [-1, *hw]}
+    g = model_kwargs.get("embedding_grid")
+    if g:
+        meta["embedding_output"] = {"name": EMBEDDING_NAME, "dtype": "float32", "shape": [-1, g * g]}
+    if reference_images is not None:
+        from export import reference
+        from export.package import load_session
+
+        arrays = reference.compute(load_session(model_path), reference_images)
+        reference.write(os.path.join(vdir, reference.REFERENCE_FILE), arrays)
+        splits = reference.write_splits(os.path.join(vdir, reference.SPLITS_FILE),
+                                        [(f"/data/train/NORMAL/{i}.jpeg", "val") for i in range(len(arrays["probabilities"]))],
+                                        "/data/train")
+        meta["reference"] = reference.summary(os.path.join(vdir, reference.REFERENCE_FILE), arrays, splits, 0)
     with open(os.path.join(vdir, "metadata.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(serving_dir, name, "config.pbtxt"), "w") as f:
-        f.write(triton_config(name, image_size, heatmap=tuple(hw) if hw else None))
+        f.write(triton_config(name, image_size, heatmap=tuple(hw) if hw else None, embedding=g * g if g else None))
     return vdir
 
 

@@ -630,8 +630,9 @@ def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
 
 def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
     text = (calibrated["serving"] / "pneumonia" / "config.pbtxt").read_text()
-    assert [e[0] for e in _pbtxt_section(text, "output")] == ["probability", "heatmap"]
+    assert [e[0] for e in _pbtxt_section(text, "output")] == ["probability", "heatmap", "embedding"]
     assert _pbtxt_section(text, "output")[1][2] == [2, 2]
+    assert _pbtxt_section(text, "output")[2][2] == [_json(calibrated["vdir"] / "metadata.json")["reference"]["embedding_dim"]]
     assert "version_policy: { latest { num_versions: 1 } }" in text
     assert export_main(["--verify", str(calibrated["vdir"])]) == 0
     assert "PASS heatmap contract" in capsys.readouterr().out
@@ -643,6 +644,85 @@ def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
     (bad / "metadata.json").write_text(json.dumps(meta))
     assert export_main(["--verify", str(bad)]) == 1
     assert "FAIL heatmap contract" in capsys.readouterr().out
+
+
+def test_calibrated_package_has_an_embedding_and_a_drift_reference(calibrated):
+    from export import reference
+    from export.package import load_session
+    from train.models import keras, load_model
+
+    vdir = calibrated["vdir"]
+    meta = _json(vdir / "metadata.json")
+    keras_model = load_model(str(calibrated["run"] / "resnet_aug" / "model.keras"))
+    members = [keras_model.get_layer(f"resnet_aug_m{i}") for i in range(2)]
+    width = members[0].get_layer("gap").output.shape[-1]
+    assert meta["embedding_output"] == {"name": "embedding", "dtype": "float32", "shape": [-1, 2 * width]}
+    # the embedding is the members' pooled features, concatenated
+    rows = read_split_csv(calibrated["run"] / "split.csv")
+    val = [ex.path for ex, split in rows if split == "val"]
+    config = PreprocessConfig.from_dict(meta["preprocessing"])
+    x = np.stack([preprocess_image(p, config) for p in val])
+    prob, emb = load_session(str(vdir / "model.onnx")).run(["probability", "embedding"], {"image": x})
+    pooled = [keras.Model(m.input, m.get_layer("gap").output).predict(x, verbose=0) for m in members]
+    np.testing.assert_allclose(emb, np.concatenate(pooled, axis=1), atol=1e-4)
+    # reference.npz: the validation split's probabilities and embeddings, plain arrays
+    with np.load(vdir / "reference.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["embeddings", "probabilities"]
+        np.testing.assert_allclose(z["probabilities"], prob[:, 0], atol=1e-6)
+        assert z["embeddings"].dtype == np.float16
+        np.testing.assert_allclose(z["embeddings"].astype(np.float32), emb, rtol=1e-3, atol=1e-3)
+    ref = meta["reference"]
+    assert (ref["images"], ref["embedding_rows"], ref["embedding_dim"]) == (len(val), len(val), 2 * width)
+    assert ref["sha256"] == _sha256(vdir / "reference.npz") and ref["embedding_parity_max_abs_diff"] < 1e-4
+    # splits.csv: every val and test image, relative to the training folder
+    splits = reference.read_splits(str(vdir / "splits.csv"))
+    expected = [(os.path.relpath(ex.path, published_data(calibrated)), s) for ex, s in rows if s in ("val", "test")]
+    assert splits == expected and {s for _, s in splits} == {"val", "test"}
+    assert all(os.path.isfile(os.path.join(published_data(calibrated), f)) for f, _ in splits)
+    assert ref["splits"] == {"val": len(val), "test": sum(s == "test" for _, s in rows)}
+    card = (vdir / "MODEL_CARD.md").read_text()
+    assert "## Drift reference" in card and f"Output `embedding` (N, {2 * width})" in card
+
+
+def published_data(calibrated):
+    return str(calibrated["run"].parent / "data")
+
+
+def test_verify_checks_the_drift_reference(calibrated, tmp_path, capsys):
+    assert export_main(["--verify", str(calibrated["vdir"])]) == 0
+    out = capsys.readouterr().out
+    assert "PASS embedding contract" in out and "PASS drift reference" in out
+    meta = _json(calibrated["vdir"] / "metadata.json")
+    dim = meta["reference"]["embedding_dim"]
+    cases = {
+        "wrong_width": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 0.5, np.float32),
+                                          embeddings=np.zeros((5, dim + 1), np.float16)),
+        "pickled": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 0.5, np.float32),
+                                      embeddings=np.array([{"a": 1}], dtype=object)),
+        "not_probabilities": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 2.0, np.float32),
+                                                embeddings=np.zeros((5, dim), np.float16)),
+        "no_splits": lambda d: os.remove(d / "splits.csv"),
+    }
+    for name, spoil in cases.items():
+        bad = tmp_path / name / "1"
+        shutil.copytree(calibrated["vdir"], bad)
+        spoil(bad)
+        if name != "no_splits":  # a consistent sha256: only the arrays' shapes or content are wrong
+            m = _json(bad / "metadata.json")
+            m["reference"]["sha256"] = _sha256(bad / "reference.npz")
+            (bad / "metadata.json").write_text(json.dumps(m))
+        assert export_main(["--verify", str(bad)]) == 1, name
+        fail = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL ")]
+        assert len(fail) == 1 and fail[0].startswith("FAIL drift reference"), (name, fail)
+    # a reference replaced after export: its sha256 no longer matches
+    bad = tmp_path / "sha" / "1"
+    shutil.copytree(calibrated["vdir"], bad)
+    with np.load(bad / "reference.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["probabilities"] = arrays["probabilities"][::-1].copy()
+    np.savez(bad / "reference.npz", **arrays)
+    assert export_main(["--verify", str(bad)]) == 1
+    assert "sha256 differs from the metadata" in capsys.readouterr().out
 
 
 def test_models_without_a_cam_head_export_probability_only(published):

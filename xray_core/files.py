@@ -128,14 +128,15 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str, write: Callable[[IO[str]], object]) -> None:
-    """Write a text file via a temp file beside it and rename: readers see all of it or nothing.
+def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False) -> None:
+    """Write a file via a temp file beside it and rename: readers see all of it or nothing.
 
     Text is UTF-8; undecodable file names (surrogate escapes from os.walk) are written back as their bytes.
     """
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with (open(tmp, "wb") if binary else
+              open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,61 @@
+"""metadata.json of a published version: where it came from, its contract, checks and calibration."""
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+
+from export.package import _json_io, expected_io
+from train.data import CLASSES
+from xray_core.metrics import without_report
+
+
+def library_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+    import tf_keras
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+            "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+
+def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
+                   export_command, site=None, heat=None, hw=None, dim=None, ref=None) -> dict:
+    config = metrics["preprocessing"]
+    io = expected_io(int(config["image_size"]), hw, dim)
+    return {
+        "name": name,
+        "version": version,
+        "architecture": arch,
+        "source": {
+            "run_dir": os.path.abspath(run_dir),
+            "model_file": os.path.join(os.path.abspath(run_dir), arch, "model.keras"),
+            "train_command": run_info.get("command"),
+            "export_command": export_command,
+            "seed": run_info.get("args", {}).get("seed"),
+            "split": run_info.get("args", {}).get("split"),
+            "split_counts": run_info.get("split_counts"),
+        },
+        "preprocessing": config,
+        "input": _json_io(io["input"]),
+        "output": _json_io(io["output"]),
+        **({"heatmap_output": _json_io(io["heatmap_output"]), "heatmap": heat} if hw else {}),
+        **({"embedding_output": _json_io(io["embedding_output"]), "reference": ref} if dim else {}),
+        "class_names": list(CLASSES),
+        "decision_threshold": site["threshold"] if site else metrics["chosen_threshold"],
+        "threshold_source": "site calibration sample" if site else "internal validation split",
+        "validation_threshold": metrics["chosen_threshold"],
+        "target_recall": site["target_recall"] if site else metrics["target_recall"],
+        "val_roc_auc": metrics["val_roc_auc"],
+        "test_metrics": {"at_0.5": without_report(metrics["test_at_0.5"]),
+                         "at_chosen": without_report(metrics["test_at_chosen"])},
+        "site_calibration": site,
+        "parity": parity_result,
+        "versions": library_versions(),
+        "opset": opset,
+        "sha256": sha256,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
