@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
 from batch_job.errors import JobError
 from batch_job.interrupts import GATE
 from batch_job.pipeline import run
@@ -34,6 +35,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--heatmaps", type=int, default=50, metavar="N",
                    help="heatmap overlays (OUT_DIR/heatmaps/) for the N flagged images of this run with the highest "
                         "probability, where the model has a heatmap output (default 50; 0: none)")
+    p.add_argument("--drift-auc-limit", type=float, default=DOMAIN_AUC_LIMIT, metavar="AUC",
+                   help="drift is detected when a classifier tells this run's embeddings from the model's reference "
+                        f"with a cross-validated ROC AUC above this (default {DOMAIN_AUC_LIMIT}; 0.5 = indistinguishable)")
+    p.add_argument("--drift-psi-limit", type=float, default=PSI_LIMIT, metavar="PSI",
+                   help="... or when the PSI of the probability histogram against the reference's is above this "
+                        f"(default {PSI_LIMIT})")
+    p.add_argument("--fail-on-drift", action="store_true",
+                   help="exit 4 when drift is detected (the outputs are published all the same)")
     return p.parse_known_args(argv)
 
 
@@ -62,4 +71,7 @@ def main(argv=None, started: float | None = None) -> int:
     if held:
         LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
     print(summary(metrics, os.path.abspath(args.output)))
+    if args.fail_on_drift and metrics["drift"]["detected"]:
+        return fail(f"{summary_line(metrics['drift'])}; outputs published in {os.path.abspath(args.output)} "
+                    "(--fail-on-drift)", 4)
     return 0

@@ -1,7 +1,9 @@
-"""Label-free drift statistics: is tonight's folder what the model was validated on? (issue 14, first part)
+"""Label-free drift statistics: is tonight's folder what the model was validated on?
 
-Pure functions on arrays (scikit-learn + numpy); wiring into the job, the package's reference and the report
-is still to come. Two figures, each with a documented default limit:
+Pure functions on arrays (scikit-learn + numpy). The reference is the model package's `reference.npz` (the
+validation split's probabilities and a sample of its embeddings, export/reference.py); the run's side is every
+probability scored in this run and a seeded sample of its embeddings (drift_sample.py). Two figures, each with a
+documented default limit:
 
 * **domain-classifier ROC AUC** of the pooled embeddings: a logistic regression tries to tell the run's images
   from the reference's (stratified k-fold, out-of-fold probabilities). 0.5 means it cannot. The default limit
@@ -59,25 +61,48 @@ def domain_auc(reference: np.ndarray, current: np.ndarray, folds: int = 5, seed:
     return float(roc_auc_score(y, p))
 
 
+NO_REFERENCE = "no drift reference"
+TOO_FEW = "too few images to judge"
+TOO_FEW_REFERENCE = "the model's reference is too small to judge"
+
+
 def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray, embeddings: np.ndarray,
                   probs: np.ndarray, threshold: float, auc_limit: float = DOMAIN_AUC_LIMIT,
                   psi_limit: float = PSI_LIMIT, seed: int = 0) -> dict:
-    """The `drift` block of metrics.json for the images scored in this run."""
-    figures = {"images": int(len(probs)), "reference_images": int(len(reference_probs)),
+    """The `drift` block of metrics.json: `probs` are every probability scored in this run, `embeddings` a
+    sample of their embeddings (at most MAX_ROWS are used)."""
+    figures = {"reference": True, "images": int(len(probs)), "sampled": int(min(len(embeddings), MAX_ROWS)),
+               "reference_images": int(len(reference_probs)),
                "positive_rate": float(np.mean(probs >= threshold)) if len(probs) else None,
                "reference_positive_rate": float(np.mean(reference_probs >= threshold)),
-               "domain_auc_limit": auc_limit, "psi_limit": psi_limit}
-    if len(probs) < MIN_IMAGES:
-        return {**figures, "detected": False, "judged": False, "note": "too few images to judge"}
+               "domain_auc_limit": auc_limit, "psi_limit": psi_limit, "seed": seed,
+               "histogram": {"bin_edges": np.linspace(0.0, 1.0, BINS + 1).round(2).tolist(),
+                             "shares": histogram_shares(probs).round(6).tolist(),
+                             "reference_shares": histogram_shares(reference_probs).round(6).tolist()}}
+    if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:
+        return {**figures, "detected": False, "judged": False, "note": TOO_FEW}
+    if len(reference_probs) < MIN_IMAGES or len(reference_embeddings) < MIN_IMAGES:
+        return {**figures, "detected": False, "judged": False, "note": TOO_FEW_REFERENCE}
     auc = domain_auc(reference_embeddings, embeddings, seed=seed)
     shift = psi(histogram_shares(reference_probs), histogram_shares(probs))
     return {**figures, "judged": True, "domain_auc": auc, "psi": shift,
             "detected": bool(auc > auc_limit or shift > psi_limit)}
 
 
+def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float = PSI_LIMIT) -> dict:
+    """The `drift` block for a model package without reference.npz (exported before drift checks)."""
+    return {"reference": False, "images": int(images), "domain_auc_limit": auc_limit, "psi_limit": psi_limit,
+            "judged": False, "detected": False, "note": NO_REFERENCE}
+
+
 def summary_line(drift: dict) -> str:
+    """The job's drift line: `drift: none (...)`, `drift: DETECTED (...)`, or why it was not judged."""
+    if not drift["reference"]:
+        return "drift: not checked, the model has no drift reference (exported before drift checks)"
+    if drift.get("note") == TOO_FEW_REFERENCE:
+        return f"drift: {drift['note']} ({drift['reference_images']} reference images, need {MIN_IMAGES})"
     if not drift["judged"]:
-        return f"drift: {drift['note']} ({drift['images']} scored, need {MIN_IMAGES})"
+        return f"drift: {drift['note']} ({drift['images']} scored in this run, need {MIN_IMAGES})"
     figures = (f"domain AUC {drift['domain_auc']:.3f} (limit {drift['domain_auc_limit']:.2f}), PSI {drift['psi']:.3f} "
                f"(limit {drift['psi_limit']:.2f}), positive rate {drift['positive_rate']:.3f} vs "
                f"{drift['reference_positive_rate']:.3f}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from batch_job.errors import InputError
 from export.package import PackageError, heatmap_hw, load_metadata, resolve_version_dir, verify_package
+from export.reference import REFERENCE_FILE
 from xray_core.errors import one_line
 from xray_core.preprocessing import PreprocessConfig
 
@@ -17,6 +18,7 @@ class Model:
     preprocessing: dict
     threshold: float
     heatmap_hw: tuple[int, int] | None = None  # (h, w) of the package's heatmap output; None: it has none
+    reference: str | None = None  # the package's verified reference.npz; None: exported before drift checks
 
 
 def load_model(model_arg: str, threshold_arg: float | None) -> Model:
@@ -34,4 +36,5 @@ def load_model(model_arg: str, threshold_arg: float | None) -> Model:
     if not 0.0 <= threshold <= 1.0:
         raise InputError("--threshold must be in [0, 1]")
     return Model(os.path.join(version_dir, "model.onnx"), f"{meta['name']}/{meta['version']}",
-                 meta["preprocessing"], threshold, heatmap_hw(meta))
+                 meta["preprocessing"], threshold, heatmap_hw(meta),
+                 os.path.join(version_dir, REFERENCE_FILE) if "reference" in meta else None)

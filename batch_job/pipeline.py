@@ -1,8 +1,10 @@
-"""The batch job, step by step: check -> list -> score -> reconcile -> heatmaps -> report -> publish -> commit.
+"""The batch job, step by step: check -> list -> score -> reconcile -> heatmaps -> drift -> report -> publish ->
+commit.
 
 Each step's work lives in its own module: listing.py (find images, folder labels), shards.py (the
 listing file, shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner),
-reconcile.py, heatmaps.py (overlays of the top flagged images), report.py, figures.py and html_report.py
+reconcile.py, heatmaps.py (overlays of the top flagged images), drift_check.py (this run against the model's
+reference; drift.py the statistics, drift_report.py the figures), report.py, figures.py and html_report.py
 (report.html), outdir.py (OUT_DIR's temp dir, publishing), ledger.py. Nothing is published
 unless every listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
 """
@@ -18,8 +20,9 @@ import uuid
 
 import apache_beam as beam
 
-from batch_job import figures, heatmaps, html_report, outdir, report
+from batch_job import drift_check, drift_report, figures, heatmaps, html_report, outdir, report
 from batch_job import shards as shard_files
+from batch_job.drift import summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.interrupts import GATE
 from batch_job.ledger import Ledger, check_usable
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
         raise InputError("--batch-size and --shard-size must be >= 1")
     if args.heatmaps < 0:
         raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
+    if not 0.5 <= args.drift_auc_limit <= 1.0 or args.drift_psi_limit <= 0:
+        raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input)
     model = load_model(args.model, args.threshold)
@@ -82,8 +87,12 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             t_heatmaps = time.perf_counter() - t_report
             metrics = write_report(rec, model, runner.label, tmp, book)
             metrics["heatmaps"] = heatmaps.summary(flagged, args.heatmaps, model.heatmap_hw is not None)
+            t_drift = time.perf_counter()
+            metrics["drift"] = check_drift(args, tmp, shards, model, rec, metrics["run_id"], book)
+            t_drift = time.perf_counter() - t_drift
             report.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                t_heatmaps)
+            metrics["timings"]["drift_seconds"] = round(t_drift, 3)
             report.write_metrics(tmp, metrics)
             html_report.write_html(tmp, metrics, flagged, shards)
             kill_point("written")
@@ -123,7 +132,8 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
     return ScoringSpec(model.path, model.model_id, model.preprocessing, model.threshold, batch_size,
                        intra_op_threads=1 if runner.workers > 1 else 0,  # one per worker: no oversubscription
                        ledger_path=book.path if book is not None else None,
-                       heatmaps=n_heatmaps, with_heatmap=bool(n_heatmaps) and model.heatmap_hw is not None)
+                       heatmaps=n_heatmaps, with_heatmap=bool(n_heatmaps) and model.heatmap_hw is not None,
+                       drift_sample=drift_check.SAMPLE_ROWS if model.reference else 0)
 
 
 def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str) -> None:
@@ -147,10 +157,25 @@ def write_report(rec: dict, model: Model, runner_label: str, tmp: str, book: Led
     return metrics
 
 
+def check_drift(args: argparse.Namespace, tmp: str, shards: list, model: Model, rec: dict, run_id: str,
+                book: Ledger | None) -> dict:
+    """metrics.json's `drift` for the images scored in this run, drift.png and with a ledger drift_trend.png
+    (this model version's last runs)."""
+    fresh = rec["probabilities"][rec["scored_in_run"]]
+    block, reference_probs = drift_check.run_drift(tmp, shards, model.reference, fresh, model.threshold,
+                                                   args.drift_auc_limit, args.drift_psi_limit)
+    history = drift_report.trend_history(book, model.model_id, run_id, block)
+    block["figures"] = drift_report.write_figures(tmp, block, reference_probs, fresh, model.threshold,
+                                                  model.model_id, history)
+    LOG.info(summary_line(block))
+    return block
+
+
 def commit_ledger(book: Ledger, metrics: dict, out: str, shards: list) -> None:
     """Record the newly scored images, in one transaction; LedgerNotUpdated (exit 3) if that fails."""
     try:
-        added = book.commit(metrics["run_id"], out, metrics["model"], shard_files.read_ledger_entries(out, shards))
+        added = book.commit(metrics["run_id"], out, metrics["model"], shard_files.read_ledger_entries(out, shards),
+                            metrics["drift"])
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

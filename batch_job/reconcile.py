@@ -16,7 +16,7 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
 
     Streams shard by shard: memory holds one shard plus the scored probabilities and labels."""
     listing = os.path.join(out_dir, LISTING_FILE)
-    probs, labels = [], []
+    probs, labels, fresh = [], [], []
     per_input = defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0, "skipped": 0})
     found = scored = failed = skipped = missing = duplicated = unexpected = 0
     for shard_id, offset, count in shards:
@@ -49,6 +49,7 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
                 continue
             probs.append(float(row["probability"]))
             labels.append(row["label"])
+            fresh.append(row["status"] == "ok")
     expected = {shard_name(s) for s, _, _ in shards}
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
@@ -56,6 +57,7 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
         "images_found": found, "images_scored": scored, "images_failed": failed, "images_skipped": skipped,
         "missing": missing, "duplicated": duplicated, "unexpected": unexpected, "stray_shards": stray,
         "per_input": dict(per_input), "probabilities": np.asarray(probs, dtype=np.float64), "labels": labels,
+        "scored_in_run": np.asarray(fresh, dtype=bool),  # False: skipped through the ledger
         "ok": missing == 0 and duplicated == 0 and unexpected == 0 and not stray
         and found == scored + failed + skipped,
     }

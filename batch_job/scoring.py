@@ -12,7 +12,7 @@ import numpy as np
 
 from batch_job import ledger
 from batch_job.listing import is_uri
-from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, load_session
+from export.package import EMBEDDING_NAME, HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, load_session
 from xray_core.errors import one_line
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
@@ -95,6 +95,7 @@ class ScoringSpec:
     ledger_path: str | None = None  # skip images already scored by this model
     heatmaps: int = 0  # keep the shard's top N flagged images for the heatmap step (0: none)
     with_heatmap: bool = False  # the model has a heatmap output: fetch it for flagged images
+    drift_sample: int = 0  # keep the embeddings of the shard's first N images in the seeded order (0: none)
 
 
 def _record(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
@@ -119,7 +120,8 @@ def _record(path: str, label: str, spec: ScoringSpec, probability: float | None 
 def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[dict]:
     """One record per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the
     folder labels the listing found for the paths (default: none). With spec.with_heatmap, each flagged
-    (PNEUMONIA) record also holds its class-activation map under "heatmap_array" (not a CSV column)."""
+    (PNEUMONIA) record also holds its class-activation map under "heatmap_array", and with spec.drift_sample
+    each record scored in this run its embedding under "embedding" (neither is a CSV column)."""
     labels = labels or [""] * len(paths)
     config = PreprocessConfig.from_dict(spec.preprocessing)
     session = get_session(spec.model_path, spec.intra_op_threads)
@@ -145,11 +147,13 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 reason = f"unexpected {type(exc).__name__}: {one_line(exc, 200)}"
                 out[i] = _record(path, label, spec, error=reason, sha256=digests[i])
         if arrays:
-            names = [OUTPUT_NAME, HEATMAP_NAME] if spec.with_heatmap else [OUTPUT_NAME]
-            probs, *maps = session.run(names, {INPUT_NAME: np.stack(arrays)})
-            for j, (i, p) in enumerate(zip(slots, probs.reshape(-1))):
+            names = [OUTPUT_NAME] + [HEATMAP_NAME] * spec.with_heatmap + [EMBEDDING_NAME] * bool(spec.drift_sample)
+            got = dict(zip(names, session.run(names, {INPUT_NAME: np.stack(arrays)})))
+            for j, (i, p) in enumerate(zip(slots, got[OUTPUT_NAME].reshape(-1))):
                 out[i] = _record(*chunk[i], spec, float(p), sha256=digests[i])
-                if maps and out[i]["prediction"] == "PNEUMONIA":
-                    out[i]["heatmap_array"] = maps[0][j]
+                if HEATMAP_NAME in got and out[i]["prediction"] == "PNEUMONIA":
+                    out[i]["heatmap_array"] = got[HEATMAP_NAME][j]
+                if EMBEDDING_NAME in got:
+                    out[i]["embedding"] = got[EMBEDDING_NAME][j]
         records.extend(out)
     return records

@@ -11,7 +11,7 @@ import os
 
 import apache_beam as beam
 
-from batch_job import heatmaps
+from batch_job import drift_check, heatmaps
 from batch_job import shards as shard_files
 from batch_job.scoring import ScoringSpec, score_paths
 
@@ -37,7 +37,8 @@ class ScoreAndWriteShard(beam.DoFn):
 
     Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads)
     and writes the shard's CSV atomically inside process(). A retried task simply rewrites the same file.
-    With spec.heatmaps = N, the shard's top N flagged images go to a sidecar first (heatmaps.py).
+    With spec.heatmaps = N, the shard's top N flagged images go to a sidecar first (heatmaps.py); with
+    spec.drift_sample = K, its K first images in the seeded sample order with their embeddings (drift_check.py).
     """
 
     def __init__(self, spec: ScoringSpec, out_dir: str):
@@ -48,6 +49,8 @@ class ScoreAndWriteShard(beam.DoFn):
         records = score_paths([os.fsdecode(p) for p in paths], self.spec, labels)
         if self.spec.heatmaps:
             heatmaps.write_sidecar(self.out_dir, shard_id, heatmaps.top_flagged(records, self.spec.heatmaps))
+        if self.spec.drift_sample:
+            drift_check.write_sidecar(self.out_dir, shard_id, *drift_check.smallest(records, self.spec.drift_sample))
         shard_files.write_shard(self.out_dir, shard_id, records, self.spec.ledger_path is not None)
         yield shard_id, len(records)
 

@@ -12,6 +12,7 @@ from batch_job.drift import (
     histogram_shares,
     psi,
     sample_rows,
+    no_reference,
     summary_line,
 )
 
@@ -80,4 +81,11 @@ def test_too_few_images_to_judge():
     few = drift_figures(_embeddings(600), _probs(600), _embeddings(MIN_IMAGES - 1, shift=3.0),
                         _probs(MIN_IMAGES - 1), threshold=0.5)
     assert few["judged"] is False and few["detected"] is False and "domain_auc" not in few
-    assert summary_line(few) == f"drift: too few images to judge ({MIN_IMAGES - 1} scored, need {MIN_IMAGES})"
+    assert summary_line(few) == (f"drift: too few images to judge ({MIN_IMAGES - 1} scored in this run, "
+                                 f"need {MIN_IMAGES})")
+
+
+def test_no_reference_is_not_judged_and_says_so():
+    block = no_reference(250)
+    assert block["reference"] is False and block["judged"] is False and block["detected"] is False
+    assert summary_line(block) == "drift: not checked, the model has no drift reference (exported before drift checks)"

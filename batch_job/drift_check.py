@@ -1,0 +1,83 @@
+"""The drift check of a run: this run's scores and embeddings against the model's reference (drift.py).
+
+Worker (inside DecodeScoreWrite's process()): of the shard's images scored in this run, the SAMPLE_ROWS with the
+smallest sample key (sha256 of the seed and the path) go with their embeddings to a sidecar
+``_drift-NNNNN.npz``, written atomically before the shard's CSV (which marks the shard complete).
+
+Driver (after reconciliation): the SAMPLE_ROWS smallest keys over all sidecars are a seeded uniform random
+sample of the images scored in this run, the same whatever the runner, the shard size or the order in which
+shards finished; the sidecars are then removed. With the probabilities of every image scored in this run (not
+those skipped through the ledger) they make metrics.json's ``drift`` block.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from batch_job import drift
+from export import reference
+from xray_core.files import atomic_write
+
+SAMPLE_ROWS = drift.MAX_ROWS  # embeddings of this run the domain classifier sees at most
+SEED = 0
+
+
+def sample_key(path: str, seed: int = SEED) -> int:
+    """A path's place in the seeded random order (first 8 bytes of sha256(seed, path))."""
+    digest = hashlib.sha256(f"{seed}\0".encode() + os.fsencode(path)).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def smallest(records: list[dict], k: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(keys uint64 (m,), embeddings float32 (m, D)) of the k records scored in this run (status ok) with the
+    smallest sample keys; m <= k."""
+    scored = sorted((sample_key(r["path"], seed), i) for i, r in enumerate(records)
+                    if r["status"] == "ok" and r.get("embedding") is not None)[:k]
+    keys = np.asarray([key for key, _ in scored], dtype=np.uint64)
+    return keys, np.asarray([records[i]["embedding"] for _, i in scored], dtype=np.float32)
+
+
+def sidecar_name(shard_id: int) -> str:
+    return f"_drift-{shard_id:05d}.npz"
+
+
+def write_sidecar(out_dir: str, shard_id: int, keys: np.ndarray, embeddings: np.ndarray) -> None:
+    """The shard's sample (atomic); none for a shard without images scored in this run."""
+    if not len(keys):
+        return
+    atomic_write(os.path.join(out_dir, sidecar_name(shard_id)),
+                 lambda f: np.savez(f, keys=keys, embeddings=embeddings), binary=True)
+
+
+def merge(out_dir: str, shards, k: int = SAMPLE_ROWS) -> np.ndarray:
+    """The embeddings of the k smallest sample keys over all shards' sidecars (float32 (m, D), m <= k), in key
+    order; the sidecars are removed."""
+    keys, embeddings = [], []
+    for shard_id, _, _ in shards:
+        path = os.path.join(out_dir, sidecar_name(shard_id))
+        if not os.path.exists(path):
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            keys.append(z["keys"])
+            embeddings.append(z["embeddings"])
+        os.remove(path)
+    if not keys:
+        return np.zeros((0, 0), np.float32)
+    all_keys, all_embeddings = np.concatenate(keys), np.concatenate(embeddings)
+    order = np.argsort(all_keys, kind="stable")[:k]
+    return all_embeddings[order]
+
+
+def run_drift(out_dir: str, shards, reference_path: str | None, probs: np.ndarray, threshold: float,
+              auc_limit: float, psi_limit: float) -> tuple[dict, np.ndarray | None]:
+    """metrics.json's `drift` block for the probabilities `probs` scored in this run and the sampled
+    embeddings in the sidecars; -> (block, the reference's probabilities or None without a reference)."""
+    if reference_path is None:
+        return drift.no_reference(len(probs), auc_limit, psi_limit), None
+    ref = reference.load(reference_path)
+    embeddings = merge(out_dir, shards)
+    block = drift.drift_figures(ref["embeddings"].astype(np.float32), ref["probabilities"], embeddings, probs,
+                                threshold, auc_limit, psi_limit, seed=SEED)
+    return block, ref["probabilities"]

@@ -1,0 +1,180 @@
+"""Drift checks in the batch job: the run's seeded embedding sample (per-shard sidecars, the driver's merge), the
+`drift` block, the summary line, --fail-on-drift (exit 4), the limits' options, small runs, models without a
+reference, images skipped through the ledger, and the same figures on DirectRunner and DaskRunner."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job import drift_check
+from batch_job.cli import main
+from batch_job.drift import DOMAIN_AUC_LIMIT, MIN_IMAGES, PSI_LIMIT
+from batch_job.synthetic import make_tree
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
+
+from conftest import assert_one_line_error, write_package
+
+PER_CLASS = 60  # 120 images a run: above MIN_IMAGES
+
+
+@pytest.fixture(scope="module")
+def drift_package(tmp_path_factory) -> str:
+    """The tiny model with an `embedding` output (the input pooled to 4x4) and a reference of 160 synthetic
+    images (the 'validation split')."""
+    base = tmp_path_factory.mktemp("drift_pkg")
+    paths = make_tree(str(base / "val"), per_class=80, size=48, seed=21)
+    config = PreprocessConfig(image_size=32)
+    images = np.stack([preprocess_image(p, config) for p in paths])
+    write_package(str(base / "serving"), image_size=32, reference_images=images)
+    return str(base / "serving" / "pneumonia")
+
+
+@pytest.fixture(scope="module")
+def same_tree(tmp_path_factory) -> str:
+    """New images from the reference's distribution."""
+    root = str(tmp_path_factory.mktemp("same"))
+    make_tree(root, per_class=PER_CLASS, size=48, seed=22)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shifted_tree(tmp_path_factory) -> str:
+    """The same kind of images from a 'new scanner' that lays them out turned by 90 degrees: the pooled
+    features change, the brightness (and so the probability) does not."""
+    root = str(tmp_path_factory.mktemp("shifted"))
+    for path in make_tree(root, per_class=PER_CLASS, size=48, seed=22):
+        with Image.open(path) as img:
+            turned = img.transpose(Image.Transpose.ROTATE_90)
+        turned.save(path, quality=92) if path.endswith(".jpeg") else turned.save(path)
+    return root
+
+
+def run(tree, package, out, *extra) -> int:
+    return main(["--input", tree, "--model", package, "--output", str(out), "--batch-size", "8",
+                 "--direct_num_workers=2", "--direct_running_mode=multi_threading", *extra])
+
+
+def drift_of(out) -> dict:
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)["drift"]
+
+
+@pytest.fixture(scope="module")
+def same_run(drift_package, same_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("same_run") / "out"
+    assert run(same_tree, drift_package, out) == 0
+    return str(out)
+
+
+def test_in_distribution_run_reports_no_drift(same_run, capsys):
+    d = drift_of(same_run)
+    assert d["reference"] and d["judged"] and not d["detected"]
+    assert d["images"] == d["sampled"] == 2 * PER_CLASS and d["reference_images"] == 160
+    assert 0.35 < d["domain_auc"] < DOMAIN_AUC_LIMIT and d["psi"] < PSI_LIMIT
+    assert (d["domain_auc_limit"], d["psi_limit"]) == (DOMAIN_AUC_LIMIT, PSI_LIMIT)
+    assert abs(d["positive_rate"] - d["reference_positive_rate"]) < 0.15
+    assert not [f for f in os.listdir(same_run) if f.startswith("_drift-")]  # sidecars removed
+
+
+def test_shifted_run_reports_drift_and_the_summary_line_says_so(drift_package, shifted_tree, tmp_path, capsys):
+    assert run(shifted_tree, drift_package, tmp_path / "out") == 0  # drift alone never fails the job
+    d = drift_of(tmp_path / "out")
+    assert d["detected"] and d["domain_auc"] > 0.9
+    lines = capsys.readouterr().out.splitlines()
+    line = [x for x in lines if x.startswith("drift: ")]
+    assert len(line) == 1 and line[0].startswith(f"drift: DETECTED (domain AUC {d['domain_auc']:.3f} (limit 0.60)")
+
+
+def test_rerun_gives_the_same_figures_whatever_the_shards(same_run, drift_package, same_tree, tmp_path):
+    assert run(same_tree, drift_package, tmp_path / "out", "--shard-size", "16", "--batch-size", "4") == 0
+    a, b = drift_of(same_run), drift_of(tmp_path / "out")
+    assert (a["domain_auc"], a["psi"], a["positive_rate"]) == (b["domain_auc"], b["psi"], b["positive_rate"])
+
+
+def test_fail_on_drift_exits_4_with_outputs_published(drift_package, shifted_tree, same_tree, tmp_path, capsys):
+    rc = run(shifted_tree, drift_package, tmp_path / "shifted", "--fail-on-drift")
+    line = assert_one_line_error(capsys, rc, "drift: DETECTED", "outputs published", code=4)
+    assert "--fail-on-drift" in line
+    assert drift_of(tmp_path / "shifted")["detected"]  # published all the same
+    assert os.path.exists(tmp_path / "shifted" / "report.html")
+    assert run(same_tree, drift_package, tmp_path / "same", "--fail-on-drift") == 0
+
+
+def test_limits_are_options(drift_package, same_tree, tmp_path, capsys):
+    # a limit below what the in-distribution run measures turns the same figures into a detection
+    rc = run(same_tree, drift_package, tmp_path / "out", "--drift-psi-limit", "0.0001", "--drift-auc-limit", "0.99")
+    assert rc == 0
+    d = drift_of(tmp_path / "out")
+    assert d["detected"] and (d["psi_limit"], d["domain_auc_limit"]) == (0.0001, 0.99) and d["psi"] > 0.0001
+
+
+@pytest.mark.parametrize("option", [["--drift-auc-limit", "0.4"], ["--drift-auc-limit", "1.5"],
+                                    ["--drift-psi-limit", "0"], ["--drift-psi-limit", "-1"]])
+def test_bad_limits_are_refused(drift_package, same_tree, tmp_path, capsys, option):
+    rc = run(same_tree, drift_package, tmp_path / "out", *option)
+    assert_one_line_error(capsys, rc, "--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_small_run_is_too_few_to_judge(drift_package, tmp_path, capsys):
+    make_tree(str(tmp_path / "few"), per_class=20, size=48, seed=5)
+    assert run(str(tmp_path / "few"), drift_package, tmp_path / "out") == 0
+    d = drift_of(tmp_path / "out")
+    assert not d["judged"] and not d["detected"] and "domain_auc" not in d
+    assert f"drift: too few images to judge (40 scored in this run, need {MIN_IMAGES})" in capsys.readouterr().out
+
+
+def test_model_without_reference_scores_as_before_and_says_so(tiny_package, same_tree, tmp_path, capsys):
+    assert run(same_tree, tiny_package, tmp_path / "out", "--fail-on-drift") == 0
+    d = drift_of(tmp_path / "out")
+    assert d == {**d, "reference": False, "judged": False, "detected": False, "note": "no drift reference"}
+    out = capsys.readouterr().out
+    assert "drift: not checked, the model has no drift reference" in out
+    assert not os.path.exists(tmp_path / "out" / "drift.png")
+
+
+def test_figures_cover_only_images_scored_in_this_run(drift_package, same_tree, shifted_tree, tmp_path):
+    ledger = str(tmp_path / "ledger.sqlite")
+    assert run(same_tree, drift_package, tmp_path / "night1", "--ledger", ledger) == 0
+    # night 2: last night's images again (skipped) and the shifted ones (new)
+    assert run(same_tree, drift_package, tmp_path / "night2", "--ledger", ledger, "--input", shifted_tree) == 0
+    d = drift_of(tmp_path / "night2")
+    assert d["images"] == 2 * PER_CLASS and d["detected"] and d["domain_auc"] > 0.9
+    # night 3: nothing new: nothing to judge
+    assert run(same_tree, drift_package, tmp_path / "night3", "--ledger", ledger) == 0
+    assert drift_of(tmp_path / "night3")["images"] == 0 and not drift_of(tmp_path / "night3")["judged"]
+    assert os.path.exists(tmp_path / "night3" / "drift_trend.png")
+
+
+def test_sample_is_the_smallest_keys_over_all_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [{"path": f"/x/{i}.png", "status": "ok" if i % 7 else "error", "embedding": rng.normal(size=3)}
+               for i in range(300)]
+    whole = drift_check.smallest(records, 50)
+    for shard_id, start in enumerate(range(0, 300, 64)):
+        drift_check.write_sidecar(str(tmp_path), shard_id, *drift_check.smallest(records[start:start + 64], 50))
+    shards = [(i, 0, 0) for i in range(5)]
+    merged = drift_check.merge(str(tmp_path), shards, 50)
+    assert np.array_equal(merged, whole[1]) and len(merged) == 50
+    assert not os.listdir(tmp_path)  # sidecars removed
+    ok = {r["path"] for r in records if r["status"] == "ok"}
+    expected = sorted(ok, key=drift_check.sample_key)[:50]
+    assert [drift_check.sample_key(p) for p in expected] == whole[0].tolist()
+    assert drift_check.sample_key("/x/1.png", seed=1) != drift_check.sample_key("/x/1.png")
+
+
+def test_dask_runner_gives_the_same_figures(same_run, drift_package, same_tree, tmp_path):
+    from distributed import LocalCluster
+
+    out = str(tmp_path / "dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(["--input", same_tree, "--model", drift_package, "--output", out, "--batch-size", "8",
+                     "--shard-size", "16", "--runner", "DaskRunner",
+                     f"--dask_client_address={cluster.scheduler_address}"]) == 0
+    a, b = drift_of(same_run), drift_of(out)
+    assert (a["images"], a["sampled"], a["domain_auc"], a["psi"]) == (b["images"], b["sampled"], b["domain_auc"],
+                                                                       b["psi"])
