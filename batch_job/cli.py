@@ -36,8 +36,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="heatmap overlays (OUT_DIR/heatmaps/) for the N flagged images of this run with the highest "
                         "probability, where the model has a heatmap output (default 50; 0: none)")
     p.add_argument("--drift-auc-limit", type=float, default=DOMAIN_AUC_LIMIT, metavar="AUC",
-                   help="drift is detected when a classifier tells this run's embeddings from the model's reference "
-                        f"with a cross-validated ROC AUC above this (default {DOMAIN_AUC_LIMIT}; 0.5 = indistinguishable)")
+                   help="drift is detected when a classifier tells this run's embeddings from the model's "
+                        f"reference with a cross-validated ROC AUC above this (default {DOMAIN_AUC_LIMIT}; "
+                        "0.5: indistinguishable)")
     p.add_argument("--drift-psi-limit", type=float, default=PSI_LIMIT, metavar="PSI",
                    help="... or when the PSI of the probability histogram against the reference's is above this "
                         f"(default {PSI_LIMIT})")

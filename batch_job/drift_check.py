@@ -12,13 +12,17 @@ those skipped through the ledger) they make metrics.json's ``drift`` block.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import numpy as np
 
 from batch_job import drift
 from export import reference
+from xray_core.errors import one_line
 from xray_core.files import atomic_write
+
+LOG = logging.getLogger("batch_job")
 
 SAMPLE_ROWS = drift.MAX_ROWS  # embeddings of this run the domain classifier sees at most
 SEED = 0
@@ -31,12 +35,12 @@ def sample_key(path: str, seed: int = SEED) -> int:
 
 
 def smallest(records: list[dict], k: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """(keys uint64 (m,), embeddings float32 (m, D)) of the k records scored in this run (status ok) with the
-    smallest sample keys; m <= k."""
+    """(keys uint64 (m,), embeddings float16 (m, D), the reference's precision) of the k records scored in this
+    run (status ok, finite embedding) with the smallest sample keys; m <= k."""
     scored = sorted((sample_key(r["path"], seed), i) for i, r in enumerate(records)
-                    if r["status"] == "ok" and r.get("embedding") is not None)[:k]
+                    if r["status"] == "ok" and r.get("embedding") is not None and np.isfinite(r["embedding"]).all())[:k]
     keys = np.asarray([key for key, _ in scored], dtype=np.uint64)
-    return keys, np.asarray([records[i]["embedding"] for _, i in scored], dtype=np.float32)
+    return keys, np.asarray([records[i]["embedding"] for _, i in scored], dtype=np.float16)
 
 
 def sidecar_name(shard_id: int) -> str:
@@ -44,14 +48,17 @@ def sidecar_name(shard_id: int) -> str:
 
 
 def write_sidecar(out_dir: str, shard_id: int, keys: np.ndarray, embeddings: np.ndarray) -> None:
-    """The shard's sample (atomic); none for a shard without images scored in this run."""
+    """The shard's sample (atomic); for a shard without images scored in this run none (and none left by an
+    earlier attempt of this shard's task)."""
+    path = os.path.join(out_dir, sidecar_name(shard_id))
     if not len(keys):
+        if os.path.exists(path):
+            os.remove(path)
         return
-    atomic_write(os.path.join(out_dir, sidecar_name(shard_id)),
-                 lambda f: np.savez(f, keys=keys, embeddings=embeddings), binary=True)
+    atomic_write(path, lambda f: np.savez(f, keys=keys, embeddings=embeddings), binary=True)
 
 
-def merge(out_dir: str, shards, k: int = SAMPLE_ROWS) -> np.ndarray:
+def merge(out_dir: str, shards, k: int) -> np.ndarray:
     """The embeddings of the k smallest sample keys over all shards' sidecars (float32 (m, D), m <= k), in key
     order; the sidecars are removed."""
     keys, embeddings = [], []
@@ -67,17 +74,23 @@ def merge(out_dir: str, shards, k: int = SAMPLE_ROWS) -> np.ndarray:
         return np.zeros((0, 0), np.float32)
     all_keys, all_embeddings = np.concatenate(keys), np.concatenate(embeddings)
     order = np.argsort(all_keys, kind="stable")[:k]
-    return all_embeddings[order]
+    return all_embeddings[order].astype(np.float32)
 
 
 def run_drift(out_dir: str, shards, reference_path: str | None, probs: np.ndarray, threshold: float,
-              auc_limit: float, psi_limit: float) -> tuple[dict, np.ndarray | None]:
-    """metrics.json's `drift` block for the probabilities `probs` scored in this run and the sampled
-    embeddings in the sidecars; -> (block, the reference's probabilities or None without a reference)."""
+              auc_limit: float, psi_limit: float, sample_rows: int = SAMPLE_ROWS) -> tuple[dict, np.ndarray | None]:
+    """metrics.json's `drift` block for the probabilities `probs` scored in this run and the sample of
+    `sample_rows` embeddings in the sidecars; -> (block, the reference's probabilities or None without a
+    reference). A check that fails says so in the block and the log: the night's scores are still published."""
     if reference_path is None:
         return drift.no_reference(len(probs), auc_limit, psi_limit), None
     ref = reference.load(reference_path)
-    embeddings = merge(out_dir, shards)
-    block = drift.drift_figures(ref["embeddings"].astype(np.float32), ref["probabilities"], embeddings, probs,
-                                threshold, auc_limit, psi_limit, seed=SEED)
+    try:
+        embeddings = merge(out_dir, shards, sample_rows)
+        block = drift.drift_figures(ref["embeddings"].astype(np.float32), ref["probabilities"], embeddings, probs,
+                                    threshold, auc_limit, psi_limit, seed=SEED)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the night's scores
+        LOG.warning("drift check failed: %s", one_line(exc, 300))
+        block = {**drift.no_reference(len(probs), auc_limit, psi_limit), "reference": True,
+                 "note": f"check failed ({type(exc).__name__}: {one_line(exc, 200)})"}
     return block, ref["probabilities"]

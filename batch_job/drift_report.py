@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from batch_job.drift import summary_line
 from batch_job.ledger import DRIFT_COLUMNS as HISTORY_KEYS  # a trend point: one row of the ledger's drift table
 
 DRIFT_FILE = "drift.png"
@@ -171,8 +172,6 @@ def explanation(drift: dict) -> str:
 
 def markdown_section(m: dict) -> list[str]:
     """report.md's "Drift" section (no lines when metrics has no drift block)."""
-    from batch_job.drift import summary_line
-
     drift = m.get("drift")
     if drift is None:
         return []

@@ -15,6 +15,7 @@ import os
 
 from batch_job import drift_report, figures
 from batch_job import shards as shard_files
+from batch_job.drift import summary_line
 
 TEMPLATE = "report.html.j2"
 REPORT_FILE = "report.html"
@@ -83,8 +84,6 @@ def drift_state(drift: dict) -> str:
 
 def drift_section(m: dict, out_dir: str) -> dict | None:
     """The "Drift" section: its line and state, the figures' cells, the images drift_report wrote."""
-    from batch_job.drift import summary_line
-
     drift = m.get("drift")
     if drift is None:
         return None

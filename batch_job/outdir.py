@@ -24,8 +24,9 @@ from xray_core.files import (LOCK_FILE, hold_lock, publish_dir, remove_dir, take
 
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
-# What a temp dir holds (README "Outputs", its ledger and heatmap sidecars, half-written ``.*.tmp`` files)
-JOB_FILES = re.compile(r"(\.owner\.lock|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|predictions-\d+\.csv|"
+# What a temp dir holds (README "Outputs", its ledger, heatmap and drift sidecars, half-written ``.*.tmp`` files)
+JOB_FILES = re.compile(r"(\.owner\.lock|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz|"
+                       r"predictions-\d+\.csv|"
                        r"metrics\.json|report\.(md|html)|\w+\.png|heatmaps|\..+\.tmp)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it

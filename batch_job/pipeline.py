@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
         raise InputError("--batch-size and --shard-size must be >= 1")
     if args.heatmaps < 0:
         raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
-    if not 0.5 <= args.drift_auc_limit <= 1.0 or args.drift_psi_limit <= 0:
+    if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):
         raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input)
@@ -163,7 +163,8 @@ def check_drift(args: argparse.Namespace, tmp: str, shards: list, model: Model, 
     (this model version's last runs)."""
     fresh = rec["probabilities"][rec["scored_in_run"]]
     block, reference_probs = drift_check.run_drift(tmp, shards, model.reference, fresh, model.threshold,
-                                                   args.drift_auc_limit, args.drift_psi_limit)
+                                                   args.drift_auc_limit, args.drift_psi_limit,
+                                                   drift_check.SAMPLE_ROWS)
     history = drift_report.trend_history(book, model.model_id, run_id, block)
     block["figures"] = drift_report.write_figures(tmp, block, reference_probs, fresh, model.threshold,
                                                   model.model_id, history)

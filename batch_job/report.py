@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from batch_job import drift_report
+from batch_job.drift import summary_line
 
 
 def write_metrics(out_dir: str, metrics: dict) -> None:
@@ -127,8 +128,6 @@ def summary(m: dict, out: str) -> str:
                  f"{m['recall']:.4f}, specificity {m['specificity']:.4f}, ROC AUC "
                  + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"))
     if "drift" in m:
-        from batch_job.drift import summary_line
-
         line += "\n" + summary_line(m["drift"])
     heat = m.get("heatmaps", {})
     drift_files = "".join(f", {f}" for f in m.get("drift", {}).get("figures", []))

@@ -8,7 +8,8 @@
 ``splits.csv`` (``file,split``): every validation and internal-test image of the run, as its path relative to
 the training folder, split ``val`` or ``test``; scoring the ``test`` files rebuilds the in-distribution check
 (README, "Drift"). The batch job compares each run with the reference (batch_job/drift.py); ``export --verify``
-checks the arrays against the model's outputs.
+checks the file's sha256, the arrays' dtypes and shapes (D of the model's `embedding` output), that the
+probabilities lie in [0, 1] and that splits.csv is there.
 """
 from __future__ import annotations
 

@@ -178,3 +178,82 @@ def test_dask_runner_gives_the_same_figures(same_run, drift_package, same_tree, 
     a, b = drift_of(same_run), drift_of(out)
     assert (a["images"], a["sampled"], a["domain_auc"], a["psi"]) == (b["images"], b["sampled"], b["domain_auc"],
                                                                        b["psi"])
+
+
+def test_sample_cap_holds_end_to_end_whatever_the_shards(drift_package, same_tree, tmp_path, monkeypatch):
+    """With a cap below the run's size the sample is the cap's smallest keys over all shards: the same figures
+    with 8 or 3 shards."""
+    monkeypatch.setattr(drift_check, "SAMPLE_ROWS", 100)
+    figures = []
+    for shard_size in ("16", "48"):
+        assert run(same_tree, drift_package, tmp_path / shard_size, "--shard-size", shard_size) == 0
+        d = drift_of(tmp_path / shard_size)
+        assert (d["images"], d["sampled"]) == (2 * PER_CLASS, 100)
+        figures.append((d["domain_auc"], d["psi"]))
+    assert figures[0] == figures[1]
+
+
+def test_threshold_override_applies_to_both_positive_rates(drift_package, same_tree, tmp_path):
+    from export import reference
+
+    assert run(same_tree, drift_package, tmp_path / "out", "--threshold", "0.9") == 0
+    d = drift_of(tmp_path / "out")
+    ref = reference.load(os.path.join(drift_package, "1", reference.REFERENCE_FILE))["probabilities"]
+    assert d["reference_positive_rate"] == pytest.approx(float(np.mean(ref >= 0.9)))
+    with open(tmp_path / "out" / "metrics.json") as f:
+        assert d["positive_rate"] == pytest.approx(json.load(f)["positive_rate"])
+
+
+def test_failed_images_are_not_in_the_figures(drift_package, same_tree, tmp_path):
+    import shutil
+
+    from conftest import write_bad_inputs
+
+    tree = str(tmp_path / "tree")
+    shutil.copytree(same_tree, tree)
+    bad = write_bad_inputs(os.path.join(tree, "NORMAL", "bad"))
+    assert run(tree, drift_package, tmp_path / "out") == 0
+    with open(tmp_path / "out" / "metrics.json") as f:
+        m = json.load(f)
+    assert m["images_failed"] >= len(bad) - 1 and m["images_found"] == m["images_scored"] + m["images_failed"]
+    assert m["drift"]["images"] == m["drift"]["sampled"] == m["images_scored"] < m["images_found"]
+
+
+def test_a_failing_check_costs_no_scores(drift_package, same_tree, tmp_path, monkeypatch, capsys):
+    from batch_job import drift
+
+    def broken(*args, **kwargs):
+        raise ValueError("Input X contains NaN")
+
+    monkeypatch.setattr(drift, "domain_auc", broken)
+    assert run(same_tree, drift_package, tmp_path / "out", "--fail-on-drift") == 0  # published; not detected
+    d = drift_of(tmp_path / "out")
+    assert not d["judged"] and not d["detected"] and "ValueError: Input X contains NaN" in d["note"]
+    assert "drift: not judged, check failed (ValueError: Input X contains NaN)" in capsys.readouterr().out
+
+
+def test_an_empty_retry_removes_the_shards_earlier_sample(tmp_path):
+    rows = [{"path": "/x/a.png", "status": "ok", "embedding": np.ones(3)}]
+    drift_check.write_sidecar(str(tmp_path), 0, *drift_check.smallest(rows, 10))
+    assert os.listdir(tmp_path) == [drift_check.sidecar_name(0)]
+    failed = [{"path": "/x/a.png", "status": "error"}, {"path": "/x/b.png", "status": "ok",
+                                                         "embedding": np.array([np.nan, 0, 0])}]
+    drift_check.write_sidecar(str(tmp_path), 0, *drift_check.smallest(failed, 10))  # nothing usable this time
+    assert os.listdir(tmp_path) == []
+
+
+def test_killed_after_scoring_leaves_sidecars_the_rerun_cleans_up(drift_package, same_tree, tmp_path):
+    import glob
+    import signal
+
+    from test_nightly import job
+
+    out = str(tmp_path / "out")
+    args = ["--input", same_tree, "--model", drift_package, "--output", out, "--shard-size", "32"]
+    killed = job(args, env_kill="scored")
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = glob.glob(out + ".tmp-*")
+    assert any(name.startswith("_drift-") for name in os.listdir(left))
+    rerun = job(args)
+    assert rerun.returncode == 0, rerun.stderr[-1500:]
+    assert not glob.glob(out + ".tmp-*") and drift_of(out)["judged"]
