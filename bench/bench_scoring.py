@@ -22,6 +22,14 @@ measures only what `--heatmaps N` costs: the job on the n 1400x1100 JPEGs with `
 `--heatmaps 0`, in turn --repeat times, both with `--threshold 0` (every image flagged: the most work for the
 per-shard choice, and N overlays for sure); medians of the whole command, the scoring phase and the overlays
 step (metrics.json `timings.heatmaps_seconds`), and of the per-pair ratio of the whole command's time.
+
+    python -m bench.bench_scoring --drift-cost serving_models/pneumonia/3 --model serving_models/pneumonia/4 \
+        [--n 2000] [--copies 10] [--repeat 3]
+
+measures what the drift check costs: the job on n x copies 1400x1100 JPEGs (hard-linked copies of n) with
+--model (a package with a drift reference) and with the --drift-cost package (the same network exported
+without one: no `embedding` output, no check), in turn --repeat times; medians of the whole command, the scoring
+phase and the drift step (metrics.json `timings.drift_seconds`), and of the per-pair ratio of the whole command.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from bench.common import DEFAULT_MODEL, REPO, machine, make_jpegs, table
+from bench.common import DEFAULT_MODEL, REPO, hardlink_copies, machine, make_jpegs, table
 from batch_job.listing import iter_images
 from export.package import load_metadata, load_session, resolve_version_dir
 
@@ -112,6 +120,22 @@ def heatmap_cost(folder: str, model: str, n_heatmaps: int, repeat: int) -> str:
               f"range {min(ratios):.3f}–{max(ratios):.3f}")
 
 
+def drift_cost(folder: str, model: str, without: str, repeat: int) -> str:
+    """The job with `model` (drift checked) and `without` (no reference), interleaved; -> a table."""
+    runs: dict[str, list] = {model: [], without: []}
+    for _ in range(repeat):
+        for m, done in runs.items():
+            done.append(run_pipeline(folder, m))
+    med = statistics.median
+    ratios = [a[0] / b[0] for a, b in zip(runs[model], runs[without])]
+    rows = [[m, med(w for w, _ in r), med(x["timings"]["scoring_seconds"] for _, x in r),
+             med(x["timings"].get("drift_seconds", 0.0) for _, x in r),
+             r[0][1]["drift"].get("sampled", 0), r[0][1]["drift"].get("domain_auc", "n/a")] for m, r in runs.items()]
+    return (table(["model", "whole command s", "scoring s", "drift step s", "embeddings sampled", "domain AUC"], rows)
+            + f"\nwhole command, with / without the drift check (per pair): median {med(ratios):.3f}, "
+              f"range {min(ratios):.3f}–{max(ratios):.3f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=2000)
@@ -121,9 +145,20 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
     p.add_argument("--heatmap-cost", type=int, default=None, metavar="N",
                    help="only time --heatmaps N against --heatmaps 0 on the 1400x1100 JPEGs (a model with heatmaps)")
+    p.add_argument("--drift-cost", default=None, metavar="PACKAGE_WITHOUT_REFERENCE",
+                   help="only time --model (with a drift reference) against this package (without one)")
+    p.add_argument("--copies", type=int, default=1, help="--drift-cost: hard-linked copies of the n JPEGs")
     args = p.parse_args(argv)
     vdir = resolve_version_dir(args.model)
     meta = load_metadata(vdir)
+    if args.drift_cost is not None:
+        folder = make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L")
+        if args.copies > 1:
+            folder = hardlink_copies(folder, os.path.join(args.work_dir, f"gray1400-{args.n}x{args.copies}"),
+                                     args.copies)
+        print(f"machine: {machine()}; {args.n * args.copies} 1400x1100 gray JPEGs; medians of {args.repeat}")
+        print(drift_cost(folder, args.model, args.drift_cost, args.repeat))
+        return 0
     if args.heatmap_cost is not None:
         if "heatmap_output" not in meta:
             raise SystemExit(f"{vdir} has no heatmap output: --heatmap-cost needs a model exported with one")
