@@ -61,6 +61,11 @@ def test_domain_auc_is_seeded_and_bounded():
     assert domain_auc(ref, cur, seed=3, max_rows=500) == domain_auc(ref, cur, seed=3, max_rows=500)
     rng = np.random.default_rng(0)
     assert len(sample_rows(cur, 500, rng)) == 500 and len(sample_rows(cur[:10], 500, rng)) == 10
+    # the classifier sees exactly max_rows a side: the seeded draw, then nothing more
+    rng = np.random.default_rng(3)
+    drawn = sample_rows(ref, 500, rng), sample_rows(cur, 500, rng)
+    assert domain_auc(*drawn, seed=3, max_rows=500) == domain_auc(ref, cur, seed=3, max_rows=500)
+    assert domain_auc(ref, cur, seed=3, max_rows=500) != domain_auc(ref, cur, seed=3, max_rows=600)
 
 
 def test_drift_figures_and_summary_lines():

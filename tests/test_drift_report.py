@@ -21,7 +21,7 @@ MODEL = "pneumonia/3"
 def judged(detected: bool = True) -> dict:
     """A drift block as drift.drift_figures builds it for a judged run (synthetic numbers)."""
     auc, shift = (0.7123, 0.2345) if detected else (0.5234, 0.0412)
-    return {"reference": True, "images": 1200, "sampled": 600, "reference_images": 624, "positive_rate": 0.4567,
+    return {"reference": True, "images": 1200, "sampled": 1200, "reference_images": 624, "positive_rate": 0.4567,
             "reference_positive_rate": 0.3812, "domain_auc_limit": 0.60, "psi_limit": 0.20, "seed": 0,
             "histogram": {"bin_edges": [round(i / 10, 2) for i in range(11)], "shares": [0.1] * 10,
                           "reference_shares": [0.1] * 10},
@@ -111,7 +111,7 @@ def test_markdown_section_has_the_figures_the_reference_and_the_caveat():
     section = md[md.index("## Drift"):]
     assert md.index("## Probability histogram") < md.index("## Drift")
     assert summary_line(drift) in section and "drift: DETECTED (domain AUC 0.712 (limit 0.60)" in section
-    assert "| 0.712 (0.60) | 0.234 (0.20) | 0.457 vs 0.381 | 1,200 (600 sampled) vs 624 |" in section
+    assert "| 0.712 (0.60) | 0.234 (0.20) | 0.457 vs 0.381 | 1,200 (1,200 sampled) vs 624 |" in section
     assert "validation split" in section and "prevalence" in section
     assert "not those skipped as already in the ledger" in section
     assert "(drift.png)" in section and "(drift_trend.png)" in section
@@ -159,7 +159,7 @@ def test_html_shows_a_detected_banner_the_figures_and_the_card(tmp_path):
     assert '<p class="banner detected">' in raw and summary_line(judged()) in text
     assert "DETECTED drift" in text  # the card: value, then key
     assert 'class="num over">0.712' in raw and 'class="num over">0.234' in raw
-    for cell in ("limit 0.60", "limit 0.20", "0.457", "0.381", "1,200 (600 sampled)", "624", "prevalence"):
+    for cell in ("limit 0.60", "limit 0.20", "0.457", "0.381", "1,200 (1,200 sampled)", "624", "prevalence"):
         assert cell in text, cell
     assert '<img src="drift.png"' in raw and '<img src="drift_trend.png"' in raw
     assert 'width="520" height="350"' in raw
