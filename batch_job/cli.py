@@ -25,7 +25,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
     p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
-    p.add_argument("--threshold", type=float, default=None, help="default: the model's validation-chosen threshold")
+    p.add_argument("--threshold", type=float, default=None, help="default: the package's decision_threshold (metadata.json)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=None,
                    help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")

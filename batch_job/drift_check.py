@@ -78,12 +78,12 @@ def merge(out_dir: str, shards, k: int) -> np.ndarray:
 
 
 def run_drift(out_dir: str, shards, reference_path: str | None, probs: np.ndarray, threshold: float,
-              auc_limit: float, psi_limit: float, sample_rows: int = SAMPLE_ROWS) -> tuple[dict, np.ndarray | None]:
+              auc_limit: float, psi_limit: float, sample_rows: int = SAMPLE_ROWS) -> dict:
     """metrics.json's `drift` block for the probabilities `probs` scored in this run and the sample of
-    `sample_rows` embeddings in the sidecars; -> (block, the reference's probabilities or None without a
-    reference). A check that fails says so in the block and the log: the night's scores are still published."""
+    `sample_rows` embeddings in the sidecars. A check that fails says so in the block and the log: the night's
+    scores are still published."""
     if reference_path is None:
-        return drift.no_reference(len(probs), auc_limit, psi_limit), None
+        return drift.no_reference(len(probs), auc_limit, psi_limit)
     ref = reference.load(reference_path)
     try:
         embeddings = merge(out_dir, shards, sample_rows)
@@ -93,4 +93,4 @@ def run_drift(out_dir: str, shards, reference_path: str | None, probs: np.ndarra
         LOG.warning("drift check failed: %s", one_line(exc, 300))
         block = {**drift.no_reference(len(probs), auc_limit, psi_limit), "reference": True,
                  "note": f"check failed ({type(exc).__name__}: {one_line(exc, 200)})"}
-    return block, ref["probabilities"]
+    return block

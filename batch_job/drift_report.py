@@ -4,7 +4,7 @@ The statistics are batch_job/drift.py's `drift` block (drift_figures / no_refere
 and words them (matplotlib, imported on first use). The driver's calls, in this order:
 
     history = trend_history(book, model.model_id, metrics["run_id"], drift)  # before the ledger commit
-    drift["figures"] = write_figures(tmp, drift, reference_probs, probs, threshold, model.model_id, history)
+    drift["figures"] = write_figures(tmp, drift, threshold, model.model_id, history)
     metrics["drift"] = drift                   # then report.write_metrics and html_report.write_html
     ...
     book.commit(run_id, out, model_id, entries, drift=drift)  # the run's drift row, same transaction
@@ -23,6 +23,7 @@ import numpy as np
 
 from batch_job.drift import summary_line
 from batch_job.ledger import DRIFT_COLUMNS as HISTORY_KEYS  # a trend point: one row of the ledger's drift table
+from xray_core.plots import pyplot, save
 
 DRIFT_FILE = "drift.png"
 TREND_FILE = "drift_trend.png"
@@ -35,37 +36,23 @@ CAVEAT = ("A change in prevalence alone (more or fewer pneumonia cases) also mov
           "positive rate beside them.")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    _pyplot().close(fig)
-
-
-def histogram_png(path: str, reference_probs, probs, threshold: float, title: str) -> None:
-    """The reference's and this run's probability histograms overlaid, each bin as a share of its own images."""
-    ref, cur = np.clip(np.asarray(reference_probs, float), 0, 1), np.clip(np.asarray(probs, float), 0, 1)
-    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
-    ref_shares, _, _ = ax.hist(ref, bins=10, range=(0, 1), weights=np.full(len(ref), 1 / max(len(ref), 1)),
-                               color="#b8c2cc", edgecolor="white", label=f"reference: validation split ({len(ref):,})")
-    shares, _, _ = ax.hist(cur, bins=10, range=(0, 1), weights=np.full(len(cur), 1 / max(len(cur), 1)),
-                           histtype="step", linewidth=2, color="steelblue", label=f"this run ({len(cur):,})")
+def histogram_png(path: str, drift: dict, threshold: float, title: str) -> None:
+    """The reference's and this run's probability histograms overlaid, each bin as a share of its own images:
+    the shares drift.py computed (the block's `histogram`), drawn as they are."""
+    edges, hist = drift["histogram"]["bin_edges"], drift["histogram"]
+    ref_shares, shares = hist["reference_shares"], hist["shares"]
+    fig, ax = pyplot().subplots(figsize=FIGSIZE)
+    ax.stairs(ref_shares, edges, fill=True, color="#b8c2cc",
+              label=f"reference: validation split ({drift['reference_images']:,})")
+    ax.stairs(shares, edges, linewidth=2, color="steelblue", label=f"this run ({drift['images']:,})")
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.5 * max(float(np.max(ref_shares)), float(np.max(shares)), 0.05))  # room for the legend
+    ax.set_ylim(0, 1.5 * max(max(ref_shares), max(shares), 0.05))  # room for the legend
     ax.set_xlabel("P(pneumonia)")
     ax.set_ylabel("share of images")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7.5, loc="upper left")
-    _save(fig, path)
+    save(fig, path, DPI)
 
 
 def _series(history: list[dict], key: str) -> np.ndarray:
@@ -97,7 +84,7 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
 
     x = np.arange(1, len(history) + 1)
     detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
-    fig, (top, bottom) = _pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
+    fig, (top, bottom) = pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
     _panel(top, x, _series(history, "domain_auc"), detected, auc_limit, "domain AUC", 0.45)
     _panel(bottom, x, _series(history, "psi"), detected, psi_limit, "PSI", 0.0)
     bottom.set_xlim(0.5, len(history) + 0.5)
@@ -112,7 +99,7 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
     top.set_title(f"Drift, {runs} of this version", fontsize=10, loc="left")
     top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=7.5,
                borderaxespad=0.2, handletextpad=0.3, columnspacing=1.0)
-    _save(fig, path)
+    save(fig, path, DPI)
 
 
 def history_entry(run_id: str, drift: dict) -> dict:
@@ -130,7 +117,7 @@ def trend_history(book, model_id: str, run_id: str, drift: dict) -> list[dict] |
     return book.drift_history(model_id, TREND_RUNS - 1) + [history_entry(run_id, drift)]
 
 
-def write_figures(out_dir: str, drift: dict, reference_probs, probs, threshold: float, model_id: str,
+def write_figures(out_dir: str, drift: dict, threshold: float, model_id: str,
                   history: list[dict] | None = None) -> list[str]:
     """drift.png when the model has a drift reference and this run scored any image, drift_trend.png when it
     has one and `history` has a run (without a reference the ledger keeps no drift rows: nothing to trend);
@@ -138,8 +125,8 @@ def write_figures(out_dir: str, drift: dict, reference_probs, probs, threshold: 
     written = []
     if not drift["reference"]:
         return written
-    if len(probs):
-        histogram_png(os.path.join(out_dir, DRIFT_FILE), reference_probs, probs, threshold,
+    if drift["images"] and "histogram" in drift:  # a check that failed has no histogram
+        histogram_png(os.path.join(out_dir, DRIFT_FILE), drift, threshold,
                       f"{model_id}: this run vs its validation split")
         written.append(DRIFT_FILE)
     if history:

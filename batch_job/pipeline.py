@@ -162,12 +162,10 @@ def check_drift(args: argparse.Namespace, tmp: str, shards: list, model: Model, 
     """metrics.json's `drift` for the images scored in this run, drift.png and with a ledger drift_trend.png
     (this model version's last runs)."""
     fresh = rec["probabilities"][rec["scored_in_run"]]
-    block, reference_probs = drift_check.run_drift(tmp, shards, model.reference, fresh, model.threshold,
-                                                   args.drift_auc_limit, args.drift_psi_limit,
-                                                   drift_check.SAMPLE_ROWS)
+    block = drift_check.run_drift(tmp, shards, model.reference, fresh, model.threshold, args.drift_auc_limit,
+                                  args.drift_psi_limit, drift_check.SAMPLE_ROWS)
     history = drift_report.trend_history(book, model.model_id, run_id, block)
-    block["figures"] = drift_report.write_figures(tmp, block, reference_probs, fresh, model.threshold,
-                                                  model.model_id, history)
+    block["figures"] = drift_report.write_figures(tmp, block, model.threshold, model.model_id, history)
     LOG.info(summary_line(block))
     return block
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from batch_job import drift_report
 from batch_job.drift import summary_line
+from xray_core.plots import pyplot, save
 
 
 def write_metrics(out_dir: str, metrics: dict) -> None:
@@ -67,21 +68,14 @@ def add_timings(metrics: dict, setup_s: float, scoring_s: float, report_s: float
 
 
 def write_histogram(path: str, probs: np.ndarray, threshold: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.hist(probs, bins=10, range=(0, 1), color="steelblue", edgecolor="white")
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("P(pneumonia)")
     ax.set_ylabel("images")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def report_markdown(m: dict) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from export import reference
 from export.card import model_card
-from export.heatmap import embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
+from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
 from export.package import (
     CARD_FILE,
@@ -148,9 +148,9 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     onnx_emb = session.run([EMBEDDING_NAME], {INPUT_NAME: x})[0]
     diff = float(np.abs(keras_emb.astype(np.float64) - onnx_emb).max())
     span = float(keras_emb.max() - keras_emb.min())
-    if diff > 1e-4 * max(span, 1e-6):
-        raise ParityError(f"embedding parity failed: max |Δ| {diff:.3e} > 1e-4 of its range {span:.3e}; "
-                          "nothing published")
+    if diff > PARITY_RELATIVE * max(span, 1e-6):  # the heatmap's rule: 1e-4 of the range
+        raise ParityError(f"embedding parity failed: max |Δ| {diff:.3e} > {PARITY_RELATIVE:g} of its range "
+                          f"{span:.3e}; nothing published")
     rows = read_split_csv(os.path.join(run_dir, "split.csv"))
     val = [ex.path for ex, split in rows if split == "val"]
     images, ok, _failed = load_images(val, config)

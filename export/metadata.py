@@ -6,7 +6,7 @@ import platform
 from datetime import datetime, timezone
 
 from export.package import _json_io, expected_io
-from train.data import CLASSES
+from xray_core.labels import CLASSES
 from xray_core.metrics import without_report
 
 
@@ -19,7 +19,6 @@ def library_versions() -> dict:
 
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
             "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
 
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,

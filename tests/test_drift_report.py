@@ -60,10 +60,8 @@ def png_size(path: str) -> tuple[int, int]:
 # ------------------------------------------------------------------ figures
 
 def test_write_figures_draws_the_histograms_and_the_trend(tmp_path):
-    rng = np.random.default_rng(0)
     history = [point(i, judged_=i != 3, detected=i == 7) for i in range(9)]
-    written = drift_report.write_figures(str(tmp_path), judged(), rng.beta(2, 3, 624), rng.beta(3, 2, 1200), 0.5,
-                                         MODEL, history)
+    written = drift_report.write_figures(str(tmp_path), judged(), 0.5, MODEL, history)
     assert written == [drift_report.DRIFT_FILE, drift_report.TREND_FILE]
     for name in written:
         path = str(tmp_path / name)
@@ -81,13 +79,13 @@ def test_trend_works_with_one_run_and_with_no_judged_run(tmp_path):
 
 
 def test_write_figures_writes_nothing_without_a_reference_scores_or_history(tmp_path):
-    assert drift_report.write_figures(str(tmp_path), no_reference(12), np.array([]), np.full(12, 0.3), 0.5,
+    assert drift_report.write_figures(str(tmp_path), no_reference(12), 0.5,
                                       MODEL, [drift_report.history_entry("now", no_reference(12))]) == []
-    assert drift_report.write_figures(str(tmp_path), judged(), np.full(20, 0.3), np.array([]), 0.5, MODEL, []) == []
+    assert drift_report.write_figures(str(tmp_path), {**judged(), "images": 0}, 0.5, MODEL, []) == []
     assert os.listdir(tmp_path) == []
     history = [point(i) for i in range(40)]
-    assert drift_report.write_figures(str(tmp_path), too_few(), np.full(20, 0.3), np.full(42, 0.6), 0.5, MODEL,
-                                      history) == ["drift.png", "drift_trend.png"]
+    assert drift_report.write_figures(str(tmp_path), too_few(), 0.5, MODEL, history) == ["drift.png",
+                                                                                          "drift_trend.png"]
 
 
 def test_trend_history_is_the_ledgers_runs_then_this_run(tmp_path):
@@ -146,9 +144,7 @@ def page_for(tmp_path, drift: dict | None, name: str) -> tuple[str, str]:
     out = tmp_path / name
     out.mkdir()
     if drift is not None and drift.get("figures"):
-        rng = np.random.default_rng(1)
-        assert drift_report.write_figures(str(out), drift, rng.beta(2, 3, 624), rng.beta(3, 2, 1200), 0.5, MODEL,
-                                          [point(i) for i in range(5)]) == drift["figures"]
+        assert drift_report.write_figures(str(out), drift, 0.5, MODEL, [point(i) for i in range(5)]) == drift["figures"]
     html_report.write_html(str(out), metrics(drift), [], [])
     page, text = parse(str(out / "report.html"))
     return open(out / "report.html", encoding="utf-8").read(), text

@@ -23,7 +23,6 @@ from train.models import (
     WeightsError,
     build_cnn,
     build_resnet,
-    ensemble,
     keras,
     load_model,
     resolve_vgg19_weights,

@@ -1,5 +1,6 @@
 """The confusion-matrix and ROC figures that training and the batch job both draw (scikit-learn displays,
-matplotlib). matplotlib is imported on first use: a job that draws nothing does not pay for it."""
+matplotlib), and the two helpers every figure uses. matplotlib is imported on first use: a job that draws
+nothing does not pay for it."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,8 @@ import numpy as np
 from xray_core.labels import CLASSES
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,10 +18,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def save(fig, path: str, dpi: int = 100) -> None:
+    """Lay out, write and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def confusion_matrix_png(y_true, y_prob, threshold: float, path: str, title: str,
@@ -27,14 +30,14 @@ def confusion_matrix_png(y_true, y_prob, threshold: float, path: str, title: str
     """Rows: the true class, columns: the prediction at `threshold` (PNEUMONIA when probability >= it)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4))
     y_pred = (np.asarray(y_prob) >= threshold).astype(int)
     ConfusionMatrixDisplay.from_predictions(np.asarray(y_true).astype(int), y_pred, labels=[0, 1],
                                             display_labels=list(CLASSES), ax=ax, colorbar=False, cmap="Blues")
     ax.set_xlabel(f"prediction (threshold {threshold:.3f})")
     ax.set_ylabel(true_label)
     ax.set_title(title)
-    _save(fig, path)
+    save(fig, path)
 
 
 def roc_curve_png(y_true, y_prob, path: str, name: str, title: str = "ROC curve",
@@ -43,7 +46,7 @@ def roc_curve_png(y_true, y_prob, path: str, name: str, title: str = "ROC curve"
     from sklearn.metrics import RocCurveDisplay
 
     y_true, y_prob = np.asarray(y_true).astype(int), np.asarray(y_prob, dtype=np.float64)
-    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4))
     RocCurveDisplay.from_predictions(y_true, y_prob, name=name, ax=ax)
     ax.plot([0, 1], [0, 1], ":", color="grey")
     if threshold is not None:
@@ -52,4 +55,4 @@ def roc_curve_png(y_true, y_prob, path: str, name: str, title: str = "ROC curve"
                 label=f"threshold {threshold:.3f}")
         ax.legend(loc="lower right")
     ax.set_title(title)
-    _save(fig, path)
+    save(fig, path)
