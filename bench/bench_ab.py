@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.bench_scoring import run_pipeline
+from bench.bench_scoring import interleaved
 from bench.common import DEFAULT_MODEL, hardlink_copies, machine, make_jpegs, table
 
 BASE = 2000  # images generated per input; larger inputs are hard links of these
@@ -50,10 +50,8 @@ def main(argv=None) -> int:
     med = statistics.median
     rows = []
     for name, folder in inputs(args.work_dir, args.n).items():
-        runs = {"before": [], "after": []}
-        for _ in range(args.repeat):
-            for which, repo in repos.items():
-                runs[which].append(run_pipeline(folder, model, repo=repo))
+        runs = interleaved(folder, {which: {"model": model, "repo": repo} for which, repo in repos.items()},
+                           args.repeat)
         found = {m["images_found"] for r in runs.values() for _, m in r}
         assert len(found) == 1, found  # both scored the same images
         n = found.pop()

@@ -104,36 +104,44 @@ print(time.perf_counter() - t0)
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved(folder: str, variants: dict[str, dict], repeat: int) -> dict[str, list[tuple[float, dict]]]:
+    """run_pipeline of each variant (its keyword arguments) in turn, `repeat` times: a shared machine's drift
+    hits all of them alike. -> {label: [(whole-command seconds, metrics.json), ...]}"""
+    runs: dict[str, list] = {label: [] for label in variants}
+    for _ in range(repeat):
+        for label, kwargs in variants.items():
+            runs[label].append(run_pipeline(folder, **kwargs))
+    return runs
+
+
+def ratio_line(what: str, ratios: list[float]) -> str:
+    return f"{what} (per pair): median {statistics.median(ratios):.3f}, range {min(ratios):.3f}–{max(ratios):.3f}"
+
+
 def heatmap_cost(folder: str, model: str, n_heatmaps: int, repeat: int) -> str:
     """The job with --heatmaps n_heatmaps and with --heatmaps 0, interleaved; -> a table."""
-    runs: dict[int, list] = {n_heatmaps: [], 0: []}
-    for _ in range(repeat):
-        for n, done in runs.items():
-            done.append(run_pipeline(folder, model, ["--heatmaps", str(n), "--threshold", "0"]))
+    runs = interleaved(folder, {f"--heatmaps {n}": {"model": model, "extra": ["--heatmaps", str(n), "--threshold", "0"]}
+                                for n in (n_heatmaps, 0)}, repeat)
     med = statistics.median
-    ratios = [a[0] / b[0] for a, b in zip(runs[n_heatmaps], runs[0])]
-    rows = [[f"--heatmaps {n}", med(w for w, _ in r), med(m["timings"]["scoring_seconds"] for _, m in r),
+    rows = [[label, med(w for w, _ in r), med(m["timings"]["scoring_seconds"] for _, m in r),
              med(m["timings"]["heatmaps_seconds"] for _, m in r), med(m["heatmaps"]["written"] for _, m in r)]
-            for n, r in runs.items()]
-    return (table(["job", "whole command s", "scoring s", "overlays s", "overlays written"], rows)
-            + f"\nwhole command, with / without (per pair): median {med(ratios):.3f}, "
-              f"range {min(ratios):.3f}–{max(ratios):.3f}")
+            for label, r in runs.items()]
+    on, off = runs.values()
+    return (table(["job", "whole command s", "scoring s", "overlays s", "overlays written"], rows) + "\n"
+            + ratio_line("whole command, with / without", [a[0] / b[0] for a, b in zip(on, off)]))
 
 
 def drift_cost(folder: str, model: str, without: str, repeat: int) -> str:
     """The job with `model` (drift checked) and `without` (no reference), interleaved; -> a table."""
-    runs: dict[str, list] = {model: [], without: []}
-    for _ in range(repeat):
-        for m, done in runs.items():
-            done.append(run_pipeline(folder, m))
+    runs = interleaved(folder, {m: {"model": m} for m in (model, without)}, repeat)
     med = statistics.median
-    ratios = [a[0] / b[0] for a, b in zip(runs[model], runs[without])]
     rows = [[m, med(w for w, _ in r), med(x["timings"]["scoring_seconds"] for _, x in r),
              med(x["timings"].get("drift_seconds", 0.0) for _, x in r),
              r[0][1]["drift"].get("sampled", 0), r[0][1]["drift"].get("domain_auc", "n/a")] for m, r in runs.items()]
+    on, off = runs.values()
     return (table(["model", "whole command s", "scoring s", "drift step s", "embeddings sampled", "domain AUC"], rows)
-            + f"\nwhole command, with / without the drift check (per pair): median {med(ratios):.3f}, "
-              f"range {min(ratios):.3f}–{max(ratios):.3f}")
+            + "\n" + ratio_line("whole command, with / without the drift check",
+                               [a[0] / b[0] for a, b in zip(on, off)]))
 
 
 def main(argv=None) -> int:
