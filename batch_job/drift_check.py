@@ -60,21 +60,20 @@ def write_sidecar(out_dir: str, shard_id: int, keys: np.ndarray, embeddings: np.
 
 def merge(out_dir: str, shards, k: int) -> np.ndarray:
     """The embeddings of the k smallest sample keys over all shards' sidecars (float32 (m, D), m <= k), in key
-    order; the sidecars are removed."""
-    keys, embeddings = [], []
+    order; the sidecars are removed. Shard by shard, keeping the k smallest so far: memory holds k rows plus one
+    shard's, however many shards the run has."""
+    keys, embeddings = np.zeros(0, np.uint64), None
     for shard_id, _, _ in shards:
         path = os.path.join(out_dir, sidecar_name(shard_id))
         if not os.path.exists(path):
             continue
         with np.load(path, allow_pickle=False) as z:
-            keys.append(z["keys"])
-            embeddings.append(z["embeddings"])
+            keys = np.concatenate([keys, z["keys"]])
+            embeddings = z["embeddings"] if embeddings is None else np.concatenate([embeddings, z["embeddings"]])
         os.remove(path)
-    if not keys:
-        return np.zeros((0, 0), np.float32)
-    all_keys, all_embeddings = np.concatenate(keys), np.concatenate(embeddings)
-    order = np.argsort(all_keys, kind="stable")[:k]
-    return all_embeddings[order].astype(np.float32)
+        order = np.argsort(keys, kind="stable")[:k]
+        keys, embeddings = keys[order], embeddings[order]
+    return np.zeros((0, 0), np.float32) if embeddings is None else embeddings.astype(np.float32)
 
 
 def run_drift(out_dir: str, shards, reference_path: str | None, probs: np.ndarray, threshold: float,
