@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from batch_job.synthetic import make_tree
-from conftest import assert_one_line_error
+from helpers import assert_one_line_error
 from train.__main__ import main as train_main
 from train.augment import AugmentConfig, augment_batch, mixup, photometric, random_resized_crop
 from train.models import build_resnet, ensemble, keras, load_model
@@ -72,6 +72,7 @@ def test_augment_batch_without_mixup_keeps_labels():
 # ------------------------------------------------------------- the model head
 
 
+@pytest.mark.slow
 def test_resnet_head_gives_exact_class_activation_maps():
     """GAP over `last_block`, then one linear unit: the logit is the spatial mean of the CAM."""
     keras.utils.set_random_seed(0)
@@ -103,6 +104,7 @@ def test_ensemble_averages_members_and_reloads(tmp_path):
     assert ensemble(members[:1], "x") is members[0]
 
 
+@pytest.mark.slow
 def test_cosine_schedule_keeps_the_last_epoch():
     from train import fit
 
@@ -144,6 +146,7 @@ def test_site_dir_missing_or_inside_data_is_refused(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["data"]
 
 
+@pytest.mark.slow
 def test_select_by_site_roc_auc_picks_the_best_on_the_site(tmp_path):
     data = make_tree(str(tmp_path / "data"), per_class=16, size=48, seed=0)
     assert data

@@ -1,12 +1,16 @@
 """train.models, train.fit and the `python -m train` CLI, on tiny synthetic data.
 
-Everything runs at 32 px for 1-2 epochs; the full CLI run happens once per module.
+Everything runs at 32 px for 1-2 epochs; the full CLI run happens once per module. The CLI's defaults are
+checked against the shipped model's recorded training command and docs/training.md without training.
 """
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
+import re
+import shlex
 import stat
 from collections import defaultdict
 
@@ -15,9 +19,10 @@ import pytest
 from PIL import Image
 
 from batch_job.synthetic import make_tree
+from helpers import assert_one_line_error
 from train.__main__ import main as train_main
+from train.__main__ import parse_args
 from train.data import read_split_csv
-from xray_core.metrics import operating_point
 from train.models import (
     VGG19_WEIGHTS_FILE,
     WeightsError,
@@ -28,13 +33,14 @@ from train.models import (
     resolve_vgg19_weights,
     vgg19_parts,
 )
+from xray_core.metrics import operating_point
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
-from conftest import assert_one_line_error
 
 MODELS = ("baseline_cnn", "augmented_cnn", "vgg19", "resnet_aug")
 PNGS = ("training_curves.png", "confusion_matrix_0.5.png", "confusion_matrix_chosen.png", "roc_curve.png",
         "samples.png")
 SITE_PNGS = tuple("site_" + p for p in PNGS if p != "training_curves.png")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _all_layers(model):
@@ -69,9 +75,9 @@ def test_model_builds_saves_and_reloads(tmp_path, name):
     assert tuple(model.output_shape) == (None, 1)
     layers = list(_all_layers(model))
     assert layers, "no layers?"
-    assert not [l.name for l in layers if isinstance(l, keras.layers.Lambda) or type(l).__name__ == "Lambda"]
+    assert not [la.name for la in layers if isinstance(la, keras.layers.Lambda) or type(la).__name__ == "Lambda"]
     # augmentation lives in the input pipeline, never in the saved model
-    assert not [l.name for l in layers if type(l).__name__.startswith("Random")]
+    assert not [la.name for la in layers if type(la).__name__.startswith("Random")]
 
     x = np.random.default_rng(0).uniform(0, 1, (5, 32, 32, 1)).astype(np.float32)
     before = model.predict(x, verbose=0)
@@ -130,6 +136,7 @@ def _toy(n, rng):
     return x, y
 
 
+@pytest.mark.slow
 def test_fit_early_stopping_restores_best_weights():
     from train import fit
 
@@ -185,8 +192,8 @@ def cli_run(tmp_path_factory):
     site = base / "site"
     site_images = make_tree(str(site), per_class=10, size=48, seed=7)
     out = base / "runs" / "run1"
-    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--epochs", "2",
-            "--patience", "1", "--vgg19-weights", "none", "--site-dir", str(site), "--ensemble", "2"]
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--models", ",".join(MODELS), "--image-size", "32",
+            "--epochs", "2", "--patience", "1", "--vgg19-weights", "none", "--site-dir", str(site), "--ensemble", "2"]
     rc = train_main(argv)
     return {"rc": rc, "out": out, "data": data, "images": images, "corrupt": str(corrupt), "argv": argv,
             "site": site, "site_images": site_images}
@@ -197,6 +204,7 @@ def _json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_cli_run_succeeds_and_leaves_no_temp_dirs(cli_run):
     assert cli_run["rc"] == 0
     assert os.listdir(cli_run["out"].parent) == ["run1"]
@@ -204,6 +212,7 @@ def test_cli_run_succeeds_and_leaves_no_temp_dirs(cli_run):
         ["split.csv", "comparison.json", "comparison.md", "run.json", *MODELS])
 
 
+@pytest.mark.slow
 def test_cli_split_csv(cli_run):
     path = cli_run["out"] / "split.csv"
     with open(path, newline="") as f:
@@ -224,6 +233,7 @@ def test_cli_split_csv(cli_run):
         assert labels == {"NORMAL", "PNEUMONIA"}, split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_cli_model_outputs(cli_run, name):
     d = cli_run["out"] / name
@@ -270,6 +280,7 @@ def test_cli_model_outputs(cli_run, name):
         assert "members" not in m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_cli_saved_model_reproduces_test_metrics(cli_run, name):
     """model.keras is the model that was evaluated: reloading it and scoring the test split
@@ -302,11 +313,12 @@ def test_cli_saved_model_reproduces_test_metrics(cli_run, name):
         m["site_roc_auc"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_comparison(cli_run):
     comp = _json(cli_run["out"] / "comparison.json")
-    assert comp["select_by"] == "val_roc_auc"
+    assert comp["select_by"] == "site_roc_auc"  # the default with --site-dir
     assert [r["model"] for r in comp["models"]] == list(MODELS)
-    aucs = [r["val_roc_auc"] for r in comp["models"]]
+    aucs = [r["site_roc_auc"] for r in comp["models"]]
     assert comp["best"] == MODELS[int(np.argmax(aucs))]  # first of any tie, like max()
     for row in comp["models"]:
         m = _json(cli_run["out"] / row["model"] / "metrics.json")
@@ -323,7 +335,7 @@ def test_cli_comparison(cli_run):
     assert comp["skipped_images"] == [{"path": cli_run["corrupt"], "error": "not a decodable image"}]
 
     md = (cli_run["out"] / "comparison.md").read_text()
-    assert f"Best by `val_roc_auc`: **{comp['best']}**" in md
+    assert f"Best by `site_roc_auc`: **{comp['best']}**" in md
     site_part, internal_part = md.split("## Internal test split")
     assert "## Site sample first" in site_part
     for name in MODELS:  # two operating points in each table
@@ -333,12 +345,15 @@ def test_cli_comparison(cli_run):
     assert f"- `{cli_run['corrupt']}`: not a decodable image" in md
 
 
+@pytest.mark.slow
 def test_cli_run_json(cli_run):
     info = _json(cli_run["out"] / "run.json")
     assert (info["images_found"], info["images_used"], info["images_skipped"]) == (49, 48, 1)
     assert info["data_dir"] == os.path.abspath(cli_run["data"])
     assert info["preprocessing"]["image_size"] == 32
     assert info["args"]["epochs"] == 2 and info["args"]["models"] == "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
+    # the defaults the command did not set
+    assert (info["args"]["seed"], info["args"]["last_stride"], info["args"]["select_by"]) == (1, 1, "site_roc_auc")
     assert info["site_dir"] == os.path.abspath(cli_run["site"])
     rows = read_split_csv(cli_run["out"] / "split.csv")
     for split in ("train", "val", "test"):
@@ -348,11 +363,13 @@ def test_cli_run_json(cli_run):
     assert sum(c["images"] for c in info["split_counts"].values()) == 48
 
 
+@pytest.mark.slow
 def test_cli_run_json_records_the_given_command(cli_run):
     info = _json(cli_run["out"] / "run.json")
     assert info["command"] == "python -m train " + " ".join(cli_run["argv"])
 
 
+@pytest.mark.slow
 def test_cli_run_dir_has_default_permissions(cli_run):
     expected = 0o777 & ~_umask()
     if expected == 0o700:
@@ -436,6 +453,7 @@ def test_cli_error_vgg19_imagenet_weights_missing(tmp_path, capsys, monkeypatch)
     assert os.listdir(tmp_path / "keras_home") == []
 
 
+@pytest.mark.slow
 def test_cli_existing_output_dir_and_overwrite(tmp_path, capsys, cli_run):
     out = tmp_path / "run"
     out.mkdir()
@@ -461,3 +479,99 @@ def test_cli_existing_output_dir_and_overwrite(tmp_path, capsys, cli_run):
     assert sorted(os.listdir(tmp_path)) == ["run", "tiny"]  # no .tmp-/.old- leftovers
     # same data, seed and split as the module run: the same split.csv
     assert (out / "split.csv").read_text() == (cli_run["out"] / "split.csv").read_text()
+
+
+# ------------------------------------------------- CLI defaults (no training)
+
+DIRS = ("--data-dir", "D", "--output-dir", "R")
+RECIPE = {"models": "resnet_aug", "image_size": 64, "ensemble": 3, "epochs": 24, "last_stride": 1, "seed": 1}
+# the rest of the shipped run's settings: the defaults of its time, which its recorded command relied on
+RECIPE_REST = {"patience": 20, "split": "0.70,0.15,0.15", "target_recall": 0.95, "batch_size": 32,
+               "learning_rate": 1e-3, "mixup": 0.0, "crop_min_area": 0.5, "augment": "recipe",
+               "vgg19_weights": "imagenet", "limit_per_class": None, "overwrite": False}
+STUDY = {"models": "baseline_cnn,augmented_cnn,vgg19", "image_size": 128, "epochs": 100, "patience": 20, "seed": 42}
+
+
+def _parse(*argv) -> dict:
+    return vars(parse_args(list(argv)))
+
+
+def _shipped_metadata() -> dict:
+    """metadata.json of the shipped default: the newest version in serving_models/pneumonia."""
+    versions = glob.glob(os.path.join(ROOT, "serving_models", "pneumonia", "*", "metadata.json"))
+    newest = max(versions, key=lambda p: int(os.path.basename(os.path.dirname(p))))
+    return _json(newest)
+
+
+def _train_argv(command: str) -> list[str]:
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "train"], command
+    return argv[3:]
+
+
+def test_defaults_are_the_shipped_recipe():
+    args = _parse(*DIRS, "--site-dir", "S")
+    assert {k: args[k] for k in RECIPE} == RECIPE
+    assert {k: args[k] for k in RECIPE_REST} == RECIPE_REST
+    assert args["select_by"] == "site_roc_auc" and args["study"] is False
+
+
+def test_select_by_default_follows_the_site_sample():
+    assert _parse(*DIRS)["select_by"] == "val_roc_auc"  # site_roc_auc would need --site-dir
+    assert _parse(*DIRS, "--site-dir", "S")["select_by"] == "site_roc_auc"
+    assert _parse(*DIRS, "--site-dir", "S", "--select-by", "val_f1")["select_by"] == "val_f1"
+    assert _parse(*DIRS, "--select-by", "site_roc_auc")["select_by"] == "site_roc_auc"  # run() refuses it
+
+
+def test_study_gives_the_study_settings():
+    args = _parse(*DIRS, "--study")
+    assert {k: args[k] for k in STUDY} == STUDY
+    assert args["study"] is True and args["select_by"] == "val_roc_auc"
+    default = _parse(*DIRS)
+    # every other option keeps its default
+    assert {k: v for k, v in args.items() if k not in STUDY and k != "study"} == \
+        {k: v for k, v in default.items() if k not in STUDY and k != "study"}
+
+
+def test_explicit_options_win_over_study():
+    # before and after --study alike
+    args = _parse("--epochs", "25", *DIRS, "--study", "--patience", "5", "--image-size", "64",
+                  "--models", "baseline_cnn", "--seed", "3", "--select-by", "val_f1")
+    assert {k: args[k] for k in STUDY} == {"models": "baseline_cnn", "image_size": 64, "epochs": 25,
+                                           "patience": 5, "seed": 3}
+    assert args["select_by"] == "val_f1"
+    # the study's other settings stay
+    args = _parse(*DIRS, "--study", "--epochs", "25", "--patience", "5", "--vgg19-weights", "none")
+    assert (args["models"], args["image_size"], args["seed"]) == (STUDY["models"], 128, 42)
+    assert (args["epochs"], args["patience"], args["vgg19_weights"]) == (25, 5, "none")
+
+
+def test_shipped_train_command_equals_the_default_command():
+    """The shipped model's recorded command sets nothing the folders alone would not: same training arguments."""
+    recorded = _parse(*_train_argv(_shipped_metadata()["source"]["train_command"]))
+    minimal = _parse("--data-dir", recorded["data_dir"], "--site-dir", recorded["site_dir"],
+                     "--output-dir", recorded["output_dir"])
+    assert recorded == minimal
+
+
+def _doc_commands(path) -> list[str]:
+    """The shell commands of a markdown file's code blocks, continuation lines joined, comments dropped."""
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"^```[a-z]*\n(.*?)^```", f.read(), flags=re.S | re.M)
+    lines = re.sub(r"\\\n", " ", "\n".join(blocks)).splitlines()
+    return [" ".join(line.split("  #")[0].split()) for line in lines if line.strip().startswith("python -m ")]
+
+
+def test_training_docs_carry_the_shipped_commands():
+    source = _shipped_metadata()["source"]
+    commands = _doc_commands(os.path.join(ROOT, "docs", "training.md"))
+    assert source["train_command"] in commands
+    assert source["export_command"] in commands
+    recorded = _parse(*_train_argv(source["train_command"]))
+    # the short form in the docs trains the same
+    short = [c for c in commands if c.startswith("python -m train ") and c != source["train_command"]
+             and _parse(*_train_argv(c)) == recorded]
+    assert short and all(len(c) < len(source["train_command"]) for c in short)
+    for command in commands:  # every documented training command parses
+        if command.startswith("python -m train "):
+            _parse(*_train_argv(command))

@@ -1,40 +1,89 @@
-"""python -m train: build, train and evaluate the study models on a folder of X-rays."""
+"""python -m train: split a folder of chest X-rays by patient, train and evaluate models, pick the best.
+
+With only the folders given it trains the recipe that ships (docs/training.md): resnet_aug, an ensemble of 3
+seeds at 64 px, 24 epochs, the last stage at stride 1, seed 1; with --site-dir the best model is picked by its
+ROC AUC on the site sample. --study trains the original study's three models instead (baseline_cnn,
+augmented_cnn, vgg19 at 128 px, at most 100 epochs with early stopping (patience 20), seed 42). Options
+given explicitly win over both.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-DEFAULT_MODELS = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
+MODEL_CHOICES = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
 SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy", "site_roc_auc")
+
+# The shipped model's training settings: the defaults.
+RECIPE = {"models": "resnet_aug", "image_size": 64, "epochs": 24, "patience": 20, "seed": 1, "ensemble": 3,
+          "last_stride": 1}
+# --study: the original study's models and settings; the options it does not name keep the defaults.
+STUDY = {"models": "baseline_cnn,augmented_cnn,vgg19", "image_size": 128, "epochs": 100, "patience": 20, "seed": 42}
+
+
+def default_select_by(site_dir: str | None) -> str:
+    """The site sample's ROC AUC when there is a site sample, else the validation split's."""
+    return "site_roc_auc" if site_dir else "val_roc_auc"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True,
+                   help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")
+    p.add_argument("--output-dir", required=True, help="run directory to create")
+    p.add_argument("--site-dir", default=None,
+                   help="labelled sample of new scans, ROOT/{NORMAL,PNEUMONIA}/*: evaluated, never trained on")
+    p.add_argument("--study", action="store_true",
+                   help=f"the original study: --models {STUDY['models']} --image-size {STUDY['image_size']} "
+                        f"--epochs {STUDY['epochs']} --patience {STUDY['patience']} --seed {STUDY['seed']} "
+                        "(options given explicitly win)")
+    p.add_argument("--models", help=f"comma-separated subset of {MODEL_CHOICES} (default: %(default)s)")
+    p.add_argument("--image-size", type=int, help="pixels per side (default: %(default)s)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs; the study's models stop early, resnet_aug runs all of them (default: %(default)s)")
+    p.add_argument("--patience", type=int,
+                   help="early-stopping patience of the study's models; resnet_aug has none (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="split and training seed (default: %(default)s)")
+    p.add_argument("--split", default="0.70,0.15,0.15", help="train,val,test fractions (default: %(default)s)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="the validation-chosen threshold is the most specific one reaching this recall "
+                        "(default: %(default)s)")
+    p.add_argument("--select-by", default=None, choices=SELECT_BY,
+                   help="metric that picks the best model (default: site_roc_auc with --site-dir, else val_roc_auc)")
+    p.add_argument("--vgg19-weights", default="imagenet",
+                   help="imagenet (Keras cache, no download) | none | PATH (default: %(default)s)")
+    p.add_argument("--limit-per-class", type=int, default=None, help="at most N images per class (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="Adam's rate; resnet_aug decays it to 0 (cosine) over --epochs (default: %(default)s)")
+    p.add_argument("--ensemble", type=int,
+                   help="resnet_aug: members (seeds seed, seed+1, ...) averaged in one graph (default: %(default)s)")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="resnet_aug: mixup Beta(a, a) parameter; 0 turns it off (default: %(default)s)")
+    p.add_argument("--augment", default="recipe", choices=("recipe", "none"),
+                   help="resnet_aug: the recipe's augmentation, or none (an experiment's control) "
+                        "(default: %(default)s)")
+    p.add_argument("--last-stride", type=int, choices=(1, 2),
+                   help="resnet_aug: stride of the last stage (1: heatmaps of S/8 instead of S/16 per side) "
+                        "(default: %(default)s)")
+    p.add_argument("--crop-min-area", type=float, default=0.5,
+                   help="resnet_aug: smallest random-crop area fraction (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
+    p.set_defaults(**RECIPE)
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    p.add_argument("--data-dir", required=True, help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")
-    p.add_argument("--output-dir", required=True, help="run directory to create")
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated subset of {DEFAULT_MODELS}")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping usually ends sooner)")
-    p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--split", default="0.70,0.15,0.15", help="train,val,test fractions")
-    p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--select-by", default="val_roc_auc", choices=SELECT_BY)
-    p.add_argument("--vgg19-weights", default="imagenet", help="imagenet (Keras cache, no download) | none | PATH")
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--site-dir", default=None,
-                   help="labelled sample of new scans, ROOT/{NORMAL,PNEUMONIA}/*: evaluated, never trained on")
-    p.add_argument("--ensemble", type=int, default=1, help="resnet_aug: members (seeds seed, seed+1, ...) averaged in one graph")
-    p.add_argument("--mixup", type=float, default=0.0, help="resnet_aug: mixup Beta(a, a) parameter; 0 turns it off")
-    p.add_argument("--augment", default="recipe", choices=("recipe", "none"),
-                   help="resnet_aug: the recipe's augmentation, or none (an experiment's control)")
-    p.add_argument("--last-stride", type=int, default=2, choices=(1, 2),
-                   help="resnet_aug: stride of the last stage (1: heatmaps of S/8 instead of S/16 per side)")
-    p.add_argument("--crop-min-area", type=float, default=0.5, help="resnet_aug: smallest random-crop area fraction")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
-    return p.parse_args(argv)
+    """The options, with --study's settings where it is given and an option is not, and --select-by resolved."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.study:
+        p.set_defaults(**STUDY)
+        args = p.parse_args(argv)
+    if args.select_by is None:
+        args.select_by = default_select_by(args.site_dir)
+    return args
 
 
 def main(argv=None) -> int:

@@ -63,8 +63,8 @@ def main(argv=None) -> int:
 
     from sklearn.metrics import roc_auc_score
 
-    from xray_core.metrics import operating_point
     from train.models import load_model
+    from xray_core.metrics import operating_point
 
     comparison = json.load(open(os.path.join(args.run_dir, "comparison.json")))
     names = args.models.split(",") if args.models else [r["model"] for r in comparison["models"]]

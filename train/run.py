@@ -28,7 +28,7 @@ from train.data import (
     write_split_csv,
 )
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
-from xray_core.files import publish_dir, temp_dir_beside, blocking_ancestor
+from xray_core.files import blocking_ancestor, publish_dir, temp_dir_beside
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig

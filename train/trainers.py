@@ -1,4 +1,4 @@
-"""Train one named model on the split arrays -> (keras model, history, predict function)."""
+"""Train one named model on the split arrays -> (keras model, history, ensemble members, val/test predictions)."""
 from __future__ import annotations
 
 import time
