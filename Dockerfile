@@ -1,5 +1,5 @@
 # Scoring image: the base install only (onnxruntime + Beam), no TensorFlow, and only the scoring side's code
-# (xray_core, export for the package checks, batch_job); nothing of it imports train/.
+# (xray_core, with the model-package contract, and batch_job); nothing of it imports export/ or train/.
 #   docker build -t pneumonia-batch .
 #   docker run --rm -v /data/xrays:/input:ro -v /data/scores:/output pneumonia-batch
 #   docker run --rm -v ...:/input:ro -v ...:/output pneumonia-batch --input /input --output /output/2026-11-25
@@ -11,7 +11,6 @@ RUN useradd --create-home --uid 10001 scorer
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY xray_core ./xray_core
-COPY export ./export
 COPY batch_job ./batch_job
 COPY serving_models ./serving_models
 RUN pip install .

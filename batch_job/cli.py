@@ -12,8 +12,8 @@ from batch_job.interrupts import GATE
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
-from export.package import PackageError
 from xray_core.errors import one_line
+from xray_core.package import PackageError
 
 LOG = logging.getLogger("batch_job")
 
@@ -25,7 +25,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
     p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
-    p.add_argument("--threshold", type=float, default=None, help="default: the package's decision_threshold (metadata.json)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="default: the package's decision_threshold (metadata.json)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=None,
                    help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
@@ -57,7 +58,7 @@ def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
     try:
-        metrics = run(args, beam_args, started)
+        result = run(args, beam_args, started)
     except KeyboardInterrupt:
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
@@ -71,8 +72,8 @@ def main(argv=None, started: float | None = None) -> int:
         held, GATE.pending = GATE.pending, False  # a Ctrl-C held while publishing (interrupts.py)
     if held:
         LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
-    print(summary(metrics, os.path.abspath(args.output)))
-    if args.fail_on_drift and metrics["drift"]["detected"]:
-        return fail(f"{summary_line(metrics['drift'])}; outputs published in {os.path.abspath(args.output)} "
+    print(summary(result, os.path.abspath(args.output)))
+    if args.fail_on_drift and result.drift.detected:
+        return fail(f"{summary_line(result.drift)}; outputs published in {os.path.abspath(args.output)} "
                     "(--fail-on-drift)", 4)
     return 0

@@ -1,25 +1,26 @@
 """Label-free drift statistics: is tonight's folder what the model was validated on?
 
 Pure functions on arrays (scikit-learn, imported on first use, + numpy). The reference is the model package's
-`reference.npz` (the validation split's probabilities and a sample of its embeddings, export/reference.py); the
+`reference.npz` (the validation split's probabilities and a sample of its embeddings, xray_core/reference.py); the
 run's side is every probability scored in this run and a seeded sample of its embeddings (drift_check.py). Two
 figures, each with a documented default limit:
 
 * **domain-classifier ROC AUC** of the pooled embeddings: a logistic regression tries to tell the run's images
   from the reference's (stratified k-fold, out-of-fold probabilities). 0.5 means it cannot. The default limit
-  0.60 lies three standard errors above 0.5 for 300 images a side (the AUC's null spread is about 0.03 there);
-  the issue's scratch run measured 0.48 in-distribution and 0.66 for the later collection.
+  0.60 lies three standard errors above 0.5 for 300 images a side (the AUC's null spread is about 0.03 there).
 * **PSI** (population stability index) of the probability histogram over 10 equal-width bins of [0, 1]; the
-  usual line for a significant shift is 0.2 (scratch run: 0.05 in-distribution, 0.23 for the later collection).
+  usual line for a significant shift is 0.2.
 
 The positive rate is reported beside them: a change in prevalence alone also moves both figures (where the
 embeddings separate the classes well, the domain AUC of a pure case-mix change is about 0.5 + |Δ rate| / 2).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
-from export.reference import MAX_ROWS  # per side: the classifier's cost stays bounded however large the run
+from xray_core.reference import MAX_ROWS  # per side: the classifier's cost stays bounded however large the run
 
 DOMAIN_AUC_LIMIT = 0.60
 PSI_LIMIT = 0.20
@@ -64,56 +65,109 @@ def domain_auc(reference: np.ndarray, current: np.ndarray, folds: int = 5, seed:
     return float(roc_auc_score(y, p))
 
 
-NO_REFERENCE = "no drift reference"
-TOO_FEW = "too few images to judge"
-TOO_FEW_REFERENCE = "the model's reference is too small to judge"
+NO_REFERENCE, TOO_FEW, TOO_FEW_REFERENCE, FAILED, JUDGED = "no_reference", "too_few", "too_few_reference", "failed", \
+    "judged"
+NOTES = {NO_REFERENCE: "no drift reference", TOO_FEW: "too few images to judge",
+         TOO_FEW_REFERENCE: "the model's reference is too small to judge"}
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """The run's drift check. `state`: JUDGED (figures against limits), or why not: NO_REFERENCE (the package
+    has none), TOO_FEW (images scored in this run), TOO_FEW_REFERENCE, FAILED (`note` says why)."""
+
+    state: str
+    images: int  # probabilities scored in this run
+    domain_auc_limit: float
+    psi_limit: float
+    detected: bool = False
+    domain_auc: float | None = None
+    psi: float | None = None
+    sampled: int | None = None  # embeddings of this run used (None: no reference)
+    reference_images: int | None = None
+    reference_sampled: int | None = None
+    positive_rate: float | None = None
+    reference_positive_rate: float | None = None
+    seed: int | None = None
+    histogram: dict | None = None  # bin_edges, shares, reference_shares
+    note: str = ""  # why it was not judged, for FAILED
+    figures: tuple[str, ...] = ()  # the drift figures written into OUT_DIR (drift_report.py)
+
+    @property
+    def reference(self) -> bool:
+        return self.state != NO_REFERENCE
+
+    @property
+    def judged(self) -> bool:
+        return self.state == JUDGED
+
+    def to_json(self) -> dict:
+        """metrics.json's `drift` block."""
+        out = {"reference": self.reference, "images": self.images}
+        if self.histogram is not None:
+            out.update(sampled=self.sampled, reference_images=self.reference_images,
+                       reference_sampled=self.reference_sampled, positive_rate=self.positive_rate,
+                       reference_positive_rate=self.reference_positive_rate)
+        out.update(domain_auc_limit=self.domain_auc_limit, psi_limit=self.psi_limit)
+        if self.histogram is not None:
+            out.update(seed=self.seed, histogram=self.histogram)
+        out.update(judged=self.judged)
+        if self.judged:
+            out.update(domain_auc=self.domain_auc, psi=self.psi)
+        out.update(detected=self.detected)
+        if not self.judged:
+            out.update(note=self.note or NOTES[self.state])
+        out.update(figures=list(self.figures))
+        return out
 
 
 def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray, embeddings: np.ndarray,
                   probs: np.ndarray, threshold: float, auc_limit: float = DOMAIN_AUC_LIMIT,
-                  psi_limit: float = PSI_LIMIT, seed: int = 0) -> dict:
-    """The `drift` block of metrics.json: `probs` are every probability scored in this run, `embeddings` a
-    sample of their embeddings (at most MAX_ROWS are used); rows that are not finite are left out."""
+                  psi_limit: float = PSI_LIMIT, seed: int = 0) -> DriftResult:
+    """The drift check: `probs` are every probability scored in this run, `embeddings` a sample of their
+    embeddings (at most MAX_ROWS are used); rows that are not finite are left out."""
     probs = np.asarray(probs, np.float64)
     probs = probs[np.isfinite(probs)]
     embeddings = embeddings[np.isfinite(embeddings).all(axis=1)] if len(embeddings) else embeddings
-    figures = {"reference": True, "images": int(len(probs)), "sampled": int(min(len(embeddings), MAX_ROWS)),
-               "reference_images": int(len(reference_probs)),
-               "reference_sampled": int(min(len(reference_embeddings), MAX_ROWS)),
-               "positive_rate": float(np.mean(probs >= threshold)) if len(probs) else None,
-               "reference_positive_rate": float(np.mean(reference_probs >= threshold)),
-               "domain_auc_limit": auc_limit, "psi_limit": psi_limit, "seed": seed,
-               "histogram": {"bin_edges": np.linspace(0.0, 1.0, BINS + 1).round(2).tolist(),
-                             "shares": histogram_shares(probs).round(6).tolist(),
-                             "reference_shares": histogram_shares(reference_probs).round(6).tolist()}}
+    base = DriftResult(
+        JUDGED, int(len(probs)), auc_limit, psi_limit, sampled=int(min(len(embeddings), MAX_ROWS)),
+        reference_images=int(len(reference_probs)), reference_sampled=int(min(len(reference_embeddings), MAX_ROWS)),
+        positive_rate=float(np.mean(probs >= threshold)) if len(probs) else None,
+        reference_positive_rate=float(np.mean(reference_probs >= threshold)), seed=seed,
+        histogram={"bin_edges": np.linspace(0.0, 1.0, BINS + 1).round(2).tolist(),
+                   "shares": histogram_shares(probs).round(6).tolist(),
+                   "reference_shares": histogram_shares(reference_probs).round(6).tolist()})
     if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:
-        return {**figures, "detected": False, "judged": False, "note": TOO_FEW}
+        return replace(base, state=TOO_FEW)
     if len(reference_probs) < MIN_IMAGES or len(reference_embeddings) < MIN_IMAGES:
-        return {**figures, "detected": False, "judged": False, "note": TOO_FEW_REFERENCE}
+        return replace(base, state=TOO_FEW_REFERENCE)
     auc = domain_auc(reference_embeddings, embeddings, seed=seed)
     shift = psi(histogram_shares(reference_probs), histogram_shares(probs))
-    return {**figures, "judged": True, "domain_auc": auc, "psi": shift,
-            "detected": bool(auc > auc_limit or shift > psi_limit)}
+    return replace(base, domain_auc=auc, psi=shift, detected=bool(auc > auc_limit or shift > psi_limit))
 
 
-def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float = PSI_LIMIT) -> dict:
-    """The `drift` block for a model package without reference.npz (exported before drift checks)."""
-    return {"reference": False, "images": int(images), "domain_auc_limit": auc_limit, "psi_limit": psi_limit,
-            "judged": False, "detected": False, "note": NO_REFERENCE}
+def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float = PSI_LIMIT) -> DriftResult:
+    """The check of a model package without reference.npz (exported before drift checks)."""
+    return DriftResult(NO_REFERENCE, int(images), auc_limit, psi_limit)
 
 
-def summary_line(drift: dict) -> str:
+def failed(images: int, auc_limit: float, psi_limit: float, reason: str) -> DriftResult:
+    """A check that raised: said so, not judged (the night's scores are published all the same)."""
+    return DriftResult(FAILED, int(images), auc_limit, psi_limit, note=f"check failed ({reason})")
+
+
+def summary_line(drift: DriftResult) -> str:
     """The job's drift line: `drift: none (...)`, `drift: DETECTED (...)`, or why it was not judged."""
-    if not drift["reference"]:
+    if drift.state == NO_REFERENCE:
         return "drift: not checked, the model has no drift reference (exported before drift checks)"
-    if drift.get("note") == TOO_FEW_REFERENCE:
-        rows = min(drift["reference_images"], drift["reference_sampled"])
-        return f"drift: {drift['note']} ({rows} reference images, need {MIN_IMAGES})"
-    if drift.get("note") == TOO_FEW:
-        return f"drift: {drift['note']} ({drift['images']} scored in this run, need {MIN_IMAGES})"
-    if not drift["judged"]:
-        return f"drift: not judged, {drift['note']}"
-    figures = (f"domain AUC {drift['domain_auc']:.3f} (limit {drift['domain_auc_limit']:.2f}), PSI {drift['psi']:.3f} "
-               f"(limit {drift['psi_limit']:.2f}), positive rate {drift['positive_rate']:.3f} vs "
-               f"{drift['reference_positive_rate']:.3f}")
-    return f"drift: DETECTED ({figures})" if drift["detected"] else f"drift: none ({figures})"
+    if drift.state == TOO_FEW_REFERENCE:
+        rows = min(drift.reference_images, drift.reference_sampled)
+        return f"drift: {NOTES[drift.state]} ({rows} reference images, need {MIN_IMAGES})"
+    if drift.state == TOO_FEW:
+        return f"drift: {NOTES[drift.state]} ({drift.images} scored in this run, need {MIN_IMAGES})"
+    if drift.state == FAILED:
+        return f"drift: not judged, {drift.note}"
+    figures = (f"domain AUC {drift.domain_auc:.3f} (limit {drift.domain_auc_limit:.2f}), PSI {drift.psi:.3f} "
+               f"(limit {drift.psi_limit:.2f}), positive rate {drift.positive_rate:.3f} vs "
+               f"{drift.reference_positive_rate:.3f}")
+    return f"drift: DETECTED ({figures})" if drift.detected else f"drift: none ({figures})"

@@ -1,18 +1,11 @@
-"""The drift part of the report (issue 14): drift.png, drift_trend.png and report.md's "Drift" section.
+"""The drift part of the report: drift.png, drift_trend.png and report.md's "Drift" section.
 
-The statistics are batch_job/drift.py's `drift` block (drift_figures / no_reference); this module only draws
-and words them (matplotlib, imported on first use). The driver's calls, in this order:
-
-    history = trend_history(book, model.model_id, metrics["run_id"], drift)  # before the ledger commit
-    drift["figures"] = write_figures(tmp, drift, threshold, model.model_id, history)
-    metrics["drift"] = drift                   # then report.write_metrics and html_report.write_html
-    ...
-    book.commit(run_id, out, model_id, entries, drift=drift)  # the run's drift row, same transaction
-
-`drift["figures"]` is the contract with report.md, report.html and the job's last lines: the names of the
-figures written into OUT_DIR (a subset of [DRIFT_FILE, TREND_FILE], in that order). They show and list
-only those; without the key, none. The trend covers the last TREND_RUNS runs of the same model version
-(`<name>/<version>`) in the ledger, this run last; without a ledger (or without a reference) there is none.
+The statistics are batch_job/drift.py's DriftResult; this module only draws and words them (matplotlib, imported
+on first use). The driver writes the figures (:func:`write_figures`) before the ledger commit, and the result's
+`figures` names what was written into OUT_DIR (a subset of [DRIFT_FILE, TREND_FILE], in that order): report.md,
+report.html and the job's last lines show and list only those. The trend covers the last TREND_RUNS runs of the
+same model version (`<name>/<version>`) in the ledger, this run last; without a ledger (or without a reference)
+there is none.
 """
 from __future__ import annotations
 
@@ -21,7 +14,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from batch_job.drift import summary_line
+from batch_job.drift import DriftResult, summary_line
 from batch_job.ledger import DRIFT_COLUMNS as HISTORY_KEYS  # a trend point: one row of the ledger's drift table
 from xray_core.plots import pyplot, save
 
@@ -36,15 +29,15 @@ CAVEAT = ("A change in prevalence alone (more or fewer pneumonia cases) also mov
           "positive rate beside them.")
 
 
-def histogram_png(path: str, drift: dict, threshold: float, title: str) -> None:
+def histogram_png(path: str, drift: DriftResult, threshold: float, title: str) -> None:
     """The reference's and this run's probability histograms overlaid, each bin as a share of its own images:
     the shares drift.py computed (the block's `histogram`), drawn as they are."""
-    edges, hist = drift["histogram"]["bin_edges"], drift["histogram"]
+    edges, hist = drift.histogram["bin_edges"], drift.histogram
     ref_shares, shares = hist["reference_shares"], hist["shares"]
     fig, ax = pyplot().subplots(figsize=FIGSIZE)
     ax.stairs(ref_shares, edges, fill=True, color="#b8c2cc",
-              label=f"reference: validation split ({drift['reference_images']:,})")
-    ax.stairs(shares, edges, linewidth=2, color="steelblue", label=f"this run ({drift['images']:,})")
+              label=f"reference: validation split ({drift.reference_images:,})")
+    ax.stairs(shares, edges, linewidth=2, color="steelblue", label=f"this run ({drift.images:,})")
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.5 * max(max(ref_shares), max(shares), 0.05))  # room for the legend
@@ -102,36 +95,36 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
     save(fig, path, DPI)
 
 
-def history_entry(run_id: str, drift: dict) -> dict:
+def history_entry(run_id: str, drift: DriftResult) -> dict:
     """This run as one point of the trend (the shape of Ledger.drift_history's entries), finished now."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return dict(zip(HISTORY_KEYS, (run_id, now, drift["images"], bool(drift["judged"]), bool(drift["detected"]),
-                                   drift.get("domain_auc"), drift.get("psi"), drift.get("positive_rate"))))
+    return dict(zip(HISTORY_KEYS, (run_id, now, drift.images, drift.judged, drift.detected, drift.domain_auc,
+                                   drift.psi, drift.positive_rate)))
 
 
-def trend_history(book, model_id: str, run_id: str, drift: dict) -> list[dict] | None:
+def trend_history(book, model_id: str, run_id: str, drift: DriftResult) -> list[dict] | None:
     """The trend's points: the ledger's last TREND_RUNS - 1 runs of this model version, then this run; None
     without a ledger (book None) or without a drift reference."""
-    if book is None or not drift["reference"]:
+    if book is None or not drift.reference:
         return None
     return book.drift_history(model_id, TREND_RUNS - 1) + [history_entry(run_id, drift)]
 
 
-def write_figures(out_dir: str, drift: dict, threshold: float, model_id: str,
+def write_figures(out_dir: str, drift: DriftResult, threshold: float, model_id: str,
                   history: list[dict] | None = None) -> list[str]:
     """drift.png when the model has a drift reference and this run scored any image, drift_trend.png when it
     has one and `history` has a run (without a reference the ledger keeps no drift rows: nothing to trend);
-    -> the names written (for drift["figures"])."""
+    -> the names written (the result's `figures`)."""
     written = []
-    if not drift["reference"]:
+    if not drift.reference:
         return written
-    if drift["images"] and "histogram" in drift:  # a check that failed has no histogram
+    if drift.images and drift.histogram is not None:  # a check that failed has no histogram
         histogram_png(os.path.join(out_dir, DRIFT_FILE), drift, threshold,
                       f"{model_id}: this run vs its validation split")
         written.append(DRIFT_FILE)
     if history:
-        trend_png(os.path.join(out_dir, TREND_FILE), history[-TREND_RUNS:], drift["domain_auc_limit"],
-                  drift["psi_limit"])
+        trend_png(os.path.join(out_dir, TREND_FILE), history[-TREND_RUNS:], drift.domain_auc_limit,
+                  drift.psi_limit)
         written.append(TREND_FILE)
     return written
 
@@ -140,30 +133,27 @@ def _number(value, fmt: str = ".3f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def figures_row(drift: dict) -> dict:
+def figures_row(drift: DriftResult) -> dict:
     """The table's cells as text: domain AUC, PSI (n/a when not judged), positive rates, image counts."""
-    sampled = f" ({drift['sampled']:,} sampled)" if "sampled" in drift else ""
-    return {"domain_auc": _number(drift.get("domain_auc")), "auc_limit": f"{drift['domain_auc_limit']:.2f}",
-            "psi": _number(drift.get("psi")), "psi_limit": f"{drift['psi_limit']:.2f}",
-            "positive_rate": _number(drift.get("positive_rate")),
-            "reference_positive_rate": _number(drift.get("reference_positive_rate")),
-            "images": f"{drift['images']:,}{sampled}", "reference_images": _number(drift.get("reference_images"), ",")}
+    sampled = f" ({drift.sampled:,} sampled)" if drift.sampled is not None else ""
+    return {"domain_auc": _number(drift.domain_auc), "auc_limit": f"{drift.domain_auc_limit:.2f}",
+            "psi": _number(drift.psi), "psi_limit": f"{drift.psi_limit:.2f}",
+            "positive_rate": _number(drift.positive_rate),
+            "reference_positive_rate": _number(drift.reference_positive_rate),
+            "images": f"{drift.images:,}{sampled}", "reference_images": _number(drift.reference_images, ",")}
 
 
-def explanation(drift: dict) -> str:
+def explanation(drift: DriftResult) -> str:
     """What the figures compare, in two sentences, and the prevalence caveat."""
     return (f"Domain AUC: how well a classifier tells this run's images from {REFERENCE_NAME} (0.5: it cannot); "
-            f"PSI: how far the probability histogram moved. They cover the {drift['images']:,} images scored in "
+            f"PSI: how far the probability histogram moved. They cover the {drift.images:,} images scored in "
             f"this run, not those skipped as already in the ledger. {CAVEAT}")
 
 
-def markdown_section(m: dict) -> list[str]:
-    """report.md's "Drift" section (no lines when metrics has no drift block)."""
-    drift = m.get("drift")
-    if drift is None:
-        return []
+def markdown_section(drift: DriftResult) -> list[str]:
+    """report.md's "Drift" section."""
     lines = ["", "## Drift", "", summary_line(drift)]
-    if drift["reference"]:
+    if drift.reference:
         r = figures_row(drift)
         lines += ["", "| domain AUC (limit) | PSI (limit) | positive rate: this run vs reference "
                       "| images scored (sampled) vs reference images |", "|---|---|---|---|",
@@ -172,5 +162,5 @@ def markdown_section(m: dict) -> list[str]:
                   f"| {r['images']} vs {r['reference_images']} |",
                   "", explanation(drift)]
     alts = {DRIFT_FILE: "probabilities: this run vs the validation split", TREND_FILE: "drift trend"}
-    shown = [f"![{alts[f]}]({f})" for f in drift.get("figures", []) if f in alts]
+    shown = [f"![{alts[f]}]({f})" for f in drift.figures if f in alts]
     return lines + (["", *shown] if shown else [])

@@ -15,7 +15,8 @@ import os
 
 from batch_job import drift_report, figures
 from batch_job import shards as shard_files
-from batch_job.drift import summary_line
+from batch_job.drift import DriftResult, summary_line
+from batch_job.result import RunResult
 
 TEMPLATE = "report.html.j2"
 REPORT_FILE = "report.html"
@@ -52,50 +53,47 @@ def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
     return rows
 
 
-def flagged_note(m: dict, shown: int) -> str:
-    heat = m.get("heatmaps", {"requested": 0, "model_has_heatmaps": False})
-    if heat["requested"] == 0:
+def flagged_note(r: RunResult, shown: int) -> str:
+    if r.heatmaps.requested == 0:
         return "Heatmaps are turned off (--heatmaps 0); the flagged images are the PNEUMONIA rows of the CSVs."
     if not shown:
         return "No image scored in this run was flagged."
-    if not heat["model_has_heatmaps"]:
-        return (f"The model {m['model']} has no heatmap output. The {shown} flagged images scored in this run with "
-                f"the highest probability (of {m['positive_count']} flagged), without heatmaps:")
-    return (f"The {shown} flagged images scored in this run with the highest probability (of {m['positive_count']} "
+    if not r.heatmaps.model_has_heatmaps:
+        return (f"The model {r.model} has no heatmap output. The {shown} flagged images scored in this run with "
+                f"the highest probability (of {r.positive_count} flagged), without heatmaps:")
+    return (f"The {shown} flagged images scored in this run with the highest probability (of {r.positive_count} "
             "flagged), each under its heatmap: the model's class-activation map for pneumonia, scaled per image "
             "(red: where the image holds the most evidence, blue: the least). Click a tile for its full size.")
 
 
-def labelled_section(m: dict, out_dir: str) -> dict | None:
-    if "accuracy" not in m:
+def labelled_section(r: RunResult, out_dir: str) -> dict | None:
+    if r.labelled is None:
         return None
     names = {figures.CONFUSION_FILE: "confusion matrix", figures.ROC_FILE: "ROC curve"}
-    return {"count": m["labelled_images"],
-            "scores": [(name, "n/a" if m[k] is None else f"{m[k]:.4f}") for k, name in
+    scores = r.labelled.scores
+    return {"count": r.labelled.images,
+            "scores": [(name, "n/a" if scores[k] is None else f"{scores[k]:.4f}") for k, name in
                        (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
                         ("specificity", "specificity"), ("f1", "F1"), ("roc_auc", "ROC AUC"))],
             "figures": [{"src": f, "alt": alt} for f, alt in names.items() if os.path.exists(os.path.join(out_dir, f))]}
 
 
-def drift_state(drift: dict) -> str:
+def drift_state(drift: DriftResult) -> str:
     """The drift card's value, also the banner's style: "DETECTED", "none" or "not judged"."""
-    return "DETECTED" if drift["detected"] else "none" if drift["judged"] else "not judged"
+    return "DETECTED" if drift.detected else "none" if drift.judged else "not judged"
 
 
-def drift_section(m: dict, out_dir: str) -> dict | None:
+def drift_section(drift: DriftResult, out_dir: str) -> dict:
     """The "Drift" section: its line and state, the figures' cells, the images drift_report wrote."""
-    drift = m.get("drift")
-    if drift is None:
-        return None
     names = {drift_report.DRIFT_FILE: "probability histograms: this run vs the validation split",
              drift_report.TREND_FILE: "domain AUC and PSI over the last runs"}
-    shown = [f for f in drift.get("figures", []) if f in names and os.path.exists(os.path.join(out_dir, f))]
+    shown = [f for f in drift.figures if f in names and os.path.exists(os.path.join(out_dir, f))]
     state = drift_state(drift)
     return {"line": summary_line(drift), "css": {"DETECTED": "detected", "none": "none"}.get(state, "unjudged"),
-            "row": drift_report.figures_row(drift) if drift["reference"] else None,
-            "over_auc": drift.get("domain_auc") is not None and drift["domain_auc"] > drift["domain_auc_limit"],
-            "over_psi": drift.get("psi") is not None and drift["psi"] > drift["psi_limit"],
-            "explanation": drift_report.explanation(drift) if drift["reference"] else "",
+            "row": drift_report.figures_row(drift) if drift.reference else None,
+            "over_auc": drift.domain_auc is not None and drift.domain_auc > drift.domain_auc_limit,
+            "over_psi": drift.psi is not None and drift.psi > drift.psi_limit,
+            "explanation": drift_report.explanation(drift) if drift.reference else "",
             "figures": [{"src": f, "alt": names[f]} for f in shown],
             "width": drift_report.PIXELS[0], "height": drift_report.PIXELS[1]}
 
@@ -111,27 +109,25 @@ def tile(rank: int, item) -> dict:
             "name": display(name, MAX_TEXT // 2), "folder": display(folder)}
 
 
-def context(m: dict, out_dir: str, flagged: list, errors: list[dict], tiles_cap: int) -> dict:
+def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int) -> dict:
     """Everything the template shows; every string from outside (paths, reasons) already through display()."""
-    wall = m.get("wall_seconds")
-    cards = [("found", m["images_found"], ""), ("scored", m["images_scored"], ""),
-             ("failed", m["images_failed"], "fail"), ("skipped (ledger)", m["images_skipped"], ""),
-             ("flagged PNEUMONIA", m["positive_count"], "flag"), ("positive rate", f"{m['positive_rate']:.1%}", "")]
-    if "drift" in m:
-        state = drift_state(m["drift"])
-        cards.append(("drift", state, {"DETECTED": "flag word", "none": "word", "not judged": "muted word"}[state]))
+    c = r.counts
+    state = drift_state(r.drift)
+    cards = [("found", c.found, ""), ("scored", c.scored, ""), ("failed", c.failed, "fail"),
+             ("skipped (ledger)", c.skipped, ""), ("flagged PNEUMONIA", r.positive_count, "flag"),
+             ("positive rate", f"{r.positive_rate:.1%}", ""),
+             ("drift", state, {"DETECTED": "flag word", "none": "word", "not judged": "muted word"}[state])]
     return {
-        "model": display(m["model"]), "threshold": f"{m['threshold']:.4f}", "runner": m["runner"],
-        "wall": "time n/a" if wall is None else f"{wall:.1f} s",
-        "rate": f"{m.get('images_per_second')} images/s", "run_id": m.get("run_id", ""),
+        "model": display(r.model), "threshold": f"{r.threshold:.4f}", "runner": r.runner,
+        "wall": f"{r.wall_seconds:.1f} s", "rate": f"{r.images_per_second} images/s", "run_id": r.run_id,
         "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cards": [{"key": k, "value": v, "css": css} for k, v, css in cards],
-        "per_input": [{"input": display(k), **v} for k, v in m["per_input"].items()],
-        "histogram": "histogram.png", "drift": drift_section(m, out_dir), "labelled": labelled_section(m, out_dir),
-        "flagged_note": flagged_note(m, len(flagged)),
-        "tiles": [tile(rank, item) for rank, item in enumerate(flagged[:tiles_cap], 1)],
-        "tiles_left": max(0, len(flagged) - tiles_cap),
-        "errors": errors, "error_total": m["images_failed"], "skipped": m["images_skipped"],
+        "per_input": [{"input": display(k), **v} for k, v in c.per_input.items()],
+        "histogram": "histogram.png", "drift": drift_section(r.drift, out_dir),
+        "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
+        "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
+        "tiles_left": max(0, len(r.flagged) - tiles_cap),
+        "errors": errors, "error_total": c.failed, "skipped": c.skipped,
     }
 
 
@@ -139,12 +135,12 @@ def render(ctx: dict) -> str:
     return environment().get_template(TEMPLATE).render(**ctx)
 
 
-def write_html(out_dir: str, metrics: dict, flagged: list, shards) -> int:
+def write_html(out_dir: str, result: RunResult, shards) -> int:
     """Write out_dir/report.html (UTF-8, under MAX_BYTES); -> its size in bytes."""
     tiles_cap, errors_cap = CAPS
     errors = error_rows(out_dir, shards, errors_cap)
     while True:
-        page = render(context(metrics, out_dir, flagged, errors[:errors_cap], tiles_cap)).encode("utf-8")
+        page = render(context(result, out_dir, errors[:errors_cap], tiles_cap)).encode("utf-8")
         if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0):
             break
         tiles_cap, errors_cap = tiles_cap // 2, errors_cap // 2

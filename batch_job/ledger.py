@@ -126,7 +126,8 @@ class Ledger:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
-            raise LedgerBusy(f"ledger {self.path} is in use by another batch job; run again when it has finished") from None
+            raise LedgerBusy(f"ledger {self.path} is in use by another batch job; run again when it has "
+                             "finished") from None
         try:
             with sqlite3.connect(self.path) as conn:
                 conn.executescript(SCHEMA)
@@ -141,9 +142,9 @@ class Ledger:
             self._lock_file.close()
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
-               drift: dict | None = None) -> int:
-        """Insert (sha256, probability, path) entries, the run and, given the metrics' `drift` block of a model
-        with a drift reference, the run's drift figures: in one transaction. -> the entries added."""
+               drift=None) -> int:
+        """Insert (sha256, probability, path) entries, the run and, given the run's DriftResult for a model with
+        a drift reference, the run's drift figures: in one transaction. -> the entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:
@@ -156,10 +157,10 @@ class Ledger:
                 )
                 added = conn.total_changes - before
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
-                if drift is not None and drift["reference"]:
+                if drift is not None and drift.reference:
                     conn.execute(f"INSERT INTO drift (model, {', '.join(DRIFT_COLUMNS)}) VALUES (?{', ?' * 8})",
-                                 (model, run_id, now, drift["images"], int(drift["judged"]), int(drift["detected"]),
-                                  drift.get("domain_auc"), drift.get("psi"), drift.get("positive_rate")))
+                                 (model, run_id, now, drift.images, int(drift.judged), int(drift.detected),
+                                  drift.domain_auc, drift.psi, drift.positive_rate))
         finally:
             conn.close()
         return added

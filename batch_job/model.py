@@ -1,14 +1,13 @@
-"""The model the job scores with: a verified serving package (export/package.py) and its threshold."""
+"""The model the job scores with: a verified serving package (xray_core/package.py) and its threshold."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 from batch_job.errors import InputError
-from export.package import PackageError, heatmap_hw, load_metadata, resolve_version_dir, verify_package
-from export.reference import REFERENCE_FILE
-from xray_core.errors import one_line
-from xray_core.preprocessing import PreprocessConfig
+from xray_core.package import MODEL_FILE, PackageError, load_metadata, resolve_version_dir
+from xray_core.reference import REFERENCE_FILE
+from xray_core.verify import verify_package
 
 
 @dataclass(frozen=True)
@@ -28,13 +27,8 @@ def load_model(model_arg: str, threshold_arg: float | None) -> Model:
     if failed:
         raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")
     meta = load_metadata(version_dir)
-    try:
-        PreprocessConfig.from_dict(meta["preprocessing"])
-        threshold = float(meta["decision_threshold"] if threshold_arg is None else threshold_arg)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise PackageError(f"model {version_dir} has unusable metadata: {one_line(exc)}") from None
+    threshold = meta.decision_threshold if threshold_arg is None else float(threshold_arg)
     if not 0.0 <= threshold <= 1.0:
         raise InputError("--threshold must be in [0, 1]")
-    return Model(os.path.join(version_dir, "model.onnx"), f"{meta['name']}/{meta['version']}",
-                 meta["preprocessing"], threshold, heatmap_hw(meta),
-                 os.path.join(version_dir, REFERENCE_FILE) if "reference" in meta else None)
+    return Model(os.path.join(version_dir, MODEL_FILE), meta.model_id, meta.preprocessing, threshold,
+                 meta.heatmap_hw, os.path.join(version_dir, REFERENCE_FILE) if meta.reference is not None else None)

@@ -13,21 +13,28 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 from typing import IO
 
 from batch_job.errors import InputError, JobError
 from batch_job.ledger import knows_run
 from batch_job.listing import input_root, is_uri
-from xray_core.files import (LOCK_FILE, hold_lock, publish_dir, remove_dir, take_abandoned_lock, temp_dir_beside,
-                             blocking_ancestor)
+from xray_core.files import (
+    LOCK_FILE,
+    blocking_ancestor,
+    hold_lock,
+    publish_dir,
+    remove_dir,
+    take_abandoned_lock,
+    temp_dir_beside,
+)
 
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
-# What a temp dir holds (README "Outputs", its ledger, heatmap and drift sidecars, half-written ``.*.tmp`` files)
-JOB_FILES = re.compile(r"(\.owner\.lock|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz|"
-                       r"predictions-\d+\.csv|"
-                       r"metrics\.json|report\.(md|html)|\w+\.png|heatmaps|\..+\.tmp)\Z")
+# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files
+JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
+                       r"heatmaps|\..+\.tmp)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
 
@@ -192,6 +199,11 @@ def prepare(out: str, overwrite: bool) -> str:
         os.rmdir(tmp)
         raise
     return tmp
+
+
+def remove_scratch(scratch: str) -> None:
+    """The job's scratch folder, once the driver has read it: nothing of it is published."""
+    shutil.rmtree(scratch)
 
 
 def _release(tmp: str) -> None:

@@ -1,12 +1,14 @@
 """The batch job, step by step: check -> list -> score -> reconcile -> heatmaps -> drift -> report -> publish ->
 commit.
 
-Each step's work lives in its own module: listing.py (find images, folder labels), shards.py (the
-listing file, shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner),
-reconcile.py, heatmaps.py (overlays of the top flagged images), drift_check.py (this run against the model's
-reference; drift.py the statistics, drift_report.py the figures), report.py, figures.py and html_report.py
-(report.html), outdir.py (OUT_DIR's temp dir, publishing), ledger.py. Nothing is published
-unless every listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
+Each step's work lives in its own module: listing.py (find images, folder labels), shards.py (the listing file,
+shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner), shard_result.py (each shard's
+summary, gathered by the driver), reconcile.py, heatmaps.py (overlays of the top flagged images), drift_check.py
+(this run against the model's reference; drift.py the statistics, drift_report.py the figures), result.py (the
+run's typed result), report.py, figures.py and html_report.py (report.html), outdir.py (OUT_DIR's temp dir,
+publishing), ledger.py. Everything is written into the temp dir beside OUT_DIR; the job's scratch (the listing,
+the shard summaries) lies in its ``scratch/`` folder, removed before publishing. Nothing is published unless every
+listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
 """
 from __future__ import annotations
 
@@ -17,19 +19,21 @@ import os
 import signal
 import time
 import uuid
+from dataclasses import replace
 
 import apache_beam as beam
 
-from batch_job import drift_check, drift_report, figures, heatmaps, html_report, outdir, report
+from batch_job import drift_check, drift_report, figures, heatmaps, html_report, outdir, report, shard_result
 from batch_job import shards as shard_files
-from batch_job.drift import summary_line
+from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.interrupts import GATE
 from batch_job.ledger import Ledger, check_usable
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
-from batch_job.reconcile import check, reconcile
+from batch_job.reconcile import Reconciliation, check, reconcile
+from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
 from batch_job.runner import Runner, choose_runner, execute
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
@@ -45,9 +49,9 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(args: argparse.Namespace, beam_args: list[str], started: float | None = None) -> dict:
-    """The job; -> metrics.json's content. `started`: the command's perf_counter() at start-up, so the
-    timings include its imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt."""
+def run(args: argparse.Namespace, beam_args: list[str], started: float | None = None) -> RunResult:
+    """The job; -> its result. `started`: the command's perf_counter() at start-up, so the timings include its
+    imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt."""
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
@@ -70,31 +74,37 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
         if overwrite and not args.overwrite:
             LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
         tmp = outdir.prepare(out, overwrite)
+        scratch = os.path.join(tmp, shard_result.SCRATCH)
         try:
-            listing, shards = list_images(args, tmp, runner.workers)
+            os.mkdir(scratch)
+            listing, shards = list_images(args, scratch, runner.workers)
             LOG.info("listed %d images in %.1fs -> %d shards; model %s, threshold %.4f, runner %s",
                      sum(c for _, _, c in shards), time.perf_counter() - t0, len(shards), model.model_id,
                      model.threshold, runner.label)
             kill_point("listed")
             t_scoring = time.perf_counter()
-            score(runner, shards, listing, scoring_spec(model, args.batch_size, runner, book, args.heatmaps), tmp)
+            spec = scoring_spec(model, args.batch_size, runner, book, args.heatmaps)
+            score(runner, shards, listing, spec, tmp, scratch)
             t_report = time.perf_counter()
             LOG.info("pipeline finished after %.1fs (%.1fs scoring)", t_report - t0, t_report - t_scoring)
             kill_point("scored")
-            rec = reconcile(tmp, shards, args.input)
-            check(rec)
-            flagged = heatmaps.make_heatmaps(tmp, shards, args.heatmaps, model.preprocessing)
+            rec = reconcile(tmp, listing, shards, args.input)
+            gathered = shard_result.gather(scratch, shards, args.heatmaps, spec.drift_sample)
+            check(rec, gathered.counts)
+            outdir.remove_scratch(scratch)  # read once: nothing of it is published
+            flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing)
             t_heatmaps = time.perf_counter() - t_report
-            metrics = write_report(rec, model, runner.label, tmp, book)
-            metrics["heatmaps"] = heatmaps.summary(flagged, args.heatmaps, model.heatmap_hw is not None)
+            labelled = write_figures(rec, model, tmp)
+            run_id = uuid.uuid4().hex
             t_drift = time.perf_counter()
-            metrics["drift"] = check_drift(args, tmp, shards, model, rec, metrics["run_id"], book)
+            drift = check_drift(args, tmp, model, rec, gathered.sample_embeddings, run_id, book)
             t_drift = time.perf_counter() - t_drift
-            report.add_timings(metrics, t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
-                               t_heatmaps)
-            metrics["timings"]["drift_seconds"] = round(t_drift, 3)
-            report.write_metrics(tmp, metrics)
-            html_report.write_html(tmp, metrics, flagged, shards)
+            result = RunResult(run_id, model.model_id, model.threshold, runner.label, book.path if book else None,
+                               rec, labelled, flagged, HeatmapSummary(args.heatmaps, model.heatmap_hw is not None),
+                               drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
+                                              t_heatmaps, t_drift))
+            report.write_metrics(tmp, result)
+            html_report.write_html(tmp, result, shards)
             kill_point("written")
         except BaseException:
             outdir.discard(tmp)
@@ -103,8 +113,8 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             outdir.publish(tmp, out, overwrite)
             kill_point("published")
             if book is not None:
-                commit_ledger(book, metrics, out, shards)
-    return metrics
+                commit_ledger(book, result, out, gathered.ledger_rows)
+    return result
 
 
 def replaceable(args: argparse.Namespace, out: str) -> bool:
@@ -112,9 +122,9 @@ def replaceable(args: argparse.Namespace, out: str) -> bool:
     return args.overwrite or (bool(args.ledger) and outdir.orphaned(out, args.ledger))
 
 
-def list_images(args: argparse.Namespace, tmp: str, workers: int) -> tuple[str, list]:
+def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[str, list]:
     """Stream every image path (and its folder label) to the listing file; cut it into shards."""
-    listing = os.path.join(tmp, shard_files.LISTING_FILE)
+    listing = os.path.join(scratch, shard_files.LISTING_FILE)
     roots = [input_root(arg) for arg in args.input]
     found = ((index, path, label_from_path(path, roots[index])) for index, path in iter_images(args.input))
     n = shard_files.write_listing(listing, found)
@@ -136,45 +146,40 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
                        drift_sample=drift_check.SAMPLE_ROWS if model.reference else 0)
 
 
-def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str) -> None:
-    """Run the Beam pipeline: every shard's CSV written into tmp."""
+def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str, scratch: str) -> None:
+    """Run the Beam pipeline: every shard's CSV written into tmp, its summary into scratch."""
     with Progress(tmp, shards):
         p = beam.Pipeline(runner=runner.runner, options=runner.options)
-        build_pipeline(p, shards, listing, spec, tmp)
+        build_pipeline(p, shards, listing, spec, tmp, scratch)
         execute(p)
     shard_files.remove_partial_files(tmp)  # half-written shards of killed or retried tasks
 
 
-def write_report(rec: dict, model: Model, runner_label: str, tmp: str, book: Ledger | None) -> dict:
-    """Metrics, histogram.png and with folder labels confusion.png and roc.png; -> metrics.json's content
-    without timings."""
-    metrics = report.compute_metrics(rec, model.threshold, model.model_id, runner_label)
-    report.write_histogram(os.path.join(tmp, "histogram.png"), rec["probabilities"], model.threshold, model.model_id)
-    figures.write_labelled_figures(tmp, rec, metrics)
-    metrics["run_id"] = uuid.uuid4().hex
-    if book is not None:
-        metrics["ledger"] = book.path
-    return metrics
+def write_figures(rec: Reconciliation, model: Model, tmp: str):
+    """histogram.png and, with folder labels, confusion.png and roc.png; -> the label metrics (None without)."""
+    report.write_histogram(os.path.join(tmp, "histogram.png"), rec.probabilities, model.threshold, model.model_id)
+    figures.write_labelled_figures(tmp, rec, model.threshold)
+    return label_metrics(rec, model.threshold)
 
 
-def check_drift(args: argparse.Namespace, tmp: str, shards: list, model: Model, rec: dict, run_id: str,
-                book: Ledger | None) -> dict:
-    """metrics.json's `drift` for the images scored in this run, drift.png and with a ledger drift_trend.png
-    (this model version's last runs)."""
-    fresh = rec["probabilities"][rec["scored_in_run"]]
-    block = drift_check.run_drift(tmp, shards, model.reference, fresh, model.threshold, args.drift_auc_limit,
-                                  args.drift_psi_limit, drift_check.SAMPLE_ROWS)
-    history = drift_report.trend_history(book, model.model_id, run_id, block)
-    block["figures"] = drift_report.write_figures(tmp, block, model.threshold, model.model_id, history)
-    LOG.info(summary_line(block))
-    return block
+def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconciliation, sample, run_id: str,
+                book: Ledger | None) -> DriftResult:
+    """The drift check of the images scored in this run, drift.png and with a ledger drift_trend.png (this model
+    version's last runs)."""
+    fresh = rec.probabilities[rec.scored_in_run]
+    drift = drift_check.run_drift(model.reference, fresh, sample, model.threshold, args.drift_auc_limit,
+                                  args.drift_psi_limit)
+    history = drift_report.trend_history(book, model.model_id, run_id, drift)
+    drift = replace(drift, figures=tuple(drift_report.write_figures(tmp, drift, model.threshold, model.model_id,
+                                                                    history)))
+    LOG.info(summary_line(drift))
+    return drift
 
 
-def commit_ledger(book: Ledger, metrics: dict, out: str, shards: list) -> None:
+def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]]) -> None:
     """Record the newly scored images, in one transaction; LedgerNotUpdated (exit 3) if that fails."""
     try:
-        added = book.commit(metrics["run_id"], out, metrics["model"], shard_files.read_ledger_entries(out, shards),
-                            metrics["drift"])
+        added = book.commit(result.run_id, out, result.model, rows, result.drift)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

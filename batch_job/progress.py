@@ -27,7 +27,8 @@ class Progress(threading.Thread):
     def run(self):
         while not self.stop.wait(self.interval):
             n = self.done()
-            LOG.info("progress: %d/%d images scored (%.1f images/s)", n, self.total, n / (time.perf_counter() - self.t0))
+            rate = n / (time.perf_counter() - self.t0)
+            LOG.info("progress: %d/%d images scored (%.1f images/s)", n, self.total, rate)
 
     def __enter__(self) -> "Progress":
         self.start()

@@ -4,18 +4,41 @@ from __future__ import annotations
 import glob
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 from batch_job.errors import ReconciliationError
-from batch_job.shards import LISTING_FILE, read_listing, read_shard, shard_name
+from batch_job.shards import read_listing, read_shard, shard_name
 
 
-def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str]) -> dict:
+@dataclass(frozen=True)
+class Reconciliation:
+    """What the shard CSVs hold against the listing, and the scores the report needs."""
+
+    found: int
+    scored: int
+    failed: int
+    skipped: int  # through the ledger: scored by this model on an earlier night
+    missing: int
+    duplicated: int
+    unexpected: int
+    stray_shards: list[str]
+    per_input: dict[str, dict[str, int]]  # --input -> found, scored, failed, skipped
+    probabilities: np.ndarray  # float64, of the scored and skipped images, in listing order
+    labels: list[str]  # their folder labels ("" where none)
+    scored_in_run: np.ndarray  # bool: False for those skipped through the ledger
+
+    @property
+    def ok(self) -> bool:
+        return (self.missing == 0 and self.duplicated == 0 and self.unexpected == 0 and not self.stray_shards
+                and self.found == self.scored + self.failed + self.skipped)
+
+
+def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], inputs: list[str]) -> Reconciliation:
     """Count what the shards hold against the listing; gather what the report needs.
 
     Streams shard by shard: memory holds one shard plus the scored probabilities and labels."""
-    listing = os.path.join(out_dir, LISTING_FILE)
     probs, labels, fresh = [], [], []
     per_input = defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0, "skipped": 0})
     found = scored = failed = skipped = missing = duplicated = unexpected = 0
@@ -53,21 +76,19 @@ def reconcile(out_dir: str, shards: list[tuple[int, int, int]], inputs: list[str
     expected = {shard_name(s) for s, _, _ in shards}
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
-    return {
-        "images_found": found, "images_scored": scored, "images_failed": failed, "images_skipped": skipped,
-        "missing": missing, "duplicated": duplicated, "unexpected": unexpected, "stray_shards": stray,
-        "per_input": dict(per_input), "probabilities": np.asarray(probs, dtype=np.float64), "labels": labels,
-        "scored_in_run": np.asarray(fresh, dtype=bool),  # False: skipped through the ledger
-        "ok": missing == 0 and duplicated == 0 and unexpected == 0 and not stray
-        and found == scored + failed + skipped,
-    }
+    return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
+                          np.asarray(probs, dtype=np.float64), labels, np.asarray(fresh, dtype=bool))
 
 
-def check(rec: dict) -> None:
-    """ReconciliationError (exit 1, nothing published) unless every listed image is accounted for once."""
-    if not rec["ok"]:
+def check(rec: Reconciliation, summary_counts: dict[str, int]) -> None:
+    """ReconciliationError (exit 1, nothing published) unless every listed image is accounted for once, and the
+    shards' summaries count what their CSVs hold."""
+    if not rec.ok:
         raise ReconciliationError(
-            f"reconciliation failed: found {rec['images_found']}, scored {rec['images_scored']}, failed "
-            f"{rec['images_failed']}, skipped {rec['images_skipped']}, missing {rec['missing']}, duplicated "
-            f"{rec['duplicated']}, unexpected {rec['unexpected']}, stray shards {len(rec['stray_shards'])}; "
-            "output not published")
+            f"reconciliation failed: found {rec.found}, scored {rec.scored}, failed {rec.failed}, skipped "
+            f"{rec.skipped}, missing {rec.missing}, duplicated {rec.duplicated}, unexpected {rec.unexpected}, "
+            f"stray shards {len(rec.stray_shards)}; output not published")
+    in_csv = {"scored": rec.scored, "failed": rec.failed, "skipped": rec.skipped}
+    if summary_counts != in_csv:
+        raise ReconciliationError(f"reconciliation failed: the shard CSVs hold {in_csv} but the shard summaries "
+                                  f"count {summary_counts}; output not published")

@@ -9,6 +9,7 @@ would drop it with a log warning).
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -27,11 +28,9 @@ def default_workers() -> int:
 def default_running_mode(cores: int) -> str:
     """Worker threads in this process up to THREADS_UP_TO cores, worker processes beyond.
 
-    Pillow's decoder and onnxruntime release the GIL, so threads need no worker start-up
-    (two SDK worker processes cost ~2-3 s each job) and share one model session. The
-    Python part of scoring an image holds the GIL for ~15% of its time on 2 cores
-    (measured: 2 threads score 1.7x as fast as 1), which caps threads at ~6x; beyond
-    4 cores, processes. bench/RESULTS.md has the numbers.
+    Pillow's decoder and onnxruntime release the GIL, so threads need no worker start-up and share one model
+    session; the Python part of scoring an image holds the GIL for part of its time, which caps what threads
+    gain as cores grow, so beyond THREADS_UP_TO cores the workers are processes (README, "Batch scoring").
     """
     return "multi_threading" if cores <= THREADS_UP_TO else "multi_processing"
 
@@ -46,19 +45,21 @@ class Runner:
 
 def beam_leftovers(beam_args: list[str]) -> list[str]:
     """What Beam's own option parser does not recognise among `beam_args` (stray words, misspelt options):
-    Beam would drop them with only a log warning. InputError for a value it cannot parse."""
-    from apache_beam.options.pipeline_options import _BeamArgumentParser
+    Beam would drop them with only a log warning. InputError for a value it cannot parse.
 
-    class Parser(_BeamArgumentParser):
-        def error(self, message):
-            raise InputError(f"bad Beam pipeline option: {message}")
+    Beam's parser of every registered option is the one PipelineOptions.get_all_options builds; its public
+    add_extra_args_fn hook hands it over, and it parses `beam_args` here."""
+    leftovers: list[str] = []
 
-    parser, classes = Parser(allow_abbrev=False), {}
-    for cls in PipelineOptions.__subclasses__():  # as PipelineOptions.get_all_options does
-        classes.setdefault(str(cls), cls)
-    for cls in classes.values():
-        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam has no public parser of all its options
-    return parser.parse_known_args(beam_args)[1]
+    def parse(parser: argparse.ArgumentParser) -> None:
+        parser.exit_on_error = False  # an unparseable value raises ArgumentError instead of exiting
+        try:
+            leftovers.extend(parser.parse_known_args(beam_args)[1])
+        except argparse.ArgumentError as exc:
+            raise InputError(f"bad Beam pipeline option: {exc}") from None
+
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parse)
+    return leftovers
 
 
 def refuse_leftovers(beam_args: list[str]) -> None:

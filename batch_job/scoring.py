@@ -12,18 +12,18 @@ import numpy as np
 
 from batch_job import ledger
 from batch_job.listing import is_uri
-from export.package import EMBEDDING_NAME, HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME, load_session
 from xray_core.errors import one_line
+from xray_core.package import open_session, score
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
-COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error", "heatmap")
+COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
 SESSIONS_KEPT = 4  # per worker process; a long-lived Dask worker sees one model version after another
 _SESSIONS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=SESSIONS_KEPT)
 def _session(model_path: str, intra_op_threads: int, mtime_ns: int, size: int):
-    return load_session(model_path, intra_op_threads)
+    return open_session(model_path, intra_op_threads)
 
 
 def get_session(model_path: str, intra_op_threads: int):
@@ -98,34 +98,49 @@ class ScoringSpec:
     drift_sample: int = 0  # keep the embeddings of the shard's first N images in the seeded order (0: none)
 
 
-def _record(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
-            sha256: str = "", status: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Row:
+    """One image's result: its CSV row (COLUMNS, as text) and what the shard summary keeps of it."""
+
+    path: str
+    status: str  # ok, error or skipped (scored by this model on an earlier night: the ledger's probability)
+    probability: str  # 8 decimals; "" for an error
+    prediction: str  # PNEUMONIA, NORMAL or ""
+    threshold: str
+    label: str  # the folder label, or ""
+    model: str
+    error: str
+    sha256: str = ""  # of the file's bytes, with a ledger only
+    heatmap: np.ndarray | None = None  # (h, w): flagged images of this run, with spec.with_heatmap
+    embedding: np.ndarray | None = None  # (D,): images scored in this run, with spec.drift_sample
+
+    def csv_row(self) -> list[str]:
+        return [getattr(self, c) for c in COLUMNS]
+
+    @property
+    def flagged(self) -> bool:
+        return self.status == "ok" and self.prediction == "PNEUMONIA"
+
+
+def make_row(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
+             sha256: str = "", status: str | None = None, heatmap: np.ndarray | None = None,
+             embedding: np.ndarray | None = None) -> Row:
     ok = probability is not None
     if ok:
         probability = round(float(probability), 8)  # decide on exactly what the CSV and ledger hold
-    return {
-        "path": path,
-        "status": status or ("ok" if ok else "error"),
-        "probability": f"{probability:.8f}" if ok else "",
-        "prediction": ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else "",
-        "threshold": repr(float(spec.threshold)),
-        "label": label,
-        "model": spec.model_id,
-        "error": error,
-        "heatmap": "",  # filled in by the driver's heatmap step (heatmaps.py) for the top N flagged images
-        "sha256": sha256,  # not a CSV column: feeds the ledger
-    }
+    prediction = ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else ""
+    return Row(path, status or ("ok" if ok else "error"), f"{probability:.8f}" if ok else "", prediction,
+               repr(float(spec.threshold)), label, spec.model_id, error, sha256,
+               heatmap if prediction == "PNEUMONIA" else None, embedding)
 
 
-def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[dict]:
-    """One record per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the
-    folder labels the listing found for the paths (default: none). With spec.with_heatmap, each flagged
-    (PNEUMONIA) record also holds its class-activation map under "heatmap_array", and with spec.drift_sample
-    each record scored in this run its embedding under "embedding" (neither is a CSV column)."""
+def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[Row]:
+    """One row per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the folder
+    labels the listing found for the paths (default: none)."""
     labels = labels or [""] * len(paths)
     config = PreprocessConfig.from_dict(spec.preprocessing)
     session = get_session(spec.model_path, spec.intra_op_threads)
-    records: list[dict] = []
+    rows: list[Row] = []
     for start in range(0, len(paths), spec.batch_size):
         chunk = list(zip(paths[start:start + spec.batch_size], labels[start:start + spec.batch_size]))
         arrays, slots, out = [], [], [None] * len(chunk)
@@ -137,23 +152,21 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                     digests[i] = hashlib.sha256(data).hexdigest()
                     earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
                     if earlier:
-                        out[i] = _record(path, label, spec, earlier[0], sha256=digests[i], status="skipped")
+                        out[i] = make_row(path, label, spec, earlier[0], sha256=digests[i], status="skipped")
                         continue
                 arrays.append(preprocess_image(data, config))
                 slots.append(i)
             except ImageError as exc:
-                out[i] = _record(path, label, spec, error=str(exc), sha256=digests[i])
+                out[i] = make_row(path, label, spec, error=str(exc), sha256=digests[i])
             except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
                 reason = f"unexpected {type(exc).__name__}: {one_line(exc, 200)}"
-                out[i] = _record(path, label, spec, error=reason, sha256=digests[i])
+                out[i] = make_row(path, label, spec, error=reason, sha256=digests[i])
         if arrays:
-            names = [OUTPUT_NAME] + [HEATMAP_NAME] * spec.with_heatmap + [EMBEDDING_NAME] * bool(spec.drift_sample)
-            got = dict(zip(names, session.run(names, {INPUT_NAME: np.stack(arrays)})))
-            for j, (i, p) in enumerate(zip(slots, got[OUTPUT_NAME].reshape(-1))):
-                out[i] = _record(*chunk[i], spec, float(p), sha256=digests[i])
-                if HEATMAP_NAME in got and out[i]["prediction"] == "PNEUMONIA":
-                    out[i]["heatmap_array"] = got[HEATMAP_NAME][j]
-                if EMBEDDING_NAME in got:
-                    out[i]["embedding"] = got[EMBEDDING_NAME][j]
-        records.extend(out)
-    return records
+            got = score(session, np.stack(arrays), heatmap=spec.with_heatmap, embedding=bool(spec.drift_sample),
+                        batch_size=len(arrays))
+            for j, i in enumerate(slots):
+                out[i] = make_row(*chunk[i], spec, float(got.probability[j]), sha256=digests[i],
+                                  heatmap=None if got.heatmap is None else got.heatmap[j],
+                                  embedding=None if got.embedding is None else got.embedding[j])
+        rows.extend(out)
+    return rows

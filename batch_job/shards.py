@@ -1,5 +1,5 @@
-"""The job's work units on disk: the listing file, its cut into shards, and each shard's CSV (and ledger
-sidecar). Workers write these; the driver reads them back to reconcile and to commit the ledger."""
+"""The job's work units on disk: the listing file (in the job's scratch folder), its cut into shards, and each
+shard's CSV. Workers write the CSVs; the driver reads them back to reconcile."""
 from __future__ import annotations
 
 import csv
@@ -9,19 +9,15 @@ import math
 import os
 from typing import Iterable, Iterator
 
-from batch_job.scoring import COLUMNS
+from batch_job.scoring import COLUMNS, Row
 from xray_core.files import atomic_write
 
-LISTING_FILE = "_listing.jsonl"
+LISTING_FILE = "listing.jsonl"
 MAX_SHARD = 2048  # images per shard at most
 
 
 def shard_name(shard_id: int) -> str:
     return f"predictions-{shard_id:05d}.csv"
-
-
-def ledger_sidecar(shard_id: int) -> str:
-    return f"_ledger-{shard_id:05d}.jsonl"
 
 
 def shard_size(requested: int | None, n: int, batch_size: int, workers: int) -> int:
@@ -68,22 +64,14 @@ def read_listing(path: str, offset: int = 0, count: int | None = None) -> Iterat
             yield index, p, label
 
 
-def write_shard(out_dir: str, shard_id: int, records: list[dict], with_ledger: bool = False) -> str:
-    """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it.
-
-    With the ledger, the newly scored images' (sha256, probability, path) go to a sidecar
-    first; the CSV, written last, is what marks the shard complete.
-    """
-    if with_ledger:
-        atomic_write(os.path.join(out_dir, ledger_sidecar(shard_id)), lambda f: f.writelines(
-            json.dumps([r["sha256"], float(r["probability"]), r["path"]]) + "\n"
-            for r in records if r["status"] == "ok"))
+def write_shard(out_dir: str, shard_id: int, rows: list[Row]) -> str:
+    """Write one CSV shard atomically (temp file + rename), so a retried task just rewrites it."""
     final = os.path.join(out_dir, shard_name(shard_id))
 
     def write_csv(f):
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(r.csv_row() for r in rows)
 
     atomic_write(final, write_csv)
     return final
@@ -95,14 +83,6 @@ def read_shard(path: str) -> list[dict]:
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise ValueError(f"{path}: unexpected header {reader.fieldnames}")
         return list(reader)
-
-
-def read_ledger_entries(out_dir: str, shards) -> Iterator[tuple[str, float, str]]:
-    for shard_id, _, _ in shards:
-        with open(os.path.join(out_dir, ledger_sidecar(shard_id)), encoding="utf-8") as f:
-            for line in f:
-                sha, prob, path = json.loads(line)
-                yield sha, prob, path
 
 
 def remove_partial_files(out_dir: str) -> None:

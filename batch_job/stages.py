@@ -11,7 +11,7 @@ import os
 
 import apache_beam as beam
 
-from batch_job import drift_check, heatmaps
+from batch_job import shard_result
 from batch_job import shards as shard_files
 from batch_job.scoring import ScoringSpec, score_paths
 
@@ -35,30 +35,26 @@ class ReadShard(beam.DoFn):
 class ScoreAndWriteShard(beam.DoFn):
     """(shard id, [paths], [labels]) -> (shard id, rows written).
 
-    Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads)
-    and writes the shard's CSV atomically inside process(). A retried task simply rewrites the same file.
-    With spec.heatmaps = N, the shard's top N flagged images go to a sidecar first (heatmaps.py); with
-    spec.drift_sample = K, its K first images in the seeded sample order with their embeddings (drift_check.py).
+    Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads) and writes,
+    inside process(), the shard's summary into the scratch folder and then its CSV, each atomically
+    (shard_result.py). A retried task simply rewrites the same files.
     """
 
-    def __init__(self, spec: ScoringSpec, out_dir: str):
-        self.spec, self.out_dir = spec, out_dir
+    def __init__(self, spec: ScoringSpec, out_dir: str, scratch: str):
+        self.spec, self.out_dir, self.scratch = spec, out_dir, scratch
 
     def process(self, element):
         shard_id, paths, labels = element
-        records = score_paths([os.fsdecode(p) for p in paths], self.spec, labels)
-        if self.spec.heatmaps:
-            heatmaps.write_sidecar(self.out_dir, shard_id, heatmaps.top_flagged(records, self.spec.heatmaps))
-        if self.spec.drift_sample:
-            drift_check.write_sidecar(self.out_dir, shard_id, *drift_check.smallest(records, self.spec.drift_sample))
-        shard_files.write_shard(self.out_dir, shard_id, records, self.spec.ledger_path is not None)
-        yield shard_id, len(records)
+        rows = score_paths([os.fsdecode(p) for p in paths], self.spec, labels)
+        shard_result.write(self.scratch, shard_id, shard_result.summarise(rows, self.spec))
+        shard_files.write_shard(self.out_dir, shard_id, rows)
+        yield shard_id, len(rows)
 
 
-def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpec, out_dir: str):
+def build_pipeline(p: beam.Pipeline, shards, listing_path: str, spec: ScoringSpec, out_dir: str, scratch: str):
     return (
         p
         | "ListShards" >> beam.Create(shards, reshuffle=True)
         | "ReadShard" >> beam.ParDo(ReadShard(listing_path))
-        | "DecodeScoreWrite" >> beam.ParDo(ScoreAndWriteShard(spec, out_dir))
+        | "DecodeScoreWrite" >> beam.ParDo(ScoreAndWriteShard(spec, out_dir, scratch))
     )

@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from bench.common import DEFAULT_MODEL, machine, table
-from export.package import load_metadata, load_session, resolve_version_dir
+from xray_core.package import load_metadata, resolve_version_dir
+from xray_core.package import open_session as load_session
 
 
 def count_flops(model_path: str, batch: int) -> int:
@@ -74,11 +75,11 @@ def main(argv=None) -> int:
     vdir = resolve_version_dir(args.model)
     meta = load_metadata(vdir)
     model_path = os.path.join(vdir, "model.onnx")
-    size = int(meta["preprocessing"]["image_size"])
+    size = meta.image_size
     flops = count_flops(model_path, args.batch)
     ort = ort_gflops(model_path, size, args.batch, args.threads, flops)
     mm = numpy_gflops()
-    print(f"machine: {machine()}; model {meta['name']}/{meta['version']}: {flops / args.batch / 1e6:.1f} MFLOP/image")
+    print(f"machine: {machine()}; model {meta.model_id}: {flops / args.batch / 1e6:.1f} MFLOP/image")
     print(table(["what", "GFLOP/s"], [["onnxruntime, batch %d" % args.batch, ort], ["numpy float32 matmul 2048", mm]]))
     print(f"onnxruntime / matmul: {ort / mm:.2%}")
     return 0

@@ -47,9 +47,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from bench.common import DEFAULT_MODEL, REPO, hardlink_copies, machine, make_jpegs, table
 from batch_job.listing import iter_images
-from export.package import load_metadata, load_session, resolve_version_dir
+from bench.common import DEFAULT_MODEL, REPO, hardlink_copies, machine, make_jpegs, table
+from xray_core.package import load_metadata, resolve_version_dir
+from xray_core.package import open_session as load_session
 
 
 def run_pipeline(inp: str, model: str, extra=(), repo: str = REPO) -> tuple[float, dict]:
@@ -93,7 +94,8 @@ else:  # baseline_cnn and augmented_cnn are the same network at inference
     model = build_cnn({size})
 paths = json.load(sys.stdin)
 t0 = time.perf_counter()
-x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, color_mode="grayscale", target_size=({size}, {size}))) / 255.0 for p in paths])
+x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, color_mode="grayscale",
+                                                          target_size=({size}, {size}))) / 255.0 for p in paths])
 model.predict(x, verbose=0)
 print(time.perf_counter() - t0)
 """
@@ -171,12 +173,12 @@ def main(argv=None) -> int:
         if "heatmap_output" not in meta:
             raise SystemExit(f"{vdir} has no heatmap output: --heatmap-cost needs a model exported with one")
         folder = make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L")
-        print(f"machine: {machine()}; model {meta['name']}/{meta['version']}; {args.n} 1400x1100 gray JPEGs; "
+        print(f"machine: {machine()}; model {meta.model_id}; {args.n} 1400x1100 gray JPEGs; "
               f"medians of {args.repeat}")
         print(heatmap_cost(folder, args.model, args.heatmap_cost, args.repeat))
         return 0
-    size = int(meta["preprocessing"]["image_size"])
-    keras_model = args.keras_model or meta.get("source", {}).get("model_file")
+    size = meta.image_size
+    keras_model = args.keras_model or (meta.source or {}).get("model_file")
     if keras_model and not os.path.isfile(keras_model):
         keras_model = None
     has_tf = importlib.util.find_spec("tf_keras") is not None  # (c) runs in its own process
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             a_runs.append(run_pipeline(folder, args.model))
             b_runs.append(bare_loop(paths, os.path.join(vdir, "model.onnx"), size))
             if has_tf:
-                c_runs.append(notebook_way(paths, keras_model, size, meta.get("architecture", "baseline_cnn")))
+                c_runs.append(notebook_way(paths, keras_model, size, meta.architecture or "baseline_cnn"))
         a_i = [m["timings"]["scoring_images_per_second"] for _, m in a_runs]
         b_i = [n / s for s in b_runs]
         c_i = [n / s for s in c_runs] if c_runs else [float("nan")] * len(a_i)
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
         mid_t = mid_m["timings"]
         whole_rows.append([name, n / mid_whole, mid_whole, mid_t["setup_seconds"], mid_t["scoring_seconds"],
                            mid_t["report_seconds"], n / mid_whole / med(b_i)])
-    print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({size}px); medians of {args.repeat}; "
+    print(f"machine: {machine()}; model {meta.model_id} ({size}px); medians of {args.repeat}; "
           f"(c) from {(keras_model or 'the architecture, untrained weights') if has_tf else 'n/a: no TensorFlow'}")
     print(f"pipeline start-up (1-image job, whole command, median): {startup:.2f} s")
     print(table(["input", "images", "a: pipeline img/s", "b: bare loop img/s", "c: notebook img/s", "a/b",

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
     h = fit.fit(build_cnn(args.image_size), (x[tr], y[tr]), (x[va], y[va]), name="b", epochs=args.epochs,
                 patience=100, seed=0, log=quiet)
-    rows.append(["baseline_cnn epoch", int(tr.sum()), round(h["seconds"][0], 1), round(float(np.mean(h["seconds"][1:])), 1)])
+    later = round(float(np.mean(h["seconds"][1:])), 1)
+    rows.append(["baseline_cnn epoch", int(tr.sum()), round(h["seconds"][0], 1), later])
 
     n = min(args.vgg_images, int(tr.sum()))
     idx = np.flatnonzero(tr)[:n]
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     full2, _, _ = vgg19_parts(args.image_size, None)
     h = fit.fit(full2, (x[idx], y[idx]), (x[vidx], y[vidx]), name="f", epochs=2, patience=100, seed=0, log=quiet)
     full_epoch = float(h["seconds"][-1])
-    rows.append(["vgg19 full model epoch (frozen base run every epoch)", n, round(h["seconds"][0], 1), round(full_epoch, 1)])
+    rows.append(["vgg19 full model epoch (frozen base run every epoch)", n, round(h["seconds"][0], 1),
+                 round(full_epoch, 1)])
     print(f"machine: {machine()}; image size {args.image_size}")
     print(table(["what", "images", "first epoch / once (s)", "later epochs mean (s)"], rows))
     e = 50

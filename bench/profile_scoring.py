@@ -19,10 +19,11 @@ import time
 import numpy as np
 from PIL import Image
 
-from bench.common import DEFAULT_MODEL, machine, table
 from batch_job.listing import iter_images
-from export.package import load_metadata, load_session, resolve_version_dir
-from xray_core.preprocessing import PreprocessConfig, decode_image, preprocess_image, to_model_input
+from bench.common import DEFAULT_MODEL, machine, table
+from xray_core.package import load_metadata, resolve_version_dir
+from xray_core.package import open_session as load_session
+from xray_core.preprocessing import decode_image, preprocess_image, to_model_input
 
 
 def per_image_ms(fn, items, passes: int = 5) -> float:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     vdir = resolve_version_dir(args.model)
     meta = load_metadata(vdir)
-    cfg = PreprocessConfig.from_dict(meta["preprocessing"])
+    cfg = meta.config
     s = cfg.image_size
     session = load_session(os.path.join(vdir, "model.onnx"), 1)
     cores = len(os.sched_getaffinity(0))
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         model = per_image_ms(lambda _: session.run(["probability"], {"image": x}), range(8)) / 64
         total = read + pre + model
         rows.append([name, read, full, floor, decode, to_input, pre, model, total, cores * 1e3 / total])
-    print(f"machine: {machine()}; model {meta['name']}/{meta['version']} ({s}px), onnxruntime 1 thread, batch 64; "
+    print(f"machine: {machine()}; model {meta.model_id} ({s}px), onnxruntime 1 thread, batch 64; "
           f"ms per image, best of 5 over {args.n} images")
     print(table(["input", "read file", "full decode (no draft)", "decode at 1/8 (entropy floor)",
                  "decode_image (draft)", "resize + to float", "preprocess_image", "model", "read+preprocess+model",

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         return 2
     rng = np.random.default_rng(SEED)
     for label in ("NORMAL", "PNEUMONIA"):
-        names = sorted(n for n in os.listdir(os.path.join(site, label)) if n.lower().endswith((".jpeg", ".jpg", ".png")))
+        names = sorted(n for n in os.listdir(os.path.join(site, label))
+                       if n.lower().endswith((".jpeg", ".jpg", ".png")))
         os.makedirs(os.path.join(out, label))
         for name in pick(names, PER_CLASS, rng):
             with Image.open(os.path.join(site, label, name)) as img:

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def verify(version_dir: str) -> int:
-    from export.package import verify_package
+    from xray_core.verify import verify_package
 
     checks = verify_package(version_dir)
     for check in checks:

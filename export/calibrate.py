@@ -14,12 +14,13 @@ import os
 
 import numpy as np
 from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from export.package import INPUT_NAME, OUTPUT_NAME
 from train.data import patient_id
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
+from xray_core.package import score as run_model
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
 
 SEED = 0
@@ -48,7 +49,7 @@ def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
     return found
 
 
-def score(session, paths: list[str], config: PreprocessConfig, batch: int = 64):
+def score(session, paths: list[str], config: PreprocessConfig):
     """-> (probabilities of the decodable images, the images, their indices, [(path, error)])."""
     images, ok, failed = [], [], []
     for i, path in enumerate(paths):
@@ -60,8 +61,7 @@ def score(session, paths: list[str], config: PreprocessConfig, batch: int = 64):
     if not images:
         raise CalibrationError("no calibration image could be decoded")
     x = np.stack(images)
-    probs = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
-    return np.concatenate(probs).astype(np.float64), x, ok, failed
+    return run_model(session, x).probability.astype(np.float64), x, ok, failed
 
 
 def wilson(k: int, n: int) -> list[float]:
@@ -78,7 +78,7 @@ def auc_interval(y, p, groups, seed: int = SEED, n: int = BOOTSTRAP) -> list[flo
     for _ in range(n):
         idx = np.concatenate([rows[g] for g in rng.choice(patients, size=len(patients), replace=True)])
         if 0 < y[idx].sum() < len(idx):
-            aucs.append(operating_point(y[idx], p[idx], 0.5)["roc_auc"])
+            aucs.append(float(roc_auc_score(y[idx], p[idx])))
     return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
 
 
@@ -95,7 +95,8 @@ def two_fold(y, p, groups, target_recall: float, seed: int = SEED) -> dict:
     tp, tn = int((decided[pos] == 1).sum()), int((decided[neg] == 0).sum())
     correct = tp + tn
     return {
-        "method": "2-fold by patient (StratifiedGroupKFold, seed 0): threshold chosen on one half, measured on the other",
+        "method": "2-fold by patient (StratifiedGroupKFold, seed 0): threshold chosen on one half, measured on the "
+                  "other",
         "folds": thresholds,
         "roc_auc": operating_point(y, p, 0.5)["roc_auc"],
         "roc_auc_ci95": auc_interval(y, p, groups, seed),

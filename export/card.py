@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from export.package import INPUT_NAME, OUTPUT_NAME
+from xray_core.package import INPUT_NAME, OUTPUT_NAME
 
 _KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 

@@ -8,11 +8,15 @@ import time
 
 import numpy as np
 
-from export import reference
 from export.card import model_card
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
-from export.package import (
+from export.triton import triton_config
+from train.data import load_images, read_split_csv
+from xray_core import reference
+from xray_core.errors import one_line
+from xray_core.files import atomic_write, publish_dir, sha256_file, temp_dir_beside
+from xray_core.package import (
     CARD_FILE,
     EMBEDDING_NAME,
     HEATMAP_NAME,
@@ -20,17 +24,12 @@ from export.package import (
     METADATA_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
-    embedding_dim as embedding_dim_of,
-    heatmap_hw as heatmap_hw_of,
     load_metadata,
-    load_session,
-    sha256_file,
-    triton_config,
+    open_session,
+    score,
     versions,
+    write_metadata,
 )
-from train.data import load_images, read_split_csv
-from xray_core.errors import one_line
-from xray_core.files import atomic_write, publish_dir, temp_dir_beside
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
@@ -129,7 +128,7 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
 
 def parity(keras_model, session, x: np.ndarray, threshold: float) -> dict:
     p_keras = keras_model.predict(x, batch_size=64, verbose=0).reshape(-1)
-    p_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].reshape(-1)
+    p_onnx = score(session, x).probability
     diff = np.abs(p_keras.astype(np.float64) - p_onnx.astype(np.float64))
     return {
         "images": int(len(x)),
@@ -145,7 +144,7 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     """reference.npz (the validation split's probabilities and embeddings) and splits.csv in `staging`, after
     checking the ONNX embedding against Keras on the parity images x; -> metadata.json's `reference`."""
     keras_emb = export_model.predict(x, batch_size=64, verbose=0)[2]
-    onnx_emb = session.run([EMBEDDING_NAME], {INPUT_NAME: x})[0]
+    onnx_emb = score(session, x, embedding=True).embedding
     diff = float(np.abs(keras_emb.astype(np.float64) - onnx_emb).max())
     span = float(keras_emb.max() - keras_emb.min())
     if diff > PARITY_RELATIVE * max(span, 1e-6):  # the heatmap's rule: 1e-4 of the range
@@ -156,16 +155,16 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     images, ok, _failed = load_images(val, config)
     if not ok:
         raise ParityError("no image of the run's validation split could be read (moved data?); nothing published")
-    arrays = reference.compute(session, images)
+    ref = reference.compute(session, images)
     path = os.path.join(staging, reference.REFERENCE_FILE)
-    reference.write(path, arrays)
+    reference.write(path, ref)
     counts = reference.write_splits(os.path.join(staging, reference.SPLITS_FILE),
                                     [(ex.path, split) for ex, split in rows],
                                     reference.training_folder([ex.path for ex, _ in rows]))
     log(f"drift reference: {len(ok)} validation images ({len(val) - len(ok)} unreadable), embeddings "
-        f"{arrays['embeddings'].shape}, embedding parity max |Δ| {diff:.2e}; {reference.SPLITS_FILE}: "
+        f"{ref.embeddings.shape}, embedding parity max |Δ| {diff:.2e}; {reference.SPLITS_FILE}: "
         f"{counts['val']} val, {counts['test']} test")
-    return {**reference.summary(path, arrays, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
+    return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
@@ -206,7 +205,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         to_onnx(export_model, config.image_size, opset, onnx_path)
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
-        session = load_session(onnx_path)  # one session for calibration, parity and the heatmap checks
+        session = open_session(onnx_path)  # one session for calibration, parity and the heatmap checks
         site = site_images = None
         if calibrate_dir is not None:
             try:
@@ -237,10 +236,9 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
                               dim=dim, ref=ref)
-        with open(os.path.join(staging, METADATA_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        write_metadata(os.path.join(staging, METADATA_FILE), meta)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
-            f.write(model_card(meta))
+            f.write(model_card(meta.to_dict()))
         try:  # atomic publish: the version appears complete or not at all
             publish_dir(staging, final)
         except OSError:
@@ -249,8 +247,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
-    config_text = triton_config(name, int(newest["preprocessing"]["image_size"]), heatmap=heatmap_hw_of(newest),
-                                embedding=embedding_dim_of(newest))
+    config_text = triton_config(name, newest.image_size, heatmap=newest.heatmap_hw, embedding=newest.embedding_dim)
     atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(config_text))
     log(f"published {final}")
     return final

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.package import HEATMAP_NAME, INPUT_NAME, OUTPUT_NAME
+from xray_core.package import score
 from xray_core.preprocessing import upsample_map
 
 FRACTION = 0.10
@@ -39,18 +39,13 @@ def random_mask(shape: tuple[int, int], fraction: float, rng: np.random.Generato
 
 
 def _probability(session, x: np.ndarray) -> np.ndarray:
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].reshape(-1).astype(np.float64)
+    return score(session, x).probability.astype(np.float64)
 
 
-def faithfulness(session, images: np.ndarray, threshold: float, source: str, batch: int = 64) -> dict:
+def faithfulness(session, images: np.ndarray, threshold: float, source: str) -> dict:
     """images (N, S, S, 1) -> the check's figures for the metadata."""
-    probs, maps = [], []
-    for i in range(0, len(images), batch):
-        p, h = session.run([OUTPUT_NAME, HEATMAP_NAME], {INPUT_NAME: images[i:i + batch]})
-        probs.append(p.reshape(-1))
-        maps.append(h)
-    p = np.concatenate(probs).astype(np.float64)
-    heat = np.concatenate(maps)
+    out = score(session, images, heatmap=True)
+    p, heat = out.probability.astype(np.float64), out.heatmap
     flagged = np.flatnonzero(p >= threshold)
     rng = np.random.default_rng(SEED)
     size = images.shape[1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.faithfulness import faithfulness
-from export.package import EMBEDDING_NAME, HEATMAP_NAME, INPUT_NAME
+from xray_core.package import EMBEDDING_NAME, HEATMAP_NAME, score
 
 PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps' range
 
@@ -87,7 +87,7 @@ def heatmap_checks(keras_model, session, x: np.ndarray, threshold: float, faith_
     """Parity of the ONNX heatmap (onnxruntime `session`) with the Keras reference on x, and the faithfulness
     check on faith_images."""
     ref = reference_heatmaps(keras_model, x)
-    got = session.run([HEATMAP_NAME], {INPUT_NAME: x})[0]
+    got = score(session, x, heatmap=True).heatmap
     span = float(ref.max() - ref.min())
     diff = float(np.abs(got.astype(np.float64) - ref).max())
     parity = {"images": int(len(x)), "max_abs_diff": diff, "map_range": span,

@@ -5,9 +5,9 @@ import os
 import platform
 from datetime import datetime, timezone
 
-from export.package import _json_io, expected_io
 from xray_core.labels import CLASSES
 from xray_core.metrics import without_report
+from xray_core.package import Metadata, expected_io
 
 
 def library_versions() -> dict:
@@ -22,14 +22,14 @@ def library_versions() -> dict:
 
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
-                   export_command, site=None, heat=None, hw=None, dim=None, ref=None) -> dict:
+                   export_command, site=None, heat=None, hw=None, dim=None, ref=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
-    return {
-        "name": name,
-        "version": version,
-        "architecture": arch,
-        "source": {
+    return Metadata(
+        name=name,
+        version=version,
+        architecture=arch,
+        source={
             "run_dir": os.path.abspath(run_dir),
             "model_file": os.path.join(os.path.abspath(run_dir), arch, "model.keras"),
             "train_command": run_info.get("command"),
@@ -38,23 +38,25 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
             "split": run_info.get("args", {}).get("split"),
             "split_counts": run_info.get("split_counts"),
         },
-        "preprocessing": config,
-        "input": _json_io(io["input"]),
-        "output": _json_io(io["output"]),
-        **({"heatmap_output": _json_io(io["heatmap_output"]), "heatmap": heat} if hw else {}),
-        **({"embedding_output": _json_io(io["embedding_output"]), "reference": ref} if dim else {}),
-        "class_names": list(CLASSES),
-        "decision_threshold": site["threshold"] if site else metrics["chosen_threshold"],
-        "threshold_source": "site calibration sample" if site else "internal validation split",
-        "validation_threshold": metrics["chosen_threshold"],
-        "target_recall": site["target_recall"] if site else metrics["target_recall"],
-        "val_roc_auc": metrics["val_roc_auc"],
-        "test_metrics": {"at_0.5": without_report(metrics["test_at_0.5"]),
-                         "at_chosen": without_report(metrics["test_at_chosen"])},
-        "site_calibration": site,
-        "parity": parity_result,
-        "versions": library_versions(),
-        "opset": opset,
-        "sha256": sha256,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        preprocessing=config,
+        input=io["input"],
+        output=io["output"],
+        heatmap_output=io.get("heatmap_output"),
+        heatmap=heat if hw else None,
+        embedding_output=io.get("embedding_output"),
+        reference=ref if dim else None,
+        class_names=list(CLASSES),
+        decision_threshold=site["threshold"] if site else metrics["chosen_threshold"],
+        threshold_source="site calibration sample" if site else "internal validation split",
+        validation_threshold=metrics["chosen_threshold"],
+        target_recall=site["target_recall"] if site else metrics["target_recall"],
+        val_roc_auc=metrics["val_roc_auc"],
+        test_metrics={"at_0.5": without_report(metrics["test_at_0.5"]),
+                      "at_chosen": without_report(metrics["test_at_chosen"])},
+        site_calibration=site,
+        parity=parity_result,
+        versions=library_versions(),
+        opset=opset,
+        sha256=sha256,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -359,7 +359,6 @@ def test_training_finds_and_decodes_dicom(tmp_path):
     """Training accepts .dcm like the batch job, through the same decoder."""
     from batch_job.synthetic import make_tree
     from dicom_factory import dicom_bytes
-
     from train.data import find_examples, load_images
 
     make_tree(str(tmp_path), per_class=2, size=48, seed=0)

@@ -52,7 +52,8 @@ def test_base_image_user_and_copy_sources():
     sources = [src for src, _ in copies()]
     for src in sources:
         assert os.path.exists(os.path.join(REPO, src)), f"COPY source {src} does not exist"
-    assert {"xray_core", "export", "batch_job", "serving_models"} <= set(sources)
+    assert {"xray_core", "batch_job", "serving_models"} <= set(sources)
+    assert not {"export", "train"} & set(sources)  # the scoring side needs neither
     assert "train" not in sources  # the scoring side imports nothing from train/ (tested in test_batch_job.py)
     assert os.path.isfile(os.path.join(REPO, "serving_models", "pneumonia", "config.pbtxt"))
 

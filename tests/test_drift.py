@@ -1,4 +1,4 @@
-"""batch_job.drift on synthetic embeddings and probabilities (issue 14, first part: the statistics)."""
+"""batch_job.drift on synthetic embeddings and probabilities."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +10,9 @@ from batch_job.drift import (
     domain_auc,
     drift_figures,
     histogram_shares,
+    no_reference,
     psi,
     sample_rows,
-    no_reference,
     summary_line,
 )
 
@@ -71,28 +71,28 @@ def test_domain_auc_is_seeded_and_bounded():
 def test_drift_figures_and_summary_lines():
     ref_e, ref_p = _embeddings(600), _probs(600)
     none = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, seed=1), threshold=0.5)
-    assert none["judged"] and not none["detected"]
+    assert none.judged and not none.detected
     assert summary_line(none).startswith("drift: none (domain AUC ")
     found = drift_figures(ref_e, ref_p, _embeddings(300, shift=0.8, seed=1), _probs(300, seed=1), threshold=0.5)
-    assert found["detected"] and found["domain_auc"] > found["domain_auc_limit"]
+    assert found.detected and found.domain_auc > found.domain_auc_limit
     assert summary_line(found).startswith("drift: DETECTED (")
     # a prevalence change alone moves PSI: the positive rate is reported beside it
     prevalence = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, 0.95, seed=1), threshold=0.5)
-    assert prevalence["psi"] > prevalence["psi_limit"] and prevalence["positive_rate"] > 0.9
-    assert abs(prevalence["reference_positive_rate"] - 0.6) < 0.06
+    assert prevalence.psi > prevalence.psi_limit and prevalence.positive_rate > 0.9
+    assert abs(prevalence.reference_positive_rate - 0.6) < 0.06
 
 
 def test_too_few_images_to_judge():
     few = drift_figures(_embeddings(600), _probs(600), _embeddings(MIN_IMAGES - 1, shift=3.0),
                         _probs(MIN_IMAGES - 1), threshold=0.5)
-    assert few["judged"] is False and few["detected"] is False and "domain_auc" not in few
+    assert few.judged is False and few.detected is False and few.domain_auc is None
     assert summary_line(few) == (f"drift: too few images to judge ({MIN_IMAGES - 1} scored in this run, "
                                  f"need {MIN_IMAGES})")
 
 
 def test_no_reference_is_not_judged_and_says_so():
     block = no_reference(250)
-    assert block["reference"] is False and block["judged"] is False and block["detected"] is False
+    assert block.reference is False and block.judged is False and block.detected is False
     assert summary_line(block) == "drift: not checked, the model has no drift reference (exported before drift checks)"
 
 

@@ -1,4 +1,4 @@
-"""Drift checks in the batch job: the run's seeded embedding sample (per-shard sidecars, the driver's merge), the
+"""Drift checks in the batch job: the run's seeded embedding sample (per-shard summaries, the driver's merge), the
 `drift` block, the summary line, --fail-on-drift (exit 4), the limits' options, small runs, models without a
 reference, images skipped through the ledger, and the same figures on DirectRunner and DaskRunner."""
 from __future__ import annotations
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_job import drift_check
+from batch_job import drift_check, shard_result
 from batch_job.cli import main
 from batch_job.drift import DOMAIN_AUC_LIMIT, MIN_IMAGES, PSI_LIMIT
+from batch_job.scoring import ScoringSpec, make_row
 from batch_job.synthetic import make_tree
+from helpers import assert_one_line_error, job, write_bad_inputs, write_package
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
-
-from conftest import assert_one_line_error, write_package
 
 PER_CLASS = 60  # 120 images a run: above MIN_IMAGES
 
@@ -77,7 +77,7 @@ def test_in_distribution_run_reports_no_drift(same_run, capsys):
     assert 0.35 < d["domain_auc"] < DOMAIN_AUC_LIMIT and d["psi"] < PSI_LIMIT
     assert (d["domain_auc_limit"], d["psi_limit"]) == (DOMAIN_AUC_LIMIT, PSI_LIMIT)
     assert abs(d["positive_rate"] - d["reference_positive_rate"]) < 0.15
-    assert not [f for f in os.listdir(same_run) if f.startswith("_drift-")]  # sidecars removed
+    assert "scratch" not in os.listdir(same_run)  # shard summaries gathered, never published
 
 
 def test_shifted_run_reports_drift_and_the_summary_line_says_so(drift_package, shifted_tree, tmp_path, capsys):
@@ -152,29 +152,27 @@ def test_figures_cover_only_images_scored_in_this_run(drift_package, same_tree, 
 
 def test_sample_is_the_smallest_keys_over_all_shards(tmp_path):
     rng = np.random.default_rng(0)
-    records = [{"path": f"/x/{i}.png", "status": "ok" if i % 7 else "error", "embedding": rng.normal(size=3)}
-               for i in range(300)]
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, drift_sample=50)
+    records = [make_row(f"/x/{i}.png", "", spec, 0.5, embedding=rng.normal(size=3)) if i % 7 else
+               make_row(f"/x/{i}.png", "", spec, error="bad") for i in range(300)]
     whole = drift_check.smallest(records, 50)
     for shard_id, start in enumerate(range(0, 300, 64)):
-        drift_check.write_sidecar(str(tmp_path), shard_id, *drift_check.smallest(records[start:start + 64], 50))
+        shard_result.write(str(tmp_path), shard_id, shard_result.summarise(records[start:start + 64], spec))
     shards = [(i, 0, 0) for i in range(5)]
-    merged = drift_check.merge(str(tmp_path), shards, 50)
-    assert np.array_equal(merged, whole[1]) and len(merged) == 50
-    assert not os.listdir(tmp_path)  # sidecars removed
-    ok = {r["path"] for r in records if r["status"] == "ok"}
+    merged = shard_result.gather(str(tmp_path), shards, 0, 50)
+    assert np.array_equal(merged.sample_embeddings, whole[1]) and len(merged.sample_embeddings) == 50
+    assert np.array_equal(merged.sample_keys, whole[0])
+    ok = {r.path for r in records if r.status == "ok"}
     expected = sorted(ok, key=drift_check.sample_key)[:50]
     assert [drift_check.sample_key(p) for p in expected] == whole[0].tolist()
     assert drift_check.sample_key("/x/1.png", seed=1) != drift_check.sample_key("/x/1.png")
 
 
-def test_dask_runner_gives_the_same_figures(same_run, drift_package, same_tree, tmp_path):
-    from distributed import LocalCluster
-
+@pytest.mark.slow
+def test_dask_runner_gives_the_same_figures(same_run, drift_package, same_tree, tmp_path, dask_cluster):
     out = str(tmp_path / "dask")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        assert main(["--input", same_tree, "--model", drift_package, "--output", out, "--batch-size", "8",
-                     "--shard-size", "16", "--runner", "DaskRunner",
-                     f"--dask_client_address={cluster.scheduler_address}"]) == 0
+    assert main(["--input", same_tree, "--model", drift_package, "--output", out, "--batch-size", "8",
+                 "--shard-size", "16", "--runner", "DaskRunner", f"--dask_client_address={dask_cluster}"]) == 0
     a, b = drift_of(same_run), drift_of(out)
     assert (a["images"], a["sampled"], a["domain_auc"], a["psi"]) == (b["images"], b["sampled"], b["domain_auc"],
                                                                        b["psi"])
@@ -194,11 +192,11 @@ def test_sample_cap_holds_end_to_end_whatever_the_shards(drift_package, same_tre
 
 
 def test_threshold_override_applies_to_both_positive_rates(drift_package, same_tree, tmp_path):
-    from export import reference
+    from xray_core import reference
 
     assert run(same_tree, drift_package, tmp_path / "out", "--threshold", "0.9") == 0
     d = drift_of(tmp_path / "out")
-    ref = reference.load(os.path.join(drift_package, "1", reference.REFERENCE_FILE))["probabilities"]
+    ref = reference.load(os.path.join(drift_package, "1", reference.REFERENCE_FILE)).probabilities
     assert d["reference_positive_rate"] == pytest.approx(float(np.mean(ref >= 0.9)))
     with open(tmp_path / "out" / "metrics.json") as f:
         assert d["positive_rate"] == pytest.approx(json.load(f)["positive_rate"])
@@ -206,8 +204,6 @@ def test_threshold_override_applies_to_both_positive_rates(drift_package, same_t
 
 def test_failed_images_are_not_in_the_figures(drift_package, same_tree, tmp_path):
     import shutil
-
-    from conftest import write_bad_inputs
 
     tree = str(tmp_path / "tree")
     shutil.copytree(same_tree, tree)
@@ -232,28 +228,26 @@ def test_a_failing_check_costs_no_scores(drift_package, same_tree, tmp_path, mon
     assert "drift: not judged, check failed (ValueError: Input X contains NaN)" in capsys.readouterr().out
 
 
-def test_an_empty_retry_removes_the_shards_earlier_sample(tmp_path):
-    rows = [{"path": "/x/a.png", "status": "ok", "embedding": np.ones(3)}]
-    drift_check.write_sidecar(str(tmp_path), 0, *drift_check.smallest(rows, 10))
-    assert os.listdir(tmp_path) == [drift_check.sidecar_name(0)]
-    failed = [{"path": "/x/a.png", "status": "error"}, {"path": "/x/b.png", "status": "ok",
-                                                         "embedding": np.array([np.nan, 0, 0])}]
-    drift_check.write_sidecar(str(tmp_path), 0, *drift_check.smallest(failed, 10))  # nothing usable this time
-    assert os.listdir(tmp_path) == []
+def test_rows_without_a_usable_embedding_are_left_out_of_the_sample():
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, drift_sample=10)
+    rows = [make_row("/x/a.png", "", spec, error="bad"),
+            make_row("/x/b.png", "", spec, 0.5, embedding=np.array([np.nan, 0, 0])),
+            make_row("/x/c.png", "", spec, 0.5, embedding=np.ones(3))]
+    keys, embeddings = drift_check.smallest(rows, 10)
+    assert keys.tolist() == [drift_check.sample_key("/x/c.png")] and embeddings.tolist() == [[1, 1, 1]]
+    assert drift_check.smallest(rows[:2], 10)[0].tolist() == []
 
 
-def test_killed_after_scoring_leaves_sidecars_the_rerun_cleans_up(drift_package, same_tree, tmp_path):
+def test_killed_after_scoring_leaves_scratch_the_rerun_cleans_up(drift_package, same_tree, tmp_path):
     import glob
     import signal
-
-    from test_nightly import job
 
     out = str(tmp_path / "out")
     args = ["--input", same_tree, "--model", drift_package, "--output", out, "--shard-size", "32"]
     killed = job(args, env_kill="scored")
     assert killed.returncode == -signal.SIGKILL
     (left,) = glob.glob(out + ".tmp-*")
-    assert any(name.startswith("_drift-") for name in os.listdir(left))
+    assert any(name.startswith("shard-") for name in os.listdir(os.path.join(left, "scratch")))
     rerun = job(args)
     assert rerun.returncode == 0, rerun.stderr[-1500:]
     assert not glob.glob(out + ".tmp-*") and drift_of(out)["judged"]

@@ -1,48 +1,43 @@
-"""The drift part of the report and the ledger (issue 14), on synthetic numbers: drift.png and drift_trend.png,
+"""The drift part of the report and the ledger, on synthetic numbers: drift.png and drift_trend.png,
 report.md's section, the job's last lines, report.html's banner, and the ledger's drift rows and history."""
 from __future__ import annotations
 
 import os
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from batch_job import drift_report, html_report, report
-from batch_job.drift import no_reference, summary_line
+from batch_job.drift import FAILED, JUDGED, TOO_FEW, DriftResult, failed, no_reference, summary_line
 from batch_job.ledger import Ledger
-
-from test_report_html import parse
+from batch_job.result import LabelMetrics
+from helpers import parse, reconciliation, run_result
 
 MODEL = "pneumonia/3"
 
 
-def judged(detected: bool = True) -> dict:
-    """A drift block as drift.drift_figures builds it for a judged run (synthetic numbers)."""
+def judged(detected: bool = True) -> DriftResult:
+    """A DriftResult as drift.drift_figures builds it for a judged run (synthetic numbers)."""
     auc, shift = (0.7123, 0.2345) if detected else (0.5234, 0.0412)
-    return {"reference": True, "images": 1200, "sampled": 1200, "reference_images": 624, "positive_rate": 0.4567,
-            "reference_positive_rate": 0.3812, "domain_auc_limit": 0.60, "psi_limit": 0.20, "seed": 0,
-            "histogram": {"bin_edges": [round(i / 10, 2) for i in range(11)], "shares": [0.1] * 10,
-                          "reference_shares": [0.1] * 10},
-            "judged": True, "domain_auc": auc, "psi": shift, "detected": detected}
+    return DriftResult(JUDGED, 1200, 0.60, 0.20, detected=detected, domain_auc=auc, psi=shift, sampled=1200,
+                       reference_images=624, reference_sampled=624, positive_rate=0.4567,
+                       reference_positive_rate=0.3812, seed=0,
+                       histogram={"bin_edges": [round(i / 10, 2) for i in range(11)], "shares": [0.1] * 10,
+                                  "reference_shares": [0.1] * 10})
 
 
-def too_few() -> dict:
-    block = {k: v for k, v in judged().items() if k not in ("domain_auc", "psi")}
-    return {**block, "images": 42, "sampled": 42, "judged": False, "detected": False, "note": "too few images to judge"}
+def too_few() -> DriftResult:
+    return replace(judged(), state=TOO_FEW, images=42, sampled=42, domain_auc=None, psi=None, detected=False)
 
 
-def metrics(drift: dict | None = None) -> dict:
-    m = {"images_found": 1250, "images_scored": 1200, "images_failed": 0, "images_skipped": 50,
-         "positive_count": 548, "positive_rate": 0.4567,
-         "per_input": {"/data": {"found": 1250, "scored": 1200, "failed": 0, "skipped": 50}},
-         "probability_histogram": {"bin_edges": [round(i / 10, 2) for i in range(11)], "counts": [120] * 10},
-         "model": MODEL, "threshold": 0.5, "runner": "DirectRunner", "wall_seconds": 12.0, "images_per_second": 104.2,
-         "run_id": "run-now"}
-    if drift is not None:
-        m["drift"] = drift
-    return m
+def result(drift: DriftResult | None = None, labelled: LabelMetrics | None = None):
+    """The run's result around `drift` (default: the model has no drift reference): 1,250 images found, 1,200
+    scored in this run, 50 skipped through the ledger."""
+    counts = reconciliation(np.linspace(0.0, 1.0, 1250), skipped=50)
+    return run_result(drift=drift, labelled=labelled, counts=counts, model=MODEL)
 
 
 def point(i: int, judged_: bool = True, detected: bool = False) -> dict:
@@ -81,7 +76,7 @@ def test_trend_works_with_one_run_and_with_no_judged_run(tmp_path):
 def test_write_figures_writes_nothing_without_a_reference_scores_or_history(tmp_path):
     assert drift_report.write_figures(str(tmp_path), no_reference(12), 0.5,
                                       MODEL, [drift_report.history_entry("now", no_reference(12))]) == []
-    assert drift_report.write_figures(str(tmp_path), {**judged(), "images": 0}, 0.5, MODEL, []) == []
+    assert drift_report.write_figures(str(tmp_path), replace(judged(), images=0), 0.5, MODEL, []) == []
     assert os.listdir(tmp_path) == []
     history = [point(i) for i in range(40)]
     assert drift_report.write_figures(str(tmp_path), too_few(), 0.5, MODEL, history) == ["drift.png",
@@ -104,8 +99,8 @@ def test_trend_history_is_the_ledgers_runs_then_this_run(tmp_path):
 # ------------------------------------------------------------------ report.md and the last lines
 
 def test_markdown_section_has_the_figures_the_reference_and_the_caveat():
-    drift = {**judged(), "figures": ["drift.png", "drift_trend.png"]}
-    md = report.report_markdown(metrics(drift))
+    drift = replace(judged(), figures=("drift.png", "drift_trend.png"))
+    md = report.report_markdown(result(drift))
     section = md[md.index("## Drift"):]
     assert md.index("## Probability histogram") < md.index("## Drift")
     assert summary_line(drift) in section and "drift: DETECTED (domain AUC 0.712 (limit 0.60)" in section
@@ -116,42 +111,46 @@ def test_markdown_section_has_the_figures_the_reference_and_the_caveat():
 
 
 def test_markdown_section_when_not_judged_without_reference_or_figures():
-    section = "\n".join(drift_report.markdown_section(metrics(too_few())))
+    section = "\n".join(drift_report.markdown_section(too_few()))
     assert "drift: too few images to judge (42 scored in this run, need 100)" in section
     assert "| n/a (0.60) | n/a (0.20) | 0.457 vs 0.381 | 42 (42 sampled) vs 624 |" in section
     assert ".png)" not in section
-    bare = drift_report.markdown_section(metrics(no_reference(80)))
+    bare = drift_report.markdown_section(no_reference(80))
     assert bare == ["", "## Drift", "", summary_line(no_reference(80))]
-    assert drift_report.markdown_section(metrics()) == []
-    assert "## Drift" not in report.report_markdown(metrics())  # metrics.json of older runs
+    md = report.report_markdown(result(no_reference(80)))  # every run has a drift check, even one not made
+    assert md[md.index("## Drift"):].startswith("\n".join(bare[1:]))
+    assert "| domain AUC" not in md and ".png)" not in md[md.index("## Drift"):]
 
 
 def test_summary_has_the_drift_line_after_the_labelled_one_and_the_figures():
-    m = {**metrics({**judged(detected=False), "figures": ["drift.png", "drift_trend.png"]}), "accuracy": 0.9,
-         "recall": 0.95, "specificity": 0.85, "roc_auc": 0.93, "labelled_images": 1200}
-    lines = report.summary(m, "/out").splitlines()
+    labelled = LabelMetrics(1200, {"accuracy": 0.9, "precision": 0.88, "recall": 0.95, "specificity": 0.85,
+                                   "f1": 0.91, "roc_auc": 0.93}, {"tn": 510, "fp": 90, "fn": 30, "tp": 570})
+    r = result(replace(judged(detected=False), figures=("drift.png", "drift_trend.png")), labelled)
+    lines = report.summary(r, "/out").splitlines()
     assert lines[1].startswith("against folder labels")
     assert lines[2] == ("drift: none (domain AUC 0.523 (limit 0.60), PSI 0.041 (limit 0.20), "
                         "positive rate 0.457 vs 0.381)")
     assert lines[3].endswith("histogram.png, drift.png, drift_trend.png")
-    plain = report.summary(metrics(), "/out").splitlines()
-    assert len(plain) == 2 and "drift" not in "\n".join(plain)
+    plain = report.summary(result(no_reference(1200)), "/out").splitlines()  # no labels, no figures
+    assert len(plain) == 3 and plain[1] == summary_line(no_reference(1200))
+    assert plain[2].endswith("histogram.png") and "drift" not in plain[2]
 
 
 # ------------------------------------------------------------------ report.html
 
-def page_for(tmp_path, drift: dict | None, name: str) -> tuple[str, str]:
+def page_for(tmp_path, drift: DriftResult, name: str) -> tuple[str, str]:
     out = tmp_path / name
     out.mkdir()
-    if drift is not None and drift.get("figures"):
-        assert drift_report.write_figures(str(out), drift, 0.5, MODEL, [point(i) for i in range(5)]) == drift["figures"]
-    html_report.write_html(str(out), metrics(drift), [], [])
+    if drift.figures:
+        assert drift_report.write_figures(str(out), drift, 0.5, MODEL, [point(i) for i in range(5)]) == \
+            list(drift.figures)
+    html_report.write_html(str(out), result(drift), [])
     page, text = parse(str(out / "report.html"))
     return open(out / "report.html", encoding="utf-8").read(), text
 
 
 def test_html_shows_a_detected_banner_the_figures_and_the_card(tmp_path):
-    raw, text = page_for(tmp_path, {**judged(), "figures": ["drift.png", "drift_trend.png"]}, "detected")
+    raw, text = page_for(tmp_path, replace(judged(), figures=("drift.png", "drift_trend.png")), "detected")
     assert '<p class="banner detected">' in raw and summary_line(judged()) in text
     assert "DETECTED drift" in text  # the card: value, then key
     assert 'class="num over">0.712' in raw and 'class="num over">0.234' in raw
@@ -170,12 +169,12 @@ def test_html_banner_for_none_not_judged_and_no_reference(tmp_path):
     assert '<p class="banner unjudged">' in raw and "not judged drift" in text and "n/a" in text
     raw, text = page_for(tmp_path, no_reference(300), "noref")
     assert '<p class="banner unjudged">' in raw and "no drift reference" in text and "domain AUC" not in text
-    raw, text = page_for(tmp_path, None, "old")
-    assert 'id="drift"' not in raw and "banner" not in raw.split("<body>")[1]
 
 
 def test_html_escapes_a_hostile_note(tmp_path):
-    raw, _ = page_for(tmp_path, {**too_few(), "note": "<script>x</script>"}, "hostile")
+    drift = failed(42, 0.60, 0.20, "<script>x</script>")
+    assert drift.state == FAILED and "<script>x</script>" in summary_line(drift)  # the note is shown
+    raw, _ = page_for(tmp_path, drift, "hostile")
     assert "<script>" not in raw and "&lt;script&gt;" in raw
 
 
@@ -202,7 +201,7 @@ def test_ledger_commits_drift_and_returns_the_last_runs_of_the_version_oldest_fi
             assert book.commit(f"r{i}", f"/out/{i}", MODEL, [(f"{i:064x}", 0.5, f"/x/{i}.png")], drift=block) == 1
             book.commit(f"other{i}", "/out/o", "pneumonia/2", [], drift=judged())
         book.commit("noref", "/out/n", MODEL, [], drift=no_reference(300))  # no reference: no drift row
-        book.commit("older-code", "/out/c", MODEL, [])  # no drift block at all
+        book.commit("older-code", "/out/c", MODEL, [])  # no drift result at all
         history = book.drift_history(MODEL, 29)
         assert len(book.drift_history(MODEL, 100)) == 35 and book.drift_history(MODEL, 0) == []
     assert [h["run_id"] for h in history] == [f"r{i}" for i in range(6, 35)]
@@ -238,8 +237,8 @@ def test_a_failed_drift_insert_rolls_back_the_whole_commit(tmp_path):
     path = str(tmp_path / "ledger.sqlite")
     with Ledger(path) as book:
         book.commit("r1", "/out/1", MODEL, [], drift=judged())
-        with pytest.raises(KeyError):
-            book.commit("r2", "/out/2", MODEL, [("c" * 64, 0.3, "/x/c.png")], drift={"reference": True})
+        with pytest.raises(sqlite3.IntegrityError):  # images NOT NULL: the drift row cannot be inserted
+            book.commit("r2", "/out/2", MODEL, [("c" * 64, 0.3, "/x/c.png")], drift=replace(judged(), images=None))
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM scored").fetchone()[0] == 0
         assert conn.execute("SELECT run_id FROM runs").fetchall() == [("r1",)]

@@ -1,8 +1,8 @@
 """Heatmaps of the top N flagged images (--heatmaps N): per-shard choice, the driver's merge, the overlays and
-the predictions' `heatmap` column, on DirectRunner and DaskRunner, with the ledger, and for models without one."""
+heatmaps/index.csv, on DirectRunner and DaskRunner, with the ledger, and for models without one."""
 from __future__ import annotations
 
-import glob
+import csv
 import io
 import json
 import os
@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_job import heatmaps, overlay
-from batch_job import shards as shard_files
+from batch_job import heatmaps, overlay, shard_result
 from batch_job.cli import main
+from batch_job.scoring import ScoringSpec, make_row
 from batch_job.synthetic import make_tree
-
-from conftest import assert_one_line_error
-
-from test_batch_job import read_predictions
+from helpers import assert_one_line_error, read_predictions
 
 N = 6
 HOT = 50  # red minus blue where the map peaks: at most 0.55 x 128 (jet's top colour is dark red, 128, 0, 0)
@@ -67,6 +64,20 @@ def expected_top(rows: dict[str, dict], n: int) -> list[str]:
     return sorted(flagged, key=lambda p: (-float(rows[p]["probability"]), p))[:n]
 
 
+def overlays(out_dir: str) -> dict[str, str]:
+    """heatmaps/index.csv: image path -> its overlay (relative to OUT_DIR, "" where none was drawn); {} without."""
+    path = os.path.join(out_dir, "heatmaps", "index.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    return {r["path"]: r["heatmap"] for r in rows}
+
+
+SPEC = ScoringSpec("m.onnx", "m/1", {}, 0.5)
+
+
 def red_minus_blue(img: Image.Image, box: tuple[float, float, float, float]) -> float:
     w, h = img.size
     arr = np.asarray(img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))), np.float64)
@@ -76,32 +87,33 @@ def red_minus_blue(img: Image.Image, box: tuple[float, float, float, float]) -> 
 # ------------------------------------------------------------------------------------------ pure functions
 
 def test_top_flagged_takes_only_flagged_images_scored_now_ties_by_path():
-    def rec(path, p, status="ok"):
-        return {"path": path, "status": status, "probability": "" if p is None else f"{p:.8f}", "label": "",
-                "prediction": "" if p is None else ("PNEUMONIA" if p >= 0.5 else "NORMAL")}
+    def rec(path, p, status=None):
+        return make_row(path, "", SPEC, p, error="" if p is not None else "bad", status=status)
 
     records = [rec("/d", 0.9), rec("/c", 0.9), rec("/a", 0.7), rec("/skip", 0.99, "skipped"), rec("/n", 0.4),
-               rec("/err", None, "error"), rec("/b", 0.95)]
-    assert [f.path for f in heatmaps.top_flagged(records, 3)] == ["/b", "/c", "/d"]
-    assert [f.path for f in heatmaps.top_flagged(records, 10)] == ["/b", "/c", "/d", "/a"]
-    assert heatmaps.top_flagged(records, 0) == []
+               rec("/err", None), rec("/b", 0.95)]
+    assert [f.path for f in shard_result.top_flagged(records, 3)] == ["/b", "/c", "/d"]
+    assert [f.path for f in shard_result.top_flagged(records, 10)] == ["/b", "/c", "/d", "/a"]
+    assert shard_result.top_flagged(records, 0) == []
 
 
 def test_union_of_shard_top_n_gives_the_run_top_n(tmp_path):
-    """Per-shard top N written as sidecars, merged by the driver: exactly the global top N, ties by path."""
+    """Per-shard top N written in the shard summaries, gathered by the driver: exactly the global top N, ties by
+    path, maps kept."""
     rng = np.random.default_rng(0)
     probs = np.round(rng.uniform(0.3, 1.0, 200), 2)  # two decimals: many ties
-    records = [{"path": f"/img/{i:03d}.png", "status": "ok", "probability": f"{p:.8f}", "label": "",
-                "prediction": "PNEUMONIA" if p >= 0.5 else "NORMAL"} for i, p in enumerate(probs)]
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, heatmaps=9)
+    records = [make_row(f"/img/{i:03d}.png", "", spec, p, heatmap=np.full((2, 2), i, np.float32))
+               for i, p in enumerate(probs)]
     cut = [(s, 0, 0) for s in range(7)]
     for s, part in enumerate(np.array_split(np.arange(200), 7)):
-        heatmaps.write_sidecar(str(tmp_path), s, heatmaps.top_flagged([records[i] for i in part], 9))
-    chosen = heatmaps.make_heatmaps(str(tmp_path), cut, 9, {})
-    want = sorted((r for r in records if r["prediction"] == "PNEUMONIA"),
-                  key=lambda r: (-float(r["probability"]), r["path"]))[:9]
-    assert [c.path for c in chosen] == [r["path"] for r in want]
-    assert [c.probability for c in chosen] == [float(r["probability"]) for r in want]
-    assert not glob.glob(str(tmp_path / "_heatmaps-*")) and not os.path.exists(tmp_path / "heatmaps")
+        shard_result.write(str(tmp_path), s, shard_result.summarise([records[i] for i in part], spec))
+    chosen = shard_result.gather(str(tmp_path), cut, 9, 0).flagged
+    want = sorted((r for r in records if r.prediction == "PNEUMONIA"),
+                  key=lambda r: (-float(r.probability), r.path))[:9]
+    assert [c.path for c in chosen] == [r.path for r in want]
+    assert [c.probability for c in chosen] == [float(r.probability) for r in want]
+    assert [int(c.heatmap[0, 0]) for c in chosen] == [int(r.path[5:8]) for r in want]
 
 
 def test_overlay_keeps_orientation_aspect_and_the_gray_image():
@@ -121,37 +133,33 @@ def test_overlay_keeps_orientation_aspect_and_the_gray_image():
 def test_a_vanished_original_gets_no_heatmap_and_the_rest_do(tmp_path, caplog):
     good, gone = str(tmp_path / "good.png"), str(tmp_path / "gone.png")
     bright(220).save(good)
-    rows = [{"path": p, "status": "ok", "probability": f"{q:.8f}", "prediction": "PNEUMONIA", "threshold": "0.5",
-             "label": "", "model": "m/1", "error": "", "heatmap": "", "heatmap_array": np.ones((4, 4), np.float32)}
-            for p, q in ((good, 0.8), (gone, 0.9))]
+    rows = [make_row(p, "", SPEC, q, heatmap=np.ones((4, 4), np.float32)) for p, q in ((good, 0.8), (gone, 0.9))]
     out = tmp_path / "out"
     out.mkdir()
-    shard_files.write_shard(str(out), 0, rows)
-    heatmaps.write_sidecar(str(out), 0, heatmaps.top_flagged(rows, 5))
-    chosen = heatmaps.make_heatmaps(str(out), [(0, 0, 2)], 5, {"image_size": 32})
+    chosen = heatmaps.make_heatmaps(str(out), shard_result.top_flagged(rows, 5), {"image_size": 32})
     assert [(c.path, bool(c.png)) for c in chosen] == [(gone, False), (good, True)]
-    csv_rows = {r["path"]: r["heatmap"] for r in shard_files.read_shard(str(out / shard_files.shard_name(0)))}
-    assert csv_rows == {gone: "", good: chosen[1].png} and chosen[1].png.startswith("heatmaps/0002-")
+    assert overlays(str(out)) == {gone: "", good: chosen[1].png} and chosen[1].png.startswith("heatmaps/0002-")
     assert "no heatmap for " + gone in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ the job
 
-def test_top_n_flagged_get_overlays_and_the_heatmap_column(heat_run):
+def test_top_n_flagged_get_overlays_and_the_index(heat_run):
     rows = read_predictions(heat_run)
+    heat = overlays(heat_run)
     top = expected_top(rows, N)
     assert len(top) == N and {os.path.basename(p) for p in top[:2]} == {"tie_a.png", "tie_b.png"}
     assert os.path.basename(top[0]) == "tie_a.png"  # equal probabilities: the smaller path first
     for rank, path in enumerate(top, 1):
-        rel = rows[path]["heatmap"]
+        rel = heat[path]
         assert rel.startswith(f"heatmaps/{rank:04d}-") and rel.endswith(".png")
         with Image.open(os.path.join(heat_run, rel)) as img:
             img.load()
             assert img.mode == "RGB" and max(img.size) <= 512
-    assert all(r["heatmap"] == "" for p, r in rows.items() if p not in top)
-    assert sorted(os.listdir(os.path.join(heat_run, "heatmaps"))) == sorted(os.path.basename(rows[p]["heatmap"])
-                                                                           for p in top)
-    assert not glob.glob(os.path.join(heat_run, "_heatmaps-*"))  # sidecars merged and removed
+    assert list(heat) == top  # the index: the top N, highest first
+    assert sorted(os.listdir(os.path.join(heat_run, "heatmaps"))) == sorted([os.path.basename(heat[p]) for p in top]
+                                                                           + ["index.csv"])
+    assert "scratch" not in os.listdir(heat_run)  # shard summaries gathered, never published
     m = json.load(open(os.path.join(heat_run, "metrics.json")))
     assert m["heatmaps"] == {"requested": N, "model_has_heatmaps": True, "flagged_listed": N, "written": N}
     assert 0 <= m["timings"]["heatmaps_seconds"] <= m["timings"]["report_seconds"]
@@ -163,19 +171,18 @@ def test_overlays_follow_the_image_as_displayed(heat_package, heat_tree, tmp_pat
     extra = os.path.join(heat_tree, "PNEUMONIA", "extra")
     assert main(["--input", os.path.join(extra, "blob_top_left.png"), "--input", os.path.join(extra, "rotated.jpeg"),
                  "--model", heat_package, "--output", out, "--direct_running_mode=in_memory"]) == 0
-    rows = {os.path.basename(p): r for p, r in read_predictions(out).items()}
-    with Image.open(os.path.join(out, rows["blob_top_left.png"]["heatmap"])) as img:
+    rows = {os.path.basename(p): png for p, png in overlays(out).items()}
+    with Image.open(os.path.join(out, rows["blob_top_left.png"])) as img:
         assert img.size == (192, 96)
         assert red_minus_blue(img, (0, 0, 0.1, 0.2)) > HOT and red_minus_blue(img, (0.5, 0.5, 1, 1)) < 0
-    with Image.open(os.path.join(out, rows["rotated.jpeg"]["heatmap"])) as img:
+    with Image.open(os.path.join(out, rows["rotated.jpeg"])) as img:
         assert red_minus_blue(img, (0.8, 0, 1, 0.2)) > HOT and red_minus_blue(img, (0, 0, 0.2, 0.2)) < 0
 
 
 def test_heatmaps_off_and_models_without_heatmaps(heat_tree, heat_package, tiny_package, tmp_path, job_log):
     off = str(tmp_path / "off")
     assert run_job(heat_tree, heat_package, off, "--heatmaps", "0") == 0
-    assert not os.path.exists(os.path.join(off, "heatmaps")) and not glob.glob(os.path.join(off, "_heatmaps-*"))
-    assert {r["heatmap"] for r in read_predictions(off).values()} == {""}
+    assert not os.path.exists(os.path.join(off, "heatmaps")) and "scratch" not in os.listdir(off)
     assert json.load(open(os.path.join(off, "metrics.json")))["heatmaps"]["written"] == 0
     assert "has no heatmap output" not in job_log.text
     plain = str(tmp_path / "plain")
@@ -183,8 +190,7 @@ def test_heatmaps_off_and_models_without_heatmaps(heat_tree, heat_package, tiny_
     notes = [line for line in job_log.text.splitlines() if "has no heatmap output" in line]
     assert notes == ["model pneumonia/1 has no heatmap output: no heatmaps (the report lists the top flagged "
                      "images without)"]
-    assert not os.path.exists(os.path.join(plain, "heatmaps")) and not glob.glob(os.path.join(plain, "_heatmaps-*"))
-    assert {r["heatmap"] for r in read_predictions(plain).values()} == {""}
+    assert not os.path.exists(os.path.join(plain, "heatmaps")) and "scratch" not in os.listdir(plain)
     m = json.load(open(os.path.join(plain, "metrics.json")))
     assert m["heatmaps"] == {"requested": 50, "model_has_heatmaps": False,
                              "flagged_listed": min(50, m["positive_count"]), "written": 0}
@@ -205,20 +211,19 @@ def test_images_skipped_through_the_ledger_get_no_heatmap(heat_tree, heat_packag
     assert run_job(heat_tree, heat_package, second, "--ledger", book, "--heatmaps", "3") == 0
     rows = read_predictions(second)
     fresh = {p: r for p, r in rows.items() if r["status"] == "ok"}
-    assert {r["heatmap"] for p, r in rows.items() if r["status"] == "skipped"} == {""}
-    with_heat = sorted((r["heatmap"], p) for p, r in rows.items() if r["heatmap"])
-    assert [p for _, p in with_heat] == expected_top(fresh, 3)
+    heat = overlays(second)
+    assert not {p for p, r in rows.items() if r["status"] == "skipped"} & set(heat)
+    assert list(heat) == expected_top(fresh, 3) and all(heat.values())
 
 
-def test_dask_runner_writes_the_same_heatmaps(heat_run, heat_tree, heat_package, tmp_path):
-    from distributed import LocalCluster
-
+@pytest.mark.slow
+def test_dask_runner_writes_the_same_heatmaps(heat_run, heat_tree, heat_package, tmp_path, dask_cluster):
     out = str(tmp_path / "dask")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        assert main(["--input", heat_tree, "--model", heat_package, "--output", out, "--batch-size", "4",
-                     "--shard-size", "8", "--heatmaps", str(N), "--runner", "DaskRunner",
-                     f"--dask_client_address={cluster.scheduler_address}"]) == 0
+    assert main(["--input", heat_tree, "--model", heat_package, "--output", out, "--batch-size", "4",
+                 "--shard-size", "8", "--heatmaps", str(N), "--runner", "DaskRunner",
+                 f"--dask_client_address={dask_cluster}"]) == 0
     assert read_predictions(out) == read_predictions(heat_run)
+    assert overlays(out) == overlays(heat_run)
     for name in os.listdir(os.path.join(heat_run, "heatmaps")):
         with open(os.path.join(out, "heatmaps", name), "rb") as a, open(os.path.join(heat_run, "heatmaps", name),
                                                                           "rb") as b:

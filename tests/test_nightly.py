@@ -21,12 +21,9 @@ from PIL import Image
 from batch_job.cli import main
 from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import iter_images
-from batch_job.pipeline import KILL_ENV
 from batch_job.synthetic import make_tree
-
-from conftest import assert_one_line_error, write_bad_inputs
 from dicom_factory import dicom_bytes
-from test_batch_job import REPO, read_predictions
+from helpers import REPO, assert_one_line_error, job, read_predictions, write_bad_inputs, write_package
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -34,42 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def ledger_rows(path: str) -> list[tuple]:
     with sqlite3.connect(path) as conn:
         return conn.execute("SELECT sha256, model, probability, path FROM scored ORDER BY path").fetchall()
-
-
-def job(args: list[str], env_kill: str | None = None, timeout: int = 120, peak: list | None = None):
-    """Run the batch job in its own process group; `peak` receives the max summed RSS of its process tree."""
-    import psutil
-
-    env = dict(os.environ)
-    env.pop(KILL_ENV, None)
-    if env_kill:
-        env[KILL_ENV] = env_kill
-    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    stop = threading.Event()
-
-    def sample():
-        top, best = psutil.Process(proc.pid), 0
-        while not stop.wait(0.05):
-            try:
-                best = max(best, sum(p.memory_info().rss for p in [top] + top.children(recursive=True)))
-            except psutil.Error:
-                pass
-        if peak is not None:
-            peak.append(best)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        stop.set()
-        sampler.join()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # reap orphaned Beam workers of a killed driver
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture
@@ -82,7 +43,6 @@ def small_tree(tmp_path):
 # ------------------------------------------------------------------ ledger
 
 def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path):
-    from conftest import write_package
 
     ledger = str(tmp_path / "ledger.sqlite")
     base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
@@ -104,11 +64,12 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
         assert second[path]["probability"] == row["probability"] and second[path]["prediction"] == row["prediction"]
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
-    published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, ledger sidecar included
-    assert published == ["_ledger-00000.jsonl", "_listing.jsonl", "confusion.png", "histogram.png", "metrics.json",
-                         "predictions-00000.csv", "report.html", "report.md", "roc.png"]
-    sidecar = [json.loads(line) for line in open(tmp_path / "night2" / "_ledger-00000.jsonl")]
-    assert [os.path.basename(e[2]) for e in sidecar] == ["new.png"] and len(sidecar[0][0]) == 64
+    published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, and nothing else
+    assert published == ["confusion.png", "histogram.png", "metrics.json", "predictions-00000.csv", "report.html",
+                         "report.md", "roc.png"]
+    with sqlite3.connect(ledger) as conn:  # the night's one new image, recorded from the shard summaries
+        rows = conn.execute("SELECT sha256, path, run_id FROM scored WHERE run_id = ?", (m["run_id"],)).fetchall()
+    assert [(len(sha), os.path.basename(path)) for sha, path, _ in rows] == [(64, "new.png")]
     rows = ledger_rows(ledger)
     assert len(rows) == 21 and len({(r[0], r[1]) for r in rows}) == 21  # no duplicates; failures not recorded
     # a new model version rescores everything
@@ -119,7 +80,8 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     third = read_predictions(str(tmp_path / "night3"))
     assert {r["status"] for r in third.values()} == {"ok", "error"}
     with sqlite3.connect(ledger) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21  # 22 ok rows, two share bytes
+        # 22 ok rows, two share bytes
+        assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21
 
 
 def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_package, tmp_path, capsys):
@@ -321,7 +283,6 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
 
 
 def test_fault_corpus(tmp_path):
-    from conftest import write_package
 
     serving = str(tmp_path / "serving")
     write_package(serving)
@@ -422,7 +383,7 @@ def test_ledger_readers_per_worker_are_bounded(tmp_path):
     assert len(open_ledgers()) <= 4 and paths[-1] in open_ledgers()
 
 
-# ------------------------------------------------------------------------- issue 11 review (ddc3b43..)
+# ------------------------------------------------------------------------- temp dirs, locks, publishing
 def test_publish_puts_the_old_output_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
     """Review defect 8: the old OUT_DIR stayed parked when renaming the new one into place failed."""
     from xray_core import files
@@ -463,11 +424,11 @@ def test_temp_dirs_go_when_their_job_is_dead_whatever_its_host_and_stay_while_it
             (path / f).write_text("x")
         return str(path)
 
-    dead = temp_dir("out.tmp-1@0f3c2a9b7d1e-abcd1234", "_listing.jsonl", "predictions-00000.csv")
+    dead = temp_dir("out.tmp-1@0f3c2a9b7d1e-abcd1234", "scratch", "predictions-00000.csv")
     hold_lock(dead).close()  # a killed container's job: its lock is free
     half_removed = temp_dir("out.tmp-1@0f3c2a9b7d1e-efgh5678.discarded")
     hold_lock(half_removed).close()
-    running = temp_dir(f"out.tmp-999999999@{socket.gethostname()}-ijkl9012", "_listing.jsonl")
+    running = temp_dir(f"out.tmp-999999999@{socket.gethostname()}-ijkl9012", "scratch")
     lock = hold_lock(running)  # a job in another PID namespace: its pid means nothing here
     try:
         assert main(["--input", small_tree, "--model", tiny_package, "--output", str(tmp_path / "out"),
@@ -520,8 +481,8 @@ def test_output_made_by_someone_else_during_the_run_is_a_job_failure(small_tree,
     out = tmp_path / "out"
     real_check = pipeline.check
 
-    def check_then_someone_writes(rec):
-        real_check(rec)
+    def check_then_someone_writes(rec, counts):
+        real_check(rec, counts)
         out.mkdir()
         (out / "theirs.txt").write_text("theirs")
 

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import png_with_size
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image, to_grayscale_8bit, to_model_input
-
-from conftest import png_with_size
 
 CFG = PreprocessConfig(image_size=32)
 

@@ -2,24 +2,23 @@
 markup and invalid UTF-8 are shown as text, it stays under 1 MB, and headless Chromium renders it (not blank)."""
 from __future__ import annotations
 
+import csv
 import html
 import os
 import shutil
 import subprocess
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from batch_job import html_report
+from batch_job import heatmaps, html_report
 from batch_job import shards as shard_files
 from batch_job.cli import main
+from batch_job.scoring import Row
+from batch_job.shard_result import Flagged
 from batch_job.synthetic import make_tree
-
-from conftest import write_bad_inputs
-
-from test_batch_job import read_predictions
+from helpers import parse, read_predictions, reconciliation, run_result, write_bad_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -27,26 +26,16 @@ HOSTILE = ['quote"d \'name\'.png', f"{MARKUP}.png", "a&amp;b.png"]
 BAD_UTF8 = b"caf\xe9 \xff.png"  # Latin-1 bytes: not UTF-8
 
 
-class Page(HTMLParser):
-    """The page's tags and attributes, and its text."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def parse(path: str) -> tuple[Page, str]:
-    raw = open(path, "rb").read()
-    page = Page()
-    page.feed(raw.decode("utf-8"))  # strict: the page is valid UTF-8 whatever the file names
-    return page, " ".join(" ".join(page.text).split())
+def read_heatmap_index(out_dir: str) -> list[dict]:
+    """heatmaps/index.csv's rows, in file order (rank 1 first)."""
+    with open(os.path.join(out_dir, heatmaps.FOLDER, heatmaps.INDEX_FILE), newline="", encoding="utf-8",
+              errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == heatmaps.INDEX_COLUMNS == ("rank", "path", "probability", "label",
+                                                                       "heatmap")
+        rows = list(reader)
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,7 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
         with Image.open(os.path.join(report_run, ref)) as img:
             img.load()
             assert img.width > 50 and img.height > 50
-    heat = sorted(r["heatmap"] for r in read_predictions(report_run).values() if r["heatmap"])
+    heat = sorted(r["heatmap"] for r in read_heatmap_index(report_run) if r["heatmap"])
     assert len(heat) == 8
     assert sorted(srcs) == sorted(["histogram.png", "confusion.png", "roc.png"] + heat)
     assert sorted(set(links)) == heat
@@ -101,7 +90,11 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
         assert card in text, card
     assert f"Model {m['model']} · threshold {m['threshold']:.4f} · runner {m['runner']}" in text
     rows = read_predictions(report_run)
-    top = sorted((r for r in rows.values() if r["heatmap"]), key=lambda r: r["heatmap"])
+    top = sorted((r for r in read_heatmap_index(report_run) if r["heatmap"]), key=lambda r: r["heatmap"])
+    assert len(top) == 8 and [int(r["rank"]) for r in top] == list(range(1, 9))  # overlay names follow the rank
+    for r in top:  # the index lists what the CSVs hold for each image
+        assert rows[r["path"]]["probability"] == r["probability"] and rows[r["path"]]["label"] == r["label"]
+        assert rows[r["path"]]["status"] == "ok" and rows[r["path"]]["prediction"] == "PNEUMONIA"
     probs = [float(r["probability"]) for r in top]
     assert probs == sorted(probs, reverse=True)  # the heatmaps' ranks: highest probability first
     positions = [text.index(f"#{i} P = {html_report.probability(p)}") for i, p in enumerate(probs, 1)]
@@ -114,19 +107,31 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
 
 
 def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
-    rows = [{"path": f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "status": "error", "probability": "",
-             "prediction": "", "threshold": "0.5", "label": "", "model": "m/1", "error": "decode failed: " + "x" * 900,
-             "heatmap": ""} for i in range(3000)]
+    rows = [Row(f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "error", "", "", "0.5", "", "m/1",
+                "decode failed: " + "x" * 900) for i in range(3000)]
     for s in range(3):
         shard_files.write_shard(str(tmp_path), s, rows[s * 1000:(s + 1) * 1000])
-    m = {"images_found": 3000, "images_scored": 0, "images_failed": 3000, "images_skipped": 0, "positive_count": 0,
-         "positive_rate": 0.0, "per_input": {"/data": {"found": 3000, "scored": 0, "failed": 3000, "skipped": 0}},
-         "model": "m/1", "threshold": 0.5, "runner": "DirectRunner", "wall_seconds": 1.0, "images_per_second": 3000}
-    size = html_report.write_html(str(tmp_path), m, [], [(s, 0, 1000) for s in range(3)])
+    result = run_result(counts=reconciliation(failed=3000), model="m/1", wall_seconds=1.0)
+    assert result.metrics()["images_failed"] == 3000 and result.images_per_second == 3000
+    size = html_report.write_html(str(tmp_path), result, [(s, 0, 1000) for s in range(3)])
     assert size == os.path.getsize(tmp_path / "report.html") and 300_000 < size < 1_000_000
     _, text = parse(str(tmp_path / "report.html"))
     shown = text.count("decode failed: ")
     assert 100 <= shown <= 500 and f"{3000 - shown} more error rows are in the predictions CSVs" in text
+
+
+def test_tiles_beyond_the_cap_point_at_the_heatmap_index(tmp_path):
+    flagged = [Flagged(0.99 - 0.01 * i, f"/data/PNEUMONIA/{i}.png", "PNEUMONIA", png=f"heatmaps/{i + 1:04d}-x.png")
+               for i in range(5)]
+    result = run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96, 0.95, 0.1]), flagged=flagged, heatmaps=5,
+                        model_has_heatmaps=True)
+    ctx = html_report.context(result, str(tmp_path), [], tiles_cap=2)
+    assert [t["rank"] for t in ctx["tiles"]] == [1, 2] and ctx["tiles_left"] == 3
+    page = html_report.render(ctx)
+    text = " ".join(html.unescape(page).split())
+    assert "3 more are listed in heatmaps/index.csv" in text.replace("<code>", "").replace("</code>", "")
+    assert "heatmap</code> column" not in page
+    assert "The 5 flagged images scored in this run with the highest probability (of 5 flagged)" in text
 
 
 def screenshot(page: str, png: str, tmp: str) -> np.ndarray:

@@ -10,8 +10,9 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from batch_job.cli import main as batch_main
-from conftest import SHARED_DATA, SITE_SAMPLE
-from export.package import resolve_version_dir, verify_package
+from helpers import SHARED_DATA, SITE_SAMPLE, read_predictions
+from xray_core.package import resolve_version_dir
+from xray_core.verify import verify_package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME_DIR = os.path.join(REPO, "serving_models", "pneumonia")
@@ -54,7 +55,8 @@ def test_default_is_version_4_calibrated_on_the_site_with_heatmaps_and_a_drift_r
     assert ref["splits"] == {"val": 782, "test": 783}
     # version 4 is version 3 re-exported: the same network, threshold and source run
     v3 = _meta(os.path.join(NAME_DIR, "3"))
-    assert meta["decision_threshold"] == v3["decision_threshold"] and meta["source"]["run_dir"] == v3["source"]["run_dir"]
+    assert meta["decision_threshold"] == v3["decision_threshold"]
+    assert meta["source"]["run_dir"] == v3["source"]["run_dir"]
     for old in ("1", "2", "3"):  # earlier versions stay, without a reference
         assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, old)))
         assert "reference" not in _meta(os.path.join(NAME_DIR, old))
@@ -91,13 +93,21 @@ def test_quickstart_scores_the_shipped_xrays_with_labels(tmp_path):
     assert m["drift"]["note"] == "too few images to judge" and m["drift"]["images"] == 30
 
 
-@pytest.mark.skipif(not os.path.isdir(SITE_SAMPLE), reason="../shared/data/chest_xray/site_sample not present")
-def test_batch_job_reproduces_the_recorded_site_calibration(tmp_path):
+@pytest.fixture(scope="module")
+def site_run(tmp_path_factory) -> str:
+    """The site sample (313 real labelled X-rays) scored by the batch job with the shipped model, as a user would."""
+    if not os.path.isdir(SITE_SAMPLE):
+        pytest.skip("../shared/data/chest_xray/site_sample not present")
+    out = str(tmp_path_factory.mktemp("site") / "out")
+    assert batch_main(["--input", SITE_SAMPLE, "--model", NAME_DIR, "--output", out]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_batch_job_reproduces_the_recorded_site_calibration(site_run):
     """Scoring the site sample with the batch job gives the ROC AUC and the confusion matrix at the package's
     threshold that export recorded: the two sides preprocess and score identically."""
-    out = str(tmp_path / "out")
-    assert batch_main(["--input", SITE_SAMPLE, "--model", NAME_DIR, "--output", out, "--heatmaps", "0"]) == 0
-    rows = _rows(out)
+    rows = _rows(site_run)
     y = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=int)
     p = np.array([float(r["probability"]) for r in rows])
     site = _meta(resolve_version_dir(NAME_DIR))["site_calibration"]
@@ -105,12 +115,32 @@ def test_batch_job_reproduces_the_recorded_site_calibration(tmp_path):
     assert skm.roc_auc_score(y, p) == pytest.approx(site["at_0.5"]["roc_auc"], abs=1e-6)
     cm = skm.confusion_matrix(y, (p >= site["threshold"]).astype(int), labels=[0, 1]).tolist()
     assert cm == site["at_calibrated_threshold"]["confusion_matrix"]["matrix"]
-    # the later collection is not what the model was validated on: the drift check says so (issue 14)
-    with open(os.path.join(out, "metrics.json")) as f:
+    # the later collection is not what the model was validated on: the drift check says so
+    with open(os.path.join(site_run, "metrics.json")) as f:
         drift = json.load(f)["drift"]
     assert drift["judged"] and drift["detected"] and drift["domain_auc"] > drift["domain_auc_limit"]
 
 
+@pytest.mark.slow
+def test_site_sample_counts_labels_and_metrics(site_run):
+    """Every image scored once, labelled from its folder; metrics.json agrees with scikit-learn on the rows."""
+    counts = {label: len(os.listdir(os.path.join(SITE_SAMPLE, label))) for label in ("NORMAL", "PNEUMONIA")}
+    rows = read_predictions(site_run)
+    assert len(rows) == sum(counts.values()) == 313
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {label: sum(r["label"] == label for r in rows.values()) for label in counts} == counts
+    m = json.load(open(os.path.join(site_run, "metrics.json")))
+    assert m["images_found"] == m["images_scored"] == m["labelled_images"] == 313
+    cm = m["confusion_matrix"]
+    assert (cm["tn"] + cm["fp"], cm["fn"] + cm["tp"]) == (counts["NORMAL"], counts["PNEUMONIA"])
+    y = np.asarray([r["label"] == "PNEUMONIA" for r in rows.values()], dtype=int)
+    p = np.asarray([float(r["probability"]) for r in rows.values()])
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p)) and m["roc_auc"] > 0.5
+    assert m["recall"] == pytest.approx(cm["tp"] / counts["PNEUMONIA"])
+    assert m["heatmaps"]["written"] == min(50, m["positive_count"])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data/chest_xray/train not present")
 def test_internal_test_split_reports_no_drift(tmp_path):
     """The package's splits.csv rebuilds the in-distribution check: the internal test split's files (training

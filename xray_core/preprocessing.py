@@ -136,7 +136,8 @@ def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
     return arr[:, :, np.newaxis]
 
 
-def preprocess_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+def preprocess_image(source: Union[bytes, str, os.PathLike],
+                     config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """THE preprocessing function: file path or bytes -> (S, S, 1) float32 in [0, 1].
 
     Raises ImageError (one-line message) for anything that is not a usable image.

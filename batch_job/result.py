@@ -1,0 +1,114 @@
+"""The run's result, typed: what every report writer (metrics.json, report.md, report.html, the summary lines) and
+the ledger commit read. Built once by the driver (pipeline.py) after scoring; metrics.json is :meth:`RunResult.
+metrics`, whose keys are the documented ones (README, "Outputs")."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from batch_job.drift import DriftResult
+from batch_job.reconcile import Reconciliation
+from batch_job.shard_result import Flagged
+
+SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+@dataclass(frozen=True)
+class LabelMetrics:
+    """The scored images with a folder label, at the run's threshold (xray_core.metrics.operating_point)."""
+
+    images: int
+    scores: dict[str, float | None]  # SCORE_KEYS -> value (None where undefined)
+    confusion_matrix: dict[str, int]  # tn, fp, fn, tp
+
+
+@dataclass(frozen=True)
+class Timings:
+    setup: float  # arguments, model verification, listing
+    scoring: float  # the Beam pipeline, worker start included
+    report: float  # reconciliation, heatmap overlays, drift, metrics and figures
+    heatmaps: float  # the overlays' part of report
+    drift: float  # the drift check's part of report
+
+
+@dataclass(frozen=True)
+class HeatmapSummary:
+    requested: int
+    model_has_heatmaps: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    model: str  # <name>/<version>
+    threshold: float
+    runner: str
+    ledger: str | None
+    counts: Reconciliation
+    labelled: LabelMetrics | None
+    flagged: list[Flagged]  # the run's top flagged images, highest first (with overlays where drawn)
+    heatmaps: HeatmapSummary
+    drift: DriftResult
+    timings: Timings
+
+    @property
+    def positive_count(self) -> int:
+        return int(np.sum(self.counts.probabilities >= self.threshold))
+
+    @property
+    def positive_rate(self) -> float:
+        n = len(self.counts.probabilities)
+        return self.positive_count / n if n else 0.0
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.timings.setup + self.timings.scoring + self.timings.report
+
+    @property
+    def images_per_second(self) -> float | None:
+        return round(self.counts.found / self.wall_seconds, 2) if self.wall_seconds > 0 else None
+
+    @property
+    def overlays_written(self) -> int:
+        return sum(bool(f.png) for f in self.flagged)
+
+    def metrics(self) -> dict:
+        """metrics.json's content."""
+        c, t = self.counts, self.timings
+        hist, edges = np.histogram(c.probabilities, bins=10, range=(0.0, 1.0))
+        out = {
+            "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
+            "images_skipped": c.skipped, "positive_count": self.positive_count, "positive_rate": self.positive_rate,
+            "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
+            "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,
+        }
+        if self.labelled is not None:
+            out["labelled_images"] = self.labelled.images
+            out.update(self.labelled.scores)
+            out["confusion_matrix"] = self.labelled.confusion_matrix
+        out["run_id"] = self.run_id
+        if self.ledger is not None:
+            out["ledger"] = self.ledger
+        out["heatmaps"] = {"requested": self.heatmaps.requested, "model_has_heatmaps": self.heatmaps.model_has_heatmaps,
+                           "flagged_listed": len(self.flagged), "written": self.overlays_written}
+        out["drift"] = self.drift.to_json()
+        out["wall_seconds"] = round(self.wall_seconds, 3)
+        out["images_per_second"] = self.images_per_second
+        out["timings"] = {"setup_seconds": round(t.setup, 3), "scoring_seconds": round(t.scoring, 3),
+                          "report_seconds": round(t.report, 3), "heatmaps_seconds": round(t.heatmaps, 3),
+                          "scoring_images_per_second": round(c.found / t.scoring, 2) if t.scoring > 0 else None,
+                          "drift_seconds": round(t.drift, 3)}
+        return out
+
+
+def label_metrics(counts: Reconciliation, threshold: float) -> LabelMetrics | None:
+    """Metrics against folder labels (scikit-learn) when any scored image has one."""
+    from xray_core.metrics import operating_point
+
+    labelled = np.asarray([lab != "" for lab in counts.labels], dtype=bool)
+    if not labelled.any():
+        return None
+    y = np.asarray([lab == "PNEUMONIA" for lab in np.asarray(counts.labels)[labelled]], dtype=int)
+    point = operating_point(y, counts.probabilities[labelled], threshold)
+    return LabelMetrics(int(labelled.sum()), {k: point[k] for k in SCORE_KEYS}, point["confusion_matrix"])

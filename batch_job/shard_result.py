@@ -1,0 +1,140 @@
+"""One result per shard: its CSV (published) and one summary in the job's scratch folder (never published).
+
+A worker scores a shard and writes, inside DoFn.process(), first the summary ``scratch/shard-NNNNN.npz``, then
+the shard's CSV ``predictions-NNNNN.csv`` (the CSV marks the shard complete); both atomically, so a retried task
+rewrites the same two files. The summary holds what the driver needs besides the CSV rows:
+
+* counts: images scored, failed and skipped (through the ledger);
+* the shard's top N flagged images scored in this run (probability, path, folder label, heatmap): the run's top N
+  lie within the union of the shards' top N (heatmaps.py);
+* the shard's drift sample: the images scored in this run with the smallest sample keys, with their embeddings
+  (drift_check.py);
+* ledger rows: (sha256, probability, path) of every image scored in this run, with a ledger.
+
+The driver reads each summary once (:func:`gather`), keeping the top N flagged, the k smallest sample keys and the
+ledger rows: memory holds N + k rows, the ledger rows and one shard's summary. The whole scratch folder is
+removed before OUTDIR is published (the one clean-up rule); a killed job's temp dir goes with it. The file is an
+npz of plain arrays (read with allow_pickle=False): fixed-size records, no pickled objects.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from batch_job import drift_check
+from batch_job.scoring import Row, ScoringSpec
+from xray_core.files import atomic_write
+
+SCRATCH = "scratch"  # inside the job's temp dir; removed before publishing
+
+
+def summary_name(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}.npz"
+
+
+@dataclass(frozen=True)
+class Flagged:
+    """A flagged image of this run: its probability (as in the CSV), path, folder label and heatmap (None for
+    a model without one); once drawn, its overlay's path under OUT_DIR."""
+
+    probability: float
+    path: str
+    label: str = ""
+    heatmap: np.ndarray | None = None
+    png: str = ""
+
+
+def rank_key(item: Flagged) -> tuple[float, str]:
+    """Highest probability first; ties: the smaller path first."""
+    return -item.probability, item.path
+
+
+def top_flagged(rows: list[Row], n: int) -> list[Flagged]:
+    """The n flagged rows scored in this run (status ok) with the highest probability, highest first."""
+    found = (Flagged(float(r.probability), r.path, r.label, r.heatmap) for r in rows if r.flagged)
+    return heapq.nsmallest(n, found, key=rank_key)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    scored: int
+    failed: int
+    skipped: int
+    flagged: list[Flagged]
+    sample_keys: np.ndarray  # uint64 (m,)
+    sample_embeddings: np.ndarray  # float16 (m, D)
+    ledger_rows: list[tuple[str, float, str]]  # (sha256, probability, path) of the images scored in this run
+
+
+def summarise(rows: list[Row], spec: ScoringSpec) -> ShardSummary:
+    """What the driver needs of a shard besides its CSV rows."""
+    keys, embeddings = drift_check.smallest(rows, spec.drift_sample)
+    ledger_rows = [(r.sha256, float(r.probability), r.path) for r in rows if r.status == "ok"] \
+        if spec.ledger_path else []
+    return ShardSummary(sum(r.status == "ok" for r in rows), sum(r.status == "error" for r in rows),
+                        sum(r.status == "skipped" for r in rows), top_flagged(rows, spec.heatmaps), keys, embeddings,
+                        ledger_rows)
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.asarray(values, dtype=str) if values else np.zeros(0, dtype="<U1")
+
+
+def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
+    maps = [f.heatmap for f in s.flagged if f.heatmap is not None]
+    arrays = {
+        "counts": np.asarray([s.scored, s.failed, s.skipped], np.int64),
+        "flagged_probability": np.asarray([f.probability for f in s.flagged], np.float64),
+        "flagged_path": _strings([f.path for f in s.flagged]),
+        "flagged_label": _strings([f.label for f in s.flagged]),
+        # every flagged image has a map, or none has (a model without a heatmap output)
+        "flagged_heatmap": np.stack(maps).astype(np.float32) if len(maps) == len(s.flagged) and maps
+        else np.zeros((0, 0, 0), np.float32),
+        "sample_keys": s.sample_keys.astype(np.uint64),
+        "sample_embeddings": s.sample_embeddings.astype(np.float16),
+        "ledger_sha256": _strings([r[0] for r in s.ledger_rows]),
+        "ledger_probability": np.asarray([r[1] for r in s.ledger_rows], np.float64),
+        "ledger_path": _strings([r[2] for r in s.ledger_rows]),
+    }
+    atomic_write(os.path.join(scratch, summary_name(shard_id)), lambda f: np.savez(f, **arrays), binary=True)
+
+
+def read(scratch: str, shard_id: int) -> ShardSummary:
+    with np.load(os.path.join(scratch, summary_name(shard_id)), allow_pickle=False) as z:
+        maps = z["flagged_heatmap"]
+        flagged = [Flagged(float(p), str(path), str(label), maps[i] if len(maps) else None)
+                   for i, (p, path, label) in enumerate(zip(z["flagged_probability"], z["flagged_path"],
+                                                           z["flagged_label"]))]
+        ledger_rows = [(str(h), float(p), str(path)) for h, p, path in
+                       zip(z["ledger_sha256"], z["ledger_probability"], z["ledger_path"])]
+        scored, failed, skipped = (int(c) for c in z["counts"])
+        return ShardSummary(scored, failed, skipped, flagged, z["sample_keys"], z["sample_embeddings"], ledger_rows)
+
+
+@dataclass
+class Gathered:
+    """All shards' summaries, merged: the run's top N flagged (highest first), its drift sample (the k smallest
+    sample keys, in key order) and its ledger rows, and the counts the summaries report."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"scored": 0, "failed": 0, "skipped": 0})
+    flagged: list[Flagged] = field(default_factory=list)
+    sample_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    sample_embeddings: np.ndarray | None = None
+    ledger_rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
+    """Read every shard's summary once, in shard order (FileNotFoundError for a shard without one)."""
+    out = Gathered()
+    for shard_id, _, _ in shards:
+        s = read(scratch, shard_id)
+        for key, value in (("scored", s.scored), ("failed", s.failed), ("skipped", s.skipped)):
+            out.counts[key] += value
+        out.flagged = heapq.nsmallest(n_flagged, out.flagged + s.flagged, key=rank_key)
+        out.sample_keys, out.sample_embeddings = drift_check.keep_smallest(
+            out.sample_keys, out.sample_embeddings, s.sample_keys, s.sample_embeddings, k_sample)
+        out.ledger_rows.extend(s.ledger_rows)
+    return out

@@ -1,0 +1,136 @@
+"""`export --verify` and the batch job's check of a package before it scores anything (onnx, onnxruntime; no
+TensorFlow): the metadata, the file's sha256, onnx.checker, the graph's tensors against the contract
+(xray_core/package.py), a run on two all-zero images, and the drift reference where the package has one."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from xray_core import reference
+from xray_core.errors import one_line
+from xray_core.files import sha256_file
+from xray_core.package import (
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    Metadata,
+    PackageError,
+    TensorSpec,
+    expected_io,
+    load_metadata,
+    open_session,
+)
+
+_ONNX_TYPES = {1: "float32"}  # onnx.TensorProto.FLOAT
+_LABELS = {"output": "output contract", "heatmap_output": "heatmap contract", "embedding_output": "embedding contract"}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def _graph_tensor(value_info) -> TensorSpec:
+    t = value_info.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return TensorSpec(value_info.name, _ONNX_TYPES.get(t.elem_type, str(t.elem_type)), shape)
+
+
+def model_io(onnx_model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's real inputs and outputs."""
+    inits = {i.name for i in onnx_model.graph.initializer}
+    ins = [_graph_tensor(v) for v in onnx_model.graph.input if v.name not in inits]
+    return ins, [_graph_tensor(v) for v in onnx_model.graph.output]
+
+
+def _shown(spec: TensorSpec | None):
+    return None if spec is None else spec.to_json()
+
+
+def contract_checks(meta: Metadata, ins: list[TensorSpec], outs: list[TensorSpec]) -> list[Check]:
+    """The graph's tensors and the metadata's against what the contract expects for this package."""
+    want = expected_io(meta.image_size, meta.heatmap_hw, meta.embedding_dim)
+    checks = [Check("input contract", ins == [want["input"]] and meta.input == want["input"],
+                    f"model {[_shown(i) for i in ins]}, metadata {_shown(meta.input)}, "
+                    f"expected {_shown(want['input'])}")]
+    got = {o.name: o for o in outs}
+    keys = [k for k in ("output", "heatmap_output", "embedding_output") if k in want]
+    for key in keys:
+        graph, recorded = got.get(want[key].name), getattr(meta, key)
+        checks.append(Check(_LABELS[key], graph == want[key] and recorded == want[key],
+                            f"model {_shown(graph)}, metadata {_shown(recorded)}, expected {_shown(want[key])}"))
+    if len(outs) != len(keys):
+        checks.append(Check("output contract", False, f"model outputs {[o.name for o in outs]}, metadata "
+                                                      f"{[getattr(meta, k).name for k in keys]}"))
+    return checks
+
+
+def zero_batch_check(session, outputs: list[TensorSpec], size: int) -> Check:
+    """The model runs on two all-zero images; every output has its contract's shape, is float32 and finite, and
+    the probability lies in [0, 1]. (The raw graph, not :func:`xray_core.package.score`: shapes are the point.)"""
+    shapes = {o.name: tuple(2 if d is None else d for d in o.shape) for o in outputs}
+    try:
+        got = dict(zip(shapes, session.run(list(shapes), {INPUT_NAME: np.zeros((2, size, size, 1), np.float32)})))
+    except Exception as exc:  # noqa: BLE001
+        return Check("zero batch", False, one_line(exc, 200))
+    ok = all(a.shape == shapes[n] and a.dtype == np.float32 and bool(np.isfinite(a).all()) for n, a in got.items())
+    out = got[OUTPUT_NAME]
+    ok = ok and bool(np.all((out >= 0) & (out <= 1)))
+    detail = f"output values {out.ravel().round(6).tolist()}; shapes " + ", ".join(
+        f"{n} {a.shape}" for n, a in got.items())
+    return Check("zero batch", ok, detail)
+
+
+def reference_check(version_dir: str, meta: Metadata) -> Check:
+    found, ref = reference.reference_problems(version_dir, meta)
+    detail = "; ".join(found) or (f"{len(ref.probabilities)} probabilities, embeddings {ref.embeddings.shape}, "
+                                  f"{reference.SPLITS_FILE}")
+    return Check("drift reference", not found, detail)
+
+
+def verify_package(version_dir: str) -> list[Check]:
+    """Every check of `export --verify`; stops at the first failure that blocks the rest."""
+    import onnx
+
+    checks: list[Check] = []
+    try:
+        meta = load_metadata(version_dir)
+        checks.append(Check("metadata", True, meta.model_id))
+    except PackageError as exc:
+        return [Check("metadata", False, str(exc))]
+    model_path = os.path.join(version_dir, MODEL_FILE)
+    if not os.path.isfile(model_path):
+        return checks + [Check("sha256", False, f"{model_path} is missing")]
+    digest = sha256_file(model_path)
+    same = digest == meta.sha256
+    verdict = "matches" if same else f"!= metadata {meta.sha256[:16]}…"
+    checks.append(Check("sha256", same, f"{digest[:16]}… {verdict}"))
+    if not same:
+        return checks
+    try:
+        model = onnx.load(model_path)
+        onnx.checker.check_model(model)
+        checks.append(Check("onnx.checker", True, f"opset {model.opset_import[0].version}"))
+    except Exception as exc:  # noqa: BLE001 - any checker failure is a failed check
+        return checks + [Check("onnx.checker", False, one_line(exc, 200))]
+    try:
+        session = open_session(model_path)
+        checks.append(Check("onnxruntime", True, "session created"))
+    except Exception as exc:  # noqa: BLE001
+        return checks + [Check("onnxruntime", False, one_line(exc, 200))]
+    ins, outs = model_io(model)
+    checks += contract_checks(meta, ins, outs)
+    if not all(c.ok for c in checks):
+        return checks
+    want = expected_io(meta.image_size, meta.heatmap_hw, meta.embedding_dim)
+    checks.append(zero_batch_check(session, [want[k] for k in want if k != "input"], meta.image_size))
+    if checks[-1].ok and meta.reference is not None:  # packages exported before drift checks have none
+        checks.append(reference_check(version_dir, meta))
+    return checks
