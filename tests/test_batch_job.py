@@ -300,6 +300,7 @@ def test_reconcile_counts_duplicates_and_strays(tmp_path):
     assert (r.found, r.scored, r.missing, r.duplicated) == (5, 4, 1, 1)
 
 
+@pytest.mark.slow
 def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_package, tmp_path):
     root, _ = labelled_tree
     out = str(tmp_path / "out")
@@ -322,6 +323,7 @@ def test_killed_job_leaves_no_output_and_rerun_completes(labelled_tree, tiny_pac
     assert set(read_predictions(out)) == all_image_paths(root)
 
 
+@pytest.mark.slow
 def test_command_line_job_gives_the_in_process_outputs(labelled_tree, tiny_package, tmp_path):
     """The installed `pneumonia-batch` command (= `python -m batch_job`) writes what the in-process job writes."""
     script = os.path.join(os.path.dirname(sys.executable), "pneumonia-batch")
@@ -343,6 +345,7 @@ def test_command_line_job_gives_the_in_process_outputs(labelled_tree, tiny_packa
     assert cli["accuracy"] is not None and os.path.getsize(os.path.join(cli_out, "histogram.png")) > 1000
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_job_with_one_line_and_nothing_published(tmp_path):
     root = str(tmp_path / "in")
     make_tree(root, per_class=150, size=256, seed=1)  # 300 images, one per work unit: a job of several seconds

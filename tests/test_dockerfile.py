@@ -78,6 +78,7 @@ def test_entrypoint_defaults():
     assert set(volumes) == {"/input", "/output"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SKIP_FRESH_VENV") == "1", reason="SKIP_FRESH_VENV=1")
 def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
     """What the container runs, run directly in a new venv with `pip install .` of exactly the files the

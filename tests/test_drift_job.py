@@ -238,6 +238,7 @@ def test_rows_without_a_usable_embedding_are_left_out_of_the_sample():
     assert drift_check.smallest(rows[:2], 10)[0].tolist() == []
 
 
+@pytest.mark.slow
 def test_killed_after_scoring_leaves_scratch_the_rerun_cleans_up(drift_package, same_tree, tmp_path):
     import glob
     import signal

@@ -84,6 +84,7 @@ def _copy_version(published, version, dest):
 # ---------------------------------------------------------------- publishing
 
 
+@pytest.mark.slow
 def test_three_versions_in_order(published):
     assert published["rcs"] == [0, 0, 0]
     assert sorted(os.listdir(published["name_dir"])) == ["1", "2", "3", "config.pbtxt"]
@@ -94,6 +95,7 @@ def test_three_versions_in_order(published):
         assert (meta["version"], meta["architecture"]) == (version, arch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_verify_published_versions(published, version, capsys):
     d = str(_vdir(published, version))
@@ -103,6 +105,7 @@ def test_verify_published_versions(published, version, capsys):
     assert lines[-1] == f"OK: {d}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, arch", list(enumerate(ARCHS, start=1)))
 def test_metadata(published, version, arch):
     d = _vdir(published, version)
@@ -159,6 +162,7 @@ def test_metadata(published, version, arch):
     assert meta["sha256"] in card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, arch", list(enumerate(ARCHS, start=1)))
 def test_onnx_equals_keras_on_real_images(published, version, arch):
     from train.models import load_model
@@ -202,6 +206,7 @@ def _graph_io(values, inits):
     return out
 
 
+@pytest.mark.slow
 def test_triton_config_matches_onnx_graph(published):
     import onnx
 
@@ -227,6 +232,7 @@ def test_triton_config_matches_onnx_graph(published):
     assert cfg_out[0][0] == "probability" and cfg_out[0][2] == [1]
 
 
+@pytest.mark.slow
 def test_version_dir_has_default_permissions(published):
     old = os.umask(0)
     os.umask(old)
@@ -244,6 +250,7 @@ def _expect_error(capsys, rc, *fragments):
     assert_one_line_error(capsys, rc, *fragments)
 
 
+@pytest.mark.slow
 def test_explicit_then_default_version_and_no_overwrite(published, tmp_path, capsys):
     serving = tmp_path / "serving"
     assert _export(published["run"], serving, "--model", "baseline_cnn", "--version", "7") == 0
@@ -275,6 +282,7 @@ def serving_with_v1(published, tmp_path):
     return serving
 
 
+@pytest.mark.slow
 def test_failed_conversion_publishes_nothing(published, serving_with_v1, monkeypatch):
     import export.convert
 
@@ -298,6 +306,7 @@ def test_failed_conversion_publishes_nothing(published, serving_with_v1, monkeyp
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_parity_failure_exits_1_and_publishes_nothing(published, serving_with_v1, monkeypatch, capsys):
     import export.convert
 
@@ -317,6 +326,7 @@ def test_parity_failure_exits_1_and_publishes_nothing(published, serving_with_v1
     assert _snapshot(serving_with_v1) == before
 
 
+@pytest.mark.slow
 def test_decisions_differing_is_a_parity_failure(published, tmp_path, monkeypatch, capsys):
     import export.convert
 
@@ -331,6 +341,7 @@ def test_decisions_differing_is_a_parity_failure(published, tmp_path, monkeypatc
 # ------------------------------------------------------------------- verify
 
 
+@pytest.mark.slow
 def test_verify_catches_flipped_byte(published, tmp_path, capsys):
     d = _copy_version(published, 1, tmp_path / "1")
     model = d / "model.onnx"
@@ -344,6 +355,7 @@ def test_verify_catches_flipped_byte(published, tmp_path, capsys):
     assert len(lines) == 3 and lines[-1] == f"FAILED: {d}"
 
 
+@pytest.mark.slow
 def test_verify_catches_metadata_model_mismatch(published, tmp_path, capsys):
     d = _copy_version(published, 1, tmp_path / "1")
     meta = _json(d / "metadata.json")
@@ -359,6 +371,7 @@ def test_verify_catches_metadata_model_mismatch(published, tmp_path, capsys):
     assert lines[-1] == f"FAILED: {d}"
 
 
+@pytest.mark.slow
 def test_verify_missing_metadata(published, tmp_path, capsys):
     d = _copy_version(published, 1, tmp_path / "1")
     os.remove(d / "metadata.json")
@@ -376,6 +389,7 @@ def test_error_missing_run_dir(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_error_model_not_in_run(published, tmp_path, capsys):
     rc = _export(published["run"], tmp_path / "serving", "--model", "resnet50")
     _expect_error(capsys, rc, "'resnet50' is not in run", "baseline_cnn, augmented_cnn, vgg19")
@@ -390,6 +404,7 @@ def _corrupt_run(published, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_error_corrupt_model_file(published, tmp_path, capsys):
     run = _corrupt_run(published, tmp_path)
     serving = tmp_path / "serving"
@@ -399,6 +414,7 @@ def test_error_corrupt_model_file(published, tmp_path, capsys):
     assert _snapshot(serving) in ({}, {"pneumonia": "dir"})
 
 
+@pytest.mark.slow
 def test_error_corrupt_model_file_writes_nothing(published, tmp_path, capsys):
     run = _corrupt_run(published, tmp_path)
     rc = _export(run, tmp_path / "serving", "--model", "baseline_cnn")
@@ -406,6 +422,7 @@ def test_error_corrupt_model_file_writes_nothing(published, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "serving")
 
 
+@pytest.mark.slow
 def test_error_unwritable_serving_dir(published, tmp_path, capsys):
     if os.geteuid() == 0:
         # root ignores permissions: make the serving dir path a regular file instead
@@ -464,6 +481,7 @@ def _site_scores(calibrated):
     return meta, y, p.reshape(-1).astype(np.float64)
 
 
+@pytest.mark.slow
 def test_calibrated_threshold_comes_from_the_site_sample(calibrated):
     from xray_core.metrics import choose_threshold, operating_point
 
@@ -487,6 +505,7 @@ def test_calibrated_threshold_comes_from_the_site_sample(calibrated):
     assert meta["parity"]["decisions_equal"] is True
 
 
+@pytest.mark.slow
 def test_two_fold_estimate_is_out_of_sample_with_intervals(calibrated):
     meta, y, p = _site_scores(calibrated)
     est = meta["site_calibration"]["two_fold"]
@@ -548,6 +567,7 @@ def test_calibration_labels_only_from_folders_under_the_dir(tmp_path):
     (None, "calibration dir not found"),
     ("NORMAL", "no images under a folder named PNEUMONIA"),
 ])
+@pytest.mark.slow
 def test_calibrate_dir_errors_publish_nothing(calibrated, tmp_path, capsys, layout, fragment):
     cal = tmp_path / "cal"
     if layout:
@@ -559,6 +579,7 @@ def test_calibrate_dir_errors_publish_nothing(calibrated, tmp_path, capsys, layo
     assert _snapshot(serving) == {}
 
 
+@pytest.mark.slow
 def test_calibrated_model_card_gives_site_numbers_first(calibrated):
     meta = _json(calibrated["vdir"] / "metadata.json")
     card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
@@ -573,6 +594,7 @@ def test_calibrated_model_card_gives_site_numbers_first(calibrated):
 # ------------------------------------------------------------------- heatmaps
 
 
+@pytest.mark.slow
 def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
     from export.heatmap import reference_heatmaps
     from train.models import load_model
@@ -607,6 +629,7 @@ def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
     assert "## Heatmaps" in card and "Faithfulness check" in card
 
 
+@pytest.mark.slow
 def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
     text = (calibrated["serving"] / "pneumonia" / "config.pbtxt").read_text()
     assert [e[0] for e in _pbtxt_section(text, "output")] == ["probability", "heatmap", "embedding"]
@@ -626,6 +649,7 @@ def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
     assert "FAIL heatmap contract" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_calibrated_package_has_an_embedding_and_a_drift_reference(calibrated):
     from train.models import keras, load_model
     from xray_core import reference
@@ -668,6 +692,7 @@ def published_data(calibrated):
     return str(calibrated["run"].parent / "data")
 
 
+@pytest.mark.slow
 def test_verify_checks_the_drift_reference(calibrated, tmp_path, capsys):
     assert export_main(["--verify", str(calibrated["vdir"])]) == 0
     out = capsys.readouterr().out
@@ -705,6 +730,7 @@ def test_verify_checks_the_drift_reference(calibrated, tmp_path, capsys):
     assert "sha256 differs from the metadata" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_models_without_a_cam_head_export_probability_only(published):
     import onnx
 

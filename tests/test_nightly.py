@@ -118,6 +118,7 @@ def test_second_job_on_a_busy_ledger_fails_clearly(small_tree, tiny_package, tmp
         assert conn.execute("SELECT COUNT(*) FROM scored").fetchone()[0] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["listed", "scored", "written", "published"])
 def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_package, tmp_path):
     ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
@@ -138,6 +139,7 @@ def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_pack
     assert len(entries) == 20 and len({e[0] for e in entries}) == 20
 
 
+@pytest.mark.slow
 def test_sigkill_while_scoring_then_rerun(small_tree, tiny_package, tmp_path):
     ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
     args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
@@ -154,6 +156,7 @@ def test_sigkill_while_scoring_then_rerun(small_tree, tiny_package, tmp_path):
     assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
 
 
+@pytest.mark.slow
 def test_dask_worker_killed_mid_run_job_still_accounts_for_every_image(tiny_package, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -282,6 +285,7 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
     return expect
 
 
+@pytest.mark.slow
 def test_fault_corpus(tmp_path):
 
     serving = str(tmp_path / "serving")

@@ -92,6 +92,7 @@ def test_resnet_head_gives_exact_class_activation_maps():
     np.testing.assert_allclose(1 / (1 + np.exp(-logit)), model.predict(x, verbose=0)[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_averages_members_and_reloads(tmp_path):
     keras.utils.set_random_seed(1)
     members = [build_resnet(32, name=f"m{i}") for i in range(3)]

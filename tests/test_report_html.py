@@ -152,6 +152,7 @@ def colourful(shot: np.ndarray) -> float:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium; .ci/run "
                                              "installs it): report.html was not rendered")
+@pytest.mark.slow
 def test_headless_chromium_renders_the_page_with_its_images(report_run, tmp_path):
     shot = screenshot(os.path.join(report_run, "report.html"), str(tmp_path / "shot.png"), str(tmp_path / "a"))
     assert shot.shape[:2] == (2400, 1280)

@@ -67,6 +67,7 @@ def _build(name):
     return build_cnn(32, name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_model_builds_saves_and_reloads(tmp_path, name):
     model = _build(name)

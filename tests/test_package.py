@@ -1,0 +1,113 @@
+"""The model-package contract (xray_core/package.py, verify.py, reference.py) on the shipped packages and the
+tests' tiny ONNX models: metadata as a typed schema, score() in batches, verification, the drift reference."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from export.card import model_card
+from export.triton import triton_config
+from helpers import REPO, write_package
+from xray_core import reference
+from xray_core.package import (
+    EMBEDDING_NAME,
+    HEATMAP_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Metadata,
+    PackageError,
+    TensorSpec,
+    load_metadata,
+    open_session,
+    resolve_version_dir,
+    score,
+)
+from xray_core.verify import verify_package
+
+SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
+
+
+@pytest.mark.parametrize("version", ["1", "2", "3", "4"])
+def test_shipped_metadata_round_trips_through_the_schema(version):
+    path = os.path.join(SHIPPED, version, "metadata.json")
+    raw = json.load(open(path))
+    meta = load_metadata(os.path.dirname(path))
+    assert meta.to_dict() == raw and list(meta.to_dict()) == list(raw)  # every key, in the file's order
+    assert meta.model_id == f"pneumonia/{version}" and meta.image_size == raw["preprocessing"]["image_size"]
+    assert meta.heatmap_hw == ((8, 8) if version in ("3", "4") else None)
+    assert meta.embedding_dim == (768 if version == "4" else None)
+
+
+def test_the_newest_version_is_the_default():
+    assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "4")
+
+
+def test_metadata_without_contract_keys_or_with_unusable_values_is_refused():
+    raw = json.load(open(os.path.join(SHIPPED, "4", "metadata.json")))
+    with pytest.raises(PackageError, match="lacks sha256, decision_threshold"):
+        Metadata.from_dict({k: v for k, v in raw.items() if k not in ("sha256", "decision_threshold")}, "m.json")
+    with pytest.raises(PackageError, match="unusable values"):
+        Metadata.from_dict({**raw, "decision_threshold": "high"})
+    with pytest.raises(PackageError, match="unusable values"):
+        Metadata.from_dict({**raw, "preprocessing": {**raw["preprocessing"], "resize_filter": "magic"}})
+    assert TensorSpec.from_json({"name": "x", "dtype": "float32", "shape": [-1, 3]}).shape == (None, 3)
+
+
+def test_the_model_card_is_a_function_of_the_metadata():
+    """Version 4's MODEL_CARD.md is exactly what export's card writer makes of its metadata.json."""
+    vdir = os.path.join(SHIPPED, "4")
+    assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
+
+
+def test_score_in_batches_equals_one_run_of_the_graph(tmp_path):
+    vdir = write_package(str(tmp_path / "serving"), heatmap_hw=(4, 4), embedding_grid=4)
+    session = open_session(os.path.join(vdir, "model.onnx"))
+    x = np.random.default_rng(0).uniform(0, 1, (70, 32, 32, 1)).astype(np.float32)
+    whole = session.run([OUTPUT_NAME, HEATMAP_NAME, EMBEDDING_NAME], {INPUT_NAME: x})
+    got = score(session, x, heatmap=True, embedding=True, batch_size=16)
+    assert got.probability.shape == (70,) and got.heatmap.shape == (70, 4, 4) and got.embedding.shape == (70, 16)
+    np.testing.assert_allclose(got.probability, whole[0].reshape(-1), atol=1e-7)
+    np.testing.assert_allclose(got.heatmap, whole[1], atol=1e-7)
+    np.testing.assert_allclose(got.embedding, whole[2], atol=1e-7)
+    plain = score(session, x[:3])
+    assert plain.heatmap is None and plain.embedding is None and plain.probability.dtype == np.float32
+    assert score(session, x[:0]).probability.shape == (0,)
+
+
+def test_verify_passes_a_good_package_and_names_the_first_broken_contract(tmp_path):
+    vdir = write_package(str(tmp_path / "serving"), heatmap_hw=(4, 4),
+                         reference_images=np.random.default_rng(1).uniform(0, 1, (40, 32, 32, 1)).astype(np.float32))
+    checks = verify_package(vdir)
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+    assert [c.name for c in checks][-2:] == ["zero batch", "drift reference"]
+    path = os.path.join(vdir, "metadata.json")
+    raw = json.load(open(path))
+    raw["heatmap_output"]["shape"] = [-1, 2, 2]  # the graph's map is 4x4
+    json.dump(raw, open(path, "w"))
+    failed = [c for c in verify_package(vdir) if not c.ok]
+    assert [c.name for c in failed] == ["heatmap contract"]
+
+
+def test_the_reference_round_trips_and_verify_catches_a_changed_one(tmp_path):
+    images = np.random.default_rng(2).uniform(0, 1, (30, 32, 32, 1)).astype(np.float32)
+    vdir = write_package(str(tmp_path / "serving"), reference_images=images)
+    ref = reference.load(os.path.join(vdir, reference.REFERENCE_FILE))
+    assert ref.probabilities.dtype == np.float32 and ref.probabilities.shape == (30,)
+    assert ref.embeddings.dtype == np.float16 and ref.embeddings.shape == (30, 16)
+    session = open_session(os.path.join(vdir, "model.onnx"))
+    np.testing.assert_array_equal(ref.probabilities, score(session, images).probability)
+    reference.write(os.path.join(vdir, reference.REFERENCE_FILE),
+                    reference.Reference(ref.probabilities * 0.5, ref.embeddings))
+    (check,) = [c for c in verify_package(vdir) if c.name == "drift reference"]
+    assert not check.ok and "sha256 differs from the metadata" in check.detail
+
+
+def test_triton_config_lists_every_output_of_the_contract():
+    text = triton_config("pneumonia", 64, heatmap=(8, 8), embedding=768)
+    assert 'name: "image" data_type: TYPE_FP32 dims: [ 64, 64, 1 ]' in text
+    assert 'name: "heatmap" data_type: TYPE_FP32 dims: [ 8, 8 ]' in text
+    assert 'name: "embedding" data_type: TYPE_FP32 dims: [ 768 ]' in text
+    assert open(os.path.join(SHIPPED, "config.pbtxt")).read() == text
