@@ -4,7 +4,12 @@ from __future__ import annotations
 import logging
 import os
 
-import pytest
+# The suite runs one pytest-xdist worker per core: TensorFlow in each worker computes on one thread (set before it
+# is imported), so two workers do not fight over two cores.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+import pytest  # noqa: E402
 from PIL import Image
 
 from batch_job.synthetic import make_tree

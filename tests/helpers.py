@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -283,3 +285,41 @@ def job(args: list[str], env_kill: str | None = None, timeout: int = 120, peak: 
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# ------------------------------------------------------------------ export tests
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def snapshot(root):
+    """{relative path: sha256 or 'dir'} of everything under root ({} if it does not exist)."""
+    snap = {}
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            snap[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in files:
+            p = os.path.join(dirpath, f)
+            snap[os.path.relpath(p, root)] = sha256_of(p)
+    return snap
+
+
+def export_run(run_dir, serving_dir, *extra):
+    from export.__main__ import main as export_main
+
+    return export_main(["--run-dir", str(run_dir), "--serving-dir", str(serving_dir), "--name", "pneumonia",
+                        *extra])
+
+
+def pbtxt_section(text, key):
+    match = re.search(rf"^{key}\s*\[\s*(.*?)^\]", text, re.S | re.M)
+    assert match, key
+    entries = re.findall(r'\{\s*name:\s*"([^"]+)"\s+data_type:\s*(\w+)\s+dims:\s*\[([^\]]*)\]\s*\}', match.group(1))
+    return [(name, dtype, [int(v) for v in dims.replace(",", " ").split()]) for name, dtype, dims in entries]

@@ -5,14 +5,11 @@ as versions 1, 2, 3; the other tests copy from it or publish into their own serv
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -20,7 +17,7 @@ import pytest
 
 from batch_job.synthetic import make_tree
 from export.__main__ import main as export_main
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, export_run, pbtxt_section, read_json, sha256_of, snapshot
 from train.__main__ import main as train_main
 from train.data import read_split_csv
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
@@ -28,33 +25,6 @@ from xray_core.preprocessing import PreprocessConfig, preprocess_image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: the --calibrate-dir tests below
 CHECKS = ["metadata", "sha256", "onnx.checker", "onnxruntime", "input contract", "output contract", "zero batch"]
-
-
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _snapshot(root):
-    """{relative path: sha256 or 'dir'} of everything under root ({} if it does not exist)."""
-    snap = {}
-    for dirpath, dirs, files in os.walk(root):
-        for d in dirs:
-            snap[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in files:
-            p = os.path.join(dirpath, f)
-            snap[os.path.relpath(p, root)] = _sha256(p)
-    return snap
-
-
-def _export(run_dir, serving_dir, *extra):
-    return export_main(["--run-dir", str(run_dir), "--serving-dir", str(serving_dir), "--name", "pneumonia",
-                        *extra])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +37,7 @@ def published(tmp_path_factory):
                      "--vgg19-weights", "none", "--models", "baseline_cnn,augmented_cnn,vgg19"])
     assert rc == 0
     serving = base / "serving_models"
-    rcs = [_export(run, serving, "--model", arch) for arch in ARCHS]
+    rcs = [export_run(run, serving, "--model", arch) for arch in ARCHS]
     return {"base": base, "run": run, "serving": serving, "name_dir": serving / "pneumonia", "rcs": rcs,
             "data": data}
 
@@ -91,7 +61,7 @@ def test_three_versions_in_order(published):
     for version, arch in enumerate(ARCHS, start=1):
         d = _vdir(published, version)
         assert sorted(os.listdir(d)) == ["MODEL_CARD.md", "metadata.json", "model.onnx"]
-        meta = _json(d / "metadata.json")
+        meta = read_json(d / "metadata.json")
         assert (meta["version"], meta["architecture"]) == (version, arch)
 
 
@@ -109,9 +79,9 @@ def test_verify_published_versions(published, version, capsys):
 @pytest.mark.parametrize("version, arch", list(enumerate(ARCHS, start=1)))
 def test_metadata(published, version, arch):
     d = _vdir(published, version)
-    meta = _json(d / "metadata.json")
+    meta = read_json(d / "metadata.json")
     run = published["run"]
-    metrics = _json(run / arch / "metrics.json")
+    metrics = read_json(run / arch / "metrics.json")
     assert meta["name"] == "pneumonia"
     assert meta["version"] == version
     assert meta["architecture"] == arch
@@ -147,12 +117,12 @@ def test_metadata(published, version, arch):
     assert meta["opset"] == 17
     opsets = {o.domain: o.version for o in onnx.load(str(d / "model.onnx")).opset_import}
     assert opsets.get("", opsets.get("ai.onnx")) == 17
-    assert meta["sha256"] == _sha256(d / "model.onnx")
+    assert meta["sha256"] == sha256_of(d / "model.onnx")
     created = datetime.fromisoformat(meta["created_utc"])
     assert created.utcoffset() == timedelta(0)
     assert abs(datetime.now(timezone.utc) - created) < timedelta(hours=1)
     assert meta["source"]["model_file"] == os.path.join(str(run), arch, "model.keras")
-    assert meta["source"]["split_counts"] == _json(run / "run.json")["split_counts"]
+    assert meta["source"]["split_counts"] == read_json(run / "run.json")["split_counts"]
     assert "--model " + arch in meta["source"]["export_command"]
 
     card = (d / "MODEL_CARD.md").read_text()
@@ -169,7 +139,7 @@ def test_onnx_equals_keras_on_real_images(published, version, arch):
     from xray_core.package import open_session as load_session
 
     d = _vdir(published, version)
-    meta = _json(d / "metadata.json")
+    meta = read_json(d / "metadata.json")
     config = PreprocessConfig.from_dict(meta["preprocessing"])
     rows = [ex for ex, s in read_split_csv(published["run"] / "split.csv") if s in ("test", "val")]
     assert len(rows) >= 20
@@ -187,13 +157,6 @@ def test_onnx_equals_keras_on_real_images(published, version, arch):
     # a batch of one works too (dynamic batch dimension)
     (one,) = session.run(["probability"], {"image": x[:1]})
     assert abs(float(one[0, 0]) - float(p_keras[0, 0])) <= 1e-5
-
-
-def _pbtxt_section(text, key):
-    match = re.search(rf"^{key}\s*\[\s*(.*?)^\]", text, re.S | re.M)
-    assert match, key
-    entries = re.findall(r'\{\s*name:\s*"([^"]+)"\s+data_type:\s*(\w+)\s+dims:\s*\[([^\]]*)\]\s*\}', match.group(1))
-    return [(name, dtype, [int(v) for v in dims.replace(",", " ").split()]) for name, dtype, dims in entries]
 
 
 def _graph_io(values, inits):
@@ -215,8 +178,8 @@ def test_triton_config_matches_onnx_graph(published):
     assert re.search(r'^platform:\s*"onnxruntime_onnx"\s*$', text, re.M)
     max_batch = int(re.search(r"^max_batch_size:\s*(\d+)\s*$", text, re.M).group(1))
     assert max_batch > 0  # the batch dim is implicit in dims
-    cfg_in = _pbtxt_section(text, "input")
-    cfg_out = _pbtxt_section(text, "output")
+    cfg_in = pbtxt_section(text, "input")
+    cfg_out = pbtxt_section(text, "output")
     assert len(cfg_in) == len(cfg_out) == 1
     for version in (1, 2, 3):
         model = onnx.load(str(_vdir(published, version) / "model.onnx"))
@@ -253,20 +216,20 @@ def _expect_error(capsys, rc, *fragments):
 @pytest.mark.slow
 def test_explicit_then_default_version_and_no_overwrite(published, tmp_path, capsys):
     serving = tmp_path / "serving"
-    assert _export(published["run"], serving, "--model", "baseline_cnn", "--version", "7") == 0
-    assert _export(published["run"], serving, "--model", "baseline_cnn") == 0
+    assert export_run(published["run"], serving, "--model", "baseline_cnn", "--version", "7") == 0
+    assert export_run(published["run"], serving, "--model", "baseline_cnn") == 0
     name_dir = serving / "pneumonia"
     assert sorted(os.listdir(name_dir)) == ["7", "8", "config.pbtxt"]
-    assert _json(name_dir / "7" / "metadata.json")["version"] == 7
-    assert _json(name_dir / "8" / "metadata.json")["version"] == 8
+    assert read_json(name_dir / "7" / "metadata.json")["version"] == 7
+    assert read_json(name_dir / "8" / "metadata.json")["version"] == 8
     capsys.readouterr()
 
-    before = _snapshot(serving)
-    rc = _export(published["run"], serving, "--model", "augmented_cnn", "--version", "8")
+    before = snapshot(serving)
+    rc = export_run(published["run"], serving, "--model", "augmented_cnn", "--version", "8")
     _expect_error(capsys, rc, "already exists", str(name_dir / "8"))
-    rc = _export(published["run"], serving, "--model", "augmented_cnn", "--version", "0")
+    rc = export_run(published["run"], serving, "--model", "augmented_cnn", "--version", "0")
     _expect_error(capsys, rc, "--version must be >= 1")
-    assert _snapshot(serving) == before
+    assert snapshot(serving) == before
 
 
 # ---------------------------------------------------------------- atomicity
@@ -295,13 +258,13 @@ def test_failed_conversion_publishes_nothing(published, serving_with_v1, monkeyp
         raise RuntimeError("conversion blew up half way")
 
     monkeypatch.setattr(export.convert, "to_onnx", broken_to_onnx)
-    before = _snapshot(serving_with_v1)
+    before = snapshot(serving_with_v1)
     with pytest.raises(RuntimeError, match="half way"):
-        _export(published["run"], serving_with_v1, "--model", "augmented_cnn")
+        export_run(published["run"], serving_with_v1, "--model", "augmented_cnn")
     assert len(seen) == 1
     assert os.path.basename(os.path.dirname(seen[0])).startswith("2.tmp-")  # it was staging version 2
     assert not os.path.exists(seen[0])
-    assert _snapshot(serving_with_v1) == before
+    assert snapshot(serving_with_v1) == before
     leftovers = [n for n in os.listdir(serving_with_v1 / "pneumonia") if ".tmp-" in n or ".old-" in n]
     assert leftovers == []
 
@@ -316,14 +279,14 @@ def test_parity_failure_exits_1_and_publishes_nothing(published, serving_with_v1
                 "tolerance": 1e-5}
 
     monkeypatch.setattr(export.convert, "parity", bad_parity)
-    before = _snapshot(serving_with_v1)
-    rc = _export(published["run"], serving_with_v1, "--model", "baseline_cnn")
+    before = snapshot(serving_with_v1)
+    rc = export_run(published["run"], serving_with_v1, "--model", "baseline_cnn")
     out, err = capsys.readouterr()
     assert rc == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: parity failed")
     assert "nothing published" in lines[0]
-    assert _snapshot(serving_with_v1) == before
+    assert snapshot(serving_with_v1) == before
 
 
 @pytest.mark.slow
@@ -333,7 +296,7 @@ def test_decisions_differing_is_a_parity_failure(published, tmp_path, monkeypatc
     monkeypatch.setattr(export.convert, "parity", lambda *a: {
         "images": 66, "max_abs_diff": 0.0, "mean_abs_diff": 0.0, "decisions_equal": False, "tolerance": 1e-5})
     serving = tmp_path / "serving"
-    assert _export(published["run"], serving, "--model", "baseline_cnn") == 1
+    assert export_run(published["run"], serving, "--model", "baseline_cnn") == 1
     assert "decisions equal: False" in capsys.readouterr().err
     assert [n for n in os.listdir(serving / "pneumonia")] == []
 
@@ -358,7 +321,7 @@ def test_verify_catches_flipped_byte(published, tmp_path, capsys):
 @pytest.mark.slow
 def test_verify_catches_metadata_model_mismatch(published, tmp_path, capsys):
     d = _copy_version(published, 1, tmp_path / "1")
-    meta = _json(d / "metadata.json")
+    meta = read_json(d / "metadata.json")
     meta["preprocessing"]["image_size"] = 64
     meta["input"]["shape"] = [-1, 64, 64, 1]
     (d / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -384,14 +347,14 @@ def test_verify_missing_metadata(published, tmp_path, capsys):
 
 
 def test_error_missing_run_dir(tmp_path, capsys):
-    rc = _export(tmp_path / "no_run", tmp_path / "serving", "--model", "baseline_cnn")
+    rc = export_run(tmp_path / "no_run", tmp_path / "serving", "--model", "baseline_cnn")
     _expect_error(capsys, rc, "run dir not found")
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow
 def test_error_model_not_in_run(published, tmp_path, capsys):
-    rc = _export(published["run"], tmp_path / "serving", "--model", "resnet50")
+    rc = export_run(published["run"], tmp_path / "serving", "--model", "resnet50")
     _expect_error(capsys, rc, "'resnet50' is not in run", "baseline_cnn, augmented_cnn, vgg19")
     assert os.listdir(tmp_path) == []
 
@@ -408,16 +371,16 @@ def _corrupt_run(published, tmp_path):
 def test_error_corrupt_model_file(published, tmp_path, capsys):
     run = _corrupt_run(published, tmp_path)
     serving = tmp_path / "serving"
-    rc = _export(run, serving, "--model", "baseline_cnn")
+    rc = export_run(run, serving, "--model", "baseline_cnn")
     _expect_error(capsys, rc, "cannot load", "model.keras")
     # no version, no staging dir, no config.pbtxt
-    assert _snapshot(serving) in ({}, {"pneumonia": "dir"})
+    assert snapshot(serving) in ({}, {"pneumonia": "dir"})
 
 
 @pytest.mark.slow
 def test_error_corrupt_model_file_writes_nothing(published, tmp_path, capsys):
     run = _corrupt_run(published, tmp_path)
-    rc = _export(run, tmp_path / "serving", "--model", "baseline_cnn")
+    rc = export_run(run, tmp_path / "serving", "--model", "baseline_cnn")
     _expect_error(capsys, rc, "cannot load")
     assert not os.path.exists(tmp_path / "serving")
 
@@ -428,7 +391,7 @@ def test_error_unwritable_serving_dir(published, tmp_path, capsys):
         # root ignores permissions: make the serving dir path a regular file instead
         serving = tmp_path / "serving"
         serving.write_text("not a directory")
-        rc = _export(published["run"], serving, "--model", "baseline_cnn")
+        rc = export_run(published["run"], serving, "--model", "baseline_cnn")
         _expect_error(capsys, rc, "cannot write to serving dir", str(serving))
         assert serving.read_text() == "not a directory"
         assert os.listdir(tmp_path) == ["serving"]
@@ -437,297 +400,11 @@ def test_error_unwritable_serving_dir(published, tmp_path, capsys):
         parent.mkdir()
         os.chmod(parent, 0o500)
         try:
-            rc = _export(published["run"], parent / "serving", "--model", "baseline_cnn")
+            rc = export_run(published["run"], parent / "serving", "--model", "baseline_cnn")
             _expect_error(capsys, rc, "cannot write to serving dir")
             assert os.listdir(parent) == []
         finally:
             os.chmod(parent, 0o700)
-
-
-# ------------------------------------------------------------- no TensorFlow
-
-
-def _fresh_python(code):
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-# ------------------------------------------------------------ --calibrate-dir
-
-
-@pytest.fixture(scope="module")
-def calibrated(published):
-    """resnet_aug (an ensemble of two) trained with a site sample, exported with --calibrate-dir."""
-    base = published["base"]
-    site = base / "site"
-    make_tree(str(site), per_class=24, size=48, seed=5)
-    run = base / "run_recipe"
-    assert train_main(["--data-dir", str(published["data"]), "--output-dir", str(run), "--image-size", "32",
-                       "--epochs", "2", "--models", "resnet_aug", "--ensemble", "2", "--last-stride", "2",
-                       "--site-dir", str(site)]) == 0
-    serving = base / "serving_calibrated"
-    rc = _export(run, serving, "--model", "resnet_aug", "--calibrate-dir", str(site), "--target-recall", "0.9")
-    return {"rc": rc, "run": run, "site": site, "serving": serving, "vdir": serving / "pneumonia" / "1"}
-
-
-def _site_scores(calibrated):
-    from xray_core.package import open_session as load_session
-
-    meta = _json(calibrated["vdir"] / "metadata.json")
-    config = PreprocessConfig.from_dict(meta["preprocessing"])
-    paths = sorted(str(p) for p in calibrated["site"].rglob("*") if p.suffix in (".jpeg", ".png"))
-    x = np.stack([preprocess_image(p, config) for p in paths])
-    (p,) = load_session(str(calibrated["vdir"] / "model.onnx")).run(["probability"], {"image": x})
-    y = np.array(["/PNEUMONIA/" in path for path in paths], dtype=int)
-    return meta, y, p.reshape(-1).astype(np.float64)
-
-
-@pytest.mark.slow
-def test_calibrated_threshold_comes_from_the_site_sample(calibrated):
-    from xray_core.metrics import choose_threshold, operating_point
-
-    assert calibrated["rc"] == 0
-    meta, y, p = _site_scores(calibrated)
-    site = meta["site_calibration"]
-    metrics = _json(calibrated["run"] / "resnet_aug" / "metrics.json")
-    assert site["images"] == len(y) == 48 and (site["normal"], site["pneumonia"]) == (24, 24)
-    assert site["target_recall"] == meta["target_recall"] == 0.9
-    assert meta["threshold_source"] == "site calibration sample"
-    assert meta["validation_threshold"] == metrics["chosen_threshold"]
-    assert meta["decision_threshold"] == site["threshold"] == pytest.approx(choose_threshold(y, p, 0.9), abs=1e-6)
-    for key, thr in (("at_0.5", 0.5), ("at_validation_threshold", metrics["chosen_threshold"]),
-                     ("at_calibrated_threshold", site["threshold"])):
-        expected = operating_point(y, p, thr)
-        assert site[key]["threshold"] == pytest.approx(thr)
-        assert site[key]["confusion_matrix"]["matrix"] == expected["confusion_matrix"]["matrix"], key
-        assert site[key]["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
-    assert site["at_calibrated_threshold"]["recall"] >= 0.9
-    # parity was checked at the package's (calibrated) threshold
-    assert meta["parity"]["decisions_equal"] is True
-
-
-@pytest.mark.slow
-def test_two_fold_estimate_is_out_of_sample_with_intervals(calibrated):
-    meta, y, p = _site_scores(calibrated)
-    est = meta["site_calibration"]["two_fold"]
-    assert [f["eval_images"] for f in est["folds"]] and sum(f["eval_images"] for f in est["folds"]) == len(y)
-    assert sum(f["fit_images"] for f in est["folds"]) == len(y)
-    for key in ("recall", "specificity", "accuracy", "roc_auc"):
-        lo, hi = est[f"{key}_ci95"]
-        assert 0 <= lo <= est[key] <= hi <= 1, key
-    # pooled counts are whole images: recall * positives is an integer
-    assert est["recall"] * y.sum() == pytest.approx(round(est["recall"] * y.sum()))
-    correct = est["recall"] * y.sum() + est["specificity"] * (len(y) - y.sum())
-    assert est["accuracy"] == pytest.approx(correct / len(y))
-
-
-def test_two_fold_on_known_scores():
-    from export.calibrate import two_fold
-
-    # 20 patients with two images each; scores separate the classes perfectly
-    groups = np.repeat(np.arange(20), 2)
-    y = np.where(groups % 2 == 0, 0, 1)
-    p = np.where(y == 1, 0.9, 0.1) + np.linspace(0, 0.05, 40)
-    est = two_fold(y, p, groups, 0.95)
-    assert (est["recall"], est["specificity"], est["accuracy"], est["roc_auc"]) == (1.0, 1.0, 1.0, 1.0)
-    assert est["recall_ci95"][1] == pytest.approx(1.0) and est["recall_ci95"][0] < 1.0
-    # each half's threshold sits between the classes
-    assert all(0.15 < f["threshold"] <= 0.95 for f in est["folds"])
-    # both halves are patient-disjoint: 10 patients (20 images) each
-    assert [f["eval_images"] for f in est["folds"]] == [20, 20]
-
-
-def test_threshold_from_one_half_can_miss_on_the_other():
-    """The out-of-half recall is below target when the halves differ: the estimate is not in-sample."""
-    from export.calibrate import two_fold
-    from xray_core.metrics import choose_threshold, operating_point
-
-    rng = np.random.default_rng(0)
-    y = np.array([0] * 40 + [1] * 60)
-    p = np.where(y == 1, rng.normal(0.7, 0.15, 100), rng.normal(0.35, 0.15, 100))
-    groups = np.arange(100)
-    est = two_fold(y, p, groups, 0.95)
-    in_sample = operating_point(y, p, choose_threshold(y, p, 0.95))
-    assert in_sample["recall"] >= 0.95
-    assert est["recall"] != in_sample["recall"] or est["specificity"] != in_sample["specificity"]
-
-
-def test_calibration_labels_only_from_folders_under_the_dir(tmp_path):
-    from export.calibrate import list_labelled
-
-    root = tmp_path / "PNEUMONIA" / "incoming"
-    make_tree(str(root / "site"), per_class=2, size=48, seed=3)
-    (root / "loose.jpeg").write_bytes((root / "site" / "NORMAL").iterdir().__next__().read_bytes())
-    (root / "site" / "Normal_extra").mkdir()
-    found = list_labelled(str(root))
-    assert sorted(label for _, label in found) == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]
-    assert not any(path.endswith("loose.jpeg") for path, _ in found)  # the ancestor PNEUMONIA never counts
-
-
-@pytest.mark.parametrize("layout, fragment", [
-    (None, "calibration dir not found"),
-    ("NORMAL", "no images under a folder named PNEUMONIA"),
-])
-@pytest.mark.slow
-def test_calibrate_dir_errors_publish_nothing(calibrated, tmp_path, capsys, layout, fragment):
-    cal = tmp_path / "cal"
-    if layout:
-        make_tree(str(cal), per_class=2, size=48, seed=4)
-        shutil.rmtree(cal / "PNEUMONIA")
-    serving = tmp_path / "serving"
-    rc = _export(calibrated["run"], serving, "--model", "resnet_aug", "--calibrate-dir", str(cal))
-    _expect_error(capsys, rc, fragment)
-    assert _snapshot(serving) == {}
-
-
-@pytest.mark.slow
-def test_calibrated_model_card_gives_site_numbers_first(calibrated):
-    meta = _json(calibrated["vdir"] / "metadata.json")
-    card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
-    est = meta["site_calibration"]["two_fold"]
-    site_at = card.index("Site sample")
-    assert site_at < card.index("Internal test split")
-    assert f"{est['roc_auc']:.3f}" in card and f"{est['specificity']:.3f}" in card
-    assert f"{meta['decision_threshold']:.4f}" in card
-    assert "overestimates" in card
-
-
-# ------------------------------------------------------------------- heatmaps
-
-
-@pytest.mark.slow
-def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
-    from export.heatmap import reference_heatmaps
-    from train.models import load_model
-
-    meta, y, p = _site_scores(calibrated)
-    assert meta["heatmap_output"] == {"name": "heatmap", "dtype": "float32", "shape": [-1, 2, 2]}  # 32 px / 16
-    config = PreprocessConfig.from_dict(meta["preprocessing"])
-    paths = sorted(str(q) for q in calibrated["site"].rglob("*") if q.suffix in (".jpeg", ".png"))
-    x = np.stack([preprocess_image(q, config) for q in paths])
-    from xray_core.package import open_session as load_session
-
-    prob, heat = load_session(str(calibrated["vdir"] / "model.onnx")).run(["probability", "heatmap"], {"image": x})
-    keras_model = load_model(str(calibrated["run"] / "resnet_aug" / "model.keras"))
-    ref = reference_heatmaps(keras_model, x)
-    assert heat.shape == (len(x), 2, 2) and heat.dtype == np.float32
-    assert np.abs(heat - ref).max() <= 1e-4 * np.ptp(ref)
-    np.testing.assert_allclose(prob[:, 0], keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)  # unchanged
-    # each member's map is exact: sigmoid(mean(map) + bias) is the member's probability
-    member = keras_model.get_layer("resnet_aug_m0")
-    m_ref = reference_heatmaps(member, x)
-    bias = member.get_layer("logit").get_weights()[1][0]
-    np.testing.assert_allclose(1 / (1 + np.exp(-(m_ref.mean(axis=(1, 2)) + bias))),
-                               member.predict(x, verbose=0)[:, 0], atol=1e-5)
-    h = meta["heatmap"]
-    assert h["parity"]["passed"] and h["parity"]["max_abs_diff"] <= h["parity"]["tolerance"]
-    faith = h["faithfulness"]
-    assert faith["source"] == "site calibration" and faith["images"] == len(x)
-    assert faith["flagged"] == int((p >= meta["decision_threshold"]).sum())
-    if faith["flagged"]:
-        assert faith["passed"] == (faith["share_top_beats_random"] >= 0.8)
-    card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
-    assert "## Heatmaps" in card and "Faithfulness check" in card
-
-
-@pytest.mark.slow
-def test_heatmap_in_triton_config_and_verify(calibrated, tmp_path, capsys):
-    text = (calibrated["serving"] / "pneumonia" / "config.pbtxt").read_text()
-    assert [e[0] for e in _pbtxt_section(text, "output")] == ["probability", "heatmap", "embedding"]
-    assert _pbtxt_section(text, "output")[1][2] == [2, 2]
-    dim = _json(calibrated["vdir"] / "metadata.json")["reference"]["embedding_dim"]
-    assert _pbtxt_section(text, "output")[2][2] == [dim]
-    assert "version_policy: { latest { num_versions: 1 } }" in text
-    assert export_main(["--verify", str(calibrated["vdir"])]) == 0
-    assert "PASS heatmap contract" in capsys.readouterr().out
-    # metadata that lies about the heatmap's shape fails verification
-    bad = tmp_path / "1"
-    shutil.copytree(calibrated["vdir"], bad)
-    meta = _json(bad / "metadata.json")
-    meta["heatmap_output"]["shape"] = [-1, 4, 4]
-    (bad / "metadata.json").write_text(json.dumps(meta))
-    assert export_main(["--verify", str(bad)]) == 1
-    assert "FAIL heatmap contract" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_calibrated_package_has_an_embedding_and_a_drift_reference(calibrated):
-    from train.models import keras, load_model
-    from xray_core import reference
-    from xray_core.package import open_session as load_session
-
-    vdir = calibrated["vdir"]
-    meta = _json(vdir / "metadata.json")
-    keras_model = load_model(str(calibrated["run"] / "resnet_aug" / "model.keras"))
-    members = [keras_model.get_layer(f"resnet_aug_m{i}") for i in range(2)]
-    width = members[0].get_layer("gap").output.shape[-1]
-    assert meta["embedding_output"] == {"name": "embedding", "dtype": "float32", "shape": [-1, 2 * width]}
-    # the embedding is the members' pooled features, concatenated
-    rows = read_split_csv(calibrated["run"] / "split.csv")
-    val = [ex.path for ex, split in rows if split == "val"]
-    config = PreprocessConfig.from_dict(meta["preprocessing"])
-    x = np.stack([preprocess_image(p, config) for p in val])
-    prob, emb = load_session(str(vdir / "model.onnx")).run(["probability", "embedding"], {"image": x})
-    pooled = [keras.Model(m.input, m.get_layer("gap").output).predict(x, verbose=0) for m in members]
-    np.testing.assert_allclose(emb, np.concatenate(pooled, axis=1), atol=1e-4)
-    # reference.npz: the validation split's probabilities and embeddings, plain arrays
-    with np.load(vdir / "reference.npz", allow_pickle=False) as z:
-        assert sorted(z.files) == ["embeddings", "probabilities"]
-        np.testing.assert_allclose(z["probabilities"], prob[:, 0], atol=1e-6)
-        assert z["embeddings"].dtype == np.float16
-        np.testing.assert_allclose(z["embeddings"].astype(np.float32), emb, rtol=1e-3, atol=1e-3)
-    ref = meta["reference"]
-    assert (ref["images"], ref["embedding_rows"], ref["embedding_dim"]) == (len(val), len(val), 2 * width)
-    assert ref["sha256"] == _sha256(vdir / "reference.npz") and ref["embedding_parity_max_abs_diff"] < 1e-4
-    # splits.csv: every val and test image, relative to the training folder
-    splits = reference.read_splits(str(vdir / "splits.csv"))
-    expected = [(os.path.relpath(ex.path, published_data(calibrated)), s) for ex, s in rows if s in ("val", "test")]
-    assert splits == expected and {s for _, s in splits} == {"val", "test"}
-    assert all(os.path.isfile(os.path.join(published_data(calibrated), f)) for f, _ in splits)
-    assert ref["splits"] == {"val": len(val), "test": sum(s == "test" for _, s in rows)}
-    card = (vdir / "MODEL_CARD.md").read_text()
-    assert "## Drift reference" in card and f"Output `embedding` (N, {2 * width})" in card
-
-
-def published_data(calibrated):
-    return str(calibrated["run"].parent / "data")
-
-
-@pytest.mark.slow
-def test_verify_checks_the_drift_reference(calibrated, tmp_path, capsys):
-    assert export_main(["--verify", str(calibrated["vdir"])]) == 0
-    out = capsys.readouterr().out
-    assert "PASS embedding contract" in out and "PASS drift reference" in out
-    meta = _json(calibrated["vdir"] / "metadata.json")
-    dim = meta["reference"]["embedding_dim"]
-    cases = {
-        "wrong_width": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 0.5, np.float32),
-                                          embeddings=np.zeros((5, dim + 1), np.float16)),
-        "pickled": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 0.5, np.float32),
-                                      embeddings=np.array([{"a": 1}], dtype=object)),
-        "not_probabilities": lambda d: np.savez(d / "reference.npz", probabilities=np.full(5, 2.0, np.float32),
-                                                embeddings=np.zeros((5, dim), np.float16)),
-        "no_splits": lambda d: os.remove(d / "splits.csv"),
-    }
-    for name, spoil in cases.items():
-        bad = tmp_path / name / "1"
-        shutil.copytree(calibrated["vdir"], bad)
-        spoil(bad)
-        if name != "no_splits":  # a consistent sha256: only the arrays' shapes or content are wrong
-            m = _json(bad / "metadata.json")
-            m["reference"]["sha256"] = _sha256(bad / "reference.npz")
-            (bad / "metadata.json").write_text(json.dumps(m))
-        assert export_main(["--verify", str(bad)]) == 1, name
-        fail = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL ")]
-        assert len(fail) == 1 and fail[0].startswith("FAIL drift reference"), (name, fail)
-    # a reference replaced after export: its sha256 no longer matches
-    bad = tmp_path / "sha" / "1"
-    shutil.copytree(calibrated["vdir"], bad)
-    with np.load(bad / "reference.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["probabilities"] = arrays["probabilities"][::-1].copy()
-    np.savez(bad / "reference.npz", **arrays)
-    assert export_main(["--verify", str(bad)]) == 1
-    assert "sha256 differs from the metadata" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -735,7 +412,7 @@ def test_models_without_a_cam_head_export_probability_only(published):
     import onnx
 
     for version in (1, 2, 3):
-        meta = _json(_vdir(published, version) / "metadata.json")
+        meta = read_json(_vdir(published, version) / "metadata.json")
         assert "heatmap_output" not in meta and "heatmap" not in meta
         outputs = [o.name for o in onnx.load(str(_vdir(published, version) / "model.onnx")).graph.output]
         assert outputs == ["probability"]

@@ -101,3 +101,23 @@ def test_the_scoring_side_imports_the_contract_from_xray_core_only():
     for module, deps in graph.items():
         if module.startswith(("batch_job", "xray_core")):
             assert not {d for d in deps if d.startswith(("export", "train"))}, module
+
+
+def test_the_command_entry_point_runs_the_job_and_exits_0(tmp_path, monkeypatch, capsys):
+    """batch_job/__main__.main as `python -m batch_job` runs it (arguments from sys.argv), in this process."""
+    import signal
+
+    from batch_job.__main__ import main
+
+    make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=2)
+    serving = tmp_path / "serving"
+    write_package(str(serving))
+    monkeypatch.setattr(sys, "argv", ["batch_job", "--input", str(tmp_path / "in"), "--model",
+                                      str(serving / "pneumonia"), "--output", str(tmp_path / "out"),
+                                      "--direct_running_mode=in_memory"])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert main() == 0
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert "scored 4/4 images" in capsys.readouterr().out

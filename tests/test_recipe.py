@@ -2,7 +2,6 @@
 schedule, and the train CLI's --site-dir / --select-by site_roc_auc handling (tiny synthetic data)."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -145,22 +144,6 @@ def test_site_dir_missing_or_inside_data_is_refused(tmp_path, capsys):
     assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", "--site-dir",
                                                    str(tmp_path / "data" / "NORMAL"))), "must not overlap")
     assert os.listdir(tmp_path) == ["data"]
-
-
-@pytest.mark.slow
-def test_select_by_site_roc_auc_picks_the_best_on_the_site(tmp_path):
-    data = make_tree(str(tmp_path / "data"), per_class=16, size=48, seed=0)
-    assert data
-    make_tree(str(tmp_path / "site"), per_class=8, size=48, seed=9)
-    out = tmp_path / "run"
-    rc = train_main(_args(tmp_path / "data", out, "--models", "baseline_cnn,resnet_aug", "--site-dir",
-                          str(tmp_path / "site"), "--select-by", "site_roc_auc"))
-    assert rc == 0
-    with open(out / "comparison.json") as f:
-        comp = json.load(f)
-    aucs = {r["model"]: r["site_roc_auc"] for r in comp["models"]}
-    assert comp["select_by"] == "site_roc_auc"
-    assert comp["best"] == max(aucs, key=aucs.get)
 
 
 def test_last_stride_one_doubles_the_heatmap_resolution():

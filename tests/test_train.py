@@ -214,6 +214,16 @@ def test_cli_run_succeeds_and_leaves_no_temp_dirs(cli_run):
 
 
 @pytest.mark.slow
+def test_with_a_site_sample_the_best_model_is_the_best_on_the_site(cli_run):
+    """The default selection with --site-dir: site ROC AUC (the run trains all four models)."""
+    with open(cli_run["out"] / "comparison.json") as f:
+        comp = json.load(f)
+    aucs = {r["model"]: r["site_roc_auc"] for r in comp["models"]}
+    assert comp["select_by"] == "site_roc_auc" and len(aucs) == 4
+    assert comp["best"] == max(aucs, key=aucs.get)
+
+
+@pytest.mark.slow
 def test_cli_split_csv(cli_run):
     path = cli_run["out"] / "split.csv"
     with open(path, newline="") as f:
