@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import os
 
-# The suite runs one pytest-xdist worker per core: TensorFlow in each worker computes on one thread (set before it
-# is imported), so two workers do not fight over two cores.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+# The suite runs one pytest-xdist worker per core: TensorFlow and the BLAS behind numpy and scikit-learn compute on
+# one thread in each worker (set before they are imported), so the workers do not fight over the cores.
+for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
 
 import pytest  # noqa: E402
 from PIL import Image
