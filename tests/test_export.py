@@ -23,7 +23,7 @@ from train.data import read_split_csv
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: the --calibrate-dir tests below
+ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: tests/test_export_calibrated.py
 CHECKS = ["metadata", "sha256", "onnx.checker", "onnxruntime", "input contract", "output contract", "zero batch"]
 
 
