@@ -111,10 +111,13 @@ class DriftResult:
         out.update(domain_auc_limit=self.domain_auc_limit, psi_limit=self.psi_limit)
         if self.histogram is not None:
             out.update(seed=self.seed, histogram=self.histogram)
-        out.update(judged=self.judged)
-        if self.judged:
-            out.update(domain_auc=self.domain_auc, psi=self.psi)
-        out.update(detected=self.detected)
+        if self.state in (TOO_FEW, TOO_FEW_REFERENCE):  # the key order metrics.json has always had
+            out.update(detected=self.detected, judged=self.judged)
+        else:
+            out.update(judged=self.judged)
+            if self.judged:
+                out.update(domain_auc=self.domain_auc, psi=self.psi)
+            out.update(detected=self.detected)
         if not self.judged:
             out.update(note=self.note or NOTES[self.state])
         out.update(figures=list(self.figures))

@@ -127,6 +127,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int) -> d
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
         "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
+        "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped,
     }
 

@@ -32,9 +32,10 @@ from xray_core.files import (
 
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
-# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files
+# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
+# scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
 JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
-                       r"heatmaps|\..+\.tmp)\Z")
+                       r"heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
 

@@ -32,7 +32,7 @@ from batch_job.ledger import Ledger, check_usable
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
-from batch_job.reconcile import Reconciliation, check, reconcile
+from batch_job.reconcile import Reconciliation, check, check_counts, reconcile
 from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
 from batch_job.runner import Runner, choose_runner, execute
 from batch_job.scoring import ScoringSpec
@@ -89,8 +89,9 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             LOG.info("pipeline finished after %.1fs (%.1fs scoring)", t_report - t0, t_report - t_scoring)
             kill_point("scored")
             rec = reconcile(tmp, listing, shards, args.input)
+            check(rec)  # every shard's CSV is there before its summary is read
             gathered = shard_result.gather(scratch, shards, args.heatmaps, spec.drift_sample)
-            check(rec, gathered.counts)
+            check_counts(rec, gathered.counts)
             outdir.remove_scratch(scratch)  # read once: nothing of it is published
             flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing)
             t_heatmaps = time.perf_counter() - t_report

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batch_job import drift_check
+from batch_job.errors import ReconciliationError
 from batch_job.scoring import Row, ScoringSpec
 from xray_core.files import atomic_write
 
@@ -127,10 +128,14 @@ class Gathered:
 
 
 def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
-    """Read every shard's summary once, in shard order (FileNotFoundError for a shard without one)."""
+    """Read every shard's summary once, in shard order (ReconciliationError for a shard without one)."""
     out = Gathered()
     for shard_id, _, _ in shards:
-        s = read(scratch, shard_id)
+        try:
+            s = read(scratch, shard_id)
+        except FileNotFoundError:
+            raise ReconciliationError(f"reconciliation failed: shard {shard_id} has a CSV but no summary; output "
+                                      "not published") from None
         for key, value in (("scored", s.scored), ("failed", s.failed), ("skipped", s.skipped)):
             out.counts[key] += value
         out.flagged = heapq.nsmallest(n_flagged, out.flagged + s.flagged, key=rank_key)

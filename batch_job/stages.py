@@ -1,7 +1,7 @@
 """The Beam pipeline: one linear chain, correct on DirectRunner and on DaskRunner.
 
 ``ListShards`` (Create over shard descriptors: a few integers each) -> ``ReadShard`` (the shard's paths
-from the listing file) -> ``DecodeScoreWrite`` (decode and score in batches, write the shard's CSV).
+from the listing file) -> ``DecodeScoreWrite`` (decode and score in batches, write the shard's summary and CSV).
 Everything is emitted from ``process``, never ``finish_bundle`` (whose output DaskRunner drops), and the
 chain has a single leaf (DaskRunner computes only the last one). README, "Why the pipeline looks like this".
 """

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         print(drift_cost(folder, args.model, args.drift_cost, args.repeat))
         return 0
     if args.heatmap_cost is not None:
-        if "heatmap_output" not in meta:
+        if meta.heatmap_output is None:
             raise SystemExit(f"{vdir} has no heatmap output: --heatmap-cost needs a model exported with one")
         folder = make_jpegs(os.path.join(args.work_dir, f"gray1400-{args.n}"), args.n, (1400, 1100), mode="L")
         print(f"machine: {machine()}; model {meta.model_id}; {args.n} 1400x1100 gray JPEGs; "

@@ -283,6 +283,34 @@ def test_lost_shard_fails_reconciliation(labelled_tree, tiny_package, tmp_path, 
     assert not os.path.exists(out) and not glob.glob(out + ".tmp-*")
 
 
+def test_a_shard_without_its_summary_fails_reconciliation(labelled_tree, tiny_package, tmp_path, monkeypatch,
+                                                          capsys):
+    from batch_job import shard_result
+
+    root, _ = labelled_tree
+    real = shard_result.write
+
+    def lose_first_summary(scratch, shard_id, summary):
+        if shard_id:
+            real(scratch, shard_id, summary)
+
+    monkeypatch.setattr(shard_result, "write", lose_first_summary)
+    out = str(tmp_path / "out")
+    rc = main(["--input", root, "--model", tiny_package, "--output", out, "--shard-size", "16",
+               "--direct_running_mode=in_memory"])
+    assert_one_line_error(capsys, rc, "shard 0 has a CSV but no summary", "not published", code=1)
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*")
+
+
+def test_temp_dirs_of_jobs_before_the_scratch_folder_are_recognised():
+    from batch_job.outdir import JOB_FILES
+
+    for name in ("scratch", "predictions-00003.csv", "_listing.jsonl", "_ledger-00001.jsonl", "_drift-00002.npz",
+                 "_heatmaps-00000.jsonl", ".x.tmp"):
+        assert JOB_FILES.match(name), name
+    assert not JOB_FILES.match("notes.txt") and not JOB_FILES.match("_listing.jsonl.bak")
+
+
 def test_reconcile_counts_duplicates_and_strays(tmp_path):
     listing = str(tmp_path / shards.LISTING_FILE)
     shards.write_listing(listing, [(0, f"/x/{i}.png", "") for i in range(5)])

@@ -9,6 +9,7 @@ from batch_job.drift import (
     MIN_IMAGES,
     domain_auc,
     drift_figures,
+    failed,
     histogram_shares,
     no_reference,
     psi,
@@ -120,3 +121,18 @@ def test_a_change_in_prevalence_alone_moves_the_domain_auc():
     same = domain_auc(mix(800, 0.67), mix(400, 0.67))
     fewer = domain_auc(mix(800, 0.67), mix(400, 0.20))
     assert same < DOMAIN_AUC_LIMIT < fewer and abs(fewer - (0.5 + 0.47 / 2)) < 0.05
+
+
+def test_the_drift_blocks_keys_keep_their_order_in_every_state():
+    """metrics.json's `drift` block, as the job has always written it, state by state."""
+    ref_e, ref_p = _embeddings(600), _probs(600)
+    head = ["reference", "images", "sampled", "reference_images", "reference_sampled", "positive_rate",
+            "reference_positive_rate", "domain_auc_limit", "psi_limit", "seed", "histogram"]
+    judged = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, seed=1), threshold=0.5)
+    assert list(judged.to_json()) == head + ["judged", "domain_auc", "psi", "detected", "figures"]
+    few = drift_figures(ref_e, ref_p, _embeddings(20), _probs(20), threshold=0.5)
+    assert list(few.to_json()) == head + ["detected", "judged", "note", "figures"]
+    assert list(no_reference(5).to_json()) == ["reference", "images", "domain_auc_limit", "psi_limit", "judged",
+                                               "detected", "note", "figures"]
+    broken = failed(5, 0.6, 0.2, "ValueError: x")
+    assert broken.to_json()["note"] == "check failed (ValueError: x)" and broken.to_json()["reference"] is True

@@ -111,3 +111,10 @@ def test_triton_config_lists_every_output_of_the_contract():
     assert 'name: "heatmap" data_type: TYPE_FP32 dims: [ 8, 8 ]' in text
     assert 'name: "embedding" data_type: TYPE_FP32 dims: [ 768 ]' in text
     assert open(os.path.join(SHIPPED, "config.pbtxt")).read() == text
+
+
+def test_a_dynamic_map_or_embedding_size_is_refused_as_a_package_error():
+    raw = json.load(open(os.path.join(SHIPPED, "4", "metadata.json")))
+    for key, shape in (("heatmap_output", [-1, -1, 8]), ("embedding_output", [-1, -1])):
+        with pytest.raises(PackageError, match=f"{key} has a dynamic dimension"):
+            Metadata.from_dict({**raw, key: {**raw[key], "shape": shape}})

@@ -132,6 +132,11 @@ def test_tiles_beyond_the_cap_point_at_the_heatmap_index(tmp_path):
     assert "3 more are listed in heatmaps/index.csv" in text.replace("<code>", "").replace("</code>", "")
     assert "heatmap</code> column" not in page
     assert "The 5 flagged images scored in this run with the highest probability (of 5 flagged)" in text
+    plain = [Flagged(f.probability, f.path, f.label) for f in flagged]  # a model without heatmaps: no index
+    result = run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96, 0.95, 0.1]), flagged=plain, heatmaps=5,
+                        model_has_heatmaps=False)
+    text = " ".join(html.unescape(html_report.render(html_report.context(result, str(tmp_path), [], 2))).split())
+    assert "3 more are PNEUMONIA rows of the predictions CSVs" in text and "index.csv" not in text
 
 
 def screenshot(page: str, png: str, tmp: str) -> np.ndarray:

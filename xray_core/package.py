@@ -141,6 +141,8 @@ class Metadata:
             for key in _SPECS:
                 if values.get(key) is not None:
                     values[key] = TensorSpec.from_json(values[key])
+                    if None in values[key].shape[1:]:
+                        raise ValueError(f"{key} has a dynamic dimension besides the batch: {data[key]['shape']}")
             values["version"] = int(values["version"])
             values["decision_threshold"] = float(values["decision_threshold"])
             PreprocessConfig.from_dict(values["preprocessing"])
