@@ -1,10 +1,13 @@
 """batch_job.drift on synthetic embeddings and probabilities."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from batch_job.drift import (
+    COMPONENTS,
     DOMAIN_AUC_LIMIT,
     MIN_IMAGES,
     domain_auc,
@@ -12,6 +15,7 @@ from batch_job.drift import (
     failed,
     histogram_shares,
     no_reference,
+    null_aucs,
     psi,
     sample_rows,
     summary_line,
@@ -136,3 +140,36 @@ def test_the_drift_blocks_keys_keep_their_order_in_every_state():
                                                "detected", "note", "figures"]
     broken = failed(5, 0.6, 0.2, "ValueError: x")
     assert broken.to_json()["note"] == "check failed (ValueError: x)" and broken.to_json()["reference"] is True
+
+
+def test_the_null_distribution_stays_under_the_limit_on_synthetic_and_shipped_references():
+    """The limit's derivation (README, Drift): half the reference's rows against the other half."""
+    rng = np.random.default_rng(5)
+    synthetic = null_aucs(rng.normal(size=(600, 768)).astype(np.float32), splits=5)
+    assert len(synthetic) == 5 and synthetic.max() < DOMAIN_AUC_LIMIT and abs(synthetic.mean() - 0.5) < 0.05
+    from xray_core import reference
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "serving_models", "pneumonia", "4", "reference.npz")
+    null = null_aucs(reference.load(shipped).embeddings.astype(np.float32), splits=20)
+    assert null.max() < DOMAIN_AUC_LIMIT - 0.04  # 0.547 on version 4
+    assert null.mean() + 3 * null.std(ddof=1) < DOMAIN_AUC_LIMIT  # mean 0.498, sd 0.026
+
+
+def test_the_classifier_sees_at_most_the_components_asked_for(monkeypatch):
+    from sklearn import decomposition
+
+    seen = []
+    real = decomposition.PCA
+
+    class Spy(real):
+        def fit_transform(self, x, y=None):
+            seen.append((x.shape, self.n_components))
+            return super().fit_transform(x, y)
+
+    monkeypatch.setattr(decomposition, "PCA", Spy)
+    rng = np.random.default_rng(6)
+    auc = domain_auc(rng.normal(size=(300, 768)), rng.normal(size=(200, 768)) + 1.0)
+    assert seen == [((500, 768), COMPONENTS)] and auc > 0.95  # both sides' rows, no labels
+    seen.clear()
+    domain_auc(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)))
+    assert seen == [((40, 8), 8)]  # never more components than features or rows
