@@ -64,6 +64,12 @@ def heatmap_section(meta: dict) -> str:
                    f"drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_random']:.3f}).")
         if not faith["passed"]:
             verdict += " The heatmaps are not shown to point at what drives the score: do not rely on them."
+        if faith.get("share_own_beats_average") is not None:
+            verdict += (f" Against the average map of those images (its hottest 10% blanked on each): the image's "
+                        f"own map lowered P(pneumonia) more for {faith['share_own_beats_average']:.1%} of them "
+                        f"(mean drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_average']:.3f}; "
+                        f"{faith['required_share_vs_average']:.0%} needed to call the maps about each image: "
+                        f"{'yes' if faith['about_each_image'] else 'no, they show mostly where in the chest the model looks on any image'}).")
     else:
         verdict = "Not measured: no image was flagged."
     return f"""## Heatmaps

@@ -486,3 +486,42 @@ def test_faithfulness_tells_a_pointing_map_from_a_wrong_one(tmp_path, heat, pass
     assert result["flagged"] == 20
     assert result["passed"] is passes
     assert (result["share_top_beats_random"] == 1.0) if passes else (result["share_top_beats_random"] <= 0.2)
+
+
+def test_a_fixed_map_ties_with_the_average_map_and_is_not_about_each_image(tmp_path):
+    """The check the random-pixel comparison cannot make: the same map on every image is its own average."""
+    from export.faithfulness import faithfulness
+
+    _region_model(str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 0.3, (20, 16, 16, 1)).astype(np.float32)
+    x[:, :8, :8] = rng.uniform(0.7, 1.0, (20, 8, 8, 1))
+    result = faithfulness(_FixedMap(str(tmp_path / "m.onnx"), [[1.0, 0.0], [0.0, 0.0]]), x, 0.5, "test")
+    assert result["passed"] and result["share_own_beats_average"] == 0.0 and not result["about_each_image"]
+    assert result["mean_drop_average"] == pytest.approx(result["mean_drop_top"])
+
+
+class _QuadrantModel:
+    """A stand-in session: each image has one bright quadrant, P(pneumonia) follows the brightest quadrant's mean,
+    and the heatmap is the image's 2x2 quadrant means: a map about each image."""
+
+    def run(self, names, feeds):
+        x = feeds["image"][..., 0]
+        quads = x.reshape(len(x), 2, x.shape[1] // 2, 2, x.shape[2] // 2).mean(axis=(2, 4))
+        p = 1 / (1 + np.exp(-40 * (quads.reshape(len(x), -1).max(axis=1) - 0.5)))
+        out = {"probability": p[:, None].astype(np.float32), "heatmap": quads.astype(np.float32)}
+        return [out[n] for n in names]
+
+
+def test_maps_that_follow_each_image_beat_the_average_map():
+    from export.faithfulness import faithfulness
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 0.3, (24, 16, 16, 1)).astype(np.float32)
+    for i in range(24):  # the bright quadrant moves from image to image
+        r, c = divmod(i % 4, 2)
+        x[i, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = rng.uniform(0.7, 1.0, (8, 8, 1))
+    result = faithfulness(_QuadrantModel(), x, 0.5, "test")
+    assert result["flagged"] == 24 and result["passed"]
+    assert result["share_own_beats_average"] >= 0.7 and result["about_each_image"]
+    assert result["mean_drop_top"] > result["mean_drop_average"]
