@@ -29,7 +29,7 @@ import numpy as np
 from xray_core.reference import MAX_ROWS  # per side: the classifier's cost stays bounded however large the run
 
 DOMAIN_AUC_LIMIT = 0.60
-COMPONENTS = 32  # principal components of the reference (version 4: 98% of its embeddings' variance)
+COMPONENTS = 32  # principal components the classifier sees (README, "Drift": why 32)
 MAX_ITER = 100  # logistic-regression iterations a fold: a fixed amount of work, converged or not
 PSI_LIMIT = 0.20
 MIN_IMAGES = 100

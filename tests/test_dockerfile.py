@@ -83,7 +83,7 @@ def test_entrypoint_defaults():
 def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
     """What the container runs, run directly in a new venv with an install of exactly the files the Dockerfile
     COPYs into /app (here tmp_path/app), as the Dockerfile's `pip install .` does. The install is uv's (the dev
-    extra's; same resolution of pyproject's dependencies, from its cache): pip takes over a minute for it."""
+    extra's; the same resolution of pyproject's dependencies, from its cache), which keeps the suite fast."""
     app = tmp_path / "app"
     app.mkdir()
     for src, dest in copies():
