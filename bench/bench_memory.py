@@ -1,15 +1,16 @@
-"""Benchmark 2: peak RSS of the batch job (the whole process tree: job and workers) for N vs 10*N images.
+"""Benchmark 2: peak RSS of the batch job (the whole process tree: job and workers) for N vs 10*N scans of the
+X-ray-sized corpus (bench/corpus.py), with the whole command's time and its drift step's share.
 
-    python -m bench.bench_memory [--n 2000] [--model serving_models/pneumonia]
+    python -m bench.bench_memory [--n 2000] [--factor 10] [--model serving_models/pneumonia]
 
-The larger input repeats the same files as hard links in many folders: distinct paths (the job de-duplicates
-symlinks, not hard links), no extra disk.
 Peak RSS is the maximum over time of the summed RSS of the job's whole process tree, sampled every 50 ms.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,8 @@ import time
 
 import psutil
 
-from bench.common import DEFAULT_MODEL, REPO, hardlink_copies, machine, make_jpegs, table
+from bench import corpus
+from bench.common import DEFAULT_MODEL, REPO, machine, table
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -30,7 +32,8 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def peak_rss(inp: str, model: str) -> tuple[int, float]:
+def peak_rss(inp: str, model: str) -> tuple[int, float, dict]:
+    """-> (peak RSS bytes, whole command seconds, the job's metrics.json)."""
     out = tempfile.mkdtemp(prefix="bench-mem-")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "batch_job", "--input", inp, "--model", model, "--output", out,
@@ -42,9 +45,13 @@ def peak_rss(inp: str, model: str) -> tuple[int, float]:
         except psutil.Error:
             pass
         time.sleep(0.05)
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"job failed with exit {proc.returncode}")
-    return peak, time.perf_counter() - t0
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    shutil.rmtree(out, ignore_errors=True)
+    return peak, wall, metrics
 
 
 def main(argv=None) -> int:
@@ -52,17 +59,17 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--factor", type=int, default=10)
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "pneumonia-bench"))
     args = p.parse_args(argv)
-    small = make_jpegs(os.path.join(args.work_dir, f"rgb224-{args.n}"), args.n, (224, 224), mode="RGB")
-    large = hardlink_copies(small, os.path.join(args.work_dir, f"rgb224-{args.n}x{args.factor}-hardlinks"), args.factor)
     rows = []
-    for name, folder, n in (("small", small, args.n), ("large", large, args.n * args.factor)):
-        peak, wall = peak_rss(folder, args.model)
-        rows.append([name, n, round(peak / 2**20, 1), round(wall, 1)])
-    print(f"machine: {machine()}")
-    print(table(["input", "images", "peak RSS (MiB, process tree)", "wall s"], rows))
-    print(f"peak RSS ratio {args.n * args.factor} / {args.n} images: {rows[1][2] / rows[0][2]:.3f}")
+    for n in (args.n, args.n * args.factor):
+        peak, wall, m = peak_rss(corpus.make(n), args.model)
+        drift = m["timings"]["drift_seconds"]
+        rows.append([n, round(peak / 2**20, 1), round(wall, 1), m["timings"]["scoring_seconds"], drift,
+                     f"{drift / wall:.1%}"])
+    print(f"machine: {machine()}; corpus 1400x1100 q{corpus.QUALITY}; model {args.model}")
+    print(table(["images", "peak RSS (MiB, process tree)", "whole command s", "scoring s", "drift step s",
+                 "drift share"], rows))
+    print(f"peak RSS ratio {args.n * args.factor} / {args.n} images: {rows[1][1] / rows[0][1]:.3f}")
     return 0
 
 
