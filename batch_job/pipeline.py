@@ -101,7 +101,8 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             drift = check_drift(args, tmp, model, rec, gathered.sample_embeddings, run_id, book)
             t_drift = time.perf_counter() - t_drift
             result = RunResult(run_id, model.model_id, model.threshold, runner.label, book.path if book else None,
-                               rec, labelled, flagged, HeatmapSummary(args.heatmaps, model.heatmap_hw is not None),
+                               rec, labelled, flagged, HeatmapSummary(args.heatmaps, model.heatmap_hw is not None,
+                                                                            model.heatmap_hw),
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift))
             report.write_metrics(tmp, result)

@@ -36,6 +36,7 @@ class Timings:
 class HeatmapSummary:
     requested: int
     model_has_heatmaps: bool
+    map_hw: tuple[int, int] | None = None  # (h, w) cells of the model's maps
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ def reconciliation(probabilities=(), failed: int = 0, skipped: int = 0, labels: 
 def run_result(drift=None, labelled=None, flagged=(), counts=None, model: str = "pneumonia/3",
                threshold: float = 0.5, runner: str = "DirectRunner", run_id: str = "run-now",
                ledger: str | None = None, heatmaps: int = 0, model_has_heatmaps: bool = False,
-               wall_seconds: float = 12.0):
+               wall_seconds: float = 12.0, map_hw: tuple[int, int] | None = None):
     """A RunResult for the report writers (report.md, the last lines, report.html): `counts` a Reconciliation
     (default: nothing found), `drift` a DriftResult (default: the model has no drift reference), the whole
     wall time spent scoring."""
@@ -247,7 +247,7 @@ def run_result(drift=None, labelled=None, flagged=(), counts=None, model: str = 
     counts = counts if counts is not None else reconciliation()
     drift = drift if drift is not None else no_reference(counts.scored)
     return RunResult(run_id, model, threshold, runner, ledger, counts, labelled, list(flagged),
-                     HeatmapSummary(heatmaps, model_has_heatmaps), drift,
+                     HeatmapSummary(heatmaps, model_has_heatmaps, map_hw), drift,
                      Timings(0.0, wall_seconds, 0.0, 0.0, 0.0))
 
 

@@ -124,7 +124,7 @@ def test_tiles_beyond_the_cap_point_at_the_heatmap_index(tmp_path):
     flagged = [Flagged(0.99 - 0.01 * i, f"/data/PNEUMONIA/{i}.png", "PNEUMONIA", png=f"heatmaps/{i + 1:04d}-x.png")
                for i in range(5)]
     result = run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96, 0.95, 0.1]), flagged=flagged, heatmaps=5,
-                        model_has_heatmaps=True)
+                        model_has_heatmaps=True, map_hw=(8, 8))
     ctx = html_report.context(result, str(tmp_path), [], tiles_cap=2)
     assert [t["rank"] for t in ctx["tiles"]] == [1, 2] and ctx["tiles_left"] == 3
     page = html_report.render(ctx)
@@ -132,6 +132,8 @@ def test_tiles_beyond_the_cap_point_at_the_heatmap_index(tmp_path):
     assert "3 more are listed in heatmaps/index.csv" in text.replace("<code>", "").replace("</code>", "")
     assert "heatmap</code> column" not in page
     assert "The 5 flagged images scored in this run with the highest probability (of 5 flagged)" in text
+    assert "What a map can show: where in the image the model found its evidence, in 8×8 cells" in text
+    assert "What it cannot: a lesion's outline, which finding it is" in text
     plain = [Flagged(f.probability, f.path, f.label) for f in flagged]  # a model without heatmaps: no index
     result = run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96, 0.95, 0.1]), flagged=plain, heatmaps=5,
                         model_has_heatmaps=False)
