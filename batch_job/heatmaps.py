@@ -66,8 +66,3 @@ def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict) -> l
     write_index(out_dir, chosen)
     return chosen
 
-
-def summary(chosen: list[Flagged], n: int, model_has_heatmaps: bool) -> dict:
-    """metrics.json's `heatmaps`."""
-    return {"requested": n, "model_has_heatmaps": model_has_heatmaps, "flagged_listed": len(chosen),
-            "written": sum(bool(i.png) for i in chosen)}

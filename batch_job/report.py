@@ -47,7 +47,7 @@ def report_markdown(r: RunResult) -> str:
              "## Per input", "", "| input | found | scored | failed | skipped |", "|---|---|---|---|---|"]
     lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} | {v['skipped']} |"
               for k, v in c.per_input.items()]
-    counts, edges = np.histogram(c.probabilities, bins=10, range=(0.0, 1.0))
+    counts, edges = r.probability_histogram()
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {n} |" for lo, hi, n in zip(edges, edges[1:], counts)]
     lines += ["", "![histogram](histogram.png)"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batch_job.drift import DriftResult
+from batch_job.figures import labelled
 from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
 
@@ -70,6 +71,10 @@ class RunResult:
     def images_per_second(self) -> float | None:
         return round(self.counts.found / self.wall_seconds, 2) if self.wall_seconds > 0 else None
 
+    def probability_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, bin edges) of the probabilities over 10 equal bins of [0, 1]."""
+        return np.histogram(self.counts.probabilities, bins=10, range=(0.0, 1.0))
+
     @property
     def overlays_written(self) -> int:
         return sum(bool(f.png) for f in self.flagged)
@@ -77,7 +82,7 @@ class RunResult:
     def metrics(self) -> dict:
         """metrics.json's content."""
         c, t = self.counts, self.timings
-        hist, edges = np.histogram(c.probabilities, bins=10, range=(0.0, 1.0))
+        hist, edges = self.probability_histogram()
         out = {
             "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
             "images_skipped": c.skipped, "positive_count": self.positive_count, "positive_rate": self.positive_rate,
@@ -105,11 +110,10 @@ class RunResult:
 
 def label_metrics(counts: Reconciliation, threshold: float) -> LabelMetrics | None:
     """Metrics against folder labels (scikit-learn) when any scored image has one."""
-    from xray_core.metrics import operating_point
+    from xray_core.metrics import operating_point  # scikit-learn, on first use
 
-    labelled = np.asarray([lab != "" for lab in counts.labels], dtype=bool)
-    if not labelled.any():
+    y, p = labelled(counts)
+    if not len(y):
         return None
-    y = np.asarray([lab == "PNEUMONIA" for lab in np.asarray(counts.labels)[labelled]], dtype=int)
-    point = operating_point(y, counts.probabilities[labelled], threshold)
-    return LabelMetrics(int(labelled.sum()), {k: point[k] for k in SCORE_KEYS}, point["confusion_matrix"])
+    point = operating_point(y, p, threshold)
+    return LabelMetrics(int(len(y)), {k: point[k] for k in SCORE_KEYS}, point["confusion_matrix"])
