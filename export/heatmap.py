@@ -1,12 +1,15 @@
-"""The class-activation map as a second graph output (TensorFlow side of export).
+"""The heatmap as a second graph output (TensorFlow side of export).
 
-A model whose head is global average pooling over a layer named `last_block`, then one linear unit `logit`
-(train.models.build_resnet), has an exact class-activation map: the feature maps of `last_block` weighted by
-`logit`'s weights, shape (N, h, w). Its spatial mean plus the unit's bias is the logit. An ensemble's map is the
-average of its members' maps, as its probability is the average of theirs.
+train.models.build_resnet's two heads both have an exact map of shape (N, h, w) over the layer `last_block`:
+- the class-activation-map head (global average pooling `gap`, one linear unit `logit`): the feature maps
+  weighted by `logit`'s weights; their spatial mean plus the unit's bias is the logit.
+- the logit-map head: its layer `logit_map` itself, one logit per cell; the model's logit is their
+  softmax-weighted mean.
+An ensemble's map is the average of its members' maps, as its probability is the average of theirs.
 
-The same graph gets a third output, `embedding` (N, D): the pooled features (`gap`) that feed `logit`, the
-members' concatenated. The batch job's drift check compares them with the package's reference (reference.py).
+The same graph gets a third output, `embedding` (N, D): the global average of `last_block` (for the first head,
+the `gap` features that feed `logit`), the members' concatenated. The batch job's drift check and input gate
+compare it with the package's reference (xray_core/reference.py).
 """
 from __future__ import annotations
 
@@ -20,15 +23,42 @@ PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps'
 
 def _is_cam_member(model) -> bool:
     names = {layer.name for layer in model.layers}
-    return {"last_block", "gap", "logit"} <= names and model.get_layer("logit").units == 1
+    return {"last_block", "gap", "logit"} <= names and getattr(model.get_layer("logit"), "units", None) == 1
+
+
+def _is_map_member(model) -> bool:
+    return {"last_block", "logit_map"} <= {layer.name for layer in model.layers}
+
+
+def _has_map(model) -> bool:
+    return _is_cam_member(model) or _is_map_member(model)
 
 
 def cam_members(model) -> list:
-    """The model itself when it has a CAM head, else its nested members that all have one, else []."""
-    if _is_cam_member(model):
+    """The model itself when it has a heatmap head, else its nested members that all have one, else []."""
+    if _has_map(model):
         return [model]
     nested = [layer for layer in model.layers if hasattr(layer, "layers") and hasattr(layer, "get_layer")]
-    return nested if nested and all(_is_cam_member(m) for m in nested) else []
+    return nested if nested and all(_has_map(m) for m in nested) else []
+
+
+def _member_outputs(member, inputs, i: int):
+    """-> (probability, map (N, h, w, 1), pooled features) of one member, on `inputs`."""
+    from train.models import keras
+
+    if _is_map_member(member):
+        both = keras.Model(member.input, [member.output, member.get_layer("logit_map").output,
+                                          member.get_layer("last_block").output], name=f"{member.name}_with_map")
+        p, m, features = both(inputs)
+        return p, m, keras.layers.GlobalAveragePooling2D(name=f"pooled{i}")(features)
+    both = keras.Model(member.input, [member.output, member.get_layer("last_block").output,
+                                      member.get_layer("gap").output], name=f"{member.name}_with_features")
+    p, features, g = both(inputs)
+    w = member.get_layer("logit").get_weights()[0]  # (C, 1)
+    cam = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name=f"cam{i}")
+    m = cam(features)
+    cam.set_weights([w.reshape(1, 1, -1, 1)])
+    return p, m, g
 
 
 def with_heatmap(model):
@@ -42,16 +72,10 @@ def with_heatmap(model):
     inputs = keras.Input(model.input_shape[1:], name="image")
     probs, maps, pooled = [], [], []
     for i, member in enumerate(members):
-        both = keras.Model(member.input, [member.output, member.get_layer("last_block").output,
-                                          member.get_layer("gap").output], name=f"{member.name}_with_features")
-        p, features, g = both(inputs)
-        pooled.append(g)
-        w = member.get_layer("logit").get_weights()[0]  # (C, 1)
-        cam = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name=f"cam{i}")
-        m = cam(features)
-        cam.set_weights([w.reshape(1, 1, -1, 1)])
+        p, m, g = _member_outputs(member, inputs, i)
         probs.append(p)
         maps.append(m)
+        pooled.append(g)
     prob = probs[0] if len(probs) == 1 else keras.layers.Average()(probs)
     heat = maps[0] if len(maps) == 1 else keras.layers.Average()(maps)
     prob = keras.layers.Activation("linear", name="probability")(prob)
@@ -67,6 +91,9 @@ def reference_heatmaps(model, x: np.ndarray) -> np.ndarray:
 
     maps = []
     for member in cam_members(model):
+        if _is_map_member(member):
+            maps.append(keras.Model(member.input, member.get_layer("logit_map").output).predict(x, verbose=0)[..., 0])
+            continue
         features = keras.Model(member.input, member.get_layer("last_block").output).predict(x, verbose=0)
         maps.append(np.einsum("nhwc,c->nhw", features, member.get_layer("logit").get_weights()[0][:, 0]))
     return np.mean(maps, axis=0)

@@ -92,6 +92,30 @@ def test_resnet_head_gives_exact_class_activation_maps():
 
 
 @pytest.mark.slow
+def test_softmax_head_pools_its_own_logit_map(tmp_path):
+    """pool="softmax": the logit is the softmax-weighted mean of `logit_map` (the heatmap), so it lies between
+    the map's mean and its maximum; the model reloads without pickled code."""
+    from train.models import SOFTMAX_POOL_SCALE
+
+    keras.utils.set_random_seed(0)
+    model = build_resnet(32, last_stride=1, pool="softmax")
+    x = _batch(4).numpy()
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.fit(x, np.array([0, 1, 0, 1.0]), epochs=2, verbose=0)
+    cells = keras.Model(model.input, model.get_layer("logit_map").output).predict(x, verbose=0).reshape(4, -1)
+    assert cells.shape == (4, 16)  # 4 x 4 cells at 32 px with the last stride 1
+    w = np.exp(SOFTMAX_POOL_SCALE * (cells - cells.max(axis=1, keepdims=True)))
+    logit = (w * cells).sum(axis=1) / w.sum(axis=1)
+    assert np.all(logit >= cells.mean(axis=1) - 1e-6) and np.all(logit <= cells.max(axis=1) + 1e-6)
+    p = model.predict(x, verbose=0)[:, 0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), p, atol=1e-5)
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_allclose(load_model(str(tmp_path / "model.keras")).predict(x, verbose=0)[:, 0], p, atol=1e-6)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        build_resnet(32, pool="max")
+
+
+@pytest.mark.slow
 def test_ensemble_averages_members_and_reloads(tmp_path):
     keras.utils.set_random_seed(1)
     members = [build_resnet(32, name=f"m{i}") for i in range(3)]

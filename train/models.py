@@ -62,6 +62,11 @@ def _residual_block(x, filters: int, stride: int, name: str):
     return keras.layers.Activation("relu", name=f"{name}_out")(y)
 
 
+POOLS = ("avg", "softmax")
+# softmax pooling's inverse temperature on the logit map: 0 would be the plain mean, large values the max.
+SOFTMAX_POOL_SCALE = 1.0
+
+
 def build_resnet(
     image_size: int,
     stem: int = 32,
@@ -69,20 +74,38 @@ def build_resnet(
     dropout: float = 0.3,
     name: str = "resnet_aug",
     last_stride: int = 2,
+    pool: str = "avg",
 ) -> keras.Model:
     """A small ResNet: a stride-2 stem, one residual block per stage (stride 2 from the second; the last
-    stage's stride is `last_stride`: 1 doubles the class-activation map's resolution),
-    batch norm, then the class-activation-map head: global average pooling over the last block
-    (layer `last_block`), dropout, one linear unit `logit`, a sigmoid `probability`."""
+    stage's stride is `last_stride`: 1 doubles the heatmap's resolution), batch norm, then a head over the last
+    block (layer `last_block`) whose heatmap is exact:
+    - pool "avg", the class-activation-map head: global average pooling (`gap`), dropout, one linear unit
+      `logit`, a sigmoid `probability`; the map is the features weighted by `logit`'s weights.
+    - pool "softmax", the logit-map head: dropout, a 1x1 convolution to one logit per cell (`logit_map`, the
+      heatmap itself), pooled by a softmax-weighted mean (weights softmax(SOFTMAX_POOL_SCALE * map)) into
+      `logit`, then `probability`. The decision rests on the image's own hottest cells, so blanking them
+      lowers the score; the average pool lets evidence spread over every cell alike.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, not {pool!r}")
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = _conv_bn(inputs, stem, 2, "stem")
     for i, filters in enumerate(stages):
         stride = 1 if i == 0 else (last_stride if i == len(stages) - 1 else 2)
         x = _residual_block(x, filters, stride, f"stage{i}")
     x = keras.layers.Activation("linear", name="last_block")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    x = keras.layers.Dense(1, name="logit")(x)
+    if pool == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        x = keras.layers.Dense(1, name="logit")(x)
+    else:
+        h, w = int(x.shape[1]), int(x.shape[2])
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        cells = keras.layers.Conv2D(1, 1, name="logit_map")(x)
+        cells = keras.layers.Reshape((h * w,), name="cells")(cells)
+        weights = keras.layers.Softmax(name="cell_weights")(
+            keras.layers.Rescaling(SOFTMAX_POOL_SCALE, name="cell_scale")(cells))
+        x = keras.layers.Dot(axes=1, name="logit")([weights, cells])
     outputs = keras.layers.Activation("sigmoid", name="probability")(x)
     return keras.Model(inputs, outputs, name=name)
 
