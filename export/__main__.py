@@ -9,6 +9,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--verify", metavar="VERSION_DIR", help="verify serving_models/<name>/<version> and exit 0/1")
     p.add_argument("--run-dir", help="a run directory written by `python -m train`")
+    p.add_argument("--add-gate", metavar="VERSION_DIR",
+                   help="publish VERSION_DIR again as a new version with the input gate derived from its own "
+                        "reference (same model.onnx; no TensorFlow, no training run)")
     p.add_argument("--serving-dir", default="serving_models")
     p.add_argument("--name", default="pneumonia")
     p.add_argument("--model", default="best", help="best (from comparison.json) or a model name of the run")
@@ -20,8 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-recall", type=float, default=None,
                    help="with --calibrate-dir: the recall the threshold must reach (default: the run's)")
     args = p.parse_args(argv)
-    if not args.verify and not args.run_dir:
-        p.error("one of --run-dir or --verify is required")
+    if sum(bool(a) for a in (args.verify, args.run_dir, args.add_gate)) != 1:
+        p.error("exactly one of --run-dir, --add-gate or --verify is required")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
     return args
@@ -42,9 +45,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.verify:
         return verify(args.verify)  # no TensorFlow on this path
+    command = "python -m export " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.add_gate:
+        from export.republish import RepublishError, add_gate  # no TensorFlow on this path either
+
+        try:
+            add_gate(args.add_gate, args.serving_dir, args.name, args.version, command)
+        except RepublishError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from export.convert import ExportInputError, ParityError, export
 
-    command = "python -m export " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command,
                calibrate_dir=args.calibrate_dir, target_recall=args.target_recall)

@@ -99,6 +99,23 @@ training folder): scoring the test images must say `drift: none`. Embedding pari
 """
 
 
+def gate_section(meta: dict) -> str:
+    g = meta.get("gate")
+    if not g:
+        return ("## Input gate\nNo content check recorded: the batch job runs only the DICOM header rules and the "
+                "cheap checks (near-constant images, too few grey levels, colour photographs) for this version.\n")
+    return f"""## Input gate
+Before an image can be flagged, the batch job checks that it looks like the X-rays this model was validated on: the
+Mahalanobis distance of its `embedding` to the {g['rows']} reference rows (Ledoit-Wolf covariance) must be at most
+**{g['limit']:.1f}**. That limit comes from the training side alone: the {g['percentile']}th percentile of each
+reference row's distance to a fit on the other {g['folds'] - 1} of {g['folds']} folds ({g['held_out_quantile']:.1f}),
+times a margin of {g['margin']} for scans of a later time or another machine. Images past it get status
+`out_of_scope` with the distance as the reason and no prediction. DICOM must be CR or DX (not "for processing") of
+the chest; near-constant images, images with too few grey levels and colour photographs are refused before the
+model runs (docs/gate.md).
+"""
+
+
 def model_card(meta: dict) -> str:
     pts = meta.get("test_metrics", {})
     src = meta.get("source", {})
@@ -120,6 +137,7 @@ It is **not a diagnosis** and must not be used without a clinician's review.
 {site_section(meta)}
 {heatmap_section(meta)}
 {drift_section(meta)}
+{gate_section(meta)}
 ## Internal test split (same collection as training; overestimates)
 Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's Medical Center), the Kaggle
 "chest-xray-pneumonia" training folder, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,

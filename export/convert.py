@@ -13,7 +13,7 @@ from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatm
 from export.metadata import build_metadata
 from export.triton import triton_config
 from train.data import load_images, read_split_csv
-from xray_core import reference
+from xray_core import gate, reference
 from xray_core.errors import one_line
 from xray_core.files import atomic_write, publish_dir, sha256_file, temp_dir_beside
 from xray_core.package import (
@@ -167,6 +167,18 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
+def derive_gate(package_dir: str, log=print) -> dict | None:
+    """The input gate's spec from the package's own reference rows (xray_core/gate.py); None, said, when there
+    are too few rows for one."""
+    try:
+        spec = gate.derive(reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings)
+    except gate.GateError as exc:
+        log(f"no input gate: {exc}")
+        return None
+    log(f"input gate: {spec.line()}")
+    return spec.to_dict()
+
+
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
            opset: int = 17, export_command: str = "", calibrate_dir: str | None = None,
            target_recall: float | None = None, log=print) -> str:
@@ -230,12 +242,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
         ref = build_reference(run_dir, config, export_model, session, x, staging, log) if dim else None
+        gate_spec = derive_gate(staging, log) if dim else None
         with open(os.path.join(run_dir, "run.json")) as f:
             run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
-                              dim=dim, ref=ref)
+                              dim=dim, ref=ref, gate=gate_spec)
         write_metadata(os.path.join(staging, METADATA_FILE), meta)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
             f.write(model_card(meta.to_dict()))

@@ -22,7 +22,8 @@ def library_versions() -> dict:
 
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
-                   export_command, site=None, heat=None, hw=None, dim=None, ref=None) -> Metadata:
+                   export_command, site=None, heat=None, hw=None, dim=None, ref=None,
+                   gate=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
     return Metadata(
@@ -45,6 +46,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         heatmap=heat if hw else None,
         embedding_output=io.get("embedding_output"),
         reference=ref if dim else None,
+        gate=gate,
         class_names=list(CLASSES),
         decision_threshold=site["threshold"] if site else metrics["chosen_threshold"],
         threshold_source="site calibration sample" if site else "internal validation split",

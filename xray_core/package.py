@@ -91,6 +91,7 @@ class Metadata:
     heatmap: dict | None = None  # export's heatmap parity and faithfulness figures
     embedding_output: TensorSpec | None = None
     reference: dict | None = None  # reference.npz's summary (xray_core/reference.py); None: no drift reference
+    gate: dict | None = None  # the input gate's statistic and limit (xray_core/gate.py GateSpec); None: no gate
     class_names: list | None = None
     decision_threshold: float
     threshold_source: str | None = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xray_core import reference
+from xray_core import gate, reference
 from xray_core.errors import one_line
 from xray_core.files import sha256_file
 from xray_core.package import (
@@ -95,6 +95,18 @@ def reference_check(version_dir: str, meta: Metadata) -> Check:
     return Check("drift reference", not found, detail)
 
 
+def gate_check(ref: reference.Reference, meta: Metadata) -> Check:
+    """The recorded gate is usable and is what its own derivation gives on the package's reference rows."""
+    try:
+        spec = gate.GateSpec.from_dict(meta.gate)
+        again = gate.derive(ref.embeddings, spec.percentile, spec.margin)
+    except gate.GateError as exc:
+        return Check("input gate", False, str(exc))
+    same = bool(np.isclose(again.limit, spec.limit, rtol=1e-6)) and again.rows == spec.rows
+    detail = f"{spec.statistic} limit {spec.limit:.2f}" + ("" if same else f", re-derived {again.limit:.2f}")
+    return Check("input gate", same, detail)
+
+
 def verify_package(version_dir: str) -> list[Check]:
     """Every check of `export --verify`; stops at the first failure that blocks the rest."""
     import onnx
@@ -133,4 +145,8 @@ def verify_package(version_dir: str) -> list[Check]:
     checks.append(zero_batch_check(session, [want[k] for k in want if k != "input"], meta.image_size))
     if checks[-1].ok and meta.reference is not None:  # packages exported before drift checks have none
         checks.append(reference_check(version_dir, meta))
+        if checks[-1].ok and meta.gate is not None:  # nor do those exported before the input gate
+            checks.append(gate_check(reference.load(os.path.join(version_dir, reference.REFERENCE_FILE)), meta))
+    elif meta.gate is not None:
+        checks.append(Check("input gate", False, "a gate needs the package's drift reference"))
     return checks
