@@ -1,0 +1,62 @@
+"""The input gate's cheap checks (xray_core/content.py) on images made here; with the shared training folder,
+on real X-rays too (none may be refused)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import SHARED_DATA
+from xray_core import content
+
+
+def _xray_like(seed=0, size=96):
+    """A smooth body-like gradient with noise: ~150 grey levels, std ~40."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    body = 200 * np.exp(-((x - 0.5) ** 2 + (y - 0.55) ** 2) * 6) + rng.normal(0, 12, (size, size))
+    return np.clip(body, 0, 255).astype(np.uint8)
+
+
+def test_an_xray_like_image_passes():
+    assert content.problem(_xray_like()) is None
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_constant_images_are_near_constant(value):
+    reason = content.problem(np.full((64, 64), value, np.uint8))
+    assert reason == "near-constant image (grey-level std 0.0 < 4)"
+
+
+def test_a_faint_gradient_is_near_constant():
+    img = np.tile(np.arange(64, dtype=np.uint8) // 8 + 100, (64, 1))  # 8 levels, std 2.3
+    assert content.problem(img).startswith("near-constant image (grey-level std 2.3")
+
+
+def test_a_drawing_has_too_few_grey_levels():
+    img = np.where(np.random.default_rng(0).random((64, 64)) > 0.5, 255, 0).astype(np.uint8)
+    img[:8] = 128
+    assert content.problem(img) == "too few grey levels (3 < 32)"
+
+
+def test_colour_is_measured_between_channels():
+    gray = _xray_like()
+    assert content.colour_spread(np.stack([gray] * 3, axis=-1)) == 0.0
+    photo = np.stack([gray, gray // 2, np.full_like(gray, 40)], axis=-1)
+    spread = content.colour_spread(photo)
+    assert spread > 8
+    assert content.problem(gray, spread) == f"colour image (mean channel spread {spread:.1f} > 8)"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="shared training folder not present")
+def test_no_training_xray_is_refused_by_the_cheap_checks():
+    from xray_core.preprocessing import PreprocessConfig, decode_image
+
+    config = PreprocessConfig(image_size=64)
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(SHARED_DATA) for f in fs)[::10]
+    refused = [p for p in paths if content.problem(np.asarray(decode_image(p, config))) is not None]
+    assert len(paths) > 500 and refused == []
+    rgb = Image.open(paths[0]).convert("RGB")
+    assert content.colour_spread(np.asarray(rgb)) <= 2.0
