@@ -116,6 +116,16 @@ model runs (docs/gate.md).
 """
 
 
+LICENCE_SECTION = """
+## Licence
+The weights are released under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/), as they are derived from
+the training data: Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), "Labeled Optical Coherence Tomography
+(OCT) and Chest X-Ray Images for Classification", Mendeley Data, v2, doi:10.17632/rscbjbr9sj.2, licensed under
+CC BY 4.0. Credit them when you use or redistribute this model. The code that trained, exported and runs it is
+licensed under the Apache License 2.0 (`LICENSE` in the repository).
+"""
+
+
 def model_card(meta: dict) -> str:
     pts = meta.get("test_metrics", {})
     src = meta.get("source", {})
@@ -165,4 +175,4 @@ Split sizes: {json.dumps(src.get('split_counts', {}))}.
 ```
 Seed {src.get('seed', 'n/a')}. Versions: {json.dumps(meta.get('versions', {}))}.
 sha256 of model.onnx: `{meta['sha256']}`. Created {meta.get('created_utc')}.
-"""
+""" + LICENCE_SECTION
