@@ -1,17 +1,34 @@
-"""python -m export: publish a trained model as a versioned ONNX serving package, or --verify one."""
+"""python -m export: publish a trained model as a versioned ONNX serving package, publish a package again with
+an input gate or a threshold recalibrated on local images, or --verify one."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+EXIT_CODES = """exit codes:
+  0  published (or, with --verify, every check passed)
+  1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
+  2  bad input (a missing or incomplete run, a package that does not verify, a calibration folder with too few
+     images, a version that exists): one line on stderr, nothing published
+
+Recalibrate a published package on a labelled local sample (folders NORMAL and PNEUMONIA, >= 30 images each;
+JPEG, PNG or DICOM), without retraining or TensorFlow:
+  python -m export --recalibrate serving_models/pneumonia/4 --calibrate-dir /data/local_sample \\
+      --serving-dir serving_models --name pneumonia
+"""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verify", metavar="VERSION_DIR", help="verify serving_models/<name>/<version> and exit 0/1")
     p.add_argument("--run-dir", help="a run directory written by `python -m train`")
     p.add_argument("--add-gate", metavar="VERSION_DIR",
                    help="publish VERSION_DIR again as a new version with the input gate derived from its own "
                         "reference (same model.onnx; no TensorFlow, no training run)")
+    p.add_argument("--recalibrate", metavar="VERSION_DIR",
+                   help="publish VERSION_DIR again as a new version whose decision threshold is chosen on "
+                        "--calibrate-dir (same model.onnx, drift reference and gate; no TensorFlow, no training run)")
     p.add_argument("--serving-dir", default="serving_models")
     p.add_argument("--name", default="pneumonia")
     p.add_argument("--model", default="best", help="best (from comparison.json) or a model name of the run")
@@ -21,10 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="labelled sample of new scans (folders NORMAL/PNEUMONIA at or below it): the decision "
                         "threshold is chosen there, with a 2-fold estimate of what it does on unseen scans")
     p.add_argument("--target-recall", type=float, default=None,
-                   help="with --calibrate-dir: the recall the threshold must reach (default: the run's)")
+                   help="with --calibrate-dir: the recall the threshold must reach (default: the run's, or with "
+                        "--recalibrate the source version's)")
     args = p.parse_args(argv)
-    if sum(bool(a) for a in (args.verify, args.run_dir, args.add_gate)) != 1:
-        p.error("exactly one of --run-dir, --add-gate or --verify is required")
+    if sum(bool(a) for a in (args.verify, args.run_dir, args.add_gate, args.recalibrate)) != 1:
+        p.error("exactly one of --run-dir, --add-gate, --recalibrate or --verify is required")
+    if args.recalibrate and not args.calibrate_dir:
+        p.error("--recalibrate needs --calibrate-dir (the labelled images to choose the threshold on)")
+    if args.calibrate_dir and not (args.run_dir or args.recalibrate):
+        p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
     return args
@@ -51,6 +73,16 @@ def main(argv=None) -> int:
 
         try:
             add_gate(args.add_gate, args.serving_dir, args.name, args.version, command)
+        except RepublishError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.recalibrate:
+        from export.republish import RepublishError, recalibrate  # no TensorFlow on this path either
+
+        try:
+            recalibrate(args.recalibrate, args.calibrate_dir, args.serving_dir, args.name, args.target_recall,
+                        args.version, command)
         except RepublishError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -6,17 +6,22 @@ validation split's threshold and at the calibrated threshold. The calibrated thr
 optimistic (it was chosen on those images), so a 2-fold estimate is added: patients are split into two halves
 (stratified by class), the threshold is chosen on one half and measured on the other, then the other way round;
 the pooled out-of-half decisions give recall, specificity and accuracy with Wilson 95% intervals, and ROC AUC
-comes with a patient-level bootstrap 95% interval.
+comes with a patient-level bootstrap 95% interval. Patients are DICOM PatientIDs where the files have them, else
+the Kaggle file-name rules (train.data.patient_of).
+
+Nothing here needs Keras: `python -m export --run-dir` calibrates the session of the model it just converted,
+`--recalibrate` (export/republish.py) that of a published package's model.onnx.
 """
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 from scipy.stats import binomtest, mannwhitneyu
 from sklearn.model_selection import StratifiedGroupKFold
 
-from train.data import patient_id
+from train.data import patient_of
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
@@ -30,8 +35,17 @@ class CalibrationError(ValueError):
     """A calibration folder that cannot be used; the message is one line."""
 
 
-def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
-    """(path, label) for every image under cal_dir with a NORMAL/PNEUMONIA folder at or below cal_dir."""
+def require_per_class(labels, minimum: int, cal_dir: str, what: str = "images") -> None:
+    """CalibrationError unless `labels` hold at least `minimum` of each class."""
+    counts = Counter(labels)
+    if any(counts[c] < minimum for c in CLASSES):
+        raise CalibrationError(f"calibration dir {cal_dir} has {counts['NORMAL']} NORMAL and {counts['PNEUMONIA']} "
+                               f"PNEUMONIA {what}; at least {minimum} of each class are needed")
+
+
+def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]:
+    """(path, label) for every image under cal_dir with a NORMAL/PNEUMONIA folder at or below cal_dir;
+    CalibrationError when a class has none or fewer than min_per_class."""
     if not os.path.isdir(cal_dir):
         raise CalibrationError(f"calibration dir not found: {cal_dir}")
     found = []
@@ -45,6 +59,7 @@ def list_labelled(cal_dir: str) -> list[tuple[str, str]]:
     missing = [c for c in CLASSES if not any(label == c for _, label in found)]
     if missing:
         raise CalibrationError(f"calibration dir {cal_dir} has no images under a folder named {' or '.join(missing)}")
+    require_per_class([label for _, label in found], min_per_class, cal_dir)
     return found
 
 
@@ -112,20 +127,21 @@ def two_fold(y, p, groups, target_recall: float, seed: int = SEED) -> dict:
     }
 
 
-
 def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: float, target_recall: float,
-              log=print) -> tuple[dict, np.ndarray]:
+              log=print, min_per_class: int = 1, previous_threshold: float | None = None) -> tuple[dict, np.ndarray]:
     """-> (the `site_calibration` block of metadata.json, the decoded images). Its `threshold` becomes the
-    package's decision threshold."""
-    found = list_labelled(cal_dir)
+    package's decision threshold. CalibrationError when fewer than min_per_class images of a class are found or
+    decoded. With previous_threshold (a recalibrated package's), the block also holds the sample's metrics at it
+    (`at_previous_threshold`)."""
+    found = list_labelled(cal_dir, min_per_class)
+    log(f"calibration: scoring {len(found)} labelled images of {cal_dir}")
     p, images, ok, failed = score(session, [path for path, _ in found], config)
     for path, err in failed:
         log(f"calibration: skipped {path}: {err}")
     kept = [found[i] for i in ok]
+    require_per_class([label for _, label in kept], max(min_per_class, 1), cal_dir, "decodable images")
     y = np.asarray([CLASSES.index(label) for _, label in kept])
-    if y.min() == y.max():
-        raise CalibrationError(f"calibration dir {cal_dir} needs decodable images of both classes")
-    groups = np.asarray([patient_id(path) for path, _ in kept])
+    groups = np.asarray([patient_of(path) for path, _ in kept])
     threshold = choose_threshold(y, p, target_recall)
     result = {
         "dir": os.path.abspath(cal_dir),
@@ -138,6 +154,8 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
         "at_calibrated_threshold": without_report(operating_point(y, p, threshold)),
         "two_fold": two_fold(y, p, groups, target_recall),
     }
+    if previous_threshold is not None:
+        result["at_previous_threshold"] = without_report(operating_point(y, p, previous_threshold))
     est = result["two_fold"]
     log(f"calibrated on {len(y)} images of {cal_dir}: threshold {threshold:.4f}; 2-fold estimate ROC AUC "
         f"{est['roc_auc']:.4f}, recall {est['recall']:.4f}, specificity {est['specificity']:.4f}, "

@@ -21,6 +21,28 @@ def _ci(est: dict, key: str) -> str:
     return f"{est[key]:.3f} (95% CI {lo:.3f}–{hi:.3f})"
 
 
+def _previous_row(meta: dict) -> str:
+    """A recalibrated version's table row for the threshold of the version it was recalibrated from."""
+    previous = meta["site_calibration"].get("at_previous_threshold")
+    if previous is None:
+        return ""
+    origin = meta.get("source", {}).get("recalibrated_from", {}).get("model", "the previous version")
+    return _row(f"{previous['threshold']:.4f} ({origin}'s)", previous) + "\n"
+
+
+def recalibration_note(meta: dict) -> str:
+    """Where a version recalibrated without retraining came from; '' for any other version."""
+    origin = meta.get("source", {}).get("recalibrated_from")
+    if not origin:
+        return ""
+    site = meta["site_calibration"]
+    return f"""
+**Recalibrated** from {origin['model']} (threshold {origin['decision_threshold']:.4f}, chosen on the {origin['threshold_source']})
+on {site['images']} labelled images ({site['normal']} normal, {site['pneumonia']} pneumonia) of `{site['dir']}`, without
+retraining: `model.onnx`, the drift reference and the input gate are {origin['model']}'s, byte for byte.
+"""
+
+
 def site_section(meta: dict) -> str:
     site = meta.get("site_calibration")
     if not site:
@@ -42,11 +64,18 @@ specificity {_ci(est, 'specificity')}; accuracy {_ci(est, 'accuracy')}. Fold thr
 |---|---|---|---|---|---|---|
 {_row('0.5', site['at_0.5'])}
 {_row(f"{meta['validation_threshold']:.4f} (internal validation)", site['at_validation_threshold'])}
-{_row(f"{site['threshold']:.4f} (calibrated here; in-sample, optimistic)", site['at_calibrated_threshold'])}
+{_previous_row(meta)}{_row(f"{site['threshold']:.4f} (calibrated here; in-sample, optimistic)", site['at_calibrated_threshold'])}
 
 The internal test split overestimates: ROC AUC {_fmt(test_auc)} there against {_fmt(site['at_0.5']['roc_auc'])} on
 the site sample (the first models: 0.998 against 0.92). Judge this model by the numbers above.
 """
+
+
+def _heatmap_parity(parity: dict | None) -> str:
+    if not parity:
+        return "Parity with Keras: not recorded."
+    return (f"Parity with Keras: max |Δ| {parity['max_abs_diff']:.2e}\n(limit {parity['tolerance']:.2e}, 1e-4 of "
+            "the maps' range).")
 
 
 def heatmap_section(meta: dict) -> str:
@@ -76,8 +105,7 @@ def heatmap_section(meta: dict) -> str:
 Output `heatmap` (N, {h}, {w}): the class-activation map of the last convolutional block for P(pneumonia) (feature
 maps weighted by the final unit's weights; an ensemble averages its members' maps). Higher means more evidence for
 pneumonia; same orientation as the input, at the block's resolution ({h}×{w} for a
-{meta['preprocessing']['image_size']} px input). Parity with Keras: max |Δ| {heat['parity']['max_abs_diff']:.2e}
-(limit {heat['parity']['tolerance']:.2e}, 1e-4 of the maps' range).
+{meta['preprocessing']['image_size']} px input). {_heatmap_parity(heat.get('parity'))}
 
 Faithfulness check: {verdict}
 """
@@ -116,6 +144,16 @@ model runs (docs/gate.md).
 """
 
 
+LICENCE_SECTION = """
+## Licence
+The weights are released under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/), as they are derived from
+the training data: Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), "Labeled Optical Coherence Tomography
+(OCT) and Chest X-Ray Images for Classification", Mendeley Data, v2, doi:10.17632/rscbjbr9sj.2, licensed under
+CC BY 4.0. Credit them when you use or redistribute this model. The code that trained, exported and runs it is
+licensed under the Apache License 2.0 (`LICENSE` in the repository).
+"""
+
+
 def model_card(meta: dict) -> str:
     pts = meta.get("test_metrics", {})
     src = meta.get("source", {})
@@ -129,7 +167,7 @@ def model_card(meta: dict) -> str:
 **output:** `{OUTPUT_NAME}` float32 (N, 1) = P(pneumonia).
 **Decision threshold:** {meta['decision_threshold']:.4f}, chosen on the {source} as the most specific
 threshold reaching recall {meta.get('target_recall')}. PNEUMONIA when probability >= threshold.
-
+{recalibration_note(meta)}
 ## Intended use
 A screening aid that flags chest X-rays that may show pneumonia so that a radiologist reads them first.
 It is **not a diagnosis** and must not be used without a clinician's review.
@@ -161,8 +199,8 @@ Split sizes: {json.dumps(src.get('split_counts', {}))}.
 ## Reproduce
 ```
 {src.get('train_command', 'n/a')}
-{src.get('export_command', 'n/a')}
+{src.get('export_command', 'n/a')}{chr(10) + src['republish_command'] if src.get('republish_command') else ''}
 ```
 Seed {src.get('seed', 'n/a')}. Versions: {json.dumps(meta.get('versions', {}))}.
 sha256 of model.onnx: `{meta['sha256']}`. Created {meta.get('created_utc')}.
-"""
+""" + LICENCE_SECTION

@@ -370,3 +370,58 @@ def test_training_finds_and_decodes_dicom(tmp_path):
     images, ok, failed = load_images([e.path for e in dcm], PreprocessConfig(image_size=32))
     assert failed == [] and images.shape == (1, 32, 32, 1)
     assert images.max() > 0.95 and images.min() < 0.05  # min..max stretched to the full range
+
+
+# ---------------------------------------------------------------- patients from DICOM headers
+
+
+def _dicom_of(path, patient: str | None, seed: int) -> str:
+    """A small DICOM file named by `path`, with PatientID `patient` (None: no PatientID element)."""
+    import io
+
+    import pydicom
+
+    from dicom_factory import dicom_bytes
+
+    pixels = np.random.default_rng(seed).integers(0, 4096, (40, 40), dtype=np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels, bits_stored=12)))
+    if patient is not None:
+        ds.PatientID = patient
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def test_dicom_files_of_one_patient_end_up_in_the_same_split(tmp_path):
+    """Hospital files named by UID: the PatientID in the header groups them, whatever the names say."""
+    from pydicom.uid import generate_uid
+
+    files = {}  # patient -> its two files
+    for label in ("NORMAL", "PNEUMONIA"):
+        for k in range(12):
+            patient = f"{label[0]}-{k:03d}"
+            files[patient] = [_dicom_of(tmp_path / label / f"{generate_uid()}.dcm", patient, seed=len(files) * 2 + i)
+                              for i in range(2)]
+    examples = find_examples(tmp_path)
+    assert {e.path: e.patient for e in examples} == {p: pid for pid, paths in files.items() for p in paths}
+    for seed in (0, 1, 2):
+        split_of = dict(zip((e.path for e in examples), split_examples(examples, seed=seed)))
+        assert len(set(split_of.values())) == 3  # the files are spread over all splits ...
+        for patient, (a, b) in files.items():  # ... and a patient's two files never apart
+            assert split_of[a] == split_of[b], (patient, seed)
+
+
+def test_files_without_a_usable_patient_id_fall_back_to_the_name_rules(tmp_path):
+    from train.data import dicom_patient_id, patient_of
+
+    no_id = _dicom_of(tmp_path / "IM-0010-0001.dcm", None, seed=0)
+    empty = _dicom_of(tmp_path / "person77_virus_1.dcm", "  ", seed=1)
+    corrupt = _touch(tmp_path / "IM-0011-0002.dcm", b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    jpeg_named_dcm = _gray(tmp_path / "person5_bacteria_9.dcm", fmt="JPEG")
+    with_id = _dicom_of(tmp_path / "1.2.840.113619.2.55.3.dcm", "PAT-42", seed=2)
+    assert [dicom_patient_id(p) for p in (no_id, empty, corrupt, jpeg_named_dcm, with_id)] == \
+        [None, None, None, None, "PAT-42"]
+    assert [patient_of(p) for p in (no_id, empty, corrupt, jpeg_named_dcm, with_id)] == \
+        ["IM-0010", "person77", "IM-0011", "person5", "PAT-42"]
+    # the rules of the name still hold for a DICOM file named like Kaggle's, when its header has no patient
+    assert patient_of(_dicom_of(tmp_path / "IM-0012-0001.dcm", "", seed=3)) == "IM-0012"

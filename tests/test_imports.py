@@ -1,4 +1,5 @@
 """Import facts: the scoring side and `export --verify` load no TensorFlow, no `train` and (the job) no `export`;
+`export --recalibrate` loads no TensorFlow and of `train` only its TensorFlow-free data module (patients);
 first-party modules import each other without cycles."""
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 from batch_job.synthetic import make_tree
 from helpers import write_package
@@ -44,6 +47,20 @@ def test_export_verify_loads_no_tensorflow_and_no_train(tmp_path):
                 f"rc = main(['--verify', {vdir!r}])\n" + REPORT.format(forbidden=forbidden) + "sys.exit(rc)\n")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]" and f"OK: {vdir}" in proc.stdout
+
+
+def test_export_recalibrate_loads_no_tensorflow(tmp_path):
+    images = np.random.default_rng(0).uniform(0.2, 0.8, (60, 32, 32, 1)).astype(np.float32)
+    vdir = write_package(str(tmp_path / "serving"), heatmap_hw=(4, 4), reference_images=images)
+    make_tree(str(tmp_path / "cal"), per_class=30, size=48, seed=1)
+    forbidden = ("train", "tensorflow", "tf_keras", "keras", "tf2onnx")
+    proc = _run("import sys\nfrom export.__main__ import main\n"
+                f"rc = main(['--recalibrate', {vdir!r}, '--calibrate-dir', {str(tmp_path / 'cal')!r}, "
+                f"'--serving-dir', {str(tmp_path / 'serving')!r}])\n" + REPORT.format(forbidden=forbidden)
+                + "sys.exit(rc)\n")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert eval(proc.stdout.strip().splitlines()[-1]) == ["train", "train.data"]  # patients, no TensorFlow
+    assert f"published {tmp_path / 'serving' / 'pneumonia' / '2'}" in proc.stdout
 
 
 def module_imports() -> dict[str, set[str]]:

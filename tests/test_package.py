@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from export.card import model_card
+from export.card import LICENCE_SECTION, model_card
 from export.triton import triton_config
 from helpers import REPO, write_package
 from xray_core import reference
@@ -57,9 +57,20 @@ def test_metadata_without_contract_keys_or_with_unusable_values_is_refused():
 
 
 def test_the_model_card_is_a_function_of_the_metadata():
-    """Version 4's MODEL_CARD.md is exactly what export's card writer makes of its metadata.json."""
+    """Version 4's MODEL_CARD.md is exactly what export's card writer makes of its metadata.json, but for the
+    licence section cards have ended with since (a published version is never rewritten)."""
     vdir = os.path.join(SHIPPED, "4")
-    assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
+    shipped = open(os.path.join(vdir, "MODEL_CARD.md")).read()
+    assert model_card(load_metadata(vdir).to_dict()) == shipped + LICENCE_SECTION
+
+
+def test_the_model_card_states_the_licence_of_the_weights_and_of_their_training_data(tmp_path):
+    card = model_card(load_metadata(write_package(str(tmp_path / "serving"))).to_dict())
+    licence = card[card.index("## Licence"):]
+    assert card.rstrip().endswith(licence.rstrip())  # the last section
+    for fragment in ("weights are released under [CC BY 4.0]", "Kermany", "(2018)", "doi:10.17632/rscbjbr9sj.2",
+                     "Apache License 2.0"):
+        assert fragment in licence, fragment
 
 
 def test_score_in_batches_equals_one_run_of_the_graph(tmp_path):

@@ -1,5 +1,7 @@
 """Find labelled X-rays, derive patient ids, and split train/val/test grouped by patient.
 
+A file's patient is its DICOM PatientID when it is a DICOM file that has one, else the Kaggle file-name rules.
+
 No TensorFlow here: the functions are pure and cheap to test.
 """
 from __future__ import annotations
@@ -8,6 +10,7 @@ import csv
 import multiprocessing
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from xray_core.dicom import DICOM_MAGIC_OFFSET, is_dicom
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
@@ -50,6 +54,32 @@ def patient_id(filename: str) -> str:
     return os.path.splitext(name)[0]
 
 
+def dicom_patient_id(path: str) -> str | None:
+    """The PatientID of a DICOM file (its header only, the pixel data is not read); None for a file that is not
+    DICOM (by its preamble, as the shared preprocessing decides), has no or an empty PatientID, or whose header
+    cannot be read (loading the image reports that file later)."""
+    try:
+        with open(path, "rb") as f:
+            if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4)):
+                return None
+            import pydicom
+
+            f.seek(0)
+            with warnings.catch_warnings():  # a damaged header is reported when the image is loaded
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+        value = str(ds.get("PatientID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - pydicom raises many types for corrupt headers; the name rules apply then
+        return None
+    return value or None
+
+
+def patient_of(path: str) -> str:
+    """A file's patient: the DICOM PatientID where there is one (hospital files are often named by UID, which
+    says nothing about the patient), else :func:`patient_id` of its name."""
+    return dicom_patient_id(path) or patient_id(path)
+
+
 def find_examples(data_dir: str | os.PathLike) -> list[Example]:
     """Kaggle layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* or flat ROOT/{NORMAL,PNEUMONIA}/*."""
     root = Path(os.path.abspath(data_dir))
@@ -65,7 +95,8 @@ def find_examples(data_dir: str | os.PathLike) -> list[Example]:
             for dirpath, _dirs, files in os.walk(class_dir):
                 for name in sorted(files):
                     if is_image_file(name):
-                        examples.append(Example(os.path.join(dirpath, name), label, patient_id(name)))
+                        path = os.path.join(dirpath, name)
+                        examples.append(Example(path, label, patient_of(path)))
     if not examples:
         raise DataError(f"no images (.jpeg/.jpg/.png/.dcm) under {root}/[train|val|test/]NORMAL|PNEUMONIA")
     counts = Counter(e.label for e in examples)

@@ -1,0 +1,313 @@
+"""`python -m export --recalibrate`: a published package published again with the threshold chosen on a labelled
+local folder (JPEG, PNG or DICOM), without TensorFlow or the training run, on the tests' tiny ONNX model."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from batch_job.synthetic import make_tree, synthetic_xray
+from export.__main__ import main as export_main
+from export.calibrate import list_labelled
+from export.faithfulness import faithfulness
+from helpers import REPO, SITE_SAMPLE, assert_one_line_error, read_json, sha256_of, snapshot, write_package
+from xray_core.labels import CLASSES
+from xray_core.metrics import choose_threshold, operating_point, without_report
+from xray_core.package import load_metadata, open_session
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.verify import verify_package
+
+CARRIED_FILES = ("model.onnx", "reference.npz", "splits.csv")
+SITE_KEYS = {"dir", "images", "normal", "pneumonia", "patients", "skipped", "target_recall", "threshold", "at_0.5",
+             "at_validation_threshold", "at_calibrated_threshold", "two_fold"}  # what export --calibrate-dir writes
+
+
+def _source(serving) -> str:
+    """pneumonia/2: the tiny model with a heatmap, an embedding, a drift reference and an input gate (added by
+    --add-gate), its threshold and heatmap figures as an export from the internal validation split records them."""
+    images = np.random.default_rng(0).uniform(0.2, 0.8, (120, 32, 32, 1)).astype(np.float32)
+    v1 = write_package(str(serving), reference_images=images, heatmap_hw=(4, 4))
+    path = os.path.join(v1, "metadata.json")
+    meta = read_json(path)
+    meta.update(validation_threshold=0.5, threshold_source="internal validation split",
+                heatmap={"parity": {"images": 66, "max_abs_diff": 2e-6, "map_range": 1.0, "tolerance": 1e-4,
+                                    "passed": True},
+                         "faithfulness": {"source": "test split", "images": 10, "flagged": 0, "passed": False,
+                                          "share_top_beats_random": None, "note": "no image flagged"}})
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert export_main(["--add-gate", v1, "--serving-dir", str(serving)]) == 0
+    return os.path.join(str(serving), "pneumonia", "2")
+
+
+def _scores(vdir: str, paths: list[str]) -> np.ndarray:
+    """P(pneumonia) of the files by the package's model, outside the code under test."""
+    meta = load_metadata(vdir)
+    x = np.stack([preprocess_image(p, meta.config) for p in paths])
+    (p,) = open_session(os.path.join(vdir, "model.onnx")).run(["probability"], {"image": x})
+    return p.reshape(-1).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def recalibrated(tmp_path_factory):
+    base = tmp_path_factory.mktemp("recal")
+    serving = base / "serving"
+    source = _source(serving)
+    cal = base / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+    before = snapshot(source)
+    rc = export_main(["--recalibrate", source, "--calibrate-dir", str(cal), "--serving-dir", str(serving)])
+    return {"rc": rc, "source": source, "new": str(serving / "pneumonia" / "3"), "cal": cal, "before": before,
+            "serving": serving}
+
+
+def test_a_new_version_with_the_same_model_and_the_threshold_chosen_on_the_folder(recalibrated):
+    assert recalibrated["rc"] == 0
+    source, new = recalibrated["source"], recalibrated["new"]
+    for f in CARRIED_FILES:
+        assert sha256_of(os.path.join(new, f)) == sha256_of(os.path.join(source, f)), f
+    assert snapshot(source) == recalibrated["before"]  # the source version is untouched
+    old, meta = read_json(os.path.join(source, "metadata.json")), read_json(os.path.join(new, "metadata.json"))
+    found = list_labelled(str(recalibrated["cal"]))
+    y = np.array([CLASSES.index(label) for _, label in found])
+    p = _scores(source, [path for path, _ in found])
+    assert meta["version"] == 3 and meta["sha256"] == old["sha256"]
+    assert meta["target_recall"] == old["target_recall"] == 0.95  # the source version's by default
+    assert meta["decision_threshold"] == pytest.approx(choose_threshold(y, p, 0.95), abs=1e-6)
+    assert meta["decision_threshold"] != pytest.approx(old["decision_threshold"], abs=1e-3)
+    assert meta["threshold_source"] == "site calibration sample"
+    # the gate, the drift reference and everything else but the calibration are carried over as they were
+    changed = {"version", "source", "decision_threshold", "threshold_source", "site_calibration", "heatmap",
+               "created_utc"}
+    assert {k: v for k, v in meta.items() if k not in changed} == {k: v for k, v in old.items() if k not in changed}
+    assert meta["gate"] == old["gate"] and meta["reference"] == old["reference"]
+    assert meta["source"]["recalibrated_from"] == {
+        "model": "pneumonia/2", "decision_threshold": 0.5, "threshold_source": "internal validation split",
+        "target_recall": 0.95, "images": 64}
+    assert "--recalibrate" in meta["source"]["republish_command"]
+    assert meta["source"]["republished_from"].startswith("pneumonia/2 (")
+    assert all(c.ok for c in verify_package(new)), [c.line() for c in verify_package(new)]
+
+
+def test_the_calibration_block_has_export_s_format_and_the_sample_s_numbers(recalibrated):
+    meta = read_json(os.path.join(recalibrated["new"], "metadata.json"))
+    site = meta["site_calibration"]
+    assert set(site) == SITE_KEYS | {"at_previous_threshold"}
+    found = list_labelled(str(recalibrated["cal"]))
+    y = np.array([CLASSES.index(label) for _, label in found])
+    p = _scores(recalibrated["source"], [path for path, _ in found])
+    assert (site["images"], site["normal"], site["pneumonia"], site["skipped"]) == (64, 32, 32, [])
+    assert site["patients"] == 32  # make_tree names two images per patient
+    assert site["dir"] == os.path.abspath(recalibrated["cal"])
+    assert site["threshold"] == meta["decision_threshold"] and site["target_recall"] == 0.95
+    for key, thr in (("at_0.5", 0.5), ("at_validation_threshold", 0.5), ("at_previous_threshold", 0.5),
+                     ("at_calibrated_threshold", site["threshold"])):
+        expected = without_report(operating_point(y, p, thr))
+        assert site[key].pop("confusion_matrix") == expected.pop("confusion_matrix"), key
+        assert site[key] == pytest.approx(expected), key
+    assert site["at_calibrated_threshold"]["recall"] >= 0.95
+    est = site["two_fold"]
+    assert sum(f["eval_images"] for f in est["folds"]) == 64
+    for key in ("recall", "specificity", "accuracy", "roc_auc"):
+        lo, hi = est[f"{key}_ci95"]
+        assert 0 <= lo <= est[key] <= hi <= 1, key
+
+
+def test_faithfulness_is_measured_again_at_the_new_threshold_on_the_folder(recalibrated):
+    meta = read_json(os.path.join(recalibrated["new"], "metadata.json"))
+    old = read_json(os.path.join(recalibrated["source"], "metadata.json"))
+    heat = meta["heatmap"]
+    assert heat["parity"] == old["heatmap"]["parity"]  # a property of the model: carried over
+    found = list_labelled(str(recalibrated["cal"]))
+    p = _scores(recalibrated["source"], [path for path, _ in found])
+    faith = heat["faithfulness"]
+    assert faith["threshold"] == meta["decision_threshold"] and faith["source"] == "site calibration"
+    assert faith["images"] == 64 and faith["flagged"] == int((p >= meta["decision_threshold"]).sum()) > 0
+    config = PreprocessConfig.from_dict(meta["preprocessing"])
+    x = np.stack([preprocess_image(path, config) for path, _ in found])
+    session = open_session(os.path.join(recalibrated["new"], "model.onnx"))
+    assert faith == faithfulness(session, x, meta["decision_threshold"], "site calibration")
+    assert faith["passed"] is True  # the tiny model's map is its input: blanking the brightest pixels lowers P
+
+
+def test_the_model_card_says_where_the_version_came_from(recalibrated):
+    meta = read_json(os.path.join(recalibrated["new"], "metadata.json"))
+    card = open(os.path.join(recalibrated["new"], "MODEL_CARD.md")).read()
+    est = meta["site_calibration"]["two_fold"]
+    assert "**Recalibrated** from pneumonia/2 (threshold 0.5000, chosen on the internal validation split)" in card
+    assert "on 64 labelled images (32 normal, 32 pneumonia)" in card
+    assert f"**Decision threshold:** {meta['decision_threshold']:.4f}" in card
+    assert f"recall {est['recall']:.3f} (95% CI {est['recall_ci95'][0]:.3f}–{est['recall_ci95'][1]:.3f})" in card
+    assert "| 0.5000 (pneumonia/2's) |" in card
+    assert f"on {meta['heatmap']['faithfulness']['flagged']} images of the site calibration flagged at " \
+           f"{meta['decision_threshold']:.4f}" in card
+    assert meta["source"]["republish_command"] in card and "## Licence" in card
+
+
+def test_export_verify_passes_the_new_version(recalibrated, capsys):
+    assert export_main(["--verify", recalibrated["new"]]) == 0
+    assert f"OK: {recalibrated['new']}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ DICOM
+
+def _dicom_tree(root, per_class: int) -> dict[str, str]:
+    """ROOT/{NORMAL,PNEUMONIA}/<SOP UID>.dcm, two files per patient (PatientID in the header only); -> path:
+    PatientID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicom_factory import dicom_bytes
+
+    rng = np.random.default_rng(11)
+    patients = {}
+    for label in CLASSES:
+        os.makedirs(os.path.join(root, label))
+        for i in range(per_class):
+            pixels = np.asarray(synthetic_xray(rng, label == "PNEUMONIA", 48))
+            ds = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels)))
+            ds.PatientID = f"{label[0]}{i // 2:04d}"
+            path = os.path.join(root, label, f"{generate_uid()}.dcm")
+            ds.save_as(path, enforce_file_format=True)
+            patients[path] = ds.PatientID
+    return patients
+
+
+def test_a_dicom_folder_with_a_target_recall_of_its_own(tmp_path, capsys):
+    serving = tmp_path / "serving"
+    source = _source(serving)
+    patients = _dicom_tree(str(tmp_path / "dicom"), per_class=30)
+    rc = export_main(["--recalibrate", source, "--calibrate-dir", str(tmp_path / "dicom"), "--target-recall", "0.8",
+                      "--serving-dir", str(serving), "--name", "local"])
+    assert rc == 0, capsys.readouterr()
+    new = serving / "local" / "1"  # another name starts at version 1, with its own Triton config
+    assert 'name: "local"' in (serving / "local" / "config.pbtxt").read_text()
+    meta = read_json(new / "metadata.json")
+    site = meta["site_calibration"]
+    assert (site["images"], site["normal"], site["pneumonia"]) == (60, 30, 30)
+    assert site["patients"] == len(set(patients.values())) == 30  # from the headers, not the UID file names
+    assert meta["target_recall"] == site["target_recall"] == 0.8
+    paths = sorted(patients)
+    y = np.array([int("/PNEUMONIA/" in p) for p in paths])
+    p = _scores(source, paths)
+    assert meta["decision_threshold"] == pytest.approx(choose_threshold(y, p, 0.8), abs=1e-6)
+    assert meta["name"] == "local" and meta["version"] == 1
+    assert all(c.ok for c in verify_package(str(new)))
+    assert "calibrated on 60 images" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ refusals
+
+@pytest.fixture()
+def source_package(tmp_path):
+    return _source(tmp_path / "serving")
+
+
+def _refused(capsys, tmp_path, argv, *fragments, code=2):
+    serving = tmp_path / "serving"
+    before = snapshot(serving)
+    line = assert_one_line_error(capsys, export_main(argv), *fragments, code=code)
+    assert snapshot(serving) == before  # nothing published, nothing half-written
+    return line
+
+
+def test_fewer_than_30_images_of_a_class_are_refused(source_package, tmp_path, capsys):
+    cal = tmp_path / "small"
+    make_tree(str(cal), per_class=40, size=48, seed=4)
+    for path in sorted((cal / "NORMAL").iterdir())[29:]:
+        path.unlink()
+    line = _refused(capsys, tmp_path, ["--recalibrate", source_package, "--calibrate-dir", str(cal),
+                                       "--serving-dir", str(tmp_path / "serving")],
+                    "has 29 NORMAL and 40 PNEUMONIA images; at least 30 of each class are needed",
+                    "nothing published")
+    assert line.startswith(f"error: calibration dir {cal} ")
+
+
+def test_fewer_than_30_decodable_images_of_a_class_are_refused_after_scoring(source_package, tmp_path, capsys):
+    cal = tmp_path / "damaged"
+    make_tree(str(cal), per_class=30, size=48, seed=5)
+    (cal / "PNEUMONIA" / "truncated.jpeg").write_bytes(b"\xff\xd8\xff")  # 31 files, 30 of them readable ...
+    sorted((cal / "PNEUMONIA").glob("*.jpeg"))[0].write_bytes(b"")  # ... then 29
+    _refused(capsys, tmp_path, ["--recalibrate", source_package, "--calibrate-dir", str(cal),
+                                "--serving-dir", str(tmp_path / "serving")],
+             "has 30 NORMAL and 29 PNEUMONIA decodable images; at least 30 of each class", "nothing published")
+    assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == ["1", "2", "config.pbtxt"]  # no temp dir
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing dir", "calibration dir not found"),
+    ("no PNEUMONIA", "no images under a folder named PNEUMONIA"),
+    ("broken source", "does not verify"),
+])
+def test_bad_inputs_are_one_line_errors_and_publish_nothing(source_package, tmp_path, capsys, case, fragment):
+    cal = tmp_path / "cal"
+    if case != "missing dir":
+        make_tree(str(cal), per_class=30, size=48, seed=6)
+    if case == "no PNEUMONIA":
+        for path in (cal / "PNEUMONIA").iterdir():
+            path.unlink()
+    if case == "broken source":
+        with open(os.path.join(source_package, "model.onnx"), "ab") as f:
+            f.write(b"\0")
+    _refused(capsys, tmp_path, ["--recalibrate", source_package, "--calibrate-dir", str(cal),
+                                "--serving-dir", str(tmp_path / "serving")], fragment)
+
+
+def test_recalibrate_needs_a_calibration_dir(source_package, capsys):
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--recalibrate", source_package])
+    assert exc.value.code == 2
+    assert "--recalibrate needs --calibrate-dir" in capsys.readouterr().err
+
+
+def test_a_source_without_a_target_recall_needs_one_given(tmp_path, capsys):
+    serving = tmp_path / "serving"
+    vdir = write_package(str(serving))
+    path = os.path.join(vdir, "metadata.json")
+    meta = read_json(path)
+    del meta["target_recall"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    cal = tmp_path / "cal"
+    make_tree(str(cal), per_class=30, size=48, seed=7)
+    _refused(capsys, tmp_path, ["--recalibrate", vdir, "--calibrate-dir", str(cal), "--serving-dir", str(serving)],
+             "pneumonia/1 records no target recall: give --target-recall")
+    assert export_main(["--recalibrate", vdir, "--calibrate-dir", str(cal), "--serving-dir", str(serving),
+                        "--target-recall", "0.9"]) == 0
+    new = load_metadata(str(serving / "pneumonia" / "2"))
+    assert new.target_recall == 0.9 and new.site_calibration["at_calibrated_threshold"]["recall"] >= 0.9
+    assert new.heatmap is None  # a package without heatmaps gets no figures for them
+    # a version that recorded no validation threshold used the validation split's as its decision threshold
+    assert new.validation_threshold == 0.5 and new.site_calibration["at_validation_threshold"]["threshold"] == 0.5
+
+
+# ------------------------------------------------------------------ the shipped model on the real site sample
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SITE_SAMPLE), reason="../shared/data/chest_xray/site_sample not present")
+def test_version_4_recalibrated_on_its_own_site_sample_gets_the_calibration_export_recorded(tmp_path):
+    """Version 4 was calibrated on the site sample by `export --run-dir --calibrate-dir` with target recall 0.97:
+    recalibrating it there, without Keras, must give the same threshold, estimate and faithfulness figures."""
+    shipped = os.path.join(REPO, "serving_models", "pneumonia", "4")
+    serving = tmp_path / "serving"
+    assert export_main(["--recalibrate", shipped, "--calibrate-dir", SITE_SAMPLE, "--serving-dir", str(serving)]) == 0
+    new, old = read_json(serving / "pneumonia" / "1" / "metadata.json"), read_json(os.path.join(shipped,
+                                                                                                 "metadata.json"))
+    assert new["target_recall"] == old["target_recall"] == 0.97
+    assert new["decision_threshold"] == pytest.approx(old["decision_threshold"], abs=1e-6)  # float32 scores
+    a, b = new["site_calibration"], old["site_calibration"]
+    assert [a[k] for k in ("images", "normal", "pneumonia", "patients")] == [313, 117, 196, 222] == \
+        [b[k] for k in ("images", "normal", "pneumonia", "patients")]
+    for key in ("at_0.5", "at_validation_threshold", "at_calibrated_threshold"):
+        assert a[key]["confusion_matrix"] == b[key]["confusion_matrix"], key
+    assert a["at_previous_threshold"]["confusion_matrix"] == b["at_calibrated_threshold"]["confusion_matrix"]
+    for key in ("recall", "specificity", "accuracy"):
+        assert a["two_fold"][key] == b["two_fold"][key] and a["two_fold"][f"{key}_ci95"] == b["two_fold"][f"{key}_ci95"]
+    assert a["two_fold"]["roc_auc_ci95"] == pytest.approx(b["two_fold"]["roc_auc_ci95"], abs=1e-9)
+    fa, fb = new["heatmap"]["faithfulness"], old["heatmap"]["faithfulness"]
+    assert (fa["flagged"], fa["share_top_beats_random"], fa["passed"]) == (fb["flagged"], 1.0, True) == (197, 1.0, True)
+    assert fa["share_own_beats_average"] == pytest.approx(98 / 197)  # the figure the export commit recorded: 49.7%
+    assert all(c.ok for c in verify_package(str(serving / "pneumonia" / "1")))
