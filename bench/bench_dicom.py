@@ -7,7 +7,7 @@ encoded once per transfer syntax (tests/dicom_factory.encode), then decoded with
 ``pixel_array(ds, decoding_plugin=NAME)`` by each plugin that pydicom reports available for that syntax: the best
 of --repeat runs, in CPU seconds of this process (the decoders run on one thread; CPU time stays put when other jobs
 share the cores, wall time does not), with the file size and the largest pixel error. The last column is the
-project's whole ``decode_dicom`` (parse, the plugin it picks, LUTs, 8-bit mapping) on the file's bytes.
+project's whole ``read_dicom`` (parse, the plugin it picks, LUTs, 8-bit mapping) on the file's bytes.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def rows_for(img: np.ndarray, repeat: int) -> list[list]:
     import pydicom
     from pydicom.pixels import get_decoder, pixel_array
 
-    from xray_core.dicom import decode_dicom
+    from xray_core.dicom import read_dicom
 
     out = []
     for label, table_ in (("lossless", LOSSLESS), ("lossy", LOSSY)):
@@ -64,7 +64,7 @@ def rows_for(img: np.ndarray, repeat: int) -> list[list]:
                     cells.append(f"{seconds * 1000:.0f} ms (err {err})")
                 except Exception as exc:  # noqa: BLE001 - a plugin's refusal is a result here
                     cells.append(f"fails: {type(exc).__name__}")
-            whole = best_of(lambda: decode_dicom(data, None), repeat)
+            whole = best_of(lambda: read_dicom(data, None), repeat)
             kind = "lossless" if label == "lossless" and options.get("jls_error", 0) == 0 else "lossy"
             out.append([f"{syntax.name} ({kind})", f"{len(data) / 1e6:.2f} MB", *cells, f"{whole * 1000:.0f} ms"])
     return out
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     img = xray_like(args.rows, args.cols, bits=12)
     print(f"{args.cols}x{args.rows} 12-bit, CPU time, best of {args.repeat}; {machine()}")
-    print(table(["encoding", "file", *PLUGINS, "decode_dicom"], rows_for(img, args.repeat)))
+    print(table(["encoding", "file", *PLUGINS, "read_dicom"], rows_for(img, args.repeat)))
     return 0
 
 

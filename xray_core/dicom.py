@@ -1,4 +1,4 @@
-"""DICOM -> 8-bit grayscale Pillow image (pydicom + numpy, no TensorFlow).
+"""DICOM -> 8-bit grayscale Pillow image and its header (pydicom + numpy, no TensorFlow).
 
 Applies the modality LUT (rescale slope/intercept), then the VOI LUT or window (first one when several), inverts
 MONOCHROME1 so bone is bright as in the JPEG training data, takes the first frame of multi-frame files (only that
@@ -14,12 +14,14 @@ pydicom inflates deflated files itself. pylibjpeg-libjpeg is the only plugin pyd
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
 import numpy as np
 from PIL import Image
 
+from xray_core.dicom_header import DicomHeader, is_dicom  # noqa: F401 - is_dicom: preprocessing's import
 from xray_core.errors import one_line
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
@@ -27,7 +29,6 @@ from xray_core.errors import one_line
 # (two per undecodable JPEG-LS file). Only this module of pydicom is quietened; its other warnings still show.
 logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
-DICOM_MAGIC_OFFSET = 128
 # transfer syntax UID -> the pydicom decoding plugin tried before pydicom's own order, where it is measurably faster
 # (bench/bench_dicom.py, docs/dicom.md): CharLS for JPEG-LS Lossless and Near-Lossless, Pillow's libjpeg-turbo for
 # 8-bit JPEG Baseline
@@ -38,13 +39,23 @@ PREFERRED_PLUGIN = {
 }
 
 
-def is_dicom(head: bytes) -> bool:
-    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their extension."""
-    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+@dataclasses.dataclass(frozen=True)
+class DecodedDicom:
+    """A decoded DICOM file: its first frame as 8-bit grayscale, and its header (read in the same pass)."""
+
+    image: Image.Image
+    header: DicomHeader
 
 
 def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
-    """Raises ValueError with a one-line reason for anything that cannot be decoded."""
+    """The image of :func:`read_dicom`. Raises ValueError with a one-line reason."""
+    return read_dicom(data, max_pixels).image
+
+
+def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
+    """Parse a DICOM file's bytes once: the first frame as an 8-bit grayscale image, and the header. Frames of more
+    than max_pixels samples are refused before decoding. Raises ValueError with a one-line reason for anything that
+    cannot be decoded."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -76,7 +87,7 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
             arr = arr.max() + arr.min() - arr
     except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
         raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {one_line(exc)}") from None
-    return Image.fromarray(stretch_to_uint8(arr), mode="L")
+    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr), mode="L"), DicomHeader.from_dataset(ds))
 
 
 def first_frame(ds, syntax: str) -> np.ndarray:
