@@ -13,6 +13,8 @@ COPY pyproject.toml README.md ./
 COPY xray_core ./xray_core
 COPY batch_job ./batch_job
 COPY serving_models ./serving_models
+# the base install: onnxruntime, Beam, pydicom and its decoder plugins for compressed DICOM (pylibjpeg, -libjpeg,
+# -openjpeg, -rle, pyjpegls: manylinux wheels with their codecs inside, nothing from apt)
 RUN pip install .
 
 USER scorer

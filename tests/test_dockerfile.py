@@ -65,7 +65,8 @@ def test_install_line_is_the_base_install_without_tensorflow():
     base = " ".join(project["dependencies"]).lower()
     assert "tensorflow" not in base and "keras" not in base and "tf2onnx" not in base
     assert any(d.startswith("tensorflow") for d in project["optional-dependencies"]["train"])
-    for pkg in ("apache-beam[dask]", "onnxruntime", "pillow", "numpy", "scikit-learn", "pydicom", "jinja2"):
+    for pkg in ("apache-beam[dask]", "onnxruntime", "pillow", "numpy", "scikit-learn", "pydicom", "jinja2",
+                "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls"):
         assert pkg in base
 
 
@@ -104,6 +105,12 @@ def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
     probe = subprocess.run([py, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is None)"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.stdout.strip() == "True"  # the scoring install has no TensorFlow
+    # and has a decoder for every common DICOM encoding (the plugins are base dependencies; tests/test_dicom.py)
+    plugins = subprocess.run([py, "-c", "from pydicom import uid; from pydicom.pixels import get_decoder; print("
+                              "*sorted(get_decoder(uid.JPEGExtended12Bit).available_plugins), '/', *sorted("
+                              "get_decoder(uid.JPEGLSLossless).available_plugins))"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert plugins.stdout.split() == ["pillow", "pylibjpeg", "/", "pyjpegls", "pylibjpeg"], plugins.stderr[-2000:]
     make_tree(str(tmp_path / "input"), per_class=6, size=256, seed=2)
     entry = [py if a == "python" else a.replace("/app/", f"{app}/") for a in exec_form("ENTRYPOINT")]
     cmd = [a.replace("/input", str(tmp_path / "input")).replace("/output", str(tmp_path / "output"))

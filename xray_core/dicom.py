@@ -1,28 +1,61 @@
-"""DICOM -> 8-bit grayscale Pillow image (pydicom + numpy, no TensorFlow).
+"""DICOM -> 8-bit grayscale Pillow image and its header (pydicom + numpy, no TensorFlow).
 
 Applies the modality LUT (rescale slope/intercept), then the VOI LUT or window (first one when several), inverts
-MONOCHROME1 so bone is bright as in the JPEG training data, takes the first frame of multi-frame files, and maps
-the result's own min..max to 0..255. The image then goes through the shared preprocessing like any other.
+MONOCHROME1 so bone is bright as in the JPEG training data, takes the first frame of multi-frame files (only that
+frame is decoded), and maps the result's own min..max to 0..255. The image then goes through the shared
+preprocessing like any other.
+
+Compressed pixel data is decoded through pydicom's public pixel API by the decoder plugins the project depends on
+(docs/dicom.md says why these and what each costs): pylibjpeg with pylibjpeg-libjpeg (JPEG Baseline, Extended
+12-bit, Lossless Process 14 with any predictor, JPEG-LS), pylibjpeg-openjpeg (JPEG 2000) and pylibjpeg-rle (RLE);
+pyjpegls (CharLS) for JPEG-LS and Pillow for 8-bit JPEG Baseline go first where they are faster (PREFERRED_PLUGIN).
+pydicom inflates deflated files itself. pylibjpeg-libjpeg is the only plugin pydicom 3 has for 12-bit JPEG Extended
+(GDCM and Pillow refuse it).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 
 import numpy as np
 from PIL import Image
 
+from xray_core.dicom_header import DicomHeader, is_dicom  # noqa: F401 - is_dicom: preprocessing's import
 from xray_core.errors import one_line
 
-DICOM_MAGIC_OFFSET = 128
+# pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
+# plugin and its message: that error becomes the file's one-line reason, so the tracebacks would only flood stderr
+# (two per undecodable JPEG-LS file). Only this module of pydicom is quietened; its other warnings still show.
+logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
+
+# transfer syntax UID -> the pydicom decoding plugin tried before pydicom's own order, where it is measurably faster
+# (bench/bench_dicom.py, docs/dicom.md): CharLS for JPEG-LS Lossless and Near-Lossless, Pillow's libjpeg-turbo for
+# 8-bit JPEG Baseline
+PREFERRED_PLUGIN = {
+    "1.2.840.10008.1.2.4.80": "pyjpegls",
+    "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.50": "pillow",
+}
 
 
-def is_dicom(head: bytes) -> bool:
-    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their extension."""
-    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+@dataclasses.dataclass(frozen=True)
+class DecodedDicom:
+    """A decoded DICOM file: its first frame as 8-bit grayscale, and its header (read in the same pass)."""
+
+    image: Image.Image
+    header: DicomHeader
 
 
 def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
-    """Raises ValueError with a one-line reason for anything that cannot be decoded."""
+    """The image of :func:`read_dicom`. Raises ValueError with a one-line reason."""
+    return read_dicom(data, max_pixels).image
+
+
+def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
+    """Parse a DICOM file's bytes once: the first frame as an 8-bit grayscale image, and the header. Frames of more
+    than max_pixels samples are refused before decoding. Raises ValueError with a one-line reason for anything that
+    cannot be decoded."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -39,12 +72,10 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
         raise ValueError("corrupt DICOM: bad Rows/Columns") from None
     if max_pixels and rows * cols * samples > max_pixels:
         raise ValueError(f"decompression bomb: DICOM frame of {cols}x{rows}x{samples} exceeds {max_pixels} pixels")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        from pydicom.pixels import pixel_array
-
-        arr = pixel_array(ds, index=0)  # only the first frame is decoded, whatever NumberOfFrames says
+        arr = first_frame(ds, str(syntax))
     except Exception as exc:  # noqa: BLE001
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         raise ValueError(f"DICOM pixel data not decodable ({name}): {one_line(exc)}") from None
     try:
@@ -56,7 +87,21 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
             arr = arr.max() + arr.min() - arr
     except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
         raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {one_line(exc)}") from None
-    return Image.fromarray(stretch_to_uint8(arr), mode="L")
+    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr), mode="L"), DicomHeader.from_dataset(ds))
+
+
+def first_frame(ds, syntax: str) -> np.ndarray:
+    """Only the first frame is decoded, whatever NumberOfFrames says. The PREFERRED_PLUGIN goes first; pydicom's
+    own plugin order (pylibjpeg first) is the fallback, so a stream one plugin refuses still gets the others."""
+    from pydicom.pixels import pixel_array
+
+    plugin = PREFERRED_PLUGIN.get(syntax, "")
+    if plugin:
+        try:
+            return pixel_array(ds, index=0, decoding_plugin=plugin)
+        except Exception:  # noqa: BLE001 - the other plugins get their turn, and their error is the one reported
+            pass
+    return pixel_array(ds, index=0)
 
 
 def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:

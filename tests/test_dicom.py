@@ -1,0 +1,174 @@
+"""DICOM decoding in every common encoding: pydicom's bundled files and X-rays encoded here.
+
+The decoder plugins are dependencies: a missing one fails these tests, it never skips them.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tomllib
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import get_decoder
+
+from dicom_factory import LOSSLESS, LOSSY, bundled_files, dicom_bytes, dicom_dataset, encode, to_bytes, xray_like
+from xray_core.dicom import decode_dicom, stretch_to_uint8
+from xray_core.package import MODEL_FILE, load_metadata, open_session, resolve_version_dir, score
+from xray_core.preprocessing import ImageError, preprocess_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = resolve_version_dir(os.path.join(REPO, "serving_models", "pneumonia"))  # the default version
+CFG = load_metadata(SHIPPED).config  # the model input the job scores
+
+# issue 20, item 4: the encodings archives send
+COMMON = {
+    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless, uid.DeflatedExplicitVRLittleEndian,
+}
+# pydicom 3.0's bundled files hold no JPEG Lossless Process 14 file with a predictor other than 1 (its JPEG-LL.dcm
+# is SV1 and a download); test_xray_in_every_encoding encodes one
+NOT_BUNDLED = {uid.JPEGLossless}
+# bundled files whose compressed stream is broken on purpose (pydicom's test_files/README.txt); refused in one line
+BROKEN_ON_PURPOSE = {
+    "JPEG-lossy.dcm": "invalid SOS parameters for sequential JPEG; JPGExtended.dcm is its fixed version",
+    "JPEG2000-embedded-sequence-delimiter.dcm": "4 bytes of the J2K stream replaced by a sequence delimiter",
+}
+# syntax -> the plugins pydicom must find for it (docs/dicom.md says why these)
+PLUGINS = {
+    uid.JPEGBaseline8Bit: {"pylibjpeg", "pillow"},
+    uid.JPEGExtended12Bit: {"pylibjpeg"},
+    uid.JPEGLossless: {"pylibjpeg"},
+    uid.JPEGLosslessSV1: {"pylibjpeg"},
+    uid.JPEGLSLossless: {"pyjpegls", "pylibjpeg"},
+    uid.JPEGLSNearLossless: {"pyjpegls", "pylibjpeg"},
+    uid.JPEG2000Lossless: {"pylibjpeg"},
+    uid.JPEG2000: {"pylibjpeg"},
+    uid.RLELossless: {"pylibjpeg"},
+}
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, tuple[str, bytes]]:
+    found = bundled_files()
+    assert len(found) > 60, f"only {len(found)} bundled files with pixel data"
+    return found
+
+
+def test_decoder_plugins_are_installed_and_declared():
+    for syntax, plugins in PLUGINS.items():
+        missing = plugins - set(get_decoder(syntax).available_plugins)
+        assert not missing, f"{syntax.name}: pydicom finds no {', '.join(sorted(missing))} plugin"
+    deps = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    names = {d.split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip() for d in deps}
+    assert {"pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls"} <= names
+
+
+def test_every_bundled_file_in_a_common_encoding_decodes(bundled):
+    covered: dict[str, list[str]] = {}
+    for name, (syntax, data) in sorted(bundled.items()):
+        if syntax not in COMMON:
+            continue
+        if name in BROKEN_ON_PURPOSE:
+            with pytest.raises(ValueError, match=r"^DICOM pixel data not decodable \(JPEG"):
+                decode_dicom(data, None)
+            continue
+        image = decode_dicom(data, None)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        pixels = np.asarray(image)
+        assert image.size == (ds.Columns, ds.Rows), name
+        assert pixels.min() == 0 and pixels.max() == 255, name  # a picture, not a constant
+        covered.setdefault(syntax, []).append(name)
+    print("\n".join(f"{uid.UID(s).name}: {len(names)} files" for s, names in sorted(covered.items())))
+    assert set(covered) == COMMON - NOT_BUNDLED, sorted(uid.UID(s).name for s in COMMON - set(covered))
+    assert sum(map(len, covered.values())) >= 35
+
+
+def test_bundled_lossless_files_decode_to_the_uncompressed_pixels(bundled):
+    """pydicom ships MR_small.dcm also as RLE, JPEG-LS and JPEG 2000 lossless: the same image, to the pixel."""
+    reference = np.asarray(decode_dicom(bundled["MR_small.dcm"][1], None))
+    for name in ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        assert np.array_equal(np.asarray(decode_dicom(bundled[name][1], None)), reference), name
+
+
+def test_multiframe_compressed_file_gives_its_first_frame(bundled):
+    data = bundled["SC_rgb_rle_2frame.dcm"][1]
+    frames = pydicom.dcmread(io.BytesIO(data)).pixel_array  # (2, rows, cols, 3)
+    assert not np.array_equal(frames[0], frames[1])
+    assert np.array_equal(np.asarray(decode_dicom(data, None)), stretch_to_uint8(frames[0].mean(axis=-1)))
+
+
+def test_only_the_first_frame_is_decoded():
+    """A two-frame JPEG-LS file whose second frame is junk still decodes: the second is never touched."""
+    ds = dicom_dataset(xray_like(96, 80), bits_stored=12)
+    encode(ds, uid.JPEGLSLossless)
+    first = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([first, b"\xff\xd8junk"])
+    ds.NumberOfFrames = 2
+    one_frame = dicom_bytes(xray_like(96, 80), bits_stored=12)
+    assert np.array_equal(np.asarray(decode_dicom(to_bytes(ds), None)), np.asarray(decode_dicom(one_frame, None)))
+
+
+def _model_input(img: np.ndarray, syntax: str = uid.ExplicitVRLittleEndian, options: dict | None = None,
+                 **fields) -> np.ndarray:
+    return preprocess_image(dicom_bytes(img, bits_stored=8 if img.dtype == np.uint8 else 12, syntax=syntax,
+                                        options=options, modality="DX", **fields), CFG)
+
+
+def test_xray_in_every_encoding():
+    """The same 12-bit X-ray: every lossless encoding gives the uncompressed model input within 1e-4 (in fact to
+    the bit) and the same score within 1e-4; MONOCHROME1 with rescale (inverted pixels, slope 2, intercept -1024)
+    within 1e-3, with and without a window; lossy encodings within a few grey levels."""
+    img = xray_like()
+    reference = _model_input(img)
+    inputs = {"reference": reference}
+    for syntax, options in LOSSLESS.items():
+        inputs[f"{syntax.name} lossless"] = x = _model_input(img, syntax, options)
+        assert np.abs(x - reference).max() <= 1e-4, syntax.name
+    inverted = (4095 - img).astype(np.uint16)
+    inputs["windowed reference"] = windowed_reference = _model_input(img, window=(1800, 2400))
+    for syntax, options in LOSSLESS.items():
+        inputs[f"{syntax.name} MONOCHROME1"] = x = _model_input(inverted, syntax, options, photometric="MONOCHROME1",
+                                                                slope=2.0, intercept=-1024.0)
+        assert np.abs(x - reference).max() <= 1e-3, syntax.name
+        # the same window in rescaled units (a rescale ignored would shift it off the picture). DICOM's linear
+        # window maps c - 0.5 - (w - 1) / 2 .. c - 0.5 + (w - 1) / 2, so the mirror image of (c, w) under
+        # v = 2 (4095 - p) - 1024 is (2 (4095 - c + 0.5) - 1024 + 0.5, 2 (w - 1) + 1)
+        windowed = _model_input(inverted, syntax, options, photometric="MONOCHROME1", slope=2.0, intercept=-1024.0,
+                                window=(2.0 * (4095 - 1800 + 0.5) - 1024 + 0.5, 2.0 * (2400 - 1) + 1))
+        assert np.abs(windowed - windowed_reference).max() <= 1e-3, syntax.name
+        inputs[f"{syntax.name} MONOCHROME1 windowed"] = windowed
+    img8 = (img >> 4).astype(np.uint8)
+    for syntax, options in LOSSY.items():
+        source = img8 if syntax == uid.JPEGBaseline8Bit else img
+        x = _model_input(source, syntax, options)
+        assert np.abs(x - _model_input(source)).max() <= 4 / 255, syntax.name  # measured: at most 3/255
+        inputs[f"{syntax.name} lossy"] = x
+    inputs["8-bit reference"] = _model_input(img8)
+    probability = dict(zip(inputs, score(open_session(os.path.join(SHIPPED, MODEL_FILE), 1),
+                                         np.stack(list(inputs.values()))).probability))
+    print("\n".join(f"{p:.6f} {key}" for key, p in probability.items()))
+    for key, p in probability.items():
+        if key.endswith("lossless"):
+            assert abs(p - probability["reference"]) <= 1e-4, key
+        elif key.endswith("MONOCHROME1"):
+            assert abs(p - probability["reference"]) <= 1e-3, key
+        elif key.endswith("windowed"):
+            assert abs(p - probability["windowed reference"]) <= 1e-3, key
+        elif key.startswith("JPEG Baseline"):
+            assert abs(p - probability["8-bit reference"]) <= 0.02, key  # measured: 0.00 .. 0.01
+        elif key.endswith("lossy"):
+            assert abs(p - probability["reference"]) <= 0.02, key
+
+
+def test_plugin_failure_is_one_line_naming_the_encoding(caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ImageError, match=r"DICOM pixel data not decodable \(JPEG-LS Lossless Image Compression\)") as e:
+        preprocess_image(dicom_bytes(xray_like(64, 64), compressed_junk=True), CFG)
+    assert "\n" not in str(e.value) and "pyjpegls" in str(e.value)  # every plugin tried, each named
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # and no traceback per plugin

@@ -1,0 +1,138 @@
+"""DICOM header reading (DicomHeader) and the input gate's header rules (header_problem)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+
+from dicom_factory import LOSSLESS, LOSSY, bundled_files, dicom_bytes, xray_like
+from xray_core.dicom import read_dicom
+from xray_core.dicom_header import CHEST_WORDS, DicomHeader, header_problem, is_chest, read_dicom_header
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, tuple[str, bytes]]:
+    return bundled_files()
+
+
+IDENTIFIERS = {"PatientID": "P-0042", "AccessionNumber": "ACC7", "StudyInstanceUID": "1.2.3.4",
+               "SeriesInstanceUID": "1.2.3.4.5", "StudyDate": "20261130", "ViewPosition": "PA"}
+
+
+def test_header_is_read_with_the_pixels_and_alone():
+    data = dicom_bytes(xray_like(64, 64), bits_stored=12, syntax=uid.JPEGLSLossless, modality="DX",
+                       BodyPartExamined="CHEST", PresentationIntentType="FOR PRESENTATION", **IDENTIFIERS)
+    header = read_dicom(data, None).header
+    assert header == read_dicom_header(data)
+    sop = pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+    assert header.identifiers() == {**IDENTIFIERS, "SOPInstanceUID": sop}
+    assert (header.modality, header.body_part_examined, header.presentation_intent_type, header.photometric) == \
+        ("DX", "CHEST", "FOR PRESENTATION", "MONOCHROME2")
+    # header only: a file cut inside its pixel data, or with undecodable pixels, still gives its header
+    assert read_dicom_header(data[:len(data) // 2]) == header
+    junk = dicom_bytes(xray_like(64, 64), compressed_junk=True, PatientID="P-0042")
+    assert read_dicom_header(junk).patient_id == "P-0042"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        header.modality = "CT"
+
+
+def test_absent_and_empty_elements_are_empty_strings(tmp_path):
+    data = dicom_bytes(xray_like(64, 64), modality=None, BodyPartExamined="", PatientID="  P1  ")
+    header = read_dicom_header(data)
+    assert header.modality == header.body_part_examined == header.accession_number == header.view_position == ""
+    assert header.patient_id == "P1"
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    assert read_dicom_header(str(path)) == header
+    odd = read_dicom_header(dicom_bytes(xray_like(64, 64), PatientID="P1\x00", AccessionNumber="A\nB"))
+    assert (odd.patient_id, odd.accession_number) == ("P1", "A B")  # one line each, for reasons and CSV rows
+    several = read_dicom_header(dicom_bytes(xray_like(64, 64), BodyPartExamined=["CHEST", "PA"]))
+    assert several.body_part_examined == "CHEST\\PA" and is_chest(several.body_part_examined)  # values joined
+    for junk in (b"\x00" * 128 + b"DICM" + b"\xff" * 20, data[:300], b"not a DICOM file"):
+        with pytest.raises(ValueError, match="^corrupt DICOM"):
+            read_dicom_header(junk)
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"modality": "CR"}, None),
+    ({"modality": "DX", "body_part_examined": "CHEST", "presentation_intent_type": "FOR PRESENTATION"}, None),
+    ({"modality": "dx", "body_part_examined": "thorax"}, None),
+    ({"modality": "CT"}, "Modality CT not allowed (allowed: CR, DX)"),
+    ({"modality": "MG"}, "Modality MG not allowed (allowed: CR, DX)"),
+    ({"modality": ""}, "DICOM without Modality (allowed: CR, DX)"),
+    ({"modality": "DX", "presentation_intent_type": "FOR PROCESSING"}, "DX FOR PROCESSING image"),
+    ({"modality": "CR", "presentation_intent_type": "FOR PROCESSING"}, "CR FOR PROCESSING image"),
+    ({"modality": "DX", "sop_class_uid": str(uid.DigitalXRayImageStorageForProcessing)}, "DX FOR PROCESSING"),
+    ({"modality": "DX", "sop_class_uid": str(uid.DigitalXRayImageStorageForPresentation)}, None),
+    ({"modality": "DX", "body_part_examined": "ABDOMEN"}, "BodyPartExamined ABDOMEN is not a chest"),
+    ({"modality": "CR", "body_part_examined": "CSPINE"}, "BodyPartExamined CSPINE is not a chest"),
+])
+def test_header_problem(fields, problem):
+    found = header_problem(DicomHeader(**fields))
+    if problem is None:
+        assert found is None
+    else:
+        assert found.startswith(problem) and "\n" not in found
+
+
+def test_allowed_modalities_widen_the_gate_but_keep_the_other_rules():
+    assert header_problem(DicomHeader(modality="OT"), allowed_modalities=("CR", "DX", "OT")) is None
+    assert header_problem(DicomHeader(modality="CR"), allowed_modalities=("DX",)).startswith("Modality CR not")
+    assert header_problem(DicomHeader(modality="MG", presentation_intent_type="FOR PROCESSING"),
+                          allowed_modalities=("MG",)).startswith("MG FOR PROCESSING")
+
+
+@pytest.mark.parametrize("value", ["CHEST", "CHEST ", " chest", "THORAX", "TORAX", "Thorax", "LUNG", "CHEST_PA",
+                                   "PA CHEST", "CHEST-LAT", "THORAX AP", "TORACE", "PECHO", "POITRINE"])
+def test_chest_body_parts(value):
+    assert is_chest(value)
+
+
+@pytest.mark.parametrize("value", ["CHESTABDOMEN", "CHEST ABDOMEN", "ABDOMEN", "BREAST", "BRUST", "RIBS",
+                                   "SHOULDER", "SKULL", "HAND", "PA", "CSPINE", "TSPINE", "NECKCHEST", "X"])
+def test_other_body_parts(value):
+    assert not is_chest(value)
+
+
+def test_chest_words_are_upper_case_code_strings():
+    assert all(w == w.upper() and len(w) <= 16 for w in CHEST_WORDS)
+
+
+def test_bundled_non_chest_files_are_all_out_of_scope(bundled):
+    """pydicom's CT, MR, US, NM, SC/OT, RT, SEG and C-spine CR files: each refused by its header, with a reason."""
+    reasons = {name: header_problem(read_dicom_header(data)) for name, (_, data) in bundled.items()}
+    assert all(reasons.values()), [n for n, r in reasons.items() if not r]
+    modalities = {read_dicom_header(data).modality for _, data in bundled.values()}
+    assert {"CT", "MR", "US", "NM", "OT", "CR"} <= modalities
+    assert sum(r.startswith("BodyPartExamined") for r in reasons.values()) >= 3  # the CR C-spines
+    assert sum(r.startswith("Modality CT") for r in reasons.values()) >= 5
+
+
+def test_factory_xray_in_scope_and_its_variants_not():
+    img = xray_like(64, 64)
+    cases = {
+        dicom_bytes(img, modality="DX", BodyPartExamined="CHEST"): None,
+        dicom_bytes(img, modality="CR"): None,
+        dicom_bytes(img, modality="DX", PresentationIntentType="FOR PROCESSING"): "DX FOR PROCESSING",
+        dicom_bytes(img, modality="DX", BodyPartExamined="KNEE"): "BodyPartExamined KNEE",
+        dicom_bytes(img, modality="OT"): "Modality OT",
+    }
+    for data, problem in cases.items():
+        found = header_problem(read_dicom(data, None).header)
+        assert (found is None) if problem is None else found.startswith(problem)
+
+
+def test_xray_in_every_encoding_is_in_scope():
+    img = xray_like(96, 80)
+    img8 = (img >> 4).astype(np.uint8)
+    for syntax, options in {**LOSSLESS, **LOSSY}.items():
+        source = img8 if syntax == uid.JPEGBaseline8Bit else img
+        data = dicom_bytes(source, bits_stored=8 if source is img8 else 12, syntax=syntax, options=options,
+                           modality="DX", BodyPartExamined="CHEST", PresentationIntentType="FOR PRESENTATION",
+                           PatientID="P-7")
+        header = read_dicom(data, None).header
+        assert header_problem(header) is None and header.patient_id == "P-7", syntax.name

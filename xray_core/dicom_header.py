@@ -1,0 +1,157 @@
+"""A DICOM file's header as a typed record, and the header rules of the input gate (pydicom, no pixels decoded).
+
+:class:`DicomHeader` keeps what the gate looks at (modality, body part, presentation intent, photometric
+interpretation, SOP class) and the identifiers a worklist needs (patient, accession, study, series and instance
+UIDs, study date, view position). Every field is a string, empty when the element is absent, empty or unreadable.
+
+:func:`header_problem` says in one line why an image is out of scope, or None:
+
+- Modality must be one of ``allowed_modalities`` (CR and DX by default: computed and digital radiography, the plain
+  X-rays the model is for); a file without Modality is refused, as nothing says it is a radiograph.
+- "FOR PROCESSING" images are refused: raw detector data, before the vendor's processing that makes the image a
+  reader (and the training data) sees. Told by PresentationIntentType or, where that is missing, by a For
+  Processing SOP class.
+- BodyPartExamined, where present and not empty, must name the chest: see :data:`CHEST_WORDS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+
+from xray_core.errors import one_line
+
+# BodyPartExamined is a Code String: upper case, at most 16 characters; DICOM's defined term for the chest is CHEST
+# (PS3.16 Annex L). Devices also send THORAX, the word in their own language, or add the view. A value is a chest
+# when, split at spaces, underscores, hyphens, slashes and backslashes (DICOM's value separator), at least one word
+# is a chest word and every other word a view word: "CHEST", "THORAX", "CHEST_PA", "PA CHEST" pass; "CHESTABDOMEN"
+# and "CHEST ABDOMEN" (a larger field, e.g. a neonatal babygram), "RIBS", "BREAST" and "SHOULDER" do not. German
+# "BRUST" is left out on purpose: it means chest and breast alike.
+CHEST_WORDS = frozenset({
+    "CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS",
+    "TORAX",  # Spanish, Portuguese
+    "PECHO",  # Spanish
+    "TORACE",  # Italian
+    "POITRINE",  # French (Thorax is THORAX)
+    "BORST", "BORSTKAS",  # Dutch
+    "BRUSTKORB",  # German, the rib cage (Thorax is THORAX)
+})
+VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT",
+                        "SUPINE", "1", "2", "VIEW", "VIEWS"})
+# pydicom.uid's DigitalXRay-, DigitalMammographyXRay- and DigitalIntraOralXRayImageStorageForProcessing, spelled out
+# so that importing this module (the preprocessing module does, for every JPEG too) does not import pydicom
+FOR_PROCESSING_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.1.3.1",
+})
+DEFAULT_MODALITIES = ("CR", "DX")
+DICOM_MAGIC_OFFSET = 128
+
+# field name -> DICOM keyword
+_KEYWORDS = {
+    "modality": "Modality",
+    "body_part_examined": "BodyPartExamined",
+    "presentation_intent_type": "PresentationIntentType",
+    "photometric": "PhotometricInterpretation",
+    "sop_class_uid": "SOPClassUID",
+    "patient_id": "PatientID",
+    "accession_number": "AccessionNumber",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "study_date": "StudyDate",
+    "view_position": "ViewPosition",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomHeader:
+    """The header elements the scoring side uses; each is the element's value as a string, '' when absent."""
+
+    modality: str = ""
+    body_part_examined: str = ""
+    presentation_intent_type: str = ""
+    photometric: str = ""
+    sop_class_uid: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    study_date: str = ""
+    view_position: str = ""
+
+    @classmethod
+    def from_dataset(cls, ds) -> "DicomHeader":
+        """From a pydicom Dataset (with or without its pixel data)."""
+        return cls(**{field: _text(ds, keyword) for field, keyword in _KEYWORDS.items()})
+
+    def identifiers(self) -> dict[str, str]:
+        """The worklist identifiers under their DICOM keywords (PatientID, ..., ViewPosition)."""
+        names = ("patient_id", "accession_number", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                 "study_date", "view_position")
+        return {_KEYWORDS[name]: getattr(self, name) for name in names}
+
+
+def _text(ds, keyword: str) -> str:
+    """An element's value as one string: multiple values joined by a backslash (DICOM's own separator), control
+    characters (a malformed value's NULs or line breaks) as spaces, the padding stripped; '' when absent or
+    unreadable (a malformed value must not stop its neighbours being read)."""
+    from pydicom.multival import MultiValue
+
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom converts values lazily and raises many types for malformed ones
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return "".join(c if c.isprintable() else " " for c in str(value)).strip()
+
+
+def is_dicom(head: bytes) -> bool:
+    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their extension."""
+    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
+    """The header of a DICOM file (path or bytes) without reading its pixel data. Raises ValueError (one line)."""
+    import pydicom
+
+    try:
+        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as fp:
+            # force=True (as read_dicom) parses any bytes as elements: the preamble check keeps non-DICOM out
+            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4)):
+                raise ValueError("no 'DICM' at byte 128")
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
+        raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
+    if len(ds) == 0:  # force=True parses anything; a file with no element after the meta header is no DICOM image
+        raise ValueError("corrupt DICOM: no data elements")
+    return DicomHeader.from_dataset(ds)
+
+
+def is_chest(body_part: str) -> bool:
+    """Whether a BodyPartExamined value names the chest (see CHEST_WORDS)."""
+    words = [w for w in re.split(r"[\s_\-/\\]+", body_part.upper()) if w]
+    return any(w in CHEST_WORDS for w in words) and all(w in CHEST_WORDS or w in VIEW_WORDS for w in words)
+
+
+def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str | None:
+    """Why the image is out of scope, in one line, or None when its header allows scoring."""
+    allowed = tuple(m.strip().upper() for m in allowed_modalities)
+    modality = header.modality.upper()
+    if not modality:
+        return f"DICOM without Modality (allowed: {', '.join(allowed)})"
+    if modality not in allowed:
+        return f"Modality {header.modality} not allowed (allowed: {', '.join(allowed)})"
+    intent = header.presentation_intent_type.upper()
+    if intent == "FOR PROCESSING" or (not intent and header.sop_class_uid in FOR_PROCESSING_SOP_CLASSES):
+        return f"{modality} FOR PROCESSING image (raw detector data, not an image for viewing)"
+    if header.body_part_examined and not is_chest(header.body_part_examined):
+        return f"BodyPartExamined {header.body_part_examined} is not a chest"
+    return None
