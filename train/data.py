@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from xray_core.dicom import DICOM_MAGIC_OFFSET, is_dicom
+from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
