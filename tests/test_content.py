@@ -60,3 +60,62 @@ def test_no_training_xray_is_refused_by_the_cheap_checks():
     assert len(paths) > 500 and refused == []
     rgb = Image.open(paths[0]).convert("RGB")
     assert content.colour_spread(np.asarray(rgb)) <= 2.0
+
+
+# ------------------------------------------------ load_input: what the batch job reads
+
+
+def _jpeg(arr, mode=None) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_load_input_gives_exactly_the_preprocessed_array():
+    from xray_core.preprocessing import PreprocessConfig, load_input, preprocess_image
+
+    config = PreprocessConfig(image_size=32)
+    gray = _xray_like(size=200)
+    for data in (_jpeg(gray), _jpeg(np.stack([gray] * 3, axis=-1))):  # gray, and gray saved as a colour JPEG
+        loaded = load_input(data, config)
+        assert loaded.reason == "" and loaded.header is None
+        np.testing.assert_array_equal(loaded.array, preprocess_image(data, config))
+
+
+def test_load_input_refuses_colour_photographs_and_blank_images():
+    from xray_core.preprocessing import PreprocessConfig, load_input
+
+    config = PreprocessConfig(image_size=32)
+    gray = _xray_like(size=200)
+    photo = np.stack([gray, np.flipud(gray), np.full_like(gray, 60)], axis=-1)
+    loaded = load_input(_jpeg(photo), config)
+    assert loaded.array is None and loaded.reason.startswith("colour image (mean channel spread")
+    assert load_input(_jpeg(np.zeros((200, 200), np.uint8)), config).reason.startswith("near-constant image")
+
+
+def test_load_input_reads_a_refused_dicom_header_without_decoding_its_pixels(monkeypatch):
+    from dicom_factory import dicom_bytes, xray_like
+    from xray_core import preprocessing
+    from xray_core.preprocessing import PreprocessConfig, load_input
+
+    config = PreprocessConfig(image_size=32)
+    ct = dicom_bytes(xray_like(64, 64), modality="CT", PatientID="P7")
+    monkeypatch.setattr(preprocessing, "read_dicom", lambda *a: pytest.fail("pixels decoded"))
+    loaded = load_input(ct, config)
+    assert loaded.array is None and loaded.reason == "Modality CT not allowed (allowed: CR, DX)"
+    assert loaded.header.patient_id == "P7"
+
+
+def test_load_input_keeps_a_chest_radiographs_header():
+    from dicom_factory import dicom_bytes, xray_like
+    from xray_core.preprocessing import PreprocessConfig, load_input, preprocess_image
+
+    config = PreprocessConfig(image_size=32)
+    data = dicom_bytes(xray_like(), modality="DX", BodyPartExamined="CHEST", PatientID="P1", AccessionNumber="A9")
+    loaded = load_input(data, config)
+    assert loaded.reason == "" and (loaded.header.patient_id, loaded.header.accession_number) == ("P1", "A9")
+    np.testing.assert_array_equal(loaded.array, preprocess_image(data, config))
+    widened = load_input(dicom_bytes(xray_like(), modality="CT"), config, allowed_modalities=("CR", "DX", "CT"))
+    assert widened.reason == "" and widened.array.shape == (32, 32, 1)

@@ -15,7 +15,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from xray_core.dicom import decode_dicom, is_dicom, stretch_to_uint8
+from xray_core import content
+from xray_core.dicom import is_dicom, read_dicom, stretch_to_uint8
+from xray_core.dicom_header import DEFAULT_MODALITIES, DicomHeader, header_problem, read_dicom_header
 from xray_core.errors import one_line
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
@@ -94,23 +96,51 @@ def _check_size(img: Image.Image, config: PreprocessConfig) -> Image.Image:
     return img
 
 
-def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Image.Image:
-    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale Pillow image."""
-    try:
-        if not isinstance(source, (bytes, bytearray)):
-            with open(source, "rb") as f:
-                source = f.read()
-        if is_dicom(source):
-            return _check_size(decode_dicom(bytes(source), Image.MAX_IMAGE_PIXELS), config)
-        img = Image.open(io.BytesIO(source), formats=None)
-        if img.format not in SUPPORTED_FORMATS:
-            raise ImageError(f"unsupported image format {img.format}")
-        _check_size(img, config)
-        if config.jpeg_draft and img.format == "JPEG":
-            img.draft("L", (config.image_size, config.image_size))
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """A decoded input: upright 8-bit grayscale, how colourful it was before (content.colour_spread), and its
+    DICOM header (None for JPEG and PNG)."""
+
+    image: Image.Image
+    colour_spread: float = 0.0
+    header: DicomHeader | None = None
+
+
+def _read(source: Union[bytes, str, os.PathLike]) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
+    if is_dicom(data):
+        dicom = read_dicom(data, Image.MAX_IMAGE_PIXELS)
+        return Decoded(_check_size(dicom.image, config), 0.0, dicom.header)
+    img = Image.open(io.BytesIO(data), formats=None)
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(f"unsupported image format {img.format}")
+    _check_size(img, config)
+    if img.format == "JPEG" and img.mode == "RGB":
+        # Decoded as YCbCr, libjpeg's luma plane is exactly what decoding to "L" gives (no colour conversion
+        # either way), and the chroma planes tell a colour photograph from a gray scan saved in colour.
+        img.draft("YCbCr", (config.image_size, config.image_size) if config.jpeg_draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return to_grayscale_8bit(img)
+        return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
+    if config.jpeg_draft and img.format == "JPEG":
+        img.draft("L", (config.image_size, config.image_size))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    colour = img.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "RGBa", "La")
+    return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
+
+
+def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
+    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale image, with what the input
+    gate needs of the original. Raises ImageError (one line) for anything that cannot be decoded."""
+    try:
+        return _decode(_read(source), config)
     except ImageError:
         raise
     except IsADirectoryError:
@@ -125,6 +155,11 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
         raise ImageError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"decode failed: {one_line(exc, 385)}") from None
+
+
+def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Image.Image:
+    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale Pillow image."""
+    return decode(source, config).image
 
 
 def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
@@ -143,6 +178,36 @@ def preprocess_image(source: Union[bytes, str, os.PathLike],
     Raises ImageError (one-line message) for anything that is not a usable image.
     """
     return to_model_input(decode_image(source, config), config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """An input as the batch job scores it: the model input, or why the image is out of scope before any model
+    runs (DICOM header rules, cheap content checks), and the DICOM header."""
+
+    array: np.ndarray | None  # (S, S, 1) float32; None when out of scope
+    reason: str = ""  # why out of scope ("" when in scope)
+    header: DicomHeader | None = None
+
+
+def load_input(data: bytes, config: PreprocessConfig,
+               allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Loaded:
+    """The batch job's reading of one file's bytes: a DICOM header that is out of scope stops before its pixel data
+    is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as :func:`preprocess_image`.
+    Raises ImageError (one line) for anything that cannot be decoded."""
+    if is_dicom(data):
+        try:
+            header = read_dicom_header(data)
+        except ValueError as exc:
+            raise ImageError(one_line(exc, 385)) from None
+        reason = header_problem(header, allowed_modalities)
+        if reason:
+            return Loaded(None, reason, header)
+    decoded = decode(data, config)
+    reason = content.problem(np.asarray(decoded.image), decoded.colour_spread)
+    if reason:
+        return Loaded(None, reason, decoded.header)
+    return Loaded(to_model_input(decoded.image, config), "", decoded.header)
 
 
 def upsample_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
