@@ -40,7 +40,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-recall", type=float, default=None,
                    help="with --calibrate-dir: the recall the threshold must reach (default: the run's, or with "
                         "--recalibrate the source version's)")
+    p.add_argument("--heatmap-method", default="occlusion:4", metavar="occlusion:K|graph",
+                   help="with --run-dir: the maps the batch job shows for the top-N flagged images: occlusion maps "
+                        "of a K x K grid (K*K extra network passes per image) or the graph's own class-activation "
+                        "map (default: %(default)s)")
     args = p.parse_args(argv)
+    try:
+        args.heatmap_method = parse_heatmap_method(args.heatmap_method)
+    except ValueError:
+        p.error(f"--heatmap-method must be graph or occlusion:K with K >= 2, not {args.heatmap_method!r}")
     if sum(bool(a) for a in (args.verify, args.run_dir, args.add_gate, args.recalibrate)) != 1:
         p.error("exactly one of --run-dir, --add-gate, --recalibrate or --verify is required")
     if args.recalibrate and not args.calibrate_dir:
@@ -50,6 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
     return args
+
+
+def parse_heatmap_method(text: str):
+    from xray_core.occlusion import GRAPH, OCCLUSION, HeatmapMethod
+
+    if text == GRAPH:
+        return HeatmapMethod()
+    name, _, grid = text.partition(":")
+    if name != OCCLUSION or not grid.isdigit():
+        raise ValueError(text)
+    return HeatmapMethod.from_dict({"name": OCCLUSION, "grid": int(grid), "fill": "image mean"})
 
 
 def verify(version_dir: str) -> int:
@@ -91,7 +110,8 @@ def main(argv=None) -> int:
 
     try:
         export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command,
-               calibrate_dir=args.calibrate_dir, target_recall=args.target_recall)
+               calibrate_dir=args.calibrate_dir, target_recall=args.target_recall,
+               heatmap_method=args.heatmap_method)
     except ExportInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from export.faithfulness import REQUIRED_SHARE
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
 
 _KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -85,30 +86,51 @@ def heatmap_section(meta: dict) -> str:
                 "exact class-activation map; the package has the `probability` output only.\n")
     h, w = meta["heatmap_output"]["shape"][1:]
     faith = heat["faithfulness"]
-    if faith.get("flagged"):
-        verdict = (f"**{'Passed' if faith['passed'] else 'FAILED'}**: on {faith['flagged']} images of the "
-                   f"{faith['source']} flagged at {faith['threshold']:.4f}, blanking (to the image mean) the 10% of "
-                   f"pixels with the highest heatmap values lowered P(pneumonia) more than blanking a random 10% for "
-                   f"{faith['share_top_beats_random']:.1%} of them (required: {faith['required_share']:.0%}; mean "
-                   f"drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_random']:.3f}).")
-        if not faith["passed"]:
-            verdict += " The heatmaps are not shown to point at what drives the score: do not rely on them."
-        if faith.get("share_own_beats_average") is not None:
-            verdict += (f" Against the average map of those images (its hottest 10% blanked on each): the image's "
-                        f"own map lowered P(pneumonia) more for {faith['share_own_beats_average']:.1%} of them "
-                        f"(mean drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_average']:.3f}; "
-                        f"{faith['required_share_vs_average']:.0%} needed to call the maps about each image: "
-                        f"{'yes' if faith['about_each_image'] else 'no, they show mostly where in the chest the model looks on any image'}).")
+    method = meta.get("heatmap_method") or {"name": "graph"}
+    size = meta["preprocessing"]["image_size"]
+    graph = (f"Output `heatmap` (N, {h}, {w}): the class-activation map of the last convolutional block for "
+             "P(pneumonia) (feature maps weighted by the final unit's weights; an ensemble averages its members' "
+             f"maps). Higher means more evidence for pneumonia; same orientation as the input, at the block's "
+             f"resolution ({h}×{w} for a {size} px input). {_heatmap_parity(heat.get('parity'))}")
+    if method["name"] == "occlusion":
+        k = method["grid"]
+        shown = (f"**The batch job shows occlusion maps**, not that output: for each of the top-N flagged images it "
+                 f"renders, the drop in P(pneumonia) when each cell of a {k}×{k} grid is blanked to the image's mean "
+                 f"({k * k} extra passes of the network per image, so the cost is bounded by N × {k * k} passes). "
+                 "They are the model's own answer, image by image; the class-activation map looks alike on every "
+                 "image (below).")
+        checks = (f"Faithfulness of the occlusion maps the job shows: {_verdict(faith)}\n\n"
+                  f"The graph's class-activation map, for comparison: {_verdict(faith.get('graph_map') or {})}")
     else:
-        verdict = "Not measured: no image was flagged."
+        shown = "The batch job shows this output."
+        checks = f"Faithfulness check: {_verdict(faith)}"
     return f"""## Heatmaps
-Output `heatmap` (N, {h}, {w}): the class-activation map of the last convolutional block for P(pneumonia) (feature
-maps weighted by the final unit's weights; an ensemble averages its members' maps). Higher means more evidence for
-pneumonia; same orientation as the input, at the block's resolution ({h}×{w} for a
-{meta['preprocessing']['image_size']} px input). {_heatmap_parity(heat.get('parity'))}
+{graph}
 
-Faithfulness check: {verdict}
+{shown}
+
+{checks}
 """
+
+
+def _verdict(faith: dict) -> str:
+    if faith.get("share_top_beats_random") is None:
+        return "Not measured: no image was flagged."
+    head = (f" on {faith['flagged']} images of the {faith['source']} flagged at {faith['threshold']:.4f}, "
+            if "flagged" in faith else " on the same images, ")
+    verdict = (f"**{'Passed' if faith['passed'] else 'FAILED'}**:{head}blanking (to the image mean) the 10% of "
+               f"pixels with the highest map values lowered P(pneumonia) more than blanking a random 10% for "
+               f"{faith['share_top_beats_random']:.1%} of them (required: {REQUIRED_SHARE:.0%}; mean "
+               f"drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_random']:.3f}).")
+    if not faith["passed"]:
+        verdict += " These maps are not shown to point at what drives the score: do not rely on them."
+    if faith.get("share_own_beats_average") is not None:
+        verdict += (f" Against the average map of those images (its hottest 10% blanked on each): the image's "
+                    f"own map lowered P(pneumonia) more for {faith['share_own_beats_average']:.1%} of them "
+                    f"(mean drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_average']:.3f}; "
+                    f"{faith['required_share_vs_average']:.0%} needed to call the maps about each image: "
+                    f"{'yes' if faith['about_each_image'] else 'no, they show mostly where in the chest the model looks on any image'}).")
+    return verdict
 
 
 def drift_section(meta: dict) -> str:

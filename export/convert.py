@@ -16,6 +16,7 @@ from train.data import load_images, read_split_csv
 from xray_core import gate, reference
 from xray_core.errors import one_line
 from xray_core.files import atomic_write, publish_dir, sha256_file, temp_dir_beside
+from xray_core.occlusion import OCCLUSION, HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
     EMBEDDING_NAME,
@@ -33,6 +34,9 @@ from xray_core.package import (
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 PARITY_TOLERANCE = 1e-5
+# What the batch job shows for the top-N flagged images: 4x4 occlusion maps. On the site sample's flagged images
+# they beat the average map for 73% (8x8: 75%, at 4x the passes); the class-activation map for 20-50%.
+DEFAULT_HEATMAP_METHOD = HeatmapMethod(OCCLUSION, 4, "image mean")
 MIN_PARITY_IMAGES = 64
 
 
@@ -181,7 +185,8 @@ def derive_gate(package_dir: str, log=print) -> dict | None:
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
            opset: int = 17, export_command: str = "", calibrate_dir: str | None = None,
-           target_recall: float | None = None, log=print) -> str:
+           target_recall: float | None = None, heatmap_method: HeatmapMethod = DEFAULT_HEATMAP_METHOD,
+           log=print) -> str:
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
     from export.calibrate import CalibrationError, calibrate, list_labelled
 
@@ -237,7 +242,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         heat = None
         if hw is not None:
             faith_images, source = (site_images, "site calibration") if site else (x[:n_images], "test split")
-            heat = heatmap_checks(keras_model, session, x, threshold, faith_images, source, log=log)
+            heat = heatmap_checks(keras_model, session, x, threshold, faith_images, source, heatmap_method, log=log)
             if not heat["parity"]["passed"]:
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
@@ -248,7 +253,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
-                              dim=dim, ref=ref, gate=gate_spec)
+                              dim=dim, ref=ref, gate=gate_spec,
+                              heatmap_method=heatmap_method.to_dict() if hw else None)
         write_metadata(os.path.join(staging, METADATA_FILE), meta)
         with open(os.path.join(staging, CARD_FILE), "w") as f:
             f.write(model_card(meta.to_dict()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.faithfulness import faithfulness
+from xray_core.occlusion import OCCLUSION, HeatmapMethod
 from xray_core.package import EMBEDDING_NAME, HEATMAP_NAME, score
 
 PARITY_RELATIVE = 1e-4  # max |Δ| allowed, as a fraction of the reference maps' range
@@ -110,7 +111,7 @@ def embedding_dim(export_model) -> int | None:
 
 
 def heatmap_checks(keras_model, session, x: np.ndarray, threshold: float, faith_images: np.ndarray,
-                   faith_source: str, log=print) -> dict:
+                   faith_source: str, method: HeatmapMethod = HeatmapMethod(), log=print) -> dict:
     """Parity of the ONNX heatmap (onnxruntime `session`) with the Keras reference on x, and the faithfulness
     check on faith_images."""
     ref = reference_heatmaps(keras_model, x)
@@ -120,9 +121,12 @@ def heatmap_checks(keras_model, session, x: np.ndarray, threshold: float, faith_
     parity = {"images": int(len(x)), "max_abs_diff": diff, "map_range": span,
               "tolerance": PARITY_RELATIVE * span, "passed": diff <= PARITY_RELATIVE * span}
     log(f"heatmap parity: max |Δ| {diff:.2e} (limit {PARITY_RELATIVE * span:.2e} = 1e-4 of the maps' range)")
-    faith = faithfulness(session, faith_images, threshold, faith_source)
+    faith = faithfulness(session, faith_images, threshold, faith_source, method)
     if faith["flagged"]:
-        log(f"faithfulness on {faith['flagged']} flagged {faith_source} images: blanking the hottest 10% lowered "
-            f"P(pneumonia) more than a random 10% for {faith['share_top_beats_random']:.1%} "
-            f"({'passed' if faith['passed'] else 'FAILED'}: needs {faith['required_share']:.0%})")
+        maps = f"{method.grid}x{method.grid} occlusion maps" if method.name == OCCLUSION else "maps"
+        log(f"faithfulness of the {maps} on {faith['flagged']} flagged {faith_source} images: blanking the hottest "
+            f"10% lowered P(pneumonia) more than a random 10% for {faith['share_top_beats_random']:.1%} "
+            f"({'passed' if faith['passed'] else 'FAILED'}: needs {faith['required_share']:.0%}) and more than the "
+            f"average map's hottest 10% for {faith['share_own_beats_average']:.1%} (about each image: "
+            f"{'yes' if faith['about_each_image'] else 'no'}: needs {faith['required_share_vs_average']:.0%})")
     return {"parity": parity, "faithfulness": faith}

@@ -23,7 +23,7 @@ def library_versions() -> dict:
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None, dim=None, ref=None,
-                   gate=None) -> Metadata:
+                   gate=None, heatmap_method=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
     return Metadata(
@@ -44,6 +44,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         output=io["output"],
         heatmap_output=io.get("heatmap_output"),
         heatmap=heat if hw else None,
+        heatmap_method=heatmap_method,
         embedding_output=io.get("embedding_output"),
         reference=ref if dim else None,
         gate=gate,

@@ -16,6 +16,7 @@ from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
 from xray_core.files import atomic_write, publish_dir, temp_dir_beside
+from xray_core.occlusion import HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
     METADATA_FILE,
@@ -130,7 +131,8 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
         raise RepublishError(f"{exc}; nothing published") from None
     heat = meta.heatmap
     if meta.heatmap_output is not None:  # the faithfulness figures are of the images flagged at the threshold
-        faith = faithfulness(session, images, site["threshold"], "site calibration")
+        faith = faithfulness(session, images, site["threshold"], "site calibration",
+                             HeatmapMethod.from_dict(meta.heatmap_method))
         heat = dict(meta.heatmap or {}, faithfulness=faith)
         if faith["flagged"]:
             log(f"faithfulness at {site['threshold']:.4f} on {faith['flagged']} flagged images: hottest 10% beat a "

@@ -525,3 +525,47 @@ def test_maps_that_follow_each_image_beat_the_average_map():
     assert result["flagged"] == 24 and result["passed"]
     assert result["share_own_beats_average"] >= 0.7 and result["about_each_image"]
     assert result["mean_drop_top"] > result["mean_drop_average"]
+
+
+class _FixedQuadrantMap(_QuadrantModel):
+    """The same stand-in, but its graph heatmap is the same top-left quadrant on every image."""
+
+    def run(self, names, feeds):
+        out = dict(zip(["probability", "heatmap"], super().run(["probability", "heatmap"], feeds)))
+        out["heatmap"] = np.tile(np.float32([[1.0, 0.0], [0.0, 0.0]]), (len(feeds["image"]), 1, 1))
+        return [out[n] for n in names]
+
+
+def test_occlusion_maps_find_each_images_evidence_where_the_graphs_map_does_not():
+    """With heatmap_method occlusion, the figures are of the occlusion maps the job shows; the graph's own map
+    (here the same quadrant on every image) is measured beside them."""
+    from export.faithfulness import faithfulness
+    from xray_core.occlusion import HeatmapMethod, occlusion_maps
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 0.3, (24, 16, 16, 1)).astype(np.float32)
+    for i in range(24):
+        r, c = divmod(i % 4, 2)
+        x[i, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = rng.uniform(0.7, 1.0, (8, 8, 1))
+    maps = occlusion_maps(_FixedQuadrantMap(), x[:4], 2)
+    assert [tuple(np.unravel_index(m.argmax(), m.shape)) for m in maps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    result = faithfulness(_FixedQuadrantMap(), x, 0.5, "test", HeatmapMethod("occlusion", 2, "image mean"))
+    assert result["method"] == {"name": "occlusion", "grid": 2, "fill": "image mean"}
+    assert result["passed"] and result["about_each_image"] and result["share_own_beats_average"] >= 0.7
+    graph = result["graph_map"]
+    assert graph["share_own_beats_average"] == 0.0 and not graph["about_each_image"]
+
+
+def test_occluded_cells_cover_the_image_once():
+    from xray_core.occlusion import HeatmapMethod, occluded
+
+    image = np.random.default_rng(0).uniform(0, 1, (10, 10, 1)).astype(np.float32)
+    blanked = occluded(image, 3)  # 10 px in 3 cells: 3, 4, 3
+    assert blanked.shape == (9, 10, 10, 1)
+    changed = (blanked != image[np.newaxis]).reshape(9, -1)
+    assert changed.sum(axis=0).max() == 1 and changed.any(axis=0).sum() >= 95  # each pixel in one cell
+    assert [int(c.sum()) for c in changed[:3]] == [9, 12, 9]
+    np.testing.assert_allclose(blanked[4, 3:7, 3:7, 0], image.mean())
+    assert HeatmapMethod.from_dict(None).name == "graph"
+    with pytest.raises(ValueError):
+        HeatmapMethod.from_dict({"name": "occlusion", "grid": 1, "fill": ""})

@@ -89,6 +89,7 @@ class Metadata:
     output: TensorSpec
     heatmap_output: TensorSpec | None = None
     heatmap: dict | None = None  # export's heatmap parity and faithfulness figures
+    heatmap_method: dict | None = None  # the maps the batch job draws (xray_core/occlusion.py); None: the graph's
     embedding_output: TensorSpec | None = None
     reference: dict | None = None  # reference.npz's summary (xray_core/reference.py); None: no drift reference
     gate: dict | None = None  # the input gate's statistic and limit (xray_core/gate.py GateSpec); None: no gate
