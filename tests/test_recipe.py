@@ -175,3 +175,11 @@ def test_last_stride_one_doubles_the_heatmap_resolution():
         model = build_resnet(32, last_stride=stride)
         assert model.get_layer("last_block").output_shape[1:3] == (side, side)
         assert model.count_params() == build_resnet(32).count_params()  # same weights, finer last map
+
+
+def test_pointwise_stages_use_one_by_one_convolutions():
+    full, local = build_resnet(32, last_stride=1), build_resnet(32, last_stride=1, pointwise_stages=2)
+    kernels = {layer.name: layer.kernel_size for layer in local.layers if layer.name.endswith("_conv")}
+    assert kernels["stage1_a_conv"] == (3, 3) and kernels["stage2_a_conv"] == kernels["stage3_b_conv"] == (1, 1)
+    assert local.get_layer("last_block").output_shape == full.get_layer("last_block").output_shape
+    assert local.count_params() < full.count_params() / 4

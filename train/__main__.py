@@ -16,7 +16,8 @@ SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accu
 
 # The shipped model's training settings: the defaults.
 RECIPE = {"models": "resnet_aug", "image_size": 64, "epochs": 24, "patience": 20, "seed": 1, "ensemble": 3,
-          "last_stride": 1, "pool": "avg"}
+          "last_stride": 1, "pool": "avg",
+          "pointwise_stages": 0}
 # --study: the original study's models and settings; the options it does not name keep the defaults.
 STUDY = {"models": "baseline_cnn,augmented_cnn,vgg19", "image_size": 128, "epochs": 100, "patience": 20, "seed": 42}
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=("avg", "softmax"),
                    help="resnet_aug: head over the last block: avg (class-activation map) or softmax (a logit per "
                         "cell, softmax-weighted; the heatmap is that map) (default: %(default)s)")
+    p.add_argument("--pointwise-stages", type=int, choices=(0, 1, 2, 3),
+                   help="resnet_aug: the last N stages use 1x1 convolutions, so each heatmap cell sees only a "
+                        "patch of the image (default: %(default)s)")
     p.add_argument("--crop-min-area", type=float, default=0.5,
                    help="resnet_aug: smallest random-crop area fraction (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")

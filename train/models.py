@@ -45,19 +45,19 @@ def build_cnn(
     return keras.Model(inputs, outputs, name=name)
 
 
-def _conv_bn(x, filters: int, stride: int, name: str, relu: bool = True):
-    x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def _conv_bn(x, filters: int, stride: int, name: str, relu: bool = True, kernel: int = 3):
+    x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
-def _residual_block(x, filters: int, stride: int, name: str):
+def _residual_block(x, filters: int, stride: int, name: str, kernel: int = 3):
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
         shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
         shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
-    y = _conv_bn(x, filters, stride, f"{name}_a")
-    y = _conv_bn(y, filters, 1, f"{name}_b", relu=False)
+    y = _conv_bn(x, filters, stride, f"{name}_a", kernel=kernel)
+    y = _conv_bn(y, filters, 1, f"{name}_b", relu=False, kernel=kernel)
     y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
     return keras.layers.Activation("relu", name=f"{name}_out")(y)
 
@@ -75,12 +75,15 @@ def build_resnet(
     name: str = "resnet_aug",
     last_stride: int = 2,
     pool: str = "avg",
+    pointwise_stages: int = 0,
 ) -> keras.Model:
     """A small ResNet: a stride-2 stem, one residual block per stage (stride 2 from the second; the last
     stage's stride is `last_stride`: 1 doubles the heatmap's resolution), batch norm, then a head over the last
     block (layer `last_block`) whose heatmap is exact:
     - pool "avg", the class-activation-map head: global average pooling (`gap`), dropout, one linear unit
       `logit`, a sigmoid `probability`; the map is the features weighted by `logit`'s weights.
+    The last `pointwise_stages` stages use 1x1 convolutions (as BagNet does): the receptive field stops growing,
+    so each cell of the map sees only a patch of the image and the map is where the evidence lies in the input.
     - pool "softmax", the logit-map head: dropout, a 1x1 convolution to one logit per cell (`logit_map`, the
       heatmap itself), pooled by a softmax-weighted mean (weights softmax(SOFTMAX_POOL_SCALE * map)) into
       `logit`, then `probability`. The decision rests on the image's own hottest cells, so blanking them
@@ -92,7 +95,8 @@ def build_resnet(
     x = _conv_bn(inputs, stem, 2, "stem")
     for i, filters in enumerate(stages):
         stride = 1 if i == 0 else (last_stride if i == len(stages) - 1 else 2)
-        x = _residual_block(x, filters, stride, f"stage{i}")
+        kernel = 1 if i >= len(stages) - pointwise_stages else 3
+        x = _residual_block(x, filters, stride, f"stage{i}", kernel=kernel)
     x = keras.layers.Activation("linear", name="last_block")(x)
     if pool == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="gap")(x)

@@ -37,7 +37,7 @@ def train_resnet(name, args, data):
         keras.utils.set_random_seed(seed)
         member_name = name if args.ensemble == 1 else f"{name}_m{i}"
         member = build_resnet(args.image_size, name=member_name, last_stride=args.last_stride,
-                              pool=args.pool)
+                              pool=args.pool, pointwise_stages=args.pointwise_stages)
         histories.append(fit.fit(member, data["train"], data["val"], augment=recipe_augment(args),
                                  label_smoothing=RECIPE_LABEL_SMOOTHING, cosine=True,
                                  **_common(member_name, args, seed)))
