@@ -23,7 +23,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model.")
     p.add_argument("--input", action="append", required=True,
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
-    p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
+    p.add_argument("--model", default=None, metavar="PACKAGE",
+                   help="serving_models/<name> (its newest version), serving_models/<name>/<version> or its "
+                        "model.onnx, or a serving folder holding one model (default: $PNEUMONIA_MODEL, else the "
+                        "shipped serving_models/pneumonia)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
     p.add_argument("--threshold", type=float, default=None,
                    help="default: the package's decision_threshold (metadata.json)")

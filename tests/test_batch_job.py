@@ -657,3 +657,31 @@ def test_output_never_overlaps_the_model(where, tmp_path, capsys):
     before = snapshot(str(tmp_path))
     line = assert_one_line_error(capsys, main(small_run(str(inp), version, out, "--overwrite")), "overlap")
     assert "--model" in line and snapshot(str(tmp_path)) == before
+
+
+# ------------------------------------------------------------------ which model: --model, $PNEUMONIA_MODEL, shipped
+
+def test_without_model_the_job_uses_the_environment_then_the_shipped_model(tiny_package, tmp_path, monkeypatch,
+                                                                            capsys):
+    from batch_job.model import MODEL_ENV
+
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    common = ["--input", str(inp), "--direct_running_mode=in_memory"]
+
+    def model_of(out) -> str:
+        return json.load(open(os.path.join(out, "metrics.json")))["model"]
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    assert main(common + ["--output", str(tmp_path / "shipped")]) == 0
+    assert model_of(tmp_path / "shipped") == "pneumonia/4"  # the newest shipped version
+    monkeypatch.setenv(MODEL_ENV, tiny_package)
+    assert main(common + ["--output", str(tmp_path / "env")]) == 0
+    assert model_of(tmp_path / "env") == "pneumonia/1"
+    onnx_file = os.path.join(REPO, "serving_models", "pneumonia", "2", "model.onnx")
+    assert main(common + ["--output", str(tmp_path / "file"), "--model", onnx_file]) == 0  # --model wins
+    assert model_of(tmp_path / "file") == "pneumonia/2"
+    monkeypatch.setenv(MODEL_ENV, str(tmp_path / "nowhere"))
+    assert_one_line_error(capsys, main(common + ["--output", str(tmp_path / "bad")]),
+                          "no --model given and $PNEUMONIA_MODEL cannot be used: model not found: ")
+    assert not os.path.exists(tmp_path / "bad")
