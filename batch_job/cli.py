@@ -48,6 +48,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         f"(default {PSI_LIMIT})")
     p.add_argument("--fail-on-drift", action="store_true",
                    help="exit 4 when drift is detected (the outputs are published all the same)")
+    p.add_argument("--fail-if-empty", action="store_true",
+                   help="exit 2, writing nothing, when the inputs hold no image (default: a quiet night, exit 0, "
+                        "outputs published with images_found 0)")
     return p.parse_known_args(argv)
 
 

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
     if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):
         raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
-    check_inputs(args.input)
+    check_inputs(args.input, args.fail_if_empty)
     model = load_model(args.model, args.threshold)
     package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
@@ -131,7 +131,12 @@ def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[s
     found = ((index, path, label_from_path(path, roots[index])) for index, path in iter_images(args.input))
     n = shard_files.write_listing(listing, found)
     if n == 0:
-        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)}")
+        if args.fail_if_empty:
+            raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)} "
+                             "(--fail-if-empty)")
+        LOG.info("no image files found in %s: a quiet night (--fail-if-empty makes this exit 2)",
+                 ", ".join(args.input))
+        return listing, [(0, 0, 0)]  # one empty shard: its CSV is the header alone
     size = shard_files.shard_size(args.shard_size, n, args.batch_size, workers)
     return listing, shard_files.cut_listing(listing, size)
 
@@ -149,7 +154,13 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
 
 
 def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str, scratch: str) -> None:
-    """Run the Beam pipeline: every shard's CSV written into tmp, its summary into scratch."""
+    """Run the Beam pipeline: every shard's CSV written into tmp, its summary into scratch. A quiet night's one
+    empty shard is written here, without a pipeline."""
+    if not any(count for _, _, count in shards):
+        for shard_id, _, _ in shards:
+            shard_result.write(scratch, shard_id, shard_result.summarise([], spec))
+            shard_files.write_shard(tmp, shard_id, [])
+        return
     with Progress(tmp, shards):
         p = beam.Pipeline(runner=runner.runner, options=runner.options)
         build_pipeline(p, shards, listing, spec, tmp, scratch)

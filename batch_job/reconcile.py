@@ -40,7 +40,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
 
     Streams shard by shard: memory holds one shard plus the scored probabilities and labels."""
     probs, labels, fresh = [], [], []
-    per_input = defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0, "skipped": 0})
+    per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0} for arg in inputs}  # all, even empty
     found = scored = failed = skipped = missing = duplicated = unexpected = 0
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))

@@ -230,18 +230,21 @@ def test_glob_input_and_newest_version(labelled_tree, tmp_path):
     assert rows and all(r["model"] == "pneumonia/2" and r["path"].endswith(".jpeg") for r in rows.values())
 
 
-@pytest.mark.parametrize("case", ["no_input", "no_images", "model_missing", "model_corrupt", "unwritable",
-                                  "bad_threshold"])
+@pytest.mark.parametrize("case", ["no_input", "no_glob_root", "no_images", "model_missing", "model_corrupt",
+                                  "unwritable", "bad_threshold"])
 def test_job_level_failures_exit_2_and_write_nothing(case, labelled_tree, tiny_package, tmp_path, capsys):
     root, _ = labelled_tree
     args = {"--input": root, "--model": tiny_package, "--output": str(tmp_path / "out")}
     extra = []
     if case == "no_input":
         args["--input"] = str(tmp_path / "nope")
-    elif case == "no_images":
+    elif case == "no_glob_root":  # a glob whose folders do not exist is a missing input, not a quiet night
+        args["--input"] = str(tmp_path / "nope" / "*" / "*.png")
+    elif case == "no_images":  # only with --fail-if-empty: otherwise a quiet night (test_nightly.py)
         (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
         (tmp_path / "empty" / "NORMAL" / "notes.txt").write_text("x")
         args["--input"] = str(tmp_path / "empty")
+        extra = ["--fail-if-empty"]
     elif case == "model_missing":
         args["--model"] = str(tmp_path / "serving" / "nothing")
     elif case == "model_corrupt":
@@ -542,11 +545,13 @@ def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, mo
     from batch_job.errors import InputError
 
     gone = str(tmp_path / "gone")
-    with pytest.raises(InputError, match="input path not found"):
-        list(iter_images([gone]))
-    monkeypatch.setattr(pipeline, "check_inputs", lambda inputs: None)  # as if removed just after the check
-    assert_one_line_error(capsys, main(small_run(gone, tiny_package, tmp_path / "out")), "input path not found")
-    assert os.listdir(tmp_path) == []
+    for arg in (gone, os.path.join(gone, "*.png")):  # a glob's folder gone too: not a quiet night
+        with pytest.raises(InputError, match="input path not found"):
+            list(iter_images([arg]))
+    monkeypatch.setattr(pipeline, "check_inputs", lambda *a: None)  # as if removed just after the check
+    for arg in (gone, os.path.join(gone, "*.png")):
+        assert_one_line_error(capsys, main(small_run(arg, tiny_package, tmp_path / "out")), "input path not found")
+        assert os.listdir(tmp_path) == []
 
 
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):

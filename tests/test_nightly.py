@@ -42,6 +42,31 @@ def small_tree(tmp_path):
 
 # ------------------------------------------------------------------ ledger
 
+def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
+    """Exit 0 with a summary of 0 images and the outputs published (one header-only shard); the ledger records
+    the run. --fail-if-empty keeps the old refusal (test_a_refused_run_with_a_ledger_creates_nothing)."""
+    inp, ledger, out = tmp_path / "incoming", str(tmp_path / "ledger.sqlite"), tmp_path / "scores" / "night1"
+    (inp / "NORMAL").mkdir(parents=True)
+    (inp / "NORMAL" / "notes.txt").write_text("not an image")
+    rc = main(["--input", str(inp), "--model", tiny_package, "--output", str(out), "--ledger", ledger,
+               "--direct_running_mode=in_memory"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0 and err == "", err
+    assert stdout.startswith("scored 0/0 images (0 failed, 0 skipped as already in the ledger)")
+    assert "0 flagged PNEUMONIA" in stdout
+    m = json.load(open(out / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (0, 0, 0, 0)
+    assert m["per_input"] == {str(inp): {"found": 0, "scored": 0, "failed": 0, "skipped": 0}}
+    assert m["positive_count"] == 0 and sum(m["probability_histogram"]["counts"]) == 0
+    assert open(out / "predictions-00000.csv").read().strip() == ",".join(
+        ["path", "status", "probability", "prediction", "threshold", "label", "model", "error"])
+    assert {"report.html", "report.md", "histogram.png"} <= set(os.listdir(out))
+    assert sorted(os.listdir(tmp_path / "scores")) == ["night1"]  # no temporary folder left
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT run_id, images_new FROM runs").fetchall() == [(m["run_id"], 0)]
+
+
+
 def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path):
 
     ledger = str(tmp_path / "ledger.sqlite")
@@ -469,7 +494,7 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
     before = all_paths(tmp_path)
     try:
         rc = main(["--input", inp, "--model", tiny_package, "--output", str(out), "--ledger", ledger,
-                   "--direct_running_mode=in_memory"])
+                   "--direct_running_mode=in_memory"] + (["--fail-if-empty"] if case == "no_images" else []))
     finally:
         if held is not None:
             held.__exit__()
