@@ -179,8 +179,7 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
                 book: Ledger | None) -> DriftResult:
     """The drift check of the images scored in this run, drift.png and with a ledger drift_trend.png (this model
     version's last runs)."""
-    fresh = rec.probabilities[rec.scored_in_run]
-    drift = drift_check.run_drift(model.reference, fresh, sample, model.threshold, args.drift_auc_limit,
+    drift = drift_check.run_drift(model.reference, rec.probabilities, sample, model.threshold, args.drift_auc_limit,
                                   args.drift_psi_limit)
     history = drift_report.trend_history(book, model.model_id, run_id, drift)
     drift = replace(drift, figures=tuple(drift_report.write_figures(tmp, drift, model.threshold, model.model_id,

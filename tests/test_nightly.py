@@ -67,7 +67,7 @@ def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
 
 
 
-def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path):
+def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path, capsys):
 
     ledger = str(tmp_path / "ledger.sqlite")
     base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
@@ -79,7 +79,10 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     shutil.copy(next(iter(first)), os.path.join(small_tree, "NORMAL", "copy_of_known.jpeg"))
     Image.new("L", (64, 64), 200).save(os.path.join(small_tree, "NORMAL", "new.png"))
     open(os.path.join(small_tree, "NORMAL", "broken.jpeg"), "wb").close()
+    capsys.readouterr()
     assert main(base + ["--output", str(tmp_path / "night2")]) == 0
+    assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 21 skipped as already in the ledger) "
+                                              "with pneumonia/1")  # and "1 flagged": tonight's (asserted below)
     second = read_predictions(str(tmp_path / "night2"))
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
     assert statuses.pop("copy_of_known.jpeg") == "skipped"  # same bytes, same model
@@ -89,9 +92,17 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
         assert second[path]["probability"] == row["probability"] and second[path]["prediction"] == row["prediction"]
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
+    # every figure is the night's: new.png alone (bright, in NORMAL: flagged), not the 21 skipped images
+    new_p = float(second[os.path.join(small_tree, "NORMAL", "new.png")]["probability"])
+    assert new_p >= 0.5 and m["positive_count"] == 1 and m["positive_rate"] == 1.0
+    assert m["probability_histogram"]["counts"] == [int(i == min(int(new_p * 10), 9)) for i in range(10)]
+    assert m["labelled_images"] == 1 and m["confusion_matrix"]["matrix"] == [[0, 1], [0, 0]]
+    assert m["per_input"] == {small_tree: {"found": 23, "scored": 1, "failed": 1, "skipped": 21}}
+    night1 = json.load(open(tmp_path / "night1" / "metrics.json"))
+    assert night1["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in first.values()) > 0
     published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, and nothing else
     assert published == ["confusion.png", "histogram.png", "metrics.json", "predictions-00000.csv", "report.html",
-                         "report.md", "roc.png"]
+                         "report.md"]  # no roc.png: tonight's one labelled image has one label
     with sqlite3.connect(ledger) as conn:  # the night's one new image, recorded from the shard summaries
         rows = conn.execute("SELECT sha256, path, run_id FROM scored WHERE run_id = ?", (m["run_id"],)).fetchall()
     assert [(len(sha), os.path.basename(path)) for sha, path, _ in rows] == [(64, "new.png")]
