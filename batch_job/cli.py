@@ -35,7 +35,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     p.add_argument("--ledger", default=None, metavar="PATH.sqlite",
-                   help="SQLite ledger: images whose bytes this model already scored are skipped, new ones recorded")
+                   help="SQLite ledger: images whose bytes this model already scored are skipped (files unchanged "
+                        "since, by path, size, mtime and ctime, are not even read) and counted only as skipped; "
+                        "new ones recorded")
     p.add_argument("--heatmaps", type=int, default=50, metavar="N",
                    help="heatmap overlays (OUT_DIR/heatmaps/) for the N flagged images of this run with the highest "
                         "probability, where the model has a heatmap output (default 50; 0: none)")

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             outdir.publish(tmp, out, overwrite)
             kill_point("published")
             if book is not None:
-                commit_ledger(book, result, out, gathered.ledger_rows)
+                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys)
     return result
 
 
@@ -188,10 +188,12 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
     return drift
 
 
-def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]]) -> None:
-    """Record the newly scored images, in one transaction; LedgerNotUpdated (exit 3) if that fails."""
+def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
+                  file_keys: list | None = None) -> None:
+    """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
+    if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift)
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys or ())
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

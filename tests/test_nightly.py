@@ -24,6 +24,7 @@ from batch_job.listing import iter_images
 from batch_job.synthetic import make_tree
 from dicom_factory import dicom_bytes
 from helpers import REPO, assert_one_line_error, job, read_predictions, write_bad_inputs, write_package
+from xray_core.files import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -118,6 +119,80 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     with sqlite3.connect(ledger) as conn:
         # 22 ok rows, two share bytes
         assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21
+
+
+def file_keys(ledger: str) -> dict[str, tuple]:
+    with sqlite3.connect(ledger) as conn:
+        return {os.fsdecode(p): rest for p, *rest in
+                conn.execute("SELECT path, size, mtime_ns, ctime_ns, sha256 FROM files").fetchall()}
+
+
+def test_unchanged_files_are_not_read_again(small_tree, tiny_package, tmp_path, monkeypatch):
+    """A ledger of the version before the `files` table: the first night reads and hashes every file (skipped by
+    its bytes) and records its key; the next night opens none. A touched file, a copy under a new name and a file
+    rewritten in place with its size and mtime kept are read again; only the rewritten one is scored."""
+    from batch_job import scoring
+
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    assert main(base + ["--output", str(tmp_path / "night1")]) == 0
+    with sqlite3.connect(ledger) as conn:
+        conn.execute("DROP TABLE files")  # now exactly what the version before wrote
+    read: list[str] = []
+    real_read = scoring.read_input
+    monkeypatch.setattr(scoring, "read_input", lambda path: read.append(path) or real_read(path))
+
+    def night(n: int) -> dict[str, dict]:
+        read.clear()
+        assert main(base + ["--output", str(tmp_path / f"night{n}")]) == 0
+        return read_predictions(str(tmp_path / f"night{n}"))
+
+    paths = sorted(read_predictions(str(tmp_path / "night1")))
+    rows = night(2)
+    assert sorted(read) == paths and {r["status"] for r in rows.values()} == {"skipped"}  # hashed once more
+    keys = file_keys(ledger)
+    assert sorted(keys) == paths
+    for path, (size, mtime_ns, ctime_ns, sha) in keys.items():
+        st = os.stat(path)
+        assert (size, mtime_ns, ctime_ns, sha) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256_file(path))
+    rows = night(3)
+    assert read == [] and {r["status"] for r in rows.values()} == {"skipped"}  # nothing opened
+    m = json.load(open(tmp_path / "night3" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_skipped"], m["positive_count"]) == (20, 0, 20, 0)
+
+    touched, rewritten = paths[0], paths[1]
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    copy = os.path.join(small_tree, "NORMAL", "copy.jpeg")
+    shutil.copy2(paths[2], copy)  # same bytes and mtime, a new path
+    st = os.stat(rewritten)
+    data = bytearray(open(rewritten, "rb").read())
+    Image.new("L", (64, 64), 7).save(rewritten, format="JPEG")  # another image...
+    with open(rewritten, "r+b") as f:  # ...padded to the old size, the old mtime put back
+        f.seek(0, os.SEEK_END)
+        f.write(b"\0" * (len(data) - f.tell()))
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(rewritten) == st.st_size and os.stat(rewritten).st_mtime_ns == st.st_mtime_ns
+    rows = night(4)
+    assert sorted(read) == sorted([touched, rewritten, copy])
+    assert rows[touched]["status"] == rows[copy]["status"] == "skipped" and rows[rewritten]["status"] == "ok"
+    assert rows[copy]["probability"] == rows[paths[2]]["probability"]
+    assert set(file_keys(ledger)) == set(paths) | {copy}
+    assert night(5) and read == []
+
+
+@pytest.mark.slow
+def test_unchanged_files_on_dask_runner(small_tree, tiny_package, tmp_path, dask_cluster):
+    """The file keys travel from Dask workers through the shard summaries into the ledger."""
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--shard-size", "4",
+            "--runner", "DaskRunner", f"--dask_client_address={dask_cluster}"]
+    assert main(base + ["--output", str(tmp_path / "night1")]) == 0
+    paths = sorted(read_predictions(str(tmp_path / "night1")))
+    assert sorted(file_keys(ledger)) == paths
+    assert main(base + ["--output", str(tmp_path / "night2")]) == 0
+    assert {r["status"] for r in read_predictions(str(tmp_path / "night2")).values()} == {"skipped"}
+    m = json.load(open(tmp_path / "night2" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_skipped"]) == (20, 0, 20)
 
 
 def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_package, tmp_path, capsys):
