@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
 from batch_job.errors import JobError
-from batch_job.interrupts import GATE
+from batch_job.interrupts import GATE, Terminated
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
@@ -67,6 +68,8 @@ def main(argv=None, started: float | None = None) -> int:
     args, beam_args = parse_args(argv)
     try:
         result = run(args, beam_args, started)
+    except Terminated:
+        return fail("terminated (SIGTERM); nothing published", 143)
     except KeyboardInterrupt:
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
@@ -77,9 +80,10 @@ def main(argv=None, started: float | None = None) -> int:
         LOG.debug("job failed", exc_info=True)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
     finally:
-        held, GATE.pending = GATE.pending, False  # a Ctrl-C held while publishing (interrupts.py)
+        held, GATE.pending = GATE.pending, 0  # a Ctrl-C or SIGTERM held while publishing (interrupts.py)
     if held:
-        LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
+        LOG.warning("%s arrived while the outputs were being published; the job completed first",
+                    "SIGTERM" if held == signal.SIGTERM else "Ctrl-C")
     print(summary(result, os.path.abspath(args.output)))
     if args.fail_on_drift and result.drift.detected:
         return fail(f"{summary_line(result.drift)}; outputs published in {os.path.abspath(args.output)} "

@@ -602,10 +602,10 @@ def test_a_parked_output_is_restored_only_when_its_job_is_gone(kind, tiny_packag
     assert len(read_predictions(str(tmp_path / "out"))) == 4
 
 
-@pytest.mark.parametrize("name", ["out.old-abcd1234", "out.tmp-12@host-abcd1234"])
+@pytest.mark.parametrize("name", ["out.old-abcd1234", "out.tmp-12@host-abcd1234", "yesterday.tmp-12@host-abcd1234"])
 def test_an_input_inside_a_folder_the_job_keeps_beside_its_output_is_refused(name, tiny_package, tmp_path, capsys):
-    """Review defect 1: the cleanup must never reach an input: one in a folder named like the job's temp or
-    parked folders for this OUT_DIR is refused before anything is written."""
+    """Review defect 1: the cleanup must never reach an input: one in a folder named like the job's temp folders
+    (for any OUT_DIR in the same parent) or this OUT_DIR's parked folders is refused before anything is written."""
     inp = tmp_path / name / "old"
     make_tree(str(inp), per_class=2, size=64, seed=4)
     before = snapshot(str(tmp_path))

@@ -1,6 +1,7 @@
 """Nightly operation: the ledger, crash safety at every kill point, DICOM input, and the fault corpus."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -251,20 +252,154 @@ def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_pack
 
 
 @pytest.mark.slow
-def test_sigkill_while_scoring_then_rerun(small_tree, tiny_package, tmp_path):
-    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
-    args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
-            "--direct_num_workers=1", "--shard-size", "1", "--batch-size", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def test_sigkill_while_scoring_then_the_next_night_cleans_up(small_tree, tiny_package, tmp_path):
+    """As cron runs it: a new dated OUT_DIR each night. The killed night's temp folder goes with the next night,
+    whose OUT_DIR is another folder in the same parent."""
+    ledger, scores = str(tmp_path / "ledger.sqlite"), tmp_path / "scores"
+
+    def args(night: str) -> list[str]:
+        return ["--input", small_tree, "--model", tiny_package, "--output", str(scores / night), "--ledger", ledger,
+                "--direct_num_workers=1", "--shard-size", "1", "--batch-size", "1"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args("2026-11-25")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+    while time.time() < deadline and not glob.glob(str(scores / "2026-11-25.tmp-*/predictions-*.csv")):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(out) and ledger_rows(ledger) == []
-    assert job(args).returncode == 0
-    assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
+    assert os.listdir(scores) == [os.path.basename(glob.glob(str(scores / "2026-11-25.tmp-*"))[0])]
+    assert ledger_rows(ledger) == []
+    assert job(args("2026-11-26")).returncode == 0
+    assert os.listdir(scores) == ["2026-11-26"]  # the killed night's temp folder is gone
+    assert len(read_predictions(str(scores / "2026-11-26"))) == 20 and len(ledger_rows(ledger)) == 20
+
+
+SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
+GRACE_SECONDS = 10  # docker stop's default: SIGKILL follows SIGTERM after it
+
+
+@pytest.fixture(scope="module")
+def slow_tree(tmp_path_factory) -> str:
+    """300 images of 256 px scored one per work unit by the shipped model: a job of several seconds."""
+    root = str(tmp_path_factory.mktemp("slow") / "in")
+    make_tree(root, per_class=150, size=256, seed=1)
+    return root
+
+
+def file_state(path: str) -> tuple:
+    st = os.stat(path)
+    return sha256_file(path), st.st_size, st.st_mtime_ns
+
+
+def terminate_mid_run(cmd: list[str], out: str, target=None) -> tuple[subprocess.CompletedProcess, float, list[int]]:
+    """Start `cmd`, send SIGTERM to the job's own process once its first shard is written (to `target(proc)`'s
+    pid when given: the job inside a PID namespace) -> (the finished process, seconds from SIGTERM to its
+    exit, the pids of the job's process tree at that moment)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+            time.sleep(0.05)
+        assert glob.glob(out + ".tmp-*/predictions-*.csv"), "the job never started writing"
+        pid = target(proc) if target else proc.pid
+        tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        t0 = time.time()
+        os.kill(pid, signal.SIGTERM)  # the job's process only, as docker stop, systemd and kill -TERM do
+        stdout, stderr = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.time() - t0, tree
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def assert_terminated_cleanly(done, seconds: float, tree: list[int], out: str, ledger: str, before: tuple) -> None:
+    import psutil
+
+    assert done.returncode == 143, done.stderr[-3000:]
+    # the job's line, once (worker threads still running may log their failure on the removed temp dir)
+    assert done.stderr.splitlines().count("error: terminated (SIGTERM); nothing published") == 1, done.stderr[-3000:]
+    assert done.stdout == "" and seconds < GRACE_SECONDS
+    time.sleep(1)  # a worker still finishing a task must not bring anything back
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+    assert file_state(ledger) == before  # the ledger untouched
+    deadline = time.time() + GRACE_SECONDS
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                         for p in tree):
+        time.sleep(0.2)
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+@pytest.fixture
+def night_one(tiny_package, tmp_path) -> str:
+    """A ledger that already holds a night's rows (the shipped model, 4 images)."""
+    inp, ledger = tmp_path / "night1-in", str(tmp_path / "ledger.sqlite")
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    assert main(["--input", str(inp), "--model", SHIPPED, "--output", str(tmp_path / "night1"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory"]) == 0
+    assert len(ledger_rows(ledger)) == 4
+    return ledger
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["multi_threading", "multi_processing"])
+def test_sigterm_stops_the_job_like_ctrl_c(mode, slow_tree, night_one, tmp_path):
+    """SIGTERM mid-run on DirectRunner (worker threads, the default on up to 4 cores; worker processes, beyond):
+    exit 143 within docker stop's grace period, nothing published, no temp folder, the ledger as it was, no
+    worker process left."""
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", slow_tree, "--model", SHIPPED, "--output", out,
+           "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", f"--direct_running_mode={mode}",
+           "--direct_num_workers=2"]
+    assert_terminated_cleanly(*terminate_mid_run(cmd, out), out, night_one, before)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_job_on_dask_runner(slow_tree, night_one, tmp_path, dask_cluster):
+    """The driver's SIGTERM on DaskRunner: the same, and the cluster's tasks write nothing back afterwards."""
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", slow_tree, "--model", SHIPPED, "--output", out,
+           "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", "--runner", "DaskRunner",
+           f"--dask_client_address={dask_cluster}"]
+    done, seconds, _ = terminate_mid_run(cmd, out)  # the driver's tree: the cluster's workers are not its own
+    assert_terminated_cleanly(done, seconds, [], out, night_one, before)
+    time.sleep(3)
+    assert sorted(os.listdir(tmp_path)) == ["ledger.sqlite", "ledger.sqlite.lock", "night1", "night1-in"]
+
+
+def pid_namespace_available() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rpf", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pid_namespace_available(), reason="unshare cannot create a PID namespace here")
+def test_sigterm_reaches_the_job_as_pid_1_as_in_docker_stop(slow_tree, night_one, tmp_path):
+    """docker stop sends SIGTERM to the container's PID 1 (the Dockerfile's exec-form ENTRYPOINT: Python itself),
+    then SIGKILL after its grace period. The kernel drops a signal sent to a namespace's PID 1 that has no handler
+    for it: a bare Python there ignores SIGTERM (checked first, so this test can tell), the job must not."""
+    import psutil
+
+    def pid_1(proc) -> int:  # unshare --fork: its child is PID 1 inside
+        return psutil.Process(proc.pid).children()[0].pid
+
+    sleeper = subprocess.Popen(["unshare", "-rpf", "--mount-proc", sys.executable, "-c", "import time; "
+                                "time.sleep(60)"], start_new_session=True)
+    try:
+        time.sleep(1)
+        os.kill(pid_1(sleeper), signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            sleeper.wait(timeout=2)  # PID 1 without a handler: SIGTERM ignored
+    finally:
+        os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = ["unshare", "-rpf", "--mount-proc", sys.executable, "-m", "batch_job", "--input", slow_tree, "--model",
+           SHIPPED, "--output", out, "--ledger", night_one, "--shard-size", "1", "--batch-size", "1"]
+    assert_terminated_cleanly(*terminate_mid_run(cmd, out, target=pid_1), out, night_one, before)
 
 
 @pytest.mark.slow
@@ -551,6 +686,40 @@ def test_temp_dirs_go_when_their_job_is_dead_whatever_its_host_and_stay_while_it
     finally:
         lock.close()
     assert sorted(os.listdir(tmp_path)) == ["in", "out", os.path.basename(running)]
+
+
+def test_a_killed_jobs_temp_dir_goes_with_the_next_job_in_the_same_parent_whatever_its_output(
+        small_tree, tiny_package, tmp_path):
+    """Only folders named exactly as the job names them, holding its lock file with the lock free, and nothing
+    else than what the job writes; a running job's temp dir stays, and so does anything a user made."""
+    import socket
+
+    from xray_core.files import hold_lock
+
+    scores = tmp_path / "scores"
+
+    def folder(name: str, *files: str, lock: bool = True) -> str:
+        path = scores / name
+        path.mkdir(parents=True)
+        for f in files:
+            (path / f).write_text("x")
+        if lock:
+            hold_lock(str(path)).close()  # its job is dead
+        return name
+
+    dead = folder("2026-11-24.tmp-7@0f3c2a9b7d1e-abcd1234", "scratch", "predictions-00000.csv")
+    folder("other name.tmp-8@host-efgh5678.discarded")
+    kept = [folder("2026-11-23.tmp-9@host-ijkl9012", "scratch", lock=False),  # no lock file: not the job's
+            folder("2026-11-22.tmp-9@host-mnop3456", "notes.txt"),  # holds what the job never writes
+            folder("2026-11-21.tmp-x@host-qrst7890", "scratch"),  # not the job's name
+            folder(f"2026-11-20.tmp-999999999@{socket.gethostname()}-uvwx1234", "scratch", lock=False)]
+    running = hold_lock(str(scores / kept[-1]))  # a job still running
+    try:
+        assert main(["--input", small_tree, "--model", tiny_package, "--output", str(scores / "2026-11-26"),
+                     "--direct_running_mode=in_memory"]) == 0
+    finally:
+        running.close()
+    assert sorted(os.listdir(scores)) == sorted(kept + ["2026-11-26"]) and dead not in os.listdir(scores)
 
 
 def all_paths(folder) -> list[str]:
