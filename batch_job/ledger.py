@@ -15,15 +15,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import pathlib
 import sqlite3
+import stat
 from datetime import datetime, timezone
 from typing import Iterable
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor
+
+LOG = logging.getLogger("batch_job")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scored (
@@ -144,6 +148,7 @@ class Ledger:
         except sqlite3.Error as exc:
             self.__exit__()
             raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {one_line(exc)}") from None
+        _owner_and_group_only(self.path)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,6 +194,20 @@ class Ledger:
         for h in history:
             h["judged"], h["detected"] = bool(h["judged"]), bool(h["detected"])
         return history
+
+
+def _owner_and_group_only(path: str) -> None:
+    """A ledger made readable to others (by an earlier version, or by hand) holds patients' file names: made
+    owner-and-group-only, with a warning (what the job creates already is: outdir.private_umask)."""
+    for name in (path, path + ".lock"):
+        mode = os.stat(name).st_mode
+        if mode & 0o007:
+            try:
+                os.chmod(name, stat.S_IMODE(mode) & ~0o027)
+                LOG.warning("%s was readable or writable by others: now by its owner and group only", name)
+            except OSError as exc:
+                LOG.warning("%s is readable or writable by others and could not be changed: %s", name,
+                            exc.strerror)
 
 
 def _printable(path: str) -> str:

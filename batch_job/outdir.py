@@ -10,12 +10,14 @@ LOCK_FILE, its lock free, and nothing but what the job writes there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import stat
 from typing import IO
 
 from batch_job.errors import InputError, JobError
@@ -39,6 +41,9 @@ ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job'
 JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
                        r"heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
+# OUT_DIR and the ledger name patients' files (and their DICOM fields): readable by the owner and the group only
+# (docs/operations.md, "Who reads OUT_DIR"), never writable by the group
+PRIVATE = 0o027
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
 
 
@@ -202,6 +207,28 @@ def prepare(out: str, overwrite: bool) -> str:
     return tmp
 
 
+@contextlib.contextmanager
+def private_umask():
+    """While the job runs, whatever it creates (OUT_DIR, its parent folders, the ledger and its folder) is
+    readable by its owner and group only: umask 027 added to the one it was given."""
+    old = os.umask(PRIVATE)
+    os.umask(old | PRIVATE)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private(folder: str) -> None:
+    """`folder` and everything under it readable by the owner and group only: files that workers elsewhere (a
+    Dask cluster) wrote follow their own umask. Setgid bits stay (a group-owned parent's group is kept)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for path in [dirpath] + [os.path.join(dirpath, name) for name in filenames]:
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and mode & PRIVATE:
+                os.chmod(path, stat.S_IMODE(mode) & ~PRIVATE)
+
+
 def remove_scratch(scratch: str) -> None:
     """The job's scratch folder, once the driver has read it: nothing of it is published."""
     shutil.rmtree(scratch)
@@ -217,6 +244,7 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
     """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded.
     The lock file is deleted first (it is no output); the lock itself is held until the rename is done."""
     try:
+        make_private(tmp)
         os.remove(os.path.join(tmp, LOCK_FILE))
         publish_dir(tmp, out, replace=overwrite)
     except OSError as exc:

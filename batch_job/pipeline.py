@@ -51,7 +51,13 @@ def kill_point(name: str) -> None:
 
 def run(args: argparse.Namespace, beam_args: list[str], started: float | None = None) -> RunResult:
     """The job; -> its result. `started`: the command's perf_counter() at start-up, so the timings include its
-    imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt."""
+    imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt. What it creates is
+    readable by the owner and group only (outdir.private_umask)."""
+    with outdir.private_umask():
+        return _run(args, beam_args, started)
+
+
+def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) -> RunResult:
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
