@@ -564,10 +564,11 @@ def test_fault_corpus(tmp_path):
 
 
 
-def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(small_tree, tiny_package, tmp_path, monkeypatch,
-                                                                   job_log):
-    """The command's SIGINT handler (batch_job/interrupts.py) holds a Ctrl-C that arrives while OUT_DIR is
-    published and the ledger committed: the job completes, both are consistent, and it says so."""
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(signum, name, small_tree, tiny_package, tmp_path,
+                                                                   monkeypatch, job_log):
+    """The command's SIGINT and SIGTERM handler (batch_job/interrupts.py) holds a signal that arrives while OUT_DIR
+    is published and the ledger committed: the job completes, both are consistent, and it says so."""
     from batch_job import outdir
     from batch_job.interrupts import GATE
 
@@ -575,18 +576,18 @@ def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(small_tree, tin
     real_publish = outdir.publish_dir
 
     def publish_with_ctrl_c(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)  # handled (held) before the rename below
+        os.kill(os.getpid(), signum)  # handled (held) before the rename below
         real_publish(*a, **k)
 
     monkeypatch.setattr(outdir, "publish_dir", publish_with_ctrl_c)
-    previous = signal.signal(signal.SIGINT, GATE.handler)
+    previous = signal.signal(signum, GATE.handler)
     try:
         rc = main(["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
                    "--direct_running_mode=in_memory"])
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
     assert rc == 0 and not GATE.pending and GATE.depth == 0
-    assert "Ctrl-C arrived while the outputs were being published; the job completed first" in job_log.text
+    assert f"{name} arrived while the outputs were being published; the job completed first" in job_log.text
     assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
 
 
