@@ -22,8 +22,7 @@ def main() -> int:
         sys.stderr.write(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing published\n")
         return 143 if term else 130
 
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("batch_job").setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.WARNING)  # the job's own logger: --log-level (cli.py)
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     code = job_main(started=started)

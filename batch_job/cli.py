@@ -17,11 +17,45 @@ from xray_core.errors import one_line
 from xray_core.package import PackageError
 
 LOG = logging.getLogger("batch_job")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EPILOG = """\
+runners (--runner):
+  DirectRunner   the default: this machine, one worker per core (threads on up to 4 cores, processes beyond);
+                 --direct_num_workers N and --direct_running_mode in_memory|multi_threading|multi_processing
+                 override both choices
+  DaskRunner     a dask.distributed cluster: --dask_client_address tcp://HOST:8786 (without it, a local
+                 cluster); one shard per Dask task. Inputs and --output must be on storage every worker shares
+  other names    passed to Beam as they are (e.g. DataflowRunner; not tested here)
+
+Beam pipeline options: every option the job does not define above is handed to Beam's PipelineOptions
+  untouched (e.g. --direct_num_workers=2, --dask_client_address=..., --temp_location=...); the job's own
+  defaults go first, so an option you give wins. An argument that neither the job nor Beam knows (a misspelt
+  option, a stray word) is refused: exit 2.
+
+exit codes:
+  0    done; unreadable images are error rows in the CSVs. Also a quiet night: no image found (without
+       --fail-if-empty), outputs published with images_found 0
+  1    the outputs do not account for every image, a worker failed, or someone else created OUT_DIR while
+       the job ran: nothing published
+  2    refused before anything is written: a bad or unknown argument, a missing input path, a model missing
+       or failing verification, OUT_DIR not empty (without --overwrite), unwritable or overlapping an input or
+       the model, the ledger unusable or in use, no image found with --fail-if-empty
+  3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
+  4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
+  130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched
+  143  SIGTERM (docker stop, systemd, Kubernetes, kill): the same as Ctrl-C
+  A Ctrl-C or SIGTERM that arrives while OUT_DIR is being published is held until it and the ledger are done.
+
+environment:
+  PNEUMONIA_MODEL  the model when --model is not given (else the shipped serving_models/pneumonia)
+"""
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """-> (the job's arguments, everything else: Beam pipeline options, passed through untouched)."""
-    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model.")
+    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model "
+                                "(Apache Beam, onnxruntime; no TensorFlow). README: Batch scoring.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
     p.add_argument("--model", default=None, metavar="PACKAGE",
@@ -51,6 +85,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         f"(default {PSI_LIMIT})")
     p.add_argument("--fail-on-drift", action="store_true",
                    help="exit 4 when drift is detected (the outputs are published all the same)")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
+                   help="the job's own log lines on stderr: INFO (default) progress and each step's figures; "
+                        "WARNING problems only; DEBUG also tracebacks, which may name files (at INFO and above no "
+                        "line names a patient's file or DICOM field). Beam and Dask log warnings and errors")
     p.add_argument("--fail-if-empty", action="store_true",
                    help="exit 2, writing nothing, when the inputs hold no image (default: a quiet night, exit 0, "
                         "outputs published with images_found 0)")
@@ -66,6 +104,7 @@ def fail(message: str, code: int) -> int:
 def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
+    LOG.setLevel(args.log_level)
     try:
         result = run(args, beam_args, started)
     except Terminated:

@@ -664,6 +664,31 @@ def test_output_never_overlaps_the_model(where, tmp_path, capsys):
     assert "--model" in line and snapshot(str(tmp_path)) == before
 
 
+# ------------------------------------------------------------------ --help, --log-level
+
+def test_help_lists_exit_codes_runners_beam_options_and_log_level(capsys):
+    from batch_job.cli import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    codes = [line.split()[0] for line in text.split("exit codes:")[1].splitlines() if re.match(r"  \d", line)]
+    assert codes == ["0", "1", "2", "3", "4", "130", "143"]
+    assert "runners (--runner):" in text and "DirectRunner" in text and "DaskRunner" in text
+    assert "Beam pipeline options:" in text and "untouched" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text and "PNEUMONIA_MODEL" in text
+
+
+@pytest.mark.parametrize("level, shown", [("warning", False), ("INFO", True)])
+def test_log_level_sets_the_jobs_own_lines(level, shown, tiny_package, tmp_path, job_log):
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    assert main(["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"),
+                 "--direct_running_mode=in_memory", "--log-level", level]) == 0
+    assert ("listed 4 images" in job_log.text) is shown
+
+
 # ------------------------------------------------------------------ which model: --model, $PNEUMONIA_MODEL, shipped
 
 def test_without_model_the_job_uses_the_environment_then_the_shipped_model(tiny_package, tmp_path, monkeypatch,

@@ -140,10 +140,10 @@ def test_the_log_names_no_patient_file_or_field(heat_package, tmp_path, monkeypa
     levels = root.level, job.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    job.setLevel(logging.DEBUG)
     try:
         rc = main(["--input", str(tmp_path / "in"), "--model", heat_package, "--output", str(tmp_path / "out"),
-                   "--ledger", str(tmp_path / "ledger.sqlite"), "--direct_running_mode=in_memory"])
+                   "--ledger", str(tmp_path / "ledger.sqlite"), "--direct_running_mode=in_memory",
+                   "--log-level", "DEBUG"])
     finally:
         root.removeHandler(handler)
         root.setLevel(levels[0])
