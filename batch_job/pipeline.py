@@ -195,11 +195,11 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
 
 
 def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
-                  file_keys: list | None = None) -> None:
+                  file_keys: list = ()) -> None:
     """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
     if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys or ())
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "
