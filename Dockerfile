@@ -19,7 +19,9 @@ RUN pip install .
 
 USER scorer
 VOLUME ["/input", "/output"]
-# --model defaults to the shipped model; a later --model on the command line wins.
-# exec form: the job is PID 1, so the container exits with the job's exit code.
-ENTRYPOINT ["python", "-m", "batch_job", "--model", "/app/serving_models/pneumonia"]
+# The shipped model when no --model is given (docker run -e PNEUMONIA_MODEL=... or --model ... to change it).
+ENV PNEUMONIA_MODEL=/app/serving_models/pneumonia
+# exec form: the job is PID 1, so `docker stop`'s SIGTERM reaches Python (whose handler removes the temporary
+# folder and exits 143) and the container exits with the job's exit code.
+ENTRYPOINT ["python", "-m", "batch_job"]
 CMD ["--input", "/input", "--output", "/output/scores"]

@@ -1,23 +1,28 @@
 """python -m batch_job (or pneumonia-batch): score X-ray folders with a published ONNX model (Apache Beam)."""
 import logging
 import os
-import signal
 import sys
 import time
 
 
 def main() -> int:
     started = time.perf_counter()
-    from batch_job.interrupts import GATE
+    from batch_job.interrupts import GATE, Terminated
 
-    signal.signal(signal.SIGINT, GATE.handler)  # Ctrl-C is held while the outputs are published
+    # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
+    # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.
+    GATE.install()
     # Importing Beam logs a warning about optional GCP client libraries (apitools/BigQuery) that this job
     # never uses: the root logger stays at ERROR until Beam is imported.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.ERROR)
-    from batch_job.cli import main as job_main
+    try:
+        from batch_job.cli import main as job_main
+    except KeyboardInterrupt as exc:  # before the job started: nothing written yet
+        term = isinstance(exc, Terminated)
+        sys.stderr.write(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing published\n")
+        return 143 if term else 130
 
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("batch_job").setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.WARNING)  # the job's own logger: --log-level (cli.py)
     for noisy in ("apache_beam", "distributed", "dask"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     code = job_main(started=started)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
 from batch_job.errors import JobError
-from batch_job.interrupts import GATE
+from batch_job.interrupts import GATE, Terminated
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
@@ -16,14 +17,51 @@ from xray_core.errors import one_line
 from xray_core.package import PackageError
 
 LOG = logging.getLogger("batch_job")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EPILOG = """\
+runners (--runner):
+  DirectRunner   the default: this machine, one worker per core (threads on up to 4 cores, processes beyond);
+                 --direct_num_workers N and --direct_running_mode in_memory|multi_threading|multi_processing
+                 override both choices
+  DaskRunner     a dask.distributed cluster: --dask_client_address tcp://HOST:8786 (without it, a local
+                 cluster); one shard per Dask task. Inputs and --output must be on storage every worker shares
+  other names    passed to Beam as they are (e.g. DataflowRunner; not tested here)
+
+Beam pipeline options: every option the job does not define above is handed to Beam's PipelineOptions
+  untouched (e.g. --direct_num_workers=2, --dask_client_address=..., --temp_location=...); the job's own
+  defaults go first, so an option you give wins. An argument that neither the job nor Beam knows (a misspelt
+  option, a stray word) is refused: exit 2.
+
+exit codes:
+  0    done; unreadable images are error rows in the CSVs. Also a quiet night: no image found (without
+       --fail-if-empty), outputs published with images_found 0
+  1    the outputs do not account for every image, a worker failed, or someone else created OUT_DIR while
+       the job ran: nothing published
+  2    refused before anything is written: a bad or unknown argument, a missing input path, a model missing
+       or failing verification, OUT_DIR not empty (without --overwrite), unwritable or overlapping an input or
+       the model, the ledger unusable or in use, no image found with --fail-if-empty
+  3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
+  4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
+  130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched
+  143  SIGTERM (docker stop, systemd, Kubernetes, kill): the same as Ctrl-C
+  A Ctrl-C or SIGTERM that arrives while OUT_DIR is being published is held until it and the ledger are done.
+
+environment:
+  PNEUMONIA_MODEL  the model when --model is not given (else the shipped serving_models/pneumonia)
+"""
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """-> (the job's arguments, everything else: Beam pipeline options, passed through untouched)."""
-    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model.")
+    p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model "
+                                "(Apache Beam, onnxruntime; no TensorFlow). README: Batch scoring.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")
-    p.add_argument("--model", required=True, help="serving_models/<name>[/<version>] (newest version by default)")
+    p.add_argument("--model", default=None, metavar="PACKAGE",
+                   help="serving_models/<name> (its newest version), serving_models/<name>/<version> or its "
+                        "model.onnx, or a serving folder holding one model (default: $PNEUMONIA_MODEL, else the "
+                        "shipped serving_models/pneumonia)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
     p.add_argument("--threshold", type=float, default=None,
                    help="default: the package's decision_threshold (metadata.json)")
@@ -32,7 +70,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help=f"images per output shard / work unit (default: spread over workers, <= {MAX_SHARD})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     p.add_argument("--ledger", default=None, metavar="PATH.sqlite",
-                   help="SQLite ledger: images whose bytes this model already scored are skipped, new ones recorded")
+                   help="SQLite ledger: images whose bytes this model already scored are skipped (files unchanged "
+                        "since, by path, size, mtime and ctime, are not even read) and counted only as skipped; "
+                        "new ones recorded")
     p.add_argument("--heatmaps", type=int, default=50, metavar="N",
                    help="heatmap overlays (OUT_DIR/heatmaps/) for the N flagged images of this run with the highest "
                         "probability, where the model has a heatmap output (default 50; 0: none)")
@@ -45,6 +85,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         f"(default {PSI_LIMIT})")
     p.add_argument("--fail-on-drift", action="store_true",
                    help="exit 4 when drift is detected (the outputs are published all the same)")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
+                   help="the job's own log lines on stderr: INFO (default) progress and each step's figures; "
+                        "WARNING problems only; DEBUG also tracebacks, which may name files (at INFO and above no "
+                        "line names a patient's file or DICOM field). Beam and Dask log warnings and errors")
+    p.add_argument("--fail-if-empty", action="store_true",
+                   help="exit 2, writing nothing, when the inputs hold no image (default: a quiet night, exit 0, "
+                        "outputs published with images_found 0)")
     return p.parse_known_args(argv)
 
 
@@ -57,8 +104,11 @@ def fail(message: str, code: int) -> int:
 def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
+    LOG.setLevel(args.log_level)
     try:
         result = run(args, beam_args, started)
+    except Terminated:
+        return fail("terminated (SIGTERM); nothing published", 143)
     except KeyboardInterrupt:
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
@@ -69,9 +119,10 @@ def main(argv=None, started: float | None = None) -> int:
         LOG.debug("job failed", exc_info=True)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
     finally:
-        held, GATE.pending = GATE.pending, False  # a Ctrl-C held while publishing (interrupts.py)
+        held, GATE.pending = GATE.pending, 0  # a Ctrl-C or SIGTERM held while publishing (interrupts.py)
     if held:
-        LOG.warning("Ctrl-C arrived while the outputs were being published; the job completed first")
+        LOG.warning("%s arrived while the outputs were being published; the job completed first",
+                    "SIGTERM" if held == signal.SIGTERM else "Ctrl-C")
     print(summary(result, os.path.abspath(args.output)))
     if args.fail_on_drift and result.drift.detected:
         return fail(f"{summary_line(result.drift)}; outputs published in {os.path.abspath(args.output)} "

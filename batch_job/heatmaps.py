@@ -41,7 +41,9 @@ def draw(out_dir: str, item: Flagged, rank: int, preprocessing: dict) -> Flagged
         overlay.save_png(overlay.render(read_input(item.path), item.heatmap, preprocessing),
                          os.path.join(out_dir, rel))
     except Exception as exc:  # noqa: BLE001 - the image changed or vanished since it was scored: no heatmap
-        LOG.warning("no heatmap for %s: %s", item.path, one_line(exc, 200))
+        # by rank, never by name: file names can identify patients (docs/operations.md, "Who reads OUT_DIR")
+        LOG.warning("no heatmap for flagged image %d (heatmaps/index.csv): %s", rank,
+                    one_line(exc, 200).replace(item.path, "<path>"))
         return item
     return replace(item, png=rel)
 

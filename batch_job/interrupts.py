@@ -1,25 +1,38 @@
-"""Ctrl-C for the command: stop at once, except while the outputs are being published.
+"""Ctrl-C and SIGTERM for the command: stop at once, except while the outputs are being published.
 
-`python -m batch_job` installs GATE.handler for SIGINT. Outside GATE.deferred() a Ctrl-C raises
-KeyboardInterrupt (the job removes its temp dir and exits 130). Inside it (publishing OUT_DIR and the
-ledger commit) the interrupt is held until the section ends, so OUT_DIR and the ledger are never left
-half-done and the job's last line is always true.
+`python -m batch_job` installs GATE.handler for SIGINT (Ctrl-C) and SIGTERM (what `docker stop`, systemd and
+Kubernetes send). Outside GATE.deferred() the signal raises KeyboardInterrupt, or Terminated for SIGTERM: the job
+removes its temp dir, publishes nothing, leaves the ledger as it was and exits 130 or 143. Inside it (publishing
+OUT_DIR and the ledger commit) the signal is held until the section ends, so OUT_DIR and the ledger are never
+left half-done and the job's last line is always true.
 """
 from __future__ import annotations
 
 import contextlib
+import signal
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled as Ctrl-C (a KeyboardInterrupt to everything between), exit 143 instead of 130."""
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class InterruptGate:
     def __init__(self):
         self.depth = 0
-        self.pending = False
+        self.pending = 0  # the signal held while publishing; 0: none
 
     def handler(self, signum, frame):
         if self.depth:
-            self.pending = True
+            self.pending = signum
             return
-        raise KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def install(self) -> None:
+        for signum in SIGNALS:
+            signal.signal(signum, self.handler)
 
     @contextlib.contextmanager
     def deferred(self):

@@ -1,6 +1,8 @@
 """The SQLite ledger of images already scored, for incremental nightly runs.
 
-Keyed by (sha256 of the file's bytes, model `<name>/<version>`). Workers only read it
+Keyed by (sha256 of the file's bytes, model `<name>/<version>`). Table `files` remembers each file's sha256 under
+its path, size, mtime and ctime, so that a file unchanged since an earlier night is not read again (unchanged.py).
+Workers only read it
 (one read-only connection per process); the driver holds an exclusive lock file for
 the whole run and writes the new entries in one transaction after OUT_DIR is published.
 Each run also records its run id; an OUT_DIR whose run id the ledger does not know was
@@ -13,15 +15,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import pathlib
 import sqlite3
+import stat
 from datetime import datetime, timezone
 from typing import Iterable
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor
+
+LOG = logging.getLogger("batch_job")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scored (
@@ -40,6 +46,13 @@ CREATE TABLE IF NOT EXISTS runs (
     images_new INTEGER NOT NULL,
     finished_utc TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS files (
+    path BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS drift (
     run_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
@@ -52,6 +65,7 @@ CREATE TABLE IF NOT EXISTS drift (
     positive_rate REAL
 );
 """
+FileKey = tuple[str, int, int, int, str]  # (path, size, mtime_ns, ctime_ns, sha256 of the bytes)
 DRIFT_COLUMNS = ("run_id", "finished_utc", "images", "judged", "detected", "domain_auc", "psi", "positive_rate")
 
 
@@ -134,6 +148,7 @@ class Ledger:
         except sqlite3.Error as exc:
             self.__exit__()
             raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {one_line(exc)}") from None
+        _owner_and_group_only(self.path)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -142,9 +157,10 @@ class Ledger:
             self._lock_file.close()
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
-               drift=None) -> int:
-        """Insert (sha256, probability, path) entries, the run and, given the run's DriftResult for a model with
-        a drift reference, the run's drift figures: in one transaction. -> the entries added."""
+               drift=None, files: Iterable[FileKey] = ()) -> int:
+        """Insert (sha256, probability, path) entries, the run, the file keys of the files read in this run and,
+        given the run's DriftResult for a model with a drift reference, the run's drift figures: in one
+        transaction. -> the entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:
@@ -157,6 +173,9 @@ class Ledger:
                 )
                 added = conn.total_changes - before
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+                conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 ((os.fsencode(key[0]), *key[1:]) for key in files))
                 if drift is not None and drift.reference:
                     conn.execute(f"INSERT INTO drift (model, {', '.join(DRIFT_COLUMNS)}) VALUES (?{', ?' * 8})",
                                  (model, run_id, now, drift.images, int(drift.judged), int(drift.detected),
@@ -177,6 +196,20 @@ class Ledger:
         return history
 
 
+def _owner_and_group_only(path: str) -> None:
+    """A ledger made readable to others (by an earlier version, or by hand) holds patients' file names: made
+    owner-and-group-only, with a warning (what the job creates already is: outdir.private_umask)."""
+    for name in (path, path + ".lock"):
+        mode = os.stat(name).st_mode
+        if mode & 0o007:
+            try:
+                os.chmod(name, stat.S_IMODE(mode) & ~0o027)
+                LOG.warning("%s was readable or writable by others: now by its owner and group only", name)
+            except OSError as exc:
+                LOG.warning("%s is readable or writable by others and could not be changed: %s", name,
+                            exc.strerror)
+
+
 def _printable(path: str) -> str:
     """File names that are not valid UTF-8 are stored with U+FFFD (the path column is informational)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -190,6 +223,17 @@ def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
     """A read-only connection, shared by the worker threads of a process; the READERS_KEPT most recently
     used are kept (one dropped from the cache is closed when garbage-collected, after any thread using it)."""
     return _read_only(path)
+
+
+def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str) -> tuple[str, float] | None:
+    """Worker side: (sha256, probability) when the file's (size, mtime_ns, ctime_ns) as `found` now are what an
+    earlier night recorded under its path and this model scored those bytes; else None."""
+    st = os.stat(path)
+    row = _reader(path, st.st_dev, st.st_ino).execute(
+        "SELECT f.sha256, s.probability FROM files f JOIN scored s ON s.sha256 = f.sha256 AND s.model = ? "
+        "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ? AND f.ctime_ns = ?",
+        (model, os.fsencode(file_path), *found)).fetchone()
+    return (row[0], float(row[1])) if row else None
 
 
 def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:

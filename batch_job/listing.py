@@ -40,14 +40,15 @@ def input_root(arg: str) -> str:
     return _literal_prefix(os.path.abspath(arg))
 
 
-def check_inputs(inputs: list[str]) -> None:
-    """Every --input must exist (a folder or file) or be a glob or a URI, and local inputs must hold an image
-    (the walk stops at the first): refused before anything is created. URIs are listed only by the job."""
-    missing = [p for p in inputs if not is_uri(p) and not _is_glob(p) and not os.path.exists(p)]
+def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
+    """Every local --input must exist (a folder or file; for a glob, the folders before its first wildcard):
+    refused before anything is created. With `fail_if_empty`, local inputs must also hold an image (the walk
+    stops at the first); without it, no image is a quiet night. URIs are listed only by the job."""
+    missing = [p for p in inputs if not is_uri(p) and not os.path.exists(input_root(p))]
     if missing:
         raise InputError(f"input path not found: {', '.join(missing)}")
-    if not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
-        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)}")
+    if fail_if_empty and not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
+        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)} (--fail-if-empty)")
 
 
 def is_candidate(path: str) -> bool:
@@ -98,6 +99,8 @@ def _glob(pattern: str) -> Iterator[str]:
     """Walk from the pattern's literal folder prefix without following symlinked folders."""
     pattern = os.path.abspath(pattern)
     regex = glob_regex(pattern)
+    if not os.path.exists(_literal_prefix(pattern)):  # gone since check_inputs: not a quiet night
+        raise InputError(f"input path not found: {_literal_prefix(pattern)}")
     yield from _walk(_literal_prefix(pattern), select=lambda p: bool(regex.match(p)))
 
 

@@ -9,6 +9,19 @@ from xray_core.package import MODEL_FILE, PackageError, load_metadata, resolve_v
 from xray_core.reference import REFERENCE_FILE
 from xray_core.verify import verify_package
 
+MODEL_ENV = "PNEUMONIA_MODEL"  # the model to use when --model is not given
+# The shipped packages, beside the batch_job package in a checkout (an editable install too); the Docker image
+# sets MODEL_ENV instead.
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serving_models",
+                             "pneumonia")
+
+
+def default_model() -> tuple[str, str]:
+    """(the model to use without --model, where that choice comes from): $PNEUMONIA_MODEL, else the shipped one."""
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    return SHIPPED_MODEL, "the shipped model"
+
 
 @dataclass(frozen=True)
 class Model:
@@ -20,9 +33,17 @@ class Model:
     reference: str | None = None  # the package's verified reference.npz; None: exported before drift checks
 
 
-def load_model(model_arg: str, threshold_arg: float | None) -> Model:
-    """--model (newest version unless one is named) -> Model; every problem is one PackageError line."""
-    version_dir = os.path.abspath(resolve_version_dir(model_arg))
+def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
+    """--model (newest version unless one is named; None: :func:`default_model`) -> Model; every problem is one
+    PackageError line."""
+    if model_arg is None:
+        model_arg, source = default_model()
+        try:
+            version_dir = os.path.abspath(resolve_version_dir(model_arg))
+        except PackageError as exc:
+            raise PackageError(f"no --model given and {source} cannot be used: {exc}") from None
+    else:
+        version_dir = os.path.abspath(resolve_version_dir(model_arg))
     failed = [c for c in verify_package(version_dir) if not c.ok]
     if failed:
         raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")

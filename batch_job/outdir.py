@@ -2,19 +2,22 @@
 
 The temp dir is ``OUT_DIR.tmp-<pid>@<host>-XXXXXXXX``; the job holds a lock on a file in it (LOCK_FILE,
 xray_core/files.py) until it is published or discarded. A failed job renames its own ``....discarded`` and
-removes it. The next job on the same OUT_DIR removes a temp dir whose lock is free (its job was killed) and
-restores an OUT_DIR that an --overwrite killed between its two renames left parked as
-``OUT_DIR.old-XXXXXXXX/old``. It touches nothing else: only folders beside OUT_DIR named exactly so, holding
+removes it. The next job writing into the same parent folder removes every temp dir there whose lock is free (its
+job was killed), whatever OUT_DIR it was for (nightly jobs write a new dated OUT_DIR each night), and the next
+job on the same OUT_DIR restores an OUT_DIR that an --overwrite killed between its two renames left parked as
+``OUT_DIR.old-XXXXXXXX/old``. It touches nothing else: only folders in OUT_DIR's parent named exactly so, holding
 LOCK_FILE, its lock free, and nothing but what the job writes there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import stat
 from typing import IO
 
 from batch_job.errors import InputError, JobError
@@ -32,16 +35,16 @@ from xray_core.files import (
 
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
+ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job's temp dir, for any OUT_DIR
 # What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
 # scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
 JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
                        r"heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
+# OUT_DIR and the ledger name patients' files (and their DICOM fields): readable by the owner and the group only
+# (docs/operations.md, "Who reads OUT_DIR"), never writable by the group
+PRIVATE = 0o027
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
-
-
-def temp_name(base: str) -> re.Pattern:
-    return re.compile(re.escape(base) + rf"\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")
 
 
 def parked_name(base: str) -> re.Pattern:
@@ -81,13 +84,14 @@ def inside(path: str, folder: str) -> bool:
 
 
 def _kept_folder(path: str, out: str) -> str | None:
-    """The job's temp or parked folder beside OUT_DIR that `path` is or lies in, if any."""
+    """The temp dir (of a job on any OUT_DIR) or this OUT_DIR's parked folder in OUT_DIR's parent that `path` is
+    or lies in, if any: the job's cleanup may remove them."""
     path, out = os.path.realpath(path), os.path.realpath(out)
     parent, base = os.path.split(out)
     if path == parent or not _within(path, parent):
         return None
     first = os.path.relpath(path, parent).split(os.sep)[0]
-    ours = temp_name(base).match(first) or parked_name(base).match(first)
+    ours = ANY_TEMP.match(first) or parked_name(base).match(first)
     return os.path.join(parent, first) if ours else None
 
 
@@ -105,7 +109,7 @@ def refuse_overlaps(inputs: list[str], output: str, ledger: str | None, model_di
     for what, path in kept:
         folder = _kept_folder(path, output)
         if folder:
-            raise InputError(f"{what} lies in {folder}, a temporary or parked folder of batch jobs on "
+            raise InputError(f"{what} lies in {folder}, a temporary or parked folder of batch jobs beside "
                              f"--output {output}; move it or choose another --output")
     if ledger:
         for what, root in read + [(f"--output {output}", output)]:
@@ -115,15 +119,16 @@ def refuse_overlaps(inputs: list[str], output: str, ledger: str | None, model_di
 
 
 def clean_leftovers(out: str) -> None:
-    """Remove the temp dirs of killed jobs on this OUT_DIR and restore an OUT_DIR parked by an --overwrite
-    killed between its two renames: only folders of exactly those names whose lock is free (module doc)."""
+    """Remove the temp dirs of killed jobs in OUT_DIR's parent (on any OUT_DIR) and restore an OUT_DIR parked by
+    an --overwrite killed between its two renames: only folders of exactly those names whose lock is free
+    (module doc)."""
     parent, base = os.path.split(out)
-    temp, parked = temp_name(base), parked_name(base)
+    parked = parked_name(base)
     try:
         names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
         for name in names:
             path = os.path.join(parent, name)
-            if temp.match(name):
+            if ANY_TEMP.match(name):
                 _remove_abandoned(path)
             elif parked.match(name):
                 _restore_abandoned(path, out)
@@ -202,6 +207,28 @@ def prepare(out: str, overwrite: bool) -> str:
     return tmp
 
 
+@contextlib.contextmanager
+def private_umask():
+    """While the job runs, whatever it creates (OUT_DIR, its parent folders, the ledger and its folder) is
+    readable by its owner and group only: umask 027 added to the one it was given."""
+    old = os.umask(PRIVATE)
+    os.umask(old | PRIVATE)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private(folder: str) -> None:
+    """`folder` and everything under it readable by the owner and group only: files that workers elsewhere (a
+    Dask cluster) wrote follow their own umask. Setgid bits stay (a group-owned parent's group is kept)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for path in [dirpath] + [os.path.join(dirpath, name) for name in filenames]:
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and mode & PRIVATE:
+                os.chmod(path, stat.S_IMODE(mode) & ~PRIVATE)
+
+
 def remove_scratch(scratch: str) -> None:
     """The job's scratch folder, once the driver has read it: nothing of it is published."""
     shutil.rmtree(scratch)
@@ -217,6 +244,7 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
     """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded.
     The lock file is deleted first (it is no output); the lock itself is held until the rename is done."""
     try:
+        make_private(tmp)
         os.remove(os.path.join(tmp, LOCK_FILE))
         publish_dir(tmp, out, replace=overwrite)
     except OSError as exc:

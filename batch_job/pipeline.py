@@ -51,7 +51,13 @@ def kill_point(name: str) -> None:
 
 def run(args: argparse.Namespace, beam_args: list[str], started: float | None = None) -> RunResult:
     """The job; -> its result. `started`: the command's perf_counter() at start-up, so the timings include its
-    imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt."""
+    imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt. What it creates is
+    readable by the owner and group only (outdir.private_umask)."""
+    with outdir.private_umask():
+        return _run(args, beam_args, started)
+
+
+def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) -> RunResult:
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
     if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):
         raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
-    check_inputs(args.input)
+    check_inputs(args.input, args.fail_if_empty)
     model = load_model(args.model, args.threshold)
     package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace, beam_args: list[str], started: float | None = 
             outdir.publish(tmp, out, overwrite)
             kill_point("published")
             if book is not None:
-                commit_ledger(book, result, out, gathered.ledger_rows)
+                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys)
     return result
 
 
@@ -131,7 +137,12 @@ def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[s
     found = ((index, path, label_from_path(path, roots[index])) for index, path in iter_images(args.input))
     n = shard_files.write_listing(listing, found)
     if n == 0:
-        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)}")
+        if args.fail_if_empty:
+            raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)} "
+                             "(--fail-if-empty)")
+        LOG.info("no image files found in %s: a quiet night (--fail-if-empty makes this exit 2)",
+                 ", ".join(args.input))
+        return listing, [(0, 0, 0)]  # one empty shard: its CSV is the header alone
     size = shard_files.shard_size(args.shard_size, n, args.batch_size, workers)
     return listing, shard_files.cut_listing(listing, size)
 
@@ -149,7 +160,13 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
 
 
 def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str, scratch: str) -> None:
-    """Run the Beam pipeline: every shard's CSV written into tmp, its summary into scratch."""
+    """Run the Beam pipeline: every shard's CSV written into tmp, its summary into scratch. A quiet night's one
+    empty shard is written here, without a pipeline."""
+    if not any(count for _, _, count in shards):
+        for shard_id, _, _ in shards:
+            shard_result.write(scratch, shard_id, shard_result.summarise([], spec))
+            shard_files.write_shard(tmp, shard_id, [])
+        return
     with Progress(tmp, shards):
         p = beam.Pipeline(runner=runner.runner, options=runner.options)
         build_pipeline(p, shards, listing, spec, tmp, scratch)
@@ -168,8 +185,7 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
                 book: Ledger | None) -> DriftResult:
     """The drift check of the images scored in this run, drift.png and with a ledger drift_trend.png (this model
     version's last runs)."""
-    fresh = rec.probabilities[rec.scored_in_run]
-    drift = drift_check.run_drift(model.reference, fresh, sample, model.threshold, args.drift_auc_limit,
+    drift = drift_check.run_drift(model.reference, rec.probabilities, sample, model.threshold, args.drift_auc_limit,
                                   args.drift_psi_limit)
     history = drift_report.trend_history(book, model.model_id, run_id, drift)
     drift = replace(drift, figures=tuple(drift_report.write_figures(tmp, drift, model.threshold, model.model_id,
@@ -178,10 +194,12 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
     return drift
 
 
-def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]]) -> None:
-    """Record the newly scored images, in one transaction; LedgerNotUpdated (exit 3) if that fails."""
+def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
+                  file_keys: list = ()) -> None:
+    """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
+    if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift)
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

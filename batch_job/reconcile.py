@@ -25,9 +25,10 @@ class Reconciliation:
     unexpected: int
     stray_shards: list[str]
     per_input: dict[str, dict[str, int]]  # --input -> found, scored, failed, skipped
-    probabilities: np.ndarray  # float64, of the scored and skipped images, in listing order
+    # Of the images scored in this run, in listing order: every figure of the night is theirs (those skipped
+    # through the ledger were counted on the night that scored them, and are counted here only as skipped).
+    probabilities: np.ndarray  # float64
     labels: list[str]  # their folder labels ("" where none)
-    scored_in_run: np.ndarray  # bool: False for those skipped through the ledger
 
     @property
     def ok(self) -> bool:
@@ -38,9 +39,10 @@ class Reconciliation:
 def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], inputs: list[str]) -> Reconciliation:
     """Count what the shards hold against the listing; gather what the report needs.
 
-    Streams shard by shard: memory holds one shard plus the scored probabilities and labels."""
-    probs, labels, fresh = [], [], []
-    per_input = defaultdict(lambda: {"found": 0, "scored": 0, "failed": 0, "skipped": 0})
+    Streams shard by shard: memory holds one shard plus the probabilities and labels of the images scored in this
+    run."""
+    probs, labels = [], []
+    per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0} for arg in inputs}  # all, even empty
     found = scored = failed = skipped = missing = duplicated = unexpected = 0
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
@@ -63,21 +65,19 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
             if row["status"] == "ok":
                 scored += 1
                 counts["scored"] += 1
-            elif row["status"] == "skipped":  # skipped rows carry their earlier probability
+                probs.append(float(row["probability"]))
+                labels.append(row["label"])
+            elif row["status"] == "skipped":  # scored on an earlier night: its figures were that night's
                 skipped += 1
                 counts["skipped"] += 1
             else:
                 failed += 1
                 counts["failed"] += 1
-                continue
-            probs.append(float(row["probability"]))
-            labels.append(row["label"])
-            fresh.append(row["status"] == "ok")
     expected = {shard_name(s) for s, _, _ in shards}
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
-                          np.asarray(probs, dtype=np.float64), labels, np.asarray(fresh, dtype=bool))
+                          np.asarray(probs, dtype=np.float64), labels)
 
 
 def check(rec: Reconciliation) -> None:

@@ -9,7 +9,8 @@ rewrites the same two files. The summary holds what the driver needs besides the
   lie within the union of the shards' top N (heatmaps.py);
 * the shard's drift sample: the images scored in this run with the smallest sample keys, with their embeddings
   (drift_check.py);
-* ledger rows: (sha256, probability, path) of every image scored in this run, with a ledger.
+* ledger rows: (sha256, probability, path) of every image scored in this run, with a ledger, and the file keys
+  (path, size, mtime, ctime, sha256) of every file read in this run (unchanged.py).
 
 The driver reads each summary once (:func:`gather`), keeping the top N flagged, the k smallest sample keys and the
 ledger rows: memory holds N + k rows, the ledger rows and one shard's summary. The whole scratch folder is
@@ -26,6 +27,7 @@ import numpy as np
 
 from batch_job import drift_check
 from batch_job.errors import ReconciliationError
+from batch_job.ledger import FileKey
 from batch_job.scoring import Row, ScoringSpec
 from xray_core.files import atomic_write
 
@@ -68,16 +70,17 @@ class ShardSummary:
     sample_keys: np.ndarray  # uint64 (m,)
     sample_embeddings: np.ndarray  # float16 (m, D)
     ledger_rows: list[tuple[str, float, str]]  # (sha256, probability, path) of the images scored in this run
+    file_keys: list[FileKey] = field(default_factory=list)  # of the files read in this run, with a ledger
 
 
-def summarise(rows: list[Row], spec: ScoringSpec) -> ShardSummary:
+def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ()) -> ShardSummary:
     """What the driver needs of a shard besides its CSV rows."""
     keys, embeddings = drift_check.smallest(rows, spec.drift_sample)
     ledger_rows = [(r.sha256, float(r.probability), r.path) for r in rows if r.status == "ok"] \
         if spec.ledger_path else []
     return ShardSummary(sum(r.status == "ok" for r in rows), sum(r.status == "error" for r in rows),
                         sum(r.status == "skipped" for r in rows), top_flagged(rows, spec.heatmaps), keys, embeddings,
-                        ledger_rows)
+                        ledger_rows, list(file_keys))
 
 
 def _strings(values: list[str]) -> np.ndarray:
@@ -99,6 +102,9 @@ def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
         "ledger_sha256": _strings([r[0] for r in s.ledger_rows]),
         "ledger_probability": np.asarray([r[1] for r in s.ledger_rows], np.float64),
         "ledger_path": _strings([r[2] for r in s.ledger_rows]),
+        "file_path": _strings([k[0] for k in s.file_keys]),
+        "file_stat": np.asarray([k[1:4] for k in s.file_keys], np.int64).reshape(-1, 3),  # size, mtime, ctime
+        "file_sha256": _strings([k[4] for k in s.file_keys]),
     }
     atomic_write(os.path.join(scratch, summary_name(shard_id)), lambda f: np.savez(f, **arrays), binary=True)
 
@@ -111,8 +117,11 @@ def read(scratch: str, shard_id: int) -> ShardSummary:
                                                            z["flagged_label"]))]
         ledger_rows = [(str(h), float(p), str(path)) for h, p, path in
                        zip(z["ledger_sha256"], z["ledger_probability"], z["ledger_path"])]
+        file_keys = [(str(path), *(int(v) for v in st), str(h)) for path, st, h in
+                     zip(z["file_path"], z["file_stat"], z["file_sha256"])]
         scored, failed, skipped = (int(c) for c in z["counts"])
-        return ShardSummary(scored, failed, skipped, flagged, z["sample_keys"], z["sample_embeddings"], ledger_rows)
+        return ShardSummary(scored, failed, skipped, flagged, z["sample_keys"], z["sample_embeddings"], ledger_rows,
+                            file_keys)
 
 
 @dataclass
@@ -125,6 +134,7 @@ class Gathered:
     sample_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     sample_embeddings: np.ndarray | None = None
     ledger_rows: list[tuple[str, float, str]] = field(default_factory=list)
+    file_keys: list[FileKey] = field(default_factory=list)
 
 
 def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
@@ -142,4 +152,5 @@ def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
         out.sample_keys, out.sample_embeddings = drift_check.keep_smallest(
             out.sample_keys, out.sample_embeddings, s.sample_keys, s.sample_embeddings, k_sample)
         out.ledger_rows.extend(s.ledger_rows)
+        out.file_keys.extend(s.file_keys)
     return out

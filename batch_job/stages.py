@@ -13,7 +13,8 @@ import apache_beam as beam
 
 from batch_job import shard_result
 from batch_job import shards as shard_files
-from batch_job.scoring import ScoringSpec, score_paths
+from batch_job.scoring import ScoringSpec
+from batch_job.unchanged import score_shard
 
 
 class ReadShard(beam.DoFn):
@@ -35,7 +36,8 @@ class ReadShard(beam.DoFn):
 class ScoreAndWriteShard(beam.DoFn):
     """(shard id, [paths], [labels]) -> (shard id, rows written).
 
-    Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads) and writes,
+    Decodes and scores in batches (one onnxruntime session per worker process, shared by its threads; with a
+    ledger, files unchanged since an earlier night are not read: unchanged.py) and writes,
     inside process(), the shard's summary into the scratch folder and then its CSV, each atomically
     (shard_result.py). A retried task simply rewrites the same files.
     """
@@ -45,8 +47,8 @@ class ScoreAndWriteShard(beam.DoFn):
 
     def process(self, element):
         shard_id, paths, labels = element
-        rows = score_paths([os.fsdecode(p) for p in paths], self.spec, labels)
-        shard_result.write(self.scratch, shard_id, shard_result.summarise(rows, self.spec))
+        rows, file_keys = score_shard([os.fsdecode(p) for p in paths], labels, self.spec)
+        shard_result.write(self.scratch, shard_id, shard_result.summarise(rows, self.spec, file_keys))
         shard_files.write_shard(self.out_dir, shard_id, rows)
         yield shard_id, len(rows)
 

@@ -228,10 +228,10 @@ def reconciliation(probabilities=(), failed: int = 0, skipped: int = 0, labels: 
 
     probs = np.asarray(probabilities, dtype=np.float64)
     scored, found = len(probs) - skipped, len(probs) + failed
+    labels = list(labels) if labels is not None else [""] * len(probs)
     return Reconciliation(found, scored, failed, skipped, 0, 0, 0, [],
                           {input_dir: {"found": found, "scored": scored, "failed": failed, "skipped": skipped}},
-                          probs, list(labels) if labels is not None else [""] * len(probs),
-                          np.arange(len(probs)) < scored)
+                          probs[:scored], labels[:scored])  # a run's figures are of the images it scored
 
 
 def run_result(drift=None, labelled=None, flagged=(), counts=None, model: str = "pneumonia/3",

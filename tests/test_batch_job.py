@@ -230,18 +230,21 @@ def test_glob_input_and_newest_version(labelled_tree, tmp_path):
     assert rows and all(r["model"] == "pneumonia/2" and r["path"].endswith(".jpeg") for r in rows.values())
 
 
-@pytest.mark.parametrize("case", ["no_input", "no_images", "model_missing", "model_corrupt", "unwritable",
-                                  "bad_threshold"])
+@pytest.mark.parametrize("case", ["no_input", "no_glob_root", "no_images", "model_missing", "model_corrupt",
+                                  "unwritable", "bad_threshold"])
 def test_job_level_failures_exit_2_and_write_nothing(case, labelled_tree, tiny_package, tmp_path, capsys):
     root, _ = labelled_tree
     args = {"--input": root, "--model": tiny_package, "--output": str(tmp_path / "out")}
     extra = []
     if case == "no_input":
         args["--input"] = str(tmp_path / "nope")
-    elif case == "no_images":
+    elif case == "no_glob_root":  # a glob whose folders do not exist is a missing input, not a quiet night
+        args["--input"] = str(tmp_path / "nope" / "*" / "*.png")
+    elif case == "no_images":  # only with --fail-if-empty: otherwise a quiet night (test_nightly.py)
         (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
         (tmp_path / "empty" / "NORMAL" / "notes.txt").write_text("x")
         args["--input"] = str(tmp_path / "empty")
+        extra = ["--fail-if-empty"]
     elif case == "model_missing":
         args["--model"] = str(tmp_path / "serving" / "nothing")
     elif case == "model_corrupt":
@@ -542,11 +545,13 @@ def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, mo
     from batch_job.errors import InputError
 
     gone = str(tmp_path / "gone")
-    with pytest.raises(InputError, match="input path not found"):
-        list(iter_images([gone]))
-    monkeypatch.setattr(pipeline, "check_inputs", lambda inputs: None)  # as if removed just after the check
-    assert_one_line_error(capsys, main(small_run(gone, tiny_package, tmp_path / "out")), "input path not found")
-    assert os.listdir(tmp_path) == []
+    for arg in (gone, os.path.join(gone, "*.png")):  # a glob's folder gone too: not a quiet night
+        with pytest.raises(InputError, match="input path not found"):
+            list(iter_images([arg]))
+    monkeypatch.setattr(pipeline, "check_inputs", lambda *a: None)  # as if removed just after the check
+    for arg in (gone, os.path.join(gone, "*.png")):
+        assert_one_line_error(capsys, main(small_run(arg, tiny_package, tmp_path / "out")), "input path not found")
+        assert os.listdir(tmp_path) == []
 
 
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
@@ -597,10 +602,10 @@ def test_a_parked_output_is_restored_only_when_its_job_is_gone(kind, tiny_packag
     assert len(read_predictions(str(tmp_path / "out"))) == 4
 
 
-@pytest.mark.parametrize("name", ["out.old-abcd1234", "out.tmp-12@host-abcd1234"])
+@pytest.mark.parametrize("name", ["out.old-abcd1234", "out.tmp-12@host-abcd1234", "yesterday.tmp-12@host-abcd1234"])
 def test_an_input_inside_a_folder_the_job_keeps_beside_its_output_is_refused(name, tiny_package, tmp_path, capsys):
-    """Review defect 1: the cleanup must never reach an input: one in a folder named like the job's temp or
-    parked folders for this OUT_DIR is refused before anything is written."""
+    """Review defect 1: the cleanup must never reach an input: one in a folder named like the job's temp folders
+    (for any OUT_DIR in the same parent) or this OUT_DIR's parked folders is refused before anything is written."""
     inp = tmp_path / name / "old"
     make_tree(str(inp), per_class=2, size=64, seed=4)
     before = snapshot(str(tmp_path))
@@ -657,3 +662,56 @@ def test_output_never_overlaps_the_model(where, tmp_path, capsys):
     before = snapshot(str(tmp_path))
     line = assert_one_line_error(capsys, main(small_run(str(inp), version, out, "--overwrite")), "overlap")
     assert "--model" in line and snapshot(str(tmp_path)) == before
+
+
+# ------------------------------------------------------------------ --help, --log-level
+
+def test_help_lists_exit_codes_runners_beam_options_and_log_level(capsys):
+    from batch_job.cli import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    codes = [line.split()[0] for line in text.split("exit codes:")[1].splitlines() if re.match(r"  \d", line)]
+    assert codes == ["0", "1", "2", "3", "4", "130", "143"]
+    assert "runners (--runner):" in text and "DirectRunner" in text and "DaskRunner" in text
+    assert "Beam pipeline options:" in text and "untouched" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text and "PNEUMONIA_MODEL" in text
+
+
+@pytest.mark.parametrize("level, shown", [("warning", False), ("INFO", True)])
+def test_log_level_sets_the_jobs_own_lines(level, shown, tiny_package, tmp_path, job_log):
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    assert main(["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"),
+                 "--direct_running_mode=in_memory", "--log-level", level]) == 0
+    assert ("listed 4 images" in job_log.text) is shown
+
+
+# ------------------------------------------------------------------ which model: --model, $PNEUMONIA_MODEL, shipped
+
+def test_without_model_the_job_uses_the_environment_then_the_shipped_model(tiny_package, tmp_path, monkeypatch,
+                                                                            capsys):
+    from batch_job.model import MODEL_ENV
+
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    common = ["--input", str(inp), "--direct_running_mode=in_memory"]
+
+    def model_of(out) -> str:
+        return json.load(open(os.path.join(out, "metrics.json")))["model"]
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    assert main(common + ["--output", str(tmp_path / "shipped")]) == 0
+    assert model_of(tmp_path / "shipped") == "pneumonia/4"  # the newest shipped version
+    monkeypatch.setenv(MODEL_ENV, tiny_package)
+    assert main(common + ["--output", str(tmp_path / "env")]) == 0
+    assert model_of(tmp_path / "env") == "pneumonia/1"
+    onnx_file = os.path.join(REPO, "serving_models", "pneumonia", "2", "model.onnx")
+    assert main(common + ["--output", str(tmp_path / "file"), "--model", onnx_file]) == 0  # --model wins
+    assert model_of(tmp_path / "file") == "pneumonia/2"
+    monkeypatch.setenv(MODEL_ENV, str(tmp_path / "nowhere"))
+    assert_one_line_error(capsys, main(common + ["--output", str(tmp_path / "bad")]),
+                          "no --model given and $PNEUMONIA_MODEL cannot be used: model not found: ")
+    assert not os.path.exists(tmp_path / "bad")

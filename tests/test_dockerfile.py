@@ -70,10 +70,16 @@ def test_install_line_is_the_base_install_without_tensorflow():
         assert pkg in base
 
 
+def environment() -> dict[str, str]:
+    """ENV KEY=VALUE ... lines (values without spaces)."""
+    return dict(pair.split("=", 1) for op, rest in instructions() if op == "ENV" for pair in shlex.split(rest))
+
+
 def test_entrypoint_defaults():
     entry, cmd = exec_form("ENTRYPOINT"), exec_form("CMD")
-    assert entry[:3] == ["python", "-m", "batch_job"]
-    assert entry[entry.index("--model") + 1] == "/app/serving_models/pneumonia"
+    # exec form, the job itself: it is PID 1 and gets docker stop's SIGTERM (a shell would not pass it on)
+    assert entry == ["python", "-m", "batch_job"]
+    assert environment()["PNEUMONIA_MODEL"] == "/app/serving_models/pneumonia"  # the model without --model
     assert cmd[cmd.index("--input") + 1] == "/input" and cmd[cmd.index("--output") + 1].startswith("/output")
     volumes = json.loads([r for o, r in instructions() if o == "VOLUME"][0])
     assert set(volumes) == {"/input", "/output"}
@@ -115,12 +121,14 @@ def test_entrypoint_runs_in_a_fresh_base_virtualenv(tmp_path):
     entry = [py if a == "python" else a.replace("/app/", f"{app}/") for a in exec_form("ENTRYPOINT")]
     cmd = [a.replace("/input", str(tmp_path / "input")).replace("/output", str(tmp_path / "output"))
            for a in exec_form("CMD")]
-    proc = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
+    env = {**os.environ, "PNEUMONIA_MODEL": environment()["PNEUMONIA_MODEL"].replace("/app/", f"{app}/")}
+    env.pop("PYTHONPATH", None)  # the venv's own install, not a checkout's
+    proc = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"scored 12/12 images", proc.stdout)
     metrics = json.load(open(tmp_path / "output" / "scores" / "metrics.json"))
     assert metrics["model"].startswith("pneumonia/") and metrics["images_found"] == 12
     assert "Batch scoring report" in (tmp_path / "output" / "scores" / "report.html").read_text()  # template installed
     # a later --output on the command line wins, and the exit code is the job's: an existing output dir -> 2
-    again = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path)
+    again = subprocess.run(entry + cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert again.returncode == 2 and "not empty" in again.stderr

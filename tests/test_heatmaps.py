@@ -139,7 +139,8 @@ def test_a_vanished_original_gets_no_heatmap_and_the_rest_do(tmp_path, caplog):
     chosen = heatmaps.make_heatmaps(str(out), shard_result.top_flagged(rows, 5), {"image_size": 32})
     assert [(c.path, bool(c.png)) for c in chosen] == [(gone, False), (good, True)]
     assert overlays(str(out)) == {gone: "", good: chosen[1].png} and chosen[1].png.startswith("heatmaps/0002-")
-    assert "no heatmap for " + gone in caplog.text
+    assert "no heatmap for flagged image 1 (heatmaps/index.csv): file not found" in caplog.text
+    assert gone not in caplog.text  # file names can identify patients: never logged
 
 
 # ------------------------------------------------------------------------------------------ the job

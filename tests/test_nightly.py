@@ -24,6 +24,7 @@ from batch_job.listing import iter_images
 from batch_job.synthetic import make_tree
 from dicom_factory import dicom_bytes
 from helpers import REPO, assert_one_line_error, job, read_predictions, write_bad_inputs, write_package
+from xray_core.files import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -42,7 +43,32 @@ def small_tree(tmp_path):
 
 # ------------------------------------------------------------------ ledger
 
-def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path):
+def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
+    """Exit 0 with a summary of 0 images and the outputs published (one header-only shard); the ledger records
+    the run. --fail-if-empty keeps the old refusal (test_a_refused_run_with_a_ledger_creates_nothing)."""
+    inp, ledger, out = tmp_path / "incoming", str(tmp_path / "ledger.sqlite"), tmp_path / "scores" / "night1"
+    (inp / "NORMAL").mkdir(parents=True)
+    (inp / "NORMAL" / "notes.txt").write_text("not an image")
+    rc = main(["--input", str(inp), "--model", tiny_package, "--output", str(out), "--ledger", ledger,
+               "--direct_running_mode=in_memory"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0 and err == "", err
+    assert stdout.startswith("scored 0/0 images (0 failed, 0 skipped as already in the ledger)")
+    assert "0 flagged PNEUMONIA" in stdout
+    m = json.load(open(out / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (0, 0, 0, 0)
+    assert m["per_input"] == {str(inp): {"found": 0, "scored": 0, "failed": 0, "skipped": 0}}
+    assert m["positive_count"] == 0 and sum(m["probability_histogram"]["counts"]) == 0
+    assert open(out / "predictions-00000.csv").read().strip() == ",".join(
+        ["path", "status", "probability", "prediction", "threshold", "label", "model", "error"])
+    assert {"report.html", "report.md", "histogram.png"} <= set(os.listdir(out))
+    assert sorted(os.listdir(tmp_path / "scores")) == ["night1"]  # no temporary folder left
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute("SELECT run_id, images_new FROM runs").fetchall() == [(m["run_id"], 0)]
+
+
+
+def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_package, tmp_path, capsys):
 
     ledger = str(tmp_path / "ledger.sqlite")
     base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
@@ -54,7 +80,10 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     shutil.copy(next(iter(first)), os.path.join(small_tree, "NORMAL", "copy_of_known.jpeg"))
     Image.new("L", (64, 64), 200).save(os.path.join(small_tree, "NORMAL", "new.png"))
     open(os.path.join(small_tree, "NORMAL", "broken.jpeg"), "wb").close()
+    capsys.readouterr()
     assert main(base + ["--output", str(tmp_path / "night2")]) == 0
+    assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 21 skipped as already in the ledger) "
+                                              "with pneumonia/1")  # and "1 flagged": tonight's (asserted below)
     second = read_predictions(str(tmp_path / "night2"))
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
     assert statuses.pop("copy_of_known.jpeg") == "skipped"  # same bytes, same model
@@ -64,9 +93,17 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
         assert second[path]["probability"] == row["probability"] and second[path]["prediction"] == row["prediction"]
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (23, 1, 1, 21)
+    # every figure is the night's: new.png alone (bright, in NORMAL: flagged), not the 21 skipped images
+    new_p = float(second[os.path.join(small_tree, "NORMAL", "new.png")]["probability"])
+    assert new_p >= 0.5 and m["positive_count"] == 1 and m["positive_rate"] == 1.0
+    assert m["probability_histogram"]["counts"] == [int(i == min(int(new_p * 10), 9)) for i in range(10)]
+    assert m["labelled_images"] == 1 and m["confusion_matrix"]["matrix"] == [[0, 1], [0, 0]]
+    assert m["per_input"] == {small_tree: {"found": 23, "scored": 1, "failed": 1, "skipped": 21}}
+    night1 = json.load(open(tmp_path / "night1" / "metrics.json"))
+    assert night1["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in first.values()) > 0
     published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, and nothing else
     assert published == ["confusion.png", "histogram.png", "metrics.json", "predictions-00000.csv", "report.html",
-                         "report.md", "roc.png"]
+                         "report.md"]  # no roc.png: tonight's one labelled image has one label
     with sqlite3.connect(ledger) as conn:  # the night's one new image, recorded from the shard summaries
         rows = conn.execute("SELECT sha256, path, run_id FROM scored WHERE run_id = ?", (m["run_id"],)).fetchall()
     assert [(len(sha), os.path.basename(path)) for sha, path, _ in rows] == [(64, "new.png")]
@@ -82,6 +119,80 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     with sqlite3.connect(ledger) as conn:
         # 22 ok rows, two share bytes
         assert conn.execute("SELECT COUNT(*) FROM scored WHERE model = 'pneumonia/2'").fetchone()[0] == 21
+
+
+def file_keys(ledger: str) -> dict[str, tuple]:
+    with sqlite3.connect(ledger) as conn:
+        return {os.fsdecode(p): rest for p, *rest in
+                conn.execute("SELECT path, size, mtime_ns, ctime_ns, sha256 FROM files").fetchall()}
+
+
+def test_unchanged_files_are_not_read_again(small_tree, tiny_package, tmp_path, monkeypatch):
+    """A ledger of the version before the `files` table: the first night reads and hashes every file (skipped by
+    its bytes) and records its key; the next night opens none. A touched file, a copy under a new name and a file
+    rewritten in place with its size and mtime kept are read again; only the rewritten one is scored."""
+    from batch_job import scoring
+
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    assert main(base + ["--output", str(tmp_path / "night1")]) == 0
+    with sqlite3.connect(ledger) as conn:
+        conn.execute("DROP TABLE files")  # now exactly what the version before wrote
+    read: list[str] = []
+    real_read = scoring.read_input
+    monkeypatch.setattr(scoring, "read_input", lambda path: read.append(path) or real_read(path))
+
+    def night(n: int) -> dict[str, dict]:
+        read.clear()
+        assert main(base + ["--output", str(tmp_path / f"night{n}")]) == 0
+        return read_predictions(str(tmp_path / f"night{n}"))
+
+    paths = sorted(read_predictions(str(tmp_path / "night1")))
+    rows = night(2)
+    assert sorted(read) == paths and {r["status"] for r in rows.values()} == {"skipped"}  # hashed once more
+    keys = file_keys(ledger)
+    assert sorted(keys) == paths
+    for path, (size, mtime_ns, ctime_ns, sha) in keys.items():
+        st = os.stat(path)
+        assert (size, mtime_ns, ctime_ns, sha) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256_file(path))
+    rows = night(3)
+    assert read == [] and {r["status"] for r in rows.values()} == {"skipped"}  # nothing opened
+    m = json.load(open(tmp_path / "night3" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_skipped"], m["positive_count"]) == (20, 0, 20, 0)
+
+    touched, rewritten = paths[0], paths[1]
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    copy = os.path.join(small_tree, "NORMAL", "copy.jpeg")
+    shutil.copy2(paths[2], copy)  # same bytes and mtime, a new path
+    st = os.stat(rewritten)
+    data = bytearray(open(rewritten, "rb").read())
+    Image.new("L", (64, 64), 7).save(rewritten, format="JPEG")  # another image...
+    with open(rewritten, "r+b") as f:  # ...padded to the old size, the old mtime put back
+        f.seek(0, os.SEEK_END)
+        f.write(b"\0" * (len(data) - f.tell()))
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(rewritten) == st.st_size and os.stat(rewritten).st_mtime_ns == st.st_mtime_ns
+    rows = night(4)
+    assert sorted(read) == sorted([touched, rewritten, copy])
+    assert rows[touched]["status"] == rows[copy]["status"] == "skipped" and rows[rewritten]["status"] == "ok"
+    assert rows[copy]["probability"] == rows[paths[2]]["probability"]
+    assert set(file_keys(ledger)) == set(paths) | {copy}
+    assert night(5) and read == []
+
+
+@pytest.mark.slow
+def test_unchanged_files_on_dask_runner(small_tree, tiny_package, tmp_path, dask_cluster):
+    """The file keys travel from Dask workers through the shard summaries into the ledger."""
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--shard-size", "4",
+            "--runner", "DaskRunner", f"--dask_client_address={dask_cluster}"]
+    assert main(base + ["--output", str(tmp_path / "night1")]) == 0
+    paths = sorted(read_predictions(str(tmp_path / "night1")))
+    assert sorted(file_keys(ledger)) == paths
+    assert main(base + ["--output", str(tmp_path / "night2")]) == 0
+    assert {r["status"] for r in read_predictions(str(tmp_path / "night2")).values()} == {"skipped"}
+    m = json.load(open(tmp_path / "night2" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_skipped"]) == (20, 0, 20)
 
 
 def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_package, tmp_path, capsys):
@@ -140,20 +251,27 @@ def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_pack
 
 
 @pytest.mark.slow
-def test_sigkill_while_scoring_then_rerun(small_tree, tiny_package, tmp_path):
-    ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
-    args = ["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
-            "--direct_num_workers=1", "--shard-size", "1", "--batch-size", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def test_sigkill_while_scoring_then_the_next_night_cleans_up(small_tree, tiny_package, tmp_path):
+    """As cron runs it: a new dated OUT_DIR each night. The killed night's temp folder goes with the next night,
+    whose OUT_DIR is another folder in the same parent."""
+    ledger, scores = str(tmp_path / "ledger.sqlite"), tmp_path / "scores"
+
+    def args(night: str) -> list[str]:
+        return ["--input", small_tree, "--model", tiny_package, "--output", str(scores / night), "--ledger", ledger,
+                "--direct_num_workers=1", "--shard-size", "1", "--batch-size", "1"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "batch_job", *args("2026-11-25")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+    while time.time() < deadline and not glob.glob(str(scores / "2026-11-25.tmp-*/predictions-*.csv")):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(out) and ledger_rows(ledger) == []
-    assert job(args).returncode == 0
-    assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
+    assert os.listdir(scores) == [os.path.basename(glob.glob(str(scores / "2026-11-25.tmp-*"))[0])]
+    assert ledger_rows(ledger) == []
+    assert job(args("2026-11-26")).returncode == 0
+    assert os.listdir(scores) == ["2026-11-26"]  # the killed night's temp folder is gone
+    assert len(read_predictions(str(scores / "2026-11-26"))) == 20 and len(ledger_rows(ledger)) == 20
 
 
 @pytest.mark.slow
@@ -318,10 +436,11 @@ def test_fault_corpus(tmp_path):
 
 
 
-def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(small_tree, tiny_package, tmp_path, monkeypatch,
-                                                                   job_log):
-    """The command's SIGINT handler (batch_job/interrupts.py) holds a Ctrl-C that arrives while OUT_DIR is
-    published and the ledger committed: the job completes, both are consistent, and it says so."""
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(signum, name, small_tree, tiny_package, tmp_path,
+                                                                   monkeypatch, job_log):
+    """The command's SIGINT and SIGTERM handler (batch_job/interrupts.py) holds a signal that arrives while OUT_DIR
+    is published and the ledger committed: the job completes, both are consistent, and it says so."""
     from batch_job import outdir
     from batch_job.interrupts import GATE
 
@@ -329,18 +448,18 @@ def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(small_tree, tin
     real_publish = outdir.publish_dir
 
     def publish_with_ctrl_c(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)  # handled (held) before the rename below
+        os.kill(os.getpid(), signum)  # handled (held) before the rename below
         real_publish(*a, **k)
 
     monkeypatch.setattr(outdir, "publish_dir", publish_with_ctrl_c)
-    previous = signal.signal(signal.SIGINT, GATE.handler)
+    previous = signal.signal(signum, GATE.handler)
     try:
         rc = main(["--input", small_tree, "--model", tiny_package, "--output", out, "--ledger", ledger,
                    "--direct_running_mode=in_memory"])
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
     assert rc == 0 and not GATE.pending and GATE.depth == 0
-    assert "Ctrl-C arrived while the outputs were being published; the job completed first" in job_log.text
+    assert f"{name} arrived while the outputs were being published; the job completed first" in job_log.text
     assert len(read_predictions(out)) == 20 and len(ledger_rows(ledger)) == 20
 
 
@@ -442,6 +561,40 @@ def test_temp_dirs_go_when_their_job_is_dead_whatever_its_host_and_stay_while_it
     assert sorted(os.listdir(tmp_path)) == ["in", "out", os.path.basename(running)]
 
 
+def test_a_killed_jobs_temp_dir_goes_with_the_next_job_in_the_same_parent_whatever_its_output(
+        small_tree, tiny_package, tmp_path):
+    """Only folders named exactly as the job names them, holding its lock file with the lock free, and nothing
+    else than what the job writes; a running job's temp dir stays, and so does anything a user made."""
+    import socket
+
+    from xray_core.files import hold_lock
+
+    scores = tmp_path / "scores"
+
+    def folder(name: str, *files: str, lock: bool = True) -> str:
+        path = scores / name
+        path.mkdir(parents=True)
+        for f in files:
+            (path / f).write_text("x")
+        if lock:
+            hold_lock(str(path)).close()  # its job is dead
+        return name
+
+    dead = folder("2026-11-24.tmp-7@0f3c2a9b7d1e-abcd1234", "scratch", "predictions-00000.csv")
+    folder("other name.tmp-8@host-efgh5678.discarded")
+    kept = [folder("2026-11-23.tmp-9@host-ijkl9012", "scratch", lock=False),  # no lock file: not the job's
+            folder("2026-11-22.tmp-9@host-mnop3456", "notes.txt"),  # holds what the job never writes
+            folder("2026-11-21.tmp-x@host-qrst7890", "scratch"),  # not the job's name
+            folder(f"2026-11-20.tmp-999999999@{socket.gethostname()}-uvwx1234", "scratch", lock=False)]
+    running = hold_lock(str(scores / kept[-1]))  # a job still running
+    try:
+        assert main(["--input", small_tree, "--model", tiny_package, "--output", str(scores / "2026-11-26"),
+                     "--direct_running_mode=in_memory"]) == 0
+    finally:
+        running.close()
+    assert sorted(os.listdir(scores)) == sorted(kept + ["2026-11-26"]) and dead not in os.listdir(scores)
+
+
 def all_paths(folder) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder)
                   for n in dirs + files)
@@ -469,7 +622,7 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
     before = all_paths(tmp_path)
     try:
         rc = main(["--input", inp, "--model", tiny_package, "--output", str(out), "--ledger", ledger,
-                   "--direct_running_mode=in_memory"])
+                   "--direct_running_mode=in_memory"] + (["--fail-if-empty"] if case == "no_images" else []))
     finally:
         if held is not None:
             held.__exit__()

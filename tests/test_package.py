@@ -45,6 +45,36 @@ def test_the_newest_version_is_the_default():
     assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "4")
 
 
+def test_model_may_be_named_by_its_serving_folder_name_version_or_model_file(tmp_path):
+    serving = str(tmp_path / "serving")
+    v1, v2 = write_package(serving, version=1), write_package(serving, version=2)
+    assert resolve_version_dir(os.path.join(v1, "model.onnx")) == v1
+    assert resolve_version_dir(v1) == v1
+    assert resolve_version_dir(os.path.dirname(v1)) == v2  # a model name: its newest version
+    assert resolve_version_dir(serving) == v2  # a serving folder holding one model name
+    assert resolve_version_dir(os.path.join(REPO, "serving_models")) == os.path.join(SHIPPED, "4")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "model not found: "),
+    ("two_models", "holds 2 models (other, pneumonia); name one: "),
+    ("other_file", "is a file but not a package's model.onnx; --model takes serving_models (holding one model)"),
+    ("empty_folder", "no published model under "),
+])
+def test_what_is_not_a_model_is_one_clear_line(case, message, tmp_path):
+    serving = str(tmp_path / "serving")
+    vdir = write_package(serving)
+    path = {"missing": str(tmp_path / "nope"), "two_models": serving, "empty_folder": str(tmp_path / "empty"),
+            "other_file": os.path.join(vdir, "metadata.json")}[case]
+    if case == "two_models":
+        write_package(serving, name="other")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(PackageError) as info:
+        resolve_version_dir(path)
+    line = str(info.value)
+    assert message in line and path in line and "\n" not in line
+
+
 def test_metadata_without_contract_keys_or_with_unusable_values_is_refused():
     raw = json.load(open(os.path.join(SHIPPED, "4", "metadata.json")))
     with pytest.raises(PackageError, match="lacks sha256, decision_threshold"):

@@ -520,6 +520,15 @@ def _train_argv(command: str) -> list[str]:
     return argv[3:]
 
 
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and "exit codes:" in text
+    assert [line.split()[0] for line in text.split("exit codes:")[1].splitlines()
+            if re.match(r"  \d", line)] == ["0", "1", "2", "130"]
+
+
 def test_defaults_are_the_shipped_recipe():
     args = _parse(*DIRS, "--site-dir", "S")
     assert {k: args[k] for k in RECIPE} == RECIPE

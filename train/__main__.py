@@ -22,13 +22,24 @@ RECIPE = {"models": "resnet_aug", "image_size": 64, "epochs": 24, "patience": 20
 STUDY = {"models": "baseline_cnn,augmented_cnn,vgg19", "image_size": 128, "epochs": 100, "patience": 20, "seed": 42}
 
 
+EXIT_CODES = """\
+exit codes:
+  0    trained; RUN_DIR published (built beside its final place and renamed when complete)
+  1    an unexpected failure (a Python traceback): RUN_DIR not published, the partial run removed
+  2    refused with one line, nothing written: a missing data or site folder, a site folder overlapping the data,
+       no images or an empty class, an unknown model, --split not summing to 1, --select-by site_roc_auc
+       without --site-dir, a non-empty RUN_DIR without --overwrite, VGG19 weights not in the Keras cache
+  130  Ctrl-C: RUN_DIR not published, the partial run removed
+"""
+
+
 def default_select_by(site_dir: str | None) -> str:
     """The site sample's ROC AUC when there is a site sample, else the validation split's."""
     return "site_roc_auc" if site_dir else "val_roc_auc"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True,
                    help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")

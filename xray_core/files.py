@@ -24,13 +24,14 @@ LOCK_FILE = ".owner.lock"
 def temp_dir_beside(final: str, tag: str = "tmp") -> str:
     """A new empty directory next to `final` (same filesystem, so a rename publishes it).
 
-    mkdtemp makes 0700; the directory gets the permissions a plain mkdir would (umask).
+    mkdtemp makes 0700; the directory gets the permissions a plain mkdir would (umask), and keeps the setgid bit
+    it inherits from a setgid parent (so files made in it keep the parent's group).
     """
     final = os.path.abspath(final)
     tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(final)}.{tag}-", dir=os.path.dirname(final))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, (os.stat(tmp).st_mode & stat.S_ISGID) | (0o777 & ~umask))
     return tmp
 
 

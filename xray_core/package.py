@@ -170,17 +170,48 @@ def versions(name_dir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(name_dir) if d.isdigit() and os.path.isdir(os.path.join(name_dir, d)))
 
 
+def _is_version_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE))
+
+
+def model_names(serving_dir: str) -> list[str]:
+    """The model names of a serving folder: its subfolders holding at least one published version."""
+    if not os.path.isdir(serving_dir):
+        return []
+    return sorted(d for d in os.listdir(serving_dir) if versions(os.path.join(serving_dir, d)))
+
+
+PACKAGE_FORMS = (f"serving_models (holding one model), serving_models/<name>, serving_models/<name>/<version> "
+                 f"or its {MODEL_FILE}")
+
+
 def resolve_version_dir(model_path: str) -> str:
-    """serving_models/<name> -> its newest version dir; serving_models/<name>/<v> -> itself."""
+    """What --model may name -> the version folder to load (PackageError, one line, for anything else):
+
+    * ``serving_models/<name>/<version>/model.onnx`` or ``serving_models/<name>/<version>``: that version;
+    * ``serving_models/<name>``: its newest version;
+    * ``serving_models``, when it holds exactly one model name: that model's newest version.
+    """
     path = os.path.normpath(model_path)
-    if os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, MODEL_FILE)):
+    if not os.path.exists(path):
+        raise PackageError(f"model not found: {model_path}")
+    if os.path.isfile(path):
+        if os.path.basename(path) == MODEL_FILE:
+            return os.path.dirname(path) or "."
+        raise PackageError(f"{model_path} is a file but not a package's {MODEL_FILE}; --model takes "
+                           f"{PACKAGE_FORMS}")
+    if _is_version_dir(path):
         return path
     found = versions(path)
-    if not found:
-        if not os.path.exists(path):
-            raise PackageError(f"model not found: {model_path}")
-        raise PackageError(f"no published version under {model_path} (expected {model_path}/<N>/{MODEL_FILE})")
-    return os.path.join(path, str(found[-1]))
+    if found:
+        return os.path.join(path, str(found[-1]))
+    names = model_names(path)
+    if len(names) == 1:
+        return os.path.join(path, names[0], str(versions(os.path.join(path, names[0]))[-1]))
+    if names:
+        raise PackageError(f"{model_path} holds {len(names)} models ({', '.join(names)}); name one: "
+                           f"{os.path.join(model_path, names[0])}")
+    raise PackageError(f"no published model under {model_path}; --model takes {PACKAGE_FORMS}")
 
 
 def load_metadata(version_dir: str) -> Metadata:

@@ -1,0 +1,155 @@
+"""Stopping the job: SIGTERM (kill, docker stop, systemd, Kubernetes) is handled like Ctrl-C on every runner,
+and reaches the job as PID 1 of a container. Real subprocesses; SIGKILL and Ctrl-C: test_nightly.py and
+test_batch_job.py."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from batch_job.cli import main
+from batch_job.synthetic import make_tree
+from helpers import REPO
+from xray_core.files import sha256_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def ledger_rows(path: str) -> list[tuple]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT sha256, model, probability, path FROM scored ORDER BY path").fetchall()
+
+
+SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
+GRACE_SECONDS = 10  # docker stop's default: SIGKILL follows SIGTERM after it
+
+
+@pytest.fixture(scope="module")
+def slow_tree(tmp_path_factory) -> str:
+    """300 images of 256 px scored one per work unit by the shipped model: a job of several seconds."""
+    root = str(tmp_path_factory.mktemp("slow") / "in")
+    make_tree(root, per_class=150, size=256, seed=1)
+    return root
+
+
+def file_state(path: str) -> tuple:
+    st = os.stat(path)
+    return sha256_file(path), st.st_size, st.st_mtime_ns
+
+
+def terminate_mid_run(cmd: list[str], out: str, target=None) -> tuple[subprocess.CompletedProcess, float, list[int]]:
+    """Start `cmd`, send SIGTERM to the job's own process once its first shard is written (to `target(proc)`'s
+    pid when given: the job inside a PID namespace) -> (the finished process, seconds from SIGTERM to its
+    exit, the pids of the job's process tree at that moment)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not glob.glob(out + ".tmp-*/predictions-*.csv"):
+            time.sleep(0.05)
+        assert glob.glob(out + ".tmp-*/predictions-*.csv"), "the job never started writing"
+        pid = target(proc) if target else proc.pid
+        tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        t0 = time.time()
+        os.kill(pid, signal.SIGTERM)  # the job's process only, as docker stop, systemd and kill -TERM do
+        stdout, stderr = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.time() - t0, tree
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def assert_terminated_cleanly(done, seconds: float, tree: list[int], out: str, ledger: str, before: tuple) -> None:
+    import psutil
+
+    assert done.returncode == 143, done.stderr[-3000:]
+    # the job's line, once (worker threads still running may log their failure on the removed temp dir)
+    assert done.stderr.splitlines().count("error: terminated (SIGTERM); nothing published") == 1, done.stderr[-3000:]
+    assert done.stdout == "" and seconds < GRACE_SECONDS
+    time.sleep(1)  # a worker still finishing a task must not bring anything back
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
+    assert file_state(ledger) == before  # the ledger untouched
+    deadline = time.time() + GRACE_SECONDS
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                         for p in tree):
+        time.sleep(0.2)
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+@pytest.fixture
+def night_one(tmp_path) -> str:
+    """A ledger that already holds a night's rows (the shipped model, 4 images)."""
+    inp, ledger = tmp_path / "night1-in", str(tmp_path / "ledger.sqlite")
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    assert main(["--input", str(inp), "--model", SHIPPED, "--output", str(tmp_path / "night1"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory"]) == 0
+    assert len(ledger_rows(ledger)) == 4
+    return ledger
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["multi_threading", "multi_processing"])
+def test_sigterm_stops_the_job_like_ctrl_c(mode, slow_tree, night_one, tmp_path):
+    """SIGTERM mid-run on DirectRunner (worker threads, the default on up to 4 cores; worker processes, beyond):
+    exit 143 within docker stop's grace period, nothing published, no temp folder, the ledger as it was, no
+    worker process left."""
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", slow_tree, "--model", SHIPPED, "--output", out,
+           "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", f"--direct_running_mode={mode}",
+           "--direct_num_workers=2"]
+    assert_terminated_cleanly(*terminate_mid_run(cmd, out), out, night_one, before)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_job_on_dask_runner(slow_tree, night_one, tmp_path, dask_cluster):
+    """The driver's SIGTERM on DaskRunner: the same, and the cluster's tasks write nothing back afterwards."""
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", slow_tree, "--model", SHIPPED, "--output", out,
+           "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", "--runner", "DaskRunner",
+           f"--dask_client_address={dask_cluster}"]
+    done, seconds, _ = terminate_mid_run(cmd, out)  # the driver's tree: the cluster's workers are not its own
+    assert_terminated_cleanly(done, seconds, [], out, night_one, before)
+    time.sleep(3)
+    assert sorted(os.listdir(tmp_path)) == ["ledger.sqlite", "ledger.sqlite.lock", "night1", "night1-in"]
+
+
+def pid_namespace_available() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rpf", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pid_namespace_available(), reason="unshare cannot create a PID namespace here")
+def test_sigterm_reaches_the_job_as_pid_1_as_in_docker_stop(slow_tree, night_one, tmp_path):
+    """docker stop sends SIGTERM to the container's PID 1 (the Dockerfile's exec-form ENTRYPOINT: Python itself),
+    then SIGKILL after its grace period. The kernel drops a signal sent to a namespace's PID 1 that has no handler
+    for it: a bare Python there ignores SIGTERM (checked first, so this test can tell), the job must not."""
+    import psutil
+
+    def pid_1(proc) -> int:  # unshare --fork: its child is PID 1 inside
+        return psutil.Process(proc.pid).children()[0].pid
+
+    sleeper = subprocess.Popen(["unshare", "-rpf", "--mount-proc", sys.executable, "-c", "import time; "
+                                "time.sleep(60)"], start_new_session=True)
+    try:
+        time.sleep(1)
+        os.kill(pid_1(sleeper), signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            sleeper.wait(timeout=2)  # PID 1 without a handler: SIGTERM ignored
+    finally:
+        os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = ["unshare", "-rpf", "--mount-proc", sys.executable, "-m", "batch_job", "--input", slow_tree, "--model",
+           SHIPPED, "--output", out, "--ledger", night_one, "--shard-size", "1", "--batch-size", "1"]
+    assert_terminated_cleanly(*terminate_mid_run(cmd, out, target=pid_1), out, night_one, before)
