@@ -89,6 +89,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="the job's own log lines on stderr: INFO (default) progress and each step's figures; "
                         "WARNING problems only; DEBUG also tracebacks, which may name files (at INFO and above no "
                         "line names a patient's file or DICOM field). Beam and Dask log warnings and errors")
+    p.add_argument("--modalities", default="CR,DX", metavar="LIST",
+                   help="DICOM Modality values in scope (comma-separated; default CR,DX); other DICOM files are "
+                        "out of scope, with the reason, and never scored. Widen only for a model validated on them")
     p.add_argument("--fail-if-empty", action="store_true",
                    help="exit 2, writing nothing, when the inputs hold no image (default: a quiet night, exit 0, "
                         "outputs published with images_found 0)")

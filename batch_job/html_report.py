@@ -119,7 +119,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int) -> d
     state = drift_state(r.drift)
     cards = [("found", c.found, ""), ("scored", c.scored, ""), ("failed", c.failed, "fail"),
              ("skipped (ledger)", c.skipped, ""), ("flagged PNEUMONIA", r.positive_count, "flag"),
-             ("positive rate", f"{r.positive_rate:.1%}", ""),
+             ("positive rate", "n/a" if r.positive_rate is None else f"{r.positive_rate:.1%}", ""),
              ("drift", state, {"DETECTED": "flag word", "none": "word", "not judged": "muted word"}[state])]
     return {
         "model": display(r.model), "threshold": f"{r.threshold:.4f}", "runner": r.runner,

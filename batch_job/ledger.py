@@ -20,6 +20,7 @@ import os
 import pathlib
 import sqlite3
 import stat
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 
@@ -34,6 +35,15 @@ CREATE TABLE IF NOT EXISTS scored (
     sha256 TEXT NOT NULL,
     model TEXT NOT NULL,
     probability REAL NOT NULL,
+    scored_utc TEXT NOT NULL,
+    path TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (sha256, model)
+);
+CREATE TABLE IF NOT EXISTS out_of_scope (
+    sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    reason TEXT NOT NULL,
     scored_utc TEXT NOT NULL,
     path TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -157,10 +167,10 @@ class Ledger:
             self._lock_file.close()
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
-               drift=None, files: Iterable[FileKey] = ()) -> int:
-        """Insert (sha256, probability, path) entries, the run, the file keys of the files read in this run and,
-        given the run's DriftResult for a model with a drift reference, the run's drift figures: in one
-        transaction. -> the entries added."""
+               drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = ()) -> int:
+        """Insert (sha256, probability, path) entries, (sha256, reason, path) of the images the input gate refused,
+        the run, the file keys of the files read in this run and, given the run's DriftResult for a model with a
+        drift reference, the run's drift figures: in one transaction. -> the scored entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:
@@ -172,6 +182,11 @@ class Ledger:
                     ((sha, model, prob, now, _printable(path), run_id) for sha, prob, path in entries),
                 )
                 added = conn.total_changes - before
+                conn.executemany(
+                    "INSERT OR IGNORE INTO out_of_scope (sha256, model, reason, scored_utc, path, run_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
+                )
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
                 conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "
                                  "VALUES (?, ?, ?, ?, ?)",
@@ -225,20 +240,34 @@ def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
     return _read_only(path)
 
 
-def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str) -> tuple[str, float] | None:
-    """Worker side: (sha256, probability) when the file's (size, mtime_ns, ctime_ns) as `found` now are what an
-    earlier night recorded under its path and this model scored those bytes; else None."""
+@dataclass(frozen=True)
+class Earlier:
+    """What an earlier night recorded for these bytes and this model: a probability, or why it was out of scope."""
+
+    sha256: str
+    probability: float | None
+    reason: str = ""
+
+
+def _earlier(conn, sha256: str, model: str) -> Earlier | None:
+    row = conn.execute("SELECT probability FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
+    if row:
+        return Earlier(sha256, float(row[0]))
+    row = conn.execute("SELECT reason FROM out_of_scope WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
+    return Earlier(sha256, None, row[0]) if row else None
+
+
+def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str) -> Earlier | None:
+    """Worker side: what an earlier night recorded when the file's (size, mtime_ns, ctime_ns) as `found` now are
+    what it recorded under its path and this model scored or refused those bytes; else None."""
     st = os.stat(path)
-    row = _reader(path, st.st_dev, st.st_ino).execute(
-        "SELECT f.sha256, s.probability FROM files f JOIN scored s ON s.sha256 = f.sha256 AND s.model = ? "
-        "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ? AND f.ctime_ns = ?",
-        (model, os.fsencode(file_path), *found)).fetchone()
-    return (row[0], float(row[1])) if row else None
+    conn = _reader(path, st.st_dev, st.st_ino)
+    row = conn.execute("SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
+                       (os.fsencode(file_path), *found)).fetchone()
+    return _earlier(conn, row[0], model) if row else None
 
 
-def lookup(path: str, sha256: str, model: str) -> tuple[float, str] | None:
-    """Worker side: (probability, scored_utc) of an earlier score, or None."""
+def lookup(path: str, sha256: str, model: str) -> Earlier | None:
+    """Worker side: an earlier night's score or refusal of these bytes by this model, or None."""
     st = os.stat(path)  # a ledger file replaced at the same path gets a new reader
-    row = _reader(path, st.st_dev, st.st_ino).execute(
-        "SELECT probability, scored_utc FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
-    return (float(row[0]), row[1]) if row else None
+    return _earlier(_reader(path, st.st_dev, st.st_ino), sha256, model)

@@ -37,6 +37,7 @@ from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
 from batch_job.runner import Runner, choose_runner, execute
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
+from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.errors import one_line
 from xray_core.labels import label_from_path
 
@@ -67,7 +68,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args)  # refuses arguments that neither the job nor Beam knows
     check_inputs(args.input, args.fail_if_empty)
+    modalities(args.modalities)
     model = load_model(args.model, args.threshold)
+    if model.gate_limit is None:
+        LOG.info("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
+                 "near-constant, too few grey levels) run", model.model_id)
     package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
     if args.ledger:
@@ -89,7 +94,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                      model.threshold, runner.label)
             kill_point("listed")
             t_scoring = time.perf_counter()
-            spec = scoring_spec(model, args.batch_size, runner, book, args.heatmaps)
+            spec = scoring_spec(model, args.batch_size, runner, book, args.heatmaps, modalities(args.modalities))
             score(runner, shards, listing, spec, tmp, scratch)
             t_report = time.perf_counter()
             LOG.info("pipeline finished after %.1fs (%.1fs scoring)", t_report - t0, t_report - t_scoring)
@@ -121,8 +126,16 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             outdir.publish(tmp, out, overwrite)
             kill_point("published")
             if book is not None:
-                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys)
+                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused)
     return result
+
+
+def modalities(text: str) -> tuple[str, ...]:
+    """--modalities -> the DICOM Modality values in scope (InputError for an empty list)."""
+    found = tuple(m.strip().upper() for m in text.split(",") if m.strip())
+    if not found:
+        raise InputError("--modalities needs at least one DICOM Modality, e.g. CR,DX")
+    return found
 
 
 def replaceable(args: argparse.Namespace, out: str) -> bool:
@@ -148,7 +161,7 @@ def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[s
 
 
 def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | None,
-                 n_heatmaps: int = 0) -> ScoringSpec:
+                 n_heatmaps: int = 0, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> ScoringSpec:
     if n_heatmaps and model.heatmap_hw is None:
         LOG.info("model %s has no heatmap output: no heatmaps (the report lists the top flagged images without)",
                  model.model_id)
@@ -156,7 +169,9 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
                        intra_op_threads=1 if runner.workers > 1 else 0,  # one per worker: no oversubscription
                        ledger_path=book.path if book is not None else None,
                        heatmaps=n_heatmaps, with_heatmap=bool(n_heatmaps) and model.heatmap_hw is not None,
-                       drift_sample=drift_check.SAMPLE_ROWS if model.reference else 0)
+                       drift_sample=drift_check.SAMPLE_ROWS if model.reference else 0,
+                       reference_path=model.reference, gate_limit=model.gate_limit,
+                       allowed_modalities=modalities)
 
 
 def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: str, scratch: str) -> None:
@@ -195,11 +210,11 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
 
 
 def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
-                  file_keys: list = ()) -> None:
+                  file_keys: list = (), refused: list = ()) -> None:
     """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
     if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys)
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

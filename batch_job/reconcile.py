@@ -24,16 +24,17 @@ class Reconciliation:
     duplicated: int
     unexpected: int
     stray_shards: list[str]
-    per_input: dict[str, dict[str, int]]  # --input -> found, scored, failed, skipped
+    per_input: dict[str, dict[str, int]]  # --input -> found, scored, failed, skipped, out_of_scope
     # Of the images scored in this run, in listing order: every figure of the night is theirs (those skipped
     # through the ledger were counted on the night that scored them, and are counted here only as skipped).
     probabilities: np.ndarray  # float64
     labels: list[str]  # their folder labels ("" where none)
+    out_of_scope: int = 0  # refused by the input gate: no probability
 
     @property
     def ok(self) -> bool:
         return (self.missing == 0 and self.duplicated == 0 and self.unexpected == 0 and not self.stray_shards
-                and self.found == self.scored + self.failed + self.skipped)
+                and self.found == self.scored + self.failed + self.skipped + self.out_of_scope)
 
 
 def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], inputs: list[str]) -> Reconciliation:
@@ -42,8 +43,9 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     Streams shard by shard: memory holds one shard plus the probabilities and labels of the images scored in this
     run."""
     probs, labels = [], []
-    per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0} for arg in inputs}  # all, even empty
-    found = scored = failed = skipped = missing = duplicated = unexpected = 0
+    per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}
+                 for arg in inputs}  # all, even empty
+    found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = 0
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
         found += len(listed)
@@ -70,6 +72,9 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
             elif row["status"] == "skipped":  # scored on an earlier night: its figures were that night's
                 skipped += 1
                 counts["skipped"] += 1
+            elif row["status"] == "out_of_scope":
+                out_of_scope += 1
+                counts["out_of_scope"] += 1
             else:
                 failed += 1
                 counts["failed"] += 1
@@ -77,7 +82,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
-                          np.asarray(probs, dtype=np.float64), labels)
+                          np.asarray(probs, dtype=np.float64), labels, out_of_scope)
 
 
 def check(rec: Reconciliation) -> None:
@@ -85,13 +90,14 @@ def check(rec: Reconciliation) -> None:
     if not rec.ok:
         raise ReconciliationError(
             f"reconciliation failed: found {rec.found}, scored {rec.scored}, failed {rec.failed}, skipped "
-            f"{rec.skipped}, missing {rec.missing}, duplicated {rec.duplicated}, unexpected {rec.unexpected}, "
+            f"{rec.skipped}, out of scope {rec.out_of_scope}, missing {rec.missing}, duplicated {rec.duplicated}, "
+            f"unexpected {rec.unexpected}, "
             f"stray shards {len(rec.stray_shards)}; output not published")
 
 
 def check_counts(rec: Reconciliation, summary_counts: dict[str, int]) -> None:
     """ReconciliationError unless the shards' summaries count what their CSVs hold."""
-    in_csv = {"scored": rec.scored, "failed": rec.failed, "skipped": rec.skipped}
+    in_csv = {"scored": rec.scored, "failed": rec.failed, "skipped": rec.skipped, "out_of_scope": rec.out_of_scope}
     if summary_counts != in_csv:
         raise ReconciliationError(f"reconciliation failed: the shard CSVs hold {in_csv} but the shard summaries "
                                   f"count {summary_counts}; output not published")

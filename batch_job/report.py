@@ -36,16 +36,22 @@ def _score(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _rate(r: RunResult, digits: int = 4) -> str:
+    return "n/a" if r.positive_rate is None else f"{r.positive_rate:.{digits}f}"
+
+
 def report_markdown(r: RunResult) -> str:
     c = r.counts
     lines = ["# Batch scoring report", "",
              f"Model `{r.model}`, threshold {r.threshold:.4f}, runner {r.runner}, "
              f"{r.wall_seconds:.1f} s, {r.images_per_second} images/s.", "",
-             "| images found | scored | failed | skipped (in ledger) | positive | positive rate |",
-             "|---|---|---|---|---|---|",
-             f"| {c.found} | {c.scored} | {c.failed} | {c.skipped} | {r.positive_count} | {r.positive_rate:.4f} |", "",
-             "## Per input", "", "| input | found | scored | failed | skipped |", "|---|---|---|---|---|"]
-    lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} | {v['skipped']} |"
+             "| images found | scored | failed | out of scope | skipped (in ledger) | positive | positive rate |",
+             "|---|---|---|---|---|---|---|",
+             f"| {c.found} | {c.scored} | {c.failed} | {c.out_of_scope} | {c.skipped} | {r.positive_count} | "
+             f"{_rate(r)} |", "",
+             "## Per input", "", "| input | found | scored | failed | out of scope | skipped |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} | {v.get('out_of_scope', 0)} | {v['skipped']} |"
               for k, v in c.per_input.items()]
     counts, edges = r.probability_histogram()
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
@@ -71,13 +77,14 @@ def report_markdown(r: RunResult) -> str:
 def summary(r: RunResult, out: str) -> str:
     """The job's last lines on stdout."""
     c = r.counts
-    line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.skipped} skipped as already in the ledger) "
+    line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.out_of_scope} out of scope, {c.skipped} "
+            "skipped as already in the ledger) "
             f"with {r.model} on {r.runner} in {r.wall_seconds:.1f}s ({r.images_per_second} images/s); "
-            f"{r.positive_count} flagged PNEUMONIA (rate {r.positive_rate:.3f}, threshold {r.threshold:.4f})")
+            f"{r.positive_count} flagged PNEUMONIA (rate {_rate(r, 3)}, threshold {r.threshold:.4f})")
     if r.labelled is not None:
         s = r.labelled.scores
-        line += (f"\nagainst folder labels ({r.labelled.images}): accuracy {s['accuracy']:.4f}, recall "
-                 f"{s['recall']:.4f}, specificity {s['specificity']:.4f}, ROC AUC {_score(s['roc_auc'])}")
+        line += (f"\nagainst folder labels ({r.labelled.images}): accuracy {_score(s['accuracy'])}, recall "
+                 f"{_score(s['recall'])}, specificity {_score(s['specificity'])}, ROC AUC {_score(s['roc_auc'])}")
     line += "\n" + summary_line(r.drift)
     drift_files = "".join(f", {f}" for f in r.drift.figures)
     return line + (f"\noutputs in {out}: report.html, predictions-*.csv, metrics.json, report.md, histogram.png"

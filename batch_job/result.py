@@ -59,9 +59,10 @@ class RunResult:
         return int(np.sum(self.counts.probabilities >= self.threshold))
 
     @property
-    def positive_rate(self) -> float:
+    def positive_rate(self) -> float | None:
+        """None when no image was scored: a rate of nothing is undefined (null in metrics.json, n/a in reports)."""
         n = len(self.counts.probabilities)
-        return self.positive_count / n if n else 0.0
+        return self.positive_count / n if n else None
 
     @property
     def wall_seconds(self) -> float:
@@ -85,7 +86,7 @@ class RunResult:
         hist, edges = self.probability_histogram()
         out = {
             "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
-            "images_skipped": c.skipped, "positive_count": self.positive_count, "positive_rate": self.positive_rate,
+            "images_skipped": c.skipped, "images_out_of_scope": c.out_of_scope, "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,
         }

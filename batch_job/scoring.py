@@ -12,9 +12,12 @@ import numpy as np
 
 from batch_job import ledger
 from batch_job.listing import is_uri
+from xray_core import gate, reference
+from xray_core.dicom_header import DEFAULT_MODALITIES, DicomHeader
 from xray_core.errors import one_line
+from xray_core.gate import Gate
 from xray_core.package import open_session, score
-from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, load_input
 
 COLUMNS = ("path", "status", "probability", "prediction", "threshold", "label", "model", "error")
 SESSIONS_KEPT = 4  # per worker process; a long-lived Dask worker sees one model version after another
@@ -96,6 +99,9 @@ class ScoringSpec:
     heatmaps: int = 0  # keep the shard's top N flagged images for the heatmap step (0: none)
     with_heatmap: bool = False  # the model has a heatmap output: fetch it for flagged images
     drift_sample: int = 0  # keep the embeddings of the shard's first N images in the seeded order (0: none)
+    reference_path: str | None = None  # the package's reference.npz, for the content check
+    gate_limit: float | None = None  # the content check's limit; None: no content check
+    allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES  # DICOM Modality values in scope
 
 
 @dataclass(frozen=True)
@@ -103,16 +109,17 @@ class Row:
     """One image's result: its CSV row (COLUMNS, as text) and what the shard summary keeps of it."""
 
     path: str
-    status: str  # ok, error or skipped (scored by this model on an earlier night: the ledger's probability)
-    probability: str  # 8 decimals; "" for an error
+    status: str  # ok, error, out_of_scope, or skipped (scored by this model on an earlier night: the ledger's)
+    probability: str  # 8 decimals; "" for an error or an image out of scope
     prediction: str  # PNEUMONIA, NORMAL or ""
     threshold: str
     label: str  # the folder label, or ""
     model: str
-    error: str
+    error: str  # why it failed, or why it is out of scope
     sha256: str = ""  # of the file's bytes, with a ledger only
     heatmap: np.ndarray | None = None  # (h, w): flagged images of this run, with spec.with_heatmap
     embedding: np.ndarray | None = None  # (D,): images scored in this run, with spec.drift_sample
+    header: DicomHeader | None = None  # DICOM input: its identifiers for the worklist
 
     def csv_row(self) -> list[str]:
         return [getattr(self, c) for c in COLUMNS]
@@ -124,27 +131,58 @@ class Row:
 
 def make_row(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
              sha256: str = "", status: str | None = None, heatmap: np.ndarray | None = None,
-             embedding: np.ndarray | None = None) -> Row:
+             embedding: np.ndarray | None = None, header: DicomHeader | None = None) -> Row:
     ok = probability is not None
     if ok:
         probability = round(float(probability), 8)  # decide on exactly what the CSV and ledger hold
     prediction = ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else ""
     return Row(path, status or ("ok" if ok else "error"), f"{probability:.8f}" if ok else "", prediction,
                repr(float(spec.threshold)), label, spec.model_id, error, sha256,
-               heatmap if prediction == "PNEUMONIA" else None, embedding)
+               heatmap if prediction == "PNEUMONIA" else None, embedding, header)
+
+
+def out_of_scope_row(path: str, label: str, spec: ScoringSpec, reason: str, sha256: str = "",
+                     header: DicomHeader | None = None) -> Row:
+    """No probability and no prediction: nothing can sort the image onto a reading list."""
+    return Row(path, "out_of_scope", "", "", repr(float(spec.threshold)), label, spec.model_id, reason, sha256,
+               header=header)
+
+
+def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger.Earlier) -> Row:
+    """An image this model scored (its probability) or refused (its reason) on an earlier night."""
+    return make_row(path, label, spec, earlier.probability, error=earlier.reason, sha256=earlier.sha256,
+                    status="skipped")
+
+
+@functools.lru_cache(maxsize=SESSIONS_KEPT)
+def _gate(reference_path: str, mtime_ns: int, limit: float) -> Gate:
+    return gate.fit(reference.load(reference_path).embeddings, limit)
+
+
+def get_gate(spec: ScoringSpec) -> Gate | None:
+    """The package's content check, fitted once per worker process (Ledoit-Wolf on its reference rows)."""
+    if spec.gate_limit is None or spec.reference_path is None:
+        return None
+    with _SESSIONS_LOCK:
+        return _gate(spec.reference_path, os.stat(spec.reference_path).st_mtime_ns, spec.gate_limit)
 
 
 def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[Row]:
     """One row per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the folder
-    labels the listing found for the paths (default: none)."""
+    labels the listing found for the paths (default: none). The input gate runs before and after the network:
+    a DICOM header out of scope or an image the cheap checks refuse is never scored; an image whose embedding is
+    past the package's limit gets no probability either."""
     labels = labels or [""] * len(paths)
     config = PreprocessConfig.from_dict(spec.preprocessing)
     session = get_session(spec.model_path, spec.intra_op_threads)
+    content_check = get_gate(spec)
+    embedding = bool(spec.drift_sample) or content_check is not None
     rows: list[Row] = []
     for start in range(0, len(paths), spec.batch_size):
         chunk = list(zip(paths[start:start + spec.batch_size], labels[start:start + spec.batch_size]))
         arrays, slots, out = [], [], [None] * len(chunk)
         digests = [""] * len(chunk)
+        headers: list[DicomHeader | None] = [None] * len(chunk)
         for i, (path, label) in enumerate(chunk):
             try:
                 data = read_input(path)
@@ -152,9 +190,14 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                     digests[i] = hashlib.sha256(data).hexdigest()
                     earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
                     if earlier:
-                        out[i] = make_row(path, label, spec, earlier[0], sha256=digests[i], status="skipped")
+                        out[i] = skipped_row(path, label, spec, earlier)
                         continue
-                arrays.append(preprocess_image(data, config))
+                loaded = load_input(data, config, spec.allowed_modalities)
+                headers[i] = loaded.header
+                if loaded.reason:
+                    out[i] = out_of_scope_row(path, label, spec, loaded.reason, digests[i], loaded.header)
+                    continue
+                arrays.append(loaded.array)
                 slots.append(i)
             except ImageError as exc:
                 out[i] = make_row(path, label, spec, error=str(exc), sha256=digests[i])
@@ -162,11 +205,16 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 reason = f"unexpected {type(exc).__name__}: {one_line(exc, 200)}"
                 out[i] = make_row(path, label, spec, error=reason, sha256=digests[i])
         if arrays:
-            got = score(session, np.stack(arrays), heatmap=spec.with_heatmap, embedding=bool(spec.drift_sample),
+            got = score(session, np.stack(arrays), heatmap=spec.with_heatmap, embedding=embedding,
                         batch_size=len(arrays))
+            distances = content_check.distances(got.embedding) if content_check is not None else None
             for j, i in enumerate(slots):
+                reason = content_check.reason(float(distances[j])) if distances is not None else None
+                if reason:
+                    out[i] = out_of_scope_row(*chunk[i], spec, reason, digests[i], headers[i])
+                    continue
                 out[i] = make_row(*chunk[i], spec, float(got.probability[j]), sha256=digests[i],
                                   heatmap=None if got.heatmap is None else got.heatmap[j],
-                                  embedding=None if got.embedding is None else got.embedding[j])
+                                  embedding=got.embedding[j] if spec.drift_sample else None, header=headers[i])
         rows.extend(out)
     return rows

@@ -4,7 +4,7 @@ A worker scores a shard and writes, inside DoFn.process(), first the summary ``s
 the shard's CSV ``predictions-NNNNN.csv`` (the CSV marks the shard complete); both atomically, so a retried task
 rewrites the same two files. The summary holds what the driver needs besides the CSV rows:
 
-* counts: images scored, failed and skipped (through the ledger);
+* counts: images scored, failed, skipped (through the ledger) and out of scope (the input gate);
 * the shard's top N flagged images scored in this run (probability, path, folder label, heatmap): the run's top N
   lie within the union of the shards' top N (heatmaps.py);
 * the shard's drift sample: the images scored in this run with the smallest sample keys, with their embeddings
@@ -71,6 +71,8 @@ class ShardSummary:
     sample_embeddings: np.ndarray  # float16 (m, D)
     ledger_rows: list[tuple[str, float, str]]  # (sha256, probability, path) of the images scored in this run
     file_keys: list[FileKey] = field(default_factory=list)  # of the files read in this run, with a ledger
+    out_of_scope: int = 0
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (sha256, reason, path), with a ledger
 
 
 def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ()) -> ShardSummary:
@@ -78,9 +80,10 @@ def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ())
     keys, embeddings = drift_check.smallest(rows, spec.drift_sample)
     ledger_rows = [(r.sha256, float(r.probability), r.path) for r in rows if r.status == "ok"] \
         if spec.ledger_path else []
+    refused = [(r.sha256, r.error, r.path) for r in rows if r.status == "out_of_scope"] if spec.ledger_path else []
     return ShardSummary(sum(r.status == "ok" for r in rows), sum(r.status == "error" for r in rows),
                         sum(r.status == "skipped" for r in rows), top_flagged(rows, spec.heatmaps), keys, embeddings,
-                        ledger_rows, list(file_keys))
+                        ledger_rows, list(file_keys), sum(r.status == "out_of_scope" for r in rows), refused)
 
 
 def _strings(values: list[str]) -> np.ndarray:
@@ -90,7 +93,7 @@ def _strings(values: list[str]) -> np.ndarray:
 def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
     maps = [f.heatmap for f in s.flagged if f.heatmap is not None]
     arrays = {
-        "counts": np.asarray([s.scored, s.failed, s.skipped], np.int64),
+        "counts": np.asarray([s.scored, s.failed, s.skipped, s.out_of_scope], np.int64),
         "flagged_probability": np.asarray([f.probability for f in s.flagged], np.float64),
         "flagged_path": _strings([f.path for f in s.flagged]),
         "flagged_label": _strings([f.label for f in s.flagged]),
@@ -102,6 +105,9 @@ def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
         "ledger_sha256": _strings([r[0] for r in s.ledger_rows]),
         "ledger_probability": np.asarray([r[1] for r in s.ledger_rows], np.float64),
         "ledger_path": _strings([r[2] for r in s.ledger_rows]),
+        "refused_sha256": _strings([r[0] for r in s.refused]),
+        "refused_reason": _strings([r[1] for r in s.refused]),
+        "refused_path": _strings([r[2] for r in s.refused]),
         "file_path": _strings([k[0] for k in s.file_keys]),
         "file_stat": np.asarray([k[1:4] for k in s.file_keys], np.int64).reshape(-1, 3),  # size, mtime, ctime
         "file_sha256": _strings([k[4] for k in s.file_keys]),
@@ -119,9 +125,11 @@ def read(scratch: str, shard_id: int) -> ShardSummary:
                        zip(z["ledger_sha256"], z["ledger_probability"], z["ledger_path"])]
         file_keys = [(str(path), *(int(v) for v in st), str(h)) for path, st, h in
                      zip(z["file_path"], z["file_stat"], z["file_sha256"])]
-        scored, failed, skipped = (int(c) for c in z["counts"])
+        scored, failed, skipped, out_of_scope = (int(c) for c in z["counts"])
+        refused = [(str(h), str(why), str(path)) for h, why, path in
+                   zip(z["refused_sha256"], z["refused_reason"], z["refused_path"])]
         return ShardSummary(scored, failed, skipped, flagged, z["sample_keys"], z["sample_embeddings"], ledger_rows,
-                            file_keys)
+                            file_keys, out_of_scope, refused)
 
 
 @dataclass
@@ -129,11 +137,13 @@ class Gathered:
     """All shards' summaries, merged: the run's top N flagged (highest first), its drift sample (the k smallest
     sample keys, in key order) and its ledger rows, and the counts the summaries report."""
 
-    counts: dict[str, int] = field(default_factory=lambda: {"scored": 0, "failed": 0, "skipped": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"scored": 0, "failed": 0, "skipped": 0,
+                                                            "out_of_scope": 0})
     flagged: list[Flagged] = field(default_factory=list)
     sample_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     sample_embeddings: np.ndarray | None = None
     ledger_rows: list[tuple[str, float, str]] = field(default_factory=list)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
     file_keys: list[FileKey] = field(default_factory=list)
 
 
@@ -146,11 +156,13 @@ def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
         except FileNotFoundError:
             raise ReconciliationError(f"reconciliation failed: shard {shard_id} has a CSV but no summary; output "
                                       "not published") from None
-        for key, value in (("scored", s.scored), ("failed", s.failed), ("skipped", s.skipped)):
+        for key, value in (("scored", s.scored), ("failed", s.failed), ("skipped", s.skipped),
+                           ("out_of_scope", s.out_of_scope)):
             out.counts[key] += value
         out.flagged = heapq.nsmallest(n_flagged, out.flagged + s.flagged, key=rank_key)
         out.sample_keys, out.sample_embeddings = drift_check.keep_smallest(
             out.sample_keys, out.sample_embeddings, s.sample_keys, s.sample_embeddings, k_sample)
         out.ledger_rows.extend(s.ledger_rows)
+        out.refused.extend(s.refused)
         out.file_keys.extend(s.file_keys)
     return out

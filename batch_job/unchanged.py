@@ -20,7 +20,7 @@ import stat
 from batch_job import ledger
 from batch_job.ledger import FileKey
 from batch_job.listing import is_uri
-from batch_job.scoring import Row, ScoringSpec, make_row, score_paths
+from batch_job.scoring import Row, ScoringSpec, score_paths, skipped_row
 
 
 def file_stat(path: str) -> tuple[int, int, int] | None:
@@ -44,13 +44,13 @@ def score_shard(paths: list[str], labels: list[str], spec: ScoringSpec) -> tuple
     for i, (path, label, st) in enumerate(zip(paths, labels, stats)):
         known = ledger.lookup_unchanged(spec.ledger_path, path, st, spec.model_id) if st else None
         if known:
-            rows[i] = make_row(path, label, spec, known[1], sha256=known[0], status="skipped")
+            rows[i] = skipped_row(path, label, spec, known)
         else:
             todo.append(i)
     keys: list[FileKey] = []
     if todo:
         for i, row in zip(todo, score_paths([paths[i] for i in todo], spec, [labels[i] for i in todo])):
             rows[i] = row
-            if row.status in ("ok", "skipped") and row.sha256 and stats[i]:
+            if row.status in ("ok", "skipped", "out_of_scope") and row.sha256 and stats[i]:
                 keys.append((row.path, *stats[i], row.sha256))
     return rows, keys

@@ -9,6 +9,7 @@ import os
 for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image
 
@@ -47,8 +48,10 @@ def labelled_tree(tmp_path_factory) -> tuple[str, dict[str, str]]:
     make_tree(os.path.join(root, "site_a"), per_class=24, size=96, seed=3, nested=True)
     unlabelled = os.path.join(root, "site_b", "incoming, night 1", "ünïcode dir")
     os.makedirs(unlabelled)
-    for i in range(5):
-        Image.new("L", (80, 80), 40 + 40 * i).save(os.path.join(unlabelled, f"scan {i}, copy.png"))
+    rng = np.random.default_rng(7)
+    for i in range(5):  # mean grey 40 + 40 i, with texture: real scans are never flat (xray_core/content.py)
+        pixels = np.clip(40 + 40 * i + rng.normal(0, 12, (80, 80)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(os.path.join(unlabelled, f"scan {i}, copy.png"))
     bad = write_bad_inputs(os.path.join(root, "site_a", "PNEUMONIA", "bad"))
     return root, bad
 

@@ -323,3 +323,11 @@ def pbtxt_section(text, key):
     assert match, key
     entries = re.findall(r'\{\s*name:\s*"([^"]+)"\s+data_type:\s*(\w+)\s+dims:\s*\[([^\]]*)\]\s*\}', match.group(1))
     return [(name, dtype, [int(v) for v in dims.replace(",", " ").split()]) for name, dtype, dims in entries]
+
+
+def textured(size: tuple[int, int], mean: int, mode: str = "L", seed: int = 0) -> Image.Image:
+    """An image of grey level `mean` with noise (std 20): scorable, where a flat image is out of scope for the
+    input gate's cheap checks (xray_core/content.py). Same mean, same probability from the tiny test model."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(mean + rng.normal(0, 20, (size[1], size[0])), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "L").convert(mode)

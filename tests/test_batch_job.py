@@ -61,7 +61,8 @@ def test_direct_runner_scores_every_image_once(direct_run, labelled_tree):
     assert len(rows) == 48 + 5 + 7  # synthetic labelled + unlabelled + every bad kind (incl. the chmod-0 one)
     assert len(glob.glob(os.path.join(out, "predictions-*.csv"))) > 1  # work was spread over shards
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["images_found"] == m["images_scored"] + m["images_failed"] == len(rows)
+    assert m["images_found"] == m["images_scored"] + m["images_failed"] + m["images_out_of_scope"] == len(rows)
+    assert m["images_out_of_scope"] == 0  # the gate's cases: tests/test_gate_job.py
     t = m["timings"]  # the job's phases add up to its wall time; the bench reads the scoring phase
     assert min(t["setup_seconds"], t["scoring_seconds"], t["report_seconds"]) > 0
     phases = t["setup_seconds"] + t["scoring_seconds"] + t["report_seconds"]

@@ -33,7 +33,7 @@ def test_limit_is_a_held_out_percentile_times_the_margin():
 
 def test_in_distribution_rows_pass_and_far_rows_do_not():
     rows = _gaussian(400)
-    g = gate.fit(rows, gate.derive(rows))
+    g = gate.fit(rows, gate.derive(rows).limit)
     new = g.distances(_gaussian(1000, seed=7))
     assert np.mean(new > g.limit) <= 0.01  # fresh draws of the same distribution: at most 1% refused
     far = g.distances(_gaussian(200, seed=8, shift=3.0))
@@ -46,7 +46,7 @@ def test_distances_are_the_mahalanobis_distance_of_scikit_learns_fit():
     from sklearn.covariance import LedoitWolf
 
     rows = _gaussian(200)
-    g = gate.fit(rows, gate.derive(rows))
+    g = gate.fit(rows, gate.derive(rows).limit)
     x = _gaussian(5, seed=3)
     np.testing.assert_allclose(g.distances(x) ** 2, LedoitWolf().fit(rows.astype(np.float64)).mahalanobis(
         x.astype(np.float64)), rtol=1e-6)

@@ -23,7 +23,7 @@ from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import iter_images
 from batch_job.synthetic import make_tree
 from dicom_factory import dicom_bytes
-from helpers import REPO, assert_one_line_error, job, read_predictions, write_bad_inputs, write_package
+from helpers import REPO, assert_one_line_error, job, read_predictions, textured, write_bad_inputs, write_package
 from xray_core.files import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -53,11 +53,11 @@ def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
                "--direct_running_mode=in_memory"])
     stdout, err = capsys.readouterr()
     assert rc == 0 and err == "", err
-    assert stdout.startswith("scored 0/0 images (0 failed, 0 skipped as already in the ledger)")
+    assert stdout.startswith("scored 0/0 images (0 failed, 0 out of scope, 0 skipped as already in the ledger)")
     assert "0 flagged PNEUMONIA" in stdout
     m = json.load(open(out / "metrics.json"))
     assert (m["images_found"], m["images_scored"], m["images_failed"], m["images_skipped"]) == (0, 0, 0, 0)
-    assert m["per_input"] == {str(inp): {"found": 0, "scored": 0, "failed": 0, "skipped": 0}}
+    assert m["per_input"] == {str(inp): {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}}
     assert m["positive_count"] == 0 and sum(m["probability_histogram"]["counts"]) == 0
     assert open(out / "predictions-00000.csv").read().strip() == ",".join(
         ["path", "status", "probability", "prediction", "threshold", "label", "model", "error"])
@@ -78,11 +78,11 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     assert len(ledger_rows(ledger)) == 20
     # night 2: two new images (one a byte-copy of a known image under a new name) plus a broken one
     shutil.copy(next(iter(first)), os.path.join(small_tree, "NORMAL", "copy_of_known.jpeg"))
-    Image.new("L", (64, 64), 200).save(os.path.join(small_tree, "NORMAL", "new.png"))
+    textured((64, 64), 200).save(os.path.join(small_tree, "NORMAL", "new.png"))
     open(os.path.join(small_tree, "NORMAL", "broken.jpeg"), "wb").close()
     capsys.readouterr()
     assert main(base + ["--output", str(tmp_path / "night2")]) == 0
-    assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 21 skipped as already in the ledger) "
+    assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 0 out of scope, 21 skipped as already in the ledger) "
                                               "with pneumonia/1")  # and "1 flagged": tonight's (asserted below)
     second = read_predictions(str(tmp_path / "night2"))
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
@@ -98,7 +98,7 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     assert new_p >= 0.5 and m["positive_count"] == 1 and m["positive_rate"] == 1.0
     assert m["probability_histogram"]["counts"] == [int(i == min(int(new_p * 10), 9)) for i in range(10)]
     assert m["labelled_images"] == 1 and m["confusion_matrix"]["matrix"] == [[0, 1], [0, 0]]
-    assert m["per_input"] == {small_tree: {"found": 23, "scored": 1, "failed": 1, "skipped": 21}}
+    assert m["per_input"] == {small_tree: {"found": 23, "scored": 1, "failed": 1, "skipped": 21, "out_of_scope": 0}}
     night1 = json.load(open(tmp_path / "night1" / "metrics.json"))
     assert night1["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in first.values()) > 0
     published = sorted(os.listdir(tmp_path / "night2"))  # what README "Outputs" lists, and nothing else
@@ -166,7 +166,7 @@ def test_unchanged_files_are_not_read_again(small_tree, tiny_package, tmp_path, 
     shutil.copy2(paths[2], copy)  # same bytes and mtime, a new path
     st = os.stat(rewritten)
     data = bytearray(open(rewritten, "rb").read())
-    Image.new("L", (64, 64), 7).save(rewritten, format="JPEG")  # another image...
+    textured((64, 64), 7).save(rewritten, format="JPEG")  # another image...
     with open(rewritten, "r+b") as f:  # ...padded to the old size, the old mtime put back
         f.seek(0, os.SEEK_END)
         f.write(b"\0" * (len(data) - f.tell()))
@@ -354,13 +354,13 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
     for name in ("with space.png", "ünïcødé 名前.png", "comma, and \"quote\".png", "semi;colon.png"):
         p = os.path.join(root, "names", name)
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        Image.new("L", (48, 48), 90).save(p)
+        textured((48, 48), 90).save(p)
         expect[p] = "ok"
     tiny = os.path.join(root, "tiny")
     os.makedirs(tiny)
     for i in range(10_000):
         p = os.path.join(tiny, f"t{i:05d}.png")
-        Image.new("L", (32, 32), i % 256).save(p)
+        textured((32, 32), i % 256).save(p)
         expect[p] = "ok"
     write_big_png(os.path.join(root, "huge_20000.png"), 20_000)
     expect[os.path.join(root, "huge_20000.png")] = "decompression bomb"
@@ -388,7 +388,7 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
         f.write(dicom_bytes(ramp)[:700])
     expect[os.path.join(odd, "corrupt.dcm")] = "DICOM"
     latin1 = os.path.join(os.fsencode(root), b"names", b"latin1_\xe9t\xe9.png")  # not valid UTF-8
-    Image.new("L", (48, 48), 70).save(latin1, format="PNG")
+    textured((48, 48), 70).save(latin1, format="PNG")
     expect[os.fsdecode(latin1)] = "ok"
     os.mkfifo(os.path.join(root, "names", "fifo.png"))  # would block a naive open()
     expect[os.path.join(root, "names", "fifo.png")] = "not a regular file"
@@ -397,7 +397,7 @@ def build_fault_corpus(root: str, outside: str) -> dict[str, str]:
     os.symlink(root, os.path.join(root, "loop", "back_to_root"))  # a symlink loop: not followed
     os.makedirs(outside, exist_ok=True)
     target = os.path.join(outside, "outside.png")
-    Image.new("L", (48, 48), 30).save(target)
+    textured((48, 48), 30).save(target)
     os.symlink(target, os.path.join(root, "link_to_outside.png"))  # a linked file: scored under its link path
     expect[os.path.join(root, "link_to_outside.png")] = "ok"
     return expect
@@ -496,7 +496,7 @@ def test_ledger_readers_per_worker_are_bounded(tmp_path):
         with Ledger(path) as book:
             book.commit(f"run{i}", "/out", "m/1", [("ab" * 32, 0.25, "/x.png")])
         paths.append(os.path.realpath(path))
-    assert [lookup(p, "ab" * 32, "m/1")[0] for p in paths] == [0.25] * 8
+    assert [lookup(p, "ab" * 32, "m/1").probability for p in paths] == [0.25] * 8
 
     def open_ledgers() -> set[str]:
         gc.collect()  # a connection is closed when collected (it is in a reference cycle with its statement cache)

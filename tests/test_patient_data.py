@@ -9,12 +9,12 @@ import stat
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from batch_job.cli import main
 from batch_job.outdir import make_private
 from batch_job.synthetic import make_tree
 from dicom_factory import dicom_bytes
+from helpers import textured
 
 
 def modes(folder: str) -> dict[str, int]:
@@ -120,7 +120,7 @@ def test_the_log_names_no_patient_file_or_field(heat_package, tmp_path, monkeypa
 
     inp = tmp_path / "in" / "PNEUMONIA"
     inp.mkdir(parents=True)
-    Image.new("L", (64, 64), 230).save(inp / "DOE^JANE MRN998877.png")  # bright: flagged by the tiny model
+    textured((64, 64), 230).save(inp / "DOE^JANE MRN998877.png")  # bright: flagged by the tiny model
     (inp / "SMITH^JOHN MRN123.jpeg").write_bytes(b"not an image")
     (inp / "ACC-55555.dcm").write_bytes(dicom_with_identifiers(np.full((64, 64), 220, np.uint8)))
     real = heatmaps.make_heatmaps

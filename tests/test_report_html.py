@@ -18,7 +18,7 @@ from batch_job.cli import main
 from batch_job.scoring import Row
 from batch_job.shard_result import Flagged
 from batch_job.synthetic import make_tree
-from helpers import parse, read_predictions, reconciliation, run_result, write_bad_inputs
+from helpers import parse, read_predictions, reconciliation, run_result, textured, write_bad_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MARKUP = "<img src=x onerror=alert(1)>"
@@ -47,8 +47,8 @@ def report_run(heat_package, tmp_path_factory) -> str:
     odd = root / "site" / "PNEUMONIA" / "odd"
     odd.mkdir()
     for i, name in enumerate(HOSTILE):
-        Image.new("L", (160, 120), 200 + 10 * i).save(odd / name)
-    Image.new("L", (160, 120), 230).save(os.path.join(os.fsencode(str(odd)), BAD_UTF8), format="PNG")
+        textured((160, 120), 200 + 10 * i).save(odd / name)
+    textured((160, 120), 230).save(os.path.join(os.fsencode(str(odd)), BAD_UTF8), format="PNG")
     write_bad_inputs(str(root / "site" / "bad"))
     (root / "site" / "bad" / f'{MARKUP}"broken.jpeg').write_bytes(b"")
     out = str(tmp_path_factory.mktemp("report_run") / "out")

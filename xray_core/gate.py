@@ -91,12 +91,12 @@ def _fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lw.location_, lw.precision_
 
 
-def fit(embeddings: np.ndarray, spec: GateSpec) -> Gate:
-    """The gate of a package: its reference rows and its metadata's spec."""
+def fit(embeddings: np.ndarray, limit: float) -> Gate:
+    """The gate of a package: its reference rows and its metadata's limit."""
     if len(embeddings) < MIN_ROWS:
         raise GateError(f"the reference has {len(embeddings)} embedding rows; the gate needs >= {MIN_ROWS}")
     location, precision = _fit(embeddings)
-    return Gate(location, precision, float(spec.limit))
+    return Gate(location, precision, float(limit))
 
 
 def held_out_distances(embeddings: np.ndarray, folds: int = FOLDS, seed: int = SEED) -> np.ndarray:
