@@ -83,7 +83,7 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     capsys.readouterr()
     assert main(base + ["--output", str(tmp_path / "night2")]) == 0
     assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 0 out of scope, 21 skipped as already in "
-                                              "the ledger) with pneumonia/1")  # and "1 flagged": tonight's (asserted below)
+                                              "the ledger) with pneumonia/1")  # "1 flagged": asserted below
     second = read_predictions(str(tmp_path / "night2"))
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
     assert statuses.pop("copy_of_known.jpeg") == "skipped"  # same bytes, same model
