@@ -1,0 +1,110 @@
+"""The input gate in the batch job, on both runners: DICOM header rules, the cheap checks and the package's content
+check give status out_of_scope (reason, no probability); such images are counted, never flagged or in the night's
+figures, and the ledger remembers them."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job.cli import main
+from dicom_factory import dicom_bytes
+from export.republish import add_gate
+from helpers import read_predictions, write_package
+
+
+def _like_the_reference(rng, mean):
+    """32 px, noise around `mean`: what the tiny model's reference was made of (its embedding: 4x4 cell means)."""
+    return np.clip(mean + rng.normal(0, 0.15, (32, 32)), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """The tiny model (P rises with the mean grey; embedding = 4x4 cell means), its reference of 150 noisy images
+    of mean 0.3-0.7, and version 2 with the gate derived from that reference."""
+    base = tmp_path_factory.mktemp("gated")
+    rng = np.random.default_rng(0)
+    ref = np.stack([_like_the_reference(rng, m) for m in rng.uniform(0.3, 0.7, 150)])[..., None].astype(np.float32)
+    v1 = write_package(str(base / "serving"), reference_images=ref)
+    v2 = add_gate(v1, str(base / "serving"), "pneumonia", log=lambda _: None)
+    return base, v2
+
+
+def _inputs(folder):
+    rng = np.random.default_rng(1)
+    os.makedirs(folder)
+    names = {}
+    for i, m in enumerate((0.35, 0.5, 0.65, 0.68)):  # like the reference: scored (the brightest ones flagged)
+        names[f"scan{i}.png"] = "ok"
+        Image.fromarray((_like_the_reference(rng, m) * 255).astype(np.uint8), "L").resize((64, 64)).save(
+            os.path.join(folder, f"scan{i}.png"))
+    half = np.zeros((64, 64))
+    half[:, 32:] = 1.0  # black left, white right: mean 0.5 but cells unlike any reference image
+    Image.fromarray((np.clip(half * 0.9 + 0.05 + rng.normal(0, 0.05, (64, 64)), 0, 1) * 255).astype(np.uint8),
+                    "L").save(os.path.join(folder, "split.png"))
+    names["split.png"] = "not like the chest X-rays the model knows (distance "
+    Image.new("L", (64, 64), 250).save(os.path.join(folder, "blank.png"))  # bright: flagged if it were scored
+    names["blank.png"] = "near-constant image"
+    gray = (_like_the_reference(rng, 0.6) * 255).astype(np.uint8)
+    Image.fromarray(np.stack([gray, 255 - gray, gray // 3], axis=-1), "RGB").resize((64, 64)).save(
+        os.path.join(folder, "photo.png"))
+    names["photo.png"] = "colour image"
+    ct = (_like_the_reference(rng, 0.6) * 4000).astype(np.uint16)
+    with open(os.path.join(folder, "slice.dcm"), "wb") as f:
+        f.write(dicom_bytes(ct, bits_stored=12, modality="CT", PatientID="P1"))
+    names["slice.dcm"] = "Modality CT not allowed (allowed: CR, DX)"
+    return names
+
+
+@pytest.mark.parametrize("runner", ["direct", "dask"])
+def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(gated, tmp_path, runner, request):
+    base, package = gated
+    names = _inputs(str(tmp_path / "in"))
+    extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
+        if runner == "dask" else ["--direct_running_mode=in_memory"]
+    args = ["--input", str(tmp_path / "in"), "--model", package, "--ledger", str(tmp_path / "ledger.sqlite"),
+            *extra]
+    assert main(args + ["--output", str(tmp_path / "night1")]) == 0
+    rows = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "night1")).items()}
+    for name, want in names.items():
+        if want == "ok":
+            assert rows[name]["status"] == "ok" and rows[name]["probability"], name
+        else:
+            r = rows[name]
+            assert (r["status"], r["probability"], r["prediction"]) == ("out_of_scope", "", ""), name
+            assert r["error"].startswith(want), (name, r["error"])
+    m = json.load(open(tmp_path / "night1" / "metrics.json"))
+    assert (m["images_found"], m["images_scored"], m["images_out_of_scope"], m["images_failed"]) == (8, 4, 4, 0)
+    assert m["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in rows.values()) >= 1
+    assert m["drift"]["images"] == 4  # only the scored images are compared with the reference
+    # the second night reads nothing new: the refused images are skipped like the scored ones
+    assert main(args + ["--output", str(tmp_path / "night2")]) == 0
+    m2 = json.load(open(tmp_path / "night2" / "metrics.json"))
+    assert (m2["images_skipped"], m2["images_scored"], m2["images_out_of_scope"]) == (8, 0, 0)
+    skipped = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "night2")).items()}
+    assert skipped["blank.png"]["error"].startswith("near-constant image") and skipped["blank.png"]["probability"] == ""
+
+
+def test_a_package_without_a_gate_runs_the_header_and_cheap_checks_only(gated, tmp_path, caplog):
+    base, _ = gated
+    names = _inputs(str(tmp_path / "in"))
+    v1 = str(base / "serving" / "pneumonia" / "1")
+    assert main(["--input", str(tmp_path / "in"), "--model", v1, "--output", str(tmp_path / "o"),
+                 "--direct_running_mode=in_memory"]) == 0
+    rows = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "o")).items()}
+    assert rows["split.png"]["status"] == "ok"  # no content check without the package's limit
+    assert {n for n, r in rows.items() if r["status"] == "out_of_scope"} == {"blank.png", "photo.png", "slice.dcm"}
+    assert "records no input gate: only the DICOM header rules and the cheap checks" in caplog.text
+    assert len(names) == 8
+
+
+def test_modalities_widen_the_header_rule(gated, tmp_path):
+    _, package = gated
+    _inputs(str(tmp_path / "in"))
+    assert main(["--input", str(tmp_path / "in" / "slice.dcm"), "--model", package, "--output", str(tmp_path / "o"),
+                 "--modalities", "CR,DX,CT", "--direct_running_mode=in_memory"]) == 0
+    (row,) = read_predictions(str(tmp_path / "o")).values()
+    assert not row["error"].startswith("Modality")  # past the header rule: scored, or refused by its content
