@@ -6,6 +6,10 @@ overlay's size (overlay.py: at most 512 px, more than the model's input), and dr
 ``heatmaps/RRRR-<sha1 of the path>.png``. ``heatmaps/index.csv`` (rank, path, probability, label, heatmap) lists
 every chosen image, highest first, with its overlay's path relative to OUT_DIR ("" where none could be drawn).
 Images skipped through the ledger were not scored in this run and get none.
+
+Where the package's `heatmap_method` is occlusion (xray_core/occlusion.py), the maps drawn are not the graph's:
+each chosen image is preprocessed again and its k x k occlusion map computed here, k*k passes of the network per
+image on every core (the workers are done by then): at most N * k * k passes whatever the run's size.
 """
 from __future__ import annotations
 
@@ -16,10 +20,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import numpy as np
+
 from batch_job import overlay
 from batch_job.scoring import read_input
 from batch_job.shard_result import Flagged
 from xray_core.errors import one_line
+from xray_core.occlusion import OCCLUSION, HeatmapMethod, occlusion_maps
+from xray_core.package import open_session
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 LOG = logging.getLogger("batch_job")
 FOLDER = "heatmaps"
@@ -56,11 +65,30 @@ def write_index(out_dir: str, items: list[Flagged]) -> None:
         writer.writerows((rank, i.path, f"{i.probability:.8f}", i.label, i.png) for rank, i in enumerate(items, 1))
 
 
-def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict) -> list[Flagged]:
+def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: dict, grid: int) -> list[Flagged]:
+    """The chosen images with their occlusion maps in place of the graph's (an image that can no longer be read
+    keeps its map; draw() then says so)."""
+    config = PreprocessConfig.from_dict(preprocessing)
+    session = open_session(model_path, 0)  # every core: the workers are done
+    out = []
+    for item in chosen:
+        try:
+            x = preprocess_image(read_input(item.path), config)[np.newaxis]
+        except Exception:  # noqa: BLE001 - vanished or changed since it was scored: draw() warns, by rank
+            out.append(item)
+            continue
+        out.append(replace(item, heatmap=occlusion_maps(session, x, grid, np.array([item.probability]))[0]))
+    return out
+
+
+def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict, model_path: str = "",
+                  method: HeatmapMethod = HeatmapMethod()) -> list[Flagged]:
     """Overlays of the chosen images (highest first) where the model gave heatmaps, and their index;
     -> the images with their overlays' paths."""
     if not any(item.heatmap is not None for item in chosen):
         return chosen
+    if method.name == OCCLUSION:
+        chosen = with_occlusion_maps(chosen, model_path, preprocessing, method.grid)
     os.makedirs(os.path.join(out_dir, FOLDER), exist_ok=True)
     with ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1, len(chosen)))) as pool:
         chosen = list(pool.map(lambda ranked: draw(out_dir, ranked[1], ranked[0], preprocessing)

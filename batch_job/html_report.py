@@ -61,13 +61,21 @@ def flagged_note(r: RunResult, shown: int) -> str:
     if not r.heatmaps.model_has_heatmaps:
         return (f"The model {r.model} has no heatmap output. The {shown} flagged images scored in this run with "
                 f"the highest probability (of {r.positive_count} flagged), without heatmaps:")
-    cells = f"{r.heatmaps.map_hw[0]}×{r.heatmaps.map_hw[1]} cells" if r.heatmaps.map_hw else "coarse cells"
+    method = r.heatmaps.method
+    if method.name == "occlusion":
+        cells = f"{method.grid}×{method.grid} cells"
+        what = (f"its occlusion map: how much P(pneumonia) falls when each of {method.grid}×{method.grid} cells of "
+                "the image is blanked, scaled per image (red: the cells the score depends on most, blue: least)")
+    else:
+        cells = f"{r.heatmaps.map_hw[0]}×{r.heatmaps.map_hw[1]} cells" if r.heatmaps.map_hw else "coarse cells"
+        what = ("the model's class-activation map for pneumonia, scaled per image (red: where the image holds the "
+                "most evidence, blue: the least)")
     return (f"The {shown} flagged images scored in this run with the highest probability (of {r.positive_count} "
-            "flagged), each under its heatmap: the model's class-activation map for pneumonia, scaled per image "
-            "(red: where the image holds the most evidence, blue: the least). Click a tile for its full size. "
+            f"flagged), each under {what}. Click a tile for its full size. "
             f"What a map can show: where in the image the model found its evidence, in {cells} over the whole "
             "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real. How "
-            "specific to each image the maps are is measured at export (README, \"Re-export after retraining\").")
+            "specific to each image the maps are is measured at export and stated in the model card "
+            "(model_card.md, docs/export.md).")
 
 
 def labelled_section(r: RunResult, out_dir: str) -> dict | None:

@@ -40,6 +40,7 @@ from batch_job.stages import build_pipeline
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.errors import one_line
 from xray_core.labels import label_from_path
+from xray_core.occlusion import HeatmapMethod
 
 LOG = logging.getLogger("batch_job")
 KILL_ENV = "BATCH_JOB_TEST_KILL_AT"  # crash-safety tests: SIGKILL the job at a named step
@@ -104,7 +105,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             gathered = shard_result.gather(scratch, shards, args.heatmaps, spec.drift_sample)
             check_counts(rec, gathered.counts)
             outdir.remove_scratch(scratch)  # read once: nothing of it is published
-            flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing)
+            flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing, model.path,
+                                             HeatmapMethod.from_dict(model.heatmap_method))
             t_heatmaps = time.perf_counter() - t_report
             labelled = write_figures(rec, model, tmp)
             run_id = uuid.uuid4().hex
@@ -112,8 +114,9 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             drift = check_drift(args, tmp, model, rec, gathered.sample_embeddings, run_id, book)
             t_drift = time.perf_counter() - t_drift
             result = RunResult(run_id, model.model_id, model.threshold, runner.label, book.path if book else None,
-                               rec, labelled, flagged, HeatmapSummary(args.heatmaps, model.heatmap_hw is not None,
-                                                                            model.heatmap_hw),
+                               rec, labelled, flagged, HeatmapSummary(
+                                   args.heatmaps, model.heatmap_hw is not None, model.heatmap_hw,
+                                   HeatmapMethod.from_dict(model.heatmap_method)),
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift))
             report.write_metrics(tmp, result)

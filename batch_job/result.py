@@ -11,6 +11,7 @@ from batch_job.drift import DriftResult
 from batch_job.figures import labelled
 from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
+from xray_core.occlusion import HeatmapMethod
 
 SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -38,6 +39,7 @@ class HeatmapSummary:
     requested: int
     model_has_heatmaps: bool
     map_hw: tuple[int, int] | None = None  # (h, w) cells of the model's maps
+    method: HeatmapMethod = HeatmapMethod()  # what the overlays show: the graph's map or occlusion maps
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,15 @@ SITE_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: float = 0.45,
-                    heatmap_hw: tuple[int, int] | None = None, embedding_grid: int | None = None) -> None:
+                    heatmap_hw: tuple[int, int] | None = None, embedding_grid: int | None = None,
+                    max_cell: bool = False) -> None:
     """P = sigmoid(scale * (mean pixel - offset)): bright (blobby) images score high.
 
     With heatmap_hw (h, w), dividing image_size: a second output `heatmap` (N, h, w), the input average-pooled
     to h x w (bright = evidence for pneumonia, as in the probability; same orientation as the input).
-    With embedding_grid g: an output `embedding` (N, g*g), the input average-pooled to g x g and flattened."""
+    With embedding_grid g: an output `embedding` (N, g*g), the input average-pooled to g x g and flattened.
+    With max_cell (and heatmap_hw): P follows the brightest cell of that map instead of the mean pixel, so blanking
+    that cell lowers it (what occlusion maps measure)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -61,6 +64,9 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
         outputs.append(helper.make_tensor_value_info(HEATMAP_NAME, TensorProto.FLOAT, ["N", h, w]))
         inits.append(helper.make_tensor("blocks", TensorProto.INT64, [5],
                                         [-1, h, image_size // h, w, image_size // w]))
+        if max_cell:  # the map's two nodes first, its brightest cell in place of the mean pixel, then the rest
+            brightest = helper.make_node("ReduceMax", [HEATMAP_NAME], ["mean"], axes=[1, 2], keepdims=0)
+            nodes = nodes[5:7] + [brightest] + nodes[1:5]
     if embedding_grid:
         g = embedding_grid
         nodes += [helper.make_node("Reshape", ["image", "cells"], ["cell_tiles"]),
@@ -80,7 +86,8 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
 
 
 def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, image_size: int = 32,
-                  threshold: float = 0.5, reference_images: np.ndarray | None = None, **model_kwargs) -> str:
+                  threshold: float = 0.5, reference_images: np.ndarray | None = None,
+                  heatmap_method: dict | None = None, **model_kwargs) -> str:
     """A published package as `python -m export` lays it out, around the tiny ONNX model (with a heatmap
     output and its metadata key when model_kwargs has heatmap_hw; with reference_images (N, S, S, 1), an
     `embedding` output and the drift reference computed from them, as export does from the validation split)."""
@@ -102,6 +109,8 @@ def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, i
     hw = model_kwargs.get("heatmap_hw")
     if hw:
         meta["heatmap_output"] = {"name": HEATMAP_NAME, "dtype": "float32", "shape": [-1, *hw]}
+    if heatmap_method:
+        meta["heatmap_method"] = heatmap_method
     g = model_kwargs.get("embedding_grid")
     if g:
         meta["embedding_output"] = {"name": EMBEDDING_NAME, "dtype": "float32", "shape": [-1, g * g]}

@@ -15,7 +15,7 @@ from batch_job import heatmaps, overlay, shard_result
 from batch_job.cli import main
 from batch_job.scoring import ScoringSpec, make_row
 from batch_job.synthetic import make_tree
-from helpers import assert_one_line_error, read_predictions
+from helpers import assert_one_line_error, read_predictions, write_package
 
 N = 6
 HOT = 50  # red minus blue where the map peaks: at most 0.55 x 128 (jet's top colour is dark red, 128, 0, 0)
@@ -233,3 +233,33 @@ def test_dask_runner_writes_the_same_heatmaps(heat_run, heat_tree, heat_package,
                                                                           "rb") as b:
             assert a.read() == b.read()
 
+
+
+def test_occlusion_packages_get_occlusion_maps_drawn(tmp_path):
+    """heatmap_method occlusion: the overlays show how much P falls when each cell is blanked (here only the
+    bright blob's cell matters to the model), not the graph's map (every cell's mean grey)."""
+    from batch_job.heatmaps import with_occlusion_maps
+    from batch_job.shard_result import Flagged
+    from xray_core.package import open_session, score
+    from xray_core.preprocessing import PreprocessConfig, preprocess_image
+
+    vdir = write_package(str(tmp_path / "serving"), image_size=32, heatmap_hw=(4, 4), max_cell=True,
+                         heatmap_method={"name": "occlusion", "grid": 4, "fill": "image mean"})
+    path = str(tmp_path / "blob.png")
+    bright(120, blob=(72, 0)).save(path)  # top right
+    x = preprocess_image(path, PreprocessConfig(image_size=32))[None]
+    out = score(open_session(os.path.join(vdir, "model.onnx")), x, heatmap=True)
+    (item,) = with_occlusion_maps([Flagged(float(out.probability[0]), path, "", out.heatmap[0])],
+                                  os.path.join(vdir, "model.onnx"), {"image_size": 32}, 4)
+    occ = item.heatmap
+    assert occ.shape == (4, 4) and np.unravel_index(occ.argmax(), occ.shape) == (0, 3)
+    assert occ[0, 3] > 0.05 and np.abs(np.delete(occ.ravel(), 3)).max() < 1e-6  # only the blob's cell
+    assert np.count_nonzero(out.heatmap[0]) == 16  # the graph's map: every cell
+    # the whole job draws them
+    assert main(["--input", path, "--model", vdir, "--output", str(tmp_path / "o"), "--threshold", "0",
+                 "--direct_running_mode=in_memory"]) == 0
+    (png,) = overlays(str(tmp_path / "o")).values()
+    with Image.open(os.path.join(tmp_path, "o", png)) as img:
+        assert red_minus_blue(img, (0.75, 0, 1, 0.25)) > HOT and red_minus_blue(img, (0, 0.5, 0.5, 1)) < -15
+    page = open(os.path.join(tmp_path, "o", "report.html"), encoding="utf-8").read()
+    assert "its occlusion map: how much P(pneumonia) falls when each of 4×4 cells" in page
