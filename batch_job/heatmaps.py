@@ -96,3 +96,25 @@ def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict, mode
     write_index(out_dir, chosen)
     return chosen
 
+
+
+OUT_OF_SCOPE_FOLDER = "out_of_scope"
+THUMBNAIL_SIDE = 160
+
+
+def draw_thumbnails(out_dir: str, entries, preprocessing: dict) -> dict[str, str]:
+    """Small grayscale thumbnails of the first out-of-scope images (rank, worklist entry) for report.html, as
+    ``out_of_scope/RRRR-<digest>.png``; -> path -> thumbnail ("" where the image cannot be shown, as a DICOM
+    file refused by its header may not decode)."""
+    shown = {}
+    for rank, entry in entries:
+        rel = f"{OUT_OF_SCOPE_FOLDER}/{png_name(rank, entry.path)}"
+        try:
+            img = overlay.display_image(read_input(entry.path), preprocessing)
+            img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            os.makedirs(os.path.join(out_dir, OUT_OF_SCOPE_FOLDER), exist_ok=True)
+            overlay.save_png(img, os.path.join(out_dir, rel))
+        except Exception:  # noqa: BLE001 - the reason stays in the table; the picture is a courtesy
+            rel = ""
+        shown[entry.path] = rel
+    return shown

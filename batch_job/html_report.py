@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import pathlib
 
 from batch_job import drift_report, figures
 from batch_job import shards as shard_files
@@ -23,6 +24,8 @@ REPORT_FILE = "report.html"
 MAX_BYTES = 1_000_000
 MAX_TEXT = 200  # characters shown of a path or an error
 CAPS = (500, 500)  # tiles, error rows shown at most (halved until the page fits MAX_BYTES)
+MAX_FLAGGED_ROWS = 2000  # flagged images listed in the worklist table (the rest: worklist.csv)
+OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,12 +124,38 @@ def tile(rank: int, item) -> dict:
             "name": display(name, MAX_TEXT // 2), "folder": display(folder)}
 
 
-def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int) -> dict:
+def file_link(path: str, out_dir: str) -> str:
+    """A link to an original image, relative to the page (it opens where OUT_DIR and the inputs are mounted alike;
+    the page names no scheme and reaches no network); "" for a URI input."""
+    if "://" in path:
+        return ""
+    return pathlib.PurePath(os.path.relpath(path, out_dir)).as_posix()
+
+
+def worklist_rows(r: RunResult, out_dir: str, after_rank: int, cap: int) -> list[dict]:
+    """The flagged rows of the worklist past the tiles (rank > after_rank), at most cap."""
+    return [{"rank": rank, "probability": probability(float(e.probability)), "name": display(e.path),
+             "href": file_link(e.path, out_dir), "overlay": e.heatmap}
+            for rank, e in r.worklist.flagged if rank > after_rank][:cap]
+
+
+def intended_use(r: RunResult) -> dict:
+    return {"model": display(r.model), "threshold": f"{r.threshold:.4f}", "card": r.model_card}
+
+
+def out_of_scope_section(r: RunResult) -> dict:
+    return {"count": r.counts.out_of_scope,
+            "shown": [{"rank": rank, "name": display(e.path, MAX_TEXT // 2), "reason": display(e.reason),
+                       "src": r.thumbnails.get(e.path, "")} for rank, e in r.worklist.out_of_scope]}
+
+
+def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows_cap: int = MAX_FLAGGED_ROWS) -> dict:
     """Everything the template shows; every string from outside (paths, reasons) already through display()."""
     c = r.counts
     state = drift_state(r.drift)
     cards = [("found", c.found, ""), ("scored", c.scored, ""), ("failed", c.failed, "fail"),
-             ("skipped (ledger)", c.skipped, ""), ("flagged PNEUMONIA", r.positive_count, "flag"),
+             ("out of scope", c.out_of_scope, "fail"), ("skipped (ledger)", c.skipped, ""),
+             ("flagged PNEUMONIA", r.positive_count, "flag"),
              ("positive rate", "n/a" if r.positive_rate is None else f"{r.positive_rate:.1%}", ""),
              ("drift", state, {"DETECTED": "flag word", "none": "word", "not judged": "muted word"}[state])]
     return {
@@ -139,6 +168,8 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int) -> d
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
         "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
+        "rows": worklist_rows(r, out_dir, min(len(r.flagged), tiles_cap), rows_cap), "worklist_rows": r.worklist.rows,
+        "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped,
     }
@@ -151,12 +182,13 @@ def render(ctx: dict) -> str:
 def write_html(out_dir: str, result: RunResult, shards) -> int:
     """Write out_dir/report.html (UTF-8, under MAX_BYTES); -> its size in bytes."""
     tiles_cap, errors_cap = CAPS
+    rows_cap = MAX_FLAGGED_ROWS
     errors = error_rows(out_dir, shards, errors_cap)
     while True:
-        page = render(context(result, out_dir, errors[:errors_cap], tiles_cap)).encode("utf-8")
-        if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0):
+        page = render(context(result, out_dir, errors[:errors_cap], tiles_cap, rows_cap)).encode("utf-8")
+        if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0 and rows_cap == 0):
             break
-        tiles_cap, errors_cap = tiles_cap // 2, errors_cap // 2
+        tiles_cap, errors_cap, rows_cap = tiles_cap // 2, errors_cap // 2, rows_cap // 2
     with open(os.path.join(out_dir, REPORT_FILE), "wb") as f:
         f.write(page)
     return len(page)

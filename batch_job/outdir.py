@@ -39,7 +39,7 @@ ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job'
 # What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
 # scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
 JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
-                       r"heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
+                       r"worklist\.csv|model_card\.md|out_of_scope|heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
 # OUT_DIR and the ledger name patients' files (and their DICOM fields): readable by the owner and the group only
 # (docs/operations.md, "Who reads OUT_DIR"), never writable by the group

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -23,7 +24,17 @@ from dataclasses import replace
 
 import apache_beam as beam
 
-from batch_job import drift_check, drift_report, figures, heatmaps, html_report, outdir, report, shard_result
+from batch_job import (
+    drift_check,
+    drift_report,
+    figures,
+    heatmaps,
+    html_report,
+    outdir,
+    report,
+    shard_result,
+    worklist,
+)
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
@@ -104,10 +115,16 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             check(rec)  # every shard's CSV is there before its summary is read
             gathered = shard_result.gather(scratch, shards, args.heatmaps, spec.drift_sample)
             check_counts(rec, gathered.counts)
-            outdir.remove_scratch(scratch)  # read once: nothing of it is published
             flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing, model.path,
                                              HeatmapMethod.from_dict(model.heatmap_method))
             t_heatmaps = time.perf_counter() - t_report
+            listed = worklist.merge(scratch, [s for s, _, _ in shards], os.path.join(tmp, worklist.WORKLIST_FILE),
+                                    {f.path: f.png for f in flagged if f.png}, html_report.MAX_FLAGGED_ROWS,
+                                    html_report.OUT_OF_SCOPE_SHOWN)
+            outdir.remove_scratch(scratch)  # read once: nothing of it is published
+            thumbnails = heatmaps.draw_thumbnails(tmp, listed.out_of_scope, model.preprocessing)
+            if model.card:
+                shutil.copyfile(model.card, os.path.join(tmp, MODEL_CARD_COPY))
             labelled = write_figures(rec, model, tmp)
             run_id = uuid.uuid4().hex
             t_drift = time.perf_counter()
@@ -118,7 +135,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                    args.heatmaps, model.heatmap_hw is not None, model.heatmap_hw,
                                    HeatmapMethod.from_dict(model.heatmap_method)),
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
-                                              t_heatmaps, t_drift))
+                                              t_heatmaps, t_drift),
+                               listed, thumbnails, MODEL_CARD_COPY if model.card else "")
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")
@@ -131,6 +149,9 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             if book is not None:
                 commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused)
     return result
+
+
+MODEL_CARD_COPY = "model_card.md"  # the package's MODEL_CARD.md, beside the report that links it
 
 
 def modalities(text: str) -> tuple[str, ...]:
@@ -183,6 +204,7 @@ def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: st
     if not any(count for _, _, count in shards):
         for shard_id, _, _ in shards:
             shard_result.write(scratch, shard_id, shard_result.summarise([], spec))
+            worklist.write_part(scratch, shard_id, [])
             shard_files.write_shard(tmp, shard_id, [])
         return
     with Progress(tmp, shards):

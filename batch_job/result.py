@@ -3,7 +3,7 @@ the ledger commit read. Built once by the driver (pipeline.py) after scoring; me
 metrics`, whose keys are the documented ones (README, "Outputs")."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from batch_job.drift import DriftResult
 from batch_job.figures import labelled
 from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
+from batch_job.worklist import WorklistSummary
 from xray_core.occlusion import HeatmapMethod
 
 SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -55,6 +56,9 @@ class RunResult:
     heatmaps: HeatmapSummary
     drift: DriftResult
     timings: Timings
+    worklist: WorklistSummary = field(default_factory=WorklistSummary)  # worklist.csv's length and first rows
+    thumbnails: dict[str, str] = field(default_factory=dict)  # out-of-scope path -> its thumbnail under OUT_DIR
+    model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
 
     @property
     def positive_count(self) -> int:

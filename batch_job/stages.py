@@ -11,7 +11,7 @@ import os
 
 import apache_beam as beam
 
-from batch_job import shard_result
+from batch_job import shard_result, worklist
 from batch_job import shards as shard_files
 from batch_job.scoring import ScoringSpec
 from batch_job.unchanged import score_shard
@@ -49,6 +49,7 @@ class ScoreAndWriteShard(beam.DoFn):
         shard_id, paths, labels = element
         rows, file_keys = score_shard([os.fsdecode(p) for p in paths], labels, self.spec)
         shard_result.write(self.scratch, shard_id, shard_result.summarise(rows, self.spec, file_keys))
+        worklist.write_part(self.scratch, shard_id, rows)
         shard_files.write_shard(self.out_dir, shard_id, rows)
         yield shard_id, len(rows)
 

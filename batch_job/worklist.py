@@ -1,5 +1,9 @@
 """worklist.csv: every image this run scored, found out of scope or failed, one row each, in reading order.
 
+Each worker writes its shard's rows, already ranked, as ``scratch/worklist-NNNNN.csv`` beside the shard's summary;
+the driver merges the sorted parts (heapq.merge: memory holds one row per shard, whatever the run's size), adds the
+rank and the overlay paths of the top-N flagged images, and keeps the first flagged rows for report.html.
+
 Ranked: flagged images first by probability (highest first), then the other scored images by probability, then
 out-of-scope images, then errors; ties by path. Images skipped through the ledger are counted in the summary, not
 listed. People open the file in a spreadsheet, so a cell that would start a formula (`=`, `+`, `-`, `@`, or a tab or
@@ -9,7 +13,11 @@ show as text (OWASP "CSV injection"); probabilities and ranks are written by thi
 from __future__ import annotations
 
 import csv
-from dataclasses import astuple, dataclass, fields
+import heapq
+import os
+from dataclasses import astuple, dataclass, field, fields, replace
+
+from xray_core.files import atomic_write
 
 IDENTIFIERS = ("patient_id", "accession_number", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                "study_date", "view_position")
@@ -37,6 +45,7 @@ class Entry:
 
 
 COLUMNS = ("rank",) + tuple(f.name for f in fields(Entry))
+WORKLIST_FILE = "worklist.csv"
 
 
 def group(entry: Entry) -> int:
@@ -57,6 +66,68 @@ def ranked(entries: list[Entry]) -> list[Entry]:
 def safe_cell(text: str) -> str:
     """A cell a spreadsheet shows as the text it is."""
     return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def entry(row) -> Entry:
+    """A scored row (batch_job.scoring.Row) as the worklist shows it."""
+    header = row.header
+    ids = {name: getattr(header, name) for name in IDENTIFIERS} if header is not None else {}
+    return Entry(row.path, row.status, row.probability, row.prediction, row.error, **ids)
+
+
+PART_COLUMNS = tuple(f.name for f in fields(Entry))
+
+
+def part_name(shard_id: int) -> str:
+    return f"worklist-{shard_id:05d}.csv"
+
+
+def write_part(scratch: str, shard_id: int, rows) -> None:
+    """A shard's rows (skipped ones left out), ranked, into scratch (atomically: a retried task rewrites it)."""
+    def write_rows(f):
+        writer = csv.writer(f)
+        writer.writerow(PART_COLUMNS)
+        writer.writerows(astuple(e) for e in ranked([entry(r) for r in rows]))
+
+    atomic_write(os.path.join(scratch, part_name(shard_id)), write_rows)
+
+
+def _read_part(path: str):
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in csv.DictReader(f):
+            yield Entry(**row)
+
+
+@dataclass
+class WorklistSummary:
+    """What report.html shows of the worklist: its length and its first flagged rows (rank, entry)."""
+
+    rows: int = 0
+    flagged: list[tuple[int, Entry]] = field(default_factory=list)
+    out_of_scope: list[tuple[int, Entry]] = field(default_factory=list)
+
+
+def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep_flagged: int,
+          keep_out_of_scope: int) -> WorklistSummary:
+    """worklist.csv from the shards' sorted parts; -> its summary."""
+    parts = [_read_part(os.path.join(scratch, part_name(s))) for s in shard_ids]
+    summary = WorklistSummary()
+
+    def write_rows(f):
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for rank, e in enumerate(heapq.merge(*parts, key=rank_key), start=1):
+            if e.path in overlays:
+                e = replace(e, heatmap=overlays[e.path])
+            writer.writerow([str(rank)] + [safe_cell(v) for v in astuple(e)])
+            summary.rows = rank
+            if group(e) == _ORDER["flagged"] and len(summary.flagged) < keep_flagged:
+                summary.flagged.append((rank, e))
+            elif e.status == "out_of_scope" and len(summary.out_of_scope) < keep_out_of_scope:
+                summary.out_of_scope.append((rank, e))
+
+    atomic_write(out_path, write_rows)
+    return summary
 
 
 def write(f, entries: list[Entry]) -> int:

@@ -158,7 +158,7 @@ def test_html_shows_a_detected_banner_the_figures_and_the_card(tmp_path):
         assert cell in text, cell
     assert '<img src="drift.png"' in raw and '<img src="drift_trend.png"' in raw
     assert 'width="520" height="350"' in raw
-    assert raw.index("Probability histogram") < raw.index('id="drift"') < raw.index("Flagged images")
+    assert raw.index('id="worklist"') < raw.index("Probability histogram") < raw.index('id="drift"')
 
 
 def test_html_banner_for_none_not_judged_and_no_reference(tmp_path):

@@ -125,9 +125,9 @@ def test_the_log_names_no_patient_file_or_field(heat_package, tmp_path, monkeypa
     (inp / "ACC-55555.dcm").write_bytes(dicom_with_identifiers(np.full((64, 64), 220, np.uint8)))
     real = heatmaps.make_heatmaps
 
-    def vanish_first(out_dir, chosen, preprocessing):
+    def vanish_first(out_dir, chosen, *args):
         os.remove(chosen[0].path)  # gone between scoring and drawing
-        return real(out_dir, chosen, preprocessing)
+        return real(out_dir, chosen, *args)
 
     monkeypatch.setattr(heatmaps, "make_heatmaps", vanish_first)
     records: list[str] = []

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_job.cli import main
 from batch_job.worklist import COLUMNS, Entry, ranked, safe_cell, write
+from dicom_factory import dicom_bytes
+from helpers import textured, write_package
 
 
 def _e(path, status="ok", p="", pred="", **kw):
@@ -46,3 +54,36 @@ def test_cells_that_would_run_as_formulas_are_text():
     write(f, [_e("=cmd|' /C calc'!A0.png", "error", reason="-decode failed", patient_id="@evil")])
     row = next(csv.DictReader(io.StringIO(f.getvalue())))
     assert (row["path"], row["reason"], row["patient_id"]) == ("'=cmd|' /C calc'!A0.png", "'-decode failed", "'@evil")
+
+
+# ------------------------------------------------------------------ in the job, on both runners
+
+@pytest.mark.parametrize("runner", ["direct", "dask"])
+def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
+    package = write_package(str(tmp_path / "serving"), threshold=0.5)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name, mean in (("a_dark.png", 60), ("b_bright.png", 200), ("c_mid.png", 130), ("d_brighter.png", 230)):
+        textured((64, 64), mean, seed=len(name)).save(inp / name)
+    Image.new("L", (64, 64), 250).save(inp / "e_blank.png")  # out of scope
+    (inp / "f_broken.png").write_bytes(b"not an image")
+    pixels = np.clip(np.random.default_rng(0).normal(3000, 400, (64, 64)), 0, 4095).astype(np.uint16)
+    (inp / "g_study.dcm").write_bytes(dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="=1+1",
+                                                  AccessionNumber="ACC7", StudyDate="20261130", ViewPosition="PA"))
+    extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
+        if runner == "dask" else ["--direct_running_mode=in_memory"]
+    assert main(["--input", str(inp), "--model", package, "--output", str(tmp_path / "o"), "--shard-size", "2",
+                 *extra]) == 0
+    with open(tmp_path / "o" / "worklist.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = [os.path.basename(r["path"]) for r in rows]
+    probs = {os.path.basename(r["path"]): r["probability"] for r in rows}
+    flagged = [n for n in names if probs[n] and float(probs[n]) >= 0.5]
+    assert names[:len(flagged)] == sorted(flagged, key=lambda n: -float(probs[n]))  # flagged first, highest first
+    assert names[-2:] == ["e_blank.png", "f_broken.png"]  # then out of scope, then errors
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 8)]
+    assert [r["status"] for r in rows[-2:]] == ["out_of_scope", "error"]
+    dcm = rows[names.index("g_study.dcm")]
+    assert (dcm["patient_id"], dcm["accession_number"], dcm["study_date"], dcm["view_position"]) == \
+        ("'=1+1", "ACC7", "20261130", "PA")  # a formula-looking ID is text
+    assert rows[names.index("a_dark.png")]["patient_id"] == ""
