@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         session = open_session(path, 1)
         x = batch_for(meta)
         images_per_second(session, meta, x, rounds=1)  # warm-up
-        packages.append((meta.model_id, session, meta, x, count_flops(path, BATCH) / BATCH / 1e6))
+        packages.append((vdir, session, meta, x, count_flops(path, BATCH) / BATCH / 1e6))
     best = {name: 0.0 for name, *_ in packages}
     for _ in range(args.repeat):
         for name, session, meta, x, _ in packages:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     rows = [[name, f"{mflop:.0f}", f"{best[name]:.0f}", f"{1e3 / best[name]:.2f}", f"{best[name] / best[first]:.2f}"]
             for name, _, _, _, mflop in packages]
     print(f"machine: {machine()}; one onnxruntime thread, batch {BATCH}, all outputs, best of {args.repeat} rounds")
-    print(table(["model", "MFLOP/image", "images/s/core", "ms/image", f"× {first}"], rows))
+    print(table(["package", "MFLOP/image", "images/s/core", "ms/image", f"× {first}"], rows))
     return 0
 
 
