@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-recall", type=float, default=None,
                    help="with --calibrate-dir: the recall the threshold must reach (default: the run's, or with "
                         "--recalibrate the source version's)")
-    p.add_argument("--heatmap-method", default="occlusion:4", metavar="occlusion:K|graph",
+    p.add_argument("--heatmap-method", default="occlusion:8", metavar="occlusion:K|graph",
                    help="with --run-dir: the maps the batch job shows for the top-N flagged images: occlusion maps "
                         "of a K x K grid (K*K extra network passes per image) or the graph's own class-activation "
                         "map (default: %(default)s)")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from export.card import LICENCE_SECTION, model_card
+from export.card import model_card
 from export.triton import triton_config
 from helpers import REPO, write_package
 from xray_core import reference
@@ -30,19 +30,19 @@ from xray_core.verify import verify_package
 SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
 
 
-@pytest.mark.parametrize("version", ["1", "2", "3", "4"])
+@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5"])
 def test_shipped_metadata_round_trips_through_the_schema(version):
     path = os.path.join(SHIPPED, version, "metadata.json")
     raw = json.load(open(path))
     meta = load_metadata(os.path.dirname(path))
     assert meta.to_dict() == raw and list(meta.to_dict()) == list(raw)  # every key, in the file's order
     assert meta.model_id == f"pneumonia/{version}" and meta.image_size == raw["preprocessing"]["image_size"]
-    assert meta.heatmap_hw == ((8, 8) if version in ("3", "4") else None)
-    assert meta.embedding_dim == (768 if version == "4" else None)
+    assert meta.heatmap_hw == ((8, 8) if version in ("3", "4", "5") else None)
+    assert meta.embedding_dim == {"4": 768, "5": 512}.get(version)
 
 
 def test_the_newest_version_is_the_default():
-    assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "4")
+    assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "5")
 
 
 def test_model_may_be_named_by_its_serving_folder_name_version_or_model_file(tmp_path):
@@ -52,7 +52,7 @@ def test_model_may_be_named_by_its_serving_folder_name_version_or_model_file(tmp
     assert resolve_version_dir(v1) == v1
     assert resolve_version_dir(os.path.dirname(v1)) == v2  # a model name: its newest version
     assert resolve_version_dir(serving) == v2  # a serving folder holding one model name
-    assert resolve_version_dir(os.path.join(REPO, "serving_models")) == os.path.join(SHIPPED, "4")
+    assert resolve_version_dir(os.path.join(REPO, "serving_models")) == os.path.join(SHIPPED, "5")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -87,11 +87,12 @@ def test_metadata_without_contract_keys_or_with_unusable_values_is_refused():
 
 
 def test_the_model_card_is_a_function_of_the_metadata():
-    """Version 4's MODEL_CARD.md is exactly what export's card writer makes of its metadata.json, but for the
-    licence section cards have ended with since (a published version is never rewritten)."""
-    vdir = os.path.join(SHIPPED, "4")
-    shipped = open(os.path.join(vdir, "MODEL_CARD.md")).read()
-    assert model_card(load_metadata(vdir).to_dict()) == shipped + LICENCE_SECTION
+    """The newest shipped version's MODEL_CARD.md is exactly what export's card writer makes of its metadata.json
+    (older versions keep the cards they were published with: a published version is never rewritten)."""
+    from xray_core.package import versions
+
+    vdir = os.path.join(SHIPPED, str(versions(SHIPPED)[-1]))
+    assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
 
 
 def test_the_model_card_states_the_licence_of_the_weights_and_of_their_training_data(tmp_path):
@@ -147,10 +148,10 @@ def test_the_reference_round_trips_and_verify_catches_a_changed_one(tmp_path):
 
 
 def test_triton_config_lists_every_output_of_the_contract():
-    text = triton_config("pneumonia", 64, heatmap=(8, 8), embedding=768)
+    text = triton_config("pneumonia", 64, heatmap=(8, 8), embedding=512)
     assert 'name: "image" data_type: TYPE_FP32 dims: [ 64, 64, 1 ]' in text
     assert 'name: "heatmap" data_type: TYPE_FP32 dims: [ 8, 8 ]' in text
-    assert 'name: "embedding" data_type: TYPE_FP32 dims: [ 768 ]' in text
+    assert 'name: "embedding" data_type: TYPE_FP32 dims: [ 512 ]' in text
     assert open(os.path.join(SHIPPED, "config.pbtxt")).read() == text
 
 

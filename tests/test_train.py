@@ -495,7 +495,8 @@ def test_cli_existing_output_dir_and_overwrite(tmp_path, capsys, cli_run):
 # ------------------------------------------------- CLI defaults (no training)
 
 DIRS = ("--data-dir", "D", "--output-dir", "R")
-RECIPE = {"models": "resnet_aug", "image_size": 64, "ensemble": 3, "epochs": 24, "last_stride": 1, "seed": 1}
+RECIPE = {"models": "resnet_aug", "image_size": 64, "ensemble": 2, "epochs": 24, "last_stride": 1, "seed": 1,
+          "pointwise_stages": 1, "pool": "avg"}
 # the rest of the shipped run's settings: the defaults of its time, which its recorded command relied on
 RECIPE_REST = {"patience": 20, "split": "0.70,0.15,0.15", "target_recall": 0.95, "batch_size": 32,
                "learning_rate": 1e-3, "mixup": 0.0, "crop_min_area": 0.5, "augment": "recipe",
