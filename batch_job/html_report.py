@@ -73,7 +73,8 @@ def flagged_note(r: RunResult, shown: int) -> str:
         cells = f"{r.heatmaps.map_hw[0]}×{r.heatmaps.map_hw[1]} cells" if r.heatmaps.map_hw else "coarse cells"
         what = ("the model's class-activation map for pneumonia, scaled per image (red: where the image holds the "
                 "most evidence, blue: the least)")
-    return (f"The {shown} flagged images scored in this run with the highest probability (of {r.positive_count} "
+    images = "The flagged image" if shown == 1 else f"The {shown} flagged images"
+    return (f"{images} scored in this run with the highest probability (of {r.positive_count} "
             f"flagged), each under {what}. Click a tile for its full size. "
             f"What a map can show: where in the image the model found its evidence, in {cells} over the whole "
             "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real. How "
