@@ -87,5 +87,7 @@ def summary(r: RunResult, out: str) -> str:
                  f"{_score(s['recall'])}, specificity {_score(s['specificity'])}, ROC AUC {_score(s['roc_auc'])}")
     line += "\n" + summary_line(r.drift)
     drift_files = "".join(f", {f}" for f in r.drift.figures)
-    return line + (f"\noutputs in {out}: report.html, predictions-*.csv, metrics.json, report.md, histogram.png"
+    card = ", model_card.md" if r.model_card else ""
+    return line + (f"\noutputs in {out}: report.html, worklist.csv, predictions-*.csv, metrics.json, report.md{card}, "
+                   "histogram.png"
                    + drift_files + (f", heatmaps/ ({r.overlays_written})" if r.overlays_written else ""))

@@ -196,8 +196,8 @@ def test_heatmaps_off_and_models_without_heatmaps(heat_tree, heat_package, tiny_
                      "images without)"]
     assert not os.path.exists(os.path.join(plain, "heatmaps")) and "scratch" not in os.listdir(plain)
     m = json.load(open(os.path.join(plain, "metrics.json")))
-    assert m["heatmaps"] == {"requested": 50, "model_has_heatmaps": False,
-                             "flagged_listed": min(50, m["positive_count"]), "written": 0}
+    assert m["heatmaps"] == {"requested": 12, "model_has_heatmaps": False,
+                             "flagged_listed": min(12, m["positive_count"]), "written": 0}
 
 
 def test_negative_heatmaps_is_refused(heat_tree, heat_package, tmp_path, capsys):
