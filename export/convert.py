@@ -15,7 +15,7 @@ from export.triton import triton_config
 from train.data import load_images, read_split_csv
 from xray_core import gate, reference
 from xray_core.errors import one_line
-from xray_core.files import atomic_write, publish_dir, sha256_file, temp_dir_beside
+from xray_core.files import atomic_write, publish_dir, sha256_file
 from xray_core.occlusion import OCCLUSION, HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
@@ -25,9 +25,12 @@ from xray_core.package import (
     METADATA_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
+    PackageError,
     load_metadata,
+    new_version_dir,
     open_session,
     score,
+    staging_dir,
     versions,
     write_metadata,
 )
@@ -199,23 +202,20 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
     name_dir = os.path.join(serving_dir, name)
-    existing = versions(name_dir)
-    version = version if version is not None else (existing[-1] + 1 if existing else 1)
-    if version < 1:
-        raise ExportInputError("--version must be >= 1")
-    final = os.path.join(name_dir, str(version))
-    if os.path.exists(final):
-        raise ExportInputError(f"{final} already exists; versions are never overwritten")
+    try:
+        final = new_version_dir(serving_dir, name, version)
+    except PackageError as exc:
+        raise ExportInputError(str(exc)) from None
+    version = int(os.path.basename(final))
     keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
     export_model = with_heatmap(keras_model) or keras_model  # a `heatmap` output where the head allows one
     hw, dim = heatmap_hw(export_model), embedding_dim(export_model)
     if hw is None:
         log(f"{arch} has no class-activation-map head: exporting `probability` only, no heatmaps, no drift reference")
     try:
-        os.makedirs(name_dir, exist_ok=True)
-        staging = temp_dir_beside(final)
-    except OSError as exc:
-        raise ExportInputError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+        staging = staging_dir(final, serving_dir)
+    except PackageError as exc:
+        raise ExportInputError(str(exc)) from None
     try:
         config = PreprocessConfig.from_dict(metrics["preprocessing"])
         onnx_path = os.path.join(staging, MODEL_FILE)

@@ -15,7 +15,7 @@ from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
-from xray_core.files import atomic_write, publish_dir, temp_dir_beside
+from xray_core.files import atomic_write, publish_dir
 from xray_core.occlusion import HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
@@ -24,7 +24,9 @@ from xray_core.package import (
     Metadata,
     PackageError,
     load_metadata,
+    new_version_dir,
     open_session,
+    staging_dir,
     versions,
     write_metadata,
 )
@@ -46,17 +48,12 @@ def republish(source_dir: str, serving_dir: str, name: str, edit: Callable[[Meta
         raise RepublishError(f"{source_dir} does not verify ({problems[0].line()}); nothing published")
     meta = load_metadata(source_dir)
     name_dir = os.path.join(serving_dir, name)
-    existing = versions(name_dir)
-    version = version if version is not None else (existing[-1] + 1 if existing else 1)
-    final = os.path.join(name_dir, str(version))
-    if version < 1 or os.path.exists(final):
-        raise RepublishError(f"{final} already exists; versions are never overwritten" if version >= 1
-                             else "--version must be >= 1")
     try:
-        os.makedirs(name_dir, exist_ok=True)
-        staging = temp_dir_beside(final)
-    except OSError as exc:
-        raise RepublishError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+        final = new_version_dir(serving_dir, name, version)
+        staging = staging_dir(final, serving_dir)
+    except PackageError as exc:
+        raise RepublishError(str(exc)) from None
+    version = int(os.path.basename(final))
     try:
         for file in CARRIED:
             if os.path.isfile(os.path.join(source_dir, file)):

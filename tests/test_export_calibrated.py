@@ -194,7 +194,7 @@ def test_calibrated_package_has_a_heatmap_matching_keras(calibrated):
     if faith["flagged"]:
         assert faith["passed"] == (faith["share_top_beats_random"] >= 0.8)
     card = (calibrated["vdir"] / "MODEL_CARD.md").read_text()
-    assert "## Heatmaps" in card and "Faithfulness check" in card
+    assert "## Heatmaps" in card and "Faithfulness of the occlusion maps the job shows" in card  # export's default
 
 
 @pytest.mark.slow

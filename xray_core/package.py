@@ -185,6 +185,32 @@ PACKAGE_FORMS = (f"serving_models (holding one model), serving_models/<name>, se
                  f"or its {MODEL_FILE}")
 
 
+def new_version_dir(serving_dir: str, name: str, version: int | None = None) -> str:
+    """serving_dir/name/<version> for a version about to be published (default: the newest + 1); PackageError (one
+    line) for a version < 1 or one that exists: versions are never overwritten."""
+    name_dir = os.path.join(serving_dir, name)
+    existing = versions(name_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if version < 1:
+        raise PackageError("--version must be >= 1")
+    final = os.path.join(name_dir, str(version))
+    if os.path.exists(final):
+        raise PackageError(f"{final} already exists; versions are never overwritten")
+    return final
+
+
+def staging_dir(final: str, serving_dir: str) -> str:
+    """An empty temporary folder beside `final` (its name folder made if needed); PackageError (one line) when the
+    serving folder cannot be written."""
+    from xray_core.files import temp_dir_beside
+
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        return temp_dir_beside(final)
+    except OSError as exc:
+        raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+
+
 def resolve_version_dir(model_path: str) -> str:
     """What --model may name -> the version folder to load (PackageError, one line, for anything else):
 
