@@ -59,7 +59,7 @@ def _inputs(folder):
     return names
 
 
-@pytest.mark.parametrize("runner", ["direct", "dask"])
+@pytest.mark.parametrize("runner", ["direct", pytest.param("dask", marks=pytest.mark.slow)])
 def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(gated, tmp_path, runner, request):
     base, package = gated
     names = _inputs(str(tmp_path / "in"))

@@ -58,7 +58,7 @@ def test_cells_that_would_run_as_formulas_are_text():
 
 # ------------------------------------------------------------------ in the job, on both runners
 
-@pytest.mark.parametrize("runner", ["direct", "dask"])
+@pytest.mark.parametrize("runner", ["direct", pytest.param("dask", marks=pytest.mark.slow)])
 def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     package = write_package(str(tmp_path / "serving"), threshold=0.5)
     inp = tmp_path / "in"
