@@ -172,3 +172,43 @@ def test_plugin_failure_is_one_line_naming_the_encoding(caplog):
         preprocess_image(dicom_bytes(xray_like(64, 64), compressed_junk=True), CFG)
     assert "\n" not in str(e.value) and "pyjpegls" in str(e.value)  # every plugin tried, each named
     assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # and no traceback per plugin
+
+
+def test_a_real_xray_in_every_lossless_encoding_is_in_scope_and_scores_as_its_jpeg():
+    """Two of the shipped example X-rays written as DX chest DICOM in every lossless encoding: the input gate lets
+    them through (header, cheap checks and the shipped model's content check) and every encoding scores as the
+    uncompressed DICOM (within 1e-4; the DICOM path stretches each image's own grey range, so not as the JPEG)."""
+    from xray_core import gate, reference
+
+    meta = load_metadata(SHIPPED)
+    content = gate.fit(reference.load(os.path.join(SHIPPED, "reference.npz")).embeddings, meta.gate["limit"])
+    session = open_session(os.path.join(SHIPPED, MODEL_FILE), 1)
+    checked = 0
+    for label in ("NORMAL", "PNEUMONIA"):  # the first scan of each class whose score is not saturated
+        folder = os.path.join(REPO, "examples", "xrays", label)
+        for name in sorted(os.listdir(folder)):
+            if _in_every_lossless_encoding(os.path.join(folder, name), session, content):
+                checked += 1
+                break
+    assert checked == 2
+
+
+def _in_every_lossless_encoding(jpeg, session, content):
+    from PIL import Image
+
+    from xray_core.preprocessing import load_input
+
+    with Image.open(jpeg) as img:
+        pixels = np.asarray(img.convert("L"))
+    uncompressed = load_input(dicom_bytes(pixels, modality="DX", BodyPartExamined="CHEST"), CFG)
+    want = score(session, uncompressed.array[None], embedding=True)
+    if not 0.02 < float(want.probability[0]) < 0.98:
+        return False  # saturated: a difference would not show
+    for syntax, options in LOSSLESS.items():
+        loaded = load_input(dicom_bytes(pixels, syntax=syntax, options=options, modality="DX",
+                                        BodyPartExamined="CHEST"), CFG)
+        assert loaded.reason == "", (syntax.name, loaded.reason)
+        got = score(session, loaded.array[None], embedding=True)
+        assert content.reason(float(content.distances(got.embedding)[0])) is None, syntax.name
+        assert abs(float(got.probability[0]) - float(want.probability[0])) <= 1e-4, syntax.name
+    return True
