@@ -39,7 +39,7 @@ from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_ima
 PARITY_TOLERANCE = 1e-5
 # What the batch job shows for the top-N flagged images: 8x8 occlusion maps. On the site sample's flagged images,
 # for version 5's network, they beat the average map for 82% (4x4: 64%, at a quarter of the passes); its
-# class-activation map for 20-50%.
+# class-activation map for 37%.
 DEFAULT_HEATMAP_METHOD = HeatmapMethod(OCCLUSION, 8, "image mean")
 MIN_PARITY_IMAGES = 64
 
