@@ -8,31 +8,25 @@ import time
 
 import numpy as np
 
-from export.card import model_card
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
-from export.triton import triton_config
+from export.republish import publish_version, write_description
 from train.data import load_images, read_split_csv
 from xray_core import gate, reference
 from xray_core.errors import one_line
-from xray_core.files import atomic_write, publish_dir, sha256_file
+from xray_core.files import sha256_file
 from xray_core.occlusion import OCCLUSION, HeatmapMethod
 from xray_core.package import (
-    CARD_FILE,
     EMBEDDING_NAME,
     HEATMAP_NAME,
     INPUT_NAME,
-    METADATA_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
     PackageError,
-    load_metadata,
     new_version_dir,
     open_session,
     score,
     staging_dir,
-    versions,
-    write_metadata,
 )
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
@@ -201,7 +195,6 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             list_labelled(calibrate_dir)  # refuse a bad folder before any work
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
-    name_dir = os.path.join(serving_dir, name)
     try:
         final = new_version_dir(serving_dir, name, version)
     except PackageError as exc:
@@ -256,18 +249,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
                               dim=dim, ref=ref, gate=gate_spec,
                               heatmap_method=heatmap_method.to_dict() if hw else None)
-        write_metadata(os.path.join(staging, METADATA_FILE), meta)
-        with open(os.path.join(staging, CARD_FILE), "w") as f:
-            f.write(model_card(meta.to_dict()))
+        write_description(staging, meta)
         try:  # atomic publish: the version appears complete or not at all
-            publish_dir(staging, final)
+            publish_version(staging, final)
         except OSError:
             raise ExportInputError(f"{final} appeared while exporting; versions are never overwritten") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))  # config follows the newest
-    config_text = triton_config(name, newest.image_size, heatmap=newest.heatmap_hw, embedding=newest.embedding_dim)
-    atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(config_text))
     log(f"published {final}")
     return final

@@ -47,7 +47,6 @@ def republish(source_dir: str, serving_dir: str, name: str, edit: Callable[[Meta
     if problems:
         raise RepublishError(f"{source_dir} does not verify ({problems[0].line()}); nothing published")
     meta = load_metadata(source_dir)
-    name_dir = os.path.join(serving_dir, name)
     try:
         final = new_version_dir(serving_dir, name, version)
         staging = staging_dir(final, serving_dir)
@@ -60,24 +59,37 @@ def republish(source_dir: str, serving_dir: str, name: str, edit: Callable[[Meta
                 shutil.copyfile(os.path.join(source_dir, file), os.path.join(staging, file))
         source = dict(meta.source or {}, republished_from=f"{meta.model_id} ({os.path.abspath(source_dir)})")
         new = edit(dataclasses.replace(meta, name=name, version=version, source=source), staging)
-        write_metadata(os.path.join(staging, METADATA_FILE), new)
-        with open(os.path.join(staging, CARD_FILE), "w") as f:
-            f.write(model_card(new.to_dict()))
+        write_description(staging, new)
         failed = [c for c in verify_package(staging) if not c.ok]
         if failed:
             raise RepublishError(f"the new version does not verify ({failed[0].line()}); nothing published")
         try:
-            publish_dir(staging, final)
+            publish_version(staging, final)
         except OSError:
             raise RepublishError(f"{final} appeared meanwhile; versions are never overwritten") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
-    text = triton_config(name, newest.image_size, heatmap=newest.heatmap_hw, embedding=newest.embedding_dim)
-    atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
     log(f"published {final}")
     return final
+
+
+def write_description(staging: str, meta: Metadata) -> None:
+    """metadata.json and MODEL_CARD.md of a version about to be published."""
+    write_metadata(os.path.join(staging, METADATA_FILE), meta)
+    with open(os.path.join(staging, CARD_FILE), "w") as f:
+        f.write(model_card(meta.to_dict()))
+
+
+def publish_version(staging: str, final: str) -> None:
+    """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
+    rewrite the model's Triton config.pbtxt, which follows the newest version."""
+    publish_dir(staging, final)
+    name_dir = os.path.dirname(os.path.abspath(final))
+    newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
+    text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,
+                         embedding=newest.embedding_dim)
+    atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
 
 
 def with_gate(meta: Metadata, staging: str, log=print) -> Metadata:
