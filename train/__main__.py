@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pointwise-stages", type=int, choices=(0, 1, 2, 3),
                    help="resnet_aug: the last N stages use 1x1 convolutions, so each heatmap cell sees only a "
                         "patch of the image (default: %(default)s)")
+    p.add_argument("--teacher", default=None, metavar="PACKAGE",
+                   help="resnet_aug: distil a published package (serving_models/<name>/<version>, same --image-size): "
+                        "its probabilities on the training split are mixed into the labels (default: none)")
+    p.add_argument("--teacher-weight", type=float, default=0.5,
+                   help="with --teacher: label = (1 - w) * folder label + w * teacher probability "
+                        "(default: %(default)s)")
     p.add_argument("--crop-min-area", type=float, default=0.5,
                    help="resnet_aug: smallest random-crop area fraction (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")

@@ -62,6 +62,7 @@ def fit(
     augment: AugmentConfig | None = None,
     label_smoothing: float = 0.0,
     cosine: bool = False,
+    class_labels: np.ndarray | None = None,
     log=print,
 ) -> dict:
     """Adam + BCE + class weights, then one of two schedules:
@@ -70,6 +71,7 @@ def fit(
     - `cosine`: the learning rate decays to 0 over `epochs` and the last epoch's weights are kept
       (the internal validation split cannot tell shift-robust weights from the rest).
 
+    Class weights come from `class_labels` (the folder labels) when the training labels are soft (distillation).
     Returns the history dict (per-epoch lists) with `seconds` and `best_epoch` added.
     """
     keras.utils.set_random_seed(seed)
@@ -91,7 +93,7 @@ def fit(
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
-        class_weight=class_weights(train_xy[1]),
+        class_weight=class_weights(train_xy[1] if class_labels is None else class_labels),
         callbacks=callbacks,
         verbose=0,
     )

@@ -30,6 +30,7 @@ from train.data import (
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
 from xray_core.files import blocking_ancestor, publish_dir, temp_dir_beside
 from xray_core.metrics import choose_threshold, evaluate, operating_point
+from xray_core.package import PackageError, load_metadata, resolve_version_dir
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
 
@@ -64,6 +65,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         raise UsageError("--limit-per-class must be >= 3")
     if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
         raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
+    if getattr(args, "teacher", None):
+        _check_teacher(args)
     if args.select_by.startswith("site_") and not args.site_dir:
         raise UsageError(f"--select-by {args.select_by} needs --site-dir")
     if not os.path.isdir(args.data_dir):
@@ -79,6 +82,19 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if blocked:
         raise UsageError(f"cannot write to {blocked}")
     return models, fractions  # type: ignore[return-value]
+
+
+def _check_teacher(args) -> None:
+    """--teacher names a published package that preprocesses as this run does; --teacher-weight in [0, 1]."""
+    if not 0.0 <= args.teacher_weight <= 1.0:
+        raise UsageError(f"--teacher-weight must be in [0, 1], got {args.teacher_weight}")
+    try:
+        meta = load_metadata(resolve_version_dir(args.teacher))
+    except PackageError as exc:
+        raise UsageError(f"--teacher: {exc}") from None
+    if meta.config != PreprocessConfig(image_size=args.image_size):
+        raise UsageError(f"--teacher {args.teacher} takes {meta.image_size} px inputs: pass --image-size "
+                         f"{meta.image_size}")
 
 
 def _same_or_inside(a: str, b: str) -> bool:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from train import fit
 from train.augment import AugmentConfig
+from train.distill import soft_labels, teacher_probabilities
 from train.models import build_cnn, build_resnet, ensemble, keras, vgg19_parts
+from xray_core.preprocessing import PreprocessConfig
 
 # The shift-robust recipe (train/EXPERIMENTS.md): augmentation, label smoothing, cosine decay.
 RECIPE_LABEL_SMOOTHING = 0.05
@@ -32,19 +36,32 @@ def train_resnet(name, args, data):
     history holds the members' histories under `members`; member models are returned too,
     so each can be evaluated on its own (spread over seeds)."""
     members, histories = [], []
+    train_xy, class_labels = data["train"], None
+    if getattr(args, "teacher", None):
+        train_xy, class_labels = distilled(args, data["train"]), data["train"][1]
     for i in range(args.ensemble):
         seed = args.seed + i
         keras.utils.set_random_seed(seed)
         member_name = name if args.ensemble == 1 else f"{name}_m{i}"
         member = build_resnet(args.image_size, name=member_name, last_stride=args.last_stride,
                               pool=args.pool, pointwise_stages=args.pointwise_stages)
-        histories.append(fit.fit(member, data["train"], data["val"], augment=recipe_augment(args),
-                                 label_smoothing=RECIPE_LABEL_SMOOTHING, cosine=True,
+        histories.append(fit.fit(member, train_xy, data["val"], augment=recipe_augment(args),
+                                 label_smoothing=RECIPE_LABEL_SMOOTHING, cosine=True, class_labels=class_labels,
                                  **_common(member_name, args, seed)))
         members.append(member)
     model = ensemble(members, name)
     history = histories[0] if args.ensemble == 1 else _merge_histories(histories)
     return model, history, members if args.ensemble > 1 else [], _predict_splits(model, data)
+
+
+def distilled(args, train_xy):
+    """The training split with the teacher package's probabilities mixed into its labels (train/distill.py)."""
+    x, y = train_xy
+    t0 = time.perf_counter()
+    teacher = teacher_probabilities(args.teacher, x, PreprocessConfig(image_size=args.image_size))
+    _log(f"[teacher] {args.teacher}: {len(x)} training images scored in {time.perf_counter() - t0:.1f}s; "
+         f"mean |teacher - label| {np.abs(teacher - y).mean():.3f}; weight {args.teacher_weight}")
+    return x, soft_labels(y, teacher, args.teacher_weight)
 
 
 def _predict_splits(model, data) -> dict:

@@ -1,0 +1,35 @@
+"""Distillation targets: a published package's probabilities on the training split as soft labels.
+
+The teacher is scored with onnxruntime from its package (no TensorFlow model, nothing pickled), on the same
+preprocessed arrays the student trains on, so the teacher's preprocessing must be the run's. The student's
+training label becomes (1 - weight) * folder label + weight * teacher probability; validation, test and site
+labels stay the folder's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from xray_core.package import load_metadata, open_session, resolve_version_dir, score
+from xray_core.preprocessing import PreprocessConfig
+
+
+class TeacherError(ValueError):
+    """A teacher package that cannot label this run's inputs (one line)."""
+
+
+def teacher_probabilities(package: str, images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """P(pneumonia) of the package at `package` for preprocessed images (N, S, S, 1) -> (N,) float64."""
+    version_dir = resolve_version_dir(package)
+    meta = load_metadata(version_dir)
+    if meta.config != config:
+        raise TeacherError(f"teacher {version_dir} preprocesses as {meta.config.to_dict()}, this run as "
+                           f"{config.to_dict()}: train at the teacher's --image-size")
+    session = open_session(f"{version_dir}/model.onnx")
+    return score(session, images, batch_size=64).probability.astype(np.float64)
+
+
+def soft_labels(labels: np.ndarray, teacher: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * labels + weight * teacher, float32; weight in [0, 1]."""
+    if not 0.0 <= weight <= 1.0:
+        raise TeacherError(f"--teacher-weight must be in [0, 1], got {weight}")
+    return ((1.0 - weight) * labels + weight * teacher).astype(np.float32)
