@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 from batch_job.errors import InputError
+from xray_core.gate import GateSpec
 from xray_core.package import CARD_FILE, MODEL_FILE, PackageError, load_metadata, resolve_version_dir
 from xray_core.reference import REFERENCE_FILE
 from xray_core.verify import verify_package
@@ -31,7 +32,7 @@ class Model:
     threshold: float
     heatmap_hw: tuple[int, int] | None = None  # (h, w) of the package's heatmap output; None: it has none
     reference: str | None = None  # the package's verified reference.npz; None: exported before drift checks
-    gate_limit: float | None = None  # the content check's limit (xray_core/gate.py); None: header and cheap checks only
+    gate: GateSpec | None = None  # the content check (xray_core/gate.py); None: header and cheap checks only
     heatmap_method: dict | None = None  # the maps the report shows (xray_core/occlusion.py); None: the graph's
     card: str | None = None  # the package's MODEL_CARD.md, copied into OUT_DIR
 
@@ -57,5 +58,5 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
     card = os.path.join(version_dir, CARD_FILE)
     return Model(os.path.join(version_dir, MODEL_FILE), meta.model_id, meta.preprocessing, threshold,
                  meta.heatmap_hw, os.path.join(version_dir, REFERENCE_FILE) if meta.reference is not None else None,
-                 float(meta.gate["limit"]) if meta.gate else None, meta.heatmap_method,
+                 GateSpec.from_dict(meta.gate) if meta.gate else None, meta.heatmap_method,
                  card if os.path.isfile(card) else None)

@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     check_inputs(args.input, args.fail_if_empty)
     modalities(args.modalities)
     model = load_model(args.model, args.threshold)
-    if model.gate_limit is None:
+    if model.gate is None:
         LOG.info("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
                  "near-constant, too few grey levels) run", model.model_id)
     package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
@@ -194,7 +194,7 @@ def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | N
                        ledger_path=book.path if book is not None else None,
                        heatmaps=n_heatmaps, with_heatmap=bool(n_heatmaps) and model.heatmap_hw is not None,
                        drift_sample=drift_check.SAMPLE_ROWS if model.reference else 0,
-                       reference_path=model.reference, gate_limit=model.gate_limit,
+                       reference_path=model.reference, gate=model.gate,
                        allowed_modalities=modalities)
 
 

@@ -100,7 +100,7 @@ class ScoringSpec:
     with_heatmap: bool = False  # the model has a heatmap output: fetch it for flagged images
     drift_sample: int = 0  # keep the embeddings of the shard's first N images in the seeded order (0: none)
     reference_path: str | None = None  # the package's reference.npz, for the content check
-    gate_limit: float | None = None  # the content check's limit; None: no content check
+    gate: gate.GateSpec | None = None  # the content check (its statistic and limit); None: no content check
     allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES  # DICOM Modality values in scope
 
 
@@ -155,16 +155,17 @@ def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger.Earlie
 
 
 @functools.lru_cache(maxsize=SESSIONS_KEPT)
-def _gate(reference_path: str, mtime_ns: int, limit: float) -> Gate:
-    return gate.fit(reference.load(reference_path).embeddings, limit)
+def _gate(reference_path: str, mtime_ns: int, spec: gate.GateSpec) -> Gate:
+    return gate.package_gate(spec, os.path.dirname(reference_path), lambda: reference.load(reference_path).embeddings)
 
 
 def get_gate(spec: ScoringSpec) -> Gate | None:
-    """The package's content check, fitted once per worker process (Ledoit-Wolf on its reference rows)."""
-    if spec.gate_limit is None or spec.reference_path is None:
+    """The package's content check, read (gate.npz) or fitted (Ledoit-Wolf on its reference rows) once per worker
+    process."""
+    if spec.gate is None or spec.reference_path is None:
         return None
     with _SESSIONS_LOCK:
-        return _gate(spec.reference_path, os.stat(spec.reference_path).st_mtime_ns, spec.gate_limit)
+        return _gate(spec.reference_path, os.stat(spec.reference_path).st_mtime_ns, spec.gate)
 
 
 def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[Row]:

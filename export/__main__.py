@@ -24,8 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify", metavar="VERSION_DIR", help="verify serving_models/<name>/<version> and exit 0/1")
     p.add_argument("--run-dir", help="a run directory written by `python -m train`")
     p.add_argument("--add-gate", metavar="VERSION_DIR",
-                   help="publish VERSION_DIR again as a new version with the input gate derived from its own "
-                        "reference (same model.onnx; no TensorFlow, no training run)")
+                   help="publish VERSION_DIR again as a new version with an input gate: fitted on the training "
+                        "split's embeddings with --training-dir, else derived from the package's own reference "
+                        "(same model.onnx; no TensorFlow, no training run)")
+    p.add_argument("--training-dir", metavar="DIR",
+                   help="with --add-gate: the folder the package was trained from; its images that the package's "
+                        "splits.csv does not list are the training split the gate is fitted on")
     p.add_argument("--recalibrate", metavar="VERSION_DIR",
                    help="publish VERSION_DIR again as a new version whose decision threshold is chosen on "
                         "--calibrate-dir (same model.onnx, drift reference and gate; no TensorFlow, no training run)")
@@ -51,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--heatmap-method must be graph or occlusion:K with K >= 2, not {args.heatmap_method!r}")
     if sum(bool(a) for a in (args.verify, args.run_dir, args.add_gate, args.recalibrate)) != 1:
         p.error("exactly one of --run-dir, --add-gate, --recalibrate or --verify is required")
+    if args.training_dir and not args.add_gate:
+        p.error("--training-dir goes with --add-gate")
     if args.recalibrate and not args.calibrate_dir:
         p.error("--recalibrate needs --calibrate-dir (the labelled images to choose the threshold on)")
     if args.calibrate_dir and not (args.run_dir or args.recalibrate):
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
         from export.republish import RepublishError, add_gate  # no TensorFlow on this path either
 
         try:
-            add_gate(args.add_gate, args.serving_dir, args.name, args.version, command)
+            add_gate(args.add_gate, args.serving_dir, args.name, args.version, command, args.training_dir)
         except RepublishError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

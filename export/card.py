@@ -154,15 +154,23 @@ def gate_section(meta: dict) -> str:
     if not g:
         return ("## Input gate\nNo content check recorded: the batch job runs only the DICOM header rules and the "
                 "cheap checks (near-constant images, too few grey levels, colour photographs) for this version.\n")
+    if g["statistic"] == "mahalanobis_ledoit_wolf_training_split":
+        fit = (f"the mean and Ledoit-Wolf covariance of the {g['rows']:,} training-split X-rays' embeddings "
+               f"(`{g['file']}`) must be at most **{g['limit']:.1f}**. That limit comes from the training side "
+               f"alone: the {g['percentile']}th percentile of the distances of the {g['held_out_rows']} validation-"
+               f"split X-rays, which neither the network nor the fit saw ({g['held_out_quantile']:.1f}),")
+    else:
+        fit = (f"the {g['rows']} reference rows (Ledoit-Wolf covariance) must be at most **{g['limit']:.1f}**. That "
+               f"limit comes from the training side alone: the {g['percentile']}th percentile of each reference "
+               f"row's distance to a fit on the other {g['folds'] - 1} of {g['folds']} folds "
+               f"({g['held_out_quantile']:.1f}),")
     return f"""## Input gate
-Before an image can be flagged, the batch job checks that it looks like the X-rays this model was validated on: the
-Mahalanobis distance of its `embedding` to the {g['rows']} reference rows (Ledoit-Wolf covariance) must be at most
-**{g['limit']:.1f}**. That limit comes from the training side alone: the {g['percentile']}th percentile of each
-reference row's distance to a fit on the other {g['folds'] - 1} of {g['folds']} folds ({g['held_out_quantile']:.1f}),
-times a margin of {g['margin']} for scans of a later time or another machine. Images past it get status
-`out_of_scope` with the distance as the reason and no prediction. DICOM must be CR or DX (not "for processing") of
-the chest; near-constant images, images with too few grey levels and colour photographs are refused before the
-model runs (docs/gate.md).
+Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
+validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later
+time or another machine. Images past it get status `out_of_scope` with the distance as the reason and no prediction.
+DICOM must be CR or DX (not "for processing") of the chest; near-constant images, images with too few grey levels,
+colour photographs and images more than twice as wide as high (or high as wide) are refused before the model runs
+(docs/gate.md).
 """
 
 

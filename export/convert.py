@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 
+from export.gate_fit import GateFitError, write_gate
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
 from export.republish import publish_version, write_description
 from train.data import load_images, read_split_csv
-from xray_core import gate, reference
+from xray_core import reference
 from xray_core.errors import one_line
 from xray_core.files import sha256_file
 from xray_core.occlusion import OCCLUSION, HeatmapMethod
@@ -169,16 +170,14 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
-def derive_gate(package_dir: str, log=print) -> dict | None:
-    """The input gate's spec from the package's own reference rows (xray_core/gate.py); None, said, when there
-    are too few rows for one."""
+def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, log=print) -> dict | None:
+    """The input gate fitted on the run's training split (export/gate_fit.py); None, said, when it cannot be."""
+    train = [ex.path for ex, split in read_split_csv(os.path.join(run_dir, "split.csv")) if split == "train"]
     try:
-        spec = gate.derive(reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings)
-    except gate.GateError as exc:
+        return write_gate(staging, session, train, config, log)
+    except GateFitError as exc:
         log(f"no input gate: {exc}")
         return None
-    log(f"input gate: {spec.line()}")
-    return spec.to_dict()
 
 
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
@@ -241,7 +240,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
         ref = build_reference(run_dir, config, export_model, session, x, staging, log) if dim else None
-        gate_spec = derive_gate(staging, log) if dim else None
+        gate_spec = fit_gate(run_dir, staging, session, config, log) if dim else None
         with open(os.path.join(run_dir, "run.json")) as f:
             run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,

@@ -10,6 +10,7 @@ import shutil
 from datetime import datetime, timezone
 from typing import Callable
 
+from export import gate_fit
 from export.calibrate import CalibrationError, calibrate, list_labelled
 from export.card import model_card
 from export.faithfulness import faithfulness
@@ -32,7 +33,7 @@ from xray_core.package import (
 )
 from xray_core.verify import verify_package
 
-CARRIED = (MODEL_FILE, reference.REFERENCE_FILE, reference.SPLITS_FILE)
+CARRIED = (MODEL_FILE, reference.REFERENCE_FILE, reference.SPLITS_FILE, gate.FIT_FILE)
 
 
 class RepublishError(ValueError):
@@ -92,10 +93,16 @@ def publish_version(staging: str, final: str) -> None:
     atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
 
 
-def with_gate(meta: Metadata, staging: str, log=print) -> Metadata:
-    """`meta` with the input gate derived from the package's reference rows."""
+def with_gate(meta: Metadata, staging: str, training_dir: str | None = None, log=print) -> Metadata:
+    """`meta` with the input gate fitted on the training split found in training_dir (export/gate_fit.py), or,
+    without one, derived from the package's reference rows alone."""
     if meta.embedding_dim is None or meta.reference is None:
         raise RepublishError(f"{meta.model_id} has no embedding output or no reference: no gate can be derived")
+    if training_dir is not None:
+        return dataclasses.replace(meta, gate=training_split_gate(meta, staging, training_dir, log))
+    fit_file = os.path.join(staging, gate.FIT_FILE)
+    if os.path.exists(fit_file):
+        os.remove(fit_file)  # the source's training-split fit, replaced by the reference-rows gate
     try:
         rows = reference.load(os.path.join(staging, reference.REFERENCE_FILE)).embeddings
         spec = gate.derive(rows)
@@ -105,11 +112,27 @@ def with_gate(meta: Metadata, staging: str, log=print) -> Metadata:
     return dataclasses.replace(meta, gate=spec.to_dict())
 
 
+def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=print) -> dict:
+    """The gate fitted on training_dir's images that the package's splits.csv does not list, written into
+    staging; refused when their number is not the run's training split's."""
+    if not os.path.isdir(training_dir):
+        raise RepublishError(f"training folder not found: {training_dir}")
+    paths = gate_fit.training_paths(training_dir, os.path.join(staging, reference.SPLITS_FILE))
+    expected = ((meta.source or {}).get("split_counts") or {}).get("train", {}).get("images")
+    if not paths or (expected is not None and len(paths) != expected):
+        raise RepublishError(f"{training_dir} holds {len(paths)} images that {reference.SPLITS_FILE} does not list; "
+                             f"{meta.model_id} was trained on {expected}: not its training folder; nothing published")
+    try:
+        return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config, log)
+    except gate_fit.GateFitError as exc:
+        raise RepublishError(f"{exc}; nothing published") from None
+
+
 def add_gate(source_dir: str, serving_dir: str, name: str, version: int | None = None, command: str = "",
-             log=print) -> str:
+             training_dir: str | None = None, log=print) -> str:
     def edit(meta: Metadata, staging: str) -> Metadata:
         source = dict(meta.source or {}, republish_command=command)
-        return with_gate(dataclasses.replace(meta, source=source), staging, log)
+        return with_gate(dataclasses.replace(meta, source=source), staging, training_dir, log)
 
     return republish(source_dir, serving_dir, name, edit, version, log)
 

@@ -50,6 +50,18 @@ def test_colour_is_measured_between_channels():
     assert content.problem(gray, spread) == f"colour image (mean channel spread {spread:.1f} > 8)"
 
 
+@pytest.mark.parametrize("shape, refused", [((96, 193), True), ((200, 96), True), ((96, 192), False),
+                                             ((128, 96), False), ((172, 448), True)])
+def test_images_more_than_twice_as_long_as_wide_are_refused(shape, refused):
+    img = np.asarray(Image.fromarray(_xray_like(size=96)).resize(shape[::-1]))
+    reason = content.problem(img)
+    if refused:
+        ratio = max(shape) / min(shape)
+        assert reason == f"not a chest radiograph's shape (aspect {ratio:.2f}:1 > 2:1)"
+    else:
+        assert reason is None
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="shared training folder not present")
 def test_no_training_xray_is_refused_by_the_cheap_checks():
     from xray_core.preprocessing import PreprocessConfig, decode_image

@@ -33,6 +33,19 @@ def gated(tmp_path_factory):
     return base, v2
 
 
+@pytest.fixture(scope="module")
+def gated_on_training_split(gated):
+    """Version 3: the same model with the gate fitted on a training folder of 200 images like the reference."""
+    base, v2 = gated
+    rng = np.random.default_rng(7)
+    train = base / "train" / "NORMAL"
+    os.makedirs(train)
+    for i, m in enumerate(rng.uniform(0.3, 0.7, 200)):
+        Image.fromarray((_like_the_reference(rng, m) * 255).astype(np.uint8), "L").save(train / f"t{i:03d}.png")
+    v3 = add_gate(v2, str(base / "serving"), "pneumonia", training_dir=str(base / "train"), log=lambda _: None)
+    return base, v3
+
+
 def _inputs(folder):
     rng = np.random.default_rng(1)
     os.makedirs(folder)
@@ -59,9 +72,13 @@ def _inputs(folder):
     return names
 
 
-@pytest.mark.parametrize("runner", ["direct", pytest.param("dask", marks=pytest.mark.slow)])
-def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(gated, tmp_path, runner, request):
-    base, package = gated
+@pytest.mark.parametrize("runner, fit", [("direct", "reference"), ("direct", "training split"),
+                                         pytest.param("dask", "training split", marks=pytest.mark.slow)])
+def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_path, runner, fit, request):
+    base, package = request.getfixturevalue("gated" if fit == "reference" else "gated_on_training_split")
+    statistic = json.load(open(os.path.join(package, "metadata.json")))["gate"]["statistic"]
+    assert statistic == {"reference": "mahalanobis_ledoit_wolf",
+                         "training split": "mahalanobis_ledoit_wolf_training_split"}[fit]
     names = _inputs(str(tmp_path / "in"))
     extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
         if runner == "dask" else ["--direct_running_mode=in_memory"]

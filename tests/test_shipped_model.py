@@ -35,9 +35,9 @@ def _rows(out_dir):
     return rows
 
 
-def test_default_is_version_5_calibrated_on_the_site_with_occlusion_maps_a_drift_reference_and_a_gate():
+def test_default_is_version_6_calibrated_on_the_site_with_occlusion_maps_a_drift_reference_and_a_gate():
     vdir = resolve_version_dir(NAME_DIR)
-    assert os.path.basename(vdir) == "5"
+    assert os.path.basename(vdir) == "6"
     assert all(check.ok for check in verify_package(vdir)), [c.line() for c in verify_package(vdir)]
     meta = _meta(vdir)
     assert meta["architecture"] == "resnet_aug"
@@ -56,7 +56,15 @@ def test_default_is_version_5_calibrated_on_the_site_with_occlusion_maps_a_drift
     ref = meta["reference"]
     assert (ref["images"], ref["embedding_rows"], ref["embedding_dim"]) == (782, 782, 512)
     assert ref["splits"] == {"val": 782, "test": 783}
-    assert meta["gate"]["statistic"] == "mahalanobis_ledoit_wolf" and meta["gate"]["margin"] == 1.2
+    # the gate: fitted on the training split's 3,651 embeddings, its limit from the 782 validation rows
+    g = meta["gate"]
+    assert (g["statistic"], g["rows"], g["held_out_rows"], g["margin"]) == (
+        "mahalanobis_ledoit_wolf_training_split", 3651, 782, 1.2)
+    # version 6 is version 5's network and threshold with that gate
+    v5 = _meta(os.path.join(NAME_DIR, "5"))
+    assert meta["sha256"] == v5["sha256"] and meta["decision_threshold"] == v5["decision_threshold"]
+    assert v5["gate"]["statistic"] == "mahalanobis_ledoit_wolf"
+    assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, "5")))
     for old in ("1", "2", "3", "4"):  # earlier versions keep scoring, without a gate
         assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, old)))
         assert "gate" not in _meta(os.path.join(NAME_DIR, old))

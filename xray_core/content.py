@@ -9,7 +9,11 @@ scan is never refused by them, whatever its exposure:
 - near-constant: a standard deviation below 4 grey levels (a fifth of the training minimum): blank, black or
   white exports;
 - too few grey levels: fewer than 32 distinct values (under a third of the training minimum): masks, drawings,
-  text renderings, thresholded images.
+  text renderings, thresholded images;
+- elongated: one side more than twice the other. The training scans are all stored square (1:1), so this limit
+  comes from what a chest radiograph can be: detector and cassette formats run from 18x24 to 43x43 cm (at most
+  1.33:1), and a stitched long-length image (spine, legs) is not a chest. 2:1 is half as long again as the widest
+  format. Banners, pages, panoramas and strips of text are refused by it.
 Everything else that is not a chest X-ray (photographs, other body parts, other modalities, rotated or inverted
 scans) is the model-side check's work (xray_core/gate.py).
 """
@@ -20,6 +24,7 @@ import numpy as np
 MAX_COLOUR_SPREAD = 8.0
 MIN_GREY_STD = 4.0
 MIN_GREY_LEVELS = 32
+MAX_ASPECT = 2.0
 
 
 def colour_spread(rgb: np.ndarray) -> float:
@@ -32,6 +37,9 @@ def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
     """A one-line reason why the decoded 8-bit gray image (H, W) is not a chest X-ray, or None."""
     if spread > MAX_COLOUR_SPREAD:
         return f"colour image (mean channel spread {spread:.1f} > {MAX_COLOUR_SPREAD:g})"
+    aspect = max(gray.shape[:2]) / max(min(gray.shape[:2]), 1)
+    if aspect > MAX_ASPECT:
+        return f"not a chest radiograph's shape (aspect {aspect:.2f}:1 > {MAX_ASPECT:g}:1)"
     std = float(gray.std())
     if std < MIN_GREY_STD:
         return f"near-constant image (grey-level std {std:.1f} < {MIN_GREY_STD:g})"

@@ -1,26 +1,32 @@
 """The input gate's content check: is an image like the X-rays the model was validated on? (no TensorFlow)
 
-The statistic is the Mahalanobis distance of the image's `embedding` to the package's reference rows
-(reference.npz: the validation split's embeddings), with scikit-learn's Ledoit-Wolf covariance, which stays
-well-conditioned with fewer rows than twice the dimension.
+The statistic is the Mahalanobis distance of the image's `embedding` to the X-rays the model was trained and
+validated on, with scikit-learn's Ledoit-Wolf covariance (well-conditioned in 512 dimensions). Two versions:
 
-The limit comes from the training side alone, from the same reference rows: each row's distance to a fit on the
-other folds (FOLDS-fold, seeded) is a held-out, in-distribution distance; the limit is their PERCENTILE-th
-percentile times MARGIN. The margin is there because the reference is the training collection: scans from
-another time or machine sit a little further out without being anything else (a rotated or inverted X-ray, a
-photograph, a blank export and a CT slice sit far further: docs/gate.md). No limit is ever fitted on the images
-it is checked on.
+* ``mahalanobis_ledoit_wolf_training_split`` (packages from version 6): the mean and covariance are fitted on the
+  training split's embeddings (3,651 rows for the shipped model) and stored in the package's ``gate.npz``
+  (location and precision, plain arrays); the limit is the PERCENTILE-th percentile of the distances of the
+  validation split's rows (reference.npz: held out from both the network's training and this fit) times MARGIN.
+  Nearly five times the rows of the validation split alone estimate the covariance's small directions better,
+  and those are where a photograph differs from an X-ray (docs/gate.md).
+* ``mahalanobis_ledoit_wolf`` (version 5): fitted on the reference rows (the validation split) at scoring time;
+  the limit is the PERCENTILE-th percentile of FOLDS-fold held-out reference distances times MARGIN.
 
-At scoring time the covariance is fitted again on all reference rows (deterministic, milliseconds), so a package
-holds only numbers in metadata.json (`gate`) and no pickled estimator.
+The margin is there because the training collection is not tonight's: scans from another time or machine sit a
+little further out without being anything else (a rotated or inverted X-ray, a photograph, a blank export and a
+CT slice sit far further: docs/gate.md). No limit is ever fitted on the images it is checked on. A package holds
+numbers only (metadata.json `gate`, gate.npz), never a pickled estimator.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-STATISTIC = "mahalanobis_ledoit_wolf"
+STATISTIC = "mahalanobis_ledoit_wolf"  # version 5: fitted on the reference rows, k-fold limit
+TRAINING_SPLIT = "mahalanobis_ledoit_wolf_training_split"  # fitted on the training split, limit from validation
+FIT_FILE = "gate.npz"
 PERCENTILE = 99.5
 MARGIN = 1.2
 FOLDS = 5
@@ -45,11 +51,18 @@ class GateSpec:
     rows: int
     seed: int
     source: str = "reference.npz embeddings (the training run's validation split)"
+    file: str = ""  # TRAINING_SPLIT: the fit's file in the package, and its sha256
+    sha256: str = ""
+    held_out_rows: int = 0  # TRAINING_SPLIT: the validation rows whose distances give the limit
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
+        if self.statistic == TRAINING_SPLIT:
+            return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of the distances "
+                    f"of {self.held_out_rows} validation rows ({self.held_out_quantile:.1f}) to the fit on "
+                    f"{self.rows} training rows x margin {self.margin}")
         return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of {self.rows} "
                 f"held-out reference distances ({self.held_out_quantile:.1f}) x margin {self.margin}")
 
@@ -59,7 +72,8 @@ class GateSpec:
             spec = cls(**data)
         except TypeError as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
-        if spec.statistic != STATISTIC or not np.isfinite(spec.limit) or spec.limit <= 0:
+        if spec.statistic not in (STATISTIC, TRAINING_SPLIT) or not np.isfinite(spec.limit) or spec.limit <= 0 \
+                or (spec.statistic == TRAINING_SPLIT and not spec.file):
             raise GateError(f"metadata gate is unusable: statistic {spec.statistic!r}, limit {spec.limit!r}")
         return spec
 
@@ -87,8 +101,10 @@ class Gate:
 def _fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.covariance import LedoitWolf
 
-    lw = LedoitWolf().fit(np.asarray(rows, np.float64))
-    return lw.location_, lw.precision_
+    # The shrunk covariance is positive definite: its plain inverse (LU) equals the pseudo-inverse scikit-learn's
+    # store_precision would compute (eigendecomposition), to 1e-11, at a quarter of the cost.
+    lw = LedoitWolf(store_precision=False).fit(np.asarray(rows, np.float64))
+    return lw.location_, np.linalg.inv(lw.covariance_)
 
 
 def fit(embeddings: np.ndarray, limit: float) -> Gate:
@@ -117,3 +133,46 @@ def derive(embeddings: np.ndarray, percentile: float = PERCENTILE, margin: float
         raise GateError(f"the reference has {len(embeddings)} embedding rows; the gate needs >= {MIN_ROWS}")
     quantile = float(np.percentile(held_out_distances(embeddings), percentile))
     return GateSpec(STATISTIC, quantile * margin, percentile, margin, quantile, FOLDS, int(len(embeddings)), SEED)
+
+
+def derive_from_split(training: np.ndarray, validation: np.ndarray, percentile: float = PERCENTILE,
+                      margin: float = MARGIN) -> tuple[GateSpec, Gate]:
+    """TRAINING_SPLIT: the fit on the training split's embeddings, its limit from the validation split's distances
+    (rows the fit never saw) -> (the spec, without its file's name and digest, and the fitted gate)."""
+    if len(training) < MIN_ROWS or len(validation) < MIN_ROWS:
+        raise GateError(f"the gate needs >= {MIN_ROWS} training and validation rows, got {len(training)} and "
+                        f"{len(validation)}")
+    location, precision = _fit(training)
+    quantile = float(np.percentile(Gate(location, precision, np.inf).distances(validation), percentile))
+    spec = GateSpec(TRAINING_SPLIT, quantile * margin, percentile, margin, quantile, 0, int(len(training)), SEED,
+                    source="fit: the training split's embeddings; limit: reference.npz (the validation split)",
+                    held_out_rows=int(len(validation)))
+    return spec, Gate(location, precision, spec.limit)
+
+
+def write_fit(path: str, fitted: Gate) -> None:
+    """gate.npz: the fit's location (D,) and precision (D, D), float64."""
+    np.savez(path, location=fitted.location, precision=fitted.precision)
+
+
+def read_fit(path: str, limit: float) -> Gate:
+    """gate.npz -> the fitted gate; GateError (one line) when it is missing, unreadable or malformed."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            location, precision = np.asarray(z["location"], np.float64), np.asarray(z["precision"], np.float64)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not an npz, a key missing, pickled arrays
+        raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
+    d = len(location)
+    if location.ndim != 1 or precision.shape != (d, d) or not (np.isfinite(location).all()
+                                                              and np.isfinite(precision).all()):
+        raise GateError(f"{os.path.basename(path)} is malformed: location {location.shape}, precision "
+                        f"{precision.shape}")
+    return Gate(location, precision, float(limit))
+
+
+def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
+    """The fitted content check of the package in package_dir: read from its gate.npz (TRAINING_SPLIT) or fitted
+    on its reference rows (`reference_rows()`, called only then)."""
+    if spec.statistic == TRAINING_SPLIT:
+        return read_fit(os.path.join(package_dir, spec.file), spec.limit)
+    return fit(reference_rows(), spec.limit)

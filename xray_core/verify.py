@@ -95,11 +95,15 @@ def reference_check(version_dir: str, meta: Metadata) -> Check:
     return Check("drift reference", not found, detail)
 
 
-def gate_check(ref: reference.Reference, meta: Metadata, rederive: bool = True) -> Check:
+def gate_check(ref: reference.Reference, meta: Metadata, version_dir: str, rederive: bool = True) -> Check:
     """The recorded gate is usable and (with `rederive`, as `export --verify` does; the batch job, which re-reads
-    the package every night, only checks it is usable) is what its own derivation gives on the reference rows."""
+    the package every night, only checks it is usable) is what its own derivation gives: for a gate fitted on the
+    training split, gate.npz's digest and the limit from the validation rows' distances to its fit; for one fitted
+    on the reference rows, the k-fold limit again."""
     try:
         spec = gate.GateSpec.from_dict(meta.gate)
+        if spec.statistic == gate.TRAINING_SPLIT:
+            return _training_split_gate_check(spec, ref, version_dir, rederive)
         if len(ref.embeddings) < gate.MIN_ROWS:
             raise gate.GateError(f"the reference has {len(ref.embeddings)} rows; the gate needs >= {gate.MIN_ROWS}")
         if not rederive:
@@ -109,6 +113,26 @@ def gate_check(ref: reference.Reference, meta: Metadata, rederive: bool = True) 
         return Check("input gate", False, str(exc))
     same = bool(np.isclose(again.limit, spec.limit, rtol=1e-6)) and again.rows == spec.rows
     detail = f"{spec.statistic} limit {spec.limit:.2f}" + ("" if same else f", re-derived {again.limit:.2f}")
+    return Check("input gate", same, detail)
+
+
+def _training_split_gate_check(spec: gate.GateSpec, ref: reference.Reference, version_dir: str,
+                               rederive: bool) -> Check:
+    path = os.path.join(version_dir, spec.file)
+    if not os.path.isfile(path):
+        raise gate.GateError(f"{spec.file} is missing")
+    if sha256_file(path) != spec.sha256:
+        raise gate.GateError(f"{spec.file} sha256 != metadata {spec.sha256[:16]}…")
+    fitted = gate.read_fit(path, spec.limit)
+    if len(fitted.location) != ref.embeddings.shape[1]:
+        raise gate.GateError(f"{spec.file} is {len(fitted.location)}-dimensional, the embedding "
+                             f"{ref.embeddings.shape[1]}")
+    if not rederive:
+        return Check("input gate", True, f"{spec.statistic} limit {spec.limit:.2f}")
+    quantile = float(np.percentile(fitted.distances(ref.embeddings), spec.percentile))
+    same = bool(np.isclose(quantile * spec.margin, spec.limit, rtol=1e-6)) and len(ref.embeddings) == \
+        spec.held_out_rows
+    detail = f"{spec.statistic} limit {spec.limit:.2f}" + ("" if same else f", re-derived {quantile * spec.margin:.2f}")
     return Check("input gate", same, detail)
 
 
@@ -153,7 +177,7 @@ def verify_package(version_dir: str, rederive_gate: bool = True) -> list[Check]:
         checks.append(reference_check(version_dir, meta))
         if checks[-1].ok and meta.gate is not None:  # nor do those exported before the input gate
             checks.append(gate_check(reference.load(os.path.join(version_dir, reference.REFERENCE_FILE)), meta,
-                                     rederive_gate))
+                                     version_dir, rederive_gate))
     elif meta.gate is not None:
         checks.append(Check("input gate", False, "a gate needs the package's drift reference"))
     return checks

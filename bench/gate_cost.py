@@ -1,0 +1,98 @@
+"""Benchmark 7b: what the input gate costs, part by part, on the X-ray-sized corpus (one core each).
+
+    python -m bench.gate_cost [--model serving_models/pneumonia] [--n 500] [--job-seconds S]
+
+The gate adds three things to the job, each timed here on its own (best of 5 passes over n corpus scans):
+1. the cheap checks (xray_core/content.py) on each decoded scan: `content.problem`, plus `colour_spread` where the
+   JPEG is in colour (the corpus is gray, as real scans are: the colour check is also timed on the colour
+   version of the same scans, the worst case);
+2. the content check's distances, one matrix product per batch of 64 embeddings (`Gate.distances`);
+3. fitting the content check once per worker process (`gate.fit`: Ledoit-Wolf on the reference rows); worker
+   threads of one process share it, and a second thread waits for the first's fit.
+The embedding itself is an output of the same network run that gives the probability: nothing extra.
+The share of a 2,000-scan command is (1 + 2) * 2,000 / cores + 3, over --job-seconds (the whole command's time
+measured beside it, e.g. by `bench.bench_anchor`). An upper bound: parts 1 and 2 run on both cores at once.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from bench.common import machine, table
+from xray_core import content, gate, reference
+from xray_core.package import load_metadata, open_session, resolve_version_dir, score
+from xray_core.preprocessing import decode
+
+CORPUS = "/tmp/pneumonia-corpus/x2000"
+
+
+def best_ms(fn, items, passes: int = 5) -> float:
+    """Best of `passes` over items, in ms per item."""
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(items) * 1e3
+
+
+def colour_copy(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="serving_models/pneumonia")
+    p.add_argument("--corpus", default=CORPUS)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--images", type=int, default=2000, help="scans in the command the share is of")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--job-seconds", type=float, default=None, help="the whole command's seconds at --images")
+    args = p.parse_args(argv)
+    vdir = resolve_version_dir(args.model)
+    meta = load_metadata(vdir)
+    if meta.gate is None:
+        raise SystemExit(f"{vdir} has no gate")
+    paths = sorted(glob.glob(os.path.join(args.corpus, "*", "*.jpeg")))[:args.n]
+    if len(paths) < 64:
+        raise SystemExit(f"too few scans in {args.corpus}: run python -m bench.corpus first")
+    datas = [open(q, "rb").read() for q in paths]
+    gray = [np.asarray(decode(d, meta.config).image) for d in datas]
+    colour = [np.asarray(Image.open(io.BytesIO(colour_copy(d))).reduce(8).convert("RGB")) for d in datas[:100]]
+    ref = reference.load(os.path.join(vdir, reference.REFERENCE_FILE)).embeddings
+    check = gate.fit(ref, meta.gate["limit"])
+    x = np.stack([np.asarray(Image.fromarray(g).resize((meta.image_size,) * 2), np.float32)[..., None] / 255
+                  for g in gray[:64]])
+    emb = score(open_session(os.path.join(vdir, "model.onnx"), 1), x, embedding=True).embedding
+
+    cheap = best_ms(content.problem, gray)
+    spread = best_ms(content.colour_spread, colour)
+    distances = best_ms(lambda _: check.distances(emb), range(20)) / len(emb)
+    fit_s = min(best_ms(lambda _: gate.fit(ref, meta.gate["limit"]), range(1), passes=1) for _ in range(5)) / 1e3
+    per_scan = cheap + distances
+    total = per_scan * args.images / args.cores / 1e3 + fit_s
+    rows = [["cheap checks (content.problem), per gray scan", f"{cheap:.3f} ms"],
+            ["colour check (colour_spread), per colour JPEG (not in the total)", f"{spread:.3f} ms"],
+            ["content check distances, per scan (batches of 64)", f"{distances:.4f} ms"],
+            [f"fit once per worker process ({len(ref)} x {ref.shape[1]} reference)", f"{fit_s:.3f} s"],
+            [f"total for {args.images:,} gray scans on {args.cores} cores", f"{total:.3f} s"]]
+    if args.job_seconds:
+        rows.append([f"share of a {args.job_seconds:.1f} s command", f"{total / args.job_seconds:.1%}"])
+    print(f"machine: {machine()}; model {vdir}; {len(paths)} corpus scans (draft-decoded at "
+          f"{gray[0].shape[1]}x{gray[0].shape[0]})")
+    print(table(["part", "cost"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The input gate fitted on the training split (xray_core/gate.py TRAINING_SPLIT), written into a package.
+
+The training split's images are scored by the package's own graph (onnxruntime, the package's preprocessing);
+the Ledoit-Wolf fit on their embeddings goes to gate.npz, and the limit comes from the distances of the package's
+reference rows (reference.npz: the validation split, which neither the network nor the fit saw). Export does this
+from the run's split.csv; `export --add-gate VERSION_DIR --training-dir DIR` from the training folder (its images
+that the package's splits.csv does not list as validation or test).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from train.data import load_images
+from xray_core import gate, reference
+from xray_core.files import sha256_file
+from xray_core.package import score
+from xray_core.preprocessing import PreprocessConfig, is_image_file
+
+
+class GateFitError(ValueError):
+    """The gate cannot be fitted; the message is one line."""
+
+
+def training_paths(training_dir: str, splits_file: str) -> list[str]:
+    """The images under training_dir (recursive, sorted) that splits.csv does not list: the training split."""
+    listed = {os.path.normpath(rel) for rel, _ in reference.read_splits(splits_file)}
+    found = []
+    for root, dirs, files in os.walk(training_dir):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if is_image_file(f)]
+    return [p for p in found if os.path.normpath(os.path.relpath(p, training_dir)) not in listed]
+
+
+def embeddings(session, paths: list[str], config: PreprocessConfig, log=print) -> np.ndarray:
+    """The graph's `embedding` of every readable image of paths, (n, D) float32 (unreadable ones said and left out)."""
+    images, ok, failed = load_images(paths, config)
+    for path, err in failed[:5]:
+        log(f"input gate: skipped {path}: {err}")
+    if not ok:
+        raise GateFitError("no image of the training split could be read (moved data?)")
+    return np.concatenate([score(session, images[i:i + 1024], embedding=True).embedding
+                           for i in range(0, len(images), 1024)])
+
+
+def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, log=print) -> dict:
+    """Fit the gate on the embeddings of `paths` (the training split), write package_dir/gate.npz, derive the limit
+    from package_dir's reference rows -> metadata.json's `gate`."""
+    rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
+    log(f"input gate: scoring {len(paths)} training-split images")
+    try:
+        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, log), rows)
+    except gate.GateError as exc:
+        raise GateFitError(str(exc)) from None
+    path = os.path.join(package_dir, gate.FIT_FILE)
+    gate.write_fit(path, fitted)
+    spec = gate.GateSpec(**{**spec.to_dict(), "file": gate.FIT_FILE, "sha256": sha256_file(path)})
+    log(f"input gate: {spec.line()}")
+    return spec.to_dict()

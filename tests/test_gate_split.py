@@ -1,0 +1,144 @@
+"""The input gate fitted on the training split (gate.npz; xray_core/gate.py TRAINING_SPLIT) and
+`python -m export --add-gate VERSION_DIR --training-dir DIR` (no TensorFlow)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.covariance import LedoitWolf
+
+from export.__main__ import main as export_main
+from helpers import assert_one_line_error, read_json, sha256_of, write_package
+from xray_core import gate, reference
+from xray_core.package import open_session, score
+from xray_core.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.verify import verify_package
+
+TRAIN_IMAGES = 80
+
+
+def _gaussian(n, d=16, seed=0, shift=0.0):
+    mix = np.random.default_rng(99).normal(size=(d, d)) / np.sqrt(d)
+    return np.random.default_rng(seed).normal(size=(n, d)) @ mix + shift
+
+
+def test_the_limit_is_the_validation_rows_percentile_to_the_training_fit_times_the_margin():
+    train, val = _gaussian(400, seed=1), _gaussian(150, seed=2)
+    spec, fitted = gate.derive_from_split(train, val)
+    lw = LedoitWolf().fit(train)
+    d = val - lw.location_
+    want = np.percentile(np.sqrt(np.einsum("nd,de,ne->n", d, np.linalg.inv(lw.covariance_), d)), 99.5)
+    assert spec.statistic == gate.TRAINING_SPLIT and spec.rows == 400 and spec.held_out_rows == 150
+    assert spec.held_out_quantile == pytest.approx(want, rel=1e-9)
+    assert spec.limit == pytest.approx(1.2 * want, rel=1e-9) and fitted.limit == spec.limit
+    far = fitted.distances(_gaussian(50, seed=3, shift=3.0))
+    assert (far > spec.limit).mean() > 0.9 and (fitted.distances(val) > spec.limit).mean() == 0.0
+    with pytest.raises(gate.GateError, match=">= 50 training and validation rows"):
+        gate.derive_from_split(train, val[:20])
+
+
+def test_the_fit_file_round_trips_and_a_malformed_one_is_one_line(tmp_path):
+    _, fitted = gate.derive_from_split(_gaussian(200, seed=1), _gaussian(100, seed=2))
+    path = str(tmp_path / "gate.npz")
+    gate.write_fit(path, fitted)
+    again = gate.read_fit(path, fitted.limit)
+    np.testing.assert_array_equal(again.location, fitted.location)
+    np.testing.assert_array_equal(again.precision, fitted.precision)
+    np.savez(path, location=fitted.location, precision=fitted.precision[:3])
+    with pytest.raises(gate.GateError, match="malformed"):
+        gate.read_fit(path, 1.0)
+    np.savez(path, location=np.array([object()], dtype=object), precision=fitted.precision)
+    with pytest.raises(gate.GateError, match="unreadable: ValueError"):  # pickled arrays are never loaded
+        gate.read_fit(path, 1.0)
+    with pytest.raises(gate.GateError, match="unreadable"):
+        gate.read_fit(str(tmp_path / "missing.npz"), 1.0)
+
+
+@pytest.fixture()
+def package(tmp_path):
+    images = np.random.default_rng(0).uniform(0.2, 0.8, (120, 32, 32, 1)).astype(np.float32)
+    return write_package(str(tmp_path / "serving"), reference_images=images, heatmap_hw=(4, 4))
+
+
+@pytest.fixture()
+def training_dir(tmp_path):
+    """TRAIN_IMAGES training images, plus one file splits.csv lists as validation (NORMAL/0.jpeg): left out."""
+    root = tmp_path / "train"
+    rng = np.random.default_rng(5)
+    for i in range(TRAIN_IMAGES):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        os.makedirs(root / label, exist_ok=True)
+        Image.fromarray(rng.integers(40, 220, (48, 48), dtype=np.uint8)).save(root / label / f"t{i:03d}.png")
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(root / "NORMAL" / "0.jpeg", format="PNG")
+    return str(root)
+
+
+def test_add_gate_with_a_training_dir_fits_the_training_split(package, training_dir, tmp_path, capsys):
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert f"scoring {TRAIN_IMAGES} training-split images" in capsys.readouterr().out
+    new = serving / "pneumonia" / "2"
+    meta = read_json(new / "metadata.json")
+    g = meta["gate"]
+    assert g["statistic"] == gate.TRAINING_SPLIT and g["rows"] == TRAIN_IMAGES and g["held_out_rows"] == 120
+    assert g["file"] == "gate.npz" and g["sha256"] == sha256_of(new / "gate.npz")
+    # the fit is the training images' embeddings by the package's own graph; the limit its reference rows'
+    config = PreprocessConfig(image_size=32)
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(training_dir) for f in fs if f.startswith("t"))
+    emb = score(open_session(os.path.join(package, "model.onnx")), np.stack([preprocess_image(p, config)
+                                                                              for p in paths]), embedding=True)
+    rows = reference.load(os.path.join(package, "reference.npz")).embeddings
+    spec, _ = gate.derive_from_split(emb.embedding, rows)
+    assert g["limit"] == pytest.approx(spec.limit, rel=1e-9)
+    assert all(c.ok for c in verify_package(str(new)))
+    card = " ".join((new / "MODEL_CARD.md").read_text().split())
+    assert f"the {TRAIN_IMAGES:,} training-split X-rays' embeddings (`gate.npz`) must be at most **{g['limit']:.1f}**" \
+        in card
+
+
+def test_verify_fails_a_changed_fit_or_a_loosened_limit(package, training_dir, tmp_path):
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    vdir = serving / "pneumonia" / "2"
+    meta = read_json(vdir / "metadata.json")
+    meta["gate"]["limit"] *= 2
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    failed = [c for c in verify_package(str(vdir)) if not c.ok]
+    assert [c.name for c in failed] == ["input gate"] and "re-derived" in failed[0].detail
+    with np.load(vdir / "gate.npz") as z:
+        np.savez(vdir / "gate.npz", location=z["location"] + 1, precision=z["precision"])
+    failed = [c for c in verify_package(str(vdir), rederive_gate=False) if not c.ok]
+    assert [c.name for c in failed] == ["input gate"] and "gate.npz sha256 != metadata" in failed[0].detail
+
+
+def test_republishing_without_a_training_dir_drops_the_training_fit(package, training_dir, tmp_path):
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert export_main(["--add-gate", str(serving / "pneumonia" / "2"), "--serving-dir", str(serving)]) == 0
+    v3 = serving / "pneumonia" / "3"
+    assert read_json(v3 / "metadata.json")["gate"]["statistic"] == gate.STATISTIC
+    assert not (v3 / "gate.npz").exists() and all(c.ok for c in verify_package(str(v3)))
+
+
+def test_a_folder_that_is_not_the_training_folder_is_refused(package, training_dir, tmp_path, capsys):
+    path = os.path.join(package, "metadata.json")
+    meta = read_json(path)
+    meta["source"] = {"split_counts": {"train": {"images": TRAIN_IMAGES + 1}}}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    serving = tmp_path / "serving"
+    assert_one_line_error(capsys, export_main(["--add-gate", package, "--serving-dir", str(serving),
+                                               "--training-dir", training_dir]),
+                          f"holds {TRAIN_IMAGES} images", f"trained on {TRAIN_IMAGES + 1}", "not its training folder")
+    assert_one_line_error(capsys, export_main(["--add-gate", package, "--serving-dir", str(serving),
+                                               "--training-dir", str(tmp_path / "nope")]), "training folder not found")
+    assert sorted(os.listdir(serving / "pneumonia")) == ["1", "config.pbtxt"]
+
+
+def test_training_dir_goes_with_add_gate(package, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--verify", package, "--training-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "--training-dir goes with --add-gate" in capsys.readouterr().err
