@@ -7,8 +7,9 @@ The gate adds three things to the job, each timed here on its own (best of 5 pas
    JPEG is in colour (the corpus is gray, as real scans are: the colour check is also timed on the colour
    version of the same scans, the worst case);
 2. the content check's distances, one matrix product per batch of 64 embeddings (`Gate.distances`);
-3. fitting the content check once per worker process (`gate.fit`: Ledoit-Wolf on the reference rows); worker
-   threads of one process share it, and a second thread waits for the first's fit.
+3. making the content check once per worker process (`gate.package_gate`: reading gate.npz for a gate fitted on
+   the training split, version 6 on; a Ledoit-Wolf fit on the reference rows for version 5's); worker threads of
+   one process share it, and a second thread waits for the first.
 The embedding itself is an output of the same network run that gives the probability: nothing extra.
 The share of a 2,000-scan command is (1 + 2) * 2,000 / cores + 3, over --job-seconds (the whole command's time
 measured beside it, e.g. by `bench.bench_anchor`). An upper bound: parts 1 and 2 run on both cores at once.
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     gray = [np.asarray(decode(d, meta.config).image) for d in datas]
     colour = [np.asarray(Image.open(io.BytesIO(colour_copy(d))).reduce(8).convert("RGB")) for d in datas[:100]]
     ref = reference.load(os.path.join(vdir, reference.REFERENCE_FILE)).embeddings
-    check = gate.fit(ref, meta.gate["limit"])
+    spec = gate.GateSpec.from_dict(meta.gate)
+    check = gate.package_gate(spec, vdir, lambda: ref)
     x = np.stack([np.asarray(Image.fromarray(g).resize((meta.image_size,) * 2), np.float32)[..., None] / 255
                   for g in gray[:64]])
     emb = score(open_session(os.path.join(vdir, "model.onnx"), 1), x, embedding=True).embedding
@@ -78,13 +80,14 @@ def main(argv=None) -> int:
     cheap = best_ms(content.problem, gray)
     spread = best_ms(content.colour_spread, colour)
     distances = best_ms(lambda _: check.distances(emb), range(20)) / len(emb)
-    fit_s = min(best_ms(lambda _: gate.fit(ref, meta.gate["limit"]), range(1), passes=1) for _ in range(5)) / 1e3
+    fit_s = min(best_ms(lambda _: gate.package_gate(spec, vdir, lambda: ref), range(1), passes=1)
+                for _ in range(5)) / 1e3
     per_scan = cheap + distances
     total = per_scan * args.images / args.cores / 1e3 + fit_s
     rows = [["cheap checks (content.problem), per gray scan", f"{cheap:.3f} ms"],
             ["colour check (colour_spread), per colour JPEG (not in the total)", f"{spread:.3f} ms"],
             ["content check distances, per scan (batches of 64)", f"{distances:.4f} ms"],
-            [f"fit once per worker process ({len(ref)} x {ref.shape[1]} reference)", f"{fit_s:.3f} s"],
+            [f"making the check once per worker process ({spec.statistic})", f"{fit_s:.3f} s"],
             [f"total for {args.images:,} gray scans on {args.cores} cores", f"{total:.3f} s"]]
     if args.job_seconds:
         rows.append([f"share of a {args.job_seconds:.1f} s command", f"{total / args.job_seconds:.1%}"])
