@@ -45,7 +45,8 @@ def histogram_png(path: str, drift: DriftResult, threshold: float, title: str) -
     ax.set_ylabel("share of images")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7.5, loc="upper left")
-    save(fig, path, DPI)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.91, bottom=0.14)  # fixed margins: no layout pass to pay for
+    save(fig, path, DPI, tight=False)
 
 
 def _series(history: list[dict], key: str) -> np.ndarray:

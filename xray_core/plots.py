@@ -18,9 +18,10 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str, dpi: int = 100) -> None:
-    """Lay out, write and close a figure."""
-    fig.tight_layout()
+def save(fig, path: str, dpi: int = 100, tight: bool = True) -> None:
+    """Lay out (tight: matplotlib's tight_layout, a drawing pass of its own), write and close a figure."""
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
 
