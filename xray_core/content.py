@@ -40,10 +40,13 @@ def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
     aspect = max(gray.shape[:2]) / max(min(gray.shape[:2]), 1)
     if aspect > MAX_ASPECT:
         return f"not a chest radiograph's shape (aspect {aspect:.2f}:1 > {MAX_ASPECT:g}:1)"
-    std = float(gray.std())
+    counts = np.bincount(gray.ravel(), minlength=256)  # one pass over the pixels gives both figures
+    values = np.arange(len(counts))
+    mean = float(counts @ values) / gray.size
+    std = float(np.sqrt(max(float(counts @ (values - mean) ** 2) / gray.size, 0.0)))
     if std < MIN_GREY_STD:
         return f"near-constant image (grey-level std {std:.1f} < {MIN_GREY_STD:g})"
-    levels = int(np.count_nonzero(np.bincount(gray.ravel(), minlength=256)))
+    levels = int(np.count_nonzero(counts))
     if levels < MIN_GREY_LEVELS:
         return f"too few grey levels ({levels} < {MIN_GREY_LEVELS})"
     return None
