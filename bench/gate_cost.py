@@ -21,28 +21,17 @@ import glob
 import io
 import os
 import sys
-import time
 
 import numpy as np
 from PIL import Image
 
 from bench.common import machine, table
+from bench.profile_scoring import per_image_ms
 from xray_core import content, gate, reference
 from xray_core.package import load_metadata, open_session, resolve_version_dir, score
 from xray_core.preprocessing import decode
 
 CORPUS = "/tmp/pneumonia-corpus/x2000"
-
-
-def best_ms(fn, items, passes: int = 5) -> float:
-    """Best of `passes` over items, in ms per item."""
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        for x in items:
-            fn(x)
-        best = min(best, time.perf_counter() - t0)
-    return best / len(items) * 1e3
 
 
 def colour_copy(data: bytes) -> bytes:
@@ -77,10 +66,10 @@ def main(argv=None) -> int:
                   for g in gray[:64]])
     emb = score(open_session(os.path.join(vdir, "model.onnx"), 1), x, embedding=True).embedding
 
-    cheap = best_ms(content.problem, gray)
-    spread = best_ms(content.colour_spread, colour)
-    distances = best_ms(lambda _: check.distances(emb), range(20)) / len(emb)
-    fit_s = min(best_ms(lambda _: gate.package_gate(spec, vdir, lambda: ref), range(1), passes=1)
+    cheap = per_image_ms(content.problem, gray)
+    spread = per_image_ms(content.colour_spread, colour)
+    distances = per_image_ms(lambda _: check.distances(emb), range(20)) / len(emb)
+    fit_s = min(per_image_ms(lambda _: gate.package_gate(spec, vdir, lambda: ref), range(1), passes=1)
                 for _ in range(5)) / 1e3
     per_scan = cheap + distances
     total = per_scan * args.images / args.cores / 1e3 + fit_s
