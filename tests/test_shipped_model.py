@@ -111,18 +111,41 @@ def site_run(tmp_path_factory) -> str:
     return out
 
 
+def _by_label(rows) -> dict[str, int]:
+    return {label: sum(r["label"] == label for r in rows) for label in ("NORMAL", "PNEUMONIA")}
+
+
 @pytest.mark.slow
 def test_batch_job_reproduces_the_recorded_site_calibration(site_run):
-    """Scoring the site sample with the batch job gives the ROC AUC and the confusion matrix at the package's
-    threshold that export recorded: the two sides preprocess and score identically."""
+    """Scoring the site sample with the batch job gives the decisions at the package's threshold that export
+    recorded (export scores without the gate: the images the gate refuses are the whole difference), and the
+    probabilities the package gives the same files outside the job: the two sides preprocess and score
+    identically."""
     rows = _rows(site_run)
-    y = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=int)
-    p = np.array([float(r["probability"]) for r in rows])
-    site = _meta(resolve_version_dir(NAME_DIR))["site_calibration"]
-    assert len(rows) == site["images"] == 313
-    assert skm.roc_auc_score(y, p) == pytest.approx(site["at_0.5"]["roc_auc"], abs=1e-6)
-    cm = skm.confusion_matrix(y, (p >= site["threshold"]).astype(int), labels=[0, 1]).tolist()
-    assert cm == site["at_calibrated_threshold"]["confusion_matrix"]["matrix"]
+    vdir = resolve_version_dir(NAME_DIR)
+    site = _meta(vdir)["site_calibration"]
+    scored = [r for r in rows if r["status"] == "ok"]
+    refused = [r for r in rows if r["status"] == "out_of_scope"]
+    assert len(rows) == site["images"] == 313 and len(scored) + len(refused) == 313
+    assert len(refused) <= 3  # the gate's target: <= 1% of real new scans (version 6: 1, a NORMAL on its limit)
+    assert all(r["error"].startswith("not like the chest X-rays the model knows") for r in refused)
+    y = np.array([r["label"] == "PNEUMONIA" for r in scored], dtype=int)
+    p = np.array([float(r["probability"]) for r in scored])
+    cm = np.array(skm.confusion_matrix(y, (p >= site["threshold"]).astype(int), labels=[0, 1]))
+    recorded = np.array(site["at_calibrated_threshold"]["confusion_matrix"]["matrix"])
+    missing = recorded - cm  # what export counted and the job refused, per true label
+    assert missing.min() >= 0 and missing.sum() == len(refused)
+    assert missing.sum(axis=1).tolist() == [_by_label(refused)["NORMAL"], _by_label(refused)["PNEUMONIA"]]
+    if not refused:
+        assert skm.roc_auc_score(y, p) == pytest.approx(site["at_0.5"]["roc_auc"], abs=1e-6)
+    # the job's probabilities are the package's on the same files
+    from xray_core.package import load_metadata, open_session, score
+    from xray_core.preprocessing import preprocess_image
+
+    meta, sample = load_metadata(vdir), scored[::16]
+    x = np.stack([preprocess_image(r["path"], meta.config) for r in sample])
+    direct = score(open_session(os.path.join(vdir, "model.onnx"), 1), x).probability
+    np.testing.assert_allclose([float(r["probability"]) for r in sample], direct, atol=1e-6)
     # the later collection is not what the model was validated on: the drift check says so
     with open(os.path.join(site_run, "metrics.json")) as f:
         drift = json.load(f)["drift"]
@@ -131,20 +154,25 @@ def test_batch_job_reproduces_the_recorded_site_calibration(site_run):
 
 @pytest.mark.slow
 def test_site_sample_counts_labels_and_metrics(site_run):
-    """Every image scored once, labelled from its folder; metrics.json agrees with scikit-learn on the rows."""
+    """Every image scored once or refused by the gate, labelled from its folder; metrics.json agrees with
+    scikit-learn on the scored rows."""
     counts = {label: len(os.listdir(os.path.join(SITE_SAMPLE, label))) for label in ("NORMAL", "PNEUMONIA")}
     rows = read_predictions(site_run)
     assert len(rows) == sum(counts.values()) == 313
-    assert {r["status"] for r in rows.values()} == {"ok"}
-    assert {label: sum(r["label"] == label for r in rows.values()) for label in counts} == counts
+    assert {r["status"] for r in rows.values()} <= {"ok", "out_of_scope"}
+    assert _by_label(rows.values()) == counts
+    scored = [r for r in rows.values() if r["status"] == "ok"]
+    refused = _by_label(r for r in rows.values() if r["status"] == "out_of_scope")
     m = json.load(open(os.path.join(site_run, "metrics.json")))
-    assert m["images_found"] == m["images_scored"] == m["labelled_images"] == 313
+    assert m["images_found"] == 313 and m["images_scored"] == m["labelled_images"] == len(scored) >= 310
+    assert m["images_out_of_scope"] == sum(refused.values())
     cm = m["confusion_matrix"]
-    assert (cm["tn"] + cm["fp"], cm["fn"] + cm["tp"]) == (counts["NORMAL"], counts["PNEUMONIA"])
-    y = np.asarray([r["label"] == "PNEUMONIA" for r in rows.values()], dtype=int)
-    p = np.asarray([float(r["probability"]) for r in rows.values()])
+    assert (cm["tn"] + cm["fp"], cm["fn"] + cm["tp"]) == (counts["NORMAL"] - refused["NORMAL"],
+                                                          counts["PNEUMONIA"] - refused["PNEUMONIA"])
+    y = np.asarray([r["label"] == "PNEUMONIA" for r in scored], dtype=int)
+    p = np.asarray([float(r["probability"]) for r in scored])
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p)) and m["roc_auc"] > 0.5
-    assert m["recall"] == pytest.approx(cm["tp"] / counts["PNEUMONIA"])
+    assert m["recall"] == pytest.approx(cm["tp"] / (counts["PNEUMONIA"] - refused["PNEUMONIA"]))
     assert m["heatmaps"]["written"] == min(12, m["positive_count"])
 
 
