@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from export.gate_fit import GateFitError, write_gate
+from export.gate_fit import GateFitError, UnreadableTrainingSplit, write_gate
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
 from export.republish import publish_version, write_description
@@ -174,8 +174,10 @@ def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, log=
     """The input gate fitted on the run's training split (export/gate_fit.py); None, said, when it cannot be."""
     train = [ex.path for ex, split in read_split_csv(os.path.join(run_dir, "split.csv")) if split == "train"]
     try:
-        return write_gate(staging, session, train, config, log)
-    except GateFitError as exc:
+        return write_gate(staging, session, train, config, len(train), log)
+    except UnreadableTrainingSplit as exc:
+        raise ExportInputError(f"input gate: {exc}; nothing published") from None
+    except GateFitError as exc:  # too few rows for a covariance: the package goes without a content check, said
         log(f"no input gate: {exc}")
         return None
 

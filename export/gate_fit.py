@@ -23,6 +23,10 @@ class GateFitError(ValueError):
     """The gate cannot be fitted; the message is one line."""
 
 
+class UnreadableTrainingSplit(GateFitError):
+    """Fewer training-split images could be read than the run trained on (moved data, the wrong folder)."""
+
+
 def training_paths(training_dir: str, splits_file: str) -> list[str]:
     """The images under training_dir (recursive, sorted) that splits.csv does not list: the training split."""
     listed = {os.path.normpath(rel) for rel, _ in reference.read_splits(splits_file)}
@@ -33,24 +37,31 @@ def training_paths(training_dir: str, splits_file: str) -> list[str]:
     return [p for p in found if os.path.normpath(os.path.relpath(p, training_dir)) not in listed]
 
 
-def embeddings(session, paths: list[str], config: PreprocessConfig, log=print) -> np.ndarray:
-    """The graph's `embedding` of every readable image of paths, (n, D) float32 (unreadable ones said and left out)."""
+def embeddings(session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
+               log=print) -> np.ndarray:
+    """The graph's `embedding` of every readable image of paths, (n, D) float32 (unreadable ones said and left out).
+    UnreadableTrainingSplit when `expected` (the run's training-split count) are not exactly what could be read."""
     images, ok, failed = load_images(paths, config)
     for path, err in failed[:5]:
         log(f"input gate: skipped {path}: {err}")
+    if expected is not None and len(ok) != expected:
+        raise UnreadableTrainingSplit(f"{len(ok)} of {len(paths)} training-split images could be read; the run "
+                                      f"trained on {expected} (moved data, or not its training folder)")
     if not ok:
         raise GateFitError("no image of the training split could be read (moved data?)")
     return np.concatenate([score(session, images[i:i + 1024], embedding=True).embedding
                            for i in range(0, len(images), 1024)])
 
 
-def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, log=print) -> dict:
-    """Fit the gate on the embeddings of `paths` (the training split), write package_dir/gate.npz, derive the limit
-    from package_dir's reference rows -> metadata.json's `gate`."""
+def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
+               log=print) -> dict:
+    """Fit the gate on the embeddings of `paths` (the training split; `expected` of them must be readable when
+    given), write package_dir/gate.npz, derive the limit from package_dir's reference rows -> metadata.json's
+    `gate`."""
     rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
     log(f"input gate: scoring {len(paths)} training-split images")
     try:
-        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, log), rows)
+        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, expected, log), rows)
     except gate.GateError as exc:
         raise GateFitError(str(exc)) from None
     path = os.path.join(package_dir, gate.FIT_FILE)

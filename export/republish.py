@@ -119,11 +119,15 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
         raise RepublishError(f"training folder not found: {training_dir}")
     paths = gate_fit.training_paths(training_dir, os.path.join(staging, reference.SPLITS_FILE))
     expected = ((meta.source or {}).get("split_counts") or {}).get("train", {}).get("images")
-    if not paths or (expected is not None and len(paths) != expected):
+    if not paths or (expected is not None and len(paths) < expected):
         raise RepublishError(f"{training_dir} holds {len(paths)} images that {reference.SPLITS_FILE} does not list; "
                              f"{meta.model_id} was trained on {expected}: not its training folder; nothing published")
-    try:
-        return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config, log)
+    if expected is None:
+        log(f"input gate: {meta.model_id} records no training-split count: fitting on all {len(paths)} images of "
+            f"{training_dir} that {reference.SPLITS_FILE} does not list")
+    try:  # exactly `expected` of them must be readable (the images training skipped are the difference)
+        return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config,
+                                   expected, log)
     except gate_fit.GateFitError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
 

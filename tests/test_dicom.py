@@ -181,7 +181,8 @@ def test_a_real_xray_in_every_lossless_encoding_is_in_scope_and_scores_as_its_jp
     from xray_core import gate, reference
 
     meta = load_metadata(SHIPPED)
-    content = gate.fit(reference.load(os.path.join(SHIPPED, "reference.npz")).embeddings, meta.gate["limit"])
+    content = gate.package_gate(gate.GateSpec.from_dict(meta.gate), SHIPPED,
+                                lambda: reference.load(os.path.join(SHIPPED, "reference.npz")).embeddings)
     session = open_session(os.path.join(SHIPPED, MODEL_FILE), 1)
     checked = 0
     for label in ("NORMAL", "PNEUMONIA"):  # the first scan of each class whose score is not saturated

@@ -63,6 +63,7 @@ def _args(data, out, *extra):
 
 @pytest.mark.parametrize("extra, fragment", [
     (("--teacher", "serving_models/pneumonia/999"), "--teacher: "),
+    (("--teacher", SHIPPED, "--models", "baseline_cnn"), "--teacher distils into resnet_aug only"),
     (("--teacher", SHIPPED, "--image-size", "32"), "pass --image-size 64"),
     (("--teacher", SHIPPED, "--teacher-weight", "1.5"), "--teacher-weight must be in [0, 1]"),
 ])
@@ -72,3 +73,20 @@ def test_cli_refuses_a_teacher_it_cannot_use(tmp_path, capsys, extra, fragment):
     make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
     assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", *extra)), fragment)
     assert os.listdir(tmp_path) == ["data"]
+
+
+def test_soft_labels_are_weighted_by_their_folder_labels_not_by_rounding():
+    """Keras's class_weight would round a soft label to pick its class (0.5 -> NORMAL for a PNEUMONIA image the
+    teacher doubts): with folder labels the dataset carries each image's own class weight."""
+    tf = pytest.importorskip("tensorflow")
+    from train.fit import class_weights, make_dataset
+
+    x = _images(6, size=8)
+    folder = np.array([1, 1, 1, 1, 0, 0], np.float32)
+    soft = soft_labels(folder, np.array([0.0, 1.0, 0.9, 0.8, 0.0, 1.0]), 0.5)  # 0.5 for the first image
+    cw = class_weights(folder)
+    weights = np.asarray([cw[int(c)] for c in folder], np.float32)
+    (xb, yb, wb), = list(make_dataset(x, soft, 6, False, 0, None, weights))
+    np.testing.assert_allclose(yb.numpy(), soft)
+    np.testing.assert_allclose(wb.numpy(), [cw[1]] * 4 + [cw[0]] * 2)
+    assert cw[0] != cw[1] and tf.is_tensor(wb)

@@ -55,6 +55,22 @@ def test_the_fit_file_round_trips_and_a_malformed_one_is_one_line(tmp_path):
         gate.read_fit(path, 1.0)
     with pytest.raises(gate.GateError, match="unreadable"):
         gate.read_fit(str(tmp_path / "missing.npz"), 1.0)
+    np.savez(path, location=np.float64(1.0), precision=fitted.precision)
+    with pytest.raises(gate.GateError, match="malformed"):  # a 0-d location: one line, not a TypeError
+        gate.read_fit(path, 1.0)
+
+
+def test_a_malformed_spec_or_a_changed_fit_file_is_one_line(tmp_path):
+    spec, fitted = gate.derive_from_split(_gaussian(200, seed=1), _gaussian(100, seed=2))
+    good = {**spec.to_dict(), "file": "gate.npz", "sha256": "0" * 64}
+    for bad in ({**good, "limit": "wide"}, {**good, "file": 3}):
+        with pytest.raises(gate.GateError, match="malformed"):
+            gate.GateSpec.from_dict(bad)
+    gate.write_fit(str(tmp_path / "gate.npz"), fitted)
+    with pytest.raises(gate.GateError, match="not the file its package recorded"):
+        gate.package_gate(gate.GateSpec.from_dict(good), str(tmp_path))
+    with pytest.raises(gate.GateError, match="unreadable"):
+        gate.package_gate(gate.GateSpec.from_dict(good), str(tmp_path / "elsewhere"))
 
 
 @pytest.fixture()
@@ -135,7 +151,28 @@ def test_a_folder_that_is_not_the_training_folder_is_refused(package, training_d
                           f"holds {TRAIN_IMAGES} images", f"trained on {TRAIN_IMAGES + 1}", "not its training folder")
     assert_one_line_error(capsys, export_main(["--add-gate", package, "--serving-dir", str(serving),
                                                "--training-dir", str(tmp_path / "nope")]), "training folder not found")
+    meta["source"] = {"split_counts": {"train": {"images": TRAIN_IMAGES - 1}}}  # more readable than it trained on
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert_one_line_error(capsys, export_main(["--add-gate", package, "--serving-dir", str(serving),
+                                               "--training-dir", training_dir]),
+                          f"{TRAIN_IMAGES} of {TRAIN_IMAGES} training-split images could be read",
+                          f"trained on {TRAIN_IMAGES - 1}")
     assert sorted(os.listdir(serving / "pneumonia")) == ["1", "config.pbtxt"]
+
+
+def test_images_training_could_not_read_are_the_difference(package, training_dir, tmp_path):
+    """A training folder with an unreadable file (skipped when the run trained): exactly the run's count is read."""
+    with open(os.path.join(training_dir, "PNEUMONIA", "broken.png"), "wb") as f:
+        f.write(b"not an image")
+    path = os.path.join(package, "metadata.json")
+    meta = read_json(path)
+    meta["source"] = {"split_counts": {"train": {"images": TRAIN_IMAGES}}}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert read_json(serving / "pneumonia" / "2" / "metadata.json")["gate"]["rows"] == TRAIN_IMAGES
 
 
 def test_training_dir_goes_with_add_gate(package, tmp_path, capsys):

@@ -17,13 +17,16 @@ def class_weights(y: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
-def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: AugmentConfig | None = None):
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: AugmentConfig | None = None,
+                 weights: np.ndarray | None = None):
+    """Batches of (x, y), or (x, y, sample weight) with `weights` (one per image)."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y) if weights is None else (x, y, weights)).cache()
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(lambda xb, yb: augment_batch(xb, yb, augment, seed), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda xb, yb, *wb: (*augment_batch(xb, yb, augment, seed), *wb),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -82,7 +85,11 @@ def fit(
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.AUC(name="auc")],
     )
-    train_ds = make_dataset(*train_xy, batch_size, True, seed, augment)
+    # Keras's class_weight rounds each label to pick its class: soft (distilled) labels get per-image weights from
+    # their folder labels instead
+    weights = None if class_labels is None else np.asarray(
+        [class_weights(class_labels)[int(c)] for c in class_labels], np.float32)
+    train_ds = make_dataset(*train_xy, batch_size, True, seed, augment, weights)
     val_ds = make_dataset(*val_xy, batch_size, False, seed)
     epoch_log = EpochLog(name, epochs, log)
     callbacks = [epoch_log]
@@ -93,7 +100,7 @@ def fit(
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
-        class_weight=class_weights(train_xy[1] if class_labels is None else class_labels),
+        class_weight=class_weights(train_xy[1]) if class_labels is None else None,
         callbacks=callbacks,
         verbose=0,
     )

@@ -66,6 +66,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
         raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
     if getattr(args, "teacher", None):
+        if models != ["resnet_aug"]:
+            raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")
         _check_teacher(args)
     if args.select_by.startswith("site_") and not args.site_dir:
         raise UsageError(f"--select-by {args.select_by} needs --site-dir")

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from xray_core.files import sha256_file
+
 STATISTIC = "mahalanobis_ledoit_wolf"  # version 5: fitted on the reference rows, k-fold limit
 TRAINING_SPLIT = "mahalanobis_ledoit_wolf_training_split"  # fitted on the training split, limit from validation
 FIT_FILE = "gate.npz"
@@ -70,7 +72,10 @@ class GateSpec:
     def from_dict(cls, data: dict) -> "GateSpec":
         try:
             spec = cls(**data)
-        except TypeError as exc:
+            float(spec.limit) + float(spec.percentile) + float(spec.margin)
+            if not isinstance(spec.file, str) or not isinstance(spec.sha256, str):
+                raise TypeError("file and sha256 must be strings")
+        except (TypeError, ValueError) as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
         if spec.statistic not in (STATISTIC, TRAINING_SPLIT) or not np.isfinite(spec.limit) or spec.limit <= 0 \
                 or (spec.statistic == TRAINING_SPLIT and not spec.file):
@@ -163,9 +168,8 @@ def read_fit(path: str, limit: float) -> Gate:
             location, precision = np.asarray(z["location"], np.float64), np.asarray(z["precision"], np.float64)
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not an npz, a key missing, pickled arrays
         raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
-    d = len(location)
-    if location.ndim != 1 or precision.shape != (d, d) or not (np.isfinite(location).all()
-                                                              and np.isfinite(precision).all()):
+    d = len(location) if location.ndim == 1 else -1
+    if d < 1 or precision.shape != (d, d) or not (np.isfinite(location).all() and np.isfinite(precision).all()):
         raise GateError(f"{os.path.basename(path)} is malformed: location {location.shape}, precision "
                         f"{precision.shape}")
     return Gate(location, precision, float(limit))
@@ -175,5 +179,12 @@ def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
     """The fitted content check of the package in package_dir: read from its gate.npz (TRAINING_SPLIT) or fitted
     on its reference rows (`reference_rows()`, called only then)."""
     if spec.statistic == TRAINING_SPLIT:
-        return read_fit(os.path.join(package_dir, spec.file), spec.limit)
+        path = os.path.join(package_dir, spec.file)
+        try:
+            same = sha256_file(path) == spec.sha256
+        except OSError as exc:
+            raise GateError(f"{spec.file} is unreadable: {exc.strerror}") from None
+        if not same:
+            raise GateError(f"{spec.file} is not the file its package recorded (sha256)")
+        return read_fit(path, spec.limit)
     return fit(reference_rows(), spec.limit)
