@@ -64,6 +64,7 @@ def _args(data, out, *extra):
 @pytest.mark.parametrize("extra, fragment", [
     (("--teacher", "serving_models/pneumonia/999"), "--teacher: "),
     (("--teacher", SHIPPED, "--models", "baseline_cnn"), "--teacher distils into resnet_aug only"),
+    (("--teacher", SHIPPED), "was not validated and tested on this run's validation and test images"),
     (("--teacher", SHIPPED, "--image-size", "32"), "pass --image-size 64"),
     (("--teacher", SHIPPED, "--teacher-weight", "1.5"), "--teacher-weight must be in [0, 1]"),
 ])

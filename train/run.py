@@ -99,6 +99,20 @@ def _check_teacher(args) -> None:
                          f"{meta.image_size}")
 
 
+def _check_teacher_split(teacher: str, examples, splits) -> None:
+    """The teacher's validation and internal test images (its splits.csv) must be this run's: a teacher that trained on
+    them would leak them into the student, and the student's threshold and test metrics would be optimistic."""
+    from xray_core.reference import SPLITS_FILE, read_splits, training_folder
+
+    root = training_folder([e.path for e in examples])
+    held = {(os.path.normpath(os.path.relpath(e.path, root)), s) for e, s in zip(examples, splits) if s != "train"}
+    path = os.path.join(resolve_version_dir(teacher), SPLITS_FILE)
+    theirs = {(os.path.normpath(f), s) for f, s in read_splits(path)} if os.path.isfile(path) else set()
+    if theirs != held:
+        raise UsageError(f"--teacher {teacher} was not validated and tested on this run's validation and test images "
+                         f"({len(theirs & held)} of {len(held)} in common): train with its --seed and --split")
+
+
 def _same_or_inside(a: str, b: str) -> bool:
     """True when one of the two folders is the other or lies inside it (real paths)."""
     a, b = os.path.realpath(a), os.path.realpath(b)
@@ -253,6 +267,8 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     _log(f"decoded {len(examples)} images at {config.image_size}px in {time.perf_counter() - t0:.1f}s, "
          f"skipped {len(failed)}")
     splits = split_examples(examples, fractions, args.seed)
+    if getattr(args, "teacher", None):
+        _check_teacher_split(args.teacher, examples, splits)
     write_split_csv(os.path.join(run_dir, "split.csv"), examples, splits)
     labels = labels_to_array(e.label for e in examples)
     data = _split_arrays(images, labels, splits)
