@@ -29,7 +29,7 @@ from bench.common import machine, table
 from bench.profile_scoring import per_image_ms
 from xray_core import content, gate, reference
 from xray_core.package import load_metadata, open_session, resolve_version_dir, score
-from xray_core.preprocessing import decode
+from xray_core.preprocessing import decode, to_model_input
 
 CORPUS = "/tmp/pneumonia-corpus/x2000"
 
@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     ref = reference.load(os.path.join(vdir, reference.REFERENCE_FILE)).embeddings
     spec = gate.GateSpec.from_dict(meta.gate)
     check = gate.package_gate(spec, vdir, lambda: ref)
-    x = np.stack([np.asarray(Image.fromarray(g).resize((meta.image_size,) * 2), np.float32)[..., None] / 255
-                  for g in gray[:64]])
+    x = np.stack([to_model_input(Image.fromarray(g), meta.config) for g in gray[:64]])
     emb = score(open_session(os.path.join(vdir, "model.onnx"), 1), x, embedding=True).embedding
 
     cheap = per_image_ms(content.problem, gray)

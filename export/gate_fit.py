@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from train.data import load_images
+from train.data import DataError, find_examples, load_images
 from xray_core import gate, reference
 from xray_core.files import sha256_file
 from xray_core.package import score
-from xray_core.preprocessing import PreprocessConfig, is_image_file
+from xray_core.preprocessing import PreprocessConfig
 
 
 class GateFitError(ValueError):
@@ -28,13 +28,15 @@ class UnreadableTrainingSplit(GateFitError):
 
 
 def training_paths(training_dir: str, splits_file: str) -> list[str]:
-    """The images under training_dir (recursive, sorted) that splits.csv does not list: the training split."""
+    """The images training found under training_dir (train.data.find_examples: the same rule) that splits.csv does
+    not list: the training split. GateFitError (one line) for a folder training could not have used."""
     listed = {os.path.normpath(rel) for rel, _ in reference.read_splits(splits_file)}
-    found = []
-    for root, dirs, files in os.walk(training_dir):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if is_image_file(f)]
-    return [p for p in found if os.path.normpath(os.path.relpath(p, training_dir)) not in listed]
+    try:
+        found = find_examples(training_dir)
+    except DataError as exc:
+        raise GateFitError(str(exc)) from None
+    root = os.path.abspath(training_dir)
+    return [e.path for e in found if os.path.normpath(os.path.relpath(e.path, root)) not in listed]
 
 
 def embeddings(session, paths: list[str], config: PreprocessConfig, expected: int | None = None,

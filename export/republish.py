@@ -117,7 +117,10 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
     staging; refused when their number is not the run's training split's."""
     if not os.path.isdir(training_dir):
         raise RepublishError(f"training folder not found: {training_dir}")
-    paths = gate_fit.training_paths(training_dir, os.path.join(staging, reference.SPLITS_FILE))
+    try:
+        paths = gate_fit.training_paths(training_dir, os.path.join(staging, reference.SPLITS_FILE))
+    except gate_fit.GateFitError as exc:
+        raise RepublishError(f"--training-dir: {exc}; nothing published") from None
     expected = ((meta.source or {}).get("split_counts") or {}).get("train", {}).get("images")
     if not paths or (expected is not None and len(paths) < expected):
         raise RepublishError(f"{training_dir} holds {len(paths)} images that {reference.SPLITS_FILE} does not list; "

@@ -38,10 +38,12 @@ def gated_on_training_split(gated):
     """Version 3: the same model with the gate fitted on a training folder of 200 images like the reference."""
     base, v2 = gated
     rng = np.random.default_rng(7)
-    train = base / "train" / "NORMAL"
-    os.makedirs(train)
+    for label in ("NORMAL", "PNEUMONIA"):  # a training folder has both classes (training refuses one without)
+        os.makedirs(base / "train" / label)
     for i, m in enumerate(rng.uniform(0.3, 0.7, 200)):
-        Image.fromarray((_like_the_reference(rng, m) * 255).astype(np.uint8), "L").save(train / f"t{i:03d}.png")
+        label = "PNEUMONIA" if m > 0.5 else "NORMAL"
+        Image.fromarray((_like_the_reference(rng, m) * 255).astype(np.uint8), "L").save(
+            base / "train" / label / f"t{i:03d}.png")
     v3 = add_gate(v2, str(base / "serving"), "pneumonia", training_dir=str(base / "train"), log=lambda _: None)
     return base, v3
 

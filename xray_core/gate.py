@@ -181,10 +181,10 @@ def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
     if spec.statistic == TRAINING_SPLIT:
         path = os.path.join(package_dir, spec.file)
         try:
-            same = sha256_file(path) == spec.sha256
+            digest = sha256_file(path)
         except OSError as exc:
             raise GateError(f"{spec.file} is unreadable: {exc.strerror}") from None
-        if not same:
-            raise GateError(f"{spec.file} is not the file its package recorded (sha256)")
+        if digest != spec.sha256:
+            raise GateError(f"{spec.file} sha256 != metadata {spec.sha256[:16]}… (not the file its package recorded)")
         return read_fit(path, spec.limit)
     return fit(reference_rows(), spec.limit)

@@ -118,12 +118,7 @@ def gate_check(ref: reference.Reference, meta: Metadata, version_dir: str, reder
 
 def _training_split_gate_check(spec: gate.GateSpec, ref: reference.Reference, version_dir: str,
                                rederive: bool) -> Check:
-    path = os.path.join(version_dir, spec.file)
-    if not os.path.isfile(path):
-        raise gate.GateError(f"{spec.file} is missing")
-    if sha256_file(path) != spec.sha256:
-        raise gate.GateError(f"{spec.file} sha256 != metadata {spec.sha256[:16]}…")
-    fitted = gate.read_fit(path, spec.limit)
+    fitted = gate.package_gate(spec, version_dir)  # the file as the job reads it: its sha256, then its arrays
     if len(fitted.location) != ref.embeddings.shape[1]:
         raise gate.GateError(f"{spec.file} is {len(fitted.location)}-dimensional, the embedding "
                              f"{ref.embeddings.shape[1]}")
