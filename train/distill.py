@@ -7,14 +7,42 @@ labels stay the folder's.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from xray_core.package import load_metadata, open_session, resolve_version_dir, score
+from xray_core.package import PackageError, load_metadata, open_session, resolve_version_dir, score
 from xray_core.preprocessing import PreprocessConfig
+from xray_core.reference import SPLITS_FILE, read_splits, training_folder
 
 
 class TeacherError(ValueError):
     """A teacher package that cannot label this run's inputs (one line)."""
+
+
+def check_teacher(teacher: str, weight: float, image_size: int) -> None:
+    """Before any work: the teacher is a published package that preprocesses as this run does, weight in [0, 1]."""
+    if not 0.0 <= weight <= 1.0:
+        raise TeacherError(f"--teacher-weight must be in [0, 1], got {weight}")
+    try:
+        meta = load_metadata(resolve_version_dir(teacher))
+    except PackageError as exc:
+        raise TeacherError(f"--teacher: {exc}") from None
+    if meta.config != PreprocessConfig(image_size=image_size):
+        raise TeacherError(f"--teacher {teacher} takes {meta.image_size} px inputs: pass --image-size "
+                           f"{meta.image_size}")
+
+
+def check_teacher_split(teacher: str, paths: list[str], splits: list[str]) -> None:
+    """The teacher's validation and internal test images (its splits.csv) must be this run's: a teacher that trained on
+    them would leak them into the student, and the student's threshold and test metrics would be optimistic."""
+    root = training_folder(paths)
+    held = {(os.path.normpath(os.path.relpath(p, root)), s) for p, s in zip(paths, splits) if s != "train"}
+    path = os.path.join(resolve_version_dir(teacher), SPLITS_FILE)
+    theirs = {(os.path.normpath(f), s) for f, s in read_splits(path)} if os.path.isfile(path) else set()
+    if theirs != held:
+        raise TeacherError(f"--teacher {teacher} was not validated and tested on this run's validation and test images "
+                           f"({len(theirs & held)} of {len(held)} in common): train with its --seed and --split")
 
 
 def teacher_probabilities(package: str, images: np.ndarray, config: PreprocessConfig) -> np.ndarray:

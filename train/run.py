@@ -27,10 +27,10 @@ from train.data import (
     split_examples,
     write_split_csv,
 )
+from train.distill import TeacherError, check_teacher, check_teacher_split
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
 from xray_core.files import blocking_ancestor, publish_dir, temp_dir_beside
 from xray_core.metrics import choose_threshold, evaluate, operating_point
-from xray_core.package import PackageError, load_metadata, resolve_version_dir
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
 
@@ -68,7 +68,10 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if getattr(args, "teacher", None):
         if models != ["resnet_aug"]:
             raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")
-        _check_teacher(args)
+        try:
+            check_teacher(args.teacher, args.teacher_weight, args.image_size)
+        except TeacherError as exc:
+            raise UsageError(str(exc)) from None
     if args.select_by.startswith("site_") and not args.site_dir:
         raise UsageError(f"--select-by {args.select_by} needs --site-dir")
     if not os.path.isdir(args.data_dir):
@@ -84,33 +87,6 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if blocked:
         raise UsageError(f"cannot write to {blocked}")
     return models, fractions  # type: ignore[return-value]
-
-
-def _check_teacher(args) -> None:
-    """--teacher names a published package that preprocesses as this run does; --teacher-weight in [0, 1]."""
-    if not 0.0 <= args.teacher_weight <= 1.0:
-        raise UsageError(f"--teacher-weight must be in [0, 1], got {args.teacher_weight}")
-    try:
-        meta = load_metadata(resolve_version_dir(args.teacher))
-    except PackageError as exc:
-        raise UsageError(f"--teacher: {exc}") from None
-    if meta.config != PreprocessConfig(image_size=args.image_size):
-        raise UsageError(f"--teacher {args.teacher} takes {meta.image_size} px inputs: pass --image-size "
-                         f"{meta.image_size}")
-
-
-def _check_teacher_split(teacher: str, examples, splits) -> None:
-    """The teacher's validation and internal test images (its splits.csv) must be this run's: a teacher that trained on
-    them would leak them into the student, and the student's threshold and test metrics would be optimistic."""
-    from xray_core.reference import SPLITS_FILE, read_splits, training_folder
-
-    root = training_folder([e.path for e in examples])
-    held = {(os.path.normpath(os.path.relpath(e.path, root)), s) for e, s in zip(examples, splits) if s != "train"}
-    path = os.path.join(resolve_version_dir(teacher), SPLITS_FILE)
-    theirs = {(os.path.normpath(f), s) for f, s in read_splits(path)} if os.path.isfile(path) else set()
-    if theirs != held:
-        raise UsageError(f"--teacher {teacher} was not validated and tested on this run's validation and test images "
-                         f"({len(theirs & held)} of {len(held)} in common): train with its --seed and --split")
 
 
 def _same_or_inside(a: str, b: str) -> bool:
@@ -268,7 +244,10 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
          f"skipped {len(failed)}")
     splits = split_examples(examples, fractions, args.seed)
     if getattr(args, "teacher", None):
-        _check_teacher_split(args.teacher, examples, splits)
+        try:
+            check_teacher_split(args.teacher, [e.path for e in examples], splits)
+        except TeacherError as exc:
+            raise UsageError(str(exc)) from None
     write_split_csv(os.path.join(run_dir, "split.csv"), examples, splits)
     labels = labels_to_array(e.label for e in examples)
     data = _split_arrays(images, labels, splits)
