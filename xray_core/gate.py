@@ -100,7 +100,7 @@ class Gate:
     def reason(self, distance: float) -> str | None:
         """One line when the distance is past the limit, else None."""
         if distance > self.limit:
-            return f"not like the chest X-rays the model knows (distance {distance:.0f} > limit {self.limit:.0f})"
+            return f"not like the chest X-rays the model knows (distance {distance:.1f} > limit {self.limit:.1f})"
         return None
 
 
