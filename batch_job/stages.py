@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import apache_beam as beam
+from threadpoolctl import threadpool_limits
 
 from batch_job import shard_result, worklist
 from batch_job import shards as shard_files
@@ -44,6 +45,12 @@ class ScoreAndWriteShard(beam.DoFn):
 
     def __init__(self, spec: ScoringSpec, out_dir: str, scratch: str):
         self.spec, self.out_dir, self.scratch = spec, out_dir, scratch
+
+    def setup(self):
+        # One BLAS thread in every worker process (the gate's one matrix product per batch is BLAS): the workers
+        # already keep each core busy, and OpenBLAS's own threads busy-wait after each call, taking a core from
+        # them (the scoring phase on 2 cores lost 20-25%: bench/RESULTS.md 0k).
+        threadpool_limits(limits=1, user_api="blas")
 
     def process(self, element):
         shard_id, paths, labels = element

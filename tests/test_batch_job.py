@@ -204,6 +204,18 @@ def test_runner_defaults_apply_only_where_the_user_set_nothing():
     assert (dask.npartitions, dask.partition_size) == (3, None)
 
 
+def test_workers_compute_with_one_blas_thread():
+    """The workers keep every core busy; BLAS's own threads (busy-waiting after each of the gate's products) would
+    take cores from them. A fresh process: the limit is process-wide."""
+    code = ("import numpy; from threadpoolctl import threadpool_info; from batch_job.stages import ScoreAndWriteShard\n"
+            "blas = lambda: sorted(p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas')\n"
+            "print(blas()); ScoreAndWriteShard(None, '', '').setup(); print(blas())")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   env=env).stdout.split("\n")[:2]
+    assert before.startswith("[2") and after == "[1]"
+
+
 def test_threshold_override(labelled_tree, tiny_package, tmp_path):
     root, _ = labelled_tree
     out = str(tmp_path / "o")
