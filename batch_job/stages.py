@@ -49,7 +49,8 @@ class ScoreAndWriteShard(beam.DoFn):
     def setup(self):
         # One BLAS thread in every worker process (the gate's one matrix product per batch is BLAS): the workers
         # already keep each core busy, and OpenBLAS's own threads busy-wait after each call, taking a core from
-        # them (the scoring phase on 2 cores lost 20-25%: bench/RESULTS.md 0k).
+        # them (the scoring phase on 2 cores was 12-25% slower: bench/RESULTS.md 0k). In the job's own process
+        # (DirectRunner threads) the limit stays for the report too, whose BLAS work (the drift step's PCA) is small.
         threadpool_limits(limits=1, user_api="blas")
 
     def process(self, element):
