@@ -139,6 +139,18 @@ def iter_input(path: str) -> Iterator[str]:
         raise InputError(f"input path not found: {path}")
 
 
+def resolved(path: str, real_dirs: dict[str, str]) -> str:
+    """os.path.realpath(path), resolving each folder once (`real_dirs` caches them): a file that is not itself a
+    link is its real folder plus its name (realpath's lstat of every path component for every file was 60% of
+    listing 20,000 files)."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    return os.path.join(real_dirs[folder], name)
+
+
 def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
     """-> (index of the --input it came from, absolute path as found).
 
@@ -146,11 +158,12 @@ def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
     duplicates are detected on the resolved path.
     """
     seen: set[str] = set()
+    real_dirs: dict[str, str] = {}
     for index, root in enumerate(inputs):
         try:
             for path in iter_input(root):
                 shown = path if is_uri(path) else os.path.abspath(path)
-                key = path if is_uri(path) else os.path.realpath(path)
+                key = path if is_uri(path) else resolved(path, real_dirs)
                 if key not in seen:
                     seen.add(key)
                     yield index, shown

@@ -231,6 +231,26 @@ def test_threshold_override(labelled_tree, tiny_package, tmp_path):
     assert "accuracy" not in m  # no labels -> no labelled metrics
 
 
+def test_a_file_reached_twice_is_listed_once(tmp_path, monkeypatch):
+    """Overlapping inputs, a linked file and a linked folder name files already listed: each is listed once, under
+    the path it was first found by; the duplicate key is the file's real path, resolved folder by folder."""
+    from batch_job.listing import resolved
+
+    make_tree(str(tmp_path / "in"), per_class=2, size=64, seed=3)
+    os.symlink(tmp_path / "in", tmp_path / "alias")  # a linked folder
+    first = sorted(glob.glob(str(tmp_path / "in" / "NORMAL" / "*")))[0]
+    os.symlink(first, tmp_path / "in" / "PNEUMONIA" / "link.jpeg")  # a linked file inside the input
+    os.symlink(tmp_path / "gone.jpeg", tmp_path / "dangling.jpeg")
+    found = list(iter_images([str(tmp_path / "in"), str(tmp_path / "in" / "NORMAL"), str(tmp_path / "alias")]))
+    assert len(found) == 4 and {i for i, _ in found} == {0}
+    assert not any(p.endswith("link.jpeg") for _, p in found)  # its target, NORMAL/..., was listed first
+    monkeypatch.chdir(tmp_path)
+    cache: dict[str, str] = {}
+    for path in ("alias/NORMAL/" + os.path.basename(first), str(tmp_path / "in" / "PNEUMONIA" / "link.jpeg"),
+                 "dangling.jpeg", "in/../alias/PNEUMONIA", "nowhere/x.jpeg"):
+        assert resolved(path, cache) == os.path.realpath(path)
+
+
 def test_glob_input_and_newest_version(labelled_tree, tmp_path):
     root, _ = labelled_tree
     serving = str(tmp_path / "serving")
