@@ -51,8 +51,7 @@ def embeddings(session, paths: list[str], config: PreprocessConfig, expected: in
                                       f"trained on {expected} (moved data, or not its training folder)")
     if not ok:
         raise GateFitError("no image of the training split could be read (moved data?)")
-    return np.concatenate([score(session, images[i:i + 1024], embedding=True).embedding
-                           for i in range(0, len(images), 1024)])
+    return score(session, images, embedding=True).embedding
 
 
 def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, expected: int | None = None,

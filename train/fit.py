@@ -87,8 +87,8 @@ def fit(
     )
     # Keras's class_weight rounds each label to pick its class: soft (distilled) labels get per-image weights from
     # their folder labels instead
-    weights = None if class_labels is None else np.asarray(
-        [class_weights(class_labels)[int(c)] for c in class_labels], np.float32)
+    by_class = None if class_labels is None else class_weights(class_labels)
+    weights = None if by_class is None else np.asarray([by_class[int(c)] for c in class_labels], np.float32)
     train_ds = make_dataset(*train_xy, batch_size, True, seed, augment, weights)
     val_ds = make_dataset(*val_xy, batch_size, False, seed)
     epoch_log = EpochLog(name, epochs, log)

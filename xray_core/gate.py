@@ -141,6 +141,11 @@ def derive(embeddings: np.ndarray, percentile: float = PERCENTILE, margin: float
     return GateSpec(STATISTIC, quantile * margin, percentile, margin, quantile, FOLDS, int(len(embeddings)), SEED)
 
 
+def held_out_quantile(fitted: Gate, validation: np.ndarray, percentile: float) -> float:
+    """TRAINING_SPLIT: the percentile of the validation rows' distances to the fit (the limit before its margin)."""
+    return float(np.percentile(fitted.distances(validation), percentile))
+
+
 def derive_from_split(training: np.ndarray, validation: np.ndarray, percentile: float = PERCENTILE,
                       margin: float = MARGIN) -> tuple[GateSpec, Gate]:
     """TRAINING_SPLIT: the fit on the training split's embeddings, its limit from the validation split's distances
@@ -149,7 +154,7 @@ def derive_from_split(training: np.ndarray, validation: np.ndarray, percentile: 
         raise GateError(f"the gate needs >= {MIN_ROWS} training and validation rows, got {len(training)} and "
                         f"{len(validation)}")
     location, precision = _fit(training)
-    quantile = float(np.percentile(Gate(location, precision, np.inf).distances(validation), percentile))
+    quantile = held_out_quantile(Gate(location, precision, np.inf), validation, percentile)
     spec = GateSpec(TRAINING_SPLIT, quantile * margin, percentile, margin, quantile, 0, int(len(training)), SEED,
                     source="fit: the training split's embeddings; limit: reference.npz (the validation split)",
                     held_out_rows=int(len(validation)))

@@ -124,7 +124,7 @@ def _training_split_gate_check(spec: gate.GateSpec, ref: reference.Reference, ve
                              f"{ref.embeddings.shape[1]}")
     if not rederive:
         return Check("input gate", True, f"{spec.statistic} limit {spec.limit:.2f}")
-    quantile = float(np.percentile(fitted.distances(ref.embeddings), spec.percentile))
+    quantile = gate.held_out_quantile(fitted, ref.embeddings, spec.percentile)
     same = bool(np.isclose(quantile * spec.margin, spec.limit, rtol=1e-6)) and len(ref.embeddings) == \
         spec.held_out_rows
     detail = f"{spec.statistic} limit {spec.limit:.2f}" + ("" if same else f", re-derived {quantile * spec.margin:.2f}")
