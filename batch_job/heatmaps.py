@@ -9,7 +9,8 @@ Images skipped through the ledger were not scored in this run and get none.
 
 Where the package's `heatmap_method` is occlusion (xray_core/occlusion.py), the maps drawn are not the graph's:
 each chosen image is preprocessed again and its k x k occlusion map computed here, k*k passes of the network per
-image on every core (the workers are done by then): at most N * k * k passes whatever the run's size.
+image (the workers are done by then; the job draws the heatmaps beside its figures and drift step, so they get all
+cores but one): at most N * k * k passes whatever the run's size.
 """
 from __future__ import annotations
 
@@ -65,11 +66,12 @@ def write_index(out_dir: str, items: list[Flagged]) -> None:
         writer.writerows((rank, i.path, f"{i.probability:.8f}", i.label, i.png) for rank, i in enumerate(items, 1))
 
 
-def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: dict, grid: int) -> list[Flagged]:
+def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: dict, grid: int,
+                        threads: int = 0) -> list[Flagged]:
     """The chosen images with their occlusion maps in place of the graph's (an image that can no longer be read
     keeps its map; draw() then says so)."""
     config = PreprocessConfig.from_dict(preprocessing)
-    session = open_session(model_path, 0)  # every core: the workers are done
+    session = open_session(model_path, threads)
     out = []
     for item in chosen:
         try:
@@ -82,13 +84,13 @@ def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: d
 
 
 def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict, model_path: str = "",
-                  method: HeatmapMethod = HeatmapMethod()) -> list[Flagged]:
+                  method: HeatmapMethod = HeatmapMethod(), threads: int = 0) -> list[Flagged]:
     """Overlays of the chosen images (highest first) where the model gave heatmaps, and their index;
-    -> the images with their overlays' paths."""
+    -> the images with their overlays' paths. `threads`: onnxruntime's for the occlusion maps (0: one per core)."""
     if not any(item.heatmap is not None for item in chosen):
         return chosen
     if method.name == OCCLUSION:
-        chosen = with_occlusion_maps(chosen, model_path, preprocessing, method.grid)
+        chosen = with_occlusion_maps(chosen, model_path, preprocessing, method.grid, threads)
     os.makedirs(os.path.join(out_dir, FOLDER), exist_ok=True)
     with ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1, len(chosen)))) as pool:
         chosen = list(pool.map(lambda ranked: draw(out_dir, ranked[1], ranked[0], preprocessing)

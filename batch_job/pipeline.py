@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import apache_beam as beam
@@ -45,7 +46,7 @@ from batch_job.model import Model, load_model
 from batch_job.progress import Progress
 from batch_job.reconcile import Reconciliation, check, check_counts, reconcile
 from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
-from batch_job.runner import Runner, choose_runner, execute
+from batch_job.runner import Runner, choose_runner, default_workers, execute
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
 from xray_core.dicom_header import DEFAULT_MODALITIES
@@ -115,9 +116,17 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             check(rec)  # every shard's CSV is there before its summary is read
             gathered = shard_result.gather(scratch, shards, args.heatmaps, spec.drift_sample)
             check_counts(rec, gathered.counts)
-            flagged = heatmaps.make_heatmaps(tmp, gathered.flagged, model.preprocessing, model.path,
-                                             HeatmapMethod.from_dict(model.heatmap_method))
-            t_heatmaps = time.perf_counter() - t_report
+            # The heatmaps (onnxruntime and Pillow, which release the GIL) are drawn in a thread beside the figures
+            # and the drift step (imports and Python that hold it). Leaving the `with` waits for that thread, also
+            # after an exception, so nothing writes into tmp once it is discarded.
+            with ThreadPoolExecutor(1) as pool:
+                drawing = pool.submit(timed, heatmaps.make_heatmaps, tmp, gathered.flagged, model.preprocessing,
+                                      model.path, HeatmapMethod.from_dict(model.heatmap_method),
+                                      max(1, default_workers() - 1))  # a core for this thread's work
+                labelled = write_figures(rec, model, tmp)
+                run_id = uuid.uuid4().hex
+                drift, t_drift = timed(check_drift, args, tmp, model, rec, gathered.sample_embeddings, run_id, book)
+                flagged, t_heatmaps = drawing.result()
             listed = worklist.merge(scratch, [s for s, _, _ in shards], os.path.join(tmp, worklist.WORKLIST_FILE),
                                     {f.path: f.png for f in flagged if f.png}, html_report.MAX_FLAGGED_ROWS,
                                     html_report.OUT_OF_SCOPE_SHOWN)
@@ -125,11 +134,6 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             thumbnails = heatmaps.draw_thumbnails(tmp, listed.out_of_scope, model.preprocessing)
             if model.card:
                 shutil.copyfile(model.card, os.path.join(tmp, MODEL_CARD_COPY))
-            labelled = write_figures(rec, model, tmp)
-            run_id = uuid.uuid4().hex
-            t_drift = time.perf_counter()
-            drift = check_drift(args, tmp, model, rec, gathered.sample_embeddings, run_id, book)
-            t_drift = time.perf_counter() - t_drift
             result = RunResult(run_id, model.model_id, model.threshold, runner.label, book.path if book else None,
                                rec, labelled, flagged, HeatmapSummary(
                                    args.heatmaps, model.heatmap_hw is not None, model.heatmap_hw,
@@ -149,6 +153,12 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             if book is not None:
                 commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused)
     return result
+
+
+def timed(step, *args):
+    """(step(*args), its seconds)."""
+    t = time.perf_counter()
+    return step(*args), time.perf_counter() - t
 
 
 MODEL_CARD_COPY = "model_card.md"  # the package's MODEL_CARD.md, beside the report that links it

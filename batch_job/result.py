@@ -31,7 +31,7 @@ class Timings:
     setup: float  # arguments, model verification, listing
     scoring: float  # the Beam pipeline, worker start included
     report: float  # reconciliation, heatmap overlays, drift, metrics and figures
-    heatmaps: float  # the overlays' part of report
+    heatmaps: float  # drawing the heatmaps, within report (beside the figures and the drift check)
     drift: float  # the drift check's part of report
 
 

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -263,3 +265,34 @@ def test_occlusion_packages_get_occlusion_maps_drawn(tmp_path):
         assert red_minus_blue(img, (0.75, 0, 1, 0.25)) > HOT and red_minus_blue(img, (0, 0.5, 0.5, 1)) < -15
     page = open(os.path.join(tmp_path, "o", "report.html"), encoding="utf-8").read()
     assert "its occlusion map: how much P(pneumonia) falls when each of 4×4 cells" in page
+
+
+def test_a_failing_report_step_waits_for_the_heatmaps_then_leaves_nothing(heat_tree, heat_package, tmp_path,
+                                                                           monkeypatch, capsys):
+    """The heatmaps are drawn in a thread beside the figures and the drift check. When the drift check fails while
+    they are still being drawn, the job waits for them before it discards its temp dir: nothing is left beside
+    OUT_DIR (a drawing that went on would create its heatmaps/ folder there again)."""
+    from batch_job import pipeline
+
+    drawing, failed, drawn = heatmaps.make_heatmaps, threading.Event(), threading.Event()
+
+    def slow(out_dir, *args):
+        failed.wait(30)
+        time.sleep(0.5)  # still drawing after the drift check failed
+        try:
+            return drawing(out_dir, *args)
+        finally:
+            drawn.set()
+
+    def failing(*args):
+        failed.set()
+        raise RuntimeError("drift check failed")
+
+    monkeypatch.setattr(heatmaps, "make_heatmaps", slow)
+    monkeypatch.setattr(pipeline, "check_drift", failing)
+    parent = tmp_path / "night"
+    parent.mkdir()
+    assert run_job(heat_tree, heat_package, str(parent / "out"), "--heatmaps", str(N)) == 1
+    assert "drift check failed" in capsys.readouterr().err
+    assert drawn.wait(30)  # set before the job returned, unless it left the drawing behind
+    assert os.listdir(parent) == []
