@@ -61,6 +61,7 @@ def domain_auc(reference: np.ndarray, current: np.ndarray, folds: int = 5, seed:
                max_rows: int = MAX_ROWS, components: int = COMPONENTS) -> float:
     """Out-of-fold ROC AUC of a classifier telling `current` embeddings from `reference` ones, on their principal
     components; at most max_rows a side, MAX_ITER iterations a fold."""
+    import sklearn
     from sklearn.decomposition import PCA
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -73,13 +74,15 @@ def domain_auc(reference: np.ndarray, current: np.ndarray, folds: int = 5, seed:
     a, b = sample_rows(reference, max_rows, rng), sample_rows(current, max_rows, rng)
     a, b = a.astype(np.float64), b.astype(np.float64)
     x = np.concatenate([a, b])  # components of both sides together (no labels): neither side's noise is favoured
-    x = PCA(n_components=min(components, len(x) - 1, x.shape[1]),  # exact, from the D x D covariance:
-            svd_solver="covariance_eigh").fit_transform(x)  # O(rows * D^2 + D^3) work whatever the data
     y = np.concatenate([np.zeros(len(a), int), np.ones(len(b), int)])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=MAX_ITER))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # the driver's thread; the iteration cap is the point
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    # The rows are finite (drift_figures drops the rest) and the parameters fixed: scikit-learn's checks of both,
+    # repeated for every fold's estimators, are skipped.
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the driver's thread; the iteration cap is the point
+        x = PCA(n_components=min(components, len(x) - 1, x.shape[1]),  # exact, from the D x D covariance:
+                svd_solver="covariance_eigh").fit_transform(x)  # O(rows * D^2 + D^3) work whatever the data
         p = cross_val_predict(model, x, y, cv=cv, method="predict_proba")[:, 1]
     return float(roc_auc_score(y, p))
 

@@ -86,13 +86,14 @@ def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: d
 def make_heatmaps(out_dir: str, chosen: list[Flagged], preprocessing: dict, model_path: str = "",
                   method: HeatmapMethod = HeatmapMethod(), threads: int = 0) -> list[Flagged]:
     """Overlays of the chosen images (highest first) where the model gave heatmaps, and their index;
-    -> the images with their overlays' paths. `threads`: onnxruntime's for the occlusion maps (0: one per core)."""
+    -> the images with their overlays' paths. `threads`: the cores to use (onnxruntime's threads for the occlusion maps,
+    and at most DRAW_THREADS drawing the overlays; 0: every core)."""
     if not any(item.heatmap is not None for item in chosen):
         return chosen
     if method.name == OCCLUSION:
         chosen = with_occlusion_maps(chosen, model_path, preprocessing, method.grid, threads)
     os.makedirs(os.path.join(out_dir, FOLDER), exist_ok=True)
-    with ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1, len(chosen)))) as pool:
+    with ThreadPoolExecutor(max(1, min(DRAW_THREADS, threads or os.cpu_count() or 1, len(chosen)))) as pool:
         chosen = list(pool.map(lambda ranked: draw(out_dir, ranked[1], ranked[0], preprocessing)
                                if ranked[1].heatmap is not None else ranked[1], enumerate(chosen, 1)))
     write_index(out_dir, chosen)
