@@ -24,11 +24,10 @@ from dataclasses import replace
 import numpy as np
 
 from batch_job import overlay
-from batch_job.scoring import read_input
+from batch_job.scoring import get_session, read_input
 from batch_job.shard_result import Flagged
 from xray_core.errors import one_line
 from xray_core.occlusion import OCCLUSION, HeatmapMethod, occlusion_maps
-from xray_core.package import open_session
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 LOG = logging.getLogger("batch_job")
@@ -71,7 +70,7 @@ def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: d
     """The chosen images with their occlusion maps in place of the graph's (an image that can no longer be read
     keeps its map; draw() then says so)."""
     config = PreprocessConfig.from_dict(preprocessing)
-    session = open_session(model_path, threads)
+    session = get_session(model_path, threads)  # the workers' own where they ran here on as many threads
     out = []
     for item in chosen:
         try:
