@@ -80,14 +80,13 @@ def test_soft_labels_are_weighted_by_their_folder_labels_not_by_rounding():
     """Keras's class_weight would round a soft label to pick its class (0.5 -> NORMAL for a PNEUMONIA image the
     teacher doubts): with folder labels the dataset carries each image's own class weight."""
     tf = pytest.importorskip("tensorflow")
-    from train.fit import class_weights, make_dataset
+    from train.fit import class_weights, make_dataset, sample_weights
 
     x = _images(6, size=8)
     folder = np.array([1, 1, 1, 1, 0, 0], np.float32)
     soft = soft_labels(folder, np.array([0.0, 1.0, 0.9, 0.8, 0.0, 1.0]), 0.5)  # 0.5 for the first image
     cw = class_weights(folder)
-    weights = np.asarray([cw[int(c)] for c in folder], np.float32)
-    (xb, yb, wb), = list(make_dataset(x, soft, 6, False, 0, None, weights))
+    (xb, yb, wb), = list(make_dataset(x, soft, 6, False, 0, None, sample_weights(folder)))
     np.testing.assert_allclose(yb.numpy(), soft)
     np.testing.assert_allclose(wb.numpy(), [cw[1]] * 4 + [cw[0]] * 2)
     assert cw[0] != cw[1] and tf.is_tensor(wb)

@@ -17,6 +17,13 @@ def class_weights(y: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
+def sample_weights(labels: np.ndarray) -> np.ndarray:
+    """Each image's class weight (class_weights of its 0/1 label), float32: for soft (distilled) labels, whose
+    class Keras's class_weight would pick by rounding the soft label."""
+    by_class = class_weights(labels)
+    return np.asarray([by_class[int(c)] for c in labels], np.float32)
+
+
 def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: AugmentConfig | None = None,
                  weights: np.ndarray | None = None):
     """Batches of (x, y), or (x, y, sample weight) with `weights` (one per image)."""
@@ -85,10 +92,8 @@ def fit(
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.AUC(name="auc")],
     )
-    # Keras's class_weight rounds each label to pick its class: soft (distilled) labels get per-image weights from
-    # their folder labels instead
-    by_class = None if class_labels is None else class_weights(class_labels)
-    weights = None if by_class is None else np.asarray([by_class[int(c)] for c in class_labels], np.float32)
+    # soft (distilled) labels: per-image weights from their folder labels; hard labels: Keras's class_weight below
+    weights = None if class_labels is None else sample_weights(class_labels)
     train_ds = make_dataset(*train_xy, batch_size, True, seed, augment, weights)
     val_ds = make_dataset(*val_xy, batch_size, False, seed)
     epoch_log = EpochLog(name, epochs, log)
