@@ -37,9 +37,10 @@ exit codes:
        --fail-if-empty), outputs published with images_found 0
   1    the outputs do not account for every image, a worker failed, or someone else created OUT_DIR while
        the job ran: nothing published
-  2    refused before anything is written: a bad or unknown argument, a missing input path, a model missing
-       or failing verification, OUT_DIR not empty (without --overwrite), unwritable or overlapping an input or
-       the model, the ledger unusable or in use, no image found with --fail-if-empty
+  2    refused before anything is written: a bad or unknown argument or runner, a missing input path, a model
+       missing or failing verification, OUT_DIR not empty (without --overwrite), unwritable, overlapping an
+       input or the model, empty, the working directory or holding it, a symbolic link or a file, the ledger
+       unusable or in use, no image found with --fail-if-empty
   3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
   4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
   130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched
@@ -110,6 +111,7 @@ def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
     LOG.setLevel(args.log_level)
+    out = os.path.abspath(args.output)  # as the job resolves it, before it runs
     try:
         result = run(args, beam_args, started)
     except Terminated:
@@ -128,8 +130,7 @@ def main(argv=None, started: float | None = None) -> int:
     if held:
         LOG.warning("%s arrived while the outputs were being published; the job completed first",
                     "SIGTERM" if held == signal.SIGTERM else "Ctrl-C")
-    print(summary(result, os.path.abspath(args.output)))
+    print(summary(result, out))
     if args.fail_on_drift and result.drift.detected:
-        return fail(f"{summary_line(result.drift)}; outputs published in {os.path.abspath(args.output)} "
-                    "(--fail-on-drift)", 4)
+        return fail(f"{summary_line(result.drift)}; outputs published in {out} (--fail-on-drift)", 4)
     return 0

@@ -182,22 +182,66 @@ def orphaned(out: str, ledger: str) -> bool:
     return not knows_run(ledger, m["run_id"])
 
 
+def _holds_working_dir(out: str) -> bool:
+    try:
+        return inside(os.getcwd(), out)
+    except OSError:  # the working directory is gone
+        return False
+
+
 def refuse_existing(out: str, overwrite: bool) -> None:
-    """Refuse a non-empty OUT_DIR (unless overwrite) and one that cannot be created. Nothing is written."""
-    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+    """Refuse an OUT_DIR the job cannot replace as a whole (the working directory or a folder holding it, a
+    symbolic link, anything but a folder), a non-empty one (unless overwrite) and one that cannot be created.
+    Nothing is written."""
+    if _holds_working_dir(out):
+        raise InputError(f"output dir {out} is the current directory or holds it; the job replaces OUT_DIR as a "
+                         "whole: name a folder of its own")
+    if os.path.islink(out):
+        raise InputError(f"output dir {out} is a symbolic link; the job replaces OUT_DIR as a whole: name the "
+                         "folder itself")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"output dir {out} exists and is not a folder; the job never replaces a file")
+    if os.path.exists(out) and not overwrite and os.listdir(out):
         raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
     blocked = blocking_ancestor(out)
     if blocked:
         raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")
 
 
+def make_folders(folder: str) -> list[str]:
+    """Create `folder` and its missing ancestors (as os.makedirs); -> the folders this call created, parents
+    first, so that a refusal can remove them again (:func:`remove_folders`)."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by someone else: theirs
+            continue
+        made.append(path)
+    return made
+
+
+def remove_folders(made: list[str]) -> None:
+    """Remove what make_folders created, deepest first, where still empty."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
 def prepare(out: str, overwrite: bool) -> str:
-    """Refuse a non-empty OUT_DIR (unless overwrite); -> a new temp dir beside it, locked by this job."""
+    """Refuse an OUT_DIR it cannot use (:func:`refuse_existing`); -> a new temp dir beside it, locked by this
+    job. A refusal leaves no folder behind."""
     refuse_existing(out, overwrite)
+    made = []
     try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        made = make_folders(os.path.dirname(out))
         tmp = temp_dir_beside(out, f"tmp-{os.getpid()}@{socket.gethostname()}")
     except OSError as exc:
+        remove_folders(made)
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
     try:
         _held[tmp] = hold_lock(tmp)

@@ -75,6 +75,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     t0 = time.perf_counter() if started is None else started
     if args.batch_size < 1 or (args.shard_size is not None and args.shard_size < 1):
         raise InputError("--batch-size and --shard-size must be >= 1")
+    if not args.output:
+        raise InputError("--output is empty: name the folder the outputs go to")
     if args.heatmaps < 0:
         raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
     if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):

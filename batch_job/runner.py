@@ -1,11 +1,11 @@
 """Which Beam runner runs the job, with which options, and running it.
 
-DirectRunner becomes the FnApiRunner with one worker per core (threads on small machines, processes on
-large ones: :func:`default_running_mode`), without Beam's Prism download attempt. DaskRunner is resolved
-by class, one shard per Dask task. Other runners pass through by name. Every option the user gave wins:
-the job's defaults go first on the option list, or are added only where Beam's parsed options show the
-user set nothing. An argument that neither the job nor Beam's option parser knows is refused (Beam itself
-would drop it with a log warning).
+DirectRunner becomes the FnApiRunner with one worker per core (threads on small machines, processes on large
+ones: :func:`default_running_mode`), without Beam's Prism download attempt. DaskRunner is resolved by class,
+one shard per Dask task. Other runners are resolved by name as Beam does, before any work (an unknown one is
+refused). Every option the user gave wins: the job's defaults go first on the option list, or are added only
+where Beam's parsed options show the user set nothing. An argument that neither the job nor Beam's option
+parser knows is refused (Beam itself would drop it with a log warning).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job.errors import InputError
+from xray_core.errors import one_line
 
 THREADS_UP_TO = 4
 
@@ -80,7 +81,17 @@ def choose_runner(beam_args: list[str]) -> Runner:
         return direct_runner(beam_args)
     if short == "DaskRunner":
         return dask_runner_with(beam_args)
-    return Runner(name, short, PipelineOptions(beam_args), 4)
+    return other_runner(name, beam_args)
+
+
+def other_runner(name: str, beam_args: list[str]) -> Runner:
+    """A runner Beam resolves by name, resolved now: an unknown or uninstalled one is refused before any work."""
+    options = PipelineOptions(beam_args)
+    try:
+        runner = beam.Pipeline(runner=name, options=options).runner
+    except (ImportError, ValueError) as exc:
+        raise InputError(f"--runner {name}: {one_line(exc, 300)}") from None
+    return Runner(runner, name.rsplit(".", 1)[-1], options, 4)
 
 
 def dask_runner_with(beam_args: list[str]) -> Runner:

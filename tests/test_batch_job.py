@@ -548,6 +548,42 @@ def test_arguments_neither_the_job_nor_beam_knows_are_refused(extra, tiny_packag
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
+@pytest.mark.parametrize("case", ["empty", "working_dir", "holds_working_dir", "link_to_empty_folder", "file",
+                                  "name_too_long"])
+def test_an_output_the_job_cannot_replace_is_refused_before_anything_is_written(case, tiny_package, tmp_path,
+                                                                                monkeypatch, capsys):
+    """QA defects: `--output ""` (an unset variable) with --overwrite replaced the working directory, and `--output .`
+    published there, then both failed with a traceback and exit 1; a link to an empty folder was scored, then failed;
+    --overwrite replaced a file named as --output; a refused --output left the parent folders it had created."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sentinel.txt").write_text("keep")
+    os.mkdir(tmp_path / "empty")
+    os.symlink(tmp_path / "empty", work / "link")
+    monkeypatch.chdir(work / "sub" if case == "holds_working_dir" else work)
+    out, fragment = {"empty": ("", "--output is empty"), "working_dir": (".", "current directory"),
+                     "holds_working_dir": ("..", "current directory"),
+                     "link_to_empty_folder": ("link", "symbolic link"),
+                     "file": ("sentinel.txt", "not a folder"),
+                     "name_too_long": (os.path.join("new", "a", "x" * 300), "not writable")}[case]
+    before = snapshot(str(tmp_path))
+    folders = sorted(d for d, _, _ in os.walk(tmp_path))
+    assert_one_line_error(capsys, main(small_run(str(inp), tiny_package, out, "--overwrite")), fragment)
+    assert snapshot(str(tmp_path)) == before and sorted(d for d, _, _ in os.walk(tmp_path)) == folders
+    assert os.path.islink(work / "link")
+
+
+def test_an_unknown_runner_is_refused_before_any_work(tiny_package, tmp_path, capsys):
+    """QA defect: `--runner NoSuchRunner` listed the inputs, then failed in Beam with exit 1."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    argv = ["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"), "--runner", "NoSuchRunner"]
+    assert_one_line_error(capsys, main(argv), "--runner NoSuchRunner", "Unexpected pipeline runner")
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
 def test_beam_options_still_pass_through():
     from batch_job.runner import beam_leftovers, choose_runner
 
