@@ -136,3 +136,27 @@ def test_xray_in_every_encoding_is_in_scope():
                            PatientID="P-7")
         header = read_dicom(data, None).header
         assert header_problem(header) is None and header.patient_id == "P-7", syntax.name
+
+
+def test_a_dcm_file_without_the_preamble_is_read_as_dicom(tmp_path):
+    """QA defect: a .dcm file without the 128-byte preamble and 'DICM' (a data set as older systems write it) was an
+    `error` row, though .dcm files are documented as DICOM. Such a file is read by its name; under other names the
+    preamble is still needed, and a JPEG or PNG named .dcm is still decoded as the image it is."""
+    from PIL import Image
+
+    from xray_core.preprocessing import ImageError, PreprocessConfig, load_input, preprocess_image
+
+    cfg = PreprocessConfig(image_size=32)
+    full = dicom_bytes(xray_like(96, 80), bits_stored=12, modality="DX", BodyPartExamined="CHEST", PatientID="P1")
+    bare = full[132:]  # the file meta group and the data set, no preamble
+    want, got = load_input(full, cfg), load_input(bare, cfg, name="night/scan.DCM")
+    assert got.reason == "" and np.array_equal(got.array, want.array) and got.header == want.header
+    with pytest.raises(ImageError):
+        load_input(bare, cfg, name="scan.bin")
+    ct = dicom_bytes(xray_like(96, 80), modality="CT")[132:]
+    assert load_input(ct, cfg, name="ct.dcm").reason.startswith("Modality CT")  # the header rules first, as ever
+    (tmp_path / "old.dcm").write_bytes(bare)
+    assert np.array_equal(preprocess_image(str(tmp_path / "old.dcm"), cfg), want.array)  # training reads it too
+    buf = io.BytesIO()
+    Image.fromarray(xray_like(96, 80, bits=8).astype(np.uint8)).save(buf, "JPEG")
+    assert load_input(buf.getvalue(), cfg, name="photo.dcm").array is not None

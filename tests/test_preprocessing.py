@@ -33,12 +33,10 @@ def gray_level(value_8bit: int) -> dict[str, Image.Image]:
         "RGB": Image.new("RGB", (64, 48), (v, v, v)),
         "RGBA": rgba,
         "P": p,
-        "I;16": Image.fromarray(np.full((48, 64), v * 257, dtype=np.uint16)),
-        "I": Image.fromarray(np.full((48, 64), v * 257, dtype=np.int32)),
     }
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
 def test_every_mode_gives_same_gray(mode):
     img = gray_level(128)[mode]
     assert img.mode == mode
@@ -47,15 +45,53 @@ def test_every_mode_gives_same_gray(mode):
     assert np.allclose(out, 128 / 255, atol=1 / 255)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "I"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
 def test_every_in_memory_mode_converts_to_8bit_gray(mode):
-    """Mode I (32-bit) cannot be written to PNG by Pillow 13; check the conversion step directly."""
     img = gray_level(128)[mode]
     assert img.mode == mode
     gray = to_grayscale_8bit(img)
     assert gray.mode == "L" and np.all(np.asarray(gray) == 128)
     out = to_model_input(gray, CFG)
     assert np.allclose(out, 128 / 255)
+
+
+def scan_like(h: int = 96, w: int = 80) -> np.ndarray:
+    """A smooth image with structure (not uniform), values in 0..1."""
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    return 0.1 + 0.8 * (0.5 + 0.5 * np.sin(6 * xx) * np.cos(4 * yy))
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14, 15, 16])
+def test_a_16_bit_png_gives_the_same_input_whatever_its_significant_bits(bits):
+    """QA defect: 16-bit PNGs were mapped from 0..65535, so a DICOM export holding 12-bit data came out nearly
+    black and out of scope, and 15-bit data scored as another image. Now min..max, as a DICOM without a window."""
+    picture = scan_like()
+    reference = preprocess_image(encode(Image.fromarray(np.rint(picture * 255).astype(np.uint8))), CFG)
+    data = np.rint((picture - picture.min()) / np.ptp(picture) * (2 ** bits - 1)).astype(np.uint16)
+    png = encode(Image.fromarray(data))
+    assert Image.open(io.BytesIO(png)).mode.startswith("I")
+    out = preprocess_image(png, CFG)
+    stretched = (reference - reference.min()) / np.ptp(reference)  # the 8-bit one is not stretched: compare shapes
+    assert np.abs(out - stretched).max() < 3 / 255
+    for mode_data in (data.astype(np.int32), data.astype(np.float32)):  # modes I and F, in memory
+        assert np.array_equal(np.asarray(to_grayscale_8bit(Image.fromarray(mode_data))),
+                              np.asarray(to_grayscale_8bit(Image.fromarray(data))))
+
+
+def test_an_rgb_stored_jpeg_decodes_as_its_ycbcr_twin():
+    """QA defect: a JPEG stored as RGB planes (Adobe transform 0) failed ("broken data stream"): libjpeg cannot
+    hand its planes out as YCbCr. Gray or colourful, it must decode as the same picture stored as YCbCr."""
+    from xray_core.preprocessing import decode
+
+    gray = Image.fromarray(np.rint(scan_like(200, 160) * 255).astype(np.uint8)).convert("RGB")
+    colour = Image.merge("RGB", [gray.getchannel(0), gray.getchannel(0).rotate(90), gray.getchannel(0).rotate(180)])
+    for img in (gray, colour):
+        stored_rgb, ycbcr = encode(img, "JPEG", quality=95, keep_rgb=True), encode(img, "JPEG", quality=95)
+        assert Image.open(io.BytesIO(stored_rgb)).info.get("adobe_transform") == 0
+        a, b = decode(stored_rgb, CFG), decode(ycbcr, CFG)
+        assert np.abs(to_model_input(a.image, CFG) - to_model_input(b.image, CFG)).max() < 4 / 255
+        assert abs(a.colour_spread - b.colour_spread) < 2.0
+    assert decode(encode(colour, "JPEG", quality=95, keep_rgb=True), CFG).colour_spread > 8  # still refused
 
 
 def test_cmyk_jpeg_and_rgb_jpeg():

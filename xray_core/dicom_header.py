@@ -112,20 +112,28 @@ def _text(ds, keyword: str) -> str:
     return "".join(c if c.isprintable() else " " for c in str(value)).strip()
 
 
-def is_dicom(head: bytes) -> bool:
-    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their extension."""
-    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: decoded by Pillow whatever the name
 
 
-def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
-    """The header of a DICOM file (path or bytes) without reading its pixel data. Raises ValueError (one line)."""
+def is_dicom(head: bytes, name: str | os.PathLike = "") -> bool:
+    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their name, and for files named .dcm
+    that are not a JPEG or PNG: a data set without the preamble, as older systems wrote (pydicom reads it)."""
+    if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return True
+    return os.fsdecode(name).lower().endswith(".dcm") and not head.startswith(IMAGE_SIGNATURES)
+
+
+def read_dicom_header(source: bytes | str | os.PathLike, name: str | os.PathLike = "") -> DicomHeader:
+    """The header of a DICOM file (path, or bytes and the file's name) without reading its pixel data. Raises
+    ValueError (one line)."""
     import pydicom
 
+    in_memory = isinstance(source, (bytes, bytearray))
     try:
-        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as fp:
-            # force=True (as read_dicom) parses any bytes as elements: the preamble check keeps non-DICOM out
-            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4)):
-                raise ValueError("no 'DICM' at byte 128")
+        with io.BytesIO(source) if in_memory else open(source, "rb") as fp:
+            # force=True (as read_dicom) parses any bytes as elements: is_dicom keeps the rest out
+            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4), name or ("" if in_memory else source)):
+                raise ValueError("no 'DICM' at byte 128 and not named .dcm")
             fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files

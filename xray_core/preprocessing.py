@@ -69,15 +69,12 @@ class PreprocessConfig:
 
 
 def to_grayscale_8bit(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> mode 'L'. 16/32-bit integer data is mapped linearly from
-    [0, 65535] to [0, 255] (Pillow's own convert would clip at 255)."""
+    """Any Pillow mode -> mode 'L'. 16/32-bit integer and float data is mapped linearly from its own min..max to
+    0..255, as a DICOM without a window (xray_core/dicom.py): a 16-bit PNG is often a DICOM export holding 10 to 16
+    significant bits, which a PNG does not record (Pillow's own convert would clip at 255)."""
     if img.mode == "L":
         return img
-    if img.mode in _HIGH_BIT_MODES:
-        arr = np.asarray(img).astype(np.float64)
-        arr = np.clip(arr, 0, 65535) * (255.0 / 65535.0)
-        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
-    if img.mode == "F":
+    if img.mode in _HIGH_BIT_MODES or img.mode == "F":
         return Image.fromarray(stretch_to_uint8(np.asarray(img)), mode="L")
     if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
         img = img.convert("RGBA").convert("RGB")
@@ -113,34 +110,36 @@ def _read(source: Union[bytes, str, os.PathLike]) -> bytes:
         return f.read()
 
 
-def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
-    if is_dicom(data):
+def _decode(data: bytes, config: PreprocessConfig, name: str | os.PathLike) -> Decoded:
+    if is_dicom(data, name):
         dicom = read_dicom(data, Image.MAX_IMAGE_PIXELS)
         return Decoded(_check_size(dicom.image, config), 0.0, dicom.header)
     img = Image.open(io.BytesIO(data), formats=None)
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
     _check_size(img, config)
-    if img.format == "JPEG" and img.mode == "RGB":
+    stored_rgb = img.info.get("adobe_transform") == 0  # RGB planes, not YCbCr: libjpeg cannot hand out YCbCr
+    if img.format == "JPEG" and img.mode == "RGB" and not stored_rgb:
         # Decoded as YCbCr, libjpeg's luma plane is exactly what decoding to "L" gives (no colour conversion
         # either way), and the chroma planes tell a colour photograph from a gray scan saved in colour.
         img.draft("YCbCr", (config.image_size, config.image_size) if config.jpeg_draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
         return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
-    if config.jpeg_draft and img.format == "JPEG":
-        img.draft("L", (config.image_size, config.image_size))
+    if config.jpeg_draft and img.format == "JPEG":  # an RGB-stored JPEG stays RGB: its colour is checked
+        img.draft("RGB" if stored_rgb else "L", (config.image_size, config.image_size))
     img.load()
     img = ImageOps.exif_transpose(img)
     colour = img.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "RGBa", "La")
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
-def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
+def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig, name: str | os.PathLike = "") -> Decoded:
     """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale image, with what the input
-    gate needs of the original. Raises ImageError (one line) for anything that cannot be decoded."""
+    gate needs of the original. `name`: the file's name where `source` is its bytes (a .dcm without the DICOM
+    preamble is read as DICOM). Raises ImageError (one line) for anything that cannot be decoded."""
     try:
-        return _decode(_read(source), config)
+        return _decode(_read(source), config, name or ("" if isinstance(source, (bytes, bytearray)) else source))
     except ImageError:
         raise
     except IsADirectoryError:
@@ -191,19 +190,19 @@ class Loaded:
 
 
 def load_input(data: bytes, config: PreprocessConfig,
-               allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Loaded:
-    """The batch job's reading of one file's bytes: a DICOM header that is out of scope stops before its pixel data
-    is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as :func:`preprocess_image`.
-    Raises ImageError (one line) for anything that cannot be decoded."""
-    if is_dicom(data):
+               allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES, name: str = "") -> Loaded:
+    """The batch job's reading of one file's bytes (`name`: its path): a DICOM header that is out of scope stops
+    before its pixel data is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as
+    :func:`preprocess_image`. Raises ImageError (one line) for anything that cannot be decoded."""
+    if is_dicom(data, name):
         try:
-            header = read_dicom_header(data)
+            header = read_dicom_header(data, name)
         except ValueError as exc:
             raise ImageError(one_line(exc, 385)) from None
         reason = header_problem(header, allowed_modalities)
         if reason:
             return Loaded(None, reason, header)
-    decoded = decode(data, config)
+    decoded = decode(data, config, name)
     reason = content.problem(np.asarray(decoded.image), decoded.colour_spread)
     if reason:
         return Loaded(None, reason, decoded.header)
