@@ -210,18 +210,23 @@ def refuse_existing(out: str, overwrite: bool) -> None:
 
 def make_folders(folder: str) -> list[str]:
     """Create `folder` and its missing ancestors (as os.makedirs); -> the folders this call created, parents
-    first, so that a refusal can remove them again (:func:`remove_folders`)."""
+    first, so that a later refusal can remove them again (:func:`remove_folders`). If it fails itself (a path
+    over PATH_MAX, a full disk), it removes what it created before raising."""
     missing = []
     while folder and not os.path.lexists(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     made = []
-    for path in reversed(missing):
-        try:
-            os.mkdir(path)
-        except FileExistsError:  # made meanwhile by someone else: theirs
-            continue
-        made.append(path)
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # made meanwhile by someone else: theirs
+                continue
+            made.append(path)
+    except BaseException:
+        remove_folders(made)
+        raise
     return made
 
 

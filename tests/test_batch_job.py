@@ -549,7 +549,7 @@ def test_arguments_neither_the_job_nor_beam_knows_are_refused(extra, tiny_packag
 
 
 @pytest.mark.parametrize("case", ["empty", "working_dir", "holds_working_dir", "link_to_empty_folder", "file",
-                                  "name_too_long"])
+                                  "name_too_long", "path_too_long"])
 def test_an_output_the_job_cannot_replace_is_refused_before_anything_is_written(case, tiny_package, tmp_path,
                                                                                 monkeypatch, capsys):
     """QA defects: `--output ""` (an unset variable) with --overwrite replaced the working directory, and `--output .`
@@ -567,7 +567,8 @@ def test_an_output_the_job_cannot_replace_is_refused_before_anything_is_written(
                      "holds_working_dir": ("..", "current directory"),
                      "link_to_empty_folder": ("link", "symbolic link"),
                      "file": ("sentinel.txt", "not a folder"),
-                     "name_too_long": (os.path.join("new", "a", "x" * 300), "not writable")}[case]
+                     "name_too_long": (os.path.join("new", "a", "x" * 300), "not writable"),
+                     "path_too_long": (os.path.join(*["y" * 250] * 20), "output dir")}[case]  # over PATH_MAX
     before = snapshot(str(tmp_path))
     folders = sorted(d for d, _, _ in os.walk(tmp_path))
     assert_one_line_error(capsys, main(small_run(str(inp), tiny_package, out, "--overwrite")), fragment)
