@@ -92,16 +92,53 @@ def _read_only(path: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _tables(conn: sqlite3.Connection) -> dict[str, set[str]]:
+    """Each table of the database (SQLite's own left out) -> its column names."""
+    names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+             if not row[0].startswith("sqlite_")]
+    return {name: {col[1] for col in conn.execute(f"PRAGMA table_info({_quoted(name)})")} for name in names}
+
+
+@functools.cache
+def _ledger_tables() -> dict[str, set[str]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.executescript(SCHEMA)
+        return _tables(conn)
+
+
+def schema_problem(tables: dict[str, set[str]]) -> str | None:
+    """Why a database with these tables is no ledger (another application's), or None. A ledger written before a
+    table existed lacks that table, never a column."""
+    ours = _ledger_tables()
+    foreign = sorted(set(tables) - set(ours))
+    if foreign:
+        return f"it holds tables a ledger never has ({', '.join(foreign[:5])})"
+    for name, columns in sorted(tables.items()):
+        missing = sorted(ours[name] - columns)
+        if missing:
+            return f"its table {name} lacks the columns {', '.join(missing)}"
+    return None
+
+
 def check_usable(path: str) -> None:
-    """Refuse, creating nothing, what Ledger(path) would refuse: an existing file that is not SQLite, a lock
+    """Refuse, creating nothing, what Ledger(path) would refuse or could not commit to: an existing file that is
+    not SQLite, another application's database (:func:`schema_problem`), one this process cannot write, a lock
     held by another job, a new ledger whose folder cannot be created."""
     path = os.path.abspath(path)
     if os.path.lexists(path):
         try:
             with contextlib.closing(_read_only(path)) as conn:
-                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                problem = schema_problem(_tables(conn))
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
+        if problem:
+            raise LedgerError(f"ledger {path} is not a batch job ledger: {problem}; name another --ledger")
+        if not os.access(path, os.W_OK):  # also for root: a read-only mount, an immutable file
+            raise LedgerError(f"ledger {path} is not writable: each run commits to it")
     try:
         fd = os.open(path + ".lock", os.O_RDWR)
     except FileNotFoundError:

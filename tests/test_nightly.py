@@ -1,6 +1,7 @@
 """Nightly operation: the ledger, crash safety at every kill point, DICOM input, and the fault corpus."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -601,9 +602,12 @@ def all_paths(folder) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["output_not_empty", "ledger_unusable", "ledger_busy", "output_unwritable",
-                                  "no_images"])
-def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_package, tmp_path, capsys):
-    """Review defect 6: refused runs created the ledger file, its lock and its folders first."""
+                                  "no_images", "foreign_database", "foreign_table_of_our_name",
+                                  "ledger_read_only"])
+def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_package, tmp_path, monkeypatch, capsys):
+    """Review defect 6: refused runs created the ledger file, its lock and its folders first. QA defects: another
+    application's SQLite file was given the ledger's tables, scored against and then failed to commit (exit 3, every
+    night); so did a ledger the job cannot write (a read-only mount). Both are refused before any work now."""
     ledger, out = str(tmp_path / "books" / "ledger.sqlite"), tmp_path / "scores" / "night1"
     held, inp = None, small_tree
     if case == "output_not_empty":
@@ -612,6 +616,17 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
     elif case == "ledger_unusable":
         ledger = str(tmp_path / "not_a_db.sqlite")
         open(ledger, "w").write("this is not sqlite " * 100)
+    elif case in ("foreign_database", "foreign_table_of_our_name"):
+        ledger = str(tmp_path / "app.sqlite")
+        with contextlib.closing(sqlite3.connect(ledger)) as conn, conn:
+            conn.execute("CREATE TABLE scored (x INTEGER)" if case == "foreign_table_of_our_name"
+                         else "CREATE TABLE invoices (id INTEGER)")
+    elif case == "ledger_read_only":
+        with Ledger(ledger):  # a real ledger, then the process may not write it (root ignores chmod: os.access)
+            pass
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == ledger and mode & os.W_OK
+                            else real_access(p, mode, **kw))
     elif case == "ledger_busy":
         held = Ledger(ledger).__enter__()
     elif case == "output_unwritable":
@@ -626,8 +641,15 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
     finally:
         if held is not None:
             held.__exit__()
-    assert_one_line_error(capsys, rc)
+    line = assert_one_line_error(capsys, rc)
     assert all_paths(tmp_path) == before
+    fragment = {"foreign_database": "tables a ledger never has (invoices)",
+                "foreign_table_of_our_name": "table scored lacks the columns", "ledger_read_only": "not writable"}
+    assert fragment.get(case, "") in line
+    if case.startswith("foreign"):
+        with contextlib.closing(sqlite3.connect(ledger)) as conn:
+            assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == [
+                "scored" if case == "foreign_table_of_our_name" else "invoices"]  # untouched
 
 
 def test_output_made_by_someone_else_during_the_run_is_a_job_failure(small_tree, tiny_package, tmp_path,
