@@ -24,7 +24,8 @@ from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: tests/test_export_calibrated.py
-CHECKS = ["metadata", "sha256", "onnx.checker", "onnxruntime", "input contract", "output contract", "zero batch"]
+CHECKS = ["metadata", "decision threshold", "sha256", "onnx.checker", "onnxruntime", "input contract",
+          "output contract", "zero batch"]
 
 
 @pytest.fixture(scope="module")
@@ -313,9 +314,9 @@ def test_verify_catches_flipped_byte(published, tmp_path, capsys):
     model.write_bytes(bytes(data))
     assert export_main(["--verify", str(d)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("PASS metadata")
-    assert lines[1].startswith("FAIL sha256:")
-    assert len(lines) == 3 and lines[-1] == f"FAILED: {d}"
+    assert lines[0].startswith("PASS metadata") and lines[1].startswith("PASS decision threshold")
+    assert lines[2].startswith("FAIL sha256:")
+    assert len(lines) == 4 and lines[-1] == f"FAILED: {d}"
 
 
 @pytest.mark.slow

@@ -298,6 +298,44 @@ def test_verify_checks_the_drift_reference(calibrated, tmp_path, capsys):
     assert "sha256 differs from the metadata" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("threshold", [0.05, 1.5, float("nan")])
+def test_a_threshold_edited_in_the_package_fails_verify_and_the_job_refuses_it(calibrated, threshold, tmp_path,
+                                                                               capsys):
+    """QA defect: metadata.json's decision_threshold edited to 0.05 (or 1.5, NaN) passed --verify, and the job scored
+    with 0.05 (specificity 0.40) or refused with '--threshold must be in [0, 1]' though none was given."""
+    from batch_job.cli import main as job_main
+
+    bad = tmp_path / "pneumonia" / "1"
+    shutil.copytree(calibrated["vdir"], bad)
+    meta = read_json(bad / "metadata.json")
+    meta["decision_threshold"] = threshold
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    assert export_main(["--verify", str(bad)]) == 1
+    fail = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL ")]
+    assert fail == [f"FAIL {'decision threshold' if threshold == 0.05 else 'metadata'}: " + (
+        f"0.0500 != the site calibration's {meta['site_calibration']['threshold']:.4f}" if threshold == 0.05
+        else fail[0].split(": ", 1)[1])]
+    assert threshold == 0.05 or "not in [0, 1]" in fail[0]
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=3)
+    rc = job_main(["--input", str(inp), "--model", str(bad), "--output", str(tmp_path / "out")])
+    assert_one_line_error(capsys, rc, f"model {bad} failed verification")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_verify_reports_the_reference_and_gate_when_the_model_fails(calibrated, tmp_path, capsys):
+    """QA defect: with model.onnx altered and reference.npz deleted, --verify printed only the sha256 failure."""
+    bad = tmp_path / "1"
+    shutil.copytree(calibrated["vdir"], bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bad / "model.onnx").write_bytes(bytes(data))
+    os.remove(bad / "reference.npz")
+    assert export_main(["--verify", str(bad)]) == 1
+    fail = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL ")]
+    assert fail == ["FAIL sha256", "FAIL drift reference"]
+
+
 def test_the_bootstraps_auc_is_scikit_learns():
     from sklearn.metrics import roc_auc_score
 

@@ -147,6 +147,8 @@ class Metadata:
                         raise ValueError(f"{key} has a dynamic dimension besides the batch: {data[key]['shape']}")
             values["version"] = int(values["version"])
             values["decision_threshold"] = float(values["decision_threshold"])
+            if not 0.0 <= values["decision_threshold"] <= 1.0:  # NaN too
+                raise ValueError(f"decision_threshold {values['decision_threshold']} is not in [0, 1]")
             PreprocessConfig.from_dict(values["preprocessing"])
         except (TypeError, ValueError, KeyError) as exc:
             raise PackageError(f"{where} has unusable values: {type(exc).__name__}: {exc}".replace("\n", " ")) from None

@@ -131,17 +131,43 @@ def _training_split_gate_check(spec: gate.GateSpec, ref: reference.Reference, ve
     return Check("input gate", same, detail)
 
 
+def threshold_check(meta: Metadata) -> Check:
+    """The decision threshold against the site calibration that chose it, where metadata.json records one: a
+    threshold edited by hand (still in [0, 1], which loading the metadata checks) fails here."""
+    recorded = (meta.site_calibration or {}).get("threshold")
+    if recorded is None:
+        return Check("decision threshold", True, f"{meta.decision_threshold:.4f} (no site calibration recorded)")
+    same = bool(np.isclose(meta.decision_threshold, float(recorded), rtol=0.0, atol=1e-9))
+    verdict = "= the site calibration's" if same else f"!= the site calibration's {float(recorded):.4f}"
+    return Check("decision threshold", same, f"{meta.decision_threshold:.4f} {verdict}")
+
+
 def verify_package(version_dir: str, rederive_gate: bool = True) -> list[Check]:
-    """Every check of `export --verify`; stops at the first failure that blocks the rest. `rederive_gate=False`
-    (the batch job) skips deriving the gate's limit again (1-2 s of Ledoit-Wolf fits)."""
+    """Every check of `export --verify`: the metadata and its threshold, the model (stops at its first failure
+    that blocks the rest), then the drift reference and the gate, which do not depend on the model.
+    `rederive_gate=False` (the batch job) skips deriving the gate's limit again (1-2 s of Ledoit-Wolf fits)."""
+    try:
+        meta = load_metadata(version_dir)
+    except PackageError as exc:
+        return [Check("metadata", False, str(exc))]
+    checks = [Check("metadata", True, meta.model_id), threshold_check(meta)]
+    checks += model_checks(version_dir, meta)
+    if meta.reference is not None:  # packages exported before drift checks have none
+        checks.append(reference_check(version_dir, meta))
+        if checks[-1].ok and meta.gate is not None:  # nor do those exported before the input gate
+            checks.append(gate_check(reference.load(os.path.join(version_dir, reference.REFERENCE_FILE)), meta,
+                                     version_dir, rederive_gate))
+    elif meta.gate is not None:
+        checks.append(Check("input gate", False, "a gate needs the package's drift reference"))
+    return checks
+
+
+def model_checks(version_dir: str, meta: Metadata) -> list[Check]:
+    """model.onnx: its sha256, onnx.checker, an onnxruntime session, the graph against the contract, a run on
+    two all-zero images; stops at the first failure that blocks the rest."""
     import onnx
 
     checks: list[Check] = []
-    try:
-        meta = load_metadata(version_dir)
-        checks.append(Check("metadata", True, meta.model_id))
-    except PackageError as exc:
-        return [Check("metadata", False, str(exc))]
     model_path = os.path.join(version_dir, MODEL_FILE)
     if not os.path.isfile(model_path):
         return checks + [Check("sha256", False, f"{model_path} is missing")]
@@ -168,11 +194,4 @@ def verify_package(version_dir: str, rederive_gate: bool = True) -> list[Check]:
         return checks
     want = expected_io(meta.image_size, meta.heatmap_hw, meta.embedding_dim)
     checks.append(zero_batch_check(session, [want[k] for k in want if k != "input"], meta.image_size))
-    if checks[-1].ok and meta.reference is not None:  # packages exported before drift checks have none
-        checks.append(reference_check(version_dir, meta))
-        if checks[-1].ok and meta.gate is not None:  # nor do those exported before the input gate
-            checks.append(gate_check(reference.load(os.path.join(version_dir, reference.REFERENCE_FILE)), meta,
-                                     version_dir, rederive_gate))
-    elif meta.gate is not None:
-        checks.append(Check("input gate", False, "a gate needs the package's drift reference"))
     return checks
