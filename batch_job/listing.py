@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from typing import Iterator
 
 from batch_job.errors import InputError
-from xray_core.dicom import is_dicom
 from xray_core.errors import one_line
-from xray_core.preprocessing import is_image_file
+from xray_core.preprocessing import is_image_file, is_input_file
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB_CHARS = ("*", "?", "[")
@@ -49,23 +47,6 @@ def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
         raise InputError(f"input path not found: {', '.join(missing)}")
     if fail_if_empty and not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
         raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)} (--fail-if-empty)")
-
-
-def is_candidate(path: str) -> bool:
-    """An image by extension (.jpeg .jpg .png .dcm), or a regular file with the DICOM preamble.
-
-    Files with an image extension are always listed (an unreadable one becomes an error row);
-    others are only sniffed when they are regular files (a FIFO would block open()).
-    """
-    if is_image_file(path):
-        return True
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False
-        with open(path, "rb") as f:
-            return is_dicom(f.read(132))
-    except OSError:
-        return False
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -110,7 +91,7 @@ def _walk(root: str, select=lambda path: True) -> Iterator[str]:
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if select(path) and is_candidate(path):
+            if select(path) and is_input_file(path):
                 yield path
 
 
@@ -131,7 +112,7 @@ def iter_input(path: str) -> Iterator[str]:
     elif os.path.isdir(path):
         yield from _walk(path)
     elif os.path.isfile(path) or os.path.islink(path):
-        if is_candidate(path):
+        if is_input_file(path):
             yield path
     elif _is_glob(path):
         yield from _glob(path)

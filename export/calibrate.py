@@ -25,7 +25,7 @@ from train.data import patient_of
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, preprocess_image
 
 SEED = 0
 BOOTSTRAP = 2000
@@ -54,7 +54,7 @@ def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]
         for name in sorted(files):
             path = os.path.join(dirpath, name)
             label = label_from_path(os.path.abspath(path), os.path.abspath(cal_dir))
-            if label and is_image_file(name):
+            if label and is_input_file(path):
                 found.append((path, label))
     missing = [c for c in CLASSES if not any(label == c for _, label in found)]
     if missing:

@@ -372,6 +372,27 @@ def test_training_finds_and_decodes_dicom(tmp_path):
     assert images.max() > 0.95 and images.min() < 0.05  # min..max stretched to the full range
 
 
+def test_training_and_calibration_list_dicom_files_named_by_uid_as_the_job_does(tmp_path):
+    """QA defect: `export --recalibrate` (and training) listed files by extension only, so DICOM files named by their
+    SOP Instance UID, which the batch job scores, were left out without a word. One listing rule for all three."""
+    from batch_job.listing import iter_images
+    from batch_job.synthetic import make_tree
+    from dicom_factory import dicom_bytes
+    from export.calibrate import list_labelled
+    from train.data import find_examples
+
+    make_tree(str(tmp_path), per_class=2, size=48, seed=0)
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    uid_named = tmp_path / "PNEUMONIA" / "1.2.826.0.1.3680043.8.498.1"
+    uid_named.write_bytes(dicom_bytes(pixels, bits_stored=12))
+    (tmp_path / "NORMAL" / "notes.txt").write_text("not an image")
+    os.mkfifo(tmp_path / "NORMAL" / "pipe")  # never opened: it would block
+    job = sorted(path for _, path in iter_images([str(tmp_path)]))
+    assert str(uid_named) in job and len(job) == 5
+    assert sorted(path for path, _ in list_labelled(str(tmp_path))) == job
+    assert sorted(e.path for e in find_examples(str(tmp_path))) == job
+
+
 # ---------------------------------------------------------------- patients from DICOM headers
 
 

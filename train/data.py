@@ -22,7 +22,7 @@ import numpy as np
 from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_image_file, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, preprocess_image
 
 SPLITS = ("train", "val", "test")
 
@@ -94,8 +94,8 @@ def find_examples(data_dir: str | os.PathLike) -> list[Example]:
                 continue
             for dirpath, _dirs, files in os.walk(class_dir):
                 for name in sorted(files):
-                    if is_image_file(name):
-                        path = os.path.join(dirpath, name)
+                    path = os.path.join(dirpath, name)
+                    if is_input_file(path):
                         examples.append(Example(path, label, patient_of(path)))
     if not examples:
         raise DataError(f"no images (.jpeg/.jpg/.png/.dcm) under {root}/[train|val|test/]NORMAL|PNEUMONIA")

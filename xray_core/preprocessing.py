@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import stat
 import warnings
 from typing import Union
 
@@ -17,7 +18,13 @@ from PIL import Image, ImageOps
 
 from xray_core import content
 from xray_core.dicom import is_dicom, read_dicom, stretch_to_uint8
-from xray_core.dicom_header import DEFAULT_MODALITIES, DicomHeader, header_problem, read_dicom_header
+from xray_core.dicom_header import (
+    DEFAULT_MODALITIES,
+    DICOM_MAGIC_OFFSET,
+    DicomHeader,
+    header_problem,
+    read_dicom_header,
+)
 from xray_core.errors import one_line
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
@@ -218,3 +225,21 @@ def upsample_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_input_file(path: str) -> bool:
+    """An image by extension (.jpeg .jpg .png .dcm), or a regular file with the DICOM preamble (archives name
+    DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
+
+    Files with an image extension are always listed (an unreadable one becomes an error row);
+    others are only sniffed when they are regular files (a FIFO would block open()).
+    """
+    if is_image_file(path):
+        return True
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return is_dicom(f.read(DICOM_MAGIC_OFFSET + 4))
+    except OSError:
+        return False
