@@ -3,6 +3,7 @@ an input gate or a threshold recalibrated on local images, or --verify one."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 EXIT_CODES = """exit codes:
@@ -10,6 +11,8 @@ EXIT_CODES = """exit codes:
   1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
   2  bad input (a missing or incomplete run, a package that does not verify, a calibration folder with too few
      images, a version that exists): one line on stderr, nothing published
+  130  Ctrl-C; 143 SIGTERM: the staging folder removed, nothing published (a staging folder left by an export
+       killed outright, SIGKILL, is removed by the next export of that model name)
 
 Recalibrate a published package on a labelled local sample (folders NORMAL and PNEUMONIA, >= 30 images each;
 JPEG, PNG or DICOM), without retraining or TensorFlow:
@@ -88,7 +91,28 @@ def verify(version_dir: str) -> int:
     return 0 if ok else 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, kill): cleaned up as after Ctrl-C, exit 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
+    """The command; -> its exit code. Ctrl-C and SIGTERM (with the handler `python -m export` installs) remove the
+    staging folder and publish nothing."""
+    try:
+        return _main(argv)
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing published", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing published", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.verify:
         return verify(args.verify)  # no TensorFlow on this path
@@ -128,4 +152,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -24,6 +23,7 @@ from xray_core.package import (
     MODEL_FILE,
     OUTPUT_NAME,
     PackageError,
+    discard_staging,
     new_version_dir,
     open_session,
     score,
@@ -256,7 +256,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         except OSError:
             raise ExportInputError(f"{final} appeared while exporting; versions are never overwritten") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     log(f"published {final}")
     return final

@@ -16,7 +16,7 @@ from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
-from xray_core.files import atomic_write, publish_dir
+from xray_core.files import LOCK_FILE, atomic_write, publish_dir
 from xray_core.occlusion import HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
@@ -24,9 +24,11 @@ from xray_core.package import (
     MODEL_FILE,
     Metadata,
     PackageError,
+    discard_staging,
     load_metadata,
     new_version_dir,
     open_session,
+    release_staging,
     staging_dir,
     versions,
     write_metadata,
@@ -69,7 +71,7 @@ def republish(source_dir: str, serving_dir: str, name: str, edit: Callable[[Meta
         except OSError:
             raise RepublishError(f"{final} appeared meanwhile; versions are never overwritten") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     log(f"published {final}")
     return final
@@ -85,7 +87,11 @@ def write_description(staging: str, meta: Metadata) -> None:
 def publish_version(staging: str, final: str) -> None:
     """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
     rewrite the model's Triton config.pbtxt, which follows the newest version."""
-    publish_dir(staging, final)
+    try:
+        os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
+        publish_dir(staging, final)
+    finally:
+        release_staging(staging)
     name_dir = os.path.dirname(os.path.abspath(final))
     newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
     text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,

@@ -256,6 +256,49 @@ def test_bad_inputs_are_one_line_errors_and_publish_nothing(source_package, tmp_
                                 "--serving-dir", str(tmp_path / "serving")], fragment)
 
 
+def test_sigterm_removes_the_staging_folder_and_the_next_export_removes_a_killed_ones(source_package, tmp_path):
+    """QA defect: an export stopped by SIGTERM (docker stop) or SIGKILL left `<version>.tmp-XXXXXXXX` beside the
+    versions, for good. Now SIGTERM cleans up as Ctrl-C does (exit 143), and a staging folder whose export is gone
+    (its lock free) goes with the next export of that name; one still locked, or not named so, stays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from xray_core.files import LOCK_FILE, hold_lock
+
+    name_dir = tmp_path / "serving" / "pneumonia"
+    cal = tmp_path / "cal"
+    make_tree(str(cal), per_class=400, size=48, seed=7)  # enough work to be stopped in the middle
+    argv = [sys.executable, "-m", "export", "--recalibrate", source_package, "--calibrate-dir", str(cal),
+            "--serving-dir", str(tmp_path / "serving")]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(name_dir.glob("3.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing published"
+    assert sorted(os.listdir(name_dir)) == ["1", "2", "config.pbtxt"]
+
+    killed, running, other = name_dir / "3.tmp-abcd1234", name_dir / "3.tmp-wxyz9876", name_dir / "3.tmp-notours"
+    for folder in (killed, running, other):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+        (folder / LOCK_FILE).write_text("1@host\n")
+    held = hold_lock(str(running))  # an export still at work
+    try:
+        cal_small = tmp_path / "cal_small"
+        make_tree(str(cal_small), per_class=30, size=48, seed=8)
+        assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal_small),
+                            "--serving-dir", str(tmp_path / "serving")]) == 0
+    finally:
+        held.close()
+    assert sorted(os.listdir(name_dir)) == ["1", "2", "3", "3.tmp-notours", "3.tmp-wxyz9876", "config.pbtxt"]
+    assert LOCK_FILE not in os.listdir(name_dir / "3")  # the lock is no part of the version
+
+
 def test_recalibrate_needs_a_calibration_dir(source_package, capsys):
     with pytest.raises(SystemExit) as exc:
         export_main(["--recalibrate", source_package])
