@@ -42,6 +42,14 @@ def test_in_distribution_rows_pass_and_far_rows_do_not():
     assert g.reason(float(g.limit)) is None
 
 
+def test_a_refusal_reads_as_past_the_limit():
+    """QA nit: a distance just past the limit read 'distance 40.7 > limit 40.7' in the worklist."""
+    g = gate.fit(_gaussian(400), 40.68574418657478)
+    assert g.reason(80.14).endswith("(distance 80.1 > limit 40.7)")
+    assert g.reason(40.71).endswith("(distance 40.71 > limit 40.69)")
+    assert g.reason(40.6858).endswith("(distance 40.6858 > limit 40.6857)")
+
+
 def test_distances_are_the_mahalanobis_distance_of_scikit_learns_fit():
     from sklearn.covariance import LedoitWolf
 

@@ -98,9 +98,12 @@ class Gate:
         return np.sqrt(np.maximum(np.einsum("nd,nd->n", d @ self.precision, d), 0.0))
 
     def reason(self, distance: float) -> str | None:
-        """One line when the distance is past the limit, else None."""
+        """One line when the distance is past the limit, else None. Both are shown with one decimal, or as many
+        as it takes (up to 4) for the distance to read as past the limit."""
         if distance > self.limit:
-            return f"not like the chest X-rays the model knows (distance {distance:.1f} > limit {self.limit:.1f})"
+            digits = next((d for d in range(1, 4) if round(distance, d) > round(self.limit, d)), 4)
+            return (f"not like the chest X-rays the model knows (distance {distance:.{digits}f} > limit "
+                    f"{self.limit:.{digits}f})")
         return None
 
 
