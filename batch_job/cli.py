@@ -111,7 +111,10 @@ def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
     LOG.setLevel(args.log_level)
-    out = os.path.abspath(args.output)  # as the job resolves it, before it runs
+    try:
+        out = os.path.abspath(args.output)  # as the job resolves it, before it runs
+    except OSError:
+        return fail("the working directory no longer exists: give --output as an absolute path", 2)
     try:
         result = run(args, beam_args, started)
     except Terminated:

@@ -25,56 +25,12 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from batch_job.errors import InputError
+from batch_job.ledger_schema import SCHEMA, schema_problem, tables
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor
 
 LOG = logging.getLogger("batch_job")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS scored (
-    sha256 TEXT NOT NULL,
-    model TEXT NOT NULL,
-    probability REAL NOT NULL,
-    scored_utc TEXT NOT NULL,
-    path TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    PRIMARY KEY (sha256, model)
-);
-CREATE TABLE IF NOT EXISTS out_of_scope (
-    sha256 TEXT NOT NULL,
-    model TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    scored_utc TEXT NOT NULL,
-    path TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    PRIMARY KEY (sha256, model)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    out_dir TEXT NOT NULL,
-    model TEXT NOT NULL,
-    images_new INTEGER NOT NULL,
-    finished_utc TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-    path BLOB PRIMARY KEY,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL,
-    sha256 TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS drift (
-    run_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    finished_utc TEXT NOT NULL,
-    images INTEGER NOT NULL,
-    judged INTEGER NOT NULL,
-    detected INTEGER NOT NULL,
-    domain_auc REAL,
-    psi REAL,
-    positive_rate REAL
-);
-"""
 FileKey = tuple[str, int, int, int, str]  # (path, size, mtime_ns, ctime_ns, sha256 of the bytes)
 DRIFT_COLUMNS = ("run_id", "finished_utc", "images", "judged", "detected", "domain_auc", "psi", "positive_rate")
 
@@ -92,49 +48,21 @@ def _read_only(path: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _tables(conn: sqlite3.Connection) -> dict[str, set[str]]:
-    """Each table of the database (SQLite's own left out) -> its column names."""
-    names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-             if not row[0].startswith("sqlite_")]
-    return {name: {col[1] for col in conn.execute(f"PRAGMA table_info({_quoted(name)})")} for name in names}
-
-
-@functools.cache
-def _ledger_tables() -> dict[str, set[str]]:
-    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        conn.executescript(SCHEMA)
-        return _tables(conn)
-
-
-def schema_problem(tables: dict[str, set[str]]) -> str | None:
-    """Why a database with these tables is no ledger (another application's), or None. A ledger written before a
-    table existed lacks that table, never a column."""
-    ours = _ledger_tables()
-    foreign = sorted(set(tables) - set(ours))
-    if foreign:
-        return f"it holds tables a ledger never has ({', '.join(foreign[:5])})"
-    for name, columns in sorted(tables.items()):
-        missing = sorted(ours[name] - columns)
-        if missing:
-            return f"its table {name} lacks the columns {', '.join(missing)}"
-    return None
-
-
 def check_usable(path: str) -> None:
     """Refuse, creating nothing, what Ledger(path) would refuse or could not commit to: an existing file that is
     not SQLite, another application's database (:func:`schema_problem`), one this process cannot write, a lock
     held by another job, a new ledger whose folder cannot be created."""
     path = os.path.abspath(path)
     if os.path.lexists(path):
+        problem = None
         try:
             with contextlib.closing(_read_only(path)) as conn:
-                problem = schema_problem(_tables(conn))
+                problem = schema_problem(tables(conn))
         except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
+            # A journal left by a commit that was killed: only a writer can roll it back (Ledger does, and checks
+            # the tables then); anything else is no usable ledger.
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY_ROLLBACK:
+                raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
         if problem:
             raise LedgerError(f"ledger {path} is not a batch job ledger: {problem}; name another --ledger")
         if not os.access(path, os.W_OK):  # also for root: a read-only mount, an immutable file
@@ -190,11 +118,16 @@ class Ledger:
             raise LedgerBusy(f"ledger {self.path} is in use by another batch job; run again when it has "
                              "finished") from None
         try:
-            with sqlite3.connect(self.path) as conn:
-                conn.executescript(SCHEMA)
+            with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+                problem = schema_problem(tables(conn))  # again: a killed commit's journal is rolled back by now
+                if not problem:
+                    conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             self.__exit__()
             raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {one_line(exc)}") from None
+        if problem:
+            self.__exit__()
+            raise LedgerError(f"ledger {self.path} is not a batch job ledger: {problem}; name another --ledger")
         _owner_and_group_only(self.path)
         return self
 

@@ -27,8 +27,10 @@ from xray_core.files import (
     LOCK_FILE,
     blocking_ancestor,
     hold_lock,
+    make_folders,
     publish_dir,
     remove_dir,
+    remove_folders,
     take_abandoned_lock,
     temp_dir_beside,
 )
@@ -208,35 +210,6 @@ def refuse_existing(out: str, overwrite: bool) -> None:
         raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")
 
 
-def make_folders(folder: str) -> list[str]:
-    """Create `folder` and its missing ancestors (as os.makedirs); -> the folders this call created, parents
-    first, so that a later refusal can remove them again (:func:`remove_folders`). If it fails itself (a path
-    over PATH_MAX, a full disk), it removes what it created before raising."""
-    missing = []
-    while folder and not os.path.lexists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    made = []
-    try:
-        for path in reversed(missing):
-            try:
-                os.mkdir(path)
-            except FileExistsError:  # made meanwhile by someone else: theirs
-                continue
-            made.append(path)
-    except BaseException:
-        remove_folders(made)
-        raise
-    return made
-
-
-def remove_folders(made: list[str]) -> None:
-    """Remove what make_folders created, deepest first, where still empty."""
-    for path in reversed(made):
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-
-
 def prepare(out: str, overwrite: bool) -> str:
     """Refuse an OUT_DIR it cannot use (:func:`refuse_existing`); -> a new temp dir beside it, locked by this
     job. A refusal leaves no folder behind."""
@@ -252,6 +225,7 @@ def prepare(out: str, overwrite: bool) -> str:
         _held[tmp] = hold_lock(tmp)
     except BaseException:
         os.rmdir(tmp)
+        remove_folders(made)
         raise
     return tmp
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -88,10 +89,11 @@ def other_runner(name: str, beam_args: list[str]) -> Runner:
     """A runner Beam resolves by name, resolved now: an unknown or uninstalled one is refused before any work."""
     options = PipelineOptions(beam_args)
     try:
-        runner = beam.Pipeline(runner=name, options=options).runner
-    except (ImportError, ValueError) as exc:
-        raise InputError(f"--runner {name}: {one_line(exc, 300)}") from None
-    return Runner(runner, name.rsplit(".", 1)[-1], options, 4)
+        probe = beam.Pipeline(runner=name, options=options)
+    except (ImportError, ValueError, AttributeError, TypeError) as exc:  # unknown, not installed, not a runner
+        raise InputError(f"--runner {name}: {type(exc).__name__}: {one_line(exc, 300)}") from None
+    shutil.rmtree(probe.local_tempdir, ignore_errors=True)  # made by every Pipeline, removed only by run()
+    return Runner(probe.runner, name.rsplit(".", 1)[-1], options, 4)
 
 
 def dask_runner_with(beam_args: list[str]) -> Runner:

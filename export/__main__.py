@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
@@ -100,8 +101,10 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
-    """The command; -> its exit code. Ctrl-C and SIGTERM (with the handler `python -m export` installs) remove the
-    staging folder and publish nothing."""
+    """The command (`python -m export`, `pneumonia-export`); -> its exit code. Ctrl-C and SIGTERM remove the staging
+    folder and publish nothing: SIGTERM is handled as Ctrl-C while the command runs (in the main thread)."""
+    previous = (signal.signal(signal.SIGTERM, _terminate)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return _main(argv)
     except Terminated:
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing published", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv=None) -> int:
@@ -152,5 +158,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -23,13 +23,12 @@ from xray_core.package import (
     MODEL_FILE,
     OUTPUT_NAME,
     PackageError,
-    discard_staging,
     new_version_dir,
     open_session,
     score,
-    staging_dir,
 )
 from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
+from xray_core.staging import discard_staging, staging_dir
 
 PARITY_TOLERANCE = 1e-5
 # What the batch job shows for the top-N flagged images: 8x8 occlusion maps. On the site sample's flagged images,

@@ -24,15 +24,13 @@ from xray_core.package import (
     MODEL_FILE,
     Metadata,
     PackageError,
-    discard_staging,
     load_metadata,
     new_version_dir,
     open_session,
-    release_staging,
-    staging_dir,
     versions,
     write_metadata,
 )
+from xray_core.staging import discard_staging, release_staging, staging_dir
 from xray_core.verify import verify_package
 
 CARRIED = (MODEL_FILE, reference.REFERENCE_FILE, reference.SPLITS_FILE, gate.FIT_FILE)

@@ -576,13 +576,27 @@ def test_an_output_the_job_cannot_replace_is_refused_before_anything_is_written(
     assert os.path.islink(work / "link")
 
 
-def test_an_unknown_runner_is_refused_before_any_work(tiny_package, tmp_path, capsys):
-    """QA defect: `--runner NoSuchRunner` listed the inputs, then failed in Beam with exit 1."""
+@pytest.mark.parametrize("name, fragment", [("NoSuchRunner", "Unexpected pipeline runner"),
+                                            ("os.Nothing", "AttributeError"), ("builtins.int", "AttributeError")])
+def test_an_unknown_runner_is_refused_before_any_work(name, fragment, tiny_package, tmp_path, capsys):
+    """QA defect: `--runner NoSuchRunner` listed the inputs, then failed in Beam with exit 1 (review: so did a
+    misspelt class of a real module, or a class that is no runner)."""
     inp = tmp_path / "in"
     make_tree(str(inp), per_class=2, size=64, seed=4)
-    argv = ["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"), "--runner", "NoSuchRunner"]
-    assert_one_line_error(capsys, main(argv), "--runner NoSuchRunner", "Unexpected pipeline runner")
+    argv = ["--input", str(inp), "--model", tiny_package, "--output", str(tmp_path / "out"), "--runner", name]
+    assert_one_line_error(capsys, main(argv), f"--runner {name}", fragment)
     assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_resolving_another_runner_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """Review: the Pipeline built to resolve a runner by name made a temp folder that only run() removes."""
+    import tempfile
+
+    from batch_job.runner import choose_runner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runner = choose_runner(["--runner", "PortableRunner"])
+    assert type(runner.runner).__name__ == "PortableRunner" and os.listdir(tmp_path) == []
 
 
 def test_beam_options_still_pass_through():

@@ -35,6 +35,19 @@ def _touch(path, content: bytes | None = None) -> str:
     return str(path)
 
 
+def test_a_dcm_file_without_the_preamble_gives_its_patient_id(tmp_path):
+    """Review: once such files were scored as DICOM, their patient still came from the file name (a UID), so one
+    patient's images could fall into different splits."""
+    from train.data import patient_of
+
+    path = _dicom_of(tmp_path / "NORMAL" / "1.2.3.4.dcm", "P-77", seed=1)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[132:])  # no preamble, no 'DICM'
+    assert patient_of(path) == "P-77"
+
+
 def _gray(path, size=40, value=0, fmt=None, mode="L"):
     rng = np.random.default_rng(value)
     arr = rng.integers(0, 256, (size, size), dtype=np.uint8)

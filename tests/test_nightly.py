@@ -652,6 +652,30 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
                 "scored" if case == "foreign_table_of_our_name" else "invoices"]  # untouched
 
 
+def test_a_ledger_whose_commit_was_killed_is_rolled_back_and_used(tmp_path):
+    """Review: a commit killed half-way leaves a hot journal; the read-only pre-flight check could not read the
+    ledger and refused it (exit 2) every night. The writer's open rolls the journal back; the committed rows stay."""
+    from batch_job.ledger import check_usable
+
+    path = str(tmp_path / "ledger.sqlite")
+    with Ledger(path) as book:
+        book.commit("r1", "/o", "pneumonia/6", [("a" * 64, 0.5, "/x.png")])
+    killed = ("import os, sqlite3\n"
+              f"c = sqlite3.connect({path!r}, isolation_level=None)\n"
+              "c.execute('PRAGMA cache_size=1')\n"  # the transaction spills into the file: the journal is hot
+              "c.execute('BEGIN')\n"
+              "for i in range(3000):\n"
+              "    c.execute(\"INSERT INTO scored VALUES (?, 'm', 0.1, 'now', '/p', 'r2')\", (f'{i:064d}',))\n"
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", killed], check=True)
+    assert os.path.exists(path + "-journal")
+    check_usable(path)
+    with Ledger(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*), MIN(run_id) FROM scored").fetchone() == (1, "r1")
+
+
 def test_output_made_by_someone_else_during_the_run_is_a_job_failure(small_tree, tiny_package, tmp_path,
                                                                       monkeypatch, capsys):
     """Review nit: this exited 2, 'refused before starting', after all the scoring. Now exit 1, and says so."""

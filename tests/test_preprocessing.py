@@ -78,6 +78,16 @@ def test_a_16_bit_png_gives_the_same_input_whatever_its_significant_bits(bits):
                               np.asarray(to_grayscale_8bit(Image.fromarray(data))))
 
 
+def test_a_uniform_16_bit_png_is_near_constant_not_stretched_into_a_picture():
+    """Review: with min..max, a uniform 16-bit image has no range to stretch: it stays uniform (0), and the input
+    gate refuses it as near-constant."""
+    from xray_core.preprocessing import load_input
+
+    png = encode(Image.fromarray(np.full((48, 64), 128 * 257, dtype=np.uint16)))
+    assert np.all(preprocess_image(png, CFG) == 0.0)
+    assert load_input(png, CFG).reason.startswith("near-constant image")
+
+
 def test_an_rgb_stored_jpeg_decodes_as_its_ycbcr_twin():
     """QA defect: a JPEG stored as RGB planes (Adobe transform 0) failed ("broken data stream"): libjpeg cannot
     hand its planes out as YCbCr. Gray or colourful, it must decode as the same picture stored as YCbCr."""

@@ -56,18 +56,18 @@ def patient_id(filename: str) -> str:
 
 def dicom_patient_id(path: str) -> str | None:
     """The PatientID of a DICOM file (its header only, the pixel data is not read); None for a file that is not
-    DICOM (by its preamble, as the shared preprocessing decides), has no or an empty PatientID, or whose header
-    cannot be read (loading the image reports that file later)."""
+    DICOM (by its preamble or a .dcm name, as the shared preprocessing decides), has no or an empty PatientID, or
+    whose header cannot be read (loading the image reports that file later)."""
     try:
         with open(path, "rb") as f:
-            if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4)):
+            if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4), path):
                 return None
             import pydicom
 
             f.seek(0)
             with warnings.catch_warnings():  # a damaged header is reported when the image is loaded
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"], force=True)
         value = str(ds.get("PatientID", "") or "").strip()
     except Exception:  # noqa: BLE001 - pydicom raises many types for corrupt headers; the name rules apply then
         return None

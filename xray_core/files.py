@@ -153,3 +153,32 @@ def blocking_ancestor(path: str) -> str | None:
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     return None if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) else folder
+
+
+def make_folders(folder: str) -> list[str]:
+    """Create `folder` and its missing ancestors (as os.makedirs); -> the folders this call created, parents
+    first, so that a later refusal can remove them again (:func:`remove_folders`). If it fails itself (a path
+    over PATH_MAX, a full disk), it removes what it created before raising."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made = []
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # made meanwhile by someone else: theirs
+                continue
+            made.append(path)
+    except BaseException:
+        remove_folders(made)
+        raise
+    return made
+
+
+def remove_folders(made: list[str]) -> None:
+    """Remove what make_folders created, deepest first, where still empty."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

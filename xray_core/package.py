@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,55 +199,6 @@ def new_version_dir(serving_dir: str, name: str, version: int | None = None) -> 
     if os.path.exists(final):
         raise PackageError(f"{final} already exists; versions are never overwritten")
     return final
-
-
-STAGING = re.compile(r"\d+\.tmp-[a-z0-9_]{8}\Z")  # an export's staging folder (temp_dir_beside's name for a version)
-_staging_locks: dict[str, Any] = {}  # staging folder -> its lock file, while this process's export uses it
-
-
-def staging_dir(final: str, serving_dir: str) -> str:
-    """An empty temporary folder beside `final` (its name folder made if needed), locked by this process until
-    :func:`release_staging`. Staging folders of exports that were killed (their lock free) are removed first.
-    PackageError (one line) when the serving folder cannot be written."""
-    from xray_core.files import hold_lock, temp_dir_beside
-
-    try:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        remove_abandoned_staging(os.path.dirname(final))
-        staging = temp_dir_beside(final)
-        _staging_locks[staging] = hold_lock(staging)
-        return staging
-    except OSError as exc:
-        raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
-
-
-def remove_abandoned_staging(name_dir: str) -> None:
-    """Remove the staging folders in a model's folder whose export is gone (SIGKILL, a crash): only folders named
-    as staging folders, holding a lock no process holds."""
-    from xray_core.files import remove_dir, take_abandoned_lock
-
-    for entry in sorted(os.listdir(name_dir)):
-        path = os.path.join(name_dir, entry)
-        if STAGING.match(entry) and os.path.isdir(path) and not os.path.islink(path):
-            lock = take_abandoned_lock(path)
-            if lock is not None:
-                with lock:
-                    remove_dir(path)
-
-
-def release_staging(staging: str) -> None:
-    """Let go of a staging folder's lock: once it is published (renamed) or removed."""
-    lock = _staging_locks.pop(staging, None)
-    if lock is not None:
-        lock.close()
-
-
-def discard_staging(staging: str) -> None:
-    """Remove a staging folder that will not be published (its lock file last) and release it."""
-    from xray_core.files import remove_dir
-
-    remove_dir(staging)
-    release_staging(staging)
 
 
 def resolve_version_dir(model_path: str) -> str:

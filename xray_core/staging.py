@@ -1,0 +1,56 @@
+"""A version's staging folder in the serving folder: built there, verified, then published by rename (export/).
+
+Each export locks its staging folder (LOCK_FILE, xray_core/files.py) until it is published or discarded; a staging
+folder whose lock no process holds was left by an export that was killed (SIGKILL, a crash), and the next export of
+that model name removes it. Only folders named as staging folders are touched.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from xray_core.files import hold_lock, remove_dir, take_abandoned_lock, temp_dir_beside
+from xray_core.package import PackageError
+
+STAGING = re.compile(r"\d+\.tmp-[a-z0-9_]{8}\Z")  # an export's staging folder (temp_dir_beside's name for a version)
+_staging_locks: dict[str, Any] = {}  # staging folder -> its lock file, while this process's export uses it
+
+
+def staging_dir(final: str, serving_dir: str) -> str:
+    """An empty temporary folder beside `final` (its name folder made if needed), locked by this process until
+    :func:`release_staging`. Staging folders of exports that were killed (their lock free) are removed first.
+    PackageError (one line) when the serving folder cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        remove_abandoned_staging(os.path.dirname(final))
+        staging = temp_dir_beside(final)
+        _staging_locks[staging] = hold_lock(staging)
+        return staging
+    except OSError as exc:
+        raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+
+
+def remove_abandoned_staging(name_dir: str) -> None:
+    """Remove the staging folders in a model's folder whose export is gone (SIGKILL, a crash): only folders named
+    as staging folders, holding a lock no process holds."""
+    for entry in sorted(os.listdir(name_dir)):
+        path = os.path.join(name_dir, entry)
+        if STAGING.match(entry) and os.path.isdir(path) and not os.path.islink(path):
+            lock = take_abandoned_lock(path)
+            if lock is not None:
+                with lock:
+                    remove_dir(path)
+
+
+def release_staging(staging: str) -> None:
+    """Let go of a staging folder's lock: once it is published (renamed) or removed."""
+    lock = _staging_locks.pop(staging, None)
+    if lock is not None:
+        lock.close()
+
+
+def discard_staging(staging: str) -> None:
+    """Remove a staging folder that will not be published (its lock file last) and release it."""
+    remove_dir(staging)
+    release_staging(staging)
