@@ -27,7 +27,7 @@ from typing import Iterable
 from batch_job.errors import InputError
 from batch_job.ledger_schema import SCHEMA, schema_problem, tables
 from xray_core.errors import one_line
-from xray_core.files import blocking_ancestor
+from xray_core.files import blocking_ancestor, make_folders
 
 LOG = logging.getLogger("batch_job")
 
@@ -104,10 +104,13 @@ class Ledger:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._lock_file = None
+        self._created: list[str] | None = None  # what opening created (the ledger was new), for remove_if_new
 
     def __enter__(self) -> "Ledger":
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            new = not os.path.lexists(self.path) and not os.path.lexists(self.path + ".lock")
+            made = make_folders(os.path.dirname(self.path))
+            self._created = [*made, self.path + ".lock", self.path] if new else None
             self._lock_file = open(self.path + ".lock", "a+")
         except OSError as exc:
             raise LedgerError(f"cannot open ledger {self.path}: {exc.strerror}") from None
@@ -130,6 +133,17 @@ class Ledger:
             raise LedgerError(f"ledger {self.path} is not a batch job ledger: {problem}; name another --ledger")
         _owner_and_group_only(self.path)
         return self
+
+    def remove_if_new(self) -> None:
+        """Remove the ledger, its lock file and the folders that opening it created, if it was new: for a run refused
+        after the ledger was opened (README: a refused run creates nothing). Call while it is open."""
+        for path in reversed(self._created or []):  # the ledger, its lock, then its new folders deepest first
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+        self._created = None
 
     def __exit__(self, *exc) -> None:
         if self._lock_file:

@@ -99,7 +99,12 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         overwrite = replaceable(args, out)  # again, now that this job holds the ledger
         if overwrite and not args.overwrite:
             LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
-        tmp = outdir.prepare(out, overwrite)
+        try:
+            tmp = outdir.prepare(out, overwrite)
+        except InputError:
+            if book is not None:
+                book.remove_if_new()  # a refusal creates nothing, the ledger included
+            raise
         scratch = os.path.join(tmp, shard_result.SCRATCH)
         try:
             os.mkdir(scratch)

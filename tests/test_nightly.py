@@ -603,7 +603,7 @@ def all_paths(folder) -> list[str]:
 
 @pytest.mark.parametrize("case", ["output_not_empty", "ledger_unusable", "ledger_busy", "output_unwritable",
                                   "no_images", "foreign_database", "foreign_table_of_our_name",
-                                  "ledger_read_only"])
+                                  "ledger_read_only", "output_over_path_max"])
 def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_package, tmp_path, monkeypatch, capsys):
     """Review defect 6: refused runs created the ledger file, its lock and its folders first. QA defects: another
     application's SQLite file was given the ledger's tables, scored against and then failed to commit (exit 3, every
@@ -627,6 +627,8 @@ def test_a_refused_run_with_a_ledger_creates_nothing(case, small_tree, tiny_pack
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == ledger and mode & os.W_OK
                             else real_access(p, mode, **kw))
+    elif case == "output_over_path_max":  # refused only when its folders are made, after the ledger was opened
+        out = tmp_path / "scores" / os.path.join(*["y" * 250] * 20)
     elif case == "ledger_busy":
         held = Ledger(ledger).__enter__()
     elif case == "output_unwritable":
