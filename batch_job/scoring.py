@@ -193,7 +193,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                     if earlier:
                         out[i] = skipped_row(path, label, spec, earlier)
                         continue
-                loaded = load_input(data, config, spec.allowed_modalities, path)
+                loaded = load_input(data, config, spec.allowed_modalities)
                 headers[i] = loaded.header
                 if loaded.reason:
                     out[i] = out_of_scope_row(path, label, spec, loaded.reason, digests[i], loaded.header)

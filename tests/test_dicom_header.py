@@ -140,23 +140,27 @@ def test_xray_in_every_encoding_is_in_scope():
 
 def test_a_dcm_file_without_the_preamble_is_read_as_dicom(tmp_path):
     """QA defect: a .dcm file without the 128-byte preamble and 'DICM' (a data set as older systems write it) was an
-    `error` row, though .dcm files are documented as DICOM. Such a file is read by its name; under other names the
-    preamble is still needed, and a JPEG or PNG named .dcm is still decoded as the image it is."""
+    `error` row, though .dcm files are documented as DICOM. Review: deciding by the file's name needed the name at
+    every place that decodes bytes (the heatmaps and overlays had none); it is decided by the bytes now, as the
+    preamble was. A JPEG named .dcm is still decoded as the image it is, and other bytes are no DICOM."""
     from PIL import Image
 
-    from xray_core.preprocessing import ImageError, PreprocessConfig, load_input, preprocess_image
+    from xray_core.dicom_header import is_dicom
+    from xray_core.preprocessing import ImageError, PreprocessConfig, decode_image, load_input, preprocess_image
 
     cfg = PreprocessConfig(image_size=32)
     full = dicom_bytes(xray_like(96, 80), bits_stored=12, modality="DX", BodyPartExamined="CHEST", PatientID="P1")
     bare = full[132:]  # the file meta group and the data set, no preamble
-    want, got = load_input(full, cfg), load_input(bare, cfg, name="night/scan.DCM")
+    want, got = load_input(full, cfg), load_input(bare, cfg)
     assert got.reason == "" and np.array_equal(got.array, want.array) and got.header == want.header
+    assert np.array_equal(np.asarray(decode_image(bare, cfg)), np.asarray(decode_image(full, cfg)))  # overlays
     with pytest.raises(ImageError):
-        load_input(bare, cfg, name="scan.bin")
+        load_input(b"\x02\x00 not a data set " * 8, cfg)
     ct = dicom_bytes(xray_like(96, 80), modality="CT")[132:]
-    assert load_input(ct, cfg, name="ct.dcm").reason.startswith("Modality CT")  # the header rules first, as ever
+    assert load_input(ct, cfg).reason.startswith("Modality CT")  # the header rules first, as ever
     (tmp_path / "old.dcm").write_bytes(bare)
     assert np.array_equal(preprocess_image(str(tmp_path / "old.dcm"), cfg), want.array)  # training reads it too
     buf = io.BytesIO()
     Image.fromarray(xray_like(96, 80, bits=8).astype(np.uint8)).save(buf, "JPEG")
-    assert load_input(buf.getvalue(), cfg, name="photo.dcm").array is not None
+    (tmp_path / "photo.dcm").write_bytes(buf.getvalue())
+    assert not is_dicom(buf.getvalue()) and preprocess_image(str(tmp_path / "photo.dcm"), cfg).shape == (32, 32, 1)

@@ -56,11 +56,11 @@ def patient_id(filename: str) -> str:
 
 def dicom_patient_id(path: str) -> str | None:
     """The PatientID of a DICOM file (its header only, the pixel data is not read); None for a file that is not
-    DICOM (by its preamble or a .dcm name, as the shared preprocessing decides), has no or an empty PatientID, or
+    DICOM (dicom_header.is_dicom, as the shared preprocessing decides), has no or an empty PatientID, or
     whose header cannot be read (loading the image reports that file later)."""
     try:
         with open(path, "rb") as f:
-            if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4), path):
+            if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4)):
                 return None
             import pydicom
 

@@ -112,28 +112,28 @@ def _text(ds, keyword: str) -> str:
     return "".join(c if c.isprintable() else " " for c in str(value)).strip()
 
 
-IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: decoded by Pillow whatever the name
+FIRST_GROUPS = (b"\x02\x00", b"\x08\x00")  # file meta (0002) or identifying (0008) group, little endian
 
 
-def is_dicom(head: bytes, name: str | os.PathLike = "") -> bool:
-    """True for files with the DICOM preamble ('DICM' at byte 128), whatever their name, and for files named .dcm
-    that are not a JPEG or PNG: a data set without the preamble, as older systems wrote (pydicom reads it)."""
+def is_dicom(head: bytes) -> bool:
+    """True for a DICOM file, whatever its name: the preamble ('DICM' at byte 128), or a data set without it, as
+    older systems wrote them (pydicom reads both), whose first element, of group 0002 or 0008, has an explicit VR
+    (two capital letters after its tag). JPEG and PNG start otherwise."""
     if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return True
-    return os.fsdecode(name).lower().endswith(".dcm") and not head.startswith(IMAGE_SIGNATURES)
+    vr = head[4:6]
+    return head[:2] in FIRST_GROUPS and len(vr) == 2 and vr.isalpha() and vr.isupper()
 
 
-def read_dicom_header(source: bytes | str | os.PathLike, name: str | os.PathLike = "") -> DicomHeader:
-    """The header of a DICOM file (path, or bytes and the file's name) without reading its pixel data. Raises
-    ValueError (one line)."""
+def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
+    """The header of a DICOM file (path or bytes) without reading its pixel data. Raises ValueError (one line)."""
     import pydicom
 
-    in_memory = isinstance(source, (bytes, bytearray))
     try:
-        with io.BytesIO(source) if in_memory else open(source, "rb") as fp:
+        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as fp:
             # force=True (as read_dicom) parses any bytes as elements: is_dicom keeps the rest out
-            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4), name or ("" if in_memory else source)):
-                raise ValueError("no 'DICM' at byte 128 and not named .dcm")
+            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4)):
+                raise ValueError("neither 'DICM' at byte 128 nor a data set's first element")
             fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files

@@ -117,8 +117,8 @@ def _read(source: Union[bytes, str, os.PathLike]) -> bytes:
         return f.read()
 
 
-def _decode(data: bytes, config: PreprocessConfig, name: str | os.PathLike) -> Decoded:
-    if is_dicom(data, name):
+def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
+    if is_dicom(data):
         dicom = read_dicom(data, Image.MAX_IMAGE_PIXELS)
         return Decoded(_check_size(dicom.image, config), 0.0, dicom.header)
     img = Image.open(io.BytesIO(data), formats=None)
@@ -141,12 +141,11 @@ def _decode(data: bytes, config: PreprocessConfig, name: str | os.PathLike) -> D
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
-def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig, name: str | os.PathLike = "") -> Decoded:
+def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
     """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale image, with what the input
-    gate needs of the original. `name`: the file's name where `source` is its bytes (a .dcm without the DICOM
-    preamble is read as DICOM). Raises ImageError (one line) for anything that cannot be decoded."""
+    gate needs of the original. Raises ImageError (one line) for anything that cannot be decoded."""
     try:
-        return _decode(_read(source), config, name or ("" if isinstance(source, (bytes, bytearray)) else source))
+        return _decode(_read(source), config)
     except ImageError:
         raise
     except IsADirectoryError:
@@ -197,19 +196,19 @@ class Loaded:
 
 
 def load_input(data: bytes, config: PreprocessConfig,
-               allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES, name: str = "") -> Loaded:
-    """The batch job's reading of one file's bytes (`name`: its path): a DICOM header that is out of scope stops
-    before its pixel data is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as
-    :func:`preprocess_image`. Raises ImageError (one line) for anything that cannot be decoded."""
-    if is_dicom(data, name):
+               allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Loaded:
+    """The batch job's reading of one file's bytes: a DICOM header that is out of scope stops before its pixel data
+    is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as :func:`preprocess_image`.
+    Raises ImageError (one line) for anything that cannot be decoded."""
+    if is_dicom(data):
         try:
-            header = read_dicom_header(data, name)
+            header = read_dicom_header(data)
         except ValueError as exc:
             raise ImageError(one_line(exc, 385)) from None
         reason = header_problem(header, allowed_modalities)
         if reason:
             return Loaded(None, reason, header)
-    decoded = decode(data, config, name)
+    decoded = decode(data, config)
     reason = content.problem(np.asarray(decoded.image), decoded.colour_spread)
     if reason:
         return Loaded(None, reason, decoded.header)
@@ -228,8 +227,8 @@ def is_image_file(name: str) -> bool:
 
 
 def is_input_file(path: str) -> bool:
-    """An image by extension (.jpeg .jpg .png .dcm), or a regular file with the DICOM preamble (archives name
-    DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
+    """An image by extension (.jpeg .jpg .png .dcm), or a regular file that is DICOM (dicom_header.is_dicom;
+    archives name DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
 
     Files with an image extension are always listed (an unreadable one becomes an error row);
     others are only sniffed when they are regular files (a FIFO would block open()).
