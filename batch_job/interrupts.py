@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: handled as Ctrl-C (a KeyboardInterrupt to everything between), exit 143 instead of 130."""
-
+from xray_core.errors import Terminated
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

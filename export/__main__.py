@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from xray_core.errors import Terminated
+
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
   1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
@@ -90,10 +92,6 @@ def verify(version_dir: str) -> int:
     ok = all(c.ok for c in checks)
     print(f"{'OK' if ok else 'FAILED'}: {version_dir}")
     return 0 if ok else 1
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, systemd, kill): cleaned up as after Ctrl-C, exit 143."""
 
 
 def _terminate(signum, frame):

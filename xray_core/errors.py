@@ -1,4 +1,5 @@
-"""An exception as one line: the form every command's error messages and error rows use."""
+"""An exception as one line: the form every command's error messages and error rows use; and SIGTERM as an
+exception, for the commands that clean up after it as after Ctrl-C."""
 from __future__ import annotations
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -13,3 +14,8 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     if any(line.startswith(TRACEBACK) for line in lines):
         lines = lines[-1:]
     return (" ".join(lines) or type(exc).__name__)[:limit]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, Kubernetes, kill): handled as Ctrl-C (a KeyboardInterrupt to everything
+    between), exit 143 instead of 130."""
