@@ -1,7 +1,10 @@
 """Benchmark 2: peak RSS of the batch job (the whole process tree: job and workers) for N vs 10*N scans of the
 X-ray-sized corpus (bench/corpus.py), with the whole command's time and its drift step's share.
 
-    python -m bench.bench_memory [--n 2000] [--factor 10] [--model serving_models/pneumonia]
+    python -m bench.bench_memory [--n 2000] [--factor 10] [--model serving_models/pneumonia] [--far]
+
+--far also runs both sizes of the corpus made from the site sample (`bench.corpus --far`: real-looking scans far
+from the model's reference), for the drift step's share on a folder the check reads as DETECTED.
 
 Peak RSS is the maximum over time of the summed RSS of the job's whole process tree, sampled every 50 ms.
 """
@@ -59,16 +62,21 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--factor", type=int, default=10)
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--far", action="store_true",
+                   help="also both sizes of the corpus made from the site sample (far from the reference)")
     args = p.parse_args(argv)
     rows = []
-    for n in (args.n, args.n * args.factor):
-        peak, wall, m = peak_rss(corpus.make(n), args.model)
-        drift = m["timings"]["drift_seconds"]
-        rows.append([n, round(peak / 2**20, 1), round(wall, 1), m["timings"]["scoring_seconds"], drift,
-                     f"{drift / wall:.1%}"])
+    for far in (False, True) if args.far else (False,):
+        for n in (args.n, args.n * args.factor):
+            peak, wall, m = peak_rss(corpus.make(n, far=far), args.model)
+            drift = m["timings"]["drift_seconds"]
+            verdict = "DETECTED" if m["drift"].get("detected") else "none"
+            rows.append([f"{'far' if far else 'x'}{n}", round(peak / 2**20, 1), round(wall, 1),
+                         m["timings"]["scoring_seconds"], drift, f"{drift / wall:.1%}",
+                         f"{verdict} ({m['drift'].get('domain_auc') or float('nan'):.3f})"])
     print(f"machine: {machine()}; corpus 1400x1100 q{corpus.QUALITY}; model {args.model}")
-    print(table(["images", "peak RSS (MiB, process tree)", "whole command s", "scoring s", "drift step s",
-                 "drift share"], rows))
+    print(table(["corpus", "peak RSS (MiB, process tree)", "whole command s", "scoring s", "drift step s",
+                 "drift share", "drift (domain AUC)"], rows))
     print(f"peak RSS ratio {args.n * args.factor} / {args.n} images: {rows[1][1] / rows[0][1]:.3f}")
     return 0
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TRAIN = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "chest_xray", "train"))
+SHARED_SITE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "chest_xray", "site_sample"))
 DEFAULT_MODEL = os.path.join(REPO, "serving_models", "pneumonia")
 
 

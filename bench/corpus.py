@@ -2,6 +2,7 @@
 
     python -m bench.corpus --n 2000 [--out /tmp/pneumonia-corpus]      # -> OUT/x2000
     python -m bench.corpus --n 20000                                    # -> OUT/x20000
+    python -m bench.corpus --n 2000 --far                               # -> OUT/far2000
 
 N images of ``../shared/data/chest_xray/train/{NORMAL,PNEUMONIA}`` (never the site sample), evenly spaced over the
 sorted file list, each turned 8-bit gray, upscaled to 1400x1100 (bicubic) and written as JPEG quality 90 under
@@ -20,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 
-from bench.common import SHARED_TRAIN
+from bench.common import SHARED_SITE, SHARED_TRAIN
 
 SIZE = (1400, 1100)  # width, height
 QUALITY = 90
@@ -48,14 +49,17 @@ def upscale(job: tuple[str, str]) -> None:
         img.convert("L").resize(SIZE, Image.Resampling.BICUBIC).save(dst, quality=QUALITY)
 
 
-def make(n: int, out: str = DEFAULT_OUT, src: str = SHARED_TRAIN, workers: int | None = None) -> str:
-    """OUT/xN with n scans (made once; reused when complete) -> its path."""
-    root = os.path.join(out, f"x{n}")
+def make(n: int, out: str = DEFAULT_OUT, src: str = SHARED_TRAIN, workers: int | None = None,
+         far: bool = False) -> str:
+    """OUT/xN with n scans (made once; reused when complete) -> its path; far: OUT/farN from the site sample."""
+    if far:
+        src = SHARED_SITE
+    root = os.path.join(out, f"{'far' if far else 'x'}{n}")
     marker = os.path.join(root, f".complete-{n}-{SIZE[0]}x{SIZE[1]}-q{QUALITY}")
     if os.path.exists(marker):
         return root
     if not os.path.isdir(src):
-        raise SystemExit(f"error: training images not found at {src}")
+        raise SystemExit(f"error: images not found at {src}")
     shutil.rmtree(root, ignore_errors=True)
     chosen = pick(training_images(src), n)
     distinct = os.path.join(root, "copy000") if n > len(chosen) else root
@@ -85,8 +89,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--far", action="store_true", help="from the site sample: far from the model's reference")
     args = p.parse_args(argv)
-    print(make(args.n, args.out))
+    print(make(args.n, args.out, far=args.far))
     return 0
 
 

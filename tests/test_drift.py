@@ -151,25 +151,49 @@ def test_the_null_distribution_stays_under_the_limit_on_synthetic_and_shipped_re
 
     shipped = os.path.join(os.path.dirname(__file__), "..", "serving_models", "pneumonia", "4", "reference.npz")
     null = null_aucs(reference.load(shipped).embeddings.astype(np.float32), splits=20)
-    assert null.max() < DOMAIN_AUC_LIMIT - 0.04  # 0.547 on version 4
-    assert null.mean() + 3 * null.std(ddof=1) < DOMAIN_AUC_LIMIT  # mean 0.498, sd 0.026
+    assert null.max() < DOMAIN_AUC_LIMIT - 0.06  # 0.533 on version 4
+    assert null.mean() + 3.8 * null.std(ddof=1) < DOMAIN_AUC_LIMIT  # mean 0.499, sd 0.026
 
 
 def test_the_classifier_sees_at_most_the_components_asked_for(monkeypatch):
-    from sklearn import decomposition
+    from batch_job import drift
 
     seen = []
-    real = decomposition.PCA
+    real = drift.principal_components
 
-    class Spy(real):
-        def fit_transform(self, x, y=None):
-            seen.append((x.shape, self.n_components))
-            return super().fit_transform(x, y)
+    def spy(x, k):
+        seen.append((x.shape, k))
+        return real(x, k)
 
-    monkeypatch.setattr(decomposition, "PCA", Spy)
+    monkeypatch.setattr(drift, "principal_components", spy)
     rng = np.random.default_rng(6)
     auc = domain_auc(rng.normal(size=(300, 768)), rng.normal(size=(200, 768)) + 1.0)
     assert seen == [((500, 768), COMPONENTS)] and auc > 0.95  # both sides' rows, no labels
     seen.clear()
     domain_auc(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)))
     assert seen == [((40, 8), 8)]  # never more components than features or rows
+
+
+def test_the_principal_components_are_scikit_learns_exact_pca():
+    """The same projection as sklearn's PCA with the covariance solver, up to each component's sign."""
+    from sklearn.decomposition import PCA
+
+    from batch_job.drift import principal_components
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64))  # correlated features
+    ours = principal_components(x, 10)
+    theirs = PCA(n_components=10, svd_solver="covariance_eigh").fit_transform(x)
+    assert ours.shape == (400, 10)
+    np.testing.assert_allclose(np.abs(ours), np.abs(theirs), atol=1e-8)
+    assert np.all(np.diff(ours.var(axis=0)) < 0)  # largest variance first
+
+
+def test_a_change_in_spread_alone_is_seen():
+    """A run whose embeddings keep the reference's mean but not its spread (fainter or noisier scans) reads as
+    drift: the classifier models each class's variance, not only its mean."""
+    rng = np.random.default_rng(8)
+    ref = rng.normal(size=(782, 64))
+    same, wider = rng.normal(size=(500, 64)), rng.normal(size=(500, 64))
+    wider[:, :8] *= 1.6
+    assert domain_auc(ref, same) < DOMAIN_AUC_LIMIT < domain_auc(ref, wider)
