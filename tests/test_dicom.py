@@ -213,3 +213,32 @@ def _in_every_lossless_encoding(jpeg, session, content):
         assert content.reason(float(content.distances(got.embedding)[0])) is None, syntax.name
         assert abs(float(got.probability[0]) - float(want.probability[0])) <= 1e-4, syntax.name
     return True
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("pad", [0, 4095])
+def test_pixel_padding_takes_no_part_in_the_stretch_and_is_black(photometric, pad):
+    """A field padded with Pixel Padding Value (as CR/DX systems do outside the exposed area): the image inside is
+    what the unpadded file gives, to the bit, and the padding is black, whatever the padding value and polarity.
+    Before, a padding value outside the image's range squeezed its contrast into part of 0..255."""
+    img = (xray_like(200, 160, bits=12) // 2 + 1000).astype(np.uint16)  # 12-bit values well inside 1..4094
+    padded = np.pad(img, 30, constant_values=pad)
+    plain = np.asarray(decode_dicom(dicom_bytes(img, 12, photometric), None))
+    got = np.asarray(decode_dicom(dicom_bytes(padded, 12, photometric, PixelPaddingValue=pad), None))
+    assert np.array_equal(got[30:-30, 30:-30], plain) and plain.min() == 0 and plain.max() == 255
+    assert not got[:30].any() and not got[-30:].any() and not got[:, :30].any()
+    ignored = np.asarray(decode_dicom(dicom_bytes(padded, 12, photometric), None))  # no padding in the header
+    assert not np.array_equal(ignored[30:-30, 30:-30], plain)
+
+
+def test_pixel_padding_range_limit_marks_a_range_and_a_malformed_value_is_ignored():
+    img = (xray_like(200, 160, bits=12) // 2 + 1000).astype(np.uint16)
+    padded = np.pad(img, 30, constant_values=0)
+    padded[:30] = np.random.default_rng(0).integers(0, 51, size=padded[:30].shape)  # noisy padding 0..50
+    plain = np.asarray(decode_dicom(dicom_bytes(img, 12), None))
+    got = np.asarray(decode_dicom(dicom_bytes(padded, 12, PixelPaddingValue=50, PixelPaddingRangeLimit=0), None))
+    assert np.array_equal(got[30:-30, 30:-30], plain) and not got[:30].any()
+    ds = dicom_dataset(padded, 12)
+    ds.add_new(0x00280120, "US", [0, 1])  # two values where one is allowed
+    assert np.array_equal(np.asarray(decode_dicom(to_bytes(ds), None)),
+                          np.asarray(decode_dicom(dicom_bytes(padded, 12), None)))

@@ -2,8 +2,10 @@
 
 Applies the modality LUT (rescale slope/intercept), then the VOI LUT or window (first one when several), inverts
 MONOCHROME1 so bone is bright as in the JPEG training data, takes the first frame of multi-frame files (only that
-frame is decoded), and maps the result's own min..max to 0..255. The image then goes through the shared
-preprocessing like any other.
+frame is decoded), and maps the result's own min..max to 0..255. Pixels the header marks as padding (Pixel Padding
+Value, with Pixel Padding Range Limit a range) take no part in that min..max and become black, as the unexposed
+area outside the field is in the training images. The image then goes through the shared preprocessing like any
+other.
 
 Compressed pixel data is decoded through pydicom's public pixel API by the decoder plugins the project depends on
 (docs/dicom.md says why these and what each costs): pylibjpeg with pylibjpeg-libjpeg (JPEG Baseline, Extended
@@ -79,6 +81,7 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
         name = getattr(syntax, "name", str(syntax))
         raise ValueError(f"DICOM pixel data not decodable ({name}): {one_line(exc)}") from None
     try:
+        padding = padding_mask(arr, ds)
         if arr.ndim == 3:  # colour DICOM (RGB): average the channels
             arr = arr.mean(axis=-1, dtype=np.float32)
         arr = apply_modality_lut(arr, ds)
@@ -87,7 +90,23 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
             arr = arr.max() + arr.min() - arr
     except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
         raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {one_line(exc)}") from None
-    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr), mode="L"), DicomHeader.from_dataset(ds))
+    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr, padding), mode="L"), DicomHeader.from_dataset(ds))
+
+
+def padding_mask(stored: np.ndarray, ds) -> np.ndarray | None:
+    """True where a grayscale frame's stored value is padding (PS3.3 C.7.5.1.1.2): equal to Pixel Padding Value, or
+    with Pixel Padding Range Limit between the two, inclusive. None when the header gives no padding (or a colour
+    frame). A value that is not one integer is ignored, as viewers do."""
+    value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    if value is None or stored.ndim != 2 or not str(ds.get("PhotometricInterpretation", "")).upper().startswith(
+            "MONOCHROME"):
+        return None
+    try:
+        lo, hi = (int(value), int(value)) if limit is None else sorted((int(value), int(limit)))
+    except (TypeError, ValueError):
+        return None
+    mask = (stored >= lo) & (stored <= hi)
+    return mask if mask.any() else None
 
 
 def first_frame(ds, syntax: str) -> np.ndarray:
@@ -104,10 +123,16 @@ def first_frame(ds, syntax: str) -> np.ndarray:
     return pixel_array(ds, index=0)
 
 
-def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map an array's own min..max linearly to 0..255 (constant arrays become 0)."""
+def stretch_to_uint8(arr: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    """Map an array's own min..max linearly to 0..255 (constant arrays become 0); with a padding mask, the min..max
+    of the other pixels, and the padding 0."""
     arr = np.nan_to_num(np.asarray(arr, dtype=np.float32))
-    lo, hi = float(arr.min()), float(arr.max())
+    image = arr if padding is None else arr[~padding]
+    if not image.size:
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = float(image.min()), float(image.max())
     scaled = (arr - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    if padding is not None:  # padding outside lo..hi would wrap around in uint8
+        scaled = np.where(padding, np.float32(0), np.clip(scaled, 0, 255))
     return np.rint(scaled).astype(np.uint8)
 
