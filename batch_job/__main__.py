@@ -8,7 +8,7 @@ import time
 
 def main() -> int:
     started = time.perf_counter()
-    from batch_job.interrupts import GATE, Terminated
+    from xray_core.interrupts import GATE, Terminated
 
     # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
     # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.

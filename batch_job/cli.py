@@ -4,16 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 
 from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
 from batch_job.errors import JobError
-from batch_job.interrupts import GATE, Terminated
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
 from xray_core.errors import one_line
+from xray_core.interrupts import GATE, Terminated
 from xray_core.package import PackageError
 
 LOG = logging.getLogger("batch_job")
@@ -129,10 +128,9 @@ def main(argv=None, started: float | None = None) -> int:
         LOG.debug("job failed", exc_info=True)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
     finally:
-        held, GATE.pending = GATE.pending, 0  # a Ctrl-C or SIGTERM held while publishing (interrupts.py)
+        held = GATE.take_pending()  # a Ctrl-C or SIGTERM held while publishing (xray_core/interrupts.py)
     if held:
-        LOG.warning("%s arrived while the outputs were being published; the job completed first",
-                    "SIGTERM" if held == signal.SIGTERM else "Ctrl-C")
+        LOG.warning("%s arrived while the outputs were being published; the job completed first", held)
     print(summary(result, out))
     if args.fail_on_drift and result.drift.detected:
         return fail(f"{summary_line(result.drift)}; outputs published in {out} (--fail-on-drift)", 4)

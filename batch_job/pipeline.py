@@ -39,7 +39,6 @@ from batch_job import (
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
-from batch_job.interrupts import GATE
 from batch_job.ledger import Ledger, check_usable
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
@@ -51,6 +50,7 @@ from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.errors import one_line
+from xray_core.interrupts import GATE
 from xray_core.labels import label_from_path
 from xray_core.occlusion import HeatmapMethod
 

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from xray_core.errors import Terminated
+from xray_core.interrupts import GATE, Terminated
 
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
@@ -15,7 +15,8 @@ EXIT_CODES = """exit codes:
   2  bad input (a missing or incomplete run, a package that does not verify, a calibration folder with too few
      images, a version that exists): one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM: the staging folder removed, nothing published (a staging folder left by an export
-       killed outright, SIGKILL, is removed by the next export of that model name)
+       killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
+       version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0
 
 Recalibrate a published package on a labelled local sample (folders NORMAL and PNEUMONIA, >= 30 images each;
 JPEG, PNG or DICOM), without retraining or TensorFlow:
@@ -94,17 +95,13 @@ def verify(version_dir: str) -> int:
     return 0 if ok else 1
 
 
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def main(argv=None) -> int:
     """The command (`python -m export`, `pneumonia-export`); -> its exit code. Ctrl-C and SIGTERM remove the staging
-    folder and publish nothing: SIGTERM is handled as Ctrl-C while the command runs (in the main thread)."""
-    previous = (signal.signal(signal.SIGTERM, _terminate)
-                if threading.current_thread() is threading.main_thread() else None)
+    folder and publish nothing, except while a version is being published, which they wait for (the handlers,
+    xray_core.interrupts, are installed while the command runs in the main thread, then restored)."""
+    previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
     try:
-        return _main(argv)
+        code = _main(argv)
     except Terminated:
         print("error: terminated (SIGTERM); nothing published", file=sys.stderr)
         return 143
@@ -112,8 +109,13 @@ def main(argv=None) -> int:
         print("error: interrupted; nothing published", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        held = GATE.take_pending()
+    if held:
+        print(f"warning: {held} arrived while the version was being published; it was published first",
+              file=sys.stderr)
+    return code
 
 
 def _main(argv=None) -> int:

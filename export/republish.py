@@ -17,6 +17,7 @@ from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
 from xray_core.files import LOCK_FILE, atomic_write, publish_dir
+from xray_core.interrupts import GATE
 from xray_core.occlusion import HeatmapMethod
 from xray_core.package import (
     CARD_FILE,
@@ -84,17 +85,19 @@ def write_description(staging: str, meta: Metadata) -> None:
 
 def publish_version(staging: str, final: str) -> None:
     """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
-    rewrite the model's Triton config.pbtxt, which follows the newest version."""
-    try:
-        os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
-        publish_dir(staging, final)
-    finally:
-        release_staging(staging)
-    name_dir = os.path.dirname(os.path.abspath(final))
-    newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
-    text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,
-                         embedding=newest.embedding_dim)
-    atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
+    rewrite the model's Triton config.pbtxt, which follows the newest version. A Ctrl-C or SIGTERM waits for both
+    (xray_core.interrupts)."""
+    with GATE.deferred():
+        try:
+            os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
+            publish_dir(staging, final)
+        finally:
+            release_staging(staging)
+        name_dir = os.path.dirname(os.path.abspath(final))
+        newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
+        text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,
+                             embedding=newest.embedding_dim)
+        atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
 
 
 def with_gate(meta: Metadata, staging: str, training_dir: str | None = None, log=print) -> Metadata:

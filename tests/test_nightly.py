@@ -440,10 +440,10 @@ def test_fault_corpus(tmp_path):
 @pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_ctrl_c_while_publishing_is_held_until_the_ledger_commit(signum, name, small_tree, tiny_package, tmp_path,
                                                                    monkeypatch, job_log):
-    """The command's SIGINT and SIGTERM handler (batch_job/interrupts.py) holds a signal that arrives while OUT_DIR
+    """The command's SIGINT and SIGTERM handler (xray_core/interrupts.py) holds a signal that arrives while OUT_DIR
     is published and the ledger committed: the job completes, both are consistent, and it says so."""
     from batch_job import outdir
-    from batch_job.interrupts import GATE
+    from xray_core.interrupts import GATE
 
     ledger, out = str(tmp_path / "ledger.sqlite"), str(tmp_path / "out")
     real_publish = outdir.publish_dir

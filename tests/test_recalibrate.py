@@ -13,6 +13,7 @@ from batch_job.synthetic import make_tree, synthetic_xray
 from export.__main__ import main as export_main
 from export.calibrate import list_labelled
 from export.faithfulness import faithfulness
+from export.triton import triton_config
 from helpers import REPO, SITE_SAMPLE, assert_one_line_error, read_json, sha256_of, snapshot, write_package
 from xray_core.labels import CLASSES
 from xray_core.metrics import choose_threshold, operating_point, without_report
@@ -297,6 +298,42 @@ def test_sigterm_removes_the_staging_folder_and_the_next_export_removes_a_killed
         held.close()
     assert sorted(os.listdir(name_dir)) == ["1", "2", "3", "3.tmp-notours", "3.tmp-wxyz9876", "config.pbtxt"]
     assert LOCK_FILE not in os.listdir(name_dir / "3")  # the lock is no part of the version
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_version_is_published_waits_for_it(source_package, tmp_path, monkeypatch, capsys, signum):
+    """QA defect: a SIGTERM between the rename of the staging folder and the rewrite of config.pbtxt said "nothing
+    published" (exit 143) with the version published and config.pbtxt still naming the one before. The signal now
+    waits for both: the version and its config are published, the command says the signal came, exit 0."""
+    import signal
+
+    import xray_core.files
+
+    rename = xray_core.files.publish_dir
+
+    def rename_then_signal(staging, final):
+        rename(staging, final)
+        os.kill(os.getpid(), getattr(signal, signum))  # handled at once by Python, between two bytecodes
+
+    monkeypatch.setattr("export.republish.publish_dir", rename_then_signal)
+    cal = tmp_path / "cal"
+    make_tree(str(cal), per_class=30, size=48, seed=7)
+    serving = tmp_path / "serving"
+    config = serving / "pneumonia" / "config.pbtxt"
+    config.write_text("stale\n")  # what the rewrite must replace
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal),
+                        "--serving-dir", str(serving)]) == 0
+    err = capsys.readouterr().err
+    held = "SIGTERM" if signum == "SIGTERM" else "Ctrl-C"
+    assert f"warning: {held} arrived while the version was being published; it was published first" in err
+    assert "nothing published" not in err
+    name_dir = serving / "pneumonia"
+    assert sorted(os.listdir(name_dir)) == ["1", "2", "3", "config.pbtxt"]
+    newest = load_metadata(str(name_dir / "3"))
+    assert config.read_text() == triton_config("pneumonia", newest.image_size, heatmap=newest.heatmap_hw,
+                                               embedding=newest.embedding_dim)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
 
 
 def test_recalibrate_needs_a_calibration_dir(source_package, capsys):

@@ -1,0 +1,49 @@
+"""Ctrl-C and SIGTERM for a command: stop at once, except while its outputs are being published.
+
+`python -m batch_job` and `python -m export` install GATE.handler for SIGINT (Ctrl-C) and SIGTERM (what
+`docker stop`, systemd and Kubernetes send). Outside GATE.deferred() the signal raises KeyboardInterrupt, or
+Terminated for SIGTERM: the command removes its temp or staging folder, publishes nothing (the job leaves the ledger
+as it was) and exits 130 or 143. Inside it (the job publishing OUT_DIR and committing its ledger; export renaming
+its staging folder to the version and rewriting config.pbtxt) the signal is held until the section ends, so nothing
+is left half-done and the command's last line is always true; the command then says the signal arrived.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+
+from xray_core.errors import Terminated
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class InterruptGate:
+    def __init__(self):
+        self.depth = 0
+        self.pending = 0  # the signal held while publishing; 0: none
+
+    def handler(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def install(self) -> dict:
+        """-> the handlers it replaced (signal number -> handler), for a caller that restores them."""
+        return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
+
+    def take_pending(self) -> str:
+        """The name of the signal held while publishing ("" when none), forgotten once taken."""
+        held, self.pending = self.pending, 0
+        return "" if not held else "SIGTERM" if held == signal.SIGTERM else "Ctrl-C"
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+GATE = InterruptGate()
