@@ -164,3 +164,36 @@ def test_a_dcm_file_without_the_preamble_is_read_as_dicom(tmp_path):
     Image.fromarray(xray_like(96, 80, bits=8).astype(np.uint8)).save(buf, "JPEG")
     (tmp_path / "photo.dcm").write_bytes(buf.getvalue())
     assert not is_dicom(buf.getvalue()) and preprocess_image(str(tmp_path / "photo.dcm"), cfg).shape == (32, 32, 1)
+
+
+def test_values_that_break_their_vr_are_read_without_a_word_in_the_log(tmp_path, caplog, recwarn):
+    """QA defect: a Study Instance UID holding a patient's name (as some modalities write) was logged and warned by
+    pydicom's value validation, the value with it, at every log level; log lines never carry patient data."""
+    import logging
+
+    from pydicom import config
+
+    from train.data import dicom_patient_id
+    from xray_core.preprocessing import PreprocessConfig, load_input
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(xray_like(), 12, modality="DX", BodyPartExamined="CHEST")))
+    before = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.StudyInstanceUID = "1.2.840.99.SMITH^JOHN.19650412"  # letters: not a UID
+        ds.PatientID = "MRN\\SMITH"  # a backslash: not an LO
+        ds.StudyDate = "12/04/SMITH"
+        path = tmp_path / "study.dcm"
+        ds.save_as(path, enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = before
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    recwarn.clear()  # what writing the file said
+    data = path.read_bytes()
+    header = read_dicom_header(data)
+    assert header.modality == "DX" and read_dicom(data, None).image.size == (400, 500)
+    load_input(data, PreprocessConfig(image_size=64))
+    dicom_patient_id(str(path))
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "SMITH" not in said, said

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom
+from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, preprocess_image
@@ -62,8 +62,7 @@ def dicom_patient_id(path: str) -> str | None:
         with open(path, "rb") as f:
             if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4)):
                 return None
-            import pydicom
-
+            pydicom = pydicom_reader()
             f.seek(0)
             with warnings.catch_warnings():  # a damaged header is reported when the image is loaded
                 warnings.simplefilter("ignore")

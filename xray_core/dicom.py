@@ -23,7 +23,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from xray_core.dicom_header import DicomHeader, is_dicom  # noqa: F401 - is_dicom: preprocessing's import
+from xray_core.dicom_header import DicomHeader, is_dicom, pydicom_reader  # noqa: F401 - is_dicom: preprocessing's import
 from xray_core.errors import one_line
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
@@ -58,8 +58,9 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
     """Parse a DICOM file's bytes once: the first frame as an 8-bit grayscale image, and the header. Frames of more
     than max_pixels samples are refused before decoding. Raises ValueError with a one-line reason for anything that
     cannot be decoded."""
-    import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pydicom = pydicom_reader()
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)

@@ -125,9 +125,20 @@ def is_dicom(head: bytes) -> bool:
     return head[:2] in FIRST_GROUPS and len(vr) == 2 and vr.isalpha() and vr.isupper()
 
 
+def pydicom_reader():
+    """pydicom, set to read values without validating them against their VR. Validation warns and logs the value
+    itself (a patient's name inside a Study Instance UID, as some modalities write), and log lines never carry
+    patient data (docs/operations.md); the values are read as they are either way."""
+    import pydicom
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    return pydicom
+
+
 def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
     """The header of a DICOM file (path or bytes) without reading its pixel data. Raises ValueError (one line)."""
-    import pydicom
+    pydicom = pydicom_reader()
 
     try:
         with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as fp:
