@@ -39,12 +39,20 @@ def input_root(arg: str) -> str:
 
 
 def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
-    """Every local --input must exist (a folder or file; for a glob, the folders before its first wildcard):
-    refused before anything is created. With `fail_if_empty`, local inputs must also hold an image (the walk
-    stops at the first); without it, no image is a quiet night. URIs are listed only by the job."""
+    """Every local --input must exist (a folder or file; for a glob, the folders before its first wildcard) and a
+    folder must be listable: refused before anything is created. With `fail_if_empty`, local inputs must also hold
+    an image (the walk stops at the first); without it, no image is a quiet night. URIs are listed only by the
+    job."""
     missing = [p for p in inputs if not is_uri(p) and not os.path.exists(input_root(p))]
     if missing:
         raise InputError(f"input path not found: {', '.join(missing)}")
+    for p in inputs:
+        if not is_uri(p) and os.path.isdir(input_root(p)):
+            try:
+                with os.scandir(input_root(p)):
+                    pass
+            except OSError as exc:
+                raise InputError(f"input folder cannot be listed: {input_root(p)}: {exc.strerror or exc}") from None
     if fail_if_empty and not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
         raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)} (--fail-if-empty)")
 
@@ -86,13 +94,25 @@ def _glob(pattern: str) -> Iterator[str]:
 
 
 def _walk(root: str, select=lambda path: True) -> Iterator[str]:
-    """Recursive, sorted, streaming; symlinked folders are not followed (no loops)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    """Recursive, sorted, streaming; symlinked folders are not followed (no loops). A folder that cannot be listed
+    (permission denied) is yielded itself: its row says so (scoring.read_input), where skipping it would lose its
+    images without a word."""
+    unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
+        yield from _folders(unlisted)
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if select(path) and is_input_file(path):
                 yield path
+    yield from _folders(unlisted)
+
+
+def _folders(errors: list[OSError]) -> Iterator[str]:
+    while errors:
+        exc = errors.pop(0)
+        if exc.filename:
+            yield os.fsdecode(exc.filename)
 
 
 def _match_uri(pattern: str) -> Iterator[str]:

@@ -53,6 +53,8 @@ def read_bytes(path: str) -> bytes:
     FileSystems (read up to MAX_FILE_BYTES + 1 bytes: one more means too large)."""
     if not is_uri(path):
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):  # listing.py lists a folder only when it cannot list what is in it
+            raise ImageError(f"folder could not be listed ({_listing_error(path)}): the images in it were not scored")
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file")
         if st.st_size > MAX_FILE_BYTES:
@@ -66,6 +68,15 @@ def read_bytes(path: str) -> bytes:
     if len(data) > MAX_FILE_BYTES:
         raise _too_large(0)
     return data
+
+
+def _listing_error(folder: str) -> str:
+    """Why a folder cannot be listed, as the system says it now."""
+    try:
+        with os.scandir(folder):
+            return "it can be now: rerun"
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
 
 
 def read_input(path: str) -> bytes:

@@ -638,6 +638,46 @@ def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, mo
         assert os.listdir(tmp_path) == []
 
 
+def test_what_the_job_cannot_read_is_a_row_not_a_silence(tiny_package, tmp_path, monkeypatch, capsys):
+    """QA defect: a subfolder the job's user could not list, and an extension-less file it could not open (a DICOM
+    named by its UID, say), were left out without a word: no row, exit 0, every night. An unlistable --input was a
+    quiet night. Now the folder and the file each get an error row, and an unlistable --input is refused. (The
+    tests may run as root, whom permissions do not stop: the system's refusals are simulated.)"""
+    import builtins
+
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    locked, sealed = inp / "locked", inp / "b" / "1.2.840.99.1"
+    make_tree(str(locked), per_class=1, size=64, seed=5)
+    sealed.parent.mkdir()
+    sealed.write_bytes(b"\0" * 200)
+    real_scandir, real_open = os.scandir, builtins.open
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in (str(locked), str(tmp_path / "in2")):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def opener(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(sealed):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(builtins, "open", opener)
+    assert main(small_run(str(inp), tiny_package, tmp_path / "out")) == 0
+    rows = read_predictions(str(tmp_path / "out"))
+    assert rows[str(locked)]["status"] == "error"
+    assert rows[str(locked)]["error"] == ("folder could not be listed (permission denied): the images in it were "
+                                          "not scored")
+    assert (rows[str(sealed)]["status"], rows[str(sealed)]["error"]) == ("error", "permission denied")
+    assert sum(r["status"] == "ok" for r in rows.values()) == 4 and len(rows) == 6
+    (tmp_path / "in2").mkdir()
+    assert_one_line_error(capsys, main(small_run(str(tmp_path / "in2"), tiny_package, tmp_path / "out2")),
+                          f"input folder cannot be listed: {tmp_path / 'in2'}: Permission denied")
+    assert not (tmp_path / "out2").exists()
+
+
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
     """Review nit: a JobError's message was printed as it was; a path with a newline made two lines."""
     missing = str(tmp_path / "no\nsuch")

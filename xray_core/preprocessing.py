@@ -231,7 +231,8 @@ def is_input_file(path: str) -> bool:
     archives name DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
 
     Files with an image extension are always listed (an unreadable one becomes an error row);
-    others are only sniffed when they are regular files (a FIFO would block open()).
+    others are only sniffed when they are regular files (a FIFO would block open()), and listed when they cannot be
+    read (permission denied): whether they are DICOM is unknown, and leaving them out would lose them without a word.
     """
     if is_image_file(path):
         return True
@@ -240,5 +241,7 @@ def is_input_file(path: str) -> bool:
             return False
         with open(path, "rb") as f:
             return is_dicom(f.read(DICOM_MAGIC_OFFSET + 4))
+    except PermissionError:
+        return True
     except OSError:
         return False
