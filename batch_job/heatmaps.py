@@ -1,11 +1,12 @@
 """Heatmap overlays of the run's top N flagged images, and their index ``heatmaps/index.csv``.
 
 The workers chose each shard's top N flagged images with their class-activation maps (shard_result.py); the
-driver merged them into the run's top N. Here the chosen originals are read and decoded once more, at the
-overlay's size (overlay.py: at most 512 px, more than the model's input), and drawn as
-``heatmaps/RRRR-<sha1 of the path>.png``. ``heatmaps/index.csv`` (rank, path, probability, label, heatmap) lists
-every chosen image, highest first, with its overlay's path relative to OUT_DIR ("" where none could be drawn).
-Images skipped through the ledger were not scored in this run and get none.
+driver merged them into the run's top N. Here the chosen originals are read and decoded once more (none that
+changed since it was scored: its size, mtime and ctime then and now), at the overlay's size (overlay.py: at most
+512 px, more than the model's input), and drawn as ``heatmaps/RRRR-<sha1 of the path>.png``.
+``heatmaps/index.csv`` (rank, path, probability, label, heatmap) lists every chosen image, highest first, with its
+overlay's path relative to OUT_DIR ("" where none could be drawn). Images skipped through the ledger were not
+scored in this run and get none.
 
 Where the package's `heatmap_method` is occlusion (xray_core/occlusion.py), the maps drawn are not the graph's:
 each chosen image is preprocessed again and its k x k occlusion map computed here, k*k passes of the network per
@@ -24,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 
 from batch_job import overlay
-from batch_job.scoring import get_session, read_input
+from batch_job.scoring import get_session, read_input, read_unchanged
 from batch_job.shard_result import Flagged
 from xray_core.errors import one_line
 from xray_core.occlusion import OCCLUSION, HeatmapMethod, occlusion_maps
@@ -47,7 +48,7 @@ def draw(out_dir: str, item: Flagged, rank: int, preprocessing: dict) -> Flagged
     when the original can no longer be read or decoded)."""
     rel = f"{FOLDER}/{png_name(rank, item.path)}"
     try:
-        overlay.save_png(overlay.render(read_input(item.path), item.heatmap, preprocessing),
+        overlay.save_png(overlay.render(read_unchanged(item.path, item.file_key), item.heatmap, preprocessing),
                          os.path.join(out_dir, rel))
     except Exception as exc:  # noqa: BLE001 - the image changed or vanished since it was scored: no heatmap
         # by rank, never by name: file names can identify patients (docs/operations.md, "Who reads OUT_DIR")
@@ -74,7 +75,7 @@ def with_occlusion_maps(chosen: list[Flagged], model_path: str, preprocessing: d
     out = []
     for item in chosen:
         try:
-            x = preprocess_image(read_input(item.path), config)[np.newaxis]
+            x = preprocess_image(read_unchanged(item.path, item.file_key), config)[np.newaxis]
         except Exception:  # noqa: BLE001 - vanished or changed since it was scored: draw() warns, by rank
             out.append(item)
             continue

@@ -79,6 +79,26 @@ def _listing_error(folder: str) -> str:
         return (exc.strerror or type(exc).__name__).lower()
 
 
+def file_stat(path: str) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, ctime_ns) of a local regular file; None for URIs and anything that is not one. Taken before
+    a file is read, it tells a later reader whether the file changed since (unchanged.py, heatmaps.py)."""
+    if is_uri(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def read_unchanged(path: str, key: tuple[int, int, int] | None) -> bytes:
+    """read_input, for a file read before whose file_stat then was `key` (None: not checked): ImageError when it
+    changed since, so that nothing drawn later is of another image than the one scored."""
+    if key is not None and file_stat(path) != tuple(key):
+        raise ImageError("changed since it was scored")
+    return read_input(path)
+
+
 def read_input(path: str) -> bytes:
     """File -> its bytes; ImageError with a short reason when it cannot be read."""
     try:
@@ -131,6 +151,7 @@ class Row:
     heatmap: np.ndarray | None = None  # (h, w): flagged images of this run, with spec.with_heatmap
     embedding: np.ndarray | None = None  # (D,): images scored in this run, with spec.drift_sample
     header: DicomHeader | None = None  # DICOM input: its identifiers for the worklist
+    file_key: tuple[int, int, int] | None = None  # file_stat before it was read: flagged images of this run
 
     def csv_row(self) -> list[str]:
         return [getattr(self, c) for c in COLUMNS]
@@ -142,14 +163,16 @@ class Row:
 
 def make_row(path: str, label: str, spec: ScoringSpec, probability: float | None = None, error: str = "",
              sha256: str = "", status: str | None = None, heatmap: np.ndarray | None = None,
-             embedding: np.ndarray | None = None, header: DicomHeader | None = None) -> Row:
+             embedding: np.ndarray | None = None, header: DicomHeader | None = None,
+             file_key: tuple[int, int, int] | None = None) -> Row:
     ok = probability is not None
     if ok:
         probability = round(float(probability), 8)  # decide on exactly what the CSV and ledger hold
     prediction = ("PNEUMONIA" if probability >= spec.threshold else "NORMAL") if ok else ""
     return Row(path, status or ("ok" if ok else "error"), f"{probability:.8f}" if ok else "", prediction,
                repr(float(spec.threshold)), label, spec.model_id, error, sha256,
-               heatmap if prediction == "PNEUMONIA" else None, embedding, header)
+               heatmap if prediction == "PNEUMONIA" else None, embedding, header,
+               file_key if prediction == "PNEUMONIA" else None)
 
 
 def out_of_scope_row(path: str, label: str, spec: ScoringSpec, reason: str, sha256: str = "",
@@ -195,6 +218,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
         arrays, slots, out = [], [], [None] * len(chunk)
         digests = [""] * len(chunk)
         headers: list[DicomHeader | None] = [None] * len(chunk)
+        keys = [file_stat(path) if spec.heatmaps else None for path, _ in chunk]  # before reading
         for i, (path, label) in enumerate(chunk):
             try:
                 data = read_input(path)
@@ -227,6 +251,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                     continue
                 out[i] = make_row(*chunk[i], spec, float(got.probability[j]), sha256=digests[i],
                                   heatmap=None if got.heatmap is None else got.heatmap[j],
-                                  embedding=got.embedding[j] if spec.drift_sample else None, header=headers[i])
+                                  embedding=got.embedding[j] if spec.drift_sample else None, header=headers[i],
+                                  file_key=keys[i])
         rows.extend(out)
     return rows

@@ -48,6 +48,7 @@ class Flagged:
     label: str = ""
     heatmap: np.ndarray | None = None
     png: str = ""
+    file_key: tuple[int, int, int] | None = None  # scoring.file_stat before it was scored (None: not checked)
 
 
 def rank_key(item: Flagged) -> tuple[float, str]:
@@ -57,7 +58,8 @@ def rank_key(item: Flagged) -> tuple[float, str]:
 
 def top_flagged(rows: list[Row], n: int) -> list[Flagged]:
     """The n flagged rows scored in this run (status ok) with the highest probability, highest first."""
-    found = (Flagged(float(r.probability), r.path, r.label, r.heatmap) for r in rows if r.flagged)
+    found = (Flagged(float(r.probability), r.path, r.label, r.heatmap, file_key=r.file_key) for r in rows
+             if r.flagged)
     return heapq.nsmallest(n, found, key=rank_key)
 
 
@@ -86,6 +88,9 @@ def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ())
                         ledger_rows, list(file_keys), sum(r.status == "out_of_scope" for r in rows), refused)
 
 
+NO_KEY = (-1, -1, -1)  # a flagged image's file_key where there is none (a URI)
+
+
 def _strings(values: list[str]) -> np.ndarray:
     return np.asarray(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
@@ -97,6 +102,7 @@ def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
         "flagged_probability": np.asarray([f.probability for f in s.flagged], np.float64),
         "flagged_path": _strings([f.path for f in s.flagged]),
         "flagged_label": _strings([f.label for f in s.flagged]),
+        "flagged_key": np.asarray([f.file_key or NO_KEY for f in s.flagged], np.int64).reshape(-1, 3),
         # every flagged image has a map, or none has (a model without a heatmap output)
         "flagged_heatmap": np.stack(maps).astype(np.float32) if len(maps) == len(s.flagged) and maps
         else np.zeros((0, 0, 0), np.float32),
@@ -118,9 +124,10 @@ def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
 def read(scratch: str, shard_id: int) -> ShardSummary:
     with np.load(os.path.join(scratch, summary_name(shard_id)), allow_pickle=False) as z:
         maps = z["flagged_heatmap"]
-        flagged = [Flagged(float(p), str(path), str(label), maps[i] if len(maps) else None)
-                   for i, (p, path, label) in enumerate(zip(z["flagged_probability"], z["flagged_path"],
-                                                           z["flagged_label"]))]
+        flagged = [Flagged(float(p), str(path), str(label), maps[i] if len(maps) else None,
+                           file_key=None if tuple(key) == NO_KEY else tuple(int(v) for v in key))
+                   for i, (p, path, label, key) in enumerate(zip(z["flagged_probability"], z["flagged_path"],
+                                                                z["flagged_label"], z["flagged_key"]))]
         ledger_rows = [(str(h), float(p), str(path)) for h, p, path in
                        zip(z["ledger_sha256"], z["ledger_probability"], z["ledger_path"])]
         file_keys = [(str(path), *(int(v) for v in st), str(h)) for path, st, h in

@@ -14,24 +14,9 @@ kernel sets. A rename, chmod or new hard link also changes ctime: such a file is
 """
 from __future__ import annotations
 
-import os
-import stat
-
 from batch_job import ledger
 from batch_job.ledger import FileKey
-from batch_job.listing import is_uri
-from batch_job.scoring import Row, ScoringSpec, score_paths, skipped_row
-
-
-def file_stat(path: str) -> tuple[int, int, int] | None:
-    """(size, mtime_ns, ctime_ns) of a local regular file; None for URIs and anything that is not one."""
-    if is_uri(path):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns) if stat.S_ISREG(st.st_mode) else None
+from batch_job.scoring import Row, ScoringSpec, file_stat, score_paths, skipped_row
 
 
 def score_shard(paths: list[str], labels: list[str], spec: ScoringSpec) -> tuple[list[Row], list[FileKey]]:

@@ -148,6 +148,30 @@ def test_a_vanished_original_gets_no_heatmap_and_the_rest_do(tmp_path, caplog):
     assert gone not in caplog.text  # file names can identify patients: never logged
 
 
+def test_an_original_replaced_since_it_was_scored_gets_no_heatmap(tmp_path, caplog):
+    """QA defect: a flagged file replaced (renamed over) after it was scored got the new image's overlay beside
+    the old image's rank and probability, without a word. Each flagged image carries its size, mtime and ctime from
+    before it was read (through the shard summaries); one that differs now is not drawn."""
+    from batch_job.scoring import file_stat
+
+    kept, swapped = str(tmp_path / "kept.png"), str(tmp_path / "swapped.png")
+    bright(220).save(kept)
+    bright(230).save(swapped)
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, heatmaps=5)
+    rows = [make_row(p, "", spec, q, heatmap=np.ones((4, 4), np.float32), file_key=file_stat(p))
+            for p, q in ((kept, 0.8), (swapped, 0.9))]
+    shard_result.write(str(tmp_path), 0, shard_result.summarise(rows, spec))  # the keys travel with the shard
+    chosen = shard_result.gather(str(tmp_path), [(0, 0, 0)], 5, 0).flagged
+    assert [c.file_key for c in chosen] == [file_stat(swapped), file_stat(kept)]
+    bright(90).save(str(tmp_path / "other.png"))
+    os.replace(tmp_path / "other.png", swapped)  # a normal scan moved over the flagged one
+    out = tmp_path / "out"
+    out.mkdir()
+    chosen = heatmaps.make_heatmaps(str(out), chosen, {"image_size": 32})
+    assert [(c.path, bool(c.png)) for c in chosen] == [(swapped, False), (kept, True)]
+    assert "no heatmap for flagged image 1 (heatmaps/index.csv): changed since it was scored" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ the job
 
 def test_top_n_flagged_get_overlays_and_the_index(heat_run):
