@@ -26,6 +26,7 @@ from typing import Iterable
 
 from batch_job.errors import InputError
 from batch_job.ledger_schema import SCHEMA, schema_problem, tables
+from xray_core.dicom_header import DEFAULT_MODALITIES, modalities_named, normalised
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor, make_folders
 
@@ -233,25 +234,31 @@ class Earlier:
     reason: str = ""
 
 
-def _earlier(conn, sha256: str, model: str) -> Earlier | None:
+def _earlier(conn, sha256: str, model: str, modalities: tuple[str, ...]) -> Earlier | None:
     row = conn.execute("SELECT probability FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
     if row:
         return Earlier(sha256, float(row[0]))
     row = conn.execute("SELECT reason FROM out_of_scope WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
-    return Earlier(sha256, None, row[0]) if row else None
+    if not row:
+        return None
+    named = modalities_named(row[0])  # a refusal by Modality holds only under the modalities it was decided under
+    return Earlier(sha256, None, row[0]) if named is None or named == frozenset(normalised(modalities)) else None
 
 
-def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str) -> Earlier | None:
+def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str,
+                     modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:
     """Worker side: what an earlier night recorded when the file's (size, mtime_ns, ctime_ns) as `found` now are
-    what it recorded under its path and this model scored or refused those bytes; else None."""
+    what it recorded under its path and this model scored or refused those bytes (under these allowed
+    modalities, for a refusal by Modality); else None."""
     st = os.stat(path)
     conn = _reader(path, st.st_dev, st.st_ino)
     row = conn.execute("SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
                        (os.fsencode(file_path), *found)).fetchone()
-    return _earlier(conn, row[0], model) if row else None
+    return _earlier(conn, row[0], model, modalities) if row else None
 
 
-def lookup(path: str, sha256: str, model: str) -> Earlier | None:
-    """Worker side: an earlier night's score or refusal of these bytes by this model, or None."""
+def lookup(path: str, sha256: str, model: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:
+    """Worker side: an earlier night's score or refusal of these bytes by this model (a refusal by Modality: under
+    these allowed modalities), or None."""
     st = os.stat(path)  # a ledger file replaced at the same path gets a new reader
-    return _earlier(_reader(path, st.st_dev, st.st_ino), sha256, model)
+    return _earlier(_reader(path, st.st_dev, st.st_ino), sha256, model, modalities)

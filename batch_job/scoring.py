@@ -224,7 +224,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 data = read_input(path)
                 if spec.ledger_path:  # the ledger key; not needed otherwise
                     digests[i] = hashlib.sha256(data).hexdigest()
-                    earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id)
+                    earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id, spec.allowed_modalities)
                     if earlier:
                         out[i] = skipped_row(path, label, spec, earlier)
                         continue

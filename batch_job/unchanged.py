@@ -27,7 +27,8 @@ def score_shard(paths: list[str], labels: list[str], spec: ScoringSpec) -> tuple
     rows: list[Row | None] = [None] * len(paths)
     todo = []
     for i, (path, label, st) in enumerate(zip(paths, labels, stats)):
-        known = ledger.lookup_unchanged(spec.ledger_path, path, st, spec.model_id) if st else None
+        known = (ledger.lookup_unchanged(spec.ledger_path, path, st, spec.model_id, spec.allowed_modalities)
+                 if st else None)
         if known:
             rows[i] = skipped_row(path, label, spec, known)
         else:

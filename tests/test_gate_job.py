@@ -127,3 +127,35 @@ def test_modalities_widen_the_header_rule(gated, tmp_path):
                  "--modalities", "CR,DX,CT", "--direct_running_mode=in_memory"]) == 0
     (row,) = read_predictions(str(tmp_path / "o")).values()
     assert not row["error"].startswith("Modality")  # past the header rule: scored, or refused by its content
+
+
+def test_a_refusal_by_modality_holds_only_under_the_modalities_it_was_decided_under(gated, tmp_path):
+    """QA defect: with --ledger, a CT file refused on a night with the default modalities stayed `skipped` (its old
+    reason, "allowed: CR, DX") on a later night with --modalities CR,DX,CT: never scored, never on the worklist.
+    Such a refusal names the modalities it was decided under, and holds only under those; a refusal by the content
+    check (the same model, whatever --modalities) and a score hold as before."""
+    from xray_core.dicom_header import modalities_named
+
+    assert modalities_named("Modality CT not allowed (allowed: CR, DX)") == {"CR", "DX"}
+    assert modalities_named("DICOM without Modality (allowed: DX)") == {"DX"}
+    assert modalities_named("BodyPartExamined HAND is not a chest") is None
+    assert modalities_named("near-constant image") is None
+    _, package = gated
+    _inputs(str(tmp_path / "in"))
+    args = ["--input", str(tmp_path / "in"), "--model", package, "--ledger", str(tmp_path / "ledger.sqlite"),
+            "--direct_running_mode=in_memory"]
+
+    def night(name, *extra):
+        assert main(args + ["--output", str(tmp_path / name), *extra]) == 0
+        return {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / name)).items()}
+
+    assert night("night1")["slice.dcm"]["status"] == "out_of_scope"
+    same = night("night2", "--modalities", "dx, cr")  # the same set, written otherwise: the refusal holds
+    assert (same["slice.dcm"]["status"], same["slice.dcm"]["error"]) == (
+        "skipped", "Modality CT not allowed (allowed: CR, DX)")
+    widened = night("night3", "--modalities", "CR,DX,CT")
+    ct = widened["slice.dcm"]
+    assert ct["status"] != "skipped" and not ct["error"].startswith("Modality"), ct  # judged again
+    assert {n: r["status"] for n, r in widened.items() if n != "slice.dcm"} == {
+        "scan0.png": "skipped", "scan1.png": "skipped", "scan2.png": "skipped", "scan3.png": "skipped",
+        "split.png": "skipped", "blank.png": "skipped", "photo.png": "skipped"}

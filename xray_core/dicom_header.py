@@ -154,6 +154,24 @@ def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
     return DicomHeader.from_dataset(ds)
 
 
+def normalised(modalities: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m.strip().upper() for m in modalities)
+
+
+def _allowed(modalities: tuple[str, ...]) -> str:
+    return f" (allowed: {', '.join(modalities)})"
+
+
+_ALLOWED = re.compile(r" \(allowed: ([^()]*)\)\Z")
+
+
+def modalities_named(reason: str) -> frozenset[str] | None:
+    """The allowed modalities a header_problem reason was decided under, or None for a reason that does not depend
+    on them: whether an earlier night's refusal still holds under tonight's --modalities (the ledger)."""
+    found = _ALLOWED.search(reason)
+    return frozenset(m.strip() for m in found.group(1).split(",")) if found else None
+
+
 def is_chest(body_part: str) -> bool:
     """Whether a BodyPartExamined value names the chest (see CHEST_WORDS)."""
     words = [w for w in re.split(r"[\s_\-/\\]+", body_part.upper()) if w]
@@ -161,13 +179,14 @@ def is_chest(body_part: str) -> bool:
 
 
 def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str | None:
-    """Why the image is out of scope, in one line, or None when its header allows scoring."""
-    allowed = tuple(m.strip().upper() for m in allowed_modalities)
+    """Why the image is out of scope, in one line, or None when its header allows scoring. A reason that depends on
+    the allowed modalities names them at its end, "(allowed: CR, DX)" (:func:`modalities_named`)."""
+    allowed = normalised(allowed_modalities)
     modality = header.modality.upper()
     if not modality:
-        return f"DICOM without Modality (allowed: {', '.join(allowed)})"
+        return f"DICOM without Modality{_allowed(allowed)}"
     if modality not in allowed:
-        return f"Modality {header.modality} not allowed (allowed: {', '.join(allowed)})"
+        return f"Modality {header.modality} not allowed{_allowed(allowed)}"
     intent = header.presentation_intent_type.upper()
     if intent == "FOR PROCESSING" or (not intent and header.sop_class_uid in FOR_PROCESSING_SOP_CLASSES):
         return f"{modality} FOR PROCESSING image (raw detector data, not an image for viewing)"
