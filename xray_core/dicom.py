@@ -126,14 +126,22 @@ def first_frame(ds, syntax: str) -> np.ndarray:
 
 def stretch_to_uint8(arr: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
     """Map an array's own min..max linearly to 0..255 (constant arrays become 0); with a padding mask, the min..max
-    of the other pixels, and the padding 0."""
-    arr = np.nan_to_num(np.asarray(arr, dtype=np.float32))
-    image = arr if padding is None else arr[~padding]
-    if not image.size:
-        return np.zeros(arr.shape, np.uint8)
-    lo, hi = float(image.min()), float(image.max())
-    scaled = (arr - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    of the other pixels, and the padding 0. Works in one float32 copy of the array (a 9000 x 9000 16-bit PNG: 324 MB
+    once, where each step's temporary array cost as much again)."""
+    out = np.array(arr, dtype=np.float32)  # a copy: the caller's array is never changed
+    np.nan_to_num(out, copy=False)
+    inside = None if padding is None else ~padding
+    if inside is not None and not inside.any():
+        return np.zeros(out.shape, np.uint8)
+    lo = float(np.min(out, where=inside, initial=np.inf)) if inside is not None else float(out.min())
+    hi = float(np.max(out, where=inside, initial=-np.inf)) if inside is not None else float(out.max())
+    if hi > lo:
+        out -= np.float32(lo)
+        out *= np.float32(255.0 / (hi - lo))
+    else:
+        out[...] = 0
     if padding is not None:  # padding outside lo..hi would wrap around in uint8
-        scaled = np.where(padding, np.float32(0), np.clip(scaled, 0, 255))
-    return np.rint(scaled).astype(np.uint8)
-
+        np.clip(out, 0, 255, out=out)
+        out[padding] = 0
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
