@@ -46,6 +46,9 @@ def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
     missing = [p for p in inputs if not is_uri(p) and not os.path.exists(input_root(p))]
     if missing:
         raise InputError(f"input path not found: {', '.join(missing)}")
+    odd = [p for p in inputs if not is_uri(p) and os.path.exists(p) and not (os.path.isdir(p) or os.path.isfile(p))]
+    if odd:  # a FIFO, a socket, a device: nothing to list or score
+        raise InputError(f"input is neither a folder nor a regular file: {', '.join(odd)}")
     for p in inputs:
         if not is_uri(p) and os.path.isdir(input_root(p)):
             try:

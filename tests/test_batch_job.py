@@ -676,6 +676,10 @@ def test_what_the_job_cannot_read_is_a_row_not_a_silence(tiny_package, tmp_path,
     assert_one_line_error(capsys, main(small_run(str(tmp_path / "in2"), tiny_package, tmp_path / "out2")),
                           f"input folder cannot be listed: {tmp_path / 'in2'}: Permission denied")
     assert not (tmp_path / "out2").exists()
+    os.mkfifo(tmp_path / "pipe")  # named as an input: refused as what it is, not "not found"
+    assert_one_line_error(capsys, main(small_run(str(tmp_path / "pipe"), tiny_package, tmp_path / "out3")),
+                          f"input is neither a folder nor a regular file: {tmp_path / 'pipe'}")
+    assert not (tmp_path / "out3").exists()
 
 
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
