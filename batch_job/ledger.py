@@ -167,8 +167,8 @@ class Ledger:
                     ((sha, model, prob, now, _printable(path), run_id) for sha, prob, path in entries),
                 )
                 added = conn.total_changes - before
-                conn.executemany(
-                    "INSERT OR IGNORE INTO out_of_scope (sha256, model, reason, scored_utc, path, run_id) "
+                conn.executemany(  # REPLACE: a refusal judged again (other --modalities) keeps its newest reason
+                    "INSERT OR REPLACE INTO out_of_scope (sha256, model, reason, scored_utc, path, run_id) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
                 )

@@ -1,6 +1,7 @@
 """Find image files under the --input arguments, streaming (no per-image state but the path)."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from typing import Iterator
@@ -93,29 +94,46 @@ def _glob(pattern: str) -> Iterator[str]:
     regex = glob_regex(pattern)
     if not os.path.exists(_literal_prefix(pattern)):  # gone since check_inputs: not a quiet night
         raise InputError(f"input path not found: {_literal_prefix(pattern)}")
-    yield from _walk(_literal_prefix(pattern), select=lambda p: bool(regex.match(p)))
+    yield from _walk(_literal_prefix(pattern), select=lambda p: bool(regex.match(p)),
+                     may_hold=lambda folder: may_hold(pattern, folder))
 
 
-def _walk(root: str, select=lambda path: True) -> Iterator[str]:
+def may_hold(pattern: str, folder: str) -> bool:
+    """Whether files under `folder` could match the absolute glob `pattern`: its folder names match the pattern's
+    leading parts, one by one, up to a `**`."""
+    parts, names = pattern.split("/")[:-1], folder.rstrip("/").split("/")
+    for part, name in zip(parts, names):
+        if part == "**" or part.startswith("**"):
+            return True
+        if not fnmatch.fnmatchcase(name, part):
+            return False
+    return len(names) <= len(parts) or any(p.startswith("**") for p in parts)
+
+
+UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans
+
+
+def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops). A folder that cannot be listed
-    (permission denied) is yielded itself: its row says so (scoring.read_input), where skipping it would lose its
-    images without a word."""
+    (permission denied) and could hold inputs is yielded itself: its row says so (scoring.read_input), where
+    skipping it would lose its images without a word."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
-        yield from _folders(unlisted)
+        yield from _folders(unlisted, may_hold)
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if select(path) and is_input_file(path):
+            if select(path) and is_input_file(path, unreadable=True):
                 yield path
-    yield from _folders(unlisted)
+    yield from _folders(unlisted, may_hold)
 
 
-def _folders(errors: list[OSError]) -> Iterator[str]:
+def _folders(errors: list[OSError], may_hold) -> Iterator[str]:
     while errors:
         exc = errors.pop(0)
-        if exc.filename:
-            yield os.fsdecode(exc.filename)
+        folder = os.fsdecode(exc.filename) if exc.filename else ""
+        if folder and os.path.basename(folder) not in UNLISTED_IGNORED and may_hold(folder):
+            yield folder
 
 
 def _match_uri(pattern: str) -> Iterator[str]:
@@ -135,7 +153,7 @@ def iter_input(path: str) -> Iterator[str]:
     elif os.path.isdir(path):
         yield from _walk(path)
     elif os.path.isfile(path) or os.path.islink(path):
-        if is_input_file(path):
+        if is_input_file(path, unreadable=True):
             yield path
     elif _is_glob(path):
         yield from _glob(path)

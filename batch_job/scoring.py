@@ -218,7 +218,8 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
         arrays, slots, out = [], [], [None] * len(chunk)
         digests = [""] * len(chunk)
         headers: list[DicomHeader | None] = [None] * len(chunk)
-        keys = [file_stat(path) if spec.heatmaps else None for path, _ in chunk]  # before reading
+        keys = [file_stat(path) if spec.heatmaps and spec.with_heatmap else None  # before reading
+                for path, _ in chunk]
         for i, (path, label) in enumerate(chunk):
             try:
                 data = read_input(path)

@@ -1,15 +1,15 @@
-"""The benchmark corpus: X-ray-sized scans made from the shared training images.
+"""The benchmark corpus: X-ray-sized scans made from the shared training images (--far: from the site sample).
 
     python -m bench.corpus --n 2000 [--out /tmp/pneumonia-corpus]      # -> OUT/x2000
     python -m bench.corpus --n 20000                                    # -> OUT/x20000
     python -m bench.corpus --n 2000 --far                               # -> OUT/far2000
 
-N images of ``../shared/data/chest_xray/train/{NORMAL,PNEUMONIA}`` (never the site sample), evenly spaced over the
-sorted file list, each turned 8-bit gray, upscaled to 1400x1100 (bicubic) and written as JPEG quality 90 under
-OUT/xN/{NORMAL,PNEUMONIA}/: the size and decode cost of real scans, with folder labels. Above the 5,216 images
-the training folder holds, the distinct scans are hard-linked again under copyNNN/ folders (distinct paths, the
-job scores each; no extra disk). Reused when complete (a marker file). Every speed figure in bench/RESULTS.md
-from 2026-11-30 on is on this corpus; synthetic noise images stay for fault tests only.
+N images of ``../shared/data/chest_xray/train/{NORMAL,PNEUMONIA}`` (the site sample only with --far), evenly spaced
+over the sorted file list, each turned 8-bit gray, upscaled to 1400x1100 (bicubic) and written as JPEG quality 90 under
+OUT/xN/{NORMAL,PNEUMONIA}/: the size and decode cost of real scans, with folder labels. Above the images the
+source folder holds (5,216 training images; 313 with --far), the distinct scans are hard-linked again under
+copyNNN/ folders (distinct paths, the job scores each; no extra disk). Reused when complete (a marker file). Every
+speed figure in bench/RESULTS.md from 2026-11-30 on is on this corpus; synthetic noise images stay for fault tests only.
 """
 from __future__ import annotations
 

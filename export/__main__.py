@@ -16,7 +16,8 @@ EXIT_CODES = """exit codes:
      images, a version that exists): one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM: the staging folder removed, nothing published (a staging folder left by an export
        killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
-       version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0
+       version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0;
+       one that comes later says "after <version> was published"
 
 Recalibrate a published package on a labelled local sample (folders NORMAL and PNEUMONIA, >= 30 images each;
 JPEG, PNG or DICOM), without retraining or TensorFlow:
@@ -98,23 +99,34 @@ def verify(version_dir: str) -> int:
 def main(argv=None) -> int:
     """The command (`python -m export`, `pneumonia-export`); -> its exit code. Ctrl-C and SIGTERM remove the staging
     folder and publish nothing, except while a version is being published, which they wait for (the handlers,
-    xray_core.interrupts, are installed while the command runs in the main thread, then restored)."""
+    xray_core.interrupts, are installed while the command runs in the main thread, then restored); one that comes
+    once the version is published says so."""
+    from export.republish import PUBLISHED
+
+    PUBLISHED.clear()
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
     try:
         code = _main(argv)
-    except Terminated:
-        print("error: terminated (SIGTERM); nothing published", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing published", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Terminated too
+        return _stopped(exc, PUBLISHED)
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler not set from Python, which cannot be set back
+                signal.signal(signum, handler)
         held = GATE.take_pending()
-    if held:
+    if held and code == 0:
         print(f"warning: {held} arrived while the version was being published; it was published first",
               file=sys.stderr)
+    elif held:  # the command failed on its own (its line is out): nothing was published
+        return _stopped(Terminated() if held == "SIGTERM" else KeyboardInterrupt(), PUBLISHED)
+    return code
+
+
+def _stopped(exc: KeyboardInterrupt, published: list[str]) -> int:
+    """The last line and exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    done = f"after {published[-1]} was published" if published else "nothing published"
+    print(f"error: {what}; {done}", file=sys.stderr)
     return code
 
 

@@ -83,6 +83,9 @@ def write_description(staging: str, meta: Metadata) -> None:
         f.write(model_card(meta.to_dict()))
 
 
+PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
+
+
 def publish_version(staging: str, final: str) -> None:
     """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
     rewrite the model's Triton config.pbtxt, which follows the newest version. A Ctrl-C or SIGTERM waits for both
@@ -91,6 +94,7 @@ def publish_version(staging: str, final: str) -> None:
         try:
             os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
             publish_dir(staging, final)
+            PUBLISHED.append(final)
         finally:
             release_staging(staging)
         name_dir = os.path.dirname(os.path.abspath(final))

@@ -682,6 +682,48 @@ def test_what_the_job_cannot_read_is_a_row_not_a_silence(tiny_package, tmp_path,
     assert not (tmp_path / "out3").exists()
 
 
+def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monkeypatch):
+    """Review defects: a glob's walk reported every folder it could not list, also those the pattern can never
+    match, and a mount root's lost+found (root's alone) would have been an error row every night. Training and
+    calibration still leave unreadable files out (their folders are curated; a training example must be read)."""
+    import builtins
+
+    from batch_job.listing import may_hold
+    from xray_core.preprocessing import is_input_file
+
+    assert may_hold("/d/PNEUMONIA*/*.png", "/d/PNEUMONIA_2")
+    assert not may_hold("/d/PNEUMONIA*/*.png", "/d/private")
+    assert not may_hold("/d/PNEUMONIA*/*.png", "/d/PNEUMONIA_2/deeper")  # `*` stays within a folder
+    assert may_hold("/d/**/x/*.dcm", "/d/a/b/c") and may_hold("/d/*/*.dcm", "/d/any")
+    root = tmp_path / "d"
+    for name in ("PNEUMONIA_1", "PNEUMONIA_2", "private", "lost+found"):
+        (root / name).mkdir(parents=True)
+    (root / "PNEUMONIA_1" / "a.png").write_bytes(b"x")
+    sealed = root / "PNEUMONIA_1" / "1.2.3"
+    sealed.write_bytes(b"\0" * 200)
+    real_scandir, real_open = os.scandir, builtins.open
+    locked = {str(root / n) for n in ("PNEUMONIA_2", "private", "lost+found")}
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def opener(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(sealed):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(builtins, "open", opener)
+    assert [p for _, p in iter_images([str(root / "PNEUMONIA*" / "*.png")])] == [
+        str(root / "PNEUMONIA_1" / "a.png"), str(root / "PNEUMONIA_2")]
+    assert [p for _, p in iter_images([str(root)])] == [
+        str(root / "PNEUMONIA_1" / "1.2.3"), str(root / "PNEUMONIA_1" / "a.png"), str(root / "PNEUMONIA_2"),
+        str(root / "private")]  # lost+found left out
+    assert is_input_file(str(sealed), unreadable=True) and not is_input_file(str(sealed))
+
+
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
     """Review nit: a JobError's message was printed as it was; a path with a newline made two lines."""
     missing = str(tmp_path / "no\nsuch")

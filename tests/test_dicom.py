@@ -242,3 +242,21 @@ def test_pixel_padding_range_limit_marks_a_range_and_a_malformed_value_is_ignore
     ds.add_new(0x00280120, "US", [0, 1])  # two values where one is allowed
     assert np.array_equal(np.asarray(decode_dicom(to_bytes(ds), None)),
                           np.asarray(decode_dicom(dicom_bytes(padded, 12), None)))
+
+
+@pytest.mark.parametrize("signed, written, pad", [(False, 0xFFFF, 4095), (True, 63536, -2000), (True, -2000, -2000)])
+def test_a_padding_value_is_compared_as_the_pixels_hold_it(signed, written, pad):
+    """Review defect: a padding value written with the unused high bits set (0xFFFF at 12 bits stored), or as US for
+    signed pixels (63536 for -2000), never matched the pixels pydicom masks and sign-extends: no padding found."""
+    img = (xray_like(200, 160, bits=12) // 2 + 1000).astype(np.int32) - (1500 if signed else 0)  # 12-bit range
+
+    def file(pixels, padding=None):
+        ds = dicom_dataset(pixels.astype(np.uint16), 12)  # the low 16 bits: two's complement for negatives
+        ds.PixelRepresentation = int(signed)
+        if padding is not None:
+            ds.add_new(0x00280120, "US" if padding >= 0 else "SS", padding)
+        return to_bytes(ds)
+
+    got = np.asarray(decode_dicom(file(np.pad(img, 30, constant_values=pad), written), None))
+    plain = np.asarray(decode_dicom(file(img), None))
+    assert np.array_equal(got[30:-30, 30:-30], plain) and not got[:30].any()

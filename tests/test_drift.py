@@ -152,7 +152,7 @@ def test_the_null_distribution_stays_under_the_limit_on_synthetic_and_shipped_re
     shipped = os.path.join(os.path.dirname(__file__), "..", "serving_models", "pneumonia", "4", "reference.npz")
     null = null_aucs(reference.load(shipped).embeddings.astype(np.float32), splits=20)
     assert null.max() < DOMAIN_AUC_LIMIT - 0.06  # 0.533 on version 4
-    assert null.mean() + 3.8 * null.std(ddof=1) < DOMAIN_AUC_LIMIT  # mean 0.499, sd 0.026
+    assert null.mean() + 3.5 * null.std(ddof=1) < DOMAIN_AUC_LIMIT  # mean 0.499, sd 0.026: 3.9 sd below the limit
 
 
 def test_the_classifier_sees_at_most_the_components_asked_for(monkeypatch):
@@ -197,3 +197,8 @@ def test_a_change_in_spread_alone_is_seen():
     same, wider = rng.normal(size=(500, 64)), rng.normal(size=(500, 64))
     wider[:, :8] *= 1.6
     assert domain_auc(ref, same) < DOMAIN_AUC_LIMIT < domain_auc(ref, wider)
+
+
+def test_rows_that_are_all_the_same_read_as_no_drift():
+    """Review defect: identical rows on both sides left the classifier no variance to fit (NaN, check failed)."""
+    assert domain_auc(np.ones((200, 16)), np.ones((150, 16))) == 0.5

@@ -159,3 +159,9 @@ def test_a_refusal_by_modality_holds_only_under_the_modalities_it_was_decided_un
     assert {n: r["status"] for n, r in widened.items() if n != "slice.dcm"} == {
         "scan0.png": "skipped", "scan1.png": "skipped", "scan2.png": "skipped", "scan3.png": "skipped",
         "split.png": "skipped", "blank.png": "skipped", "photo.png": "skipped"}
+    # narrowed on another ledger: judged again once, then the new refusal is the one kept and skipped
+    args[args.index("--ledger") + 1] = str(tmp_path / "other.sqlite")
+    assert night("a")["slice.dcm"]["error"] == "Modality CT not allowed (allowed: CR, DX)"
+    assert (night("b", "--modalities", "CR")["slice.dcm"]["status"], night("c", "--modalities", "CR")["slice.dcm"][
+        "status"]) == ("out_of_scope", "skipped")
+    assert night("d", "--modalities", "CR")["slice.dcm"]["error"] == "Modality CT not allowed (allowed: CR)"

@@ -152,11 +152,16 @@ def test_an_original_replaced_since_it_was_scored_gets_no_heatmap(tmp_path, capl
     """QA defect: a flagged file replaced (renamed over) after it was scored got the new image's overlay beside
     the old image's rank and probability, without a word. Each flagged image carries its size, mtime and ctime from
     before it was read (through the shard summaries); one that differs now is not drawn."""
-    from batch_job.scoring import file_stat
+    from batch_job.scoring import file_stat, score_paths
 
     kept, swapped = str(tmp_path / "kept.png"), str(tmp_path / "swapped.png")
     bright(220).save(kept)
     bright(230).save(swapped)
+    # the scoring side records the key of each flagged image it read (the producer of what is checked below)
+    vdir = write_package(str(tmp_path / "serving"), image_size=32, heatmap_hw=(4, 4))
+    scored = score_paths([kept, swapped], ScoringSpec(os.path.join(vdir, "model.onnx"), "m/1", {"image_size": 32},
+                                                      0.0, heatmaps=5, with_heatmap=True))
+    assert [r.file_key for r in scored] == [file_stat(kept), file_stat(swapped)] and file_stat(kept) is not None
     spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, heatmaps=5)
     rows = [make_row(p, "", spec, q, heatmap=np.ones((4, 4), np.float32), file_key=file_stat(p))
             for p, q in ((kept, 0.8), (swapped, 0.9))]

@@ -336,6 +336,42 @@ def test_a_signal_while_the_version_is_published_waits_for_it(source_package, tm
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
 
 
+@pytest.mark.parametrize("case", ["held, then publishing failed", "after publishing"])
+def test_a_signal_around_publishing_gets_a_true_last_line(source_package, tmp_path, monkeypatch, capsys, case):
+    """Review defects: a signal held while publishing that then failed printed "it was published first" (exit 2)
+    though nothing was; one right after publishing said "nothing published" (exit 143) though the version was."""
+    import signal
+
+    import export.republish
+
+    if case == "held, then publishing failed":
+        def rename(staging, final):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise FileExistsError(final)
+
+        monkeypatch.setattr("export.republish.publish_dir", rename)
+    else:
+        real = export.republish.publish_version
+
+        def publish_then_signal(staging, final):
+            real(staging, final)
+            os.kill(os.getpid(), signal.SIGTERM)  # outside the held section: stops the command at once
+
+        monkeypatch.setattr("export.republish.publish_version", publish_then_signal)
+    cal = tmp_path / "cal"
+    make_tree(str(cal), per_class=30, size=48, seed=7)
+    serving = tmp_path / "serving"
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal),
+                        "--serving-dir", str(serving)]) == 143
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    if case == "held, then publishing failed":
+        assert last == "error: terminated (SIGTERM); nothing published"
+        assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "config.pbtxt"]
+    else:
+        assert last == f"error: terminated (SIGTERM); after {serving / 'pneumonia' / '3'} was published"
+        assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "3", "config.pbtxt"]
+
+
 def test_recalibrate_needs_a_calibration_dir(source_package, capsys):
     with pytest.raises(SystemExit) as exc:
         export_main(["--recalibrate", source_package])

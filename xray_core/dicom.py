@@ -103,11 +103,21 @@ def padding_mask(stored: np.ndarray, ds) -> np.ndarray | None:
             "MONOCHROME"):
         return None
     try:
-        lo, hi = (int(value), int(value)) if limit is None else sorted((int(value), int(limit)))
+        bits = int(ds.get("BitsStored") or stored.dtype.itemsize * 8)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        ends = [as_stored(int(v), bits, signed) for v in ((value,) if limit is None else (value, limit))]
     except (TypeError, ValueError):
         return None
+    lo, hi = min(ends), max(ends)
     mask = (stored >= lo) & (stored <= hi)
     return mask if mask.any() else None
+
+
+def as_stored(value: int, bits: int, signed: bool) -> int:
+    """A header value as the pixel array holds it: its low `bits` bits, sign-extended for signed pixels (pydicom
+    masks the pixels so; a padding value may be written with the unused high bits set, or as US for SS pixels)."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if signed and value >= 1 << (bits - 1) else value
 
 
 def first_frame(ds, syntax: str) -> np.ndarray:

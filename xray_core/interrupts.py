@@ -5,7 +5,8 @@
 Terminated for SIGTERM: the command removes its temp or staging folder, publishes nothing (the job leaves the ledger
 as it was) and exits 130 or 143. Inside it (the job publishing OUT_DIR and committing its ledger; export renaming
 its staging folder to the version and rewriting config.pbtxt) the signal is held until the section ends, so nothing
-is left half-done and the command's last line is always true; the command then says the signal arrived.
+is left half-done; the command then says the signal arrived, and export's last line after a signal says whether
+the version was published.
 """
 from __future__ import annotations
 

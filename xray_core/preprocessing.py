@@ -226,13 +226,14 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def is_input_file(path: str) -> bool:
+def is_input_file(path: str, unreadable: bool = False) -> bool:
     """An image by extension (.jpeg .jpg .png .dcm), or a regular file that is DICOM (dicom_header.is_dicom;
     archives name DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
 
     Files with an image extension are always listed (an unreadable one becomes an error row);
-    others are only sniffed when they are regular files (a FIFO would block open()), and listed when they cannot be
-    read (permission denied): whether they are DICOM is unknown, and leaving them out would lose them without a word.
+    others are only sniffed when they are regular files (a FIFO would block open()). One that cannot be opened
+    (permission denied) is listed when `unreadable` (the batch job, where leaving it out would lose a DICOM file
+    without a word: its row says why), left out otherwise (training and calibration folders are curated).
     """
     if is_image_file(path):
         return True
@@ -242,6 +243,6 @@ def is_input_file(path: str) -> bool:
         with open(path, "rb") as f:
             return is_dicom(f.read(DICOM_MAGIC_OFFSET + 4))
     except PermissionError:
-        return True
+        return unreadable
     except OSError:
         return False
