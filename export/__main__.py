@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     folder and publish nothing, except while a version is being published, which they wait for (the handlers,
     xray_core.interrupts, are installed while the command runs in the main thread, then restored); one that comes
     once the version is published says so."""
-    from export.republish import PUBLISHED
+    from xray_core.staging import PUBLISHED  # light: --verify imports neither train nor TensorFlow
 
     PUBLISHED.clear()
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}

@@ -31,7 +31,7 @@ from xray_core.package import (
     versions,
     write_metadata,
 )
-from xray_core.staging import discard_staging, release_staging, staging_dir
+from xray_core.staging import PUBLISHED, discard_staging, release_staging, staging_dir
 from xray_core.verify import verify_package
 
 CARRIED = (MODEL_FILE, reference.REFERENCE_FILE, reference.SPLITS_FILE, gate.FIT_FILE)
@@ -81,9 +81,6 @@ def write_description(staging: str, meta: Metadata) -> None:
     write_metadata(os.path.join(staging, METADATA_FILE), meta)
     with open(os.path.join(staging, CARD_FILE), "w") as f:
         f.write(model_card(meta.to_dict()))
-
-
-PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
 
 
 def publish_version(staging: str, final: str) -> None:

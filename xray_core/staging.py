@@ -13,6 +13,8 @@ from typing import Any
 from xray_core.files import hold_lock, remove_dir, take_abandoned_lock, temp_dir_beside
 from xray_core.package import PackageError
 
+PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
+
 STAGING = re.compile(r"\d+\.tmp-[a-z0-9_]{8}\Z")  # an export's staging folder (temp_dir_beside's name for a version)
 _staging_locks: dict[str, Any] = {}  # staging folder -> its lock file, while this process's export uses it
 
