@@ -638,33 +638,43 @@ def test_an_input_gone_when_listing_starts_is_refused(tiny_package, tmp_path, mo
         assert os.listdir(tmp_path) == []
 
 
+def permission_denied(monkeypatch, folders=(), files=()) -> None:
+    """Listing these folders and opening these files fails as for a user without the right (the tests may run as
+    root, whom permissions do not stop)."""
+    import builtins
+
+    folders, files = {os.fspath(f) for f in folders}, {os.fspath(f) for f in files}
+    real_scandir, real_open = os.scandir, builtins.open
+
+    def refused(path, names) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.fspath(path) in names
+
+    def scandir(path="."):
+        if refused(path, folders):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def opener(file, *args, **kwargs):
+        if refused(file, files):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(builtins, "open", opener)
+
+
 def test_what_the_job_cannot_read_is_a_row_not_a_silence(tiny_package, tmp_path, monkeypatch, capsys):
     """QA defect: a subfolder the job's user could not list, and an extension-less file it could not open (a DICOM
     named by its UID, say), were left out without a word: no row, exit 0, every night. An unlistable --input was a
     quiet night. Now the folder and the file each get an error row, and an unlistable --input is refused. (The
     tests may run as root, whom permissions do not stop: the system's refusals are simulated.)"""
-    import builtins
-
     inp = tmp_path / "in"
     make_tree(str(inp), per_class=2, size=64, seed=4)
     locked, sealed = inp / "locked", inp / "b" / "1.2.840.99.1"
     make_tree(str(locked), per_class=1, size=64, seed=5)
     sealed.parent.mkdir()
     sealed.write_bytes(b"\0" * 200)
-    real_scandir, real_open = os.scandir, builtins.open
-
-    def scandir(path="."):
-        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in (str(locked), str(tmp_path / "in2")):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    def opener(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(sealed):
-            raise PermissionError(13, "Permission denied", os.fspath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(builtins, "open", opener)
+    permission_denied(monkeypatch, folders=[locked, tmp_path / "in2"], files=[sealed])
     assert main(small_run(str(inp), tiny_package, tmp_path / "out")) == 0
     rows = read_predictions(str(tmp_path / "out"))
     assert rows[str(locked)]["status"] == "error"
@@ -686,8 +696,6 @@ def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monk
     """Review defects: a glob's walk reported every folder it could not list, also those the pattern can never
     match, and a mount root's lost+found (root's alone) would have been an error row every night. Training and
     calibration still leave unreadable files out (their folders are curated; a training example must be read)."""
-    import builtins
-
     from batch_job.listing import may_hold
     from xray_core.preprocessing import is_input_file
 
@@ -701,21 +709,8 @@ def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monk
     (root / "PNEUMONIA_1" / "a.png").write_bytes(b"x")
     sealed = root / "PNEUMONIA_1" / "1.2.3"
     sealed.write_bytes(b"\0" * 200)
-    real_scandir, real_open = os.scandir, builtins.open
-    locked = {str(root / n) for n in ("PNEUMONIA_2", "private", "lost+found")}
-
-    def scandir(path="."):
-        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in locked:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    def opener(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(sealed):
-            raise PermissionError(13, "Permission denied", os.fspath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(builtins, "open", opener)
+    permission_denied(monkeypatch, folders=[root / n for n in ("PNEUMONIA_2", "private", "lost+found")],
+                      files=[sealed])
     assert [p for _, p in iter_images([str(root / "PNEUMONIA*" / "*.png")])] == [
         str(root / "PNEUMONIA_1" / "a.png"), str(root / "PNEUMONIA_2")]
     assert [p for _, p in iter_images([str(root)])] == [
