@@ -153,6 +153,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             kill_point("written")
         except BaseException:
             outdir.discard(tmp)
+            if book is not None:
+                book.remove_if_new()  # nothing published: a ledger this run created goes too (a used one stays)
             raise
         with GATE.deferred():  # a Ctrl-C from here on waits for the ledger commit
             outdir.publish(tmp, out, overwrite)

@@ -719,6 +719,30 @@ def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monk
     assert is_input_file(str(sealed), unreadable=True) and not is_input_file(str(sealed))
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_that_publishes_nothing_leaves_no_new_ledger(stop, tiny_package, tmp_path, monkeypatch, capsys):
+    """QA finding: a run stopped (Ctrl-C, SIGTERM) or failed after it had created its ledger left an empty ledger
+    behind, although it published nothing; a ledger that existed before stays as it was."""
+    from batch_job import pipeline
+
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    ledger = tmp_path / "books" / "ledger.sqlite"
+    assert main(small_run(str(inp), tiny_package, tmp_path / "night1", "--ledger", str(ledger))) == 0
+    used, kept = ledger.read_bytes(), sorted(os.listdir(tmp_path / "books"))
+
+    def broken(*args, **kwargs):
+        raise stop("stopped while scoring")
+
+    monkeypatch.setattr(pipeline, "score", broken)
+    code = {KeyboardInterrupt: 130, RuntimeError: 1}[stop]
+    fresh = tmp_path / "new" / "ledger.sqlite"
+    assert main(small_run(str(inp), tiny_package, tmp_path / "night2", "--ledger", str(fresh))) == code
+    assert not (tmp_path / "new").exists() and not (tmp_path / "night2").exists()
+    assert main(small_run(str(inp), tiny_package, tmp_path / "night3", "--ledger", str(ledger))) == code
+    assert ledger.read_bytes() == used and sorted(os.listdir(tmp_path / "books")) == kept
+
+
 def test_errors_are_one_line_whatever_the_paths_hold(tiny_package, tmp_path, capsys):
     """Review nit: a JobError's message was printed as it was; a path with a newline made two lines."""
     missing = str(tmp_path / "no\nsuch")
