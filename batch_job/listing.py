@@ -103,11 +103,11 @@ def may_hold(pattern: str, folder: str) -> bool:
     leading parts, one by one, up to a `**`."""
     parts, names = pattern.split("/")[:-1], folder.rstrip("/").split("/")
     for part, name in zip(parts, names):
-        if part == "**" or part.startswith("**"):
+        if part.startswith("**"):
             return True
         if not fnmatch.fnmatchcase(name, part):
             return False
-    return len(names) <= len(parts) or any(p.startswith("**") for p in parts)
+    return len(names) <= len(parts)  # deeper than the pattern's folders (and no `**` before): no match below
 
 
 UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans

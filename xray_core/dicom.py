@@ -140,11 +140,11 @@ def stretch_to_uint8(arr: np.ndarray, padding: np.ndarray | None = None) -> np.n
     once, where each step's temporary array cost as much again)."""
     out = np.array(arr, dtype=np.float32)  # a copy: the caller's array is never changed
     np.nan_to_num(out, copy=False)
-    inside = None if padding is None else ~padding
-    if inside is not None and not inside.any():
+    inside = True if padding is None else ~padding
+    if not np.any(inside):
         return np.zeros(out.shape, np.uint8)
-    lo = float(np.min(out, where=inside, initial=np.inf)) if inside is not None else float(out.min())
-    hi = float(np.max(out, where=inside, initial=-np.inf)) if inside is not None else float(out.max())
+    lo = float(np.min(out, where=inside, initial=np.inf))
+    hi = float(np.max(out, where=inside, initial=-np.inf))
     if hi > lo:
         out -= np.float32(lo)
         out *= np.float32(255.0 / (hi - lo))
