@@ -44,17 +44,17 @@ def png_name(rank: int, path: str) -> str:
 
 
 def draw(out_dir: str, item: Flagged, rank: int, preprocessing: dict) -> Flagged:
-    """Write the item's overlay under out_dir/heatmaps; -> the item with its relative png path ("" and a warning
-    when the original can no longer be read or decoded)."""
+    """Write the item's overlay under out_dir/heatmaps; -> the item with its relative png path, or, when the original
+    can no longer be read or decoded, with why not (no_overlay) and a warning."""
     rel = f"{FOLDER}/{png_name(rank, item.path)}"
     try:
         overlay.save_png(overlay.render(read_unchanged(item.path, item.file_key), item.heatmap, preprocessing),
                          os.path.join(out_dir, rel))
     except Exception as exc:  # noqa: BLE001 - the image changed or vanished since it was scored: no heatmap
         # by rank, never by name: file names can identify patients (docs/operations.md, "Who reads OUT_DIR")
-        LOG.warning("no heatmap for flagged image %d (heatmaps/index.csv): %s", rank,
-                    one_line(exc, 200).replace(item.path, "<path>"))
-        return item
+        reason = one_line(exc, 200).replace(item.path, "<path>")
+        LOG.warning("no heatmap for flagged image %d (heatmaps/index.csv): %s", rank, reason)
+        return replace(item, no_overlay=reason)
     return replace(item, png=rel)
 
 

@@ -13,6 +13,7 @@ import datetime
 import functools
 import os
 import pathlib
+import urllib.parse
 
 from batch_job import drift_report, figures
 from batch_job import shards as shard_files
@@ -56,6 +57,19 @@ def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
     return rows
 
 
+def map_limits(cells: str) -> str:
+    """What a heatmap can and cannot show (report.html and report.md)."""
+    return (f"What a map can show: where in the image the model found its evidence, in {cells} over the whole "
+            "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real.")
+
+
+def map_cells(r: RunResult) -> str:
+    method = r.heatmaps.method
+    if method.name == "occlusion":
+        return f"{method.grid}×{method.grid} cells"
+    return f"{r.heatmaps.map_hw[0]}×{r.heatmaps.map_hw[1]} cells" if r.heatmaps.map_hw else "coarse cells"
+
+
 def flagged_note(r: RunResult, shown: int) -> str:
     if r.heatmaps.requested == 0:
         return "Heatmaps are turned off (--heatmaps 0); the flagged images are the PNEUMONIA rows of the CSVs."
@@ -66,18 +80,14 @@ def flagged_note(r: RunResult, shown: int) -> str:
                 f"the highest probability (of {r.positive_count} flagged), without heatmaps:")
     method = r.heatmaps.method
     if method.name == "occlusion":
-        cells = f"{method.grid}×{method.grid} cells"
         what = (f"its occlusion map: how much P(pneumonia) falls when each of {method.grid}×{method.grid} cells of "
                 "the image is blanked, scaled per image (red: the cells the score depends on most, blue: least)")
     else:
-        cells = f"{r.heatmaps.map_hw[0]}×{r.heatmaps.map_hw[1]} cells" if r.heatmaps.map_hw else "coarse cells"
         what = ("the model's class-activation map for pneumonia, scaled per image (red: where the image holds the "
                 "most evidence, blue: the least)")
     images = "The flagged image" if shown == 1 else f"The {shown} flagged images"
     return (f"{images} scored in this run with the highest probability (of {r.positive_count} "
-            f"flagged), each under {what}. Click a tile for its full size. "
-            f"What a map can show: where in the image the model found its evidence, in {cells} over the whole "
-            "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real. How "
+            f"flagged), each under {what}. Click a tile for its full size. {map_limits(map_cells(r))} How "
             "specific to each image the maps are is measured at export and stated in the model card "
             "(model_card.md, docs/export.md).")
 
@@ -122,15 +132,17 @@ def probability(p: float) -> str:
 def tile(rank: int, item) -> dict:
     folder, name = os.path.split(item.path)
     return {"rank": rank, "src": item.png, "probability": probability(item.probability), "label": item.label,
-            "name": display(name, MAX_TEXT // 2), "folder": display(folder)}
+            "name": display(name, MAX_TEXT // 2), "folder": display(folder), "no_overlay": display(item.no_overlay)}
 
 
 def file_link(path: str, out_dir: str) -> str:
     """A link to an original image, relative to the page (it opens where OUT_DIR and the inputs are mounted alike;
-    the page names no scheme and reaches no network); "" for a URI input."""
+    the page names no scheme and reaches no network); "" for a URI input. Every byte of the name but letters,
+    digits and "/_.-~" is percent-encoded, so that the link opens that file and no other: "%20", "#", "?", a tab
+    or bytes that are not UTF-8 in a name are part of it, not a URL's escape, fragment, query or whitespace."""
     if "://" in path:
         return ""
-    return pathlib.PurePath(os.path.relpath(path, out_dir)).as_posix()
+    return urllib.parse.quote(os.fsencode(pathlib.PurePath(os.path.relpath(path, out_dir)).as_posix()))
 
 
 def worklist_rows(r: RunResult, out_dir: str, after_rank: int, cap: int) -> list[dict]:
@@ -141,7 +153,7 @@ def worklist_rows(r: RunResult, out_dir: str, after_rank: int, cap: int) -> list
 
 
 def intended_use(r: RunResult) -> dict:
-    return {"model": display(r.model), "threshold": f"{r.threshold:.4f}", "card": r.model_card}
+    return {"model": display(r.model), "threshold": r.threshold_text(), "card": r.model_card}
 
 
 def out_of_scope_section(r: RunResult) -> dict:

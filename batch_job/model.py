@@ -35,6 +35,7 @@ class Model:
     gate: GateSpec | None = None  # the content check (xray_core/gate.py); None: header and cheap checks only
     heatmap_method: dict | None = None  # the maps the report shows (xray_core/occlusion.py); None: the graph's
     card: str | None = None  # the package's MODEL_CARD.md, copied into OUT_DIR
+    package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
 
 
 def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
@@ -59,4 +60,5 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
     return Model(os.path.join(version_dir, MODEL_FILE), meta.model_id, meta.preprocessing, threshold,
                  meta.heatmap_hw, os.path.join(version_dir, REFERENCE_FILE) if meta.reference is not None else None,
                  GateSpec.from_dict(meta.gate) if meta.gate else None, meta.heatmap_method,
-                 card if os.path.isfile(card) else None)
+                 card if os.path.isfile(card) else None,
+                 None if threshold == meta.decision_threshold else meta.decision_threshold)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from batch_job import drift_report
+from batch_job import drift_report, html_report
 from batch_job.drift import summary_line
 from batch_job.result import RunResult
 from xray_core.plots import pyplot, save
@@ -40,10 +40,23 @@ def _rate(r: RunResult, digits: int = 4) -> str:
     return "n/a" if r.positive_rate is None else f"{r.positive_rate:.{digits}f}"
 
 
+def heatmaps_line(r: RunResult) -> str:
+    """report.md's Heatmaps section (with --heatmaps N > 0)."""
+    if not r.heatmaps.model_has_heatmaps:
+        return "None: the model has no heatmap output."
+    if not r.flagged:
+        return "None: no image scored in this run was flagged."
+    drawn = (f"{r.overlays_written} overlays in `heatmaps/` (the top {len(r.flagged)} flagged images scored in this "
+             f"run, `--heatmaps {r.heatmaps.requested}`; see report.html)" if r.overlays_written else
+             f"None drawn: the originals of the top {len(r.flagged)} flagged images could no longer be read (see "
+             "report.html and the log)")
+    return f"{drawn}. {html_report.map_limits(html_report.map_cells(r))}"
+
+
 def report_markdown(r: RunResult) -> str:
     c = r.counts
     lines = ["# Batch scoring report", "",
-             f"Model `{r.model}`, threshold {r.threshold:.4f}, runner {r.runner}, "
+             f"Model `{r.model}`, threshold {r.threshold_text()}, runner {r.runner}, "
              f"{r.wall_seconds:.1f} s, {r.images_per_second} images/s.", "",
              "| images found | scored | failed | out of scope | skipped (in ledger) | positive | positive rate |",
              "|---|---|---|---|---|---|---|",
@@ -59,10 +72,7 @@ def report_markdown(r: RunResult) -> str:
     lines += ["", "![histogram](histogram.png)"]
     lines += drift_report.markdown_section(r.drift)
     if r.heatmaps.requested:
-        lines += ["", "## Heatmaps", "",
-                  f"{r.overlays_written} overlays in `heatmaps/` (the top flagged images scored in this run, "
-                  f"`--heatmaps {r.heatmaps.requested}`); see report.html." if r.heatmaps.model_has_heatmaps
-                  else "None: the model has no heatmap output."]
+        lines += ["", "## Heatmaps", "", heatmaps_line(r)]
     if r.labelled is not None:
         cm, s = r.labelled.confusion_matrix, r.labelled.scores
         lines += ["", f"## Against folder labels ({r.labelled.images} labelled images)", "",
@@ -80,14 +90,15 @@ def summary(r: RunResult, out: str) -> str:
     line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.out_of_scope} out of scope, {c.skipped} "
             "skipped as already in the ledger) "
             f"with {r.model} on {r.runner} in {r.wall_seconds:.1f}s ({r.images_per_second} images/s); "
-            f"{r.positive_count} flagged PNEUMONIA (rate {_rate(r, 3)}, threshold {r.threshold:.4f})")
+            f"{r.positive_count} flagged PNEUMONIA (rate {_rate(r, 3)}, threshold {r.threshold_text()})")
     if r.labelled is not None:
         s = r.labelled.scores
         line += (f"\nagainst folder labels ({r.labelled.images}): accuracy {_score(s['accuracy'])}, recall "
                  f"{_score(s['recall'])}, specificity {_score(s['specificity'])}, ROC AUC {_score(s['roc_auc'])}")
     line += "\n" + summary_line(r.drift)
-    drift_files = "".join(f", {f}" for f in r.drift.figures)
-    card = ", model_card.md" if r.model_card else ""
-    return line + (f"\noutputs in {out}: report.html, worklist.csv, predictions-*.csv, metrics.json, report.md{card}, "
-                   "histogram.png"
-                   + drift_files + (f", heatmaps/ ({r.overlays_written})" if r.overlays_written else ""))
+    files = ["report.html", "worklist.csv", "predictions-*.csv", "metrics.json", "report.md"]
+    files += ["model_card.md"] * bool(r.model_card) + ["histogram.png", *r.drift.figures]
+    files += [f"heatmaps/ ({r.overlays_written})"] * bool(r.overlays_written)
+    thumbnails = sum(map(bool, r.thumbnails.values()))
+    files += [f"out_of_scope/ ({thumbnails})"] * bool(thumbnails)
+    return line + f"\noutputs in {out}: {', '.join(files)}"

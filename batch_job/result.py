@@ -59,6 +59,14 @@ class RunResult:
     worklist: WorklistSummary = field(default_factory=WorklistSummary)  # worklist.csv's length and first rows
     thumbnails: dict[str, str] = field(default_factory=dict)  # out-of-scope path -> its thumbnail under OUT_DIR
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
+    package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
+
+    def threshold_text(self, digits: int = 4) -> str:
+        """The run's threshold, and where --threshold set it, that it did and the package's own."""
+        shown = f"{self.threshold:.{digits}f}"
+        if self.package_threshold is None:
+            return shown
+        return f"{shown} (set by --threshold; the package's calibrated threshold is {self.package_threshold:.4f})"
 
     @property
     def positive_count(self) -> int:
@@ -97,6 +105,8 @@ class RunResult:
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,
         }
+        if self.package_threshold is not None:
+            out["package_threshold"] = self.package_threshold  # --threshold overrode it
         if self.labelled is not None:
             out["labelled_images"] = self.labelled.images
             out.update(self.labelled.scores)

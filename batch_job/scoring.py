@@ -94,8 +94,12 @@ def file_stat(path: str) -> tuple[int, int, int] | None:
 def read_unchanged(path: str, key: tuple[int, int, int] | None) -> bytes:
     """read_input, for a file read before whose file_stat then was `key` (None: not checked): ImageError when it
     changed since, so that nothing drawn later is of another image than the one scored."""
-    if key is not None and file_stat(path) != tuple(key):
-        raise ImageError("changed since it was scored")
+    if key is not None:
+        now = file_stat(path)
+        if now is None and not os.path.lexists(path):
+            raise ImageError("vanished since it was scored")
+        if now != tuple(key):
+            raise ImageError("changed since it was scored")
     return read_input(path)
 
 

@@ -49,6 +49,7 @@ class Flagged:
     heatmap: np.ndarray | None = None
     png: str = ""
     file_key: tuple[int, int, int] | None = None  # scoring.file_stat before it was scored (None: not checked)
+    no_overlay: str = ""  # why no overlay could be drawn (heatmaps.draw), "" otherwise
 
 
 def rank_key(item: Flagged) -> tuple[float, str]:

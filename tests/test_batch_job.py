@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import html
 import json
 import os
 import re
@@ -216,7 +217,13 @@ def test_workers_compute_with_one_blas_thread():
     assert before.startswith("[2") and after == "[1]"
 
 
-def test_threshold_override(labelled_tree, tiny_package, tmp_path):
+def test_threshold_override(labelled_tree, tiny_package, tmp_path, capsys):
+    """--threshold decides every row, and every report says it was set so, beside the package's calibrated one
+    (QA: an override looked like the package's threshold, whose figures the model card quotes)."""
+    from xray_core.package import load_metadata, resolve_version_dir
+
+    own = load_metadata(resolve_version_dir(tiny_package)).decision_threshold
+    assert own != 0.9
     root, _ = labelled_tree
     out = str(tmp_path / "o")
     assert main(["--input", os.path.join(root, "site_b"), "--model", tiny_package, "--output", out,
@@ -229,6 +236,17 @@ def test_threshold_override(labelled_tree, tiny_package, tmp_path):
         assert r["label"] == ""
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert "accuracy" not in m  # no labels -> no labelled metrics
+    assert m["threshold"] == 0.9 and m["package_threshold"] == own
+    said = f"0.9000 (set by --threshold; the package's calibrated threshold is {own:.4f})"
+    assert said in capsys.readouterr().out
+    assert said in open(os.path.join(out, "report.md")).read()
+    assert said in html.unescape(" ".join(open(os.path.join(out, "report.html"), encoding="utf-8").read().split()))
+    plain = str(tmp_path / "plain")
+    assert main(["--input", os.path.join(root, "site_b"), "--model", tiny_package, "--output", plain,
+                 "--direct_running_mode=in_memory"]) == 0
+    m = json.load(open(os.path.join(plain, "metrics.json")))
+    assert m["threshold"] == own and "package_threshold" not in m
+    assert "set by --threshold" not in capsys.readouterr().out + open(os.path.join(plain, "report.md")).read()
 
 
 def test_a_file_reached_twice_is_listed_once(tmp_path, monkeypatch):

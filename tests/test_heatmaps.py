@@ -175,6 +175,36 @@ def test_an_original_replaced_since_it_was_scored_gets_no_heatmap(tmp_path, capl
     chosen = heatmaps.make_heatmaps(str(out), chosen, {"image_size": 32})
     assert [(c.path, bool(c.png)) for c in chosen] == [(swapped, False), (kept, True)]
     assert "no heatmap for flagged image 1 (heatmaps/index.csv): changed since it was scored" in caplog.text
+    assert [c.no_overlay for c in chosen] == ["changed since it was scored", ""]
+
+
+def test_a_tile_without_its_overlay_says_why(tmp_path, caplog):
+    """QA: a flagged tile whose original vanished or changed after scoring showed a probability and a name with no
+    picture and no word (only the log said why, and said "changed" for a deleted file)."""
+    from batch_job import html_report
+    from batch_job.scoring import file_stat
+    from helpers import reconciliation, run_result
+
+    paths = {name: str(tmp_path / f"{name}.png") for name in ("kept", "gone", "swapped")}
+    for i, path in enumerate(paths.values()):
+        bright(200 + 10 * i).save(path)
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.5, heatmaps=5)
+    rows = [make_row(p, "", spec, 0.9 - 0.1 * i, heatmap=np.ones((4, 4), np.float32), file_key=file_stat(p))
+            for i, p in enumerate(paths.values())]
+    os.remove(paths["gone"])
+    bright(90).save(str(tmp_path / "other.png"))
+    os.replace(tmp_path / "other.png", paths["swapped"])
+    out = tmp_path / "out"
+    out.mkdir()
+    chosen = heatmaps.make_heatmaps(str(out), shard_result.top_flagged(rows, 5), {"image_size": 32})
+    assert [(c.png != "", c.no_overlay) for c in chosen] == [
+        (True, ""), (False, "vanished since it was scored"), (False, "changed since it was scored")]
+    assert "no heatmap for flagged image 2 (heatmaps/index.csv): vanished since it was scored" in caplog.text
+    result = run_result(counts=reconciliation([0.9, 0.8, 0.7]), flagged=chosen, heatmaps=5, model_has_heatmaps=True,
+                        map_hw=(4, 4))
+    page = html_report.render(html_report.context(result, str(out), [], tiles_cap=5))
+    assert page.count('class="nomap"') == 2
+    assert "No heatmap (vanished since it was scored)" in page and "No heatmap (changed since it was scored)" in page
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import html
 import os
+import re
 import shutil
 import subprocess
+import urllib.parse
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,8 +69,9 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     inside = [ref for ref in srcs + links if not ref.startswith("..")]
     for ref in srcs + links:  # relative links: nothing from the network, nothing but OUT_DIR and the originals
         assert "://" not in ref and not ref.startswith("/"), ref
-        if ref.startswith(".."):  # a flagged image's original, in the worklist table
-            assert os.path.normpath(os.path.join(report_run, ref)) in originals, ref
+        if ref.startswith(".."):  # a flagged image's original, in the worklist table (its name percent-encoded)
+            original = os.fsdecode(urllib.parse.unquote_to_bytes(ref))
+            assert os.path.normpath(os.path.join(report_run, original)) in originals, ref
         elif ref.endswith(".png"):
             with Image.open(os.path.join(report_run, ref)) as img:
                 img.load()
@@ -111,6 +115,45 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
     for r in errors:
         assert html_report.display(r["error"]) in text
     assert f'{MARKUP}"broken.jpeg' in text and "empty file (0 bytes)" in text
+
+
+ODD_NAMES = [b"chest PA.jpeg", b"chest%20PA.jpeg", b"case#7.jpeg", b"what?.jpeg", b"\ttab.jpeg", b"new\nline.jpeg",
+             b"M\xfcller.jpeg", b"100%.jpeg", b"a&b;c.jpeg"]
+
+
+def test_a_link_to_an_original_opens_that_file_and_no_other(tmp_path):
+    """"%20", "#", "?", whitespace and bytes that are not UTF-8 are part of a name, not a URL's escape, fragment or
+    query: a browser resolving the link must reach the very file (chest%20PA.jpeg once opened chest PA.jpeg)."""
+    out = str(tmp_path / "scores" / "night")
+    folder = os.fsencode(str(tmp_path / "in" / "sub dir"))
+    hrefs = []
+    for name in ODD_NAMES:
+        path = os.fsdecode(os.path.join(folder, name))
+        href = html_report.file_link(path, out)
+        assert re.fullmatch(r"[A-Za-z0-9_.~/%-]+", href), href  # nothing a browser reads as syntax or strips
+        assert urllib.parse.unquote_to_bytes(href) == os.fsencode(os.path.relpath(path, out))
+        hrefs.append(href)
+    assert len(set(hrefs)) == len(ODD_NAMES)
+    assert html_report.file_link("gs://bucket/x.png", out) == ""
+
+
+def test_a_name_that_is_not_utf8_in_the_worklist_table_does_not_fail_the_page(tmp_path, monkeypatch):
+    """A flagged image past the tiles, named in Latin-1, is a row of the table with a link: the page is written
+    (it once failed the whole night with UnicodeEncodeError)."""
+    from batch_job.worklist import Entry, WorklistSummary
+
+    latin1 = os.fsdecode(os.fsencode(str(tmp_path)) + b"/M\xfcller.png")
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)] + [latin1]
+    flagged = [Flagged(0.99 - 0.01 * i, p, "") for i, p in enumerate(paths)]
+    listed = WorklistSummary(4, [(i + 1, Entry(p, "ok", f"{0.99 - 0.01 * i:.4f}", "PNEUMONIA"))
+                                 for i, p in enumerate(paths)])
+    result = replace(run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96]), flagged=flagged), worklist=listed)
+    monkeypatch.setattr(html_report, "CAPS", (2, 500))  # two tiles
+    html_report.write_html(str(tmp_path), result, [])
+    page, text = parse(str(tmp_path / "report.html"))
+    assert "M\\xfcller.png" in text
+    links = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].endswith(".png")]
+    assert "M%FCller.png" in links and len(links) == 2  # the two rows past the two tiles
 
 
 def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
@@ -178,3 +221,22 @@ def test_headless_chromium_renders_the_page_with_its_images(report_run, tmp_path
     shutil.copy(os.path.join(report_run, "report.html"), bare)
     without = screenshot(str(bare / "report.html"), str(tmp_path / "bare.png"), str(tmp_path / "b"))
     assert colourful(without) < 0.015, colourful(without)  # the intended-use box alone: 0.010
+
+
+def test_report_md_says_what_the_heatmaps_are_and_why_there_are_none():
+    """QA: report.md said "0 overlays in heatmaps/" for a night with nothing flagged (no such folder) and never said
+    what a map can and cannot show."""
+    from batch_job import report
+
+    drawn = [Flagged(0.9, "/d/a.png", "", png="heatmaps/0001-x.png"), Flagged(0.8, "/d/b.png", "")]
+    result = run_result(counts=reconciliation([0.9, 0.8, 0.1]), flagged=drawn, heatmaps=12, model_has_heatmaps=True,
+                        map_hw=(8, 8))
+    md = report.report_markdown(result)
+    assert "1 overlays in `heatmaps/` (the top 2 flagged images scored in this run, `--heatmaps 12`" in md
+    assert "What it cannot: a lesion's outline, which finding it is, or that the finding is real." in md
+    none = run_result(counts=reconciliation([0.1]), heatmaps=12, model_has_heatmaps=True, map_hw=(8, 8))
+    assert "None: no image scored in this run was flagged." in report.report_markdown(none)
+    lost = run_result(counts=reconciliation([0.9]), flagged=[Flagged(0.9, "/d/a.png", "", no_overlay="vanished")],
+                      heatmaps=12, model_has_heatmaps=True, map_hw=(8, 8))
+    assert "None drawn: the originals of the top 1 flagged images could no longer be read" in \
+        report.report_markdown(lost)
