@@ -23,7 +23,13 @@ import logging
 import numpy as np
 from PIL import Image
 
-from xray_core.dicom_header import DicomHeader, is_dicom, pydicom_reader  # noqa: F401 - is_dicom: preprocessing's import
+from xray_core import content
+from xray_core.dicom_header import (  # noqa: F401 - is_dicom: preprocessing's import
+    DicomHeader,
+    check_inflated_size,
+    is_dicom,
+    pydicom_reader,
+)
 from xray_core.errors import one_line
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
@@ -39,14 +45,22 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.50": "pillow",
 }
+# transfer syntax UIDs whose frames are JPEG (or JPEG-LS) codestreams, and JPEG 2000 ones: a decoder sizes its output
+# by the codestream's own frame header, not by Rows and Columns
+JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                               "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodedDicom:
-    """A decoded DICOM file: its first frame as 8-bit grayscale, and its header (read in the same pass)."""
+    """A decoded DICOM file: its first frame as 8-bit grayscale, its header (read in the same pass) and how colourful
+    the frame was before it became gray (content.colour_spread; 0 for a grayscale frame)."""
 
     image: Image.Image
     header: DicomHeader
+    colour_spread: float = 0.0
 
 
 def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -62,6 +76,7 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
 
     pydicom = pydicom_reader()
 
+    check_inflated_size(data)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
@@ -76,22 +91,80 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
     if max_pixels and rows * cols * samples > max_pixels:
         raise ValueError(f"decompression bomb: DICOM frame of {cols}x{rows}x{samples} exceeds {max_pixels} pixels")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", str(syntax))
+    try:
+        check_codestream_size(ds, str(syntax), rows, cols)
+    except ValueError as exc:
+        raise ValueError(f"DICOM pixel data not decodable ({name}): {exc}") from None
     try:
         arr = first_frame(ds, str(syntax))
     except Exception as exc:  # noqa: BLE001
-        name = getattr(syntax, "name", str(syntax))
         raise ValueError(f"DICOM pixel data not decodable ({name}): {one_line(exc)}") from None
+    spread = 0.0
     try:
         padding = padding_mask(arr, ds)
-        if arr.ndim == 3:  # colour DICOM (RGB): average the channels
+        if arr.ndim == 3:  # colour DICOM (RGB; pydicom converts YBR): the input gate sees its colour, then the average
+            spread = content.colour_spread(arr if arr.dtype == np.uint8 else stretch_to_uint8(arr))
             arr = arr.mean(axis=-1, dtype=np.float32)
         arr = apply_modality_lut(arr, ds)
         arr = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float32)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        if inverted(ds):
             arr = arr.max() + arr.min() - arr
     except Exception as exc:  # noqa: BLE001 - malformed LUTs and the like
         raise ValueError(f"corrupt DICOM LUT/window: {type(exc).__name__}: {one_line(exc)}") from None
-    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr, padding), mode="L"), DicomHeader.from_dataset(ds))
+    return DecodedDicom(Image.fromarray(stretch_to_uint8(arr, padding), mode="L"), DicomHeader.from_dataset(ds),
+                        spread)
+
+
+def inverted(ds) -> bool:
+    """Whether the frame is shown inverted (low values white): MONOCHROME1, or a Presentation LUT Shape of INVERSE
+    (PS3.3 C.11.6). Either says so once: a DX image that is MONOCHROME1 must also carry INVERSE (C.8.11.1.1.1), and
+    is inverted once, as viewers show it."""
+    return (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+            or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")
+
+
+def check_codestream_size(ds, syntax: str, rows: int, cols: int) -> None:
+    """A JPEG or JPEG 2000 frame's own header must give the Rows and Columns that were checked against the pixel
+    limit: its decoder allocates what the codestream says (an 8 KB file claiming 30000 x 30000 took 4.5 GB before
+    pydicom noticed the mismatch). Reads the first frame's header only (pylibjpeg-libjpeg's get_parameters decodes
+    the whole frame to tell, so it cannot be the check). Raises ValueError (one line)."""
+    if syntax not in JPEG_SYNTAXES and syntax not in JPEG2000_SYNTAXES:
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        frame = bytes(get_frame(ds.PixelData, 0, number_of_frames=max(frames, 1)))
+        if syntax in JPEG_SYNTAXES:
+            size = jpeg_frame_size(frame)
+        else:  # Pillow reads a JPEG 2000 codestream's SIZ segment when it opens it, and decodes nothing
+            with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as img:
+                size = img.height, img.width
+    except Exception as exc:  # noqa: BLE001 - a codestream whose header cannot be read will not decode either
+        raise ValueError(f"frame header: {one_line(exc)}") from None
+    if size != (rows, cols):
+        shown = "no frame header" if size is None else f"a frame of {size[1]}x{size[0]}"
+        raise ValueError(f"its codestream holds {shown}, its header says {cols}x{rows}")
+
+
+# start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (ITU T.81 B.1.1.3) and JPEG-LS's SOF55 (T.87)
+SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def jpeg_frame_size(stream: bytes) -> tuple[int, int] | None:
+    """(rows, columns) of a JPEG or JPEG-LS codestream from its frame header (T.81 B.2.2: length, precision, lines,
+    samples per line), stepping over the marker segments before it; None when there is none."""
+    pos = 2  # after SOI
+    while pos + 9 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker in SOF_MARKERS:
+            return int.from_bytes(stream[pos + 5:pos + 7], "big"), int.from_bytes(stream[pos + 7:pos + 9], "big")
+        pos += 2 + int.from_bytes(stream[pos + 2:pos + 4], "big")
+    return None
 
 
 def padding_mask(stored: np.ndarray, ds) -> np.ndarray | None:

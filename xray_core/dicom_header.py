@@ -19,6 +19,7 @@ import dataclasses
 import io
 import os
 import re
+import zlib
 
 from xray_core.errors import one_line
 
@@ -48,6 +49,11 @@ FOR_PROCESSING_SOP_CLASSES = frozenset({
 })
 DEFAULT_MODALITIES = ("CR", "DX")
 DICOM_MAGIC_OFFSET = 128
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
+# pydicom inflates a deflated data set whole, in memory, however large: a 2 MB file can hold gigabytes of zeros. No
+# image the job decodes needs more than Pillow's 89.5 M-pixel limit at 16 bits (179 MB); 256 MiB leaves room for
+# the header.
+MAX_INFLATED_BYTES = 1 << 28
 
 # field name -> DICOM keyword
 _KEYWORDS = {
@@ -136,17 +142,43 @@ def pydicom_reader():
     return pydicom
 
 
+def check_inflated_size(data: bytes, limit: int | None = None) -> None:
+    """For a deflated file, that its data set inflates to at most `limit` bytes (inflating at most that much to know:
+    zlib's max_length), before pydicom inflates it all. Raises ValueError (one line); other files pass untouched.
+    The data set starts after the file meta information, whose first element is its group length (PS3.10 7.1)."""
+    start = DICOM_MAGIC_OFFSET + 4
+    if data[DICOM_MAGIC_OFFSET:start] != b"DICM":
+        return  # no file meta information, so no transfer syntax: pydicom reads it as little endian, never deflated
+    if data[start:start + 8] != b"\x02\x00\x00\x00UL\x04\x00":  # (0002,0000) UL, 4 bytes
+        if DEFLATED_SYNTAX in data[:4096]:
+            raise ValueError("corrupt DICOM: deflated, without a File Meta Information Group Length")
+        return
+    end = start + 12 + int.from_bytes(data[start + 8:start + 12], "little")
+    if DEFLATED_SYNTAX not in data[start:end]:
+        return
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(memoryview(data)[end:], limit)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt DICOM: deflated data set: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"deflated DICOM whose data set inflates past {limit} bytes (a decompression bomb)")
+
+
 def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
     """The header of a DICOM file (path or bytes) without reading its pixel data. Raises ValueError (one line)."""
     pydicom = pydicom_reader()
 
+    if not isinstance(source, (bytes, bytearray)):
+        with open(source, "rb") as f:
+            source = f.read()
+    # force=True (as read_dicom) parses any bytes as elements: is_dicom keeps the rest out
+    if not is_dicom(source[:DICOM_MAGIC_OFFSET + 4]):
+        raise ValueError("corrupt DICOM: neither 'DICM' at byte 128 nor a data set's first element")
+    check_inflated_size(source)
     try:
-        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as fp:
-            # force=True (as read_dicom) parses any bytes as elements: is_dicom keeps the rest out
-            if not is_dicom(fp.read(DICOM_MAGIC_OFFSET + 4)):
-                raise ValueError("neither 'DICM' at byte 128 nor a data set's first element")
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
         raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
     if len(ds) == 0:  # force=True parses anything; a file with no element after the meta header is no DICOM image

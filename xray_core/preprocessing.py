@@ -120,7 +120,7 @@ def _read(source: Union[bytes, str, os.PathLike]) -> bytes:
 def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     if is_dicom(data):
         dicom = read_dicom(data, Image.MAX_IMAGE_PIXELS)
-        return Decoded(_check_size(dicom.image, config), 0.0, dicom.header)
+        return Decoded(_check_size(dicom.image, config), dicom.colour_spread, dicom.header)
     img = Image.open(io.BytesIO(data), formats=None)
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
