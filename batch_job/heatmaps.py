@@ -27,9 +27,10 @@ import numpy as np
 from batch_job import overlay
 from batch_job.scoring import get_session, read_input, read_unchanged
 from batch_job.shard_result import Flagged
+from xray_core.dicom_header import DEFAULT_MODALITIES, header_problem, is_dicom, read_dicom_header
 from xray_core.errors import one_line
 from xray_core.occlusion import OCCLUSION, HeatmapMethod, occlusion_maps
-from xray_core.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
 
 LOG = logging.getLogger("batch_job")
 FOLDER = "heatmaps"
@@ -105,15 +106,19 @@ OUT_OF_SCOPE_FOLDER = "out_of_scope"
 THUMBNAIL_SIDE = 160
 
 
-def draw_thumbnails(out_dir: str, entries, preprocessing: dict) -> dict[str, str]:
+def draw_thumbnails(out_dir: str, entries, preprocessing: dict,
+                    modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> dict[str, str]:
     """Small grayscale thumbnails of the first out-of-scope images (rank, worklist entry) for report.html, as
-    ``out_of_scope/RRRR-<digest>.png``; -> path -> thumbnail ("" where the image cannot be shown, as a DICOM
-    file refused by its header may not decode)."""
+    ``out_of_scope/RRRR-<digest>.png``; -> path -> thumbnail ("" where the image is not shown: a DICOM file its
+    header refuses (under `modalities`, as scoring did) is never decoded, here either, and one that cannot be)."""
     shown = {}
     for rank, entry in entries:
         rel = f"{OUT_OF_SCOPE_FOLDER}/{png_name(rank, entry.path)}"
         try:
-            img = overlay.display_image(read_input(entry.path), preprocessing)
+            data = read_input(entry.path)
+            if is_dicom(data) and header_problem(read_dicom_header(data), modalities):
+                raise ImageError("refused by its header: its pixels are not decoded")
+            img = overlay.display_image(data, preprocessing)
             img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
             os.makedirs(os.path.join(out_dir, OUT_OF_SCOPE_FOLDER), exist_ok=True)
             overlay.save_png(img, os.path.join(out_dir, rel))

@@ -138,7 +138,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                     {f.path: f.png for f in flagged if f.png}, html_report.MAX_FLAGGED_ROWS,
                                     html_report.OUT_OF_SCOPE_SHOWN)
             outdir.remove_scratch(scratch)  # read once: nothing of it is published
-            thumbnails = heatmaps.draw_thumbnails(tmp, listed.out_of_scope, model.preprocessing)
+            thumbnails = heatmaps.draw_thumbnails(tmp, listed.out_of_scope, model.preprocessing,
+                                                  modalities(args.modalities))
             if model.card:
                 shutil.copyfile(model.card, os.path.join(tmp, MODEL_CARD_COPY))
             result = RunResult(run_id, model.model_id, model.threshold, runner.label, book.path if book else None,

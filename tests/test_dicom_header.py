@@ -70,6 +70,14 @@ def test_absent_and_empty_elements_are_empty_strings(tmp_path):
     ({"modality": "DX", "sop_class_uid": str(uid.DigitalXRayImageStorageForPresentation)}, None),
     ({"modality": "DX", "body_part_examined": "ABDOMEN"}, "BodyPartExamined ABDOMEN is not a chest"),
     ({"modality": "CR", "body_part_examined": "CSPINE"}, "BodyPartExamined CSPINE is not a chest"),
+    # the model reads frontal views (QA: a DX with ViewPosition LL was scored)
+    ({"modality": "DX", "view_position": "PA"}, None),
+    ({"modality": "DX", "view_position": "AP", "body_part_examined": "CHEST PA"}, None),
+    ({"modality": "DX", "view_position": "LL"}, "lateral view (ViewPosition LL): the model reads frontal"),
+    ({"modality": "CR", "view_position": "rld"}, "lateral view (ViewPosition rld)"),
+    ({"modality": "DX", "view_position": "LATERAL"}, "lateral view (ViewPosition LATERAL)"),
+    ({"modality": "DX", "body_part_examined": "CHEST LAT"}, "lateral view (BodyPartExamined CHEST LAT)"),
+    ({"modality": "DX", "body_part_examined": "CHEST_RL", "view_position": "PA"}, "lateral view (BodyPartExamined"),
 ])
 def test_header_problem(fields, problem):
     found = header_problem(DicomHeader(**fields))

@@ -355,3 +355,26 @@ def test_a_failing_report_step_waits_for_the_heatmaps_then_leaves_nothing(heat_t
     assert "drift check failed" in capsys.readouterr().err
     assert drawn.wait(30)  # set before the job returned, unless it left the drawing behind
     assert os.listdir(parent) == []
+
+
+def test_a_dicom_its_header_refused_gets_no_thumbnail_and_is_never_decoded(tmp_path, monkeypatch):
+    """QA: report.html's out-of-scope thumbnails decoded the pixel data of files the header rules refused, which the
+    scoring never decodes (a CT with a hostile codestream took 5.8 GB in the report)."""
+    from batch_job import overlay
+    from batch_job.worklist import Entry
+    from dicom_factory import dicom_bytes, xray_like
+
+    ct, blank = str(tmp_path / "ct.dcm"), str(tmp_path / "blank.png")
+    with open(ct, "wb") as f:
+        f.write(dicom_bytes(xray_like(96, 96), 12, modality="CT"))
+    Image.new("L", (96, 96), 128).save(blank)
+    entries = [(1, Entry(ct, "out_of_scope", "", "", "Modality CT not allowed (allowed: CR, DX)")),
+               (2, Entry(blank, "out_of_scope", "", "", "near-constant image"))]
+    decoded = []
+    display = overlay.display_image
+    monkeypatch.setattr(overlay, "display_image", lambda data, pre: decoded.append(data[:4]) or display(data, pre))
+    shown = heatmaps.draw_thumbnails(str(tmp_path / "out"), entries, {"image_size": 32})
+    assert shown[ct] == "" and shown[blank].startswith("out_of_scope/0002-") and len(decoded) == 1
+    assert os.path.isfile(tmp_path / "out" / shown[blank])
+    widened = heatmaps.draw_thumbnails(str(tmp_path / "out2"), entries, {"image_size": 32}, ("CR", "DX", "CT"))
+    assert widened[ct].startswith("out_of_scope/0001-") and len(decoded) == 3  # allowed tonight: decoded, shown

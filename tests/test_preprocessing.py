@@ -241,3 +241,38 @@ def test_an_exception_as_one_line():
     assert one_line(beam) == "OSError: disk full [while running 'DecodeScoreWrite']"
     assert one_line(KeyError()) == "KeyError" and one_line(ValueError("  \n ")) == "ValueError"
     assert one_line(ValueError("x" * 500), 200) == "x" * 200
+
+
+def _gradient(size: int = 160) -> Image.Image:
+    return Image.fromarray(np.add.outer(np.arange(size), np.arange(size)).astype(np.uint8), "L")
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding():
+    """QA: one 1.2 MB progressive JPEG repeating a scan 10,000 times took 76 s of CPU; nothing bounded it."""
+    from xray_core.preprocessing import MAX_JPEG_SCANS
+
+    buf = io.BytesIO()
+    _gradient().save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    cfg = PreprocessConfig(image_size=64)
+    assert 1 < data.count(b"\xff\xda") < 20
+    plain = preprocess_image(data, cfg)
+    last_scan = data[data.rindex(b"\xff\xda"):data.rindex(b"\xff\xd9")]
+    end = data.rindex(b"\xff\xd9")
+    few = data[:end] + last_scan * 5 + data[end:]  # a few more refinement scans: still an image
+    assert np.abs(preprocess_image(few, cfg) - plain).max() < 0.1
+    bomb = data[:end] + last_scan * MAX_JPEG_SCANS + data[end:]
+    with pytest.raises(ImageError, match=f"^progressive JPEG of more than {MAX_JPEG_SCANS} scans$"):
+        preprocess_image(bomb, cfg)
+
+
+def test_a_multi_picture_jpeg_is_scored_on_its_first_picture():
+    """QA: a camera's MPO file (a JPEG with more pictures after the first) was an error row."""
+    first, second = _gradient(), Image.new("L", (160, 160), 40)
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    plain = io.BytesIO()
+    first.save(plain, "JPEG", quality=95)
+    cfg = PreprocessConfig(image_size=64)
+    assert np.abs(preprocess_image(buf.getvalue(), cfg) - preprocess_image(plain.getvalue(), cfg)).max() < 2 / 255

@@ -12,6 +12,8 @@ UIDs, study date, view position). Every field is a string, empty when the elemen
   reader (and the training data) sees. Told by PresentationIntentType or, where that is missing, by a For
   Processing SOP class.
 - BodyPartExamined, where present and not empty, must name the chest: see :data:`CHEST_WORDS`.
+- A lateral view is refused, the model reading frontal (PA or AP) radiographs: ViewPosition LL, RL, LLD, RLD (PS3.3
+  C.8.11.5's terms) or LAT / LATERAL, or one of those words in BodyPartExamined ("CHEST LAT").
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ CHEST_WORDS = frozenset({
 })
 VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT",
                         "SUPINE", "1", "2", "VIEW", "VIEWS"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 # pydicom.uid's DigitalXRay-, DigitalMammographyXRay- and DigitalIntraOralXRayImageStorageForProcessing, spelled out
 # so that importing this module (the preprocessing module does, for every JPEG too) does not import pydicom
 FOR_PROCESSING_SOP_CLASSES = frozenset({
@@ -204,10 +207,15 @@ def modalities_named(reason: str) -> frozenset[str] | None:
     return frozenset(m.strip() for m in found.group(1).split(",")) if found else None
 
 
+def words(value: str) -> list[str]:
+    """A Code String's words, upper case: split at spaces, underscores, hyphens, slashes and backslashes."""
+    return [w for w in re.split(r"[\s_\-/\\]+", value.upper()) if w]
+
+
 def is_chest(body_part: str) -> bool:
     """Whether a BodyPartExamined value names the chest (see CHEST_WORDS)."""
-    words = [w for w in re.split(r"[\s_\-/\\]+", body_part.upper()) if w]
-    return any(w in CHEST_WORDS for w in words) and all(w in CHEST_WORDS or w in VIEW_WORDS for w in words)
+    found = words(body_part)
+    return any(w in CHEST_WORDS for w in found) and all(w in CHEST_WORDS or w in VIEW_WORDS for w in found)
 
 
 def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str | None:
@@ -224,4 +232,7 @@ def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DE
         return f"{modality} FOR PROCESSING image (raw detector data, not an image for viewing)"
     if header.body_part_examined and not is_chest(header.body_part_examined):
         return f"BodyPartExamined {header.body_part_examined} is not a chest"
+    for keyword, value in (("ViewPosition", header.view_position), ("BodyPartExamined", header.body_part_examined)):
+        if LATERAL_VIEWS.intersection(words(value)):
+            return f"lateral view ({keyword} {value}): the model reads frontal (PA or AP) chest X-rays"
     return None

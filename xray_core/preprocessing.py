@@ -32,7 +32,12 @@ from xray_core.errors import one_line
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
-SUPPORTED_FORMATS = ("JPEG", "PNG")
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a multi-picture JPEG (a camera's), whose first picture Pillow decodes as JPEG
+SUPPORTED_FORMATS = (*JPEG_FORMATS, "PNG")
+# A progressive JPEG is decoded scan by scan, and nothing in the format bounds their number: one 1.2 MB file of 10,000
+# repeated scans took 76 s of CPU (QA), so the 1 GiB file limit allowed hours. Real files have about 10 (libjpeg's
+# standard scripts: 6 for gray, 10 for colour); 500 is the scan limit libjpeg-turbo's fuzzers set (TJPARAM_SCANLIMIT).
+MAX_JPEG_SCANS = 500
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -125,15 +130,18 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
     _check_size(img, config)
+    jpeg = img.format in JPEG_FORMATS
+    if jpeg and img.info.get("progressive") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers (FF is
+        raise ImageError(f"progressive JPEG of more than {MAX_JPEG_SCANS} scans")  # stuffed in coded data)
     stored_rgb = img.info.get("adobe_transform") == 0  # RGB planes, not YCbCr: libjpeg cannot hand out YCbCr
-    if img.format == "JPEG" and img.mode == "RGB" and not stored_rgb:
+    if jpeg and img.mode == "RGB" and not stored_rgb:
         # Decoded as YCbCr, libjpeg's luma plane is exactly what decoding to "L" gives (no colour conversion
         # either way), and the chroma planes tell a colour photograph from a gray scan saved in colour.
         img.draft("YCbCr", (config.image_size, config.image_size) if config.jpeg_draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
         return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
-    if config.jpeg_draft and img.format == "JPEG":  # an RGB-stored JPEG stays RGB: its colour is checked
+    if config.jpeg_draft and jpeg:  # an RGB-stored JPEG stays RGB: its colour is checked
         img.draft("RGB" if stored_rgb else "L", (config.image_size, config.image_size))
     img.load()
     img = ImageOps.exif_transpose(img)
