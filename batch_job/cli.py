@@ -54,7 +54,7 @@ environment:
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """-> (the job's arguments, everything else: Beam pipeline options, passed through untouched)."""
     p = argparse.ArgumentParser(prog="python -m batch_job", description="Score X-ray folders with an ONNX model "
-                                "(Apache Beam, onnxruntime; no TensorFlow). README: Batch scoring.", epilog=EPILOG,
+                                "(Apache Beam, onnxruntime; no TensorFlow). docs/batch_job.md.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="folder (recursive), glob, file, or Beam FileSystems URI; repeatable")

@@ -88,7 +88,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     if model.gate is None:
         LOG.info("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
                  "near-constant, too few grey levels) run", model.model_id)
-    package = os.path.dirname(os.path.dirname(model.path))  # <serving>/<name>: every version of the model
+    # <serving>/<name>: every version of the model, where the files are (a --model given as a symlink included)
+    package = os.path.dirname(os.path.dirname(os.path.realpath(model.path)))
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
     if args.ledger:
         check_usable(args.ledger)  # every refusal comes before anything is created

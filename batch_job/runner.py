@@ -32,7 +32,7 @@ def default_running_mode(cores: int) -> str:
 
     Pillow's decoder and onnxruntime release the GIL, so threads need no worker start-up and share one model
     session; the Python part of scoring an image holds the GIL for part of its time, which caps what threads
-    gain as cores grow, so beyond THREADS_UP_TO cores the workers are processes (README, "Batch scoring").
+    gain as cores grow, so beyond THREADS_UP_TO cores the workers are processes (docs/batch_job.md).
     """
     return "multi_threading" if cores <= THREADS_UP_TO else "multi_processing"
 

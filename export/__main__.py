@@ -3,6 +3,7 @@ an input gate or a threshold recalibrated on local images, or --verify one."""
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        p.error(f"--name must be one folder name of letters, digits, '.', '_' and '-', not {args.name!r}")
     return args
 
 

@@ -489,6 +489,21 @@ def test_output_and_ledger_never_overlap_an_input(case, tiny_package, tmp_path, 
     assert snapshot(str(tmp_path)) == before and sorted(os.listdir(tmp_path)) == listing
 
 
+def test_an_output_inside_the_model_package_is_refused_when_the_model_is_named_by_a_symlink(tiny_package, tmp_path,
+                                                                                           capsys):
+    """QA: --model given as a symlink to a version folder let OUT_DIR be written inside the real serving folder
+    (the same command naming the real path was refused)."""
+    from xray_core.package import resolve_version_dir
+
+    version = resolve_version_dir(tiny_package)
+    os.symlink(version, tmp_path / "link")
+    make_tree(str(tmp_path / "in"), per_class=2, size=64, seed=6)
+    out = os.path.join(os.path.dirname(version), "scores")  # inside <serving>/<name>, beside the versions
+    line = assert_one_line_error(capsys, main(["--input", str(tmp_path / "in"), "--model", str(tmp_path / "link"),
+                                               "--output", out, "--direct_running_mode=in_memory"]))
+    assert "overlap" in line and not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------- arguments, refusals, vanished inputs
 
 def test_parked_output_is_restored_before_the_emptiness_check(labelled_tree, tiny_package, tmp_path, capsys):

@@ -379,6 +379,16 @@ def test_recalibrate_needs_a_calibration_dir(source_package, capsys):
     assert "--recalibrate needs --calibrate-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["../../escape", "", "a/b", ".hidden", "-x"])
+def test_a_name_that_is_not_one_folder_name_is_refused(source_package, tmp_path, name, capsys):
+    """QA: --name ../../escape published outside the serving folder; --name "" published into its root."""
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--recalibrate", source_package, "--calibrate-dir", str(tmp_path), "--serving-dir",
+                     str(tmp_path / "other"), f"--name={name}"])
+    assert exc.value.code == 2 and "--name must be one folder name" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "other") and not os.path.exists(tmp_path.parent / "escape")
+
+
 def test_a_source_without_a_target_recall_needs_one_given(tmp_path, capsys):
     serving = tmp_path / "serving"
     vdir = write_package(str(serving))
