@@ -7,7 +7,9 @@ Workers only read it
 the whole run and writes the new entries in one transaction after OUT_DIR is published.
 Each run also records its run id; an OUT_DIR whose run id the ledger does not know was
 published by a run killed before its ledger commit, and the next run may replace it. A run whose model has a
-drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend.
+drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend. Table
+`models` holds the sha256 of the model.onnx each model id first committed with: a package published again under an
+id the ledger knows (a version number reused in a new serving folder) is refused, never handed the other's scores.
 Tables are created if missing: a ledger written before a table existed opens and commits as before.
 """
 from __future__ import annotations
@@ -99,6 +101,24 @@ def knows_run(path: str, run_id: str) -> bool:
             raise
 
 
+def check_model(path: str, model: str, onnx_sha256: str) -> None:
+    """Refuse (LedgerError) a model id this ledger knows as another package: its rows were scored by another
+    model.onnx (read-only; a ledger, or a table, not there yet knows none)."""
+    if not os.path.exists(path):
+        return
+    with contextlib.closing(_read_only(path)) as conn:
+        try:
+            row = conn.execute("SELECT onnx_sha256 FROM models WHERE model = ?", (model,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return
+            raise
+    if row is not None and row[0] != onnx_sha256:
+        raise LedgerError(f"ledger {path} holds the scores of another {model} (its model.onnx sha256 {row[0][:12]}, "
+                          f"this one's {onnx_sha256[:12]}): publish this model as a new version, or name another "
+                          "--ledger")
+
+
 class Ledger:
     """Driver side: create, lock, and commit."""
 
@@ -152,10 +172,12 @@ class Ledger:
             self._lock_file.close()
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
-               drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = ()) -> int:
+               drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = (),
+               onnx_sha256: str = "") -> int:
         """Insert (sha256, probability, path) entries, (sha256, reason, path) of the images the input gate refused,
-        the run, the file keys of the files read in this run and, given the run's DriftResult for a model with a
-        drift reference, the run's drift figures: in one transaction. -> the scored entries added."""
+        the run, the file keys of the files read in this run, the model's model.onnx sha256 where the ledger does
+        not know the model yet and, given the run's DriftResult for a model with a drift reference, the run's drift
+        figures: in one transaction. -> the scored entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:
@@ -173,6 +195,8 @@ class Ledger:
                     ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
                 )
                 conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+                if onnx_sha256:
+                    conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model, onnx_sha256, now))
                 conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "
                                  "VALUES (?, ?, ?, ?, ?)",
                                  ((os.fsencode(key[0]), *key[1:]) for key in files))

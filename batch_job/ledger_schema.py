@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS files (
     ctime_ns INTEGER NOT NULL,
     sha256 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS models (
+    model TEXT PRIMARY KEY,
+    onnx_sha256 TEXT NOT NULL,
+    first_utc TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS drift (
     run_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,

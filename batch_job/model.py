@@ -36,6 +36,7 @@ class Model:
     heatmap_method: dict | None = None  # the maps the report shows (xray_core/occlusion.py); None: the graph's
     card: str | None = None  # the package's MODEL_CARD.md, copied into OUT_DIR
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
+    sha256: str = ""  # of model.onnx, as metadata.json records it (verified)
 
 
 def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
@@ -61,4 +62,4 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
                  meta.heatmap_hw, os.path.join(version_dir, REFERENCE_FILE) if meta.reference is not None else None,
                  GateSpec.from_dict(meta.gate) if meta.gate else None, meta.heatmap_method,
                  card if os.path.isfile(card) else None,
-                 None if threshold == meta.decision_threshold else meta.decision_threshold)
+                 None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256)

@@ -39,7 +39,7 @@ from batch_job import (
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
-from batch_job.ledger import Ledger, check_usable
+from batch_job.ledger import Ledger, check_model, check_usable
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
     if args.ledger:
         check_usable(args.ledger)  # every refusal comes before anything is created
+        check_model(args.ledger, model.model_id, model.sha256)
     out = os.path.abspath(args.output)
     outdir.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     outdir.refuse_existing(out, replaceable(args, out))
@@ -162,7 +163,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             outdir.publish(tmp, out, overwrite)
             kill_point("published")
             if book is not None:
-                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused)
+                commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused,
+                              model.sha256)
     return result
 
 
@@ -256,11 +258,11 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
 
 
 def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
-                  file_keys: list = (), refused: list = ()) -> None:
+                  file_keys: list = (), refused: list = (), onnx_sha256: str = "") -> None:
     """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
     if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused)
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused, onnx_sha256)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "

@@ -42,8 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recalibrate", metavar="VERSION_DIR",
                    help="publish VERSION_DIR again as a new version whose decision threshold is chosen on "
                         "--calibrate-dir (same model.onnx, drift reference and gate; no TensorFlow, no training run)")
-    p.add_argument("--serving-dir", default="serving_models")
-    p.add_argument("--name", default="pneumonia")
+    p.add_argument("--serving-dir", default=None,
+                   help="where the new version goes (default: serving_models with --run-dir; with --add-gate and "
+                        "--recalibrate the serving folder of the source version)")
+    p.add_argument("--name", default=None,
+                   help="the model's name (default: pneumonia with --run-dir; with --add-gate and --recalibrate the "
+                        "source version's)")
     p.add_argument("--model", default="best", help="best (from comparison.json) or a model name of the run")
     p.add_argument("--version", type=int, default=None, help="default: highest existing + 1")
     p.add_argument("--opset", type=int, default=17)
@@ -72,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         p.error(f"--name must be one folder name of letters, digits, '.', '_' and '-', not {args.name!r}")
     return args
 
@@ -160,7 +164,8 @@ def _main(argv=None) -> int:
     from export.convert import ExportInputError, ParityError, export
 
     try:
-        export(args.run_dir, args.serving_dir, args.name, args.model, args.version, args.opset, command,
+        export(args.run_dir, args.serving_dir or "serving_models", args.name or "pneumonia", args.model, args.version,
+               args.opset, command,
                calibrate_dir=args.calibrate_dir, target_recall=args.target_recall,
                heatmap_method=args.heatmap_method)
     except ExportInputError as exc:

@@ -41,14 +41,17 @@ class RepublishError(ValueError):
     """A package that cannot be republished (exit 2); the message is one line."""
 
 
-def republish(source_dir: str, serving_dir: str, name: str, edit: Callable[[Metadata, str], Metadata],
-              version: int | None = None, log=print) -> str:
-    """Copy `source_dir`'s model and reference into serving_dir/name/<version>, with metadata `edit(meta,
-    staging_dir)` returns; verified before it is published, atomically. -> the new version dir."""
+def republish(source_dir: str, serving_dir: str | None, name: str | None,
+              edit: Callable[[Metadata, str], Metadata], version: int | None = None, log=print) -> str:
+    """Copy `source_dir`'s model and reference into serving_dir/name/<version> (None: the source's serving folder,
+    its name: beside it, never under the working directory), with metadata `edit(meta, staging_dir)` returns;
+    verified before it is published, atomically. -> the new version dir."""
     problems = [c for c in verify_package(source_dir) if not c.ok]
     if problems:
         raise RepublishError(f"{source_dir} does not verify ({problems[0].line()}); nothing published")
     meta = load_metadata(source_dir)
+    serving_dir = serving_dir or os.path.dirname(os.path.dirname(os.path.abspath(source_dir)))
+    name = name or meta.name
     try:
         final = new_version_dir(serving_dir, name, version)
         staging = staging_dir(final, serving_dir)
@@ -143,7 +146,7 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
         raise RepublishError(f"{exc}; nothing published") from None
 
 
-def add_gate(source_dir: str, serving_dir: str, name: str, version: int | None = None, command: str = "",
+def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version: int | None = None, command: str = "",
              training_dir: str | None = None, log=print) -> str:
     def edit(meta: Metadata, staging: str) -> Metadata:
         source = dict(meta.source or {}, republish_command=command)
@@ -198,8 +201,8 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
         site_calibration=site, created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def recalibrate(source_dir: str, cal_dir: str, serving_dir: str, name: str, target_recall: float | None = None,
-                version: int | None = None, command: str = "", log=print) -> str:
+def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: str | None,
+                target_recall: float | None = None, version: int | None = None, command: str = "", log=print) -> str:
     """Publish `source_dir` again as serving_dir/name/<version> with the threshold chosen on cal_dir; -> the new
     version dir. RepublishError (nothing published) for a folder with fewer than MIN_PER_CLASS images of a class."""
     try:

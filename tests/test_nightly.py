@@ -44,6 +44,30 @@ def small_tree(tmp_path):
 
 # ------------------------------------------------------------------ ledger
 
+def test_another_package_under_a_known_model_id_is_refused_not_handed_its_scores(small_tree, tmp_path, capsys):
+    """QA: a package published again as pneumonia/1 in another serving folder (export --recalibrate run elsewhere)
+    met a ledger that knew pneumonia/1: every image was skipped with the other model's probability. The ledger now
+    keeps each model id's model.onnx sha256 and refuses another package under it, before anything is written."""
+    first = write_package(str(tmp_path / "a"), threshold=0.5)
+    other = write_package(str(tmp_path / "b"), threshold=0.5, offset=0.2)  # another network, the same id
+    ledger = str(tmp_path / "ledger.sqlite")
+    assert main(["--input", small_tree, "--model", first, "--output", str(tmp_path / "o1"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory"]) == 0
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:
+        assert conn.execute("SELECT model, onnx_sha256 FROM models").fetchall() == [
+            ("pneumonia/1", sha256_file(os.path.join(first, "model.onnx")))]
+    capsys.readouterr()
+    before = open(ledger, "rb").read()
+    line = assert_one_line_error(capsys, main(["--input", small_tree, "--model", other, "--output",
+                                               str(tmp_path / "o2"), "--ledger", ledger,
+                                               "--direct_running_mode=in_memory"]))
+    assert "holds the scores of another pneumonia/1" in line and "publish this model as a new version" in line
+    assert open(ledger, "rb").read() == before and not os.path.exists(tmp_path / "o2")
+    assert main(["--input", small_tree, "--model", first, "--output", str(tmp_path / "o3"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory"]) == 0  # the same package: its earlier scores are reused
+    assert json.load(open(tmp_path / "o3" / "metrics.json"))["images_skipped"] == 20
+
+
 def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
     """Exit 0 with a summary of 0 images and the outputs published (one header-only shard); the ledger records
     the run. --fail-if-empty keeps the old refusal (test_a_refused_run_with_a_ledger_creates_nothing)."""

@@ -200,6 +200,21 @@ def test_a_dicom_folder_with_a_target_recall_of_its_own(tmp_path, capsys):
     assert "calibrated on 60 images" in capsys.readouterr().out
 
 
+def test_without_serving_dir_and_name_the_new_version_goes_beside_its_source(tmp_path, monkeypatch):
+    """QA: --recalibrate without --serving-dir published ./serving_models/pneumonia/1 under the working directory,
+    an id a ledger already knew for the shipped model."""
+    serving = tmp_path / "serving"
+    source = _source(serving)
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert export_main(["--recalibrate", source, "--calibrate-dir", str(cal)]) == 0
+    assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "3", "config.pbtxt"]
+    assert os.listdir(elsewhere) == [] and load_metadata(str(serving / "pneumonia" / "3")).model_id == "pneumonia/3"
+
+
 # ------------------------------------------------------------------ refusals
 
 @pytest.fixture()
