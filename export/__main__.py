@@ -126,6 +126,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
     elif held:  # the command failed on its own (its line is out): nothing was published
         return _stopped(Terminated() if held == "SIGTERM" else KeyboardInterrupt(), PUBLISHED)
+    if code == 0 and argv is None and previous:  # the process's own command, done: its exit (TensorFlow's teardown,
+        GATE.install()  # a second) holds Ctrl-C and SIGTERM, which would say 130/143, "nothing published"
+        GATE.hold()
     return code
 
 

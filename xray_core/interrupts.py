@@ -6,7 +6,9 @@ Terminated for SIGTERM: the command removes its temp or staging folder, publishe
 as it was) and exits 130 or 143. Inside it (the job publishing OUT_DIR and committing its ledger; export renaming
 its staging folder to the version and rewriting config.pbtxt) the signal is held until the section ends, so nothing
 is left half-done; the command then says the signal arrived, and export's last line after a signal says whether
-the version was published.
+the version was published. Once a command has done its work and published it, GATE.hold() holds every later
+signal for good: the interpreter's exit that follows (a second, with TensorFlow loaded) must not turn a command
+that succeeded into exit 130 or 143, which mean "nothing published".
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ class InterruptGate:
         """The name of the signal held while publishing ("" when none), forgotten once taken."""
         held, self.pending = self.pending, 0
         return "" if not held else "SIGTERM" if held == signal.SIGTERM else "Ctrl-C"
+
+    def hold(self) -> None:
+        """Hold every signal from now on (the command's outputs are published; the process is about to exit)."""
+        self.depth += 1
 
     @contextlib.contextmanager
     def deferred(self):
