@@ -276,3 +276,15 @@ def test_a_multi_picture_jpeg_is_scored_on_its_first_picture():
     first.save(plain, "JPEG", quality=95)
     cfg = PreprocessConfig(image_size=64)
     assert np.abs(preprocess_image(buf.getvalue(), cfg) - preprocess_image(plain.getvalue(), cfg)).max() < 2 / 255
+
+
+def test_macos_appledouble_files_are_not_listed(tmp_path):
+    """QA: a folder copied from a Mac holds `._scan.jpeg` beside each scan (Finder metadata): each was an error row."""
+    from xray_core.preprocessing import APPLEDOUBLE_MAGIC, is_input_file
+
+    _gradient().save(tmp_path / "scan.jpeg")
+    (tmp_path / "._scan.jpeg").write_bytes(APPLEDOUBLE_MAGIC + b"\x00\x02\x00\x00Mac OS X        " + bytes(64))
+    _gradient().save(tmp_path / "._real.jpeg")  # an image that happens to be named so stays listed
+    (tmp_path / "._empty.jpeg").write_bytes(b"")  # and so does anything else: its row says what it is
+    assert [n for n in sorted(os.listdir(tmp_path)) if is_input_file(str(tmp_path / n))] == [
+        "._empty.jpeg", "._real.jpeg", "scan.jpeg"]

@@ -234,9 +234,25 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"  # macOS's `._<name>` beside each file copied from a Mac: its Finder data
+
+
+def is_appledouble(path: str) -> bool:
+    """A macOS AppleDouble file (`._scan.jpeg` beside `scan.jpeg`: the metadata a Mac writes on a foreign file system,
+    no image), told by its name and its first four bytes."""
+    if not os.path.basename(path).startswith("._"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == APPLEDOUBLE_MAGIC
+    except OSError:
+        return False
+
+
 def is_input_file(path: str, unreadable: bool = False) -> bool:
     """An image by extension (.jpeg .jpg .png .dcm), or a regular file that is DICOM (dicom_header.is_dicom;
     archives name DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
+    A macOS AppleDouble file (`._scan.jpeg`) is not listed: it holds a Mac's metadata of scan.jpeg, no image.
 
     Files with an image extension are always listed (an unreadable one becomes an error row);
     others are only sniffed when they are regular files (a FIFO would block open()). One that cannot be opened
@@ -244,7 +260,7 @@ def is_input_file(path: str, unreadable: bool = False) -> bool:
     without a word: its row says why), left out otherwise (training and calibration folders are curated).
     """
     if is_image_file(path):
-        return True
+        return not is_appledouble(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
