@@ -142,6 +142,10 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
     require_per_class([label for _, label in kept], max(min_per_class, 1), cal_dir, "decodable images")
     y = np.asarray([CLASSES.index(label) for _, label in kept])
     groups = np.asarray([patient_of(path) for path, _ in kept])
+    few = [name for label, name in enumerate(CLASSES) if len(np.unique(groups[y == label])) < 2]
+    if few:
+        raise CalibrationError(f"calibration dir {cal_dir} has images of fewer than 2 patients of {', '.join(few)}: "
+                               "the 2-fold estimate splits the patients in two")
     threshold = choose_threshold(y, p, target_recall)
     result = {
         "dir": os.path.abspath(cal_dir),

@@ -46,8 +46,12 @@ class ParityError(RuntimeError):
     """ONNX and Keras disagree (exit 1)."""
 
 
-def read_run(run_dir: str, model: str) -> tuple[str, dict, dict]:
-    """-> (model name, its metrics.json, the run's comparison.json)."""
+METRICS_KEYS = ("preprocessing", "chosen_threshold", "target_recall")  # what export reads of a model's metrics.json
+
+
+def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
+    """-> (model name, its metrics.json, the run's comparison.json, its run.json); ExportInputError (exit 2) before
+    any work for a run that is not complete."""
     if not os.path.isdir(run_dir):
         raise ExportInputError(f"run dir not found: {run_dir}")
     try:
@@ -70,7 +74,15 @@ def read_run(run_dir: str, model: str) -> tuple[str, dict, dict]:
             metrics = json.load(f)
     except (OSError, ValueError):
         raise ExportInputError(f"{run_dir}/{name}/metrics.json is missing or unreadable") from None
-    return name, metrics, comparison
+    missing = [key for key in METRICS_KEYS if key not in metrics] if isinstance(metrics, dict) else METRICS_KEYS
+    if missing:
+        raise ExportInputError(f"{run_dir}/{name}/metrics.json lacks {', '.join(missing)}")
+    try:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            run_info = json.load(f)
+    except (OSError, ValueError):
+        raise ExportInputError(f"{run_dir}/run.json is unreadable (not JSON)") from None
+    return name, metrics, comparison, run_info
 
 
 def load_keras(path: str):
@@ -107,7 +119,8 @@ def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
 def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, int]:
     """>= n images from the run's test split (then val, then train if test is small), plus all-zeros and all-ones.
 
-    ParityError when fewer than min(n, images in the split) can be read (e.g. the data moved).
+    ExportInputError (exit 2: an incomplete run, not a disagreement) when the split lists no image, or fewer than
+    min(n, images in the split) can be read (e.g. the data moved).
     """
     rows = read_split_csv(os.path.join(run_dir, "split.csv"))
     order = {"test": 0, "val": 1, "train": 2}
@@ -120,9 +133,10 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
             images.append(preprocess_image(ex.path, config))
         except ImageError:
             continue
-    if len(images) < min(n, len(rows)):
-        raise ParityError(f"parity needs {min(n, len(rows))} images of the run's split but only {len(images)} "
-                          "could be read (moved data?); nothing published")
+    if not images or len(images) < min(n, len(rows)):
+        raise ExportInputError(f"parity needs {max(1, min(n, len(rows)))} images of the run's split "
+                               f"({len(rows)} listed in split.csv) but only {len(images)} could be read (moved data? "
+                               "an incomplete run?); nothing published")
     size = config.image_size
     edges = [np.zeros((size, size, 1), np.float32), np.ones((size, size, 1), np.float32)]
     return np.stack(images + edges), len(images)
@@ -156,7 +170,7 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     val = [ex.path for ex, split in rows if split == "val"]
     images, ok, _failed = load_images(val, config)
     if not ok:
-        raise ParityError("no image of the run's validation split could be read (moved data?); nothing published")
+        raise ExportInputError("no image of the run's validation split could be read (moved data?); nothing published")
     ref = reference.compute(session, images)
     path = os.path.join(staging, reference.REFERENCE_FILE)
     reference.write(path, ref)
@@ -188,7 +202,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
     from export.calibrate import CalibrationError, calibrate, list_labelled
 
-    arch, metrics, _ = read_run(run_dir, model)
+    arch, metrics, _, run_info = read_run(run_dir, model)
     target_recall = metrics["target_recall"] if target_recall is None else target_recall
     if calibrate_dir is not None:
         try:
@@ -213,7 +227,10 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         config = PreprocessConfig.from_dict(metrics["preprocessing"])
         onnx_path = os.path.join(staging, MODEL_FILE)
         t0 = time.perf_counter()
-        to_onnx(export_model, config.image_size, opset, onnx_path)
+        try:
+            to_onnx(export_model, config.image_size, opset, onnx_path)
+        except ValueError as exc:  # tf2onnx: an opset it cannot convert to
+            raise ExportInputError(f"conversion to ONNX opset {opset} failed: {one_line(exc, 200)}") from None
         seconds = time.perf_counter() - t0
         log(f"converted {arch} to ONNX opset {opset} in {seconds:.1f}s ({os.path.getsize(onnx_path) / 1e6:.2f} MB)")
         session = open_session(onnx_path)  # one session for calibration, parity and the heatmap checks
@@ -242,8 +259,6 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
         ref = build_reference(run_dir, config, export_model, session, x, staging, log) if dim else None
         gate_spec = fit_gate(run_dir, staging, session, config, log) if dim else None
-        with open(os.path.join(run_dir, "run.json")) as f:
-            run_info = json.load(f)
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
