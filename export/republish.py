@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -88,8 +89,9 @@ def write_description(staging: str, meta: Metadata) -> None:
 
 def publish_version(staging: str, final: str) -> None:
     """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
-    rewrite the model's Triton config.pbtxt, which follows the newest version. A Ctrl-C or SIGTERM waits for both
-    (xray_core.interrupts)."""
+    rewrite the model's Triton config.pbtxt, which follows the newest version that is a package (a folder someone
+    is still copying in has no metadata yet). The version stands once renamed: a config.pbtxt that cannot be
+    written is a warning line, not a failure. A Ctrl-C or SIGTERM waits for both (xray_core.interrupts)."""
     with GATE.deferred():
         try:
             os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
@@ -98,10 +100,25 @@ def publish_version(staging: str, final: str) -> None:
         finally:
             release_staging(staging)
         name_dir = os.path.dirname(os.path.abspath(final))
-        newest = load_metadata(os.path.join(name_dir, str(versions(name_dir)[-1])))
-        text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,
-                             embedding=newest.embedding_dim)
-        atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
+        try:
+            newest = newest_package(name_dir)
+            text = triton_config(os.path.basename(name_dir), newest.image_size, heatmap=newest.heatmap_hw,
+                                 embedding=newest.embedding_dim)
+            atomic_write(os.path.join(name_dir, "config.pbtxt"), lambda f: f.write(text))
+        except OSError as exc:
+            print(f"warning: {final} is published, but {name_dir}/config.pbtxt could not be rewritten: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+
+
+def newest_package(name_dir: str) -> Metadata:
+    """The metadata of the highest version under name_dir whose metadata.json reads (at least the one just
+    published)."""
+    for version in reversed(versions(name_dir)):
+        try:
+            return load_metadata(os.path.join(name_dir, str(version)))
+        except PackageError:
+            continue
+    raise PackageError(f"no version under {name_dir} has a readable metadata.json")
 
 
 def with_gate(meta: Metadata, staging: str, training_dir: str | None = None, log=print) -> Metadata:

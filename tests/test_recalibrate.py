@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -213,6 +214,23 @@ def test_without_serving_dir_and_name_the_new_version_goes_beside_its_source(tmp
     assert export_main(["--recalibrate", source, "--calibrate-dir", str(cal)]) == 0
     assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "3", "config.pbtxt"]
     assert os.listdir(elsewhere) == [] and load_metadata(str(serving / "pneumonia" / "3")).model_id == "pneumonia/3"
+
+
+def test_a_half_copied_newest_folder_does_not_fail_a_publish(source_package, tmp_path, capsys):
+    """QA: a folder 20/ holding only model.onnx (someone copying a version in) made --recalibrate crash with a
+    traceback (exit 1) after publishing, config.pbtxt not rewritten. config.pbtxt now follows the newest version that
+    is a package."""
+    name_dir = tmp_path / "serving" / "pneumonia"
+    (name_dir / "20").mkdir()
+    shutil.copy(os.path.join(source_package, "model.onnx"), name_dir / "20" / "model.onnx")
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--version", "8"]) == 0
+    assert load_metadata(str(name_dir / "8")).model_id == "pneumonia/8"
+    assert "Traceback" not in capsys.readouterr().err
+    with open(name_dir / "config.pbtxt") as f:
+        assert 'name: "pneumonia"' in f.read()
+    assert os.path.getmtime(name_dir / "config.pbtxt") >= os.path.getmtime(name_dir / "8")
 
 
 # ------------------------------------------------------------------ refusals
