@@ -67,13 +67,20 @@ def _args(data, out, *extra):
     (("--teacher", SHIPPED), "was not validated and tested on this run's validation and test images"),
     (("--teacher", SHIPPED, "--image-size", "32"), "pass --image-size 64"),
     (("--teacher", SHIPPED, "--teacher-weight", "1.5"), "--teacher-weight must be in [0, 1]"),
+    (("--teacher", "SWAPPED"), "does not verify: "),
 ])
 def test_cli_refuses_a_teacher_it_cannot_use(tmp_path, capsys, extra, fragment):
+    if extra[1] == "SWAPPED":  # QA: a teacher whose model.onnx was swapped since it was published taught the student
+        import shutil
+
+        shutil.copytree(SHIPPED, tmp_path / "swapped")
+        shutil.copy(os.path.join(SHIPPED, "..", "2", "model.onnx"), tmp_path / "swapped" / "model.onnx")
+        extra = ("--teacher", str(tmp_path / "swapped"))
     from train.__main__ import main as train_main
 
     make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
     assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", *extra)), fragment)
-    assert os.listdir(tmp_path) == ["data"]
+    assert sorted(os.listdir(tmp_path)) == ["data"] + ["swapped"] * (fragment == "does not verify: ")
 
 
 def test_soft_labels_are_weighted_by_their_folder_labels_not_by_rounding():

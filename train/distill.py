@@ -21,13 +21,20 @@ class TeacherError(ValueError):
 
 
 def check_teacher(teacher: str, weight: float, image_size: int) -> None:
-    """Before any work: the teacher is a published package that preprocesses as this run does, weight in [0, 1]."""
+    """Before any work: the teacher is a published package that verifies (xray_core.verify) and preprocesses as this
+    run does, weight in [0, 1]."""
     if not 0.0 <= weight <= 1.0:
         raise TeacherError(f"--teacher-weight must be in [0, 1], got {weight}")
     try:
-        meta = load_metadata(resolve_version_dir(teacher))
+        version_dir = resolve_version_dir(teacher)
+        meta = load_metadata(version_dir)
     except PackageError as exc:
         raise TeacherError(f"--teacher: {exc}") from None
+    from xray_core.verify import verify_package
+
+    failed = [c for c in verify_package(version_dir, rederive_gate=False) if not c.ok]
+    if failed:  # a model.onnx swapped or damaged since it was published would teach another model
+        raise TeacherError(f"--teacher {version_dir} does not verify: {failed[0].line()}")
     if meta.config != PreprocessConfig(image_size=image_size):
         raise TeacherError(f"--teacher {teacher} takes {meta.image_size} px inputs: pass --image-size "
                            f"{meta.image_size}")
