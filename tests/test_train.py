@@ -596,3 +596,29 @@ def test_training_docs_carry_the_shipped_commands():
     for command in commands:  # every documented training command parses
         if command.startswith("python -m train "):
             _parse(*_train_argv(command))
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_partial_run_and_exits_143(tmp_path):
+    """QA: SIGTERM (docker stop, systemd) killed training outright and left its run.tmp-* folder for good; Ctrl-C
+    already removed it. Sent once the partial run exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    make_tree(str(tmp_path / "data"), per_class=30, size=48, seed=4)
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--data-dir", str(tmp_path / "data"), "--output-dir",
+                             str(tmp_path / "run"), "--image-size", "32", "--epochs", "200", "--ensemble", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(tmp_path / "run.tmp-*" / "split.csv")):
+        time.sleep(0.1)
+    assert glob.glob(str(tmp_path / "run.tmp-*")), "training never started its run"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); RUN_DIR not published"
+    assert sorted(os.listdir(tmp_path)) == ["data"]

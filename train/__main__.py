@@ -10,7 +10,12 @@ given explicitly win over both.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+
+from xray_core.errors import Terminated
+from xray_core.interrupts import GATE
 
 MODEL_CHOICES = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
 SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy", "site_roc_auc")
@@ -30,6 +35,7 @@ exit codes:
        no images or an empty class, an unknown model, --split not summing to 1, --select-by site_roc_auc
        without --site-dir, a non-empty RUN_DIR without --overwrite, VGG19 weights not in the Keras cache
   130  Ctrl-C: RUN_DIR not published, the partial run removed
+  143  SIGTERM (kill, docker stop, systemd): the same
 """
 
 
@@ -111,15 +117,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """The command; -> its exit code. Ctrl-C and SIGTERM (xray_core.interrupts, installed while it runs in the main
+    thread) remove the partial run and publish nothing: 130, 143."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
-    from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
-
+    previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
     try:
-        return run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
+
+        try:
+            return run(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt as exc:  # Terminated too; run() removed its partial run
+        term = isinstance(exc, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; RUN_DIR not published", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be set back
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
