@@ -39,9 +39,12 @@ def environment():
 
 
 def display(text: str, limit: int = MAX_TEXT) -> str:
-    """Text to show: valid UTF-8 (undecodable name bytes, kept as surrogate escapes, become \\xNN), at most
-    `limit` characters (the middle cut out)."""
+    """Text to show: valid UTF-8 (undecodable name bytes, kept as surrogate escapes, become \\xNN), characters that
+    do not print (a newline or a tab in a file name, which a page shows as a space) as their escapes (\\n, \\t), at
+    most `limit` characters (the middle cut out)."""
     shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if not shown.isprintable():
+        shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
     return shown if len(shown) <= limit else shown[:limit // 2 - 1] + "…" + shown[-(limit // 2):]
 
 

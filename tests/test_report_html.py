@@ -240,3 +240,12 @@ def test_report_md_says_what_the_heatmaps_are_and_why_there_are_none():
                       heatmaps=12, model_has_heatmaps=True, map_hw=(8, 8))
     assert "None drawn: the originals of the top 1 flagged images could no longer be read" in \
         report.report_markdown(lost)
+
+
+def test_names_with_a_newline_or_a_tab_are_shown_as_escapes_not_as_other_names():
+    """QA: new<LF>line.jpeg showed as "new line.jpeg" and <TAB>tab.jpeg as " tab.jpeg": names that may be real and
+    other files."""
+    assert html_report.display("/d/new\nline.jpeg") == "/d/new\\nline.jpeg"
+    assert html_report.display("/d/\ttab.jpeg") == "/d/\\ttab.jpeg"
+    assert html_report.display("/d/a b é.jpeg") == "/d/a b é.jpeg"  # spaces and letters as they are
+    assert html_report.display(os.fsdecode(b"/d/M\xfcller\r.png")) == "/d/M\\xfcller\\r.png"
