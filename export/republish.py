@@ -64,7 +64,8 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
             if os.path.isfile(os.path.join(source_dir, file)):
                 shutil.copyfile(os.path.join(source_dir, file), os.path.join(staging, file))
         source = dict(meta.source or {}, republished_from=f"{meta.model_id} ({os.path.abspath(source_dir)})")
-        new = edit(dataclasses.replace(meta, name=name, version=version, source=source), staging)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")  # every version made now, --add-gate too
+        new = edit(dataclasses.replace(meta, name=name, version=version, source=source, created_utc=now), staging)
         write_description(staging, new)
         failed = [c for c in verify_package(staging) if not c.ok]
         if failed:
@@ -125,7 +126,8 @@ def with_gate(meta: Metadata, staging: str, training_dir: str | None = None, log
     """`meta` with the input gate fitted on the training split found in training_dir (export/gate_fit.py), or,
     without one, derived from the package's reference rows alone."""
     if meta.embedding_dim is None or meta.reference is None:
-        raise RepublishError(f"{meta.model_id} has no embedding output or no reference: no gate can be derived")
+        source = (meta.source or {}).get("republished_from", meta.model_id)  # the source, not the id it would get
+        raise RepublishError(f"{source} has no embedding output or no reference: no gate can be derived")
     if training_dir is not None:
         return dataclasses.replace(meta, gate=training_split_gate(meta, staging, training_dir, log))
     fit_file = os.path.join(staging, gate.FIT_FILE)
@@ -214,8 +216,7 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
     return dataclasses.replace(
         meta, source=dict(meta.source or {}, recalibrated_from=provenance), heatmap=heat,
         decision_threshold=site["threshold"], threshold_source="site calibration sample", target_recall=target,
-        validation_threshold=validation,
-        site_calibration=site, created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        validation_threshold=validation, site_calibration=site)
 
 
 def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: str | None,

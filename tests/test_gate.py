@@ -90,8 +90,9 @@ def test_add_gate_publishes_the_same_model_with_a_gate(package, tmp_path, capsys
     assert meta["gate"]["statistic"] == "mahalanobis_ledoit_wolf" and meta["gate"]["rows"] == 120
     assert meta["source"]["republished_from"].startswith("pneumonia/1 (")
     assert "--add-gate" in meta["source"]["republish_command"]
-    assert {k: v for k, v in meta.items() if k not in ("version", "gate", "source")} == \
-        {k: v for k, v in old.items() if k != "version" and k != "source"}
+    assert {k: v for k, v in meta.items() if k not in ("version", "gate", "source", "created_utc")} == \
+        {k: v for k, v in old.items() if k not in ("version", "source", "created_utc")}
+    assert meta["created_utc"] > old.get("created_utc", "")  # QA: it kept the source's, as if made when the source was
     assert all(c.ok for c in verify_package(str(new)))
     assert f"must be at most **{meta['gate']['limit']:.1f}**" in " ".join((new / "MODEL_CARD.md").read_text().split())
 
@@ -110,8 +111,9 @@ def test_verify_fails_a_gate_that_its_reference_does_not_give(package, tmp_path)
 def test_add_gate_refuses_a_package_without_embeddings(tmp_path, capsys):
     vdir = write_package(str(tmp_path / "serving"))
     before = sorted(os.listdir(tmp_path / "serving" / "pneumonia"))
-    assert_one_line_error(capsys, export_main(["--add-gate", vdir, "--serving-dir", str(tmp_path / "serving")]),
-                          "has no embedding output or no reference")
+    argv = ["--add-gate", vdir, "--serving-dir", str(tmp_path / "serving")]
+    line = assert_one_line_error(capsys, export_main(argv), "has no embedding output or no reference")
+    assert line.startswith("error: pneumonia/1 (")  # the source, not pneumonia/2, the id it would have got
     assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == before  # nothing half-written
 
 
