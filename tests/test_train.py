@@ -527,7 +527,7 @@ def test_help_lists_the_exit_codes(capsys):
     text = capsys.readouterr().out
     assert done.value.code == 0 and "exit codes:" in text
     assert [line.split()[0] for line in text.split("exit codes:")[1].splitlines()
-            if re.match(r"  \d", line)] == ["0", "1", "2", "130"]
+            if re.match(r"  \d", line)] == ["0", "1", "2", "130", "143"]
 
 
 def test_defaults_are_the_shipped_recipe():
