@@ -271,6 +271,23 @@ def test_fewer_than_30_decodable_images_of_a_class_are_refused_after_scoring(sou
     assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == ["1", "2", "config.pbtxt"]  # no temp dir
 
 
+def test_a_refusal_after_staging_leaves_no_folder_it_made(source_package, tmp_path, capsys):
+    """QA defect: a refused export left an empty `<serving>/<name>/` (and serving folder) it had made for its
+    staging folder. Folders the export made are removed again while empty; one that was there stays."""
+    cal = tmp_path / "damaged"
+    make_tree(str(cal), per_class=30, size=48, seed=5)
+    sorted((cal / "PNEUMONIA").glob("*.jpeg"))[0].write_bytes(b"")  # 29 decodable: refused after scoring
+    fresh = tmp_path / "fresh" / "serving"
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--serving-dir", str(fresh),
+                        "--name", "site_b"]) == 2
+    assert "29 PNEUMONIA decodable images" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    (fresh / "site_b").mkdir(parents=True)
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--serving-dir", str(fresh),
+                        "--name", "site_b"]) == 2
+    assert os.listdir(fresh / "site_b") == []  # the user's folder stays, empty as it was
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("missing dir", "calibration dir not found"),
     ("no PNEUMONIA", "no images under a folder named PNEUMONIA"),

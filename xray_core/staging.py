@@ -10,26 +10,31 @@ import os
 import re
 from typing import Any
 
-from xray_core.files import hold_lock, remove_dir, take_abandoned_lock, temp_dir_beside
+from xray_core.files import hold_lock, make_folders, remove_dir, remove_folders, take_abandoned_lock, temp_dir_beside
 from xray_core.package import PackageError
 
 PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
 
 STAGING = re.compile(r"\d+\.tmp-[a-z0-9_]{8}\Z")  # an export's staging folder (temp_dir_beside's name for a version)
 _staging_locks: dict[str, Any] = {}  # staging folder -> its lock file, while this process's export uses it
+_made_for: dict[str, list[str]] = {}  # staging folder -> the folders made for it (serving, name), removed if unused
 
 
 def staging_dir(final: str, serving_dir: str) -> str:
     """An empty temporary folder beside `final` (its name folder made if needed), locked by this process until
     :func:`release_staging`. Staging folders of exports that were killed (their lock free) are removed first.
-    PackageError (one line) when the serving folder cannot be written."""
+    The serving and name folders this call makes are removed again by :func:`discard_staging` while empty: a
+    refused export leaves nothing. PackageError (one line) when the serving folder cannot be written."""
+    made: list[str] = []
     try:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        made = make_folders(os.path.dirname(final))
         remove_abandoned_staging(os.path.dirname(final))
         staging = temp_dir_beside(final)
         _staging_locks[staging] = hold_lock(staging)
+        _made_for[staging] = made
         return staging
     except OSError as exc:
+        remove_folders(made)
         raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
 
 
@@ -47,12 +52,16 @@ def remove_abandoned_staging(name_dir: str) -> None:
 
 def release_staging(staging: str) -> None:
     """Let go of a staging folder's lock: once it is published (renamed) or removed."""
+    _made_for.pop(staging, None)
     lock = _staging_locks.pop(staging, None)
     if lock is not None:
         lock.close()
 
 
 def discard_staging(staging: str) -> None:
-    """Remove a staging folder that will not be published (its lock file last) and release it."""
+    """Remove a staging folder that will not be published (its lock file last) and release it, then the folders
+    made for it where they are still empty."""
+    made = _made_for.get(staging, [])
     remove_dir(staging)
     release_staging(staging)
+    remove_folders(made)
