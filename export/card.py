@@ -13,6 +13,11 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+def _drop(v: float) -> str:
+    """A mean drop in P(pneumonia), 3 decimals; one that rounds to zero prints 0.000, never -0.000."""
+    return f"{round(v, 3) + 0.0:.3f}"
+
+
 def _row(label: str, m: dict | None) -> str:
     return f"| {label} | " + " | ".join(_fmt((m or {}).get(k)) for k in _KEYS) + " |"
 
@@ -121,13 +126,13 @@ def _verdict(faith: dict) -> str:
     verdict = (f"**{'Passed' if faith['passed'] else 'FAILED'}**:{head}blanking (to the image mean) the 10% of "
                f"pixels with the highest map values lowered P(pneumonia) more than blanking a random 10% for "
                f"{faith['share_top_beats_random']:.1%} of them (required: {REQUIRED_SHARE:.0%}; mean "
-               f"drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_random']:.3f}).")
+               f"drop {_drop(faith['mean_drop_top'])} against {_drop(faith['mean_drop_random'])}).")
     if not faith["passed"]:
         verdict += " These maps are not shown to point at what drives the score: do not rely on them."
     if faith.get("share_own_beats_average") is not None:
         verdict += (f" Against the average map of those images (its hottest 10% blanked on each): the image's "
                     f"own map lowered P(pneumonia) more for {faith['share_own_beats_average']:.1%} of them "
-                    f"(mean drop {faith['mean_drop_top']:.3f} against {faith['mean_drop_average']:.3f}; "
+                    f"(mean drop {_drop(faith['mean_drop_top'])} against {_drop(faith['mean_drop_average'])}; "
                     f"{faith['required_share_vs_average']:.0%} needed to call the maps about each image: "
                     f"{'yes' if faith['about_each_image'] else 'no, they show mostly where in the chest the model looks on any image'}).")
     return verdict

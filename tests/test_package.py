@@ -160,3 +160,15 @@ def test_a_dynamic_map_or_embedding_size_is_refused_as_a_package_error():
     for key, shape in (("heatmap_output", [-1, -1, 8]), ("embedding_output", [-1, -1])):
         with pytest.raises(PackageError, match=f"{key} has a dynamic dimension"):
             Metadata.from_dict({**raw, key: {**raw[key], "shape": shape}})
+
+
+def test_the_card_never_prints_a_negative_zero_drop():
+    """QA defect: a tiny model's faithfulness read "mean drop 0.000 against -0.000"."""
+    from export.card import _verdict
+
+    faith = dict(share_top_beats_random=0.5, flagged=3, source="site calibration", threshold=0.5, passed=False,
+                 mean_drop_top=-0.0001, mean_drop_random=0.0123, share_own_beats_average=0.3,
+                 mean_drop_average=-0.0004, required_share_vs_average=0.7, about_each_image=False)
+    text = _verdict(faith)
+    assert "-0.000" not in text
+    assert "mean drop 0.000 against 0.012)" in text and "(mean drop 0.000 against 0.000;" in text
