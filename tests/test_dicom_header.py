@@ -57,6 +57,17 @@ def test_absent_and_empty_elements_are_empty_strings(tmp_path):
             read_dicom_header(junk)
 
 
+def test_a_file_cut_short_before_its_modality_is_corrupt_not_out_of_scope():
+    """QA defect: a DICOM cut off before Modality was "DICOM without Modality" (out of scope: a header saying what it
+    is not), where it is a broken file (error). One without Modality but with its pixel data stays out of scope."""
+    whole = dicom_bytes(xray_like(64, 64), modality=None)
+    assert header_problem(read_dicom_header(whole)) == "DICOM without Modality (allowed: CR, DX)"
+    with_modality = dicom_bytes(xray_like(64, 64))
+    cut = with_modality[:with_modality.index(b"\x08\x00\x60\x00")]  # just before (0008,0060) Modality
+    with pytest.raises(ValueError, match=r"^corrupt DICOM: no Modality and no pixel data \(a file cut short\?\)$"):
+        read_dicom_header(cut)
+
+
 @pytest.mark.parametrize("fields, problem", [
     ({"modality": "CR"}, None),
     ({"modality": "DX", "body_part_examined": "CHEST", "presentation_intent_type": "FOR PRESENTATION"}, None),

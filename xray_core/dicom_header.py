@@ -186,7 +186,22 @@ def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
         raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
     if len(ds) == 0:  # force=True parses anything; a file with no element after the meta header is no DICOM image
         raise ValueError("corrupt DICOM: no data elements")
+    if not _text(ds, "Modality") and not has_pixel_data(pydicom, source):
+        raise ValueError("corrupt DICOM: no Modality and no pixel data (a file cut short?)")
     return DicomHeader.from_dataset(ds)
+
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def has_pixel_data(pydicom, source: bytes) -> bool:
+    """Whether a DICOM file holds pixel data: asked only of a file without Modality, to tell a file cut short (an
+    error) from a whole one whose header does not say what it is (out of scope). Values over 1 KB are not read."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(source), defer_size="1 KB", force=True)
+    except Exception:  # noqa: BLE001 - cut inside an element
+        return False
+    return any(keyword in ds for keyword in PIXEL_KEYWORDS)
 
 
 def normalised(modalities: tuple[str, ...]) -> tuple[str, ...]:
