@@ -241,7 +241,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 arrays.append(loaded.array)
                 slots.append(i)
             except ImageError as exc:
-                out[i] = make_row(path, label, spec, error=str(exc), sha256=digests[i])
+                out[i] = make_row(path, label, spec, error=str(exc), sha256=digests[i], header=exc.header)
             except Exception as exc:  # noqa: BLE001 - one odd file must never fail the whole job
                 reason = f"unexpected {type(exc).__name__}: {one_line(exc, 200)}"
                 out[i] = make_row(path, label, spec, error=reason, sha256=digests[i])

@@ -70,6 +70,8 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     pixels = np.clip(np.random.default_rng(0).normal(3000, 400, (64, 64)), 0, 4095).astype(np.uint16)
     (inp / "g_study.dcm").write_bytes(dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="=1+1",
                                                   AccessionNumber="ACC7", StudyDate="20261130", ViewPosition="PA"))
+    cut = dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="P-42", AccessionNumber="ACC8")
+    (inp / "h_cut.dcm").write_bytes(cut[:-2000])  # pixel data cut short: an error row, still the patient's
     extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
         if runner == "dask" else ["--direct_running_mode=in_memory"]
     assert main(["--input", str(inp), "--model", package, "--output", str(tmp_path / "o"), "--shard-size", "2",
@@ -80,9 +82,11 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     probs = {os.path.basename(r["path"]): r["probability"] for r in rows}
     flagged = [n for n in names if probs[n] and float(probs[n]) >= 0.5]
     assert names[:len(flagged)] == sorted(flagged, key=lambda n: -float(probs[n]))  # flagged first, highest first
-    assert names[-2:] == ["e_blank.png", "f_broken.png"]  # then out of scope, then errors
-    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 8)]
-    assert [r["status"] for r in rows[-2:]] == ["out_of_scope", "error"]
+    assert names[-3:] == ["e_blank.png", "f_broken.png", "h_cut.dcm"]  # then out of scope, then errors
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 9)]
+    assert [r["status"] for r in rows[-3:]] == ["out_of_scope", "error", "error"]
+    # QA defect: an error row lost the identifiers its header gave, so a failed study could not be followed up
+    assert (rows[-1]["patient_id"], rows[-1]["accession_number"]) == ("P-42", "ACC8")
     dcm = rows[names.index("g_study.dcm")]
     assert (dcm["patient_id"], dcm["accession_number"], dcm["study_date"], dcm["view_position"]) == \
         ("'=1+1", "ACC7", "20261130", "PA")  # a formula-looking ID is text

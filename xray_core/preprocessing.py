@@ -49,7 +49,12 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(ValueError):
-    """An input that cannot become a model input; the message is one short line."""
+    """An input that cannot become a model input; the message is one short line. `header`: a DICOM file's header
+    when it could be read before decoding failed (its identifiers still belong on the worklist's error row)."""
+
+    def __init__(self, message: str, header: DicomHeader | None = None):
+        super().__init__(message)
+        self.header = header
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +213,7 @@ def load_input(data: bytes, config: PreprocessConfig,
     """The batch job's reading of one file's bytes: a DICOM header that is out of scope stops before its pixel data
     is decoded; then the cheap content checks; then :func:`to_model_input`, exactly as :func:`preprocess_image`.
     Raises ImageError (one line) for anything that cannot be decoded."""
+    header = None
     if is_dicom(data):
         try:
             header = read_dicom_header(data)
@@ -216,7 +222,10 @@ def load_input(data: bytes, config: PreprocessConfig,
         reason = header_problem(header, allowed_modalities)
         if reason:
             return Loaded(None, reason, header)
-    decoded = decode(data, config)
+    try:
+        decoded = decode(data, config)
+    except ImageError as exc:
+        raise ImageError(str(exc), header) from None
     reason = content.problem(np.asarray(decoded.image), decoded.colour_spread)
     if reason:
         return Loaded(None, reason, decoded.header)
