@@ -185,6 +185,31 @@ def test_a_dcm_file_without_the_preamble_is_read_as_dicom(tmp_path):
     assert not is_dicom(buf.getvalue()) and preprocess_image(str(tmp_path / "photo.dcm"), cfg).shape == (32, 32, 1)
 
 
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_data_set_without_file_meta_is_read_in_the_encoding_it_was_written(implicit):
+    """QA defect: a data set without preamble and without file meta (no transfer syntax written, as the oldest
+    systems wrote them) was an error row: pydicom will not decode pixel data without a transfer syntax. Its pixel data
+    is native, in the data set's own encoding. In implicit VR it was not even taken for DICOM."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from xray_core.dicom_header import is_dicom
+    from xray_core.preprocessing import PreprocessConfig, load_input
+
+    cfg = PreprocessConfig(image_size=32)
+    full = dicom_bytes(xray_like(96, 80), bits_stored=12, modality="DX", BodyPartExamined="CHEST", PatientID="P1")
+    ds = pydicom.dcmread(io.BytesIO(full))
+    del ds.file_meta
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    bare = out.getvalue()
+    assert bare[:2] == b"\x08\x00" and is_dicom(bare[:132])
+    want, got = load_input(full, cfg), load_input(bare, cfg)
+    assert got.reason == "" and np.array_equal(got.array, want.array) and got.header.patient_id == "P1"
+    assert not is_dicom(b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100" + b"\xff" * 120)  # no second element
+
+
 def test_values_that_break_their_vr_are_read_without_a_word_in_the_log(tmp_path, caplog, recwarn):
     """QA defect: a Study Instance UID holding a patient's name (as some modalities write) was logged and warned by
     pydicom's value validation, the value with it, at every log level; log lines never carry patient data."""

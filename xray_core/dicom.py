@@ -68,6 +68,25 @@ def decode_dicom(data: bytes, max_pixels: int | None) -> Image.Image:
     return read_dicom(data, max_pixels).image
 
 
+def transfer_syntax(ds):
+    """The data set's transfer syntax. A data set written without file meta information (no preamble, as older
+    systems did) names none: its pixel data is then native, in the encoding pydicom found the elements in, which is
+    set as its file meta's transfer syntax for pydicom to decode it."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax:
+        return syntax
+    implicit, little = ds.original_encoding
+    syntax = uid.ImplicitVRLittleEndian if implicit else (
+        uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
+
+
 def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
     """Parse a DICOM file's bytes once: the first frame as an 8-bit grayscale image, and the header. Frames of more
     than max_pixels samples are refused before decoding. Raises ValueError with a one-line reason for anything that
@@ -90,7 +109,7 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
         raise ValueError("corrupt DICOM: bad Rows/Columns") from None
     if max_pixels and rows * cols * samples > max_pixels:
         raise ValueError(f"decompression bomb: DICOM frame of {cols}x{rows}x{samples} exceeds {max_pixels} pixels")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax = transfer_syntax(ds)
     name = getattr(syntax, "name", str(syntax))
     try:
         check_codestream_size(ds, str(syntax), rows, cols)

@@ -126,12 +126,23 @@ FIRST_GROUPS = (b"\x02\x00", b"\x08\x00")  # file meta (0002) or identifying (00
 
 def is_dicom(head: bytes) -> bool:
     """True for a DICOM file, whatever its name: the preamble ('DICM' at byte 128), or a data set without it, as
-    older systems wrote them (pydicom reads both), whose first element, of group 0002 or 0008, has an explicit VR
-    (two capital letters after its tag). JPEG and PNG start otherwise."""
+    older systems wrote them (pydicom reads both): its first element, of group 0002 or 0008, with an explicit VR
+    (two capital letters after its tag), or two group-0008 elements in implicit VR (:func:`_implicit_start`).
+    JPEG and PNG start otherwise. `head`: at least the file's first 132 bytes."""
     if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return True
     vr = head[4:6]
-    return head[:2] in FIRST_GROUPS and len(vr) == 2 and vr.isalpha() and vr.isupper()
+    explicit = len(vr) == 2 and vr.isalpha() and vr.isupper()
+    return head[:2] in FIRST_GROUPS and (explicit or _implicit_start(head))
+
+
+def _implicit_start(head: bytes) -> bool:
+    """A data set in implicit VR little endian (no VR: tag, 4-byte length, value) starts with a group-0008 element
+    whose even length leads to a second group-0008 element within `head` (file meta, group 0002, is always
+    explicit)."""
+    length = int.from_bytes(head[4:8], "little")
+    following = 8 + length
+    return head[:2] == b"\x08\x00" and length % 2 == 0 and head[following:following + 2] == b"\x08\x00"
 
 
 def pydicom_reader():
