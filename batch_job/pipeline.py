@@ -86,8 +86,9 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     modalities(args.modalities)
     model = load_model(args.model, args.threshold)
     if model.gate is None:
-        LOG.info("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
-                 "near-constant, too few grey levels) run", model.model_id)
+        LOG.warning("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
+                    "near-constant, too few grey levels) run, so photographs and other non-X-rays can be scored "
+                    "(`python -m export --add-gate` gives a version one)", model.model_id)
     # <serving>/<name>: every version of the model, where the files are (a --model given as a symlink included)
     package = os.path.dirname(os.path.dirname(os.path.realpath(model.path)))
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)

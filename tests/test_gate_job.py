@@ -116,7 +116,8 @@ def test_a_package_without_a_gate_runs_the_header_and_cheap_checks_only(gated, t
     rows = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "o")).items()}
     assert rows["split.png"]["status"] == "ok"  # no content check without the package's limit
     assert {n for n, r in rows.items() if r["status"] == "out_of_scope"} == {"blank.png", "photo.png", "slice.dcm"}
-    assert "records no input gate: only the DICOM header rules and the cheap checks" in caplog.text
+    assert [r.levelname for r in caplog.records if "records no input gate: only the DICOM header rules and the "
+            "cheap checks" in r.getMessage() and "non-X-rays can be scored" in r.getMessage()] == ["WARNING"]
     assert len(names) == 8
 
 

@@ -271,6 +271,22 @@ def test_fewer_than_30_decodable_images_of_a_class_are_refused_after_scoring(sou
     assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == ["1", "2", "config.pbtxt"]  # no temp dir
 
 
+def test_recalibrating_a_version_without_a_gate_warns_that_it_becomes_the_default(source_package, tmp_path, capsys):
+    """QA defect: export.md's example recalibrated version 4, which has no input gate; the new version became the
+    job's default and flagged 15 of 47 photographs, with one INFO line said. Export now warns when it publishes a
+    version without a gate, and the job warns (WARNING) when its model has none."""
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+    gateless = os.path.join(os.path.dirname(source_package), "1")
+    assert load_metadata(gateless).gate is None
+    assert export_main(["--recalibrate", gateless, "--calibrate-dir", str(cal)]) == 0
+    new = os.path.join(os.path.dirname(source_package), "3")
+    out = capsys.readouterr().out
+    assert f"warning: {new} has no input gate, as its source had none" in out and "--add-gate" in out
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal)]) == 0
+    assert "no input gate" not in capsys.readouterr().out  # version 4 of this folder has the gate of 2
+
+
 def test_a_refusal_after_staging_leaves_no_folder_it_made(source_package, tmp_path, capsys):
     """QA defect: a refused export left an empty `<serving>/<name>/` (and serving folder) it had made for its
     staging folder. Folders the export made are removed again while empty; one that was there stays."""
