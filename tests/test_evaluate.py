@@ -151,14 +151,18 @@ def test_operating_point_auc_counts_ties_as_half():
 
 
 def test_operating_point_degenerate_cases():
-    # only positives: no AUCs, specificity reported as 0.0 (no negatives)
+    # only positives: no AUCs, and no specificity (no negatives): None ("n/a"), not 0.0 (QA defect: a folder of
+    # one class printed "specificity 0.0000" or "recall 0.0000" beside ROC AUC n/a)
     m = operating_point([1, 1, 1], [0.2, 0.6, 0.9], 0.5)
     assert m["roc_auc"] is None and m["pr_auc"] is None
-    assert m["recall"] == pytest.approx(2 / 3) and m["specificity"] == 0.0
+    assert m["recall"] == pytest.approx(2 / 3) and m["specificity"] is None
     assert m["confusion_matrix"]["matrix"] == [[0, 0], [1, 2]]
-    # nothing predicted positive: precision 0 (zero_division), recall 0, specificity 1
+    # only negatives, none flagged: no recall, no precision, no F1
+    m = operating_point([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    assert (m["precision"], m["recall"], m["specificity"], m["f1"], m["accuracy"]) == (None, None, 1.0, None, 1.0)
+    # nothing predicted positive: precision undefined, recall 0 (measured: 2 positives missed), specificity 1
     m = operating_point([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], 0.9)
-    assert (m["precision"], m["recall"], m["specificity"], m["f1"]) == (0.0, 0.0, 1.0, 0.0)
+    assert (m["precision"], m["recall"], m["specificity"], m["f1"]) == (None, 0.0, 1.0, 0.0)
     assert m["roc_auc"] == pytest.approx(0.75)
 
 

@@ -40,10 +40,10 @@ def operating_point(y_true, y_prob, threshold: float) -> dict:
         "threshold": float(threshold),
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
+        "precision": _defined(skm.precision_score(y_true, y_pred, zero_division=np.nan)),
+        "recall": _defined(skm.recall_score(y_true, y_pred, zero_division=np.nan)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        "f1": _defined(skm.f1_score(y_true, y_pred, zero_division=np.nan)),
         "roc_auc": float(skm.roc_auc_score(y_true, y_prob)) if both else None,
         "pr_auc": float(skm.average_precision_score(y_true, y_prob)) if both else None,
         "confusion_matrix": {"labels": list(CLASSES), "matrix": cm.tolist(), "tn": tn, "fp": fp, "fn": fn, "tp": tp},
@@ -51,6 +51,12 @@ def operating_point(y_true, y_prob, threshold: float) -> dict:
             y_true, y_pred, labels=[0, 1], target_names=list(CLASSES), output_dict=True, zero_division=0
         ),
     }
+
+
+def _defined(value) -> float | None:
+    """A metric as a float; None where it is undefined (recall without positives, precision without a positive
+    prediction, ...): "n/a" in every report, never a 0 that reads as a measurement."""
+    return None if np.isnan(value) else float(value)
 
 
 def without_report(point: dict) -> dict:
