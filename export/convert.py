@@ -191,7 +191,8 @@ def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, log=
     except UnreadableTrainingSplit as exc:
         raise ExportInputError(f"input gate: {exc}; nothing published") from None
     except GateFitError as exc:  # too few rows for a covariance: the package goes without a content check, said
-        log(f"no input gate: {exc}")
+        log(f"warning: no input gate ({exc}): the batch job will score photographs and other non-X-rays with this "
+            "version like X-rays")
         return None
 
 

@@ -6,6 +6,7 @@ import html
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -937,3 +938,27 @@ def test_without_model_the_job_uses_the_environment_then_the_shipped_model(tiny_
     assert_one_line_error(capsys, main(common + ["--output", str(tmp_path / "bad")]),
                           "no --model given and $PNEUMONIA_MODEL cannot be used: model not found: ")
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_one_label_reads_n_a_where_undefined_and_the_summary_lists_every_figure(tiny_package, tmp_path, capsys):
+    """QA defects: a folder of NORMAL scans printed "recall 0.0000" (undefined without a PNEUMONIA image) beside ROC
+    AUC n/a; and the summary's "outputs in" left out confusion.png and roc.png, which were written."""
+    normal = tmp_path / "in" / "NORMAL"
+    normal.mkdir(parents=True)
+    make_tree(str(tmp_path / "both"), per_class=6, size=64, seed=5)
+    for path in (tmp_path / "both" / "NORMAL").iterdir():
+        shutil.copy(path, normal / path.name)
+    for folder, figures in ((tmp_path / "in", ["confusion.png"]), (tmp_path / "both", ["confusion.png", "roc.png"])):
+        out = str(tmp_path / f"out_{folder.name}")
+        assert main(["--input", str(folder), "--model", tiny_package, "--output", out,
+                     "--direct_running_mode=in_memory"]) == 0
+        said = capsys.readouterr().out
+        listed = said.split("outputs in ", 1)[1]
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        for name in ("confusion.png", "roc.png"):
+            assert (name in listed) == (name in figures) == os.path.exists(os.path.join(out, name)), name
+        if folder.name == "in":
+            assert m["recall"] is None and m["roc_auc"] is None and m["specificity"] is not None
+            assert "recall n/a" in said and "recall 0.0000" not in said
+        else:
+            assert m["recall"] is not None and m["roc_auc"] is not None
