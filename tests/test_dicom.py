@@ -359,3 +359,25 @@ def test_presentation_lut_shape_inverse_is_applied_once():
                                                               PresentationLUTShape="INVERSE"), None)), plain)
     assert np.array_equal(np.asarray(decode_dicom(dicom_bytes(stored_inverted, 12, "MONOCHROME1"), None)), plain)
     assert np.array_equal(np.asarray(decode_dicom(dicom_bytes(img, 12, PresentationLUTShape="IDENTITY"), None)), plain)
+
+
+@pytest.mark.parametrize("width, center", [(b"0     ", b"2000  "), (b"-5    ", b"2000  "), (b"abc   ", b"2000  "),
+                                           (b"100   ", b"x     ")])
+def test_a_window_that_cannot_be_applied_is_ignored_as_viewers_do(width, center):
+    """QA defect: a Window Width of 0 (PS3.3 forbids a width below 1) made the image an error row. It is now ignored,
+    as a file without a window: its own min..max, the picture exactly as without the window. (pydicom will not write
+    such values: they replace placeholders of the same length in the file's bytes.)"""
+    img = xray_like(96, 80)
+    want = decode_dicom(dicom_bytes(img, bits_stored=12), None)
+    data = dicom_bytes(img, bits_stored=12, WindowCenter="777.5", WindowWidth="555.5")
+    data = data.replace(b"777.5 ", center).replace(b"555.5 ", width)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert (ds["WindowWidth"].value, ds["WindowCenter"].value) != ("555.5", "777.5")
+    assert np.array_equal(np.asarray(decode_dicom(data, None)), np.asarray(want))
+
+
+def test_a_rescale_slope_that_is_not_a_number_is_one_clear_line():
+    """QA defect: RescaleSlope "1,0" gave "UFuncTypeError: ufunc 'multiply' did not contain a loop ..."."""
+    data = dicom_bytes(xray_like(96, 80), 12, RescaleSlope="9.99").replace(b"9.99", b"1,0 ")
+    with pytest.raises(ValueError, match=r"^corrupt DICOM: RescaleSlope '1,0' is not a number$"):
+        decode_dicom(data, None)

@@ -120,11 +120,13 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"DICOM pixel data not decodable ({name}): {one_line(exc)}") from None
     spread = 0.0
+    check_rescale(ds)
     try:
         padding = padding_mask(arr, ds)
         if arr.ndim == 3:  # colour DICOM (RGB; pydicom converts YBR): the input gate sees its colour, then the average
             spread = content.colour_spread(arr if arr.dtype == np.uint8 else stretch_to_uint8(arr))
             arr = arr.mean(axis=-1, dtype=np.float32)
+        drop_unusable_window(ds)
         arr = apply_modality_lut(arr, ds)
         arr = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float32)
         if inverted(ds):
@@ -184,6 +186,40 @@ def jpeg_frame_size(stream: bytes) -> tuple[int, int] | None:
             return int.from_bytes(stream[pos + 5:pos + 7], "big"), int.from_bytes(stream[pos + 7:pos + 9], "big")
         pos += 2 + int.from_bytes(stream[pos + 2:pos + 4], "big")
     return None
+
+
+def _first(value):
+    """An element's first value (a multi-valued window gives several)."""
+    return value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
+
+
+def check_rescale(ds) -> None:
+    """ValueError (one line) for a Rescale Slope or Intercept that is not a number ("1,0"): no guess at what it
+    meant, since every value of the image depends on it."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            float(_first(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"corrupt DICOM: {keyword} {str(value)[:40]!r} is not a number") from None
+
+
+def drop_unusable_window(ds) -> None:
+    """A window that cannot be applied (a width below 1, which PS3.3 C.11.2.1.2 forbids, or a value that is not a
+    number) is ignored, as viewers do, and as a file without one: the image's own min..max. A VOI LUT Sequence,
+    which pydicom applies first, is left alone."""
+    if "VOILUTSequence" in ds or "WindowWidth" not in ds:
+        return
+    try:
+        usable = float(_first(ds.WindowWidth)) >= 1 and np.isfinite(float(_first(ds.get("WindowCenter"))))
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        for keyword in ("WindowWidth", "WindowCenter"):
+            if keyword in ds:
+                delattr(ds, keyword)
 
 
 def padding_mask(stored: np.ndarray, ds) -> np.ndarray | None:
