@@ -16,6 +16,10 @@ def main() -> int:
     # Importing Beam logs a warning about optional GCP client libraries (apitools/BigQuery) that this job
     # never uses: the root logger stays at ERROR until Beam is imported.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.ERROR)
+    # dask.distributed sets its loggers to INFO from its config when imported, in this process and in the scheduler,
+    # nanny and worker processes a local DaskRunner starts: its config, read from the environment they inherit,
+    # keeps them at WARNING as the docs say (a DASK_LOGGING__DISTRIBUTED of the user's own wins).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         from batch_job.cli import main as job_main
     except KeyboardInterrupt as exc:  # before the job started: nothing written yet

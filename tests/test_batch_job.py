@@ -962,3 +962,18 @@ def test_one_label_reads_n_a_where_undefined_and_the_summary_lists_every_figure(
             assert "recall n/a" in said and "recall 0.0000" not in said
         else:
             assert m["recall"] is not None and m["roc_auc"] is not None
+
+
+@pytest.mark.slow
+def test_a_local_dask_runner_logs_no_info_lines_at_warning(tiny_package, tmp_path):
+    """QA defect: a DaskRunner without a scheduler address (Beam starts a local cluster) printed 33 INFO lines of
+    dask.distributed's scheduler, nanny and workers at `--log-level WARNING`; the docs say Beam and Dask log
+    warnings and errors."""
+    make_tree(str(tmp_path / "in"), per_class=3, size=64, seed=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    done = subprocess.run([sys.executable, "-m", "batch_job", "--input", str(tmp_path / "in"), "--model", tiny_package,
+                           "--output", str(tmp_path / "o"), "--runner", "DaskRunner", "--log-level", "WARNING"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("scored 6/6 images")
+    assert [line for line in done.stderr.splitlines() if " INFO " in line or "INFO - " in line] == []
