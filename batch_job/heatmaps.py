@@ -49,13 +49,13 @@ def draw(out_dir: str, item: Flagged, rank: int, preprocessing: dict) -> Flagged
     can no longer be read or decoded, with why not (no_overlay) and a warning."""
     rel = f"{FOLDER}/{png_name(rank, item.path)}"
     try:
-        overlay.save_png(overlay.render(read_unchanged(item.path, item.file_key), item.heatmap, preprocessing),
-                         os.path.join(out_dir, rel))
+        picture = overlay.render(read_unchanged(item.path, item.file_key), item.heatmap, preprocessing)
     except Exception as exc:  # noqa: BLE001 - the image changed or vanished since it was scored: no heatmap
         # by rank, never by name: file names can identify patients (docs/operations.md, "Who reads OUT_DIR")
         reason = one_line(exc, 200).replace(item.path, "<path>")
         LOG.warning("no heatmap for flagged image %d (heatmaps/index.csv): %s", rank, reason)
         return replace(item, no_overlay=reason)
+    overlay.save_png(picture, os.path.join(out_dir, rel))  # a failed write (a full disk) fails the job: no half output
     return replace(item, png=rel)
 
 
@@ -120,9 +120,10 @@ def draw_thumbnails(out_dir: str, entries, preprocessing: dict,
                 raise ImageError("refused by its header: its pixels are not decoded")
             img = overlay.display_image(data, preprocessing)
             img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            os.makedirs(os.path.join(out_dir, OUT_OF_SCOPE_FOLDER), exist_ok=True)
-            overlay.save_png(img, os.path.join(out_dir, rel))
         except Exception:  # noqa: BLE001 - the reason stays in the table; the picture is a courtesy
-            rel = ""
+            shown[entry.path] = ""
+            continue
+        os.makedirs(os.path.join(out_dir, OUT_OF_SCOPE_FOLDER), exist_ok=True)
+        overlay.save_png(img, os.path.join(out_dir, rel))  # a failed write (a full disk) fails the job
         shown[entry.path] = rel
     return shown

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -378,3 +379,32 @@ def test_a_dicom_its_header_refused_gets_no_thumbnail_and_is_never_decoded(tmp_p
     assert os.path.isfile(tmp_path / "out" / shown[blank])
     widened = heatmaps.draw_thumbnails(str(tmp_path / "out2"), entries, {"image_size": 32}, ("CR", "DX", "CT"))
     assert widened[ct].startswith("out_of_scope/0001-") and len(decoded) == 3  # allowed tonight: decoded, shown
+
+
+@pytest.mark.parametrize("failing_write", ["overlay", "thumbnail"])
+def test_a_full_disk_while_drawing_fails_the_job_and_publishes_nothing(heat_tree, heat_package, tmp_path, monkeypatch,
+                                                                       capsys, failing_write):
+    """QA defect: OUT_DIR's disk full for a moment while the overlays were written gave exit 0 with 0-byte heatmap
+    PNGs published and tiles saying "No heatmap ([Errno 28] No space left on device)": a failed write was taken for
+    an original that vanished. A failed write of an overlay or a thumbnail now fails the job: exit 1, nothing
+    published. An original that cannot be read still only loses its picture (the tests above)."""
+    import errno
+
+    saving = overlay.save_png
+    folder = heatmaps.FOLDER if failing_write == "overlay" else heatmaps.OUT_OF_SCOPE_FOLDER
+
+    def full(img, path):
+        if f"{os.sep}{folder}{os.sep}" in path:
+            open(path, "wb").close()  # as a full disk leaves it: created, empty
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saving(img, path)
+
+    monkeypatch.setattr(overlay, "save_png", full)
+    inp = tmp_path / "in"
+    shutil.copytree(heat_tree, inp)
+    Image.new("L", (96, 96), 128).save(inp / "blank.png")  # out of scope: a thumbnail
+    parent = tmp_path / "night"
+    parent.mkdir()
+    assert run_job(str(inp), heat_package, str(parent / "out"), "--heatmaps", str(N)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(parent) == []
