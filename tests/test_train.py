@@ -451,6 +451,41 @@ def test_cli_error_bad_split(tmp_path, capsys, split):
     assert os.listdir(tmp_path) == ["data"]
 
 
+@pytest.mark.parametrize("where", ["the data dir", "inside a class folder", "above the data dir", "the site dir",
+                                   "a file"])
+def test_cli_refuses_an_output_dir_over_its_inputs_even_with_overwrite(tmp_path, capsys, where):
+    """QA defect (data loss): `--output-dir` naming the data dir (or a folder holding it, the site dir, a plain file)
+    with --overwrite replaced it by the run: every training image deleted. Inside a class folder the next run
+    trained on the previous run's plots. Each is refused before anything is written."""
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    make_tree(str(tmp_path / "site"), per_class=4, size=48, seed=2)
+    (tmp_path / "notes.txt").write_text("keep me")
+    out = {"the data dir": tmp_path / "data", "inside a class folder": tmp_path / "data" / "NORMAL" / "run1",
+           "above the data dir": tmp_path, "the site dir": tmp_path / "site", "a file": tmp_path / "notes.txt"}[where]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    extra = ["--overwrite", "--site-dir", str(tmp_path / "site")]
+    fragment = "exists and is not a folder" if where == "a file" else "--output-dir must not overlap"
+    _expect_error(capsys, _args(tmp_path / "data", out, *extra), fragment)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--learning-rate", "-1"), ("--learning-rate", "0")])
+def test_cli_refuses_a_batch_size_or_learning_rate_that_cannot_train(tmp_path, capsys, flag, value):
+    """QA defect: --batch-size 0 ended in a ZeroDivisionError traceback; --learning-rate -1 trained."""
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run", flag, value),
+                  "--batch-size must be >= 1 and --learning-rate > 0")
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_cli_a_refused_run_leaves_no_parent_folder_it_made(tmp_path, capsys):
+    """QA defect: a run refused after it started (here: a split without both classes) left the parent folders of
+    --output-dir it had made."""
+    make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "np" / "a" / "b" / "run"), "split lacks one of")
+    assert os.listdir(tmp_path) == ["data"]
+
+
 def test_cli_error_vgg19_imagenet_weights_missing(tmp_path, capsys, monkeypatch):
     make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
     (tmp_path / "keras_home").mkdir()

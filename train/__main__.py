@@ -32,8 +32,10 @@ exit codes:
   0    trained; RUN_DIR published (built beside its final place and renamed when complete)
   1    an unexpected failure (a Python traceback): RUN_DIR not published, the partial run removed
   2    refused with one line, nothing written: a missing data or site folder, a site folder overlapping the data,
-       no images or an empty class, an unknown model, --split not summing to 1, --select-by site_roc_auc
-       without --site-dir, a non-empty RUN_DIR without --overwrite, VGG19 weights not in the Keras cache
+       an output folder overlapping either or naming a file (even with --overwrite), no images or an empty
+       class, an unknown model, --split not summing to 1, --batch-size < 1 or --learning-rate <= 0,
+       --select-by site_roc_auc without --site-dir, a non-empty RUN_DIR without --overwrite, VGG19 weights not
+       in the Keras cache
   130  Ctrl-C: RUN_DIR not published, the partial run removed
   143  SIGTERM (kill, docker stop, systemd): the same
 """

@@ -29,7 +29,7 @@ from train.data import (
 )
 from train.distill import TeacherError, check_teacher, check_teacher_split
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
-from xray_core.files import blocking_ancestor, publish_dir, temp_dir_beside
+from xray_core.files import blocking_ancestor, make_folders, publish_dir, remove_folders, temp_dir_beside
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
@@ -61,6 +61,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         raise UsageError("--target-recall must be in (0, 1]")
     if args.epochs < 1 or args.patience < 0 or args.image_size < 32:
         raise UsageError("--epochs must be >= 1, --patience >= 0, --image-size >= 32")
+    if args.batch_size < 1 or not 0 < args.learning_rate < float("inf"):
+        raise UsageError("--batch-size must be >= 1 and --learning-rate > 0")
     if args.limit_per_class is not None and args.limit_per_class < 3:
         raise UsageError("--limit-per-class must be >= 3")
     if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
@@ -81,7 +83,12 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     if args.site_dir and _same_or_inside(args.site_dir, args.data_dir):
         raise UsageError("--site-dir must not overlap --data-dir: the site sample is never trained on")
     out = os.path.abspath(args.output_dir)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
+    for flag, folder in (("--data-dir", args.data_dir), ("--site-dir", args.site_dir)):
+        if folder and _same_or_inside(out, folder):  # --overwrite would delete the images; inside, train on the run
+            raise UsageError(f"--output-dir must not overlap {flag}: {args.output_dir} and {folder}")
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
+        raise UsageError(f"output dir {args.output_dir} exists and is not a folder; it is never replaced")
+    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise UsageError(f"output dir {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
     blocked = blocking_ancestor(out)
     if blocked:
@@ -122,16 +129,19 @@ def run(args) -> int:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
     config = PreprocessConfig(image_size=args.image_size)
     out = os.path.abspath(args.output_dir)
+    made: list[str] = []
     try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        made = make_folders(os.path.dirname(out))
         tmp = temp_dir_beside(out)
     except OSError as exc:
+        remove_folders(made)
         raise UsageError(f"cannot write to {os.path.dirname(out)}: {exc.strerror}") from None
     try:
         _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
         publish_dir(tmp, out, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_folders(made)  # the parents this run made, where still empty: a refused run leaves nothing
         raise
     _log(f"run written to {out}")
     return 0
