@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import stat
 from collections import defaultdict
 
@@ -484,6 +485,31 @@ def test_cli_a_refused_run_leaves_no_parent_folder_it_made(tmp_path, capsys):
     make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
     _expect_error(capsys, _args(tmp_path / "data", tmp_path / "np" / "a" / "b" / "run"), "split lacks one of")
     assert os.listdir(tmp_path) == ["data"]
+
+
+def test_cli_refuses_site_images_found_in_the_training_folder_under_any_name(tmp_path, capsys):
+    """QA defect (leakage): site-sample files copied into the training folder were trained on without a word, and
+    the site ROC AUC, the number to trust, was then computed on images the model saw."""
+    make_tree(str(tmp_path / "data"), per_class=6, size=48, seed=1)
+    make_tree(str(tmp_path / "site"), per_class=4, size=48, seed=2)
+    site_file = sorted((tmp_path / "site" / "PNEUMONIA").iterdir())[0]
+    shutil.copy(site_file, tmp_path / "data" / "NORMAL" / "renamed.png")
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run", "--site-dir", str(tmp_path / "site")),
+                  "1 images of --site-dir", "are also in --data-dir", str(site_file), "never trained on")
+    assert sorted(os.listdir(tmp_path)) == ["data", "site"]
+
+
+def test_the_same_bytes_under_both_labels_are_left_out_and_said():
+    """QA defect: one file filed under NORMAL and, renamed, under PNEUMONIA was trained with both labels."""
+    from train.data import Example, label_conflicts
+
+    examples = [Example("d/NORMAL/a.png", "NORMAL", "a"), Example("d/PNEUMONIA/a2.png", "PNEUMONIA", "a2"),
+                Example("d/NORMAL/b.png", "NORMAL", "b"), Example("d/NORMAL/b2.png", "NORMAL", "b2"),
+                Example("d/PNEUMONIA/c.png", "PNEUMONIA", "c")]
+    keep, left = label_conflicts(examples, ["x", "x", "y", "y", "z"])
+    assert keep == [2, 3, 4]  # a duplicate with one label stays (grouped as one patient by the split)
+    assert left == [("d/NORMAL/a.png", "the same bytes are filed under both NORMAL and PNEUMONIA"),
+                    ("d/PNEUMONIA/a2.png", "the same bytes are filed under both NORMAL and PNEUMONIA")]
 
 
 def test_cli_error_vgg19_imagenet_weights_missing(tmp_path, capsys, monkeypatch):

@@ -222,3 +222,25 @@ def load_images(
 
 def labels_to_array(labels: Iterable[str]) -> np.ndarray:
     return np.asarray([CLASSES.index(label) for label in labels], dtype=np.float32)
+
+
+def refuse_site_images(site_dir: str, data_dir: str, examples, digests) -> None:
+    """DataError (exit 2) when a file of the site sample is also in the training folder, under any name (the same
+    bytes): the site sample is never trained on, and its figures would be of images the model saw."""
+    site = {sha256_file(e.path): e.path for e in find_examples(site_dir)}
+    shared = [(ex.path, site[d]) for ex, d in zip(examples, digests) if d in site]
+    if shared:
+        raise DataError(f"{len(shared)} images of --site-dir {site_dir} are also in --data-dir {data_dir} (the same "
+                        f"bytes, e.g. {shared[0][1]} as {shared[0][0]}): the site sample is never trained on")
+
+
+def label_conflicts(examples, digests) -> tuple[list[int], list[tuple[str, str]]]:
+    """Files whose bytes are filed under both labels cannot be trained on: -> (the indices kept, (path, why) of
+    every copy left out)."""
+    labels: dict[str, set[str]] = {}
+    for ex, d in zip(examples, digests):
+        labels.setdefault(d, set()).add(ex.label)
+    keep = [i for i, d in enumerate(digests) if len(labels[d]) == 1]
+    left = [(ex.path, "the same bytes are filed under both NORMAL and PNEUMONIA")
+            for ex, d in zip(examples, digests) if len(labels[d]) > 1]
+    return keep, left

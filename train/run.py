@@ -21,15 +21,17 @@ from train.data import (
     CLASSES,
     DataError,
     find_examples,
+    label_conflicts,
     labels_to_array,
     limit_per_class,
     load_images,
+    refuse_site_images,
     split_examples,
     write_split_csv,
 )
 from train.distill import TeacherError, check_teacher, check_teacher_split
 from train.models import MODEL_NAMES, WeightsError, resolve_vgg19_weights
-from xray_core.files import blocking_ancestor, make_folders, publish_dir, remove_folders, temp_dir_beside
+from xray_core.files import blocking_ancestor, make_folders, publish_dir, remove_folders, sha256_file, temp_dir_beside
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
@@ -250,9 +252,17 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     examples = [examples[i] for i in ok]
     if not examples:
         raise DataError("no image could be decoded")
+    digests = [sha256_file(e.path) for e in examples]
+    if args.site_dir:
+        refuse_site_images(args.site_dir, args.data_dir, examples, digests)
+    keep, conflicts = label_conflicts(examples, digests)
+    for path, why in conflicts:
+        _log(f"skipped {path}: {why}")
+    failed = failed + conflicts
+    examples, digests, images = [examples[i] for i in keep], [digests[i] for i in keep], images[keep]
     _log(f"decoded {len(examples)} images at {config.image_size}px in {time.perf_counter() - t0:.1f}s, "
          f"skipped {len(failed)}")
-    splits = split_examples(examples, fractions, args.seed)
+    splits = split_examples(examples, fractions, args.seed, digests)
     if getattr(args, "teacher", None):
         try:
             check_teacher_split(args.teacher, [e.path for e in examples], splits)
