@@ -55,7 +55,7 @@ def check_usable(path: str) -> None:
     """Refuse, creating nothing, what Ledger(path) would refuse or could not commit to: an existing file that is
     not SQLite, another application's database (:func:`schema_problem`), one this process cannot write, a lock
     held by another job, a new ledger whose folder cannot be created."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # one ledger, one lock, whatever the name it is given by (a symlink)
     if os.path.lexists(path):
         problem = None
         try:
@@ -123,7 +123,7 @@ class Ledger:
     """Driver side: create, lock, and commit."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = os.path.realpath(path)  # a symlink to the ledger takes the same lock as its real name
         self._lock_file = None
         self._created: list[str] | None = None  # what opening created (the ledger was new), for remove_if_new
 
@@ -147,6 +147,10 @@ class Ledger:
                 if not problem:
                     conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
+            if self._created is not None:  # a new ledger that could not be made (a full disk): nothing left of it
+                self.remove_if_new()
+                self.__exit__()
+                raise LedgerError(f"cannot create ledger {self.path}: {one_line(exc)}") from None
             self.__exit__()
             raise LedgerError(f"ledger {self.path} is not a usable SQLite ledger: {one_line(exc)}") from None
         if problem:

@@ -254,6 +254,53 @@ def test_second_job_on_a_busy_ledger_fails_clearly(small_tree, tiny_package, tmp
         assert conn.execute("SELECT COUNT(*) FROM scored").fetchone()[0] == 0
 
 
+def test_a_ledger_named_through_a_symlink_takes_the_same_lock(small_tree, tiny_package, tmp_path, capsys):
+    """QA defect: the lock was per name, so a job naming the ledger through a symlink ran beside one naming its real
+    path, both scoring and committing the same night."""
+    ledger = str(tmp_path / "ledger.sqlite")
+    with Ledger(ledger):
+        pass
+    os.symlink(ledger, tmp_path / "link.sqlite")
+    with Ledger(str(tmp_path / "link.sqlite")) as held:
+        assert held.path == ledger
+        rc = main(["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--output",
+                   str(tmp_path / "o"), "--direct_running_mode=in_memory"])
+    assert rc == 2 and "in use by another batch job" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "link.sqlite.lock")
+
+
+def test_a_new_ledger_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
+    """QA defect: a new --ledger on a full disk left a half-made ledger.sqlite (some tables) and its lock, and said
+    "is not a usable SQLite ledger: database or disk is full"."""
+    from batch_job import ledger as ledger_module
+    from batch_job.ledger import LedgerError
+
+    real = sqlite3.connect
+
+    class Full:
+        def __init__(self, path):
+            self.conn = real(path)
+
+        def executescript(self, script):
+            self.conn.execute("CREATE TABLE half (x)")
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.conn.__exit__(*exc)
+
+    monkeypatch.setattr(ledger_module.sqlite3, "connect", lambda path, *a, **k: Full(path))
+    path = tmp_path / "new" / "ledger.sqlite"
+    with pytest.raises(LedgerError, match=r"^cannot create ledger .*ledger\.sqlite: database or disk is full$"):
+        Ledger(str(path)).__enter__()
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["listed", "scored", "written", "published"])
 def test_sigkill_at_each_point_then_rerun_completes(point, small_tree, tiny_package, tmp_path):
