@@ -223,6 +223,10 @@ def prepare(out: str, overwrite: bool) -> str:
         raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
     try:
         _held[tmp] = hold_lock(tmp)
+    except OSError as exc:  # a full disk: the lock file could not be written
+        os.rmdir(tmp)
+        remove_folders(made)
+        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
     except BaseException:
         os.rmdir(tmp)
         remove_folders(made)

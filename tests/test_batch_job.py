@@ -977,3 +977,49 @@ def test_a_local_dask_runner_logs_no_info_lines_at_warning(tiny_package, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("scored 6/6 images")
     assert [line for line in done.stderr.splitlines() if " INFO " in line or "INFO - " in line] == []
+
+
+def test_an_output_disk_full_at_the_start_is_exit_2_and_leaves_nothing(small_tree_for_full, tmp_path, monkeypatch,
+                                                                       capsys):
+    """QA defect: OUT_DIR's disk already full gave exit 1 "job failed (OSError): [Errno 39] Directory not empty" and
+    left `<out>.tmp-*` holding a staged lock file for good: closing the lock file (a flush) failed as its write had,
+    and its removal was skipped."""
+    import errno
+
+    from xray_core import files
+
+    real_open = open
+
+    class Full:  # a full disk for the lock file only
+        def __new__(cls, path, mode="r", *args, **kwargs):
+            if files.LOCK_FILE not in os.path.basename(path):
+                return real_open(path, mode, *args, **kwargs)
+            return super().__new__(cls)
+
+        def __init__(self, path, mode="r", *args, **kwargs):
+            self.f = real_open(path, mode)
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = flush
+
+        def fileno(self):
+            return self.f.fileno()
+
+    monkeypatch.setattr(files, "open", Full, raising=False)
+    parent = tmp_path / "scores"
+    rc = main(["--input", small_tree_for_full, "--model", write_package(str(tmp_path / "serving")), "--output",
+               str(parent / "night1"), "--direct_running_mode=in_memory"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().endswith("is not writable: No space left on device")
+    assert not parent.exists()
+
+
+@pytest.fixture()
+def small_tree_for_full(tmp_path):
+    make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=1)
+    return str(tmp_path / "in")

@@ -77,7 +77,8 @@ def hold_lock(folder: str) -> IO[str]:
         f.flush()
         os.rename(staged, os.path.join(folder, LOCK_FILE))
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes, and fails as the write did on a full disk
+            f.close()
         with contextlib.suppress(OSError):
             os.remove(staged)
         raise
