@@ -179,7 +179,7 @@ def orphaned(out: str, ledger: str) -> bool:
             m = json.load(f)
     except (OSError, ValueError):
         return False
-    if not isinstance(m, dict) or m.get("ledger") != os.path.abspath(ledger) or not m.get("run_id"):
+    if not isinstance(m, dict) or m.get("ledger") != os.path.realpath(ledger) or not m.get("run_id"):
         return False
     return not knows_run(ledger, m["run_id"])
 
@@ -269,10 +269,11 @@ def _release(tmp: str) -> None:
 
 def publish(tmp: str, out: str, overwrite: bool) -> None:
     """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded.
-    The lock file is deleted first (it is no output); the lock itself is held until the rename is done."""
+    The lock file goes with the rename and is deleted from OUT_DIR right after (it is no output): a job killed
+    between the two leaves OUT_DIR with that file, where deleting it first left, killed before the rename, a
+    complete copy of the night without a lock, which no later run recognised as a killed job's."""
     try:
         make_private(tmp)
-        os.remove(os.path.join(tmp, LOCK_FILE))
         publish_dir(tmp, out, replace=overwrite)
     except OSError as exc:
         discard(tmp)
@@ -280,6 +281,9 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
             raise JobError(f"output dir {out} was created by someone else while the job ran; the scores were "
                            "discarded, nothing published (rerun with another --output, or --overwrite)") from None
         raise
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, LOCK_FILE))
     finally:
         _release(tmp)
 

@@ -767,3 +767,31 @@ def test_output_made_by_someone_else_during_the_run_is_a_job_failure(small_tree,
     rc = main(["--input", small_tree, "--model", tiny_package, "--output", str(out), "--direct_running_mode=in_memory"])
     assert_one_line_error(capsys, rc, "created by someone else while the job ran", "nothing published", code=1)
     assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["in", "out"]
+
+
+def test_publishing_keeps_the_lock_until_the_rename_so_a_kill_leaves_nothing_unrecognised(tmp_path, monkeypatch):
+    """QA defect: publish deleted the temp dir's lock file before renaming it to OUT_DIR; a job killed in between
+    (a power cut) left a complete copy of the night, patients' names included, without a lock, which no later run
+    recognised as a killed job's. The lock file now goes with the rename and is deleted from OUT_DIR after it."""
+    from batch_job import outdir
+    from xray_core.files import LOCK_FILE
+
+    out = str(tmp_path / "night")
+    tmp = outdir.prepare(out, overwrite=False)
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        f.write("{}")
+    seen = []
+    renaming = outdir.publish_dir
+
+    def rename(src, dst, replace=False):
+        seen.append(sorted(os.listdir(src)))  # what a kill at this moment would leave
+        renaming(src, dst, replace=replace)
+
+    monkeypatch.setattr(outdir, "publish_dir", rename)
+    outdir.publish(tmp, out, overwrite=False)
+    assert seen == [[LOCK_FILE, "metrics.json"]]
+    assert os.listdir(out) == ["metrics.json"] and sorted(os.listdir(tmp_path)) == ["night"]
+    left = outdir.prepare(str(tmp_path / "night2"), overwrite=False)  # a killed job's temp dir, lock free ...
+    outdir._held.pop(left).close()
+    outdir.clean_leftovers(str(tmp_path / "night3"))  # ... goes with the next run into the same parent
+    assert sorted(os.listdir(tmp_path)) == ["night"]
