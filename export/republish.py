@@ -234,12 +234,14 @@ def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: st
 
     final = republish(source_dir, serving_dir, name, edit, version, log)
     if load_metadata(final).gate is None:
-        log(no_gate_warning(final))
+        newest = versions(os.path.dirname(final))[-1] == int(os.path.basename(final))
+        log(no_gate_warning(final, newest))
     return final
 
 
-def no_gate_warning(version_dir: str) -> str:
+def no_gate_warning(version_dir: str, newest: bool) -> str:
     """What a version without an input gate means for the job, once it is published (versions 1-4 have none)."""
-    return (f"warning: {version_dir} has no input gate, as its source had none: as the newest version it is the "
-            "batch job's default, and photographs and other non-X-rays can be scored and flagged; give it one with "
+    role = "as the newest version it is the batch job's default, and" if newest else "with it"
+    return (f"warning: {version_dir} has no input gate, as its source had none: {role} photographs and other "
+            "non-X-rays can be scored and flagged; give it one with "
             f"`python -m export --add-gate {version_dir} --training-dir DIR` or recalibrate a version with a gate")

@@ -285,6 +285,12 @@ def test_recalibrating_a_version_without_a_gate_warns_that_it_becomes_the_defaul
     assert f"warning: {new} has no input gate, as its source had none" in out and "--add-gate" in out
     assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal)]) == 0
     assert "no input gate" not in capsys.readouterr().out  # version 4 of this folder has the gate of 2
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--version", "9"]) == 0
+    capsys.readouterr()
+    older = os.path.join(os.path.dirname(source_package), "5")
+    assert export_main(["--recalibrate", gateless, "--calibrate-dir", str(cal), "--version", "5"]) == 0
+    out = capsys.readouterr().out  # QA: not the newest, so not the default: the warning must not say it is
+    assert f"warning: {older} has no input gate, as its source had none: with it photographs" in out
 
 
 def test_a_refusal_after_staging_leaves_no_folder_it_made(source_package, tmp_path, capsys):
