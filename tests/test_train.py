@@ -429,7 +429,9 @@ def test_cli_error_split_lacks_a_class(tmp_path, capsys):
     # one patient per class: val and test cannot hold both classes; fails after the temp
     # run dir exists, which must be removed
     make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
-    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run"), "split lacks one of the classes")
+    # QA: the message named --split, which cannot help: it names the class and its patients now
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run"), "class NORMAL has 2 decodable images of 1 "
+                  "patient(s); train, val and test each need one patient of each class: at least 3 patients a class")
     assert os.listdir(tmp_path) == ["data"]
 
 
@@ -483,7 +485,7 @@ def test_cli_a_refused_run_leaves_no_parent_folder_it_made(tmp_path, capsys):
     """QA defect: a run refused after it started (here: a split without both classes) left the parent folders of
     --output-dir it had made."""
     make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
-    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "np" / "a" / "b" / "run"), "split lacks one of")
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "np" / "a" / "b" / "run"), "at least 3 patients")
     assert os.listdir(tmp_path) == ["data"]
 
 

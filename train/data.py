@@ -244,3 +244,14 @@ def label_conflicts(examples, digests) -> tuple[list[int], list[tuple[str, str]]
     left = [(ex.path, "the same bytes are filed under both NORMAL and PNEUMONIA")
             for ex, d in zip(examples, digests) if len(labels[d]) > 1]
     return keep, left
+
+
+def check_patients_per_class(examples) -> None:
+    """DataError (exit 2) for a class whose decodable images come from fewer than 3 patients: train, val and test
+    each need one, and no --split can change that (QA: the message named the split)."""
+    for label in CLASSES:
+        patients = {ex.patient for ex in examples if ex.label == label}
+        if len(patients) < 3:
+            images = sum(ex.label == label for ex in examples)
+            raise DataError(f"class {label} has {images} decodable images of {len(patients)} patient(s); train, val "
+                            "and test each need one patient of each class: at least 3 patients a class")

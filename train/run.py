@@ -20,6 +20,7 @@ from train.comparison import comparison_markdown, summary_row
 from train.data import (
     CLASSES,
     DataError,
+    check_patients_per_class,
     find_examples,
     label_conflicts,
     labels_to_array,
@@ -262,6 +263,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     examples, digests, images = [examples[i] for i in keep], [digests[i] for i in keep], images[keep]
     _log(f"decoded {len(examples)} images at {config.image_size}px in {time.perf_counter() - t0:.1f}s, "
          f"skipped {len(failed)}")
+    check_patients_per_class(examples)
     splits = split_examples(examples, fractions, args.seed, digests)
     if getattr(args, "teacher", None):
         try:
