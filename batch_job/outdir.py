@@ -47,6 +47,7 @@ PARKED_FILES = (LOCK_FILE, "old")
 # (docs/operations.md, "Who reads OUT_DIR"), never writable by the group
 PRIVATE = 0o027
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
+_made: dict[str, list[str]] = {}  # temp dir -> the parent folders prepare() made for it, removed with it if unused
 
 
 def parked_name(base: str) -> re.Pattern:
@@ -231,6 +232,7 @@ def prepare(out: str, overwrite: bool) -> str:
         os.rmdir(tmp)
         remove_folders(made)
         raise
+    _made[tmp] = made
     return tmp
 
 
@@ -282,6 +284,7 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
                            "discarded, nothing published (rerun with another --output, or --overwrite)") from None
         raise
     else:
+        _made.pop(tmp, None)
         with contextlib.suppress(OSError):
             os.remove(os.path.join(out, LOCK_FILE))
     finally:
@@ -299,3 +302,4 @@ def discard(tmp: str) -> None:
         gone = tmp
     remove_dir(gone)
     _release(tmp)
+    remove_folders(_made.pop(tmp, []))  # a parent the job made, where still empty: a failed job leaves nothing

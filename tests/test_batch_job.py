@@ -1023,3 +1023,22 @@ def test_an_output_disk_full_at_the_start_is_exit_2_and_leaves_nothing(small_tre
 def small_tree_for_full(tmp_path):
     make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=1)
     return str(tmp_path / "in")
+
+
+def test_a_failed_job_removes_the_parent_folder_it_made(small_tree_for_full, tiny_package, tmp_path, monkeypatch,
+                                                        capsys):
+    """QA defect: a job that failed after it had started (exit 1) left the empty parent folder of OUT_DIR it had
+    made; one that was there before stays."""
+    from batch_job import pipeline
+
+    def failing(*args):
+        raise RuntimeError("drift check failed")
+
+    monkeypatch.setattr(pipeline, "check_drift", failing)
+    for parent in (tmp_path / "new" / "scores", tmp_path / "kept"):
+        if parent.name == "kept":
+            parent.mkdir()
+        assert main(["--input", small_tree_for_full, "--model", tiny_package, "--output", str(parent / "night"),
+                     "--direct_running_mode=in_memory"]) == 1
+        assert "drift check failed" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in", "kept"] and os.listdir(tmp_path / "kept") == []
