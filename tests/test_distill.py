@@ -78,7 +78,7 @@ def test_cli_refuses_a_teacher_it_cannot_use(tmp_path, capsys, extra, fragment):
         extra = ("--teacher", str(tmp_path / "swapped"))
     from train.__main__ import main as train_main
 
-    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    make_tree(str(tmp_path / "data"), per_class=6, size=48, seed=1)  # 3 patients a class: a split can be made
     assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", *extra)), fragment)
     assert sorted(os.listdir(tmp_path)) == ["data"] + ["swapped"] * (fragment == "does not verify: ")
 

@@ -539,7 +539,7 @@ def test_cli_existing_output_dir_and_overwrite(tmp_path, capsys, cli_run):
     # --overwrite with a run that then fails keeps the old contents
     make_tree(str(tmp_path / "tiny"), per_class=2, size=48, seed=2)
     _expect_error(capsys, _args(tmp_path / "tiny", out, "--models", "baseline_cnn", "--overwrite"),
-                  "split lacks")
+                  "at least 3 patients a class")
     assert os.listdir(out) == ["old.txt"]
     assert sorted(os.listdir(tmp_path)) == ["run", "tiny"]
 
