@@ -1042,3 +1042,25 @@ def test_a_failed_job_removes_the_parent_folder_it_made(small_tree_for_full, tin
                      "--direct_running_mode=in_memory"]) == 1
         assert "drift check failed" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["in", "kept"] and os.listdir(tmp_path / "kept") == []
+
+
+def test_a_full_disk_in_a_worker_names_where_the_outputs_are_written(small_tree_for_full, tiny_package, tmp_path,
+                                                                     monkeypatch, capsys):
+    """QA defect: OUT_DIR's disk filling while the workers wrote their shards ended in "job failed (RuntimeError):
+    RuntimeError: OSError: [Errno 28] No space left on device [while running 'DecodeScoreWrite']", which does not
+    say which disk."""
+    import errno
+
+    from batch_job import shards
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_shard", full)
+    out = tmp_path / "scores" / "night"
+    assert main(["--input", small_tree_for_full, "--model", tiny_package, "--output", str(out),
+                 "--direct_running_mode=in_memory"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: job failed: no space left on device; the outputs are written in {out.parent} (OUT_DIR's parent) "
+        "before they are published: free space there and rerun; nothing published")
+    assert not (tmp_path / "scores").exists()
