@@ -127,9 +127,9 @@ def main(argv=None, started: float | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
         if "No space left on device" in str(exc):  # a worker's OSError, wrapped by Beam in its own error's text
-            return fail(f"job failed: no space left on device; the outputs are written in {os.path.dirname(out)} "
-                        "(OUT_DIR's parent) before they are published: free space there and rerun; nothing "
-                        "published", 1)
+            return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; the outputs are written in "
+                        f"{os.path.dirname(out)} (OUT_DIR's parent) before they are published: if that disk is "
+                        "full, free space there and rerun; nothing published", 1)
         return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
     finally:
         held = GATE.take_pending()  # a Ctrl-C or SIGTERM held while publishing (xray_core/interrupts.py)

@@ -241,8 +241,8 @@ def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: st
 def write_figures(rec: Reconciliation, model: Model, tmp: str):
     """histogram.png and, with folder labels, confusion.png and roc.png; -> the label metrics (None without)."""
     report.write_histogram(os.path.join(tmp, "histogram.png"), rec.probabilities, model.threshold, model.model_id)
-    figures.write_labelled_figures(tmp, rec, model.threshold)
-    return label_metrics(rec, model.threshold)
+    written = figures.write_labelled_figures(tmp, rec, model.threshold)
+    return label_metrics(rec, model.threshold, tuple(written))
 
 
 def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconciliation, sample, run_id: str,

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from batch_job import drift_report, figures, html_report
+from batch_job import drift_report, html_report
 from batch_job.drift import summary_line
 from batch_job.result import RunResult
 from xray_core.plots import pyplot, save
@@ -84,14 +84,6 @@ def report_markdown(r: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def label_figures(r: RunResult) -> list[str]:
-    """The figures against folder labels a run wrote (batch_job/figures.py's rule): the confusion matrix with any
-    labelled image, the ROC curve with both labels (where ROC AUC is defined)."""
-    if r.labelled is None:
-        return []
-    return [figures.CONFUSION_FILE] + [figures.ROC_FILE] * (r.labelled.scores["roc_auc"] is not None)
-
-
 def summary(r: RunResult, out: str) -> str:
     """The job's last lines on stdout."""
     c = r.counts
@@ -105,7 +97,8 @@ def summary(r: RunResult, out: str) -> str:
                  f"{_score(s['recall'])}, specificity {_score(s['specificity'])}, ROC AUC {_score(s['roc_auc'])}")
     line += "\n" + summary_line(r.drift)
     files = ["report.html", "worklist.csv", "predictions-*.csv", "metrics.json", "report.md"]
-    files += ["model_card.md"] * bool(r.model_card) + ["histogram.png", *label_figures(r), *r.drift.figures]
+    label_figures = r.labelled.figures if r.labelled else ()
+    files += ["model_card.md"] * bool(r.model_card) + ["histogram.png", *label_figures, *r.drift.figures]
     files += [f"heatmaps/ ({r.overlays_written})"] * bool(r.overlays_written)
     thumbnails = sum(map(bool, r.thumbnails.values()))
     files += [f"out_of_scope/ ({thumbnails})"] * bool(thumbnails)

@@ -24,6 +24,7 @@ class LabelMetrics:
     images: int
     scores: dict[str, float | None]  # SCORE_KEYS -> value (None where undefined)
     confusion_matrix: dict[str, int]  # tn, fp, fn, tp
+    figures: tuple[str, ...] = ()  # the figures written against the labels (batch_job/figures.py)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class RunResult:
         return out
 
 
-def label_metrics(counts: Reconciliation, threshold: float) -> LabelMetrics | None:
+def label_metrics(counts: Reconciliation, threshold: float, figures: tuple[str, ...] = ()) -> LabelMetrics | None:
     """Metrics against folder labels (scikit-learn) when any scored image has one."""
     from xray_core.metrics import operating_point  # scikit-learn, on first use
 
@@ -134,4 +135,4 @@ def label_metrics(counts: Reconciliation, threshold: float) -> LabelMetrics | No
     if not len(y):
         return None
     point = operating_point(y, p, threshold)
-    return LabelMetrics(int(len(y)), {k: point[k] for k in SCORE_KEYS}, point["confusion_matrix"])
+    return LabelMetrics(int(len(y)), {k: point[k] for k in SCORE_KEYS}, point["confusion_matrix"], figures)

@@ -124,13 +124,14 @@ def test_markdown_section_when_not_judged_without_reference_or_figures():
 
 def test_summary_has_the_drift_line_after_the_labelled_one_and_the_figures():
     labelled = LabelMetrics(1200, {"accuracy": 0.9, "precision": 0.88, "recall": 0.95, "specificity": 0.85,
-                                   "f1": 0.91, "roc_auc": 0.93}, {"tn": 510, "fp": 90, "fn": 30, "tp": 570})
+                                   "f1": 0.91, "roc_auc": 0.93}, {"tn": 510, "fp": 90, "fn": 30, "tp": 570},
+                            ("confusion.png", "roc.png"))
     r = result(replace(judged(detected=False), figures=("drift.png", "drift_trend.png")), labelled)
     lines = report.summary(r, "/out").splitlines()
     assert lines[1].startswith("against folder labels")
     assert lines[2] == ("drift: none (domain AUC 0.523 (limit 0.60), PSI 0.041 (limit 0.20), "
                         "positive rate 0.457 vs 0.381)")
-    assert lines[3].endswith("histogram.png, drift.png, drift_trend.png")
+    assert lines[3].endswith("histogram.png, confusion.png, roc.png, drift.png, drift_trend.png")
     plain = report.summary(result(no_reference(1200)), "/out").splitlines()  # no labels, no figures
     assert len(plain) == 3 and plain[1] == summary_line(no_reference(1200))
     assert plain[2].endswith("histogram.png") and "drift" not in plain[2]
