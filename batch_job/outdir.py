@@ -180,7 +180,8 @@ def orphaned(out: str, ledger: str) -> bool:
             m = json.load(f)
     except (OSError, ValueError):
         return False
-    if not isinstance(m, dict) or m.get("ledger") != os.path.realpath(ledger) or not m.get("run_id"):
+    recorded = m.get("ledger") if isinstance(m, dict) else None  # an abspath before 2026-12-01, a realpath since
+    if not isinstance(recorded, str) or os.path.realpath(recorded) != os.path.realpath(ledger) or not m.get("run_id"):
         return False
     return not knows_run(ledger, m["run_id"])
 

@@ -4,6 +4,7 @@
 (`python -m export --recalibrate VERSION_DIR --calibrate-dir DIR`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -95,9 +96,10 @@ def publish_version(staging: str, final: str) -> None:
     written is a warning line, not a failure. A Ctrl-C or SIGTERM waits for both (xray_core.interrupts)."""
     with GATE.deferred():
         try:
-            os.remove(os.path.join(staging, LOCK_FILE))  # no part of the version; the lock is held until renamed
-            publish_dir(staging, final)
-            PUBLISHED.append(final)
+            publish_dir(staging, final)  # with its lock file: a kill before the rename leaves a staging folder that
+            PUBLISHED.append(final)  # the next export recognises (its lock free), never a lockless one
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(final, LOCK_FILE))  # no part of the version
         finally:
             release_staging(staging)
         name_dir = os.path.dirname(os.path.abspath(final))

@@ -362,7 +362,7 @@ def test_presentation_lut_shape_inverse_is_applied_once():
 
 
 @pytest.mark.parametrize("width, center", [(b"0     ", b"2000  "), (b"-5    ", b"2000  "), (b"abc   ", b"2000  "),
-                                           (b"100   ", b"x     ")])
+                                           (b"100   ", b"x     "), (b"1e999 ", b"2000  ")])
 def test_a_window_that_cannot_be_applied_is_ignored_as_viewers_do(width, center):
     """QA defect: a Window Width of 0 (PS3.3 forbids a width below 1) made the image an error row. It is now ignored,
     as a file without a window: its own min..max, the picture exactly as without the window. (pydicom will not write

@@ -185,6 +185,33 @@ def test_a_dcm_file_without_the_preamble_is_read_as_dicom(tmp_path):
     assert not is_dicom(buf.getvalue()) and preprocess_image(str(tmp_path / "photo.dcm"), cfg).shape == (32, 32, 1)
 
 
+def test_a_dicomdir_is_out_of_scope_not_a_file_cut_short():
+    """Review: a DICOMDIR (the index of an exported CD: the preamble, no Modality, no pixel data) must stay out of
+    scope, not become "corrupt DICOM: no Modality and no pixel data"."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.1.3.10", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.FileSetID = "CD1"
+    ds.DirectoryRecordSequence = []
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert header_problem(read_dicom_header(buf.getvalue())) == "DICOM without Modality (allowed: CR, DX)"
+
+
+def test_is_dicom_looks_at_the_first_132_bytes_only():
+    """Review: the implicit-VR rule read past byte 132 when given a whole file, so the listing (132 bytes) and the
+    decoder (the whole file) could disagree about one file."""
+    from xray_core.dicom_header import is_dicom
+
+    long_first = b"\x08\x00\x05\x00" + (128).to_bytes(4, "little") + b"A" * 128 + b"\x08\x00\x16\x00" + b"\x00" * 40
+    assert is_dicom(long_first) == is_dicom(long_first[:132]) is False
+
+
 @pytest.mark.parametrize("implicit", [False, True])
 def test_a_data_set_without_file_meta_is_read_in_the_encoding_it_was_written(implicit):
     """QA defect: a data set without preamble and without file meta (no transfer syntax written, as the oldest

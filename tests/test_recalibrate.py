@@ -293,6 +293,37 @@ def test_recalibrating_a_version_without_a_gate_warns_that_it_becomes_the_defaul
     assert f"warning: {older} has no input gate, as its source had none: with it photographs" in out
 
 
+def test_a_full_disk_at_staging_leaves_nothing_and_the_lock_goes_with_the_rename(source_package, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Review: a staging folder whose lock file could not be written (a full disk) stayed, lockless, for good, with
+    the folders made for it; and publishing deleted the lock file before the rename, so a kill in between left a
+    lockless staging folder too (as the batch job's temp dir did)."""
+    import errno
+
+    from export import republish
+    from xray_core import staging as staging_module
+    from xray_core.files import LOCK_FILE
+
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging_module, "hold_lock", full)
+    fresh = tmp_path / "fresh"
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--serving-dir",
+                        str(fresh / "serving")]) == 2
+    assert "No space left on device" in capsys.readouterr().err and not fresh.exists()
+    monkeypatch.undo()
+    seen = []
+    renaming = republish.publish_dir
+    monkeypatch.setattr(republish, "publish_dir", lambda src, dst: seen.append(os.listdir(src)) or renaming(src, dst))
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal)]) == 0
+    assert LOCK_FILE in seen[0]  # a kill at the rename leaves a folder the next export recognises
+    assert LOCK_FILE not in os.listdir(os.path.join(os.path.dirname(source_package), "3"))
+
+
 def test_a_refusal_after_staging_leaves_no_folder_it_made(source_package, tmp_path, capsys):
     """QA defect: a refused export left an empty `<serving>/<name>/` (and serving folder) it had made for its
     staging folder. Folders the export made are removed again while empty; one that was there stays."""

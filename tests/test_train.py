@@ -455,8 +455,8 @@ def test_cli_error_bad_split(tmp_path, capsys, split):
 
 
 @pytest.mark.parametrize("where", ["the data dir", "inside a class folder", "above the data dir", "the site dir",
-                                   "a file"])
-def test_cli_refuses_an_output_dir_over_its_inputs_even_with_overwrite(tmp_path, capsys, where):
+                                   "a file", "the working directory", "above the teacher"])
+def test_cli_refuses_an_output_dir_over_its_inputs_even_with_overwrite(tmp_path, capsys, monkeypatch, where):
     """QA defect (data loss): `--output-dir` naming the data dir (or a folder holding it, the site dir, a plain file)
     with --overwrite replaced it by the run: every training image deleted. Inside a class folder the next run
     trained on the previous run's plots. Each is refused before anything is written."""
@@ -464,9 +464,18 @@ def test_cli_refuses_an_output_dir_over_its_inputs_even_with_overwrite(tmp_path,
     make_tree(str(tmp_path / "site"), per_class=4, size=48, seed=2)
     (tmp_path / "notes.txt").write_text("keep me")
     out = {"the data dir": tmp_path / "data", "inside a class folder": tmp_path / "data" / "NORMAL" / "run1",
-           "above the data dir": tmp_path, "the site dir": tmp_path / "site", "a file": tmp_path / "notes.txt"}[where]
+           "above the data dir": tmp_path, "the site dir": tmp_path / "site", "a file": tmp_path / "notes.txt",
+           "the working directory": tmp_path / "work", "above the teacher": tmp_path / "serving"}[where]
+    from helpers import REPO
+
+    (tmp_path / "work").mkdir()
+    shutil.copytree(os.path.join(REPO, "serving_models", "pneumonia", "6"), tmp_path / "serving" / "pneumonia" / "6")
+    monkeypatch.chdir(tmp_path / "work")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     extra = ["--overwrite", "--site-dir", str(tmp_path / "site")]
+    if where == "above the teacher":
+        extra += ["--teacher", str(tmp_path / "serving" / "pneumonia" / "6"), "--models", "resnet_aug",
+                  "--image-size", "64"]
     fragment = "exists and is not a folder" if where == "a file" else "--output-dir must not overlap"
     _expect_error(capsys, _args(tmp_path / "data", out, *extra), fragment)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "keep me"

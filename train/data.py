@@ -246,7 +246,7 @@ def label_conflicts(examples, digests) -> tuple[list[int], list[tuple[str, str]]
     return keep, left
 
 
-def check_patients_per_class(examples) -> None:
+def check_patients_per_class(examples, limited: bool = False) -> None:
     """DataError (exit 2) for a class whose decodable images come from fewer than 3 patients: train, val and test
     each need one, and no --split can change that (QA: the message named the split)."""
     for label in CLASSES:
@@ -254,4 +254,5 @@ def check_patients_per_class(examples) -> None:
         if len(patients) < 3:
             images = sum(ex.label == label for ex in examples)
             raise DataError(f"class {label} has {images} decodable images of {len(patients)} patient(s); train, val "
-                            "and test each need one patient of each class: at least 3 patients a class")
+                            "and test each need one patient of each class: at least 3 patients a class"
+                            + (" (--limit-per-class samples images, not patients: raise it)" if limited else ""))

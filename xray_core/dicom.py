@@ -213,7 +213,8 @@ def drop_unusable_window(ds) -> None:
     if "VOILUTSequence" in ds or "WindowWidth" not in ds:
         return
     try:
-        usable = float(_first(ds.WindowWidth)) >= 1 and np.isfinite(float(_first(ds.get("WindowCenter"))))
+        width, center = float(_first(ds.WindowWidth)), float(_first(ds.get("WindowCenter")))
+        usable = 1 <= width < float("inf") and np.isfinite(center)
     except (TypeError, ValueError):
         usable = False
     if not usable:

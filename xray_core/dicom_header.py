@@ -128,7 +128,9 @@ def is_dicom(head: bytes) -> bool:
     """True for a DICOM file, whatever its name: the preamble ('DICM' at byte 128), or a data set without it, as
     older systems wrote them (pydicom reads both): its first element, of group 0002 or 0008, with an explicit VR
     (two capital letters after its tag), or two group-0008 elements in implicit VR (:func:`_implicit_start`).
-    JPEG and PNG start otherwise. `head`: at least the file's first 132 bytes."""
+    JPEG and PNG start otherwise. `head`: at least the file's first 132 bytes; only those are looked at, so the
+    answer is the same for the whole file and for the 132 bytes the listing reads."""
+    head = head[:DICOM_MAGIC_OFFSET + 4]
     if head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return True
     vr = head[4:6]
@@ -197,12 +199,19 @@ def read_dicom_header(source: bytes | str | os.PathLike) -> DicomHeader:
         raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
     if len(ds) == 0:  # force=True parses anything; a file with no element after the meta header is no DICOM image
         raise ValueError("corrupt DICOM: no data elements")
-    if not _text(ds, "Modality") and not has_pixel_data(pydicom, source):
+    if not _text(ds, "Modality") and not is_directory(ds) and not has_pixel_data(pydicom, source):
         raise ValueError("corrupt DICOM: no Modality and no pixel data (a file cut short?)")
     return DicomHeader.from_dataset(ds)
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR, the index of a CD's files
+
+
+def is_directory(ds) -> bool:
+    """A DICOMDIR: a whole file with neither Modality nor pixel data, out of scope, never a file cut short."""
+    meta = getattr(ds, "file_meta", None)
+    return "DirectoryRecordSequence" in ds or str(getattr(meta, "MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY
 
 
 def has_pixel_data(pydicom, source: bytes) -> bool:

@@ -6,6 +6,7 @@ that model name removes it. Only folders named as staging folders are touched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -26,6 +27,7 @@ def staging_dir(final: str, serving_dir: str) -> str:
     The serving and name folders this call makes are removed again by :func:`discard_staging` while empty: a
     refused export leaves nothing. PackageError (one line) when the serving folder cannot be written."""
     made: list[str] = []
+    staging = ""
     try:
         made = make_folders(os.path.dirname(final))
         remove_abandoned_staging(os.path.dirname(final))
@@ -33,7 +35,10 @@ def staging_dir(final: str, serving_dir: str) -> str:
         _staging_locks[staging] = hold_lock(staging)
         _made_for[staging] = made
         return staging
-    except OSError as exc:
+    except OSError as exc:  # a full disk: the lock file could not be written
+        if staging:
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
         remove_folders(made)
         raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
 

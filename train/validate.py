@@ -1,0 +1,76 @@
+"""The checks of train's arguments before any work: one line each (UsageError, DataError), nothing written."""
+from __future__ import annotations
+
+import os
+
+from train.data import DataError
+from train.distill import TeacherError, check_teacher
+from train.models import MODEL_NAMES
+from xray_core.files import blocking_ancestor
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message is one line."""
+
+
+def validate(args) -> tuple[list[str], tuple[float, float, float]]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown or not models:
+        raise UsageError(f"unknown model(s) {unknown or models}; choose from {','.join(MODEL_NAMES)}")
+    try:
+        fractions = tuple(float(v) for v in args.split.split(","))
+    except ValueError:
+        raise UsageError(f"--split must be three numbers like 0.70,0.15,0.15, got {args.split!r}") from None
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise UsageError(f"--split must be three positive fractions summing to 1, got {args.split!r}")
+    if not 0 < args.target_recall <= 1:
+        raise UsageError("--target-recall must be in (0, 1]")
+    if args.epochs < 1 or args.patience < 0 or args.image_size < 32:
+        raise UsageError("--epochs must be >= 1, --patience >= 0, --image-size >= 32")
+    if args.batch_size < 1 or not 0 < args.learning_rate < float("inf"):
+        raise UsageError("--batch-size must be >= 1 and --learning-rate > 0")
+    if args.limit_per_class is not None and args.limit_per_class < 3:
+        raise UsageError("--limit-per-class must be >= 3")
+    if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
+        raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
+    if getattr(args, "teacher", None):
+        if models != ["resnet_aug"]:
+            raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")
+        try:
+            check_teacher(args.teacher, args.teacher_weight, args.image_size)
+        except TeacherError as exc:
+            raise UsageError(str(exc)) from None
+    if args.select_by.startswith("site_") and not args.site_dir:
+        raise UsageError(f"--select-by {args.select_by} needs --site-dir")
+    if not os.path.isdir(args.data_dir):
+        raise DataError(f"data directory not found: {args.data_dir}")
+    if args.site_dir and not os.path.isdir(args.site_dir):
+        raise DataError(f"site directory not found: {args.site_dir}")
+    if args.site_dir and _same_or_inside(args.site_dir, args.data_dir):
+        raise UsageError("--site-dir must not overlap --data-dir: the site sample is never trained on")
+    out = os.path.abspath(args.output_dir)
+    inputs = (("--data-dir", args.data_dir), ("--site-dir", args.site_dir),
+              ("--teacher", getattr(args, "teacher", None)), ("the working directory", os.getcwd()))
+    for flag, folder in inputs:  # --overwrite would delete them; inside the data, the next run would train on it
+        if folder and (_same_or_inside(out, folder) if flag != "the working directory" else _inside(folder, out)):
+            raise UsageError(f"--output-dir must not overlap {flag}: {args.output_dir} and {folder}")
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
+        raise UsageError(f"output dir {args.output_dir} exists and is not a folder; it is never replaced")
+    if os.path.exists(out) and os.listdir(out) and not args.overwrite:
+        raise UsageError(f"output dir {args.output_dir} exists and is not empty (pass --overwrite to replace it)")
+    blocked = blocking_ancestor(out)
+    if blocked:
+        raise UsageError(f"cannot write to {blocked}")
+    return models, fractions  # type: ignore[return-value]
+
+
+def _same_or_inside(a: str, b: str) -> bool:
+    """True when one of the two folders is the other or lies inside it (real paths)."""
+    return _inside(a, b) or _inside(b, a)
+
+
+def _inside(a: str, b: str) -> bool:
+    """True when folder a is b or lies inside it (real paths)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
