@@ -205,6 +205,9 @@ def refuse_existing(out: str, overwrite: bool) -> None:
                          "folder itself")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"output dir {out} exists and is not a folder; the job never replaces a file")
+    if os.path.ismount(out):  # it failed (EBUSY) only after the whole night was scored
+        raise InputError(f"output dir {out} is a mount point; the job replaces OUT_DIR as a whole by renaming: name "
+                         "a folder inside it")
     if os.path.exists(out) and not overwrite and os.listdir(out):
         raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
     blocked = blocking_ancestor(out)

@@ -1065,3 +1065,21 @@ def test_a_full_disk_in_a_worker_names_where_the_outputs_are_written(small_tree_
     assert line.endswith(f"; the outputs are written in {out.parent} (OUT_DIR's parent) before they are published: "
                          "if that disk is full, free space there and rerun; nothing published")
     assert not (tmp_path / "scores").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_dir_that_is_a_mount_point_is_refused_before_scoring(small_tree_for_full, tiny_package, tmp_path,
+                                                                       monkeypatch, capsys, overwrite):
+    """QA defect: an OUT_DIR that is a mount point (an empty volume mounted there) failed only after the whole night
+    was scored, exit 1 "[Errno 16] Device or resource busy"; it cannot be renamed into place or replaced."""
+    from batch_job import outdir
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(outdir.os.path, "ismount", lambda path: os.path.abspath(path) == str(out))
+    rc = main(["--input", small_tree_for_full, "--model", tiny_package, "--output", str(out),
+               "--direct_running_mode=in_memory", *(["--overwrite"] if overwrite else [])])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (f"error: output dir {out} is a mount point; the job replaces OUT_DIR "
+                                                "as a whole by renaming: name a folder inside it")
+    assert sorted(os.listdir(tmp_path)) == ["in", "volume"] and os.listdir(out) == []
