@@ -110,6 +110,10 @@ def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
     LOG.setLevel(args.log_level)
+    # A worker's failure fails the pipeline, and the job says it in one line (its traceback at DEBUG, below); Beam
+    # logs the same failure again, traceback and all, from each worker and from the runner. Its warnings and
+    # errors show at --log-level DEBUG.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING if args.log_level == "DEBUG" else logging.CRITICAL)
     try:
         out = os.path.abspath(args.output)  # as the job resolves it, before it runs
     except OSError:

@@ -1083,3 +1083,25 @@ def test_an_output_dir_that_is_a_mount_point_is_refused_before_scoring(small_tre
     assert capsys.readouterr().err.strip() == (f"error: output dir {out} is a mount point; the job replaces OUT_DIR "
                                                 "as a whole by renaming: name a folder inside it")
     assert sorted(os.listdir(tmp_path)) == ["in", "volume"] and os.listdir(out) == []
+
+
+@pytest.mark.slow
+def test_a_worker_failure_is_not_logged_again_by_beam(tmp_path, tiny_package):
+    """QA: one full disk in a worker printed 444 lines with 16 tracebacks at --log-level WARNING, most of them
+    Beam's ERROR log lines repeating the failure the job states in its last line. Beam logs at DEBUG only now (the
+    traceback Beam's worker prints to stderr itself stays)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import errno\nfrom batch_job import shards\n\n\ndef full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n\n\nshards.write_shard = full\n")
+    make_tree(str(tmp_path / "in"), per_class=3, size=64, seed=2)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    done = subprocess.run([sys.executable, "-m", "batch_job", "--input", str(tmp_path / "in"), "--model",
+                           tiny_package, "--output", str(tmp_path / "o"), "--log-level", "WARNING"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: job failed (RuntimeError): ") and "No space left on device" in lines[-1]
+    assert [line for line in lines if re.match(r"\d{4}-\d\d-\d\d .* ERROR ", line)] == []
+    assert done.stderr.count("Traceback (most recent call last)") <= 2  # Beam's own print: one chained traceback
