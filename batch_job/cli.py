@@ -109,6 +109,7 @@ def fail(message: str, code: int) -> int:
 def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
+    GATE.raised = 0  # this run's interrupts only
     LOG.setLevel(args.log_level)
     # A worker's failure fails the pipeline, and the job says it in one line (its traceback at DEBUG, below); Beam
     # logs the same failure again, traceback and all, from each worker and from the runner. Its warnings and
@@ -130,6 +131,10 @@ def main(argv=None, started: float | None = None) -> int:
         return fail(one_line(exc, 1000), 2)
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
+        stopped = GATE.as_interrupt(exc)  # an interrupt an extension's C code turned into its own error
+        if stopped is not None:
+            return fail(*(("terminated (SIGTERM); nothing published", 143) if isinstance(stopped, Terminated)
+                          else ("interrupted; nothing published", 130)))
         if "No space left on device" in str(exc):  # a worker's OSError, wrapped by Beam in its own error's text
             return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; the outputs are written in "
                         f"{os.path.dirname(out)} (OUT_DIR's parent) before they are published: if that disk is "

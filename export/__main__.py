@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
     try:
         code = _main(argv)
-    except KeyboardInterrupt as exc:  # Terminated too
-        return _stopped(exc, PUBLISHED)
+    except (KeyboardInterrupt, Exception) as exc:  # Terminated too, and one that TensorFlow's C code turned into
+        stopped = GATE.as_interrupt(exc)  # its own error
+        if stopped is None:
+            raise
+        return _stopped(stopped, PUBLISHED)
     finally:
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler not set from Python, which cannot be set back

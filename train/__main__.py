@@ -132,8 +132,11 @@ def main(argv=None) -> int:
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    except KeyboardInterrupt as exc:  # Terminated too; run() removed its partial run
-        term = isinstance(exc, Terminated)
+    except (KeyboardInterrupt, Exception) as exc:  # Terminated too; run() removed its partial run
+        stopped = GATE.as_interrupt(exc)  # a SIGTERM inside TensorFlow's C code comes out as its TypeError
+        if stopped is None:
+            raise
+        term = isinstance(stopped, Terminated)
         print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; RUN_DIR not published", file=sys.stderr)
         return 143 if term else 130
     finally:

@@ -24,16 +24,29 @@ class InterruptGate:
     def __init__(self):
         self.depth = 0
         self.pending = 0  # the signal held while publishing; 0: none
+        self.raised = 0  # the signal the handler last raised for; 0: none
 
     def handler(self, signum, frame):
         if self.depth:
             self.pending = signum
             return
+        self.raised = signum
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def install(self) -> dict:
         """-> the handlers it replaced (signal number -> handler), for a caller that restores them."""
+        self.raised = 0
         return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
+
+    def as_interrupt(self, exc: BaseException) -> KeyboardInterrupt | None:
+        """`exc` as the interrupt it stands for: itself for a KeyboardInterrupt (Terminated too); for another
+        exception raised after the handler raised (an extension that turned the interrupt raised inside its C code
+        into its own error: TensorFlow gives a TypeError), the interrupt; else None, a failure of its own."""
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        if not self.raised:
+            return None
+        return Terminated() if self.raised == signal.SIGTERM else KeyboardInterrupt()
 
     def take_pending(self) -> str:
         """The name of the signal held while publishing ("" when none), forgotten once taken."""
