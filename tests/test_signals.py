@@ -209,3 +209,32 @@ def test_an_interrupt_an_extension_turned_into_its_own_error_is_still_an_interru
     assert command_main(argv) == code
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {said}; ")
     GATE.raised = 0
+
+
+def test_a_signal_tensorflow_swallowed_still_stops_training_before_it_publishes(tmp_path, monkeypatch, capsys):
+    """QA (full suite): a SIGTERM that landed while TensorFlow imported a module inside its C code was swallowed
+    there; training ran on and published its run, exit 0. The interrupt is raised again at the next batch
+    (train.fit.StopOnSignal) and before publishing."""
+    import train.run
+    from train.__main__ import main as train_main
+    from train.fit import StopOnSignal
+    from xray_core.errors import Terminated
+    from xray_core.interrupts import GATE
+
+    def swallowed(tmp, *args):
+        try:
+            GATE.handler(signal.SIGTERM, None)
+        except Terminated:
+            pass  # what TensorFlow's C code did with it
+        (tmp_path / "marker").write_text("trained on")
+
+    make_tree(str(tmp_path / "data"), per_class=6, size=48, seed=1)
+    monkeypatch.setattr(train.run, "_run_into", swallowed)
+    assert train_main(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
+                       "--image-size", "32"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: terminated (SIGTERM); RUN_DIR not published"
+    assert sorted(os.listdir(tmp_path)) == ["data", "marker"]
+    with pytest.raises(Terminated):
+        StopOnSignal().on_train_batch_end(0)  # the same after any batch while training
+    GATE.raised = 0
+    StopOnSignal().on_train_batch_end(1)  # no signal: nothing

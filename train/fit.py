@@ -9,6 +9,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from train.augment import AugmentConfig, augment_batch
 from train.models import keras
+from xray_core.interrupts import GATE
 
 
 def class_weights(y: np.ndarray) -> dict[int, float]:
@@ -35,6 +36,14 @@ def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int, augment: Augme
         ds = ds.map(lambda xb, yb, *wb: (*augment_batch(xb, yb, augment, seed), *wb),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """After each batch: a Ctrl-C or SIGTERM that TensorFlow's C code swallowed is raised again
+    (xray_core.interrupts)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        GATE.check()
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -97,7 +106,7 @@ def fit(
     train_ds = make_dataset(*train_xy, batch_size, True, seed, augment, weights)
     val_ds = make_dataset(*val_xy, batch_size, False, seed)
     epoch_log = EpochLog(name, epochs, log)
-    callbacks = [epoch_log]
+    callbacks = [epoch_log, StopOnSignal()]
     if not cosine:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
         callbacks.insert(0, stop)

@@ -34,6 +34,7 @@ from train.distill import TeacherError, check_teacher_split
 from train.models import WeightsError, resolve_vgg19_weights
 from train.validate import UsageError, validate
 from xray_core.files import make_folders, publish_dir, remove_folders, sha256_file, temp_dir_beside
+from xray_core.interrupts import GATE
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
 from xray_core.preprocessing import PreprocessConfig
@@ -81,6 +82,7 @@ def run(args) -> int:
         raise UsageError(f"cannot write to {os.path.dirname(out)}: {exc.strerror}") from None
     try:
         _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
+        GATE.check()  # a signal TensorFlow swallowed: the run is not published
         publish_dir(tmp, out, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

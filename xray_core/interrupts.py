@@ -38,6 +38,12 @@ class InterruptGate:
         self.raised = 0
         return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
 
+    def check(self) -> None:
+        """Raise again the interrupt the handler raised, if any: an extension may have swallowed it inside its C code
+        (TensorFlow importing a module while training ran on), so long work checks at safe points."""
+        if self.raised:
+            raise Terminated if self.raised == signal.SIGTERM else KeyboardInterrupt
+
     def as_interrupt(self, exc: BaseException) -> KeyboardInterrupt | None:
         """`exc` as the interrupt it stands for: itself for a KeyboardInterrupt (Terminated too); for another
         exception raised after the handler raised (an extension that turned the interrupt raised inside its C code
