@@ -274,10 +274,8 @@ def _release(tmp: str) -> None:
 
 
 def publish(tmp: str, out: str, overwrite: bool) -> None:
-    """Rename the temp dir to OUT_DIR (replacing it with overwrite); on failure the temp dir is discarded.
-    The lock file goes with the rename and is deleted from OUT_DIR right after (it is no output): a job killed
-    between the two leaves OUT_DIR with that file, where deleting it first left, killed before the rename, a
-    complete copy of the night without a lock, which no later run recognised as a killed job's."""
+    """Rename the temp dir to OUT_DIR (replacing it with overwrite; its lock file goes with the rename and is then
+    deleted: xray_core.files.publish_dir); on failure the temp dir is discarded."""
     try:
         make_private(tmp)
         publish_dir(tmp, out, replace=overwrite)
@@ -289,8 +287,6 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
         raise
     else:
         _made.pop(tmp, None)
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out, LOCK_FILE))
     finally:
         _release(tmp)
 

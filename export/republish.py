@@ -4,7 +4,6 @@
 (`python -m export --recalibrate VERSION_DIR --calibrate-dir DIR`)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -18,7 +17,7 @@ from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
-from xray_core.files import LOCK_FILE, atomic_write, publish_dir
+from xray_core.files import atomic_write, publish_dir
 from xray_core.interrupts import GATE
 from xray_core.occlusion import HeatmapMethod
 from xray_core.package import (
@@ -96,10 +95,8 @@ def publish_version(staging: str, final: str) -> None:
     written is a warning line, not a failure. A Ctrl-C or SIGTERM waits for both (xray_core.interrupts)."""
     with GATE.deferred():
         try:
-            publish_dir(staging, final)  # with its lock file: a kill before the rename leaves a staging folder that
-            PUBLISHED.append(final)  # the next export recognises (its lock free), never a lockless one
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(final, LOCK_FILE))  # no part of the version
+            publish_dir(staging, final)  # its lock file goes with the rename, then is deleted
+            PUBLISHED.append(final)
         finally:
             release_staging(staging)
         name_dir = os.path.dirname(os.path.abspath(final))

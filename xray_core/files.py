@@ -36,6 +36,16 @@ def temp_dir_beside(final: str, tag: str = "tmp") -> str:
 
 
 def publish_dir(tmp: str, final: str, replace: bool = False) -> None:
+    """Rename `tmp` to `final` (:func:`_rename_into`), then delete the LOCK_FILE `tmp` held, which travels with the
+    rename: a process killed before the rename leaves a temp folder with its lock, which the next run recognises as
+    a killed one's (a lockless complete copy no run would ever remove); killed just after, `final` keeps the file.
+    The lock itself is held by the open file until the caller releases it."""
+    _rename_into(tmp, final, replace)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(final, LOCK_FILE))  # no part of the output
+
+
+def _rename_into(tmp: str, final: str, replace: bool) -> None:
     """Rename `tmp` to `final`. With `replace`, an existing `final` is parked as ``final.old-XXXXXXXX/old``
     (a folder holding this process's LOCK_FILE), `tmp` takes its place, then the parked one is deleted. If
     that second rename fails, the parked one is put back. Only a process killed between the two renames
