@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from xray_core.interrupts import GATE, Terminated
+from xray_core.interrupts import GATE, Terminated, exit_with
 
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
@@ -183,5 +183,10 @@ def _main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """`python -m ...` and the console script: main() as the process's exit (xray_core.interrupts.exit_with)."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

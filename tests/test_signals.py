@@ -238,3 +238,26 @@ def test_a_signal_tensorflow_swallowed_still_stops_training_before_it_publishes(
         StopOnSignal().on_train_batch_end(0)  # the same after any batch while training
     GATE.raised = 0
     StopOnSignal().on_train_batch_end(1)  # no signal: nothing
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+@pytest.mark.parametrize("code", [143, 130])
+def test_after_a_signal_the_error_line_stays_the_last_line(command, code):
+    """CI (full suite, once): after `python -m train` printed "error: terminated (SIGTERM); RUN_DIR not published"
+    and returned 143, the interpreter's exit ran a finaliser of TensorFlow's that the signal had stopped midway and
+    printed a `TypeError: 'NoneType' object is not iterable` traceback below that line. After a signal the process
+    ends with the command's code and its last line; a command that did its work still runs its exit hooks."""
+    hook = ("import atexit, sys\n"
+            "atexit.register(lambda: print('Traceback (most recent call last):\\nTypeError: late', file=sys.stderr))\n")
+    stopped = (f"import {command}.__main__ as m\n"
+               f"def stopped(argv=None):\n    print('error: stopped; nothing published', file=sys.stderr)\n"
+               f"    return {code}\n"
+               "m.main = stopped\nm.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", hook + stopped], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines()[-1] == "error: stopped; nothing published", proc.stderr[-2000:]
+    done = (f"import {command}.__main__ as m\nm.main = lambda argv=None: 0\nm.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", hook + done], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stderr.strip().splitlines()[-1] == "TypeError: late"  # exit hooks run as usual

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from xray_core.errors import Terminated
-from xray_core.interrupts import GATE
+from xray_core.interrupts import GATE, exit_with
 
 MODEL_CHOICES = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
 SELECT_BY = ("val_roc_auc", "val_pr_auc", "val_specificity", "val_f1", "val_accuracy", "site_roc_auc")
@@ -145,5 +145,10 @@ def main(argv=None) -> int:
                 signal.signal(signum, handler)
 
 
+def cli() -> None:
+    """`python -m ...` and the console script: main() as the process's exit (xray_core.interrupts.exit_with)."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
