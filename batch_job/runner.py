@@ -10,8 +10,11 @@ parser knows is refused (Beam itself would drop it with a log warning).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import shutil
+import sys
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -43,6 +46,7 @@ class Runner:
     label: str  # as metrics.json and the summary say it
     options: PipelineOptions
     workers: int  # for sizing shards; a guess where the runner decides
+    mode: str = ""  # DirectRunner: its workers, multi_threading, multi_processing or in_memory; "" for others
 
 
 def beam_leftovers(beam_args: list[str]) -> list[str]:
@@ -118,7 +122,21 @@ def direct_runner(beam_args: list[str]) -> Runner:
     workers = options.view_as(DirectOptions).direct_num_workers
     if workers < 0:
         raise InputError("--direct_num_workers must be >= 0 (0: one worker per core)")
-    return Runner(FnApiRunner(), "DirectRunner", options, workers or cores)
+    if mode != "multi_processing":
+        return Runner(FnApiRunner(), "DirectRunner", options, workers or cores, mode)
+    return Runner(FnApiRunner(default_environment=worker_processes()), "DirectRunner",
+                  PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode)
+
+
+def worker_processes():
+    """Beam's worker processes, started as `python -m batch_job.beam_worker` (a quiet stderr) instead of Beam's own
+    command. FnApiRunner takes the environment given to it, and the processes, one per --direct_num_workers, when
+    the running mode is `in_memory`: `multi_processing` would replace it by Beam's command. Beam then warns that
+    `in_memory` runs one worker; it runs the given count, so that warning is not shown."""
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
+    return SubprocessSDKEnvironment.from_command_string(f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker")
 
 
 def execute(pipeline: beam.Pipeline) -> None:

@@ -178,6 +178,26 @@ def test_rerun_is_identical_and_overwrite_needed(direct_run, labelled_tree, tiny
     assert not glob.glob(out + ".tmp-*") and not glob.glob(out + ".old-*")
 
 
+@pytest.mark.slow
+def test_worker_processes_log_nothing_of_their_own(labelled_tree, tiny_package, tmp_path):
+    """QA: with worker processes (the default beyond 4 cores) each of Beam's SDK workers printed ~19 INFO lines of
+    its own on stderr ("Logging handler created.", "Control channel established.", ...) at every --log-level: 300
+    lines a night on 16 cores. They run as batch_job.beam_worker now: the job's stderr holds its own lines only,
+    and the workers score as Beam's did."""
+    from helpers import job
+
+    root, _ = labelled_tree
+    out = str(tmp_path / "out")
+    proc = job(["--input", root, "--model", tiny_package, "--output", out, "--batch-size", "8",
+                "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    own = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ")
+    stray = [line for line in proc.stderr.splitlines() if not own.match(line)]
+    assert stray == [], stray[:5]
+    assert len(read_predictions(out)) == len(all_image_paths(root))
+    assert len(glob.glob(os.path.join(out, "predictions-*.csv"))) > 1
+
+
 def test_runner_defaults_apply_only_where_the_user_set_nothing():
     from apache_beam.options.pipeline_options import DirectOptions
     from apache_beam.runners.dask.dask_runner import DaskOptions
@@ -191,7 +211,8 @@ def test_runner_defaults_apply_only_where_the_user_set_nothing():
     def direct(args):
         r = choose_runner(args)
         o = r.options.view_as(DirectOptions)
-        return r.label, o.direct_running_mode, o.direct_num_workers, r.workers
+        assert o.direct_running_mode == ("in_memory" if r.mode == "multi_processing" else r.mode)  # beam_worker.py
+        return r.label, r.mode, o.direct_num_workers, r.workers
 
     assert direct([]) == ("DirectRunner", default_running_mode(cores), cores, cores)
     assert direct(["--job_name=in_memory_direct_num_workers"]) == direct([])  # values are not option names

@@ -268,3 +268,41 @@ def test_values_that_break_their_vr_are_read_without_a_word_in_the_log(tmp_path,
     dicom_patient_id(str(path))
     said = caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "SMITH" not in said, said
+
+
+def test_a_file_pydicom_repairs_while_reading_is_read_without_a_word_in_the_log(tmp_path):
+    """QA: a data set written in implicit VR under a file meta that says explicit VR (as SC_rgb_jpeg.dcm, and some
+    legacy systems, write it) made pydicom log a WARNING and a UserWarning per read: 40 lines for 30 such files in
+    one night's log. The file is read all the same, in a process of its own (as a worker is), and says nothing."""
+    import subprocess
+    import sys
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    from helpers import REPO
+
+    full = dicom_bytes(xray_like(96, 80), bits_stored=12, modality="DX", BodyPartExamined="CHEST", PatientID="P1")
+    ds = pydicom.dcmread(io.BytesIO(full))
+    assert ds.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta)
+    out.is_implicit_VR = True  # the data set, against its transfer syntax
+    write_dataset(out, ds)
+    (tmp_path / "full.dcm").write_bytes(full)
+    for i in range(3):
+        (tmp_path / f"legacy{i}.dcm").write_bytes(out.getvalue())
+    script = ("import logging, sys, numpy as np\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "from xray_core.preprocessing import PreprocessConfig, load_input\n"
+              "cfg = PreprocessConfig(image_size=32)\n"
+              f"want = load_input(open({str(tmp_path / 'full.dcm')!r}, 'rb').read(), cfg)\n"
+              f"for i in range(3):\n"
+              f"    got = load_input(open({str(tmp_path)!r} + f'/legacy{{i}}.dcm', 'rb').read(), cfg)\n"
+              "    assert got.reason == '' and np.array_equal(got.array, want.array), got.reason\n"
+              "    assert got.header.patient_id == 'P1'\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "implicit VR" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-2000:]

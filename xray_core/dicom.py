@@ -34,7 +34,7 @@ from xray_core.errors import one_line
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
 # plugin and its message: that error becomes the file's one-line reason, so the tracebacks would only flood stderr
-# (two per undecodable JPEG-LS file). Only this module of pydicom is quietened; its other warnings still show.
+# (two per undecodable JPEG-LS file). Below ERROR, pydicom is quietened where it is imported (dicom_header.py).
 logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 # transfer syntax UID -> the pydicom decoding plugin tried before pydicom's own order, where it is measurably faster

@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import re
+import warnings
 import zlib
 
 from xray_core.errors import one_line
+
+# pydicom logs and warns about each file whose encoding it repairs while reading ("Expected explicit VR, but found
+# implicit VR", "End of file reached before delimiter"): 40 lines for 30 legacy files in one night's log, in every
+# worker process. What it repairs is read all the same; what it cannot read is the file's one-line reason. Its
+# logger's level is set in pydicom_reader(), after pydicom's import has set it to WARNING.
+warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 # BodyPartExamined is a Code String: upper case, at most 16 characters; DICOM's defined term for the chest is CHEST
 # (PS3.16 Annex L). Devices also send THORAX, the word in their own language, or add the view. A value is a chest
@@ -155,6 +163,8 @@ def pydicom_reader():
     from pydicom import config
 
     config.settings.reading_validation_mode = config.IGNORE
+    if config.logger.level != logging.ERROR:  # what it repairs while reading, said per file (above)
+        config.logger.setLevel(logging.ERROR)
     return pydicom
 
 

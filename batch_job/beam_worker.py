@@ -1,0 +1,39 @@
+"""python -m batch_job.beam_worker: Beam's SDK worker (apache_beam.runners.worker.sdk_worker_main) for DirectRunner's
+worker processes (runner.py: more than 4 cores, or --direct_running_mode=multi_processing), with the job's stderr.
+
+Beam's own worker command prints every worker's log records on stderr from Python's default handler: importing Beam
+logs a warning through the root logger, which gives the process that handler, and the worker then sets the root
+level to INFO. On 16 cores that was ~19 lines per worker per night, and a worker's failure came with its traceback,
+at every --log-level. Here the worker's stderr shows CRITICAL records only; the others still reach the job's process
+through Beam's logging channel, where they show as Beam's own do (at --log-level DEBUG).
+
+Ctrl-C and SIGTERM are left to the job: a terminal's Ctrl-C, and systemd's stop, reach every process of the group.
+The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened in one
+line. A worker killed by the signal itself made the job's threads print a traceback for it (62 lines for SIGTERM
+to the group). A worker then exits without the interpreter's teardown, in which gRPC's threads could abort it
+("terminate called without an active exception", the same as in the job's process: batch_job/__main__.py).
+"""
+import logging
+import os
+import signal
+import sys
+
+
+def main() -> int:
+    stderr = logging.StreamHandler()
+    stderr.setLevel(logging.CRITICAL)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(stderr)  # before Beam's import: its root-logger warning adds no handler of its own
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    from apache_beam.runners.worker import sdk_worker_main
+
+    sdk_worker_main.main(sys.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
