@@ -27,6 +27,7 @@ from xray_core.files import (
     LOCK_FILE,
     blocking_ancestor,
     hold_lock,
+    inside,
     make_folders,
     publish_dir,
     remove_dir,
@@ -54,44 +55,12 @@ def parked_name(base: str) -> re.Pattern:
     return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _identities(path: str) -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of `path` and of each of its ancestors that exists."""
-    found = set()
-    while True:
-        try:
-            st = os.stat(path)
-            found.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-        parent = os.path.dirname(path)
-        if parent == path:
-            return found
-        path = parent
-
-
-def inside(path: str, folder: str) -> bool:
-    """`path` is `folder` or lies below it: as real paths (symlinks resolved), or because `folder` is the
-    same file as `path` or one of its existing ancestors (bind mounts, case-insensitive file systems)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    if _within(path, folder):
-        return True
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) in _identities(path)
-
-
 def _kept_folder(path: str, out: str) -> str | None:
     """The temp dir (of a job on any OUT_DIR) or this OUT_DIR's parked folder in OUT_DIR's parent that `path` is
     or lies in, if any: the job's cleanup may remove them."""
     path, out = os.path.realpath(path), os.path.realpath(out)
     parent, base = os.path.split(out)
-    if path == parent or not _within(path, parent):
+    if path == parent or not path.startswith(parent.rstrip(os.sep) + os.sep):
         return None
     first = os.path.relpath(path, parent).split(os.sep)[0]
     ours = ANY_TEMP.match(first) or parked_name(base).match(first)

@@ -6,7 +6,7 @@ import os
 from train.data import DataError
 from train.distill import TeacherError, check_teacher
 from train.models import MODEL_NAMES
-from xray_core.files import blocking_ancestor
+from xray_core.files import blocking_ancestor, inside
 
 
 class UsageError(ValueError):
@@ -53,7 +53,7 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
     inputs = (("--data-dir", args.data_dir), ("--site-dir", args.site_dir),
               ("--teacher", getattr(args, "teacher", None)), ("the working directory", os.getcwd()))
     for flag, folder in inputs:  # --overwrite would delete them; inside the data, the next run would train on it
-        if folder and (_same_or_inside(out, folder) if flag != "the working directory" else _inside(folder, out)):
+        if folder and (_same_or_inside(out, folder) if flag != "the working directory" else inside(folder, out)):
             raise UsageError(f"--output-dir must not overlap {flag}: {args.output_dir} and {folder}")
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
         raise UsageError(f"output dir {args.output_dir} exists and is not a folder; it is never replaced")
@@ -66,11 +66,5 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
 
 
 def _same_or_inside(a: str, b: str) -> bool:
-    """True when one of the two folders is the other or lies inside it (real paths)."""
-    return _inside(a, b) or _inside(b, a)
-
-
-def _inside(a: str, b: str) -> bool:
-    """True when folder a is b or lies inside it (real paths)."""
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+    """True when one of the two folders is the other or lies inside it (xray_core.files.inside)."""
+    return inside(a, b) or inside(b, a)

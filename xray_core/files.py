@@ -1,4 +1,5 @@
-"""Atomic directory publishing shared by train, export and batch_job (no TensorFlow).
+"""Atomic directory publishing shared by train, export and batch_job (no TensorFlow), and whether one path lies
+inside another (:func:`inside`), which each uses to keep its outputs apart from what it reads.
 
 A folder that a process works in beside its final place (a temp dir, or an old output parked during a
 replace) can hold LOCK_FILE: created already flock'ed by that process and naming it (pid@host). The lock
@@ -193,3 +194,35 @@ def remove_folders(made: list[str]) -> None:
     for path in reversed(made):
         with contextlib.suppress(OSError):
             os.rmdir(path)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _identities(path: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of `path` and of each of its ancestors that exists."""
+    found = set()
+    while True:
+        try:
+            st = os.stat(path)
+            found.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        parent = os.path.dirname(path)
+        if parent == path:
+            return found
+        path = parent
+
+
+def inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it: as real paths (symlinks resolved), or because `folder` is the
+    same file as `path` or one of its existing ancestors (bind mounts, case-insensitive file systems)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    if _within(path, folder):
+        return True
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _identities(path)
