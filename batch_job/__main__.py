@@ -3,7 +3,21 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
+
+
+def quiet_after_interrupt(args) -> None:
+    """threading.excepthook: once a Ctrl-C or SIGTERM has stopped the job, a failure in one of Beam's threads (a
+    worker process that ended, its gRPC stream closed) is the stop's echo, printed after the job's one line; it is
+    logged at DEBUG only. Before that, Python's own hook prints it."""
+    from xray_core.interrupts import GATE
+
+    if not GATE.raised:
+        threading.__excepthook__(args)
+        return
+    logging.getLogger("batch_job").debug("after the interrupt, thread %s: %s: %s", getattr(args.thread, "name", "?"),
+                                         args.exc_type.__name__, args.exc_value)
 
 
 def main() -> int:
@@ -13,6 +27,7 @@ def main() -> int:
     # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
     # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.
     GATE.install()
+    threading.excepthook = quiet_after_interrupt
     # Importing Beam logs a warning about optional GCP client libraries (apitools/BigQuery) that this job
     # never uses: the root logger stays at ERROR until Beam is imported.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.ERROR)

@@ -7,16 +7,27 @@ level to INFO. On 16 cores that was ~19 lines per worker per night, and a worker
 at every --log-level. Here the worker's stderr shows CRITICAL records only; the others still reach the job's process
 through Beam's logging channel, where they show as Beam's own do (at --log-level DEBUG).
 
-Ctrl-C and SIGTERM are left to the job: a terminal's Ctrl-C, and systemd's stop, reach every process of the group.
-The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened in one
-line. A worker killed by the signal itself made the job's threads print a traceback for it (62 lines for SIGTERM
-to the group). A worker then exits without the interpreter's teardown, in which gRPC's threads could abort it
-("terminate called without an active exception", the same as in the job's process: batch_job/__main__.py).
+Ctrl-C and SIGTERM are left to the job first: a terminal's Ctrl-C, and systemd's stop, reach every process of the
+group. The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened
+in one line. A worker killed by the signal itself made the job's threads print a traceback for it (62 lines for
+SIGTERM to the group). A worker that the job cannot stop so (one not yet connected when the signal came: Beam
+waits for it to end) ends by itself GRACE_SECONDS after the signal, with exit code 0, for which Beam prints nothing.
+A worker exits without the interpreter's teardown, in which gRPC's threads could abort it ("terminate called
+without an active exception", the same as in the job's process: batch_job/__main__.py).
 """
 import logging
 import os
 import signal
 import sys
+import threading
+
+GRACE_SECONDS = 2.0  # the job's own stop takes well under a second (tests/test_signals.py)
+
+
+def leave_after_grace(signum, frame) -> None:
+    timer = threading.Timer(GRACE_SECONDS, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
 
 
 def main() -> int:
@@ -25,7 +36,7 @@ def main() -> int:
     stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(stderr)  # before Beam's import: its root-logger warning adds no handler of its own
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, leave_after_grace)
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(sys.argv)
