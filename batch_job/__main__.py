@@ -7,17 +7,28 @@ import threading
 import time
 
 
-def quiet_after_interrupt(args) -> None:
-    """threading.excepthook: once a Ctrl-C or SIGTERM has stopped the job, a failure in one of Beam's threads (a
-    worker process that ended, its gRPC stream closed) is the stop's echo, printed after the job's one line; it is
-    logged at DEBUG only. Before that, Python's own hook prints it."""
+def thread_failed(args) -> None:
+    """threading.excepthook. Once a Ctrl-C or SIGTERM has stopped the job, a failure in one of Beam's threads (a
+    worker process that ended, its gRPC stream closed) is the stop's echo, printed after the job's one line: it is
+    logged at DEBUG only. A worker process that ended while the job ran (killed by the out-of-memory killer, say)
+    stops the job as a Ctrl-C would, and the job says which (batch_job.errors.lost_workers; Beam would wait for that
+    worker for good). Any other failure is printed by Python's own hook."""
+    import signal
+
+    from batch_job.errors import WORKER_EXITED, lost_workers
     from xray_core.interrupts import GATE
 
-    if not GATE.raised:
-        threading.__excepthook__(args)
+    if GATE.raised:
+        logging.getLogger("batch_job").debug("after the interrupt, thread %s: %s: %s",
+                                             getattr(args.thread, "name", "?"), args.exc_type.__name__, args.exc_value)
         return
-    logging.getLogger("batch_job").debug("after the interrupt, thread %s: %s: %s", getattr(args.thread, "name", "?"),
-                                         args.exc_type.__name__, args.exc_value)
+    if issubclass(args.exc_type, RuntimeError) and str(args.exc_value).startswith(WORKER_EXITED):
+        lost_workers.append(str(args.exc_value))
+        # a real SIGINT, to the main thread itself: it wakes the wait the main thread is blocked in, which
+        # _thread.interrupt_main() does not
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return
+    threading.__excepthook__(args)
 
 
 def main() -> int:
@@ -27,7 +38,7 @@ def main() -> int:
     # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
     # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.
     GATE.install()
-    threading.excepthook = quiet_after_interrupt
+    threading.excepthook = thread_failed
     # Importing Beam logs a warning about optional GCP client libraries (apitools/BigQuery) that this job
     # never uses: the root logger stays at ERROR until Beam is imported.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.ERROR)

@@ -1,21 +1,20 @@
 """python -m batch_job.beam_worker: Beam's SDK worker (apache_beam.runners.worker.sdk_worker_main) for DirectRunner's
-worker processes (runner.py: more than 4 cores, or --direct_running_mode=multi_processing), with the job's stderr.
+worker processes (runner.py: more than 4 cores, or --direct_running_mode=multi_processing).
 
-Beam's own worker command prints every worker's log records on stderr from Python's default handler: importing Beam
-logs a warning through the root logger, which gives the process that handler, and the worker then sets the root
-level to INFO. On 16 cores that was ~19 lines per worker per night, and a worker's failure came with its traceback,
-at every --log-level. Here the worker's stderr shows CRITICAL records only; the others still reach the job's process
-through Beam's logging channel, where they show as Beam's own do (at --log-level DEBUG).
+runner.py starts it with its stderr sent to /dev/null. Beam's own worker command printed every worker's log records
+on stderr from Python's default handler (importing Beam logs a warning through the root logger, which gives the
+process that handler, and the worker sets the root level to INFO): ~19 lines per worker per night on 16 cores,
+and a worker's failure with its traceback, at every --log-level. A worker's records reach the job's process
+through Beam's logging channel all the same, where they show as Beam's own do (at --log-level DEBUG); a worker that
+dies fails the job, which says so in its one-line error.
 
 Ctrl-C and SIGTERM are left to the job first: a terminal's Ctrl-C, and systemd's stop, reach every process of the
 group. The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened
-in one line. A worker killed by the signal itself made the job's threads print a traceback for it (62 lines for
-SIGTERM to the group). A worker that the job cannot stop so (one not yet connected when the signal came: Beam
-waits for it to end) ends by itself GRACE_SECONDS after the signal, with exit code 0, for which Beam prints nothing.
-A worker exits without the interpreter's teardown, in which gRPC's threads could abort it ("terminate called
-without an active exception", the same as in the job's process: batch_job/__main__.py).
+in one line. A worker that the job cannot stop so (one not yet connected when the signal came: Beam waits for it
+to end) ends by itself GRACE_SECONDS after the signal, with exit code 0; one the signal finds still starting
+Python ends at once. A worker exits without the interpreter's teardown, in which gRPC's threads could abort it
+("terminate called without an active exception", the same as in the job's process: batch_job/__main__.py).
 """
-import logging
 import os
 import signal
 import sys
@@ -31,10 +30,6 @@ def leave_after_grace(signum, frame) -> None:
 
 
 def main() -> int:
-    stderr = logging.StreamHandler()
-    stderr.setLevel(logging.CRITICAL)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(stderr)  # before Beam's import: its root-logger warning adds no handler of its own
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, leave_after_grace)
     from apache_beam.runners.worker import sdk_worker_main

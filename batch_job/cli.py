@@ -7,7 +7,7 @@ import os
 import sys
 
 from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
-from batch_job.errors import JobError
+from batch_job.errors import JobError, lost_workers
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
@@ -124,6 +124,10 @@ def main(argv=None, started: float | None = None) -> int:
     except Terminated:
         return fail("terminated (SIGTERM); nothing published", 143)
     except KeyboardInterrupt:
+        if lost_workers:  # not a Ctrl-C: batch_job/__main__.py stopped the job for a worker process that ended
+            why = "; -9 is SIGKILL, e.g. the out-of-memory killer" if lost_workers[0].endswith(" -9") else ""
+            return fail(f"job failed: a worker process ended while scoring ({lost_workers[0]}{why}); nothing "
+                        "published", 1)
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
         return fail(one_line(exc, 1000), exc.exit_code)

@@ -22,3 +22,10 @@ class LedgerNotUpdated(JobError):
     """OUT_DIR was published but the ledger commit failed (exit 3)."""
 
     exit_code = 3
+
+
+# Beam's FnApiRunner only raises this in the thread that waits for a worker process (local_job_service.py) and goes
+# on waiting for that worker's results: a worker killed mid-run (the kernel's out-of-memory killer) left the job
+# waiting for good. batch_job/__main__.py's thread hook records it here and stops the job (cli.py says why).
+WORKER_EXITED = "Worker subprocess exited with return code"
+lost_workers: list[str] = []

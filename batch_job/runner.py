@@ -129,14 +129,16 @@ def direct_runner(beam_args: list[str]) -> Runner:
 
 
 def worker_processes():
-    """Beam's worker processes, started as `python -m batch_job.beam_worker` (a quiet stderr) instead of Beam's own
-    command. FnApiRunner takes the environment given to it, and the processes, one per --direct_num_workers, when
-    the running mode is `in_memory`: `multi_processing` would replace it by Beam's command. Beam then warns that
-    `in_memory` runs one worker; it runs the given count, so that warning is not shown."""
+    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to /dev/null, instead of Beam's
+    own command (beam_worker.py says why). FnApiRunner takes the environment given to it, and the processes, one per
+    --direct_num_workers, when the running mode is `in_memory`: `multi_processing` would replace it by Beam's
+    command. Beam then warns that `in_memory` runs one worker; it runs the given count, so that warning is not
+    shown."""
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
-    return SubprocessSDKEnvironment.from_command_string(f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker")
+    command = f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker 2>/dev/null"
+    return SubprocessSDKEnvironment.from_command_string(command)
 
 
 def execute(pipeline: beam.Pipeline) -> None:

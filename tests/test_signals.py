@@ -159,6 +159,42 @@ def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(
 
 
 @pytest.mark.slow
+def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(slow_tree, night_one, tmp_path):
+    """QA: a DirectRunner worker process killed mid-run (SIGKILL: the kernel's out-of-memory killer) left the job
+    waiting for its results for good, with Beam's own worker command as with batch_job.beam_worker: a nightly job
+    that never ends. It now fails within seconds, exit 1, one line saying why, nothing published, the ledger as it
+    was, no worker left."""
+    import psutil
+
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", slow_tree, "--model", SHIPPED, "--output", out,
+           "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", "--direct_running_mode=multi_processing",
+           "--direct_num_workers=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not first_shard_written(out)(proc):
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children() if "batch_job.beam_worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[0].kill()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "error: job failed: a worker process ended while scoring (Worker subprocess exited with return code -9; -9 is "
+        "SIGKILL, e.g. the out-of-memory killer); nothing published"), stderr[-3000:]
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*") and file_state(night_one) == before
+    deadline = time.time() + GRACE_SECONDS
+    while time.time() < deadline and psutil.pid_exists(workers[1].pid) and workers[1].status() != "zombie":
+        time.sleep(0.2)
+    assert not psutil.pid_exists(workers[1].pid) or workers[1].status() == "zombie"
+
+
+@pytest.mark.slow
 def test_sigterm_stops_the_job_on_dask_runner(slow_tree, night_one, tmp_path, dask_cluster):
     """The driver's SIGTERM on DaskRunner: the same, and the cluster's tasks write nothing back afterwards."""
     out, before = str(tmp_path / "night2"), file_state(night_one)
