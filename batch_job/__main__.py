@@ -6,13 +6,17 @@ import sys
 import threading
 import time
 
+# the threads of Beam's FnApiRunner that read a worker process's control and data streams
+BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
+
 
 def thread_failed(args) -> None:
     """threading.excepthook. Once a Ctrl-C or SIGTERM has stopped the job, a failure in one of Beam's threads (a
     worker process that ended, its gRPC stream closed) is the stop's echo, printed after the job's one line: it is
     logged at DEBUG only. A worker process that ended while the job ran (killed by the out-of-memory killer, say)
     stops the job as a Ctrl-C would, and the job says which (batch_job.errors.lost_workers; Beam would wait for that
-    worker for good). Any other failure is printed by Python's own hook."""
+    worker for good); the failures of the threads that read its streams, which come first, are logged at DEBUG. Any
+    other failure is printed by Python's own hook."""
     import signal
 
     from batch_job.errors import WORKER_EXITED, lost_workers
@@ -21,6 +25,10 @@ def thread_failed(args) -> None:
     if GATE.raised:
         logging.getLogger("batch_job").debug("after the interrupt, thread %s: %s: %s",
                                              getattr(args.thread, "name", "?"), args.exc_type.__name__, args.exc_value)
+        return
+    if getattr(args.thread, "name", "") in BEAM_STREAM_THREADS and args.exc_type.__module__.startswith("grpc"):
+        # a worker process's gRPC streams, closed as it ended: the thread that waits for the process says why
+        logging.getLogger("batch_job").debug("thread %s: %s", args.thread.name, args.exc_type.__name__)
         return
     if issubclass(args.exc_type, RuntimeError) and str(args.exc_value).startswith(WORKER_EXITED):
         lost_workers.append(str(args.exc_value))

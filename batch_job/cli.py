@@ -110,6 +110,7 @@ def main(argv=None, started: float | None = None) -> int:
     """Run the job; -> its exit code. Errors are one line on stderr."""
     args, beam_args = parse_args(argv)
     GATE.raised = 0  # this run's interrupts only
+    lost_workers.clear()  # and its worker processes
     LOG.setLevel(args.log_level)
     # A worker's failure fails the pipeline, and the job says it in one line (its traceback at DEBUG, below); Beam
     # logs the same failure again, traceback and all, from each worker and from the runner. Its warnings and
@@ -125,7 +126,9 @@ def main(argv=None, started: float | None = None) -> int:
         return fail("terminated (SIGTERM); nothing published", 143)
     except KeyboardInterrupt:
         if lost_workers:  # not a Ctrl-C: batch_job/__main__.py stopped the job for a worker process that ended
-            why = "; -9 is SIGKILL, e.g. the out-of-memory killer" if lost_workers[0].endswith(" -9") else ""
+            code = lost_workers[0].rsplit(" ", 1)[-1]
+            why = {"-9": "; -9 is SIGKILL, e.g. the out-of-memory killer", "1": "; --log-level DEBUG shows the "
+                   "worker's own output"}.get(code, "")
             return fail(f"job failed: a worker process ended while scoring ({lost_workers[0]}{why}); nothing "
                         "published", 1)
         return fail("interrupted; nothing published", 130)

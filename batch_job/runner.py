@@ -75,15 +75,17 @@ def refuse_leftovers(beam_args: list[str]) -> None:
                          "pipeline option; see --help)")
 
 
-def choose_runner(beam_args: list[str]) -> Runner:
-    """The runner and its options; InputError for arguments neither the job nor Beam knows."""
+def choose_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
+    """The runner and its options; InputError for arguments neither the job nor Beam knows. worker_stderr:
+    DirectRunner's worker processes keep their stderr (--log-level DEBUG), else it goes to /dev/null (beam_worker.py).
+    """
     name = PipelineOptions(beam_args).view_as(StandardOptions).runner or "DirectRunner"
     short = name.rsplit(".", 1)[-1]
     if short == "DaskRunner":
         from apache_beam.runners.dask import dask_runner  # noqa: F401 - adds --dask_* to Beam's options
     refuse_leftovers(beam_args)
     if short in ("DirectRunner", "FnApiRunner"):
-        return direct_runner(beam_args)
+        return direct_runner(beam_args, worker_stderr)
     if short == "DaskRunner":
         return dask_runner_with(beam_args)
     return other_runner(name, beam_args)
@@ -109,7 +111,7 @@ def dask_runner_with(beam_args: list[str]) -> Runner:
     return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)
 
 
-def direct_runner(beam_args: list[str]) -> Runner:
+def direct_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
     """FnApiRunner, one worker per core unless the options say otherwise (0 workers: one per core, as Beam)."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -124,20 +126,20 @@ def direct_runner(beam_args: list[str]) -> Runner:
         raise InputError("--direct_num_workers must be >= 0 (0: one worker per core)")
     if mode != "multi_processing":
         return Runner(FnApiRunner(), "DirectRunner", options, workers or cores, mode)
-    return Runner(FnApiRunner(default_environment=worker_processes()), "DirectRunner",
+    return Runner(FnApiRunner(default_environment=worker_processes(worker_stderr)), "DirectRunner",
                   PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode)
 
 
-def worker_processes():
-    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to /dev/null, instead of Beam's
-    own command (beam_worker.py says why). FnApiRunner takes the environment given to it, and the processes, one per
-    --direct_num_workers, when the running mode is `in_memory`: `multi_processing` would replace it by Beam's
-    command. Beam then warns that `in_memory` runs one worker; it runs the given count, so that warning is not
-    shown."""
+def worker_processes(keep_stderr: bool = False):
+    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to /dev/null unless kept,
+    instead of Beam's own command (beam_worker.py says why). FnApiRunner takes the environment given to it, and the
+    processes, one per --direct_num_workers, when the running mode is `in_memory`: `multi_processing` would replace
+    it by Beam's command. Beam then warns that `in_memory` runs one worker; it runs the given count, so that warning
+    is not shown."""
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
-    command = f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker 2>/dev/null"
+    command = f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker" + ("" if keep_stderr else " 2>/dev/null")
     return SubprocessSDKEnvironment.from_command_string(command)
 
 

@@ -221,6 +221,10 @@ def test_runner_defaults_apply_only_where_the_user_set_nothing():
     assert direct(["--direct_running_mode=in_memory"])[1:] == ("in_memory", 1, 1)  # Beam's default, given explicitly
     assert direct(["--direct_num_workers=1"])[2:] == (1, 1)
     assert choose_runner([]).options.get_all_options()["default_sdk_harness_log_level"] == "WARNING"
+    from batch_job.runner import worker_processes  # worker processes' stderr: kept at --log-level DEBUG only
+
+    assert worker_processes(False).command_string.endswith("-m batch_job.beam_worker 2>/dev/null")
+    assert worker_processes(True).command_string.endswith("-m batch_job.beam_worker")
     dask = choose_runner(["--runner=DaskRunner"])
     assert dask.label == "DaskRunner" and dask.options.view_as(DaskOptions).partition_size == 1
     dask = choose_runner(["--runner", "DaskRunner", "--dask_npartitions", "3"]).options.view_as(DaskOptions)
