@@ -34,6 +34,7 @@ from xray_core.files import (
     remove_folders,
     take_abandoned_lock,
     temp_dir_beside,
+    within,
 )
 
 LOG = logging.getLogger("batch_job")
@@ -60,7 +61,7 @@ def _kept_folder(path: str, out: str) -> str | None:
     or lies in, if any: the job's cleanup may remove them."""
     path, out = os.path.realpath(path), os.path.realpath(out)
     parent, base = os.path.split(out)
-    if path == parent or not path.startswith(parent.rstrip(os.sep) + os.sep):
+    if path == parent or not within(path, parent):
         return None
     first = os.path.relpath(path, parent).split(os.sep)[0]
     ours = ANY_TEMP.match(first) or parked_name(base).match(first)
@@ -188,22 +189,19 @@ def prepare(out: str, overwrite: bool) -> str:
     """Refuse an OUT_DIR it cannot use (:func:`refuse_existing`); -> a new temp dir beside it, locked by this
     job. A refusal leaves no folder behind."""
     refuse_existing(out, overwrite)
-    made = []
+    made: list[str] = []
+    tmp = ""
     try:
         made = make_folders(os.path.dirname(out))
         tmp = temp_dir_beside(out, f"tmp-{os.getpid()}@{socket.gethostname()}")
-    except OSError as exc:
-        remove_folders(made)
-        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
-    try:
         _held[tmp] = hold_lock(tmp)
-    except OSError as exc:  # a full disk: the lock file could not be written
-        os.rmdir(tmp)
+    except BaseException as exc:  # an OSError: not writable, or a full disk that the lock file could not be written to
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.rmdir(tmp)
         remove_folders(made)
-        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
-    except BaseException:
-        os.rmdir(tmp)
-        remove_folders(made)
+        if isinstance(exc, OSError):
+            raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
         raise
     _made[tmp] = made
     return tmp

@@ -45,10 +45,10 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.50": "pillow",
 }
-# transfer syntax UIDs whose frames are JPEG (or JPEG-LS) codestreams, and JPEG 2000 ones: a decoder sizes its output
-# by the codestream's own frame header, not by Rows and Columns
 # Rows of a frame that apply_luts maps at once: 512 rows of a 7000-column film are 27 MB of float64 per temporary
 LUT_ROWS = 512
+# transfer syntax UIDs whose frames are JPEG (or JPEG-LS) codestreams, and JPEG 2000 ones: a decoder sizes its output
+# by the codestream's own frame header, not by Rows and Columns
 JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",

@@ -196,7 +196,8 @@ def remove_folders(made: list[str]) -> None:
             os.rmdir(path)
 
 
-def _within(path: str, folder: str) -> bool:
+def within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it, as the paths are written (:func:`inside` resolves them first)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
@@ -219,7 +220,7 @@ def inside(path: str, folder: str) -> bool:
     """`path` is `folder` or lies below it: as real paths (symlinks resolved), or because `folder` is the
     same file as `path` or one of its existing ancestors (bind mounts, case-insensitive file systems)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
-    if _within(path, folder):
+    if within(path, folder):
         return True
     try:
         st = os.stat(folder)
