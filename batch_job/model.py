@@ -8,6 +8,7 @@ from batch_job.errors import InputError
 from xray_core.gate import GateSpec
 from xray_core.package import CARD_FILE, MODEL_FILE, PackageError, load_metadata, resolve_version_dir
 from xray_core.reference import REFERENCE_FILE
+from xray_core.training_data import TrainingData
 from xray_core.verify import verify_package
 
 MODEL_ENV = "PNEUMONIA_MODEL"  # the model to use when --model is not given
@@ -37,6 +38,7 @@ class Model:
     card: str | None = None  # the package's MODEL_CARD.md, copied into OUT_DIR
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     sha256: str = ""  # of model.onnx, as metadata.json records it (verified)
+    trained_on: str = TrainingData().population()  # what report.html says the model was trained on
 
 
 def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
@@ -62,4 +64,5 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
                  meta.heatmap_hw, os.path.join(version_dir, REFERENCE_FILE) if meta.reference is not None else None,
                  GateSpec.from_dict(meta.gate) if meta.gate else None, meta.heatmap_method,
                  card if os.path.isfile(card) else None,
-                 None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256)
+                 None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256,
+                 TrainingData.from_dict(meta.training_data).population())

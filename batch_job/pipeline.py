@@ -151,7 +151,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                    HeatmapMethod.from_dict(model.heatmap_method)),
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift),
-                               listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold)
+                               listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
+                               model.trained_on)
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")

@@ -61,6 +61,7 @@ class RunResult:
     thumbnails: dict[str, str] = field(default_factory=dict)  # out-of-scope path -> its thumbnail under OUT_DIR
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
+    trained_on: str = ""  # what the model was trained on (xray_core/training_data.py), for report.html
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""

@@ -5,6 +5,7 @@ import json
 
 from export.faithfulness import REQUIRED_SHARE
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
+from xray_core.training_data import TrainingData
 
 _KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -179,7 +180,7 @@ colour photographs and images more than twice as wide as high (or high as wide) 
 """
 
 
-LICENCE_SECTION = """
+KERMANY_LICENCE = """
 ## Licence
 The weights are released under [CC BY 4.0](https://creativecommons.org/licenses/by/4.0/), as they are derived from
 the training data: Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), "Labeled Optical Coherence Tomography
@@ -187,6 +188,17 @@ the training data: Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), "Labe
 CC BY 4.0. Credit them when you use or redistribute this model. The code that trained, exported and runs it is
 licensed under the Apache License 2.0 (`LICENSE` in the repository).
 """
+OTHER_LICENCE = """
+## Licence
+The weights are derived from the training data, so that data's licence and terms of use govern how this model may be
+used and shared; this card does not state them. The code that trained, exported and runs it is licensed under the
+Apache License 2.0 (`LICENSE` in the repository).
+"""
+
+
+def licence_section(data: TrainingData) -> str:
+    return KERMANY_LICENCE if data.kermany else OTHER_LICENCE
+
 
 
 def model_card(meta: dict) -> str:
@@ -195,6 +207,7 @@ def model_card(meta: dict) -> str:
     parity = meta.get("parity", {})
     size = meta["preprocessing"]["image_size"]
     source = meta.get("threshold_source", "internal validation split")
+    data = TrainingData.from_dict(meta.get("training_data"))
     return f"""# Model card: {meta['name']} version {meta['version']}
 
 **Architecture:** {meta.get('architecture')} (tf-keras, exported to ONNX opset {meta.get('opset')}).
@@ -212,8 +225,7 @@ It is **not a diagnosis** and must not be used without a clinician's review.
 {drift_section(meta)}
 {gate_section(meta)}
 ## Internal test split (same collection as training; overestimates)
-Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's Medical Center), the Kaggle
-"chest-xray-pneumonia" training folder, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,
+{data.card_data()}, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,
 stratified by class and grouped by patient (no patient, and no byte-identical image, in two splits).
 Split sizes: {json.dumps(src.get('split_counts', {}))}.
 
@@ -223,7 +235,7 @@ Split sizes: {json.dumps(src.get('split_counts', {}))}.
 {_row(f"{meta.get('validation_threshold', meta['decision_threshold']):.4f} (internal validation)", pts.get('at_chosen'))}
 
 ## Limitations
-- Pediatric patients (1 to 5 years old) from one hospital; adults and other sites are out of distribution.
+- {data.card_limitation()}
 - Scans from a later collection score worse than the internal split says (see the site sample above);
   re-check the threshold on local data before use.
 - Images are squashed to {size}x{size} grayscale; laterality, devices and text markers are not modelled.
@@ -238,4 +250,4 @@ Split sizes: {json.dumps(src.get('split_counts', {}))}.
 ```
 Seed {src.get('seed', 'n/a')}. Versions: {json.dumps(meta.get('versions', {}))}.
 sha256 of model.onnx: `{meta['sha256']}`. Created {meta.get('created_utc')}.
-""" + LICENCE_SECTION
+""" + licence_section(data)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from xray_core.labels import CLASSES
 from xray_core.metrics import without_report
 from xray_core.package import Metadata, expected_io
+from xray_core.training_data import TrainingData
 
 
 def library_versions() -> dict:
@@ -39,6 +40,8 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
             "split": run_info.get("args", {}).get("split"),
             "split_counts": run_info.get("split_counts"),
         },
+        training_data=TrainingData.from_dict({"source": run_info.get("args", {}).get("data_source"),
+                                             "data_dir": run_info.get("data_dir")}).to_dict(),
         preprocessing=config,
         input=io["input"],
         output=io["output"],

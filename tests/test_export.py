@@ -23,6 +23,7 @@ from train.data import read_split_csv
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = "synthetic test images (tests/test_export.py)"
 ARCHS = ("baseline_cnn", "augmented_cnn", "vgg19")  # resnet_aug: tests/test_export_calibrated.py
 CHECKS = ["metadata", "decision threshold", "sha256", "onnx.checker", "onnxruntime", "input contract",
           "output contract", "zero batch"]
@@ -35,7 +36,8 @@ def published(tmp_path_factory):
     make_tree(str(data), per_class=40, size=48, seed=0)
     run = base / "run"
     rc = train_main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--epochs", "1",
-                     "--vgg19-weights", "none", "--models", "baseline_cnn,augmented_cnn,vgg19"])
+                     "--vgg19-weights", "none", "--models", "baseline_cnn,augmented_cnn,vgg19",
+                     "--data-source", SOURCE])
     assert rc == 0
     serving = base / "serving_models"
     rcs = [export_run(run, serving, "--model", arch) for arch in ARCHS]
@@ -97,6 +99,9 @@ def test_metadata(published, version, arch):
         expected = {k: v for k, v in metrics[src].items() if k != "classification_report"}
         assert meta["test_metrics"][key] == expected
     assert meta["test_metrics"]["at_chosen"]["threshold"] == meta["decision_threshold"]
+    assert meta["training_data"] == {"source": SOURCE, "data_dir": str(published["data"])}
+    card = (d / "MODEL_CARD.md").read_text()
+    assert f"The images under `{published['data']}` ({SOURCE}), re-split" in card and "Kermany" not in card
 
     parity = meta["parity"]
     assert parity["max_abs_diff"] <= 1e-5

@@ -95,13 +95,47 @@ def test_the_model_card_is_a_function_of_the_metadata():
     assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
 
 
+def card_trained_on(tmp_path, training_data: dict | None) -> str:
+    meta = load_metadata(write_package(str(tmp_path / "serving"))).to_dict()
+    return model_card({**meta, "training_data": training_data} if training_data is not None else meta)
+
+
 def test_the_model_card_states_the_licence_of_the_weights_and_of_their_training_data(tmp_path):
-    card = model_card(load_metadata(write_package(str(tmp_path / "serving"))).to_dict())
+    card = card_trained_on(tmp_path, {"source": "kermany2018", "data_dir": "/data/train"})
     licence = card[card.index("## Licence"):]
     assert card.rstrip().endswith(licence.rstrip())  # the last section
     for fragment in ("weights are released under [CC BY 4.0]", "Kermany", "(2018)", "doi:10.17632/rscbjbr9sj.2",
                      "Apache License 2.0"):
         assert fragment in licence, fragment
+    assert "Pediatric patients (1 to 5 years old) from one hospital" in card
+
+
+@pytest.mark.parametrize("source", [None, "adult chest X-rays, St Mary's PACS 2019-2024, internal use only"])
+def test_a_model_trained_on_other_data_never_claims_the_shipped_data_or_its_licence(tmp_path, source):
+    """Weights trained on other images: the card names their folder and the user's words for them (or says they were
+    not recorded); neither the Kermany set, its population nor its CC BY licence (a package without the field too)."""
+    for i, training_data in enumerate(({"source": source, "data_dir": "/data/stmary/cxr"}, None)):
+        card = card_trained_on(tmp_path / str(i), training_data)
+        assert "Kermany" not in card and "CC BY" not in card and "Pediatric" not in card
+        licence = card[card.index("## Licence"):]
+        assert "that data's licence and terms of use govern" in licence and "Apache License 2.0" in licence
+        if source and training_data:
+            assert "(adult chest X-rays, St Mary's PACS 2019-2024, internal use only), re-split" in card
+            assert f"- Trained on {source}; patients, sites and scanners unlike these are out of" in card
+        else:  # the option not given, or a package exported before the field
+            assert "source was not recorded: `train --data-source`" in card
+            assert "state them here before sharing this card" in card
+        if training_data:
+            assert "The images under `/data/stmary/cxr`" in card
+
+
+def test_every_shipped_version_records_its_training_data():
+    from xray_core.package import versions
+    from xray_core.training_data import KERMANY_POPULATION, TrainingData
+
+    for v in versions(SHIPPED):
+        data = TrainingData.from_dict(load_metadata(os.path.join(SHIPPED, str(v))).training_data)
+        assert data.kermany and data.population() == KERMANY_POPULATION, v
 
 
 def test_score_in_batches_equals_one_run_of_the_graph(tmp_path):

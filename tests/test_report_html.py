@@ -156,6 +156,24 @@ def test_a_name_that_is_not_utf8_in_the_worklist_table_does_not_fail_the_page(tm
     assert "M%FCller.png" in links and len(links) == 2  # the two rows past the two tiles
 
 
+def test_the_page_says_what_the_model_was_trained_on_as_its_package_records_it(tmp_path, report_run):
+    """The shipped set's population for a package trained on it; the user's words, escaped, for another; and for a
+    package that does not record it (the test package of report_run), that it was not recorded: never the shipped
+    models' population for weights trained on other images."""
+    from xray_core.training_data import KERMANY_POPULATION, TrainingData
+
+    _, text = parse(os.path.join(report_run, "report.html"))
+    assert "Trained on images whose source was not recorded (train --data-source)" in text
+    assert "Kermany" not in text
+    for i, (source, shown) in enumerate([("kermany2018", f"Trained on {KERMANY_POPULATION}"),
+                                         (f"adults {MARKUP} & co", f"Trained on adults {MARKUP} & co (as its")]):
+        result = replace(run_result(), trained_on=TrainingData(source).population())
+        os.makedirs(tmp_path / str(i))
+        html_report.write_html(str(tmp_path / str(i)), result, [])
+        raw = open(tmp_path / str(i) / "report.html", encoding="utf-8").read()
+        assert shown in parse(str(tmp_path / str(i) / "report.html"))[1] and MARKUP not in raw
+
+
 def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
     rows = [Row(f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "error", "", "", "0.5", "", "m/1",
                 "decode failed: " + "x" * 900) for i in range(3000)]

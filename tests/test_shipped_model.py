@@ -99,6 +99,9 @@ def test_quickstart_scores_the_shipped_xrays_with_labels(tmp_path):
     assert m["images_scored"] == 30
     assert m["accuracy"] >= 0.9 and m["roc_auc"] >= 0.95  # these images also calibrated the threshold
     assert m["drift"]["note"] == "too few images to judge" and m["drift"]["images"] == 30
+    with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
+        assert "Trained on paediatric chest X-rays (children aged 1–5) from one hospital (Kermany et al. 2018)" \
+            in f.read()
 
 
 @pytest.fixture(scope="module")

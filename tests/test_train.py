@@ -481,6 +481,15 @@ def test_cli_refuses_an_output_dir_over_its_inputs_even_with_overwrite(tmp_path,
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("value", ["", "  ", "two\nlines", "x" * 301])
+def test_cli_refuses_a_data_source_that_is_not_one_short_line(tmp_path, capsys, value):
+    """--data-source becomes one line of the model card and of every report."""
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    _expect_error(capsys, _args(tmp_path / "data", tmp_path / "run", "--data-source", value),
+                  "--data-source must be one line of at most 300 printable characters")
+    assert os.listdir(tmp_path) == ["data"]
+
+
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--learning-rate", "-1"), ("--learning-rate", "0")])
 def test_cli_refuses_a_batch_size_or_learning_rate_that_cannot_train(tmp_path, capsys, flag, value):
     """QA defect: --batch-size 0 ended in a ZeroDivisionError traceback; --learning-rate -1 trained."""

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--crop-min-area", type=float, default=0.5,
                    help="resnet_aug: smallest random-crop area fraction (default: %(default)s)")
+    p.add_argument("--data-source", default=None, metavar="TEXT",
+                   help="where the training images come from (population, site, licence), as the exported model card "
+                        "and the job's report state it; 'kermany2018' for the Kaggle chest-xray-pneumonia set the "
+                        "shipped models were trained on (default: not recorded, and they say so)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     p.set_defaults(**RECIPE)
     return p

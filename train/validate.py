@@ -8,6 +8,8 @@ from train.distill import TeacherError, check_teacher
 from train.models import MODEL_NAMES
 from xray_core.files import blocking_ancestor, inside
 
+MAX_SOURCE = 300  # --data-source: one line of the model card and of every report
+
 
 class UsageError(ValueError):
     """Bad command-line input; the message is one line."""
@@ -41,6 +43,9 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
             check_teacher(args.teacher, args.teacher_weight, args.image_size)
         except TeacherError as exc:
             raise UsageError(str(exc)) from None
+    source = getattr(args, "data_source", None)
+    if source is not None and not (source.strip() and source.isprintable() and len(source) <= MAX_SOURCE):
+        raise UsageError(f"--data-source must be one line of at most {MAX_SOURCE} printable characters")
     if args.select_by.startswith("site_") and not args.site_dir:
         raise UsageError(f"--select-by {args.select_by} needs --site-dir")
     if not os.path.isdir(args.data_dir):

@@ -84,6 +84,7 @@ class Metadata:
     version: int
     architecture: str | None = None
     source: dict | None = None  # run dir, train and export commands, seed, split
+    training_data: dict | None = None  # xray_core/training_data.py; None: not recorded (exported before the field)
     preprocessing: dict  # PreprocessConfig.to_dict()
     input: TensorSpec
     output: TensorSpec
