@@ -1,7 +1,8 @@
 """python -m batch_job.beam_worker: Beam's SDK worker (apache_beam.runners.worker.sdk_worker_main) for DirectRunner's
 worker processes (runner.py: more than 4 cores, or --direct_running_mode=multi_processing).
 
-runner.py starts it with its stderr sent to /dev/null, except at --log-level DEBUG. Beam's own worker command printed
+runner.py starts it with its stderr appended to a file of the job's scratch folder (runner.execute), except at
+--log-level DEBUG. Beam's own worker command printed
 every worker's log records on stderr from Python's default handler (importing Beam logs a warning through the root
 logger, which gives the process that handler, and the worker sets the root level to INFO): ~19 lines per worker per
 night on 16 cores, and a worker's failure with its traceback, at every --log-level. A worker's records reach the

@@ -7,7 +7,7 @@ import os
 import sys
 
 from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
-from batch_job.errors import JobError, lost_workers
+from batch_job.errors import JobError, lost_workers, worker_lost
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
@@ -126,11 +126,7 @@ def main(argv=None, started: float | None = None) -> int:
         return fail("terminated (SIGTERM); nothing published", 143)
     except KeyboardInterrupt:
         if lost_workers:  # not a Ctrl-C: batch_job/__main__.py stopped the job for a worker process that ended
-            code = lost_workers[0].rsplit(" ", 1)[-1]
-            why = {"-9": "; -9 is SIGKILL, e.g. the out-of-memory killer", "1": "; --log-level DEBUG shows the "
-                   "worker's own output"}.get(code, "")
-            return fail(f"job failed: a worker process ended while scoring ({lost_workers[0]}{why}); nothing "
-                        "published", 1)
+            return fail(str(worker_lost(lost_workers[0])), 1)  # runner.execute says it with the worker's output
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
         return fail(one_line(exc, 1000), exc.exit_code)

@@ -24,6 +24,25 @@ class LedgerNotUpdated(JobError):
     exit_code = 3
 
 
+class WorkerLost(JobError):
+    """A worker process ended while the job ran; nothing published (exit 1)."""
+
+    exit_code = 1
+
+
+def worker_lost(exit_line: str, printed: str = "") -> WorkerLost:
+    """The error for Beam's `exit_line` ("Worker subprocess exited with return code N") and what that worker printed
+    last (runner.worker_output), where the job kept it."""
+    code = exit_line.rsplit(" ", 1)[-1]
+    if code == "-9":
+        why = "; -9 is SIGKILL, e.g. the out-of-memory killer"
+    elif printed:
+        why = f": {printed}"
+    else:
+        why = "; --log-level DEBUG shows the worker's own output" if code == "1" else ""
+    return WorkerLost(f"job failed: a worker process ended while scoring ({exit_line}{why}); nothing published")
+
+
 # Beam's FnApiRunner only raises this in the thread that waits for a worker process (local_job_service.py) and goes
 # on waiting for that worker's results: a worker killed mid-run (the kernel's out-of-memory killer) left the job
 # waiting for good. batch_job/__main__.py's thread hook records it here and stops the job (cli.py says why).

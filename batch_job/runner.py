@@ -12,18 +12,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
+from collections import deque
 from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from batch_job.errors import InputError
+from batch_job.errors import InputError, lost_workers, worker_lost
 from xray_core.errors import one_line
 
 THREADS_UP_TO = 4
+WORKER_LOG_ENV = "PNEUMONIA_WORKER_LOG"  # where worker processes append their stderr (execute), else /dev/null
+QUIET_RECORD = re.compile(r"(INFO|WARNING|DEBUG):")  # Python's default log format, as Beam's worker prints its records
 
 
 def default_workers() -> int:
@@ -77,7 +81,7 @@ def refuse_leftovers(beam_args: list[str]) -> None:
 
 def choose_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
     """The runner and its options; InputError for arguments neither the job nor Beam knows. worker_stderr:
-    DirectRunner's worker processes keep their stderr (--log-level DEBUG), else it goes to /dev/null (beam_worker.py).
+    DirectRunner's worker processes keep their stderr (--log-level DEBUG), else it goes to the file execute() names.
     """
     name = PipelineOptions(beam_args).view_as(StandardOptions).runner or "DirectRunner"
     short = name.rsplit(".", 1)[-1]
@@ -131,7 +135,7 @@ def direct_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
 
 
 def worker_processes(keep_stderr: bool = False):
-    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to /dev/null unless kept,
+    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to a file unless kept,
     instead of Beam's own command (beam_worker.py says why). FnApiRunner takes the environment given to it, and the
     processes, one per --direct_num_workers, when the running mode is `in_memory`: `multi_processing` would replace
     it by Beam's command. Beam then warns that `in_memory` runs one worker; it runs the given count, so that warning
@@ -139,16 +143,44 @@ def worker_processes(keep_stderr: bool = False):
     from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
-    command = f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker" + ("" if keep_stderr else " 2>/dev/null")
-    return SubprocessSDKEnvironment.from_command_string(command)
+    stderr = "" if keep_stderr else f' 2>>"${{{WORKER_LOG_ENV}:-/dev/null}}"'  # the file execute() names, if any
+    return SubprocessSDKEnvironment.from_command_string(f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker"
+                                                        + stderr)
 
 
-def execute(pipeline: beam.Pipeline) -> None:
-    """Run the pipeline to the end (DaskRunner leaves its dask client open: closed here)."""
-    result = pipeline.run()
+def execute(pipeline: beam.Pipeline, worker_log: str | None = None) -> None:
+    """Run the pipeline to the end (DaskRunner leaves its dask client open: closed here). Worker processes started
+    without their stderr (worker_processes) append it to `worker_log`, a file of the job's scratch folder: a worker
+    process that ends while the job runs (batch_job/__main__.py stops the job with a SIGINT) fails it with a
+    WorkerLost error that quotes what that worker printed last, e.g. why it could not start."""
+    if worker_log:
+        os.environ[WORKER_LOG_ENV] = worker_log  # Beam starts each worker with a copy of this process's environment
     try:
-        result.wait_until_finish()
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)
+            if client is not None:
+                client.close()
+    except KeyboardInterrupt:
+        if lost_workers:
+            raise worker_lost(lost_workers[0], worker_output(worker_log)) from None
+        raise
     finally:
-        client = getattr(result, "client", None)
-        if client is not None:
-            client.close()
+        if worker_log:
+            os.environ.pop(WORKER_LOG_ENV, None)
+
+
+def worker_output(log: str | None, lines: int = 2, limit: int = 400) -> str:
+    """The last `lines` lines the workers printed on stderr that are not their INFO, WARNING or DEBUG log records
+    (Beam's worker logs ~19 INFO lines each, as "LEVEL:logger:message"), joined into one line: a traceback's last
+    lines, or Python's own fatal error. "" without a log or such lines."""
+    if not log:
+        return ""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            printed = deque((line.strip() for line in f if line.strip() and not QUIET_RECORD.match(line)), lines)
+    except OSError:
+        return ""
+    return " | ".join(printed)[:limit]

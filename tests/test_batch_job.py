@@ -198,6 +198,48 @@ def test_worker_processes_log_nothing_of_their_own(labelled_tree, tiny_package, 
     assert len(glob.glob(os.path.join(out, "predictions-*.csv"))) > 1
 
 
+@pytest.mark.slow
+def test_a_worker_process_that_cannot_start_fails_the_job_saying_why(tiny_package, tmp_path):
+    """QA: a worker process that could not start failed the job with "return code 1; --log-level DEBUG shows the
+    worker's own output": the night had to be run again to learn why. The job now quotes what the worker printed
+    (here Python's own fatal error: the workers inherit a PYTHONHASHSEED it refuses; the job's process started
+    before it was set), and nothing is published or left behind."""
+    make_tree(str(tmp_path / "in"), per_class=3, size=48, seed=2)
+    out = str(tmp_path / "out")
+    code = ("import os, sys; os.environ['PYTHONHASHSEED'] = 'bogus'; from batch_job.__main__ import main; "
+            "sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code, "--input", str(tmp_path / "in"), "--model", tiny_package,
+                           "--output", out, "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: job failed: a worker process ended while scoring (Worker subprocess exited with return code 1: "
+        "Fatal Python error: config_init_hash_seed: PYTHONHASHSEED must be "), proc.stderr[-2000:]
+    assert proc.stderr.strip().endswith("); nothing published") and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in"]  # no OUT_DIR, no temp dir, no worker log
+
+
+def test_worker_output_is_what_a_worker_printed_last_besides_its_log_records(tmp_path):
+    from batch_job.errors import worker_lost
+    from batch_job.runner import worker_output
+
+    log = tmp_path / "workers.log"
+    log.write_text("INFO:apache_beam.runners.worker.sdk_worker:Control channel established.\n"
+                   "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    import onnxruntime\n"
+                   "ModuleNotFoundError: No module named 'onnxruntime'\n"
+                   "WARNING:root:apitools not found\nINFO:apache_beam.runners.worker.sdk_worker:Done.\n\n")
+    assert worker_output(str(log)) == "import onnxruntime | ModuleNotFoundError: No module named 'onnxruntime'"
+    assert worker_output(str(tmp_path / "none.log")) == worker_output(None) == ""
+    log.write_text("INFO:a:b\n" * 3)
+    assert worker_output(str(log)) == ""
+    exited = "Worker subprocess exited with return code"
+    assert str(worker_lost(f"{exited} 1", "E: x")) == (
+        f"job failed: a worker process ended while scoring ({exited} 1: E: x); nothing published")
+    assert "--log-level DEBUG shows the worker's own output" in str(worker_lost(f"{exited} 1"))
+    assert "-9 is SIGKILL" in str(worker_lost(f"{exited} -9", "whatever")) and worker_lost("x 1").exit_code == 1
+    assert str(worker_lost(f"{exited} 143")).endswith(f"({exited} 143); nothing published")
+
+
 def test_runner_defaults_apply_only_where_the_user_set_nothing():
     from apache_beam.options.pipeline_options import DirectOptions
     from apache_beam.runners.dask.dask_runner import DaskOptions
@@ -223,7 +265,8 @@ def test_runner_defaults_apply_only_where_the_user_set_nothing():
     assert choose_runner([]).options.get_all_options()["default_sdk_harness_log_level"] == "WARNING"
     from batch_job.runner import worker_processes  # worker processes' stderr: kept at --log-level DEBUG only
 
-    assert worker_processes(False).command_string.endswith("-m batch_job.beam_worker 2>/dev/null")
+    assert worker_processes(False).command_string.endswith(
+        '-m batch_job.beam_worker 2>>"${PNEUMONIA_WORKER_LOG:-/dev/null}"')  # runner.execute names the file
     assert worker_processes(True).command_string.endswith("-m batch_job.beam_worker")
     dask = choose_runner(["--runner=DaskRunner"])
     assert dask.label == "DaskRunner" and dask.options.view_as(DaskOptions).partition_size == 1
