@@ -22,6 +22,7 @@ from scipy.stats import binomtest, mannwhitneyu
 from sklearn.model_selection import StratifiedGroupKFold
 
 from train.data import patient_of
+from xray_core.files import inside
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
@@ -61,6 +62,14 @@ def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]
         raise CalibrationError(f"calibration dir {cal_dir} has no images under a folder named {' or '.join(missing)}")
     require_per_class([label for _, label in found], min_per_class, cal_dir)
     return found
+
+
+def refuse_training_folder(cal_dir: str, data_dir: str | None) -> None:
+    """CalibrationError when cal_dir is the folder the model was trained on (as its run recorded it), lies inside it or
+    holds it: a threshold chosen on the model's own training images is chosen in-sample, and so is its estimate."""
+    if data_dir and os.path.isdir(cal_dir) and (inside(cal_dir, data_dir) or inside(data_dir, cal_dir)):
+        raise CalibrationError(f"calibration dir {cal_dir} overlaps {data_dir}, the folder the model was trained on: "
+                               "calibrate on labelled scans it never saw")
 
 
 def score(session, paths: list[str], config: PreprocessConfig):

@@ -201,13 +201,14 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
            target_recall: float | None = None, heatmap_method: HeatmapMethod = DEFAULT_HEATMAP_METHOD,
            log=print) -> str:
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
-    from export.calibrate import CalibrationError, calibrate, list_labelled
+    from export.calibrate import CalibrationError, calibrate, list_labelled, refuse_training_folder
 
     arch, metrics, _, run_info = read_run(run_dir, model)
     target_recall = metrics["target_recall"] if target_recall is None else target_recall
     if calibrate_dir is not None:
         try:
             list_labelled(calibrate_dir)  # refuse a bad folder before any work
+            refuse_training_folder(calibrate_dir, run_info.get("data_dir"))
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
     try:

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from export import gate_fit
-from export.calibrate import CalibrationError, calibrate, list_labelled
+from export.calibrate import CalibrationError, calibrate, list_labelled, refuse_training_folder
 from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
@@ -33,6 +33,7 @@ from xray_core.package import (
     write_metadata,
 )
 from xray_core.staging import PUBLISHED, discard_staging, release_staging, staging_dir
+from xray_core.training_data import TrainingData
 from xray_core.verify import verify_package
 
 CARRIED = (MODEL_FILE, reference.REFERENCE_FILE, reference.SPLITS_FILE, gate.FIT_FILE)
@@ -183,6 +184,10 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
     """`meta` with the decision threshold chosen on cal_dir by the staged model.onnx (export/calibrate.py, as
     `--run-dir --calibrate-dir` does), its 2-fold estimate, and the heatmaps' faithfulness figures measured again
     at that threshold on cal_dir's images; `origin` is the version it is recalibrated from."""
+    try:
+        refuse_training_folder(cal_dir, TrainingData.from_dict(origin.training_data).data_dir)
+    except CalibrationError as exc:
+        raise RepublishError(f"{exc}; nothing published") from None
     target = origin.target_recall if target_recall is None else target_recall
     if target is None:
         raise RepublishError(f"{origin.model_id} records no target recall: give --target-recall; nothing published")

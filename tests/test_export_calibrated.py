@@ -134,11 +134,14 @@ def test_calibration_labels_only_from_folders_under_the_dir(tmp_path):
 @pytest.mark.parametrize("layout, fragment", [
     (None, "calibration dir not found"),
     ("NORMAL", "no images under a folder named PNEUMONIA"),
+    ("training", "the folder the model was trained on: calibrate on labelled scans it never saw"),
 ])
 @pytest.mark.slow
 def test_calibrate_dir_errors_publish_nothing(calibrated, tmp_path, capsys, layout, fragment):
     cal = tmp_path / "cal"
-    if layout:
+    if layout == "training":  # the run's own --data-dir (run.json): an in-sample threshold
+        cal = calibrated["run"].parent / "data"
+    elif layout:
         make_tree(str(cal), per_class=2, size=48, seed=4)
         shutil.rmtree(cal / "PNEUMONIA")
     serving = tmp_path / "serving"
