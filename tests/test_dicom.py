@@ -17,7 +17,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
 from dicom_factory import LOSSLESS, LOSSY, bundled_files, dicom_bytes, dicom_dataset, encode, to_bytes, xray_like
-from xray_core.dicom import decode_dicom, stretch_to_uint8
+from xray_core.dicom import decode_dicom
+from xray_core.intensity import stretch_to_uint8
 from xray_core.package import MODEL_FILE, load_metadata, open_session, resolve_version_dir, score
 from xray_core.preprocessing import ImageError, preprocess_image
 
@@ -386,16 +387,17 @@ def test_a_rescale_slope_that_is_not_a_number_is_one_clear_line():
 @pytest.mark.parametrize("lut", ["window", "voi_lut_sequence"])
 def test_luts_are_applied_in_blocks_with_pydicoms_values_and_bounded_memory(lut):
     """QA: pydicom applies the modality LUT and the VOI LUT in float64 over the whole frame, with temporaries of it:
-    a 7000 x 8600 film took 1.7 GB above the process, per worker. apply_luts maps LUT_ROWS rows at a time: the
+    a 7000 x 8600 film took 1.7 GB above the process, per worker. apply_luts maps BLOCK_ROWS rows at a time: the
     values are pydicom's own, to the last bit, and the peak is the float32 result plus one block's temporaries."""
     import tracemalloc
 
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     from pydicom.sequence import Sequence
 
-    from xray_core.dicom import LUT_ROWS, apply_luts
+    from xray_core.dicom import apply_luts
+    from xray_core.intensity import BLOCK_ROWS
 
-    rows = 8 * LUT_ROWS + 17  # a last, shorter block
+    rows = 8 * BLOCK_ROWS + 17  # a last, shorter block
     ds = pydicom.dcmread(io.BytesIO(dicom_bytes(xray_like(rows, 600), bits_stored=12, window=(1800.0, 2400.0),
                                                 slope=2.0, intercept=-1024.0)))
     if lut == "voi_lut_sequence":
@@ -418,6 +420,52 @@ def test_luts_are_applied_in_blocks_with_pydicoms_values_and_bounded_memory(lut)
     got, blocks = peak_of(lambda: apply_luts(arr, ds))
     assert got.dtype == np.float32 and np.array_equal(got, want) and np.ptp(got) > 0
     assert blocks < 2 * got.nbytes < whole / 2, (blocks, whole)  # float64 temporaries of the frame: 2x the result
+
+
+def whole_frame_stretch(arr: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """stretch_to_uint8 as it was before it worked in blocks (one float32 copy of the whole frame): the reference."""
+    out = np.nan_to_num(np.array(arr, dtype=np.float32), copy=False)
+    inside = True if padding is None else ~padding
+    if not np.any(inside):
+        return np.zeros(out.shape, np.uint8)
+    lo, hi = float(np.min(out, where=inside, initial=np.inf)), float(np.max(out, where=inside, initial=-np.inf))
+    out = (out - np.float32(lo)) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(out)
+    if padding is not None:
+        out = np.clip(out, 0, 255)
+        out[padding] = 0
+    return np.rint(out).astype(np.uint8)
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_the_stretch_to_8_bits_works_in_blocks_with_the_whole_frames_values_and_bounded_memory(with_padding):
+    """Known since the ninth session: stretch_to_uint8 made a float32 copy of the whole frame (240 MB for a 7000 x
+    8600 film, per worker, beside apply_luts' float32 result). It maps BLOCK_ROWS rows at a time now: the same bytes
+    as the whole-frame computation (NaN, a constant frame, all-padding too), the caller's array untouched, and a
+    peak of the uint8 result plus one block."""
+    import tracemalloc
+
+    from xray_core.intensity import BLOCK_ROWS
+
+    rng = np.random.default_rng(3)
+    arr = rng.uniform(-1000.0, 3000.0, (12 * BLOCK_ROWS + 17, 700)).astype(np.float32)
+    arr[5, 5], arr[-1, 0] = np.nan, 2900.0
+    padding = (rng.uniform(size=arr.shape) < 0.1) if with_padding else None
+    if with_padding:
+        arr[padding] = -30000.0  # outside the other pixels' range: would wrap around in uint8 if not cleared
+    before = arr.copy()
+    tracemalloc.start()
+    try:
+        got = stretch_to_uint8(arr, padding)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.dtype == np.uint8 and np.array_equal(got, whole_frame_stretch(arr, padding)) and np.ptp(got) == 255
+    assert np.array_equal(arr, before, equal_nan=True)
+    block = BLOCK_ROWS * arr.shape[1] * 4  # bytes of one block's float32 copy
+    assert peak < got.nbytes + 4 * block < got.nbytes + arr.nbytes / 2, peak  # a whole float32 copy: 2x that
+    for special in (np.full((3, 4), 7.0), np.full((BLOCK_ROWS + 1, 3), np.nan)):
+        assert np.array_equal(stretch_to_uint8(special), np.zeros(special.shape, np.uint8))
+    assert np.array_equal(stretch_to_uint8(arr[:9, :9], np.ones((9, 9), bool)), np.zeros((9, 9), np.uint8))
 
 
 @pytest.mark.parametrize("rows", [90, 95])

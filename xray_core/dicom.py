@@ -31,6 +31,7 @@ from xray_core.dicom_header import (  # noqa: F401 - is_dicom: preprocessing's i
     pydicom_reader,
 )
 from xray_core.errors import one_line
+from xray_core.intensity import BLOCK_ROWS, stretch_to_uint8
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
 # plugin and its message: that error becomes the file's one-line reason, so the tracebacks would only flood stderr
@@ -45,8 +46,6 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.50": "pillow",
 }
-# Rows of a frame that apply_luts maps at once: 512 rows of a 7000-column film are 27 MB of float64 per temporary
-LUT_ROWS = 512
 # transfer syntax UIDs whose frames are JPEG (or JPEG-LS) codestreams, and JPEG 2000 ones: a decoder sizes its output
 # by the codestream's own frame header, not by Rows and Columns
 JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
@@ -138,16 +137,16 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
 
 
 def apply_luts(arr: np.ndarray, ds) -> np.ndarray:
-    """The modality LUT (rescale), then the VOI LUT or window, as float32, LUT_ROWS rows at a time. pydicom computes
+    """The modality LUT (rescale), then the VOI LUT or window, as float32, BLOCK_ROWS rows at a time. pydicom computes
     both in float64 with temporaries of the whole frame: a 7000 x 8600 film took 0.8-1.7 GB above the process, per
     worker. Both are per-pixel mappings, so the blocks give the same values; the peak is the float32 result plus
     one block's temporaries."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     out = np.empty(arr.shape, np.float32)
-    for start in range(0, arr.shape[0], LUT_ROWS):
-        block = apply_modality_lut(arr[start:start + LUT_ROWS], ds)
-        out[start:start + LUT_ROWS] = apply_voi_lut(block, ds, index=0)
+    for start in range(0, arr.shape[0], BLOCK_ROWS):
+        block = apply_modality_lut(arr[start:start + BLOCK_ROWS], ds)
+        out[start:start + BLOCK_ROWS] = apply_voi_lut(block, ds, index=0)
     return out
 
 
@@ -299,26 +298,3 @@ def first_frame(ds, syntax: str) -> np.ndarray:
         except Exception:  # noqa: BLE001 - the other plugins get their turn, and their error is the one reported
             pass
     return pixel_array(ds, index=0)
-
-
-def stretch_to_uint8(arr: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
-    """Map an array's own min..max linearly to 0..255 (constant arrays become 0); with a padding mask, the min..max
-    of the other pixels, and the padding 0. Works in one float32 copy of the array (a 9000 x 9000 16-bit PNG: 324 MB
-    once, where each step's temporary array cost as much again)."""
-    out = np.array(arr, dtype=np.float32)  # a copy: the caller's array is never changed
-    np.nan_to_num(out, copy=False)
-    inside = True if padding is None else ~padding
-    if not np.any(inside):
-        return np.zeros(out.shape, np.uint8)
-    lo = float(np.min(out, where=inside, initial=np.inf))
-    hi = float(np.max(out, where=inside, initial=-np.inf))
-    if hi > lo:
-        out -= np.float32(lo)
-        out *= np.float32(255.0 / (hi - lo))
-    else:
-        out[...] = 0
-    if padding is not None:  # padding outside lo..hi would wrap around in uint8
-        np.clip(out, 0, 255, out=out)
-        out[padding] = 0
-    np.rint(out, out=out)
-    return out.astype(np.uint8)

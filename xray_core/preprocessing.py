@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from xray_core import content
-from xray_core.dicom import is_dicom, read_dicom, stretch_to_uint8
+from xray_core.dicom import is_dicom, read_dicom
 from xray_core.dicom_header import (
     DEFAULT_MODALITIES,
     DICOM_MAGIC_OFFSET,
@@ -26,6 +26,7 @@ from xray_core.dicom_header import (
     read_dicom_header,
 )
 from xray_core.errors import one_line
+from xray_core.intensity import stretch_to_uint8
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
 # process-wide filter list and is not thread-safe (the batch job decodes in several threads).
