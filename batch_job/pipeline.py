@@ -156,6 +156,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")
+            GATE.check()  # a signal whose interrupt Python dropped (raised inside a finaliser) still stops the job
         except BaseException:
             outdir.discard(tmp)
             if book is not None:

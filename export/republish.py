@@ -93,7 +93,9 @@ def publish_version(staging: str, final: str) -> None:
     """Rename the staging folder to its version (OSError when that appeared meanwhile: never overwritten), then
     rewrite the model's Triton config.pbtxt, which follows the newest version that is a package (a folder someone
     is still copying in has no metadata yet). The version stands once renamed: a config.pbtxt that cannot be
-    written is a warning line, not a failure. A Ctrl-C or SIGTERM waits for both (xray_core.interrupts)."""
+    written is a warning line, not a failure. A Ctrl-C or SIGTERM waits for both (xray_core.interrupts); one that came
+    before, whose interrupt Python dropped (raised inside a finaliser), stops it here, before anything is renamed."""
+    GATE.check()
     with GATE.deferred():
         try:
             publish_dir(staging, final)  # its lock file goes with the rename, then is deleted

@@ -36,13 +36,22 @@ class InterruptGate:
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def install(self) -> dict:
-        """-> the handlers it replaced (signal number -> handler), for a caller that restores them."""
+        """-> the handlers it replaced (signal number -> handler), for a caller that restores them. Also keeps Python
+        from printing "Exception ignored in ..." with a traceback for an interrupt raised inside a finaliser: check()
+        raises it again where the command can stop cleanly."""
         self.raised = 0
+        sys.unraisablehook = self.unraisable
         return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
+
+    def unraisable(self, unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.raised):
+            sys.__unraisablehook__(unraisable)
 
     def check(self) -> None:
         """Raise again the interrupt the handler raised, if any: an extension may have swallowed it inside its C code
-        (TensorFlow importing a module while training ran on), so long work checks at safe points."""
+        (TensorFlow importing a module while training ran on), and Python drops one raised inside a finaliser (a
+        `__del__` or weakref callback the garbage collector runs: "Exception ignored in ..."), so long work checks at
+        safe points, and always before it publishes."""
         if self.raised:
             raise Terminated if self.raised == signal.SIGTERM else KeyboardInterrupt
 
