@@ -272,4 +272,4 @@ def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[st
             f"outputs published in {out}, but the ledger {book.path} was not updated "
             f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images"
         ) from None
-    LOG.info("ledger %s: %d new images recorded", book.path, added)
+    LOG.info("ledger %s: %d new images recorded, %d out of scope", book.path, added, len(refused))

@@ -76,7 +76,7 @@ def _inputs(folder):
 
 @pytest.mark.parametrize("runner, fit", [("direct", "reference"), ("direct", "training split"),
                                          pytest.param("dask", "training split", marks=pytest.mark.slow)])
-def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_path, runner, fit, request):
+def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_path, runner, fit, request, caplog):
     base, package = request.getfixturevalue("gated" if fit == "reference" else "gated_on_training_split")
     statistic = json.load(open(os.path.join(package, "metadata.json")))["gate"]["statistic"]
     assert statistic == {"reference": "mahalanobis_ledoit_wolf",
@@ -99,8 +99,13 @@ def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_
     assert (m["images_found"], m["images_scored"], m["images_out_of_scope"], m["images_failed"]) == (8, 4, 4, 0)
     assert m["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in rows.values()) >= 1
     assert m["drift"]["images"] == 4  # only the scored images are compared with the reference
+    logged = [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()]
+    assert logged == [f"ledger {tmp_path / 'ledger.sqlite'}: 4 new images recorded, 4 out of scope"]  # audit: was "4"
     # the second night reads nothing new: the refused images are skipped like the scored ones
+    caplog.clear()
     assert main(args + ["--output", str(tmp_path / "night2")]) == 0
+    assert [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()] == [
+        f"ledger {tmp_path / 'ledger.sqlite'}: 0 new images recorded, 0 out of scope"]
     m2 = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m2["images_skipped"], m2["images_scored"], m2["images_out_of_scope"]) == (8, 0, 0)
     skipped = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "night2")).items()}
