@@ -102,14 +102,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         overwrite = replaceable(args, out)  # again, now that this job holds the ledger
         if overwrite and not args.overwrite:
             LOG.warning("%s was published by a run killed before its ledger commit: replacing it", out)
+        tmp = ""
         try:
-            tmp = outdir.prepare(out, overwrite)
-        except InputError:
-            if book is not None:
-                book.remove_if_new()  # a refusal creates nothing, the ledger included
-            raise
-        scratch = os.path.join(tmp, shard_result.SCRATCH)
-        try:
+            with GATE.held():  # a signal as the temp dir is made: raised once `tmp` names it for the cleanup below
+                tmp = outdir.prepare(out, overwrite)
+            scratch = os.path.join(tmp, shard_result.SCRATCH)
             os.mkdir(scratch)
             listing, shards = list_images(args, scratch, runner.workers)
             LOG.info("listed %d images in %.1fs -> %d shards; model %s, threshold %.4f, runner %s",
@@ -158,9 +155,10 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             kill_point("written")
             GATE.check()  # a signal whose interrupt Python dropped (raised inside a finaliser) still stops the job
         except BaseException:
-            outdir.discard(tmp)
+            if tmp:
+                outdir.discard(tmp)
             if book is not None:
-                book.remove_if_new()  # nothing published: a ledger this run created goes too (a used one stays)
+                book.remove_if_new()  # nothing published (a refusal: nothing made): a ledger this run created goes too
             raise
         with GATE.deferred():  # a Ctrl-C from here on waits for the ledger commit
             outdir.publish(tmp, out, overwrite)

@@ -15,6 +15,7 @@ from train.data import load_images, read_split_csv
 from xray_core import reference
 from xray_core.errors import one_line
 from xray_core.files import sha256_file
+from xray_core.interrupts import GATE
 from xray_core.occlusion import OCCLUSION, HeatmapMethod
 from xray_core.package import (
     EMBEDDING_NAME,
@@ -221,11 +222,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     hw, dim = heatmap_hw(export_model), embedding_dim(export_model)
     if hw is None:
         log(f"{arch} has no class-activation-map head: exporting `probability` only, no heatmaps, no drift reference")
+    staging = ""
     try:
-        staging = staging_dir(final, serving_dir)
-    except PackageError as exc:
-        raise ExportInputError(str(exc)) from None
-    try:
+        try:
+            with GATE.held():  # a signal as the folder is made: raised once `staging` names it for the cleanup
+                staging = staging_dir(final, serving_dir)
+        except PackageError as exc:
+            raise ExportInputError(str(exc)) from None
         config = PreprocessConfig.from_dict(metrics["preprocessing"])
         onnx_path = os.path.join(staging, MODEL_FILE)
         t0 = time.perf_counter()
@@ -272,7 +275,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         except OSError:
             raise ExportInputError(f"{final} appeared while exporting; versions are never overwritten") from None
     except BaseException:
-        discard_staging(staging)
+        if staging:
+            discard_staging(staging)
         raise
     log(f"published {final}")
     return final

@@ -56,11 +56,16 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
     name = name or meta.name
     try:
         final = new_version_dir(serving_dir, name, version)
-        staging = staging_dir(final, serving_dir)
     except PackageError as exc:
         raise RepublishError(str(exc)) from None
     version = int(os.path.basename(final))
+    staging = ""
     try:
+        try:
+            with GATE.held():  # a signal as the folder is made: raised once `staging` names it for the cleanup
+                staging = staging_dir(final, serving_dir)
+        except PackageError as exc:
+            raise RepublishError(str(exc)) from None
         for file in CARRIED:
             if os.path.isfile(os.path.join(source_dir, file)):
                 shutil.copyfile(os.path.join(source_dir, file), os.path.join(staging, file))
@@ -76,7 +81,8 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
         except OSError:
             raise RepublishError(f"{final} appeared meanwhile; versions are never overwritten") from None
     except BaseException:
-        discard_staging(staging)
+        if staging:
+            discard_staging(staging)
         raise
     log(f"published {final}")
     return final

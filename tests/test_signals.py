@@ -377,6 +377,67 @@ def test_a_signal_python_dropped_stops_export_before_it_renames_the_version(tmp_
     assert sorted(os.listdir(tmp_path / "pneumonia")) == [".staging-1"]  # the caller discards it
 
 
+@pytest.mark.parametrize("command", ["export", "batch_job"])
+def test_a_signal_just_as_the_temporary_folder_is_made_leaves_no_folder(command, tmp_path, monkeypatch, capsys):
+    """Full suite (once): a SIGTERM that export received just after its staging folder was made, before the code that
+    discards it on failure had its name, left `<version>.tmp-XXXXXXXX` beside the versions. The folder is made with
+    signals held (GATE.held); the signal is raised once the cleanup knows the folder. The job's temp dir alike."""
+    from helpers import write_package
+    from xray_core.interrupts import GATE
+
+    def signalled(make):
+        def made_then_signalled(*args):
+            folder = make(*args)
+            GATE.handler(signal.SIGTERM, None)  # the signal lands as the call returns
+            return folder
+        return made_then_signalled
+
+    vdir = write_package(str(tmp_path / "serving"))
+    try:
+        if command == "export":
+            import export.republish as republish
+            from xray_core.errors import Terminated
+
+            monkeypatch.setattr(republish, "staging_dir", signalled(republish.staging_dir))
+            with pytest.raises(Terminated):
+                republish.republish(vdir, None, None, lambda meta, staging: meta)
+        else:
+            import batch_job.pipeline as pipeline
+
+            monkeypatch.setattr(pipeline.outdir, "prepare", signalled(pipeline.outdir.prepare))
+            make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=1)
+            assert main(["--input", str(tmp_path / "in"), "--model", vdir, "--output", str(tmp_path / "out"),
+                         "--direct_running_mode=in_memory"]) == 143
+            assert capsys.readouterr().err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing published"
+    finally:
+        GATE.raised = 0
+    assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == ["1", "config.pbtxt"]
+    assert sorted(os.listdir(tmp_path)) == (["in", "serving"] if command == "batch_job" else ["serving"])
+
+
+def test_held_raises_a_signal_that_came_meanwhile_at_its_end():
+    from xray_core.errors import Terminated
+    from xray_core.interrupts import GATE
+
+    done = []
+    try:
+        with pytest.raises(Terminated):
+            with GATE.held():
+                GATE.handler(signal.SIGTERM, None)  # held: no exception here
+                done.append("the rest of the block")
+        assert done == ["the rest of the block"] and GATE.raised == signal.SIGTERM and GATE.pending == 0
+        GATE.raised = 0
+        with GATE.deferred():  # inside a publishing section, the signal stays pending for it
+            with GATE.held():
+                GATE.handler(signal.SIGINT, None)
+            assert GATE.pending == signal.SIGINT
+        assert GATE.take_pending() == "Ctrl-C"
+        with GATE.held():
+            pass  # no signal: nothing
+    finally:
+        GATE.raised = GATE.pending = 0
+
+
 @pytest.mark.parametrize("command", ["train", "export"])
 @pytest.mark.parametrize("code", [143, 130])
 def test_after_a_signal_the_error_line_stays_the_last_line(command, code):

@@ -82,6 +82,16 @@ class InterruptGate:
         finally:
             self.depth -= 1
 
+    @contextlib.contextmanager
+    def held(self):
+        """Hold a signal for a few statements that must not be split, such as making a temporary folder and naming it
+        where the caller's cleanup will find it; one that came meanwhile is raised at the end, as if it came then."""
+        with self.deferred():
+            yield
+        if not self.depth and self.pending:
+            self.raised, self.pending = self.pending, 0
+            self.check()
+
 
 GATE = InterruptGate()
 
