@@ -14,12 +14,14 @@ def thread_failed(args) -> None:
     """threading.excepthook. Once a Ctrl-C or SIGTERM has stopped the job, a failure in one of Beam's threads (a
     worker process that ended, its gRPC stream closed) is the stop's echo, printed after the job's one line: it is
     logged at DEBUG only. A worker process that ended while the job ran (killed by the out-of-memory killer, say)
-    stops the job as a Ctrl-C would, and the job says which (batch_job.errors.lost_workers; Beam would wait for that
-    worker for good); the failures of the threads that read its streams, which come first, are logged at DEBUG. Any
-    other failure is printed by Python's own hook."""
+    stops the job as a Ctrl-C would, after its other worker processes are killed, and the job says which
+    (batch_job.errors.lost_workers; Beam would wait for that worker, or for the others, for good); the failures of the
+    threads that read its streams, which come first, and the other workers' ends are logged at DEBUG. Any other
+    failure is printed by Python's own hook."""
     import signal
 
     from batch_job.errors import WORKER_EXITED, lost_workers
+    from batch_job.workers import stop_worker_processes
     from xray_core.interrupts import GATE
 
     if GATE.raised:
@@ -31,7 +33,11 @@ def thread_failed(args) -> None:
         logging.getLogger("batch_job").debug("thread %s: %s", args.thread.name, args.exc_type.__name__)
         return
     if issubclass(args.exc_type, RuntimeError) and str(args.exc_value).startswith(WORKER_EXITED):
+        if lost_workers:  # the first one stopped the job: the others end with it
+            logging.getLogger("batch_job").debug("after a lost worker: %s", args.exc_value)
+            return
         lost_workers.append(str(args.exc_value))
+        stop_worker_processes()  # Beam waits for the others, and one waiting for its bundle's input never ends
         # a real SIGINT, to the main thread itself: it wakes the wait the main thread is blocked in, which
         # _thread.interrupt_main() does not
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

@@ -1,13 +1,12 @@
 """python -m batch_job.beam_worker: Beam's SDK worker (apache_beam.runners.worker.sdk_worker_main) for DirectRunner's
 worker processes (runner.py: more than 4 cores, or --direct_running_mode=multi_processing).
 
-runner.py starts it with its stderr appended to a file of the job's scratch folder (runner.execute), except at
---log-level DEBUG. Beam's own worker command printed
-every worker's log records on stderr from Python's default handler (importing Beam logs a warning through the root
-logger, which gives the process that handler, and the worker sets the root level to INFO): ~19 lines per worker per
-night on 16 cores, and a worker's failure with its traceback, at every --log-level. A worker's records reach the
-job's process through Beam's logging channel all the same, where they show as Beam's own do (at --log-level DEBUG);
-a worker that dies fails the job, which says so in its one-line error.
+workers.py starts it with its stderr in its own file of the job's scratch folder, except at --log-level DEBUG. Beam's
+own worker command printed every worker's log records on stderr from Python's default handler (importing Beam logs a
+warning through the root logger, which gives the process that handler, and the worker sets the root level to INFO): ~19
+lines per worker per night on 16 cores, and a worker's failure with its traceback, at every --log-level. A worker's
+records reach the job's process through Beam's logging channel all the same, where they show as Beam's own do (at
+--log-level DEBUG); a worker that dies fails the job, which says so in its one-line error.
 
 Ctrl-C and SIGTERM are left to the job first: a terminal's Ctrl-C, and systemd's stop, reach every process of the
 group. The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened

@@ -176,7 +176,7 @@ def timed(step, *args):
 
 
 MODEL_CARD_COPY = "model_card.md"  # the package's MODEL_CARD.md, beside the report that links it
-WORKER_LOG = "workers.log"  # worker processes' stderr (runner.execute), in the scratch folder: never published
+WORKER_LOGS = "workers"  # worker processes' stderr files (batch_job/workers.py), in the scratch folder: never published
 
 
 def modalities(text: str) -> tuple[str, ...]:
@@ -235,7 +235,7 @@ def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: st
     with Progress(tmp, shards):
         p = beam.Pipeline(runner=runner.runner, options=runner.options)
         build_pipeline(p, shards, listing, spec, tmp, scratch)
-        execute(p, os.path.join(scratch, WORKER_LOG) if runner.mode == "multi_processing" else None)
+        execute(p, os.path.join(scratch, WORKER_LOGS) if runner.mode == "multi_processing" else None)
     shard_files.remove_partial_files(tmp)  # half-written shards of killed or retried tasks
 
 

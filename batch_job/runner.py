@@ -10,24 +10,18 @@ parser knows is refused (Beam itself would drop it with a log warning).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import re
-import shlex
 import shutil
-import sys
-from collections import deque
 from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job.errors import InputError, lost_workers, worker_lost
+from batch_job.workers import LOGS_ENV, death_reason, worker_processes
 from xray_core.errors import one_line
 
 THREADS_UP_TO = 4
-WORKER_LOG_ENV = "PNEUMONIA_WORKER_LOG"  # where worker processes append their stderr (execute), else /dev/null
-QUIET_RECORD = re.compile(r"(INFO|WARNING|DEBUG):")  # Python's default log format, as Beam's worker prints its records
 
 
 def default_workers() -> int:
@@ -134,27 +128,14 @@ def direct_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
                   PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode)
 
 
-def worker_processes(keep_stderr: bool = False):
-    """Beam's worker processes, started as `python -m batch_job.beam_worker`, stderr to a file unless kept,
-    instead of Beam's own command (beam_worker.py says why). FnApiRunner takes the environment given to it, and the
-    processes, one per --direct_num_workers, when the running mode is `in_memory`: `multi_processing` would replace
-    it by Beam's command. Beam then warns that `in_memory` runs one worker; it runs the given count, so that warning
-    is not shown."""
-    from apache_beam.transforms.environments import SubprocessSDKEnvironment
-
-    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
-    stderr = "" if keep_stderr else f' 2>>"${{{WORKER_LOG_ENV}:-/dev/null}}"'  # the file execute() names, if any
-    return SubprocessSDKEnvironment.from_command_string(f"exec {shlex.quote(sys.executable)} -m batch_job.beam_worker"
-                                                        + stderr)
-
-
-def execute(pipeline: beam.Pipeline, worker_log: str | None = None) -> None:
+def execute(pipeline: beam.Pipeline, worker_logs: str | None = None) -> None:
     """Run the pipeline to the end (DaskRunner leaves its dask client open: closed here). Worker processes started
-    without their stderr (worker_processes) append it to `worker_log`, a file of the job's scratch folder: a worker
-    process that ends while the job runs (batch_job/__main__.py stops the job with a SIGINT) fails it with a
-    WorkerLost error that quotes what that worker printed last, e.g. why it could not start."""
-    if worker_log:
-        os.environ[WORKER_LOG_ENV] = worker_log  # Beam starts each worker with a copy of this process's environment
+    without their stderr (batch_job/workers.py) write it into the folder `worker_logs`, one file each: a worker
+    process that ends while the job runs (batch_job/__main__.py stops the job) fails it with a WorkerLost error that
+    quotes how a worker said it died, e.g. why it could not start."""
+    if worker_logs:
+        os.makedirs(worker_logs, exist_ok=True)
+        os.environ[LOGS_ENV] = worker_logs  # Beam starts each worker with a copy of this process's environment
     try:
         result = pipeline.run()
         try:
@@ -165,22 +146,8 @@ def execute(pipeline: beam.Pipeline, worker_log: str | None = None) -> None:
                 client.close()
     except KeyboardInterrupt:
         if lost_workers:
-            raise worker_lost(lost_workers[0], worker_output(worker_log)) from None
+            raise worker_lost(lost_workers[0], death_reason(worker_logs)) from None
         raise
     finally:
-        if worker_log:
-            os.environ.pop(WORKER_LOG_ENV, None)
-
-
-def worker_output(log: str | None, lines: int = 2, limit: int = 400) -> str:
-    """The last `lines` lines the workers printed on stderr that are not their INFO, WARNING or DEBUG log records
-    (Beam's worker logs ~19 INFO lines each, as "LEVEL:logger:message"), joined into one line: a traceback's last
-    lines, or Python's own fatal error. "" without a log or such lines."""
-    if not log:
-        return ""
-    try:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            printed = deque((line.strip() for line in f if line.strip() and not QUIET_RECORD.match(line)), lines)
-    except OSError:
-        return ""
-    return " | ".join(printed)[:limit]
+        if worker_logs:
+            os.environ.pop(LOGS_ENV, None)

@@ -219,19 +219,27 @@ def test_a_worker_process_that_cannot_start_fails_the_job_saying_why(tiny_packag
     assert sorted(os.listdir(tmp_path)) == ["in"]  # no OUT_DIR, no temp dir, no worker log
 
 
-def test_worker_output_is_what_a_worker_printed_last_besides_its_log_records(tmp_path):
+def test_a_worker_s_death_reason_is_its_fatal_error_or_traceback_never_another_worker_s_warnings(tmp_path):
+    """Review: all workers appended to one file, and the job quoted its last lines: a healthy worker's Pillow warning
+    was given as the reason a killed worker ended, and two workers' fatal errors came out interleaved. Each worker now
+    has its own file, and only how a Python process says it died is quoted."""
     from batch_job.errors import worker_lost
-    from batch_job.runner import worker_output
+    from batch_job.workers import death_reason
 
-    log = tmp_path / "workers.log"
-    log.write_text("INFO:apache_beam.runners.worker.sdk_worker:Control channel established.\n"
-                   "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    import onnxruntime\n"
-                   "ModuleNotFoundError: No module named 'onnxruntime'\n"
-                   "WARNING:root:apitools not found\nINFO:apache_beam.runners.worker.sdk_worker:Done.\n\n")
-    assert worker_output(str(log)) == "import onnxruntime | ModuleNotFoundError: No module named 'onnxruntime'"
-    assert worker_output(str(tmp_path / "none.log")) == worker_output(None) == ""
-    log.write_text("INFO:a:b\n" * 3)
-    assert worker_output(str(log)) == ""
+    healthy = ("INFO:apache_beam.runners.worker.sdk_worker:Control channel established.\n"
+               "/x/PIL/Image.py:1136: UserWarning: Palette images with Transparency expressed in bytes should be "
+               "converted to RGBA images\n  warnings.warn(\nWARNING:root:apitools not found\n")
+    (tmp_path / "worker-100.log").write_text(healthy)
+    assert death_reason(str(tmp_path)) == death_reason(None) == death_reason(str(tmp_path / "none")) == ""
+    (tmp_path / "worker-200.log").write_text(
+        "Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n    import x\n"
+        "ImportError: first\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n  File \"b.py\", line 2, in <module>\n"
+        "ModuleNotFoundError: No module named 'onnxruntime'\nINFO:a:b\n")
+    assert death_reason(str(tmp_path)) == "ModuleNotFoundError: No module named 'onnxruntime'"
+    (tmp_path / "worker-150.log").write_text(healthy + 'Fatal Python error: config_init_hash_seed: PYTHONHASHSEED must '
+                                             'be "random"\nPython runtime state: preinitialized\n')
+    assert death_reason(str(tmp_path)) == 'Fatal Python error: config_init_hash_seed: PYTHONHASHSEED must be "random"'
     exited = "Worker subprocess exited with return code"
     assert str(worker_lost(f"{exited} 1", "E: x")) == (
         f"job failed: a worker process ended while scoring ({exited} 1: E: x); nothing published")
@@ -263,10 +271,10 @@ def test_runner_defaults_apply_only_where_the_user_set_nothing():
     assert direct(["--direct_running_mode=in_memory"])[1:] == ("in_memory", 1, 1)  # Beam's default, given explicitly
     assert direct(["--direct_num_workers=1"])[2:] == (1, 1)
     assert choose_runner([]).options.get_all_options()["default_sdk_harness_log_level"] == "WARNING"
-    from batch_job.runner import worker_processes  # worker processes' stderr: kept at --log-level DEBUG only
+    from batch_job.workers import worker_processes  # worker processes' stderr: kept at --log-level DEBUG only
 
     assert worker_processes(False).command_string.endswith(
-        '-m batch_job.beam_worker 2>>"${PNEUMONIA_WORKER_LOG:-/dev/null}"')  # runner.execute names the file
+        '-m batch_job.beam_worker 2>>"${PNEUMONIA_WORKER_LOGS:-/dev/null}${PNEUMONIA_WORKER_LOGS:+/worker-$$.log}"')
     assert worker_processes(True).command_string.endswith("-m batch_job.beam_worker")
     dask = choose_runner(["--runner=DaskRunner"])
     assert dask.label == "DaskRunner" and dask.options.view_as(DaskOptions).partition_size == 1

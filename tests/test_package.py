@@ -129,6 +129,16 @@ def test_a_model_trained_on_other_data_never_claims_the_shipped_data_or_its_lice
             assert "The images under `/data/stmary/cxr`" in card
 
 
+def test_the_users_words_fit_into_the_card_as_given(tmp_path):
+    """Review: a source ending in "." gave "2024.; patients" and "2024. (as its training run described them)"; a
+    backquote in the folder's name broke its code span."""
+    from xray_core.training_data import TrainingData
+
+    card = card_trained_on(tmp_path, {"source": " adults, 2019-2024. ", "data_dir": "/data/st`marys"})
+    assert "- Trained on adults, 2019-2024; patients" in card and 'The images under "/data/st`marys" (adults' in card
+    assert TrainingData.from_dict({"source": "adults, 2019-2024."}).population().startswith("adults, 2019-2024 (as")
+
+
 def test_every_shipped_version_records_its_training_data():
     from xray_core.package import versions
     from xray_core.training_data import KERMANY_POPULATION, TrainingData

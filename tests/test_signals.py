@@ -29,6 +29,7 @@ def ledger_rows(path: str) -> list[tuple]:
 
 
 SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
+KILLED = "; -9 is SIGKILL, e.g. the out-of-memory killer"
 GRACE_SECONDS = 10  # docker stop's default: SIGKILL follows SIGTERM after it
 
 
@@ -167,15 +168,18 @@ def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, why", [
-    (signal.SIGKILL, -9, "; -9 is SIGKILL, e.g. the out-of-memory killer"), (signal.SIGTERM, 143, "")])
-def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum, code, why, slow_tree, night_one,
-                                                                          tmp_path, request):
+@pytest.mark.parametrize("signum, code, why, when", [
+    (signal.SIGKILL, -9, KILLED, "mid-run"), (signal.SIGTERM, 143, "", "mid-run"),
+    (signal.SIGKILL, -9, KILLED, "as it starts"), (signal.SIGSEGV, -11, "", "as it starts")])
+def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum, code, why, when, slow_tree,
+                                                                          night_one, tmp_path, request):
     """QA: a DirectRunner worker process killed mid-run (SIGKILL: the kernel's out-of-memory killer) left the job
     waiting for its results for good, with Beam's own worker command as with batch_job.beam_worker: a nightly job
     that never ends. It now fails within seconds, exit 1, one line saying why (Beam's threads that read the worker's
     streams said it first, with two tracebacks: review), nothing published, the ledger as it was, no worker left.
-    Review: a SIGTERM to one worker alone ended it with exit code 0 after its grace, and the job waited for good."""
+    Review: a SIGTERM to one worker alone ended it with exit code 0 after its grace, and the job waited for good.
+    Review: a worker killed (SIGKILL, SIGSEGV) within a second of its start left the job waiting for good for the
+    other worker, busy with a bundle whose input never came: the job now kills its other workers first."""
     import psutil
 
     out, before = str(tmp_path / "night2"), file_state(night_one)
@@ -188,8 +192,9 @@ def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum
                             start_new_session=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not first_shard_written(out)(proc):
-            time.sleep(0.05)
+        started = worker_processes_started if when == "as it starts" else first_shard_written(out)
+        while time.time() < deadline and not started(proc):
+            time.sleep(0.02)
         workers = [p for p in psutil.Process(proc.pid).children() if "batch_job.beam_worker" in " ".join(p.cmdline())]
         assert len(workers) == 2
         workers[0].send_signal(signum)

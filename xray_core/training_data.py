@@ -8,6 +8,7 @@ population, or their licence, for weights trained on other images.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 KERMANY_2018 = "kermany2018"
@@ -26,7 +27,8 @@ class TrainingData:
     @classmethod
     def from_dict(cls, data: dict | None) -> "TrainingData":
         data = data if isinstance(data, dict) else {}
-        source = str(data["source"]).strip() if data.get("source") is not None else ""
+        # a sentence goes on after it: no closing full stop
+        source = str(data["source"]).strip().rstrip(".;,") if data.get("source") is not None else ""
         return cls(source or None, str(data["data_dir"]) if data.get("data_dir") is not None else None)
 
     def to_dict(self) -> dict:
@@ -50,7 +52,7 @@ class TrainingData:
         """The card's name for the training folder, before ", re-split …"."""
         if self.kermany:
             return KERMANY_DATA
-        folder = f"The images under `{self.data_dir}`" if self.data_dir else "Images from a folder not recorded"
+        folder = f"The images under {code(self.data_dir)}" if self.data_dir else "Images from a folder not recorded"
         return f"{folder} ({self.source or 'their source was not recorded: `train --data-source`'})"
 
     def card_limitation(self) -> str:
@@ -62,3 +64,8 @@ class TrainingData:
             return f"Trained on {self.source}; patients, sites and scanners unlike these are out of distribution."
         return (f"The training data's source and population were {NOT_RECORDED}: state them here before sharing "
                 "this card.")
+
+
+def code(path: str) -> str:
+    """A path as Markdown code, where it can be one; else as a JSON string (a backquote or a line break in it)."""
+    return json.dumps(path) if "`" in path or not path.isprintable() else f"`{path}`"
