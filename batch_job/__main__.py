@@ -8,6 +8,10 @@ import time
 
 # the threads of Beam's FnApiRunner that read a worker process's control and data streams
 BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
+# a worker's exit code when SIGINT or SIGTERM ended it (as Python starts: -N; batch_job/beam_worker.py: 128 + N): a
+# signal to the whole process group may end a worker before the job's own handler has run
+STOPPED_BY_SIGNAL = ("-2", "-15", "130", "143")
+SIGNAL_WAIT = 1.0  # seconds the job's handler gets to run before such a worker counts as lost
 
 
 def thread_failed(args) -> None:
@@ -21,7 +25,7 @@ def thread_failed(args) -> None:
     import signal
 
     from batch_job.errors import WORKER_EXITED, lost_workers
-    from batch_job.workers import stop_worker_processes
+    from batch_job.workers import REAPER
     from xray_core.interrupts import GATE
 
     if GATE.raised:
@@ -33,11 +37,15 @@ def thread_failed(args) -> None:
         logging.getLogger("batch_job").debug("thread %s: %s", args.thread.name, args.exc_type.__name__)
         return
     if issubclass(args.exc_type, RuntimeError) and str(args.exc_value).startswith(WORKER_EXITED):
+        code = str(args.exc_value).rsplit(" ", 1)[-1]
+        if code in STOPPED_BY_SIGNAL and GATE.wait_raised(SIGNAL_WAIT):  # a group's Ctrl-C or SIGTERM reached the
+            logging.getLogger("batch_job").debug("thread %s: %s", args.thread.name, args.exc_value)  # worker first
+            return
         if lost_workers:  # the first one stopped the job: the others end with it
             logging.getLogger("batch_job").debug("after a lost worker: %s", args.exc_value)
             return
         lost_workers.append(str(args.exc_value))
-        stop_worker_processes()  # Beam waits for the others, and one waiting for its bundle's input never ends
+        REAPER.start()  # Beam waits for the others, and one waiting for its bundle's input never ends
         # a real SIGINT, to the main thread itself: it wakes the wait the main thread is blocked in, which
         # _thread.interrupt_main() does not
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

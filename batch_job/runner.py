@@ -18,8 +18,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job.errors import InputError, lost_workers, worker_lost
-from batch_job.workers import LOGS_ENV, death_reason, worker_processes
-from xray_core.errors import one_line
+from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
+from xray_core.errors import Terminated, one_line
+from xray_core.interrupts import GATE
 
 THREADS_UP_TO = 4
 
@@ -136,6 +137,8 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None) -> None:
     if worker_logs:
         os.makedirs(worker_logs, exist_ok=True)
         os.environ[LOGS_ENV] = worker_logs  # Beam starts each worker with a copy of this process's environment
+        REAPER.arm()  # a Ctrl-C or SIGTERM, or a worker that died, kills the workers (batch_job/workers.py)
+        GATE.on_interrupt.append(REAPER.start)
     try:
         result = pipeline.run()
         try:
@@ -144,10 +147,12 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None) -> None:
             client = getattr(result, "client", None)
             if client is not None:
                 client.close()
-    except KeyboardInterrupt:
-        if lost_workers:
-            raise worker_lost(lost_workers[0], death_reason(worker_logs)) from None
+    except KeyboardInterrupt as exc:
+        if lost_workers and not isinstance(exc, Terminated):  # the job sends itself SIGINT, never SIGTERM
+            raise worker_lost(lost_workers[0], death_reason(worker_logs, REAPER.survivors)) from None
         raise
     finally:
         if worker_logs:
             os.environ.pop(LOGS_ENV, None)
+            REAPER.disarm()
+            GATE.on_interrupt.remove(REAPER.start)

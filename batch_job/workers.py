@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 
 LOGS_ENV = "PNEUMONIA_WORKER_LOGS"  # the folder of the workers' stderr files, set by runner.execute
 COMMAND = "batch_job.beam_worker"  # what tells the job's worker processes from its other children
@@ -32,11 +33,12 @@ def worker_processes(keep_stderr: bool = False):
     return SubprocessSDKEnvironment.from_command_string(f"exec {shlex.quote(sys.executable)} -m {COMMAND}" + stderr)
 
 
-def death_reason(folder: str | None, limit: int = 400) -> str:
+def death_reason(folder: str | None, survivors: set[int] = frozenset(), limit: int = 400) -> str:
     """How a worker said it died, from its stderr file in `folder`: Python's fatal error, or the exception line that
-    ends its last traceback; the first worker's (by file name) that said so. "" when none did (a worker killed by a
-    signal says nothing; the others' log records and warnings are no reason)."""
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "worker-*.log"))) if folder else []:
+    ends its last traceback; the first worker's (by file name) that said so, leaving out the `survivors` (workers the
+    job killed). "" when none did (a worker killed by a signal says nothing; log records and warnings are no reason)."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "worker-*.log"))) if folder else []
+    for path in [p for p in paths if os.path.basename(p)[len("worker-"):-len(".log")] not in map(str, survivors)]:
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 reason = said_it_died(f.read().splitlines())
@@ -59,15 +61,59 @@ def said_it_died(lines: list[str]) -> str:
     return ending[0] if ending else ""
 
 
-def stop_worker_processes() -> None:
-    """SIGKILL this process's worker processes. When one has ended, the job stops (batch_job/__main__.py), and Beam
-    waits for every other worker to end before it lets the job go: one busy with a bundle whose input will never come
-    never does (QA: a worker killed just after start left the job waiting for good)."""
+class Reaper:
+    """Kills this process's worker processes once the job stops (a Ctrl-C or SIGTERM, or a worker that died), and
+    again every PERIOD until the pipeline has returned (runner.execute disarms it). Beam's cleanup waits for every
+    worker to end, and one busy with a bundle whose input will never come never does (QA: a worker killed just after
+    start, or a SIGTERM to the job just as its workers started, left the job waiting for good); a worker that Beam
+    started just after the signal never got it. The workers alive at its first pass did not end on their own: their
+    stderr files are no reason for the job's error (death_reason)."""
+
+    PERIOD = 0.25
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.done.set()  # disarmed
+        self.survivors: set[int] = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def arm(self) -> None:
+        self.done.clear()
+        self.survivors = set()
+
+    def disarm(self) -> None:
+        self.done.set()
+
+    def start(self, *_) -> None:
+        """From the signal handler (GATE.on_interrupt) or the thread hook: kill the workers now, and keep at it."""
+        with self._lock:
+            if self.done.is_set() or self._running:
+                return
+            self._running = True
+        self.survivors = stop_worker_processes()
+        threading.Thread(target=self._run, name="stop-workers", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.PERIOD):
+            stop_worker_processes()
+        with self._lock:
+            self._running = False
+
+
+REAPER = Reaper()
+
+
+def stop_worker_processes() -> set[int]:
+    """SIGKILL this process's worker processes, the shells about to start them too; -> their pids."""
     import psutil
 
+    killed = set()
     for child in psutil.Process().children():
         try:
-            if COMMAND in child.cmdline():
+            if COMMAND in " ".join(child.cmdline()):
                 child.kill()
+                killed.add(child.pid)
         except psutil.Error:  # ended meanwhile
             pass
+    return killed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
 import threading
 
@@ -120,9 +119,7 @@ def main(argv=None) -> int:
             raise
         return _stopped(stopped, PUBLISHED)
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be set back
-                signal.signal(signum, handler)
+        GATE.uninstall(previous)
         held = GATE.take_pending()
     if held and code == 0:
         print(f"warning: {held} arrived while the version was being published; it was published first",

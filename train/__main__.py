@@ -10,7 +10,6 @@ given explicitly win over both.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
@@ -144,9 +143,7 @@ def main(argv=None) -> int:
         print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; RUN_DIR not published", file=sys.stderr)
         return 143 if term else 130
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be set back
-                signal.signal(signum, handler)
+        GATE.uninstall(previous)
 
 
 def cli() -> None:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 from xray_core.errors import Terminated
 
@@ -27,25 +28,39 @@ class InterruptGate:
         self.depth = 0
         self.pending = 0  # the signal held while publishing; 0: none
         self.raised = 0  # the signal the handler last raised for; 0: none
+        self.on_interrupt: list = []  # called with the signal number before the handler raises (batch_job/runner.py)
+        self._unraisable = sys.unraisablehook  # the hook install() replaced
 
     def handler(self, signum, frame):
         if self.depth:
             self.pending = signum
             return
         self.raised = signum
+        for call in list(self.on_interrupt):
+            call(signum)
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def install(self) -> dict:
-        """-> the handlers it replaced (signal number -> handler), for a caller that restores them. Also keeps Python
-        from printing "Exception ignored in ..." with a traceback for an interrupt raised inside a finaliser: check()
-        raises it again where the command can stop cleanly."""
+        """-> the handlers it replaced (signal number -> handler), for :meth:`uninstall`. Also keeps Python from
+        printing "Exception ignored in ..." with a traceback for an interrupt this handler raised inside a finaliser
+        (check() raises it again where the command can stop cleanly); any other goes to the hook it replaced."""
         self.raised = 0
+        if sys.unraisablehook != self.unraisable:
+            self._unraisable = sys.unraisablehook
         sys.unraisablehook = self.unraisable
         return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
 
+    def uninstall(self, previous: dict) -> None:
+        """Put back the signal handlers install() replaced (`previous`), and the unraisable hook."""
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be set back
+                signal.signal(signum, handler)
+        if sys.unraisablehook == self.unraisable:
+            sys.unraisablehook = self._unraisable
+
     def unraisable(self, unraisable) -> None:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.raised):
-            sys.__unraisablehook__(unraisable)
+            self._unraisable(unraisable)
 
     def check(self) -> None:
         """Raise again the interrupt the handler raised, if any: an extension may have swallowed it inside its C code
@@ -64,6 +79,14 @@ class InterruptGate:
         if not self.raised:
             return None
         return Terminated() if self.raised == signal.SIGTERM else KeyboardInterrupt()
+
+    def wait_raised(self, seconds: float) -> bool:
+        """Whether the handler raises for a signal within `seconds` (from another thread: the main thread runs the
+        handler as soon as it can)."""
+        deadline = time.monotonic() + seconds
+        while not self.raised and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return bool(self.raised)
 
     def take_pending(self) -> str:
         """The name of the signal held while publishing ("" when none), forgotten once taken."""
@@ -85,12 +108,15 @@ class InterruptGate:
     @contextlib.contextmanager
     def held(self):
         """Hold a signal for a few statements that must not be split, such as making a temporary folder and naming it
-        where the caller's cleanup will find it; one that came meanwhile is raised at the end, as if it came then."""
-        with self.deferred():
-            yield
-        if not self.depth and self.pending:
-            self.raised, self.pending = self.pending, 0
-            self.check()
+        where the caller's cleanup will find it; one that came meanwhile is raised at the end, as if it came then,
+        also when the statements raised (it then takes the place of their error: the command was told to stop)."""
+        try:
+            with self.deferred():
+                yield
+        finally:
+            if not self.depth and self.pending:
+                self.raised, self.pending = self.pending, 0
+                self.check()
 
 
 GATE = InterruptGate()
