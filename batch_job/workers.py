@@ -75,12 +75,13 @@ class Reaper:
         self.done = threading.Event()
         self.done.set()  # disarmed
         self.survivors: set[int] = set()
-        self._lock = threading.Lock()
-        self._running = False
+        self._lock = threading.RLock()  # a second signal may call start() from inside the first one's
+        self._started = False
 
     def arm(self) -> None:
-        self.done.clear()
-        self.survivors = set()
+        """For one pipeline run: a new event, so a thread of an earlier run can never act on this one's workers."""
+        with self._lock:
+            self.done, self.survivors, self._started = threading.Event(), set(), False
 
     def disarm(self) -> None:
         self.done.set()
@@ -88,17 +89,16 @@ class Reaper:
     def start(self, *_) -> None:
         """From the signal handler (GATE.on_interrupt) or the thread hook: kill the workers now, and keep at it."""
         with self._lock:
-            if self.done.is_set() or self._running:
+            if self.done.is_set() or self._started:
                 return
-            self._running = True
+            self._started = True
+            done = self.done
         self.survivors = stop_worker_processes()
-        threading.Thread(target=self._run, name="stop-workers", daemon=True).start()
+        threading.Thread(target=self._run, args=(done,), name="stop-workers", daemon=True).start()
 
-    def _run(self) -> None:
-        while not self.done.wait(self.PERIOD):
+    def _run(self, done: threading.Event) -> None:
+        while not done.wait(self.PERIOD):
             stop_worker_processes()
-        with self._lock:
-            self._running = False
 
 
 REAPER = Reaper()

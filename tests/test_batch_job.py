@@ -248,6 +248,32 @@ def test_a_worker_s_death_reason_is_its_fatal_error_or_traceback_never_another_w
     assert str(worker_lost(f"{exited} 143")).endswith(f"({exited} 143); nothing published")
 
 
+def test_the_reaper_kills_workers_once_started_until_disarmed_and_only_for_its_own_run(monkeypatch):
+    """A stopped job's workers are killed at once and again every PERIOD while Beam still waits for them; never
+    outside a run, never by a thread of an earlier run."""
+    from batch_job import workers
+
+    calls = []
+    monkeypatch.setattr(workers, "stop_worker_processes", lambda: calls.append(time.monotonic()) or {7})
+    monkeypatch.setattr(workers.Reaper, "PERIOD", 0.05)
+    reaper = workers.Reaper()
+    reaper.start()
+    assert calls == []  # not armed: not in a run
+    reaper.arm()
+    reaper.start()
+    reaper.start()  # a second signal, or the hook after the handler: the same reaper
+    assert len(calls) == 1 and reaper.survivors == {7}
+    time.sleep(0.3)
+    assert len(calls) >= 3  # again and again while the pipeline has not returned
+    reaper.disarm()
+    time.sleep(0.15)
+    stopped = len(calls)
+    reaper.arm()  # the next run: the earlier thread does not come back to life
+    time.sleep(0.15)
+    assert len(calls) == stopped and reaper.survivors == set()
+    reaper.disarm()
+
+
 def test_runner_defaults_apply_only_where_the_user_set_nothing():
     from apache_beam.options.pipeline_options import DirectOptions
     from apache_beam.runners.dask.dask_runner import DaskOptions
