@@ -9,13 +9,12 @@ records reach the job's process through Beam's logging channel all the same, whe
 --log-level DEBUG); a worker that dies fails the job, which says so in its one-line error.
 
 Ctrl-C and SIGTERM are left to the job first: a terminal's Ctrl-C, and systemd's stop, reach every process of the
-group. The job stops its workers (Beam closes their control channel, and each worker ends) and says what happened
-in one line. A worker that the job cannot stop so (one not yet connected when the signal came: Beam waits for it
-to end) ends by itself GRACE_SECONDS after the signal, with 128 + the signal's number as exit code: a signal sent to
-that worker alone then fails the job (batch_job/__main__.py), where exit code 0 left it waiting for the worker's
-results for good. One the signal finds still starting Python ends at once. A worker exits without the interpreter's
-teardown, in which gRPC's threads could abort it ("terminate called without an active exception", the same as in
-the job's process: batch_job/__main__.py).
+group. The job kills its workers (workers.Reaper) and says what happened in one line. A worker the job has not killed
+(the signal was sent to that worker alone) ends by itself GRACE_SECONDS after the signal, with 128 + the signal's
+number as exit code: a signal sent to that worker alone then fails the job (batch_job/__main__.py), where exit code 0
+left it waiting for the worker's results for good. One the signal finds still starting Python ends at once. A worker
+exits without the interpreter's teardown, in which gRPC's threads could abort it ("terminate called without an active
+exception", the same as in the job's process: batch_job/__main__.py).
 """
 import os
 import signal

@@ -31,8 +31,8 @@ class WorkerLost(JobError):
 
 
 def worker_lost(exit_line: str, printed: str = "") -> WorkerLost:
-    """The error for Beam's `exit_line` ("Worker subprocess exited with return code N") and what that worker printed
-    last (runner.worker_output), where the job kept it."""
+    """The error for Beam's `exit_line` ("Worker subprocess exited with return code N") and how that worker said it
+    died (workers.death_reason), where the job kept its stderr."""
     code = exit_line.rsplit(" ", 1)[-1]
     if code == "-9":
         why = "; -9 is SIGKILL, e.g. the out-of-memory killer"

@@ -13,6 +13,7 @@ from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
 from batch_job.worklist import WorklistSummary
 from xray_core.occlusion import HeatmapMethod
+from xray_core.training_data import TrainingData
 
 SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -61,7 +62,7 @@ class RunResult:
     thumbnails: dict[str, str] = field(default_factory=dict)  # out-of-scope path -> its thumbnail under OUT_DIR
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
-    trained_on: str = ""  # what the model was trained on (xray_core/training_data.py), for report.html
+    trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""

@@ -37,8 +37,10 @@ def death_reason(folder: str | None, survivors: set[int] = frozenset(), limit: i
     """How a worker said it died, from its stderr file in `folder`: Python's fatal error, or the exception line that
     ends its last traceback; the first worker's (by file name) that said so, leaving out the `survivors` (workers the
     job killed). "" when none did (a worker killed by a signal says nothing; log records and warnings are no reason)."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "worker-*.log"))) if folder else []
-    for path in [p for p in paths if os.path.basename(p)[len("worker-"):-len(".log")] not in map(str, survivors)]:
+    if not folder:
+        return ""
+    killed = {os.path.join(folder, f"worker-{pid}.log") for pid in survivors}
+    for path in sorted(set(glob.glob(os.path.join(glob.escape(folder), "worker-*.log"))) - killed):
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 reason = said_it_died(f.read().splitlines())
