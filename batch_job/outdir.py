@@ -163,6 +163,26 @@ def _holds_working_dir(out: str) -> bool:
         return False
 
 
+def _is_empty(folder: str) -> bool:
+    try:
+        return not os.listdir(folder)
+    except OSError:  # unreadable: it may hold anything
+        return False
+
+
+def _unremovable(out: str) -> str | None:
+    """The first folder at or below OUT_DIR that this user cannot empty (read, write and search permission), else
+    None: publishing moves an existing OUT_DIR into a folder beside it (which needs write permission on OUT_DIR
+    itself) and deletes it. Folders only; an OUT_DIR holds a few."""
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        return out
+    for dirpath, dirnames, _ in os.walk(out):
+        for path in (os.path.join(dirpath, name) for name in dirnames):
+            if not os.path.islink(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                return path
+    return None
+
+
 def refuse_existing(out: str, overwrite: bool) -> None:
     """Refuse an OUT_DIR the job cannot replace as a whole (the working directory or a folder holding it, a
     symbolic link, anything but a folder), a non-empty one (unless overwrite) and one that cannot be created.
@@ -178,8 +198,13 @@ def refuse_existing(out: str, overwrite: bool) -> None:
     if os.path.ismount(out):  # it failed (EBUSY) only after the whole night was scored
         raise InputError(f"output dir {out} is a mount point; the job replaces OUT_DIR as a whole by renaming: name "
                          "a folder inside it")
-    if os.path.exists(out) and not overwrite and os.listdir(out):
+    filled = os.path.isdir(out) and not _is_empty(out)  # an empty one stands in for nothing: it is just removed
+    if filled and not overwrite:
         raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+    locked = _unremovable(out) if filled else None
+    if locked:  # it failed only after the whole night was scored (moving OUT_DIR aside needs write permission on it)
+        raise InputError(f"output dir {out} cannot be replaced: this user may not delete what {locked} holds (it "
+                         "needs read, write and search permission there)")
     blocked = blocking_ancestor(out)
     if blocked:
         raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")

@@ -712,6 +712,42 @@ def test_an_output_the_job_cannot_replace_is_refused_before_anything_is_written(
     assert os.path.islink(work / "link")
 
 
+def _without_root_powers() -> list[str]:
+    """A command prefix under which file permissions hold: nothing for a user, setpriv without the capabilities that
+    let root ignore them for root (CI runs as root)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("root without setpriv: permissions cannot be tested")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("locked", ["out", "out/heatmaps"])
+def test_an_output_dir_it_may_not_delete_is_refused_before_any_work(locked, tiny_package, tmp_path):
+    """QA: --overwrite of an OUT_DIR whose folder (or a folder in it) the user may not write scored the whole night,
+    then failed to move it aside (exit 1, nothing published)."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=2, size=64, seed=4)
+    (tmp_path / "out" / "heatmaps").mkdir(parents=True)
+    (tmp_path / "out" / "heatmaps" / "old.png").write_bytes(b"last night")
+    os.chmod(tmp_path / locked, 0o555)
+    try:
+        proc = subprocess.run([*_without_root_powers(), sys.executable, "-m", "batch_job",
+                               *small_run(str(inp), tiny_package, tmp_path / "out", "--overwrite")],
+                              capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+    finally:
+        os.chmod(tmp_path / locked, 0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: output dir {tmp_path / 'out'} cannot be replaced: this user may not delete what {tmp_path / locked} "
+        "holds (it needs read, write and search permission there)")
+    assert "listed" not in proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in", "out"]
+    assert (tmp_path / "out" / "heatmaps" / "old.png").read_bytes() == b"last night"
+
+
 @pytest.mark.parametrize("name, fragment", [("NoSuchRunner", "Unexpected pipeline runner"),
                                             ("os.Nothing", "AttributeError"), ("builtins.int", "AttributeError")])
 def test_an_unknown_runner_is_refused_before_any_work(name, fragment, tiny_package, tmp_path, capsys):
