@@ -26,7 +26,7 @@ from xray_core.files import inside
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, read_model_input
 
 SEED = 0
 BOOTSTRAP = 2000
@@ -77,12 +77,12 @@ def score(session, paths: list[str], config: PreprocessConfig):
     images, ok, failed = [], [], []
     for i, path in enumerate(paths):
         try:
-            images.append(preprocess_image(path, config))
+            images.append(read_model_input(path, config))
             ok.append(i)
         except ImageError as exc:
             failed.append((path, str(exc)))
     if not images:
-        raise CalibrationError("no calibration image could be decoded")
+        raise CalibrationError("no calibration image could be decoded and is in scope for the batch job")
     x = np.stack(images)
     return run_model(session, x).probability.astype(np.float64), x, ok, failed
 

@@ -28,7 +28,7 @@ from xray_core.package import (
     open_session,
     score,
 )
-from xray_core.preprocessing import ImageError, PreprocessConfig, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, read_model_input
 from xray_core.staging import discard_staging, staging_dir
 
 PARITY_TOLERANCE = 1e-5
@@ -131,7 +131,7 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
         if len(images) >= n:
             break
         try:
-            images.append(preprocess_image(ex.path, config))
+            images.append(read_model_input(ex.path, config))
         except ImageError:
             continue
     if not images or len(images) < min(n, len(rows)):

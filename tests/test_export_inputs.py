@@ -61,13 +61,13 @@ def test_a_split_no_image_of_which_can_be_read_is_an_input_error_not_a_parity_fa
 def test_a_calibration_folder_of_one_patient_a_class_is_refused(tmp_path):
     """QA: 1 image a class crashed in scikit-learn's StratifiedGroupKFold (n_splits=2) with a traceback."""
     from export.calibrate import CalibrationError, calibrate
-    from helpers import write_package
+    from helpers import textured, write_package
     from xray_core.package import open_session
 
     vdir = write_package(str(tmp_path / "serving"), image_size=32)
     for label in ("NORMAL", "PNEUMONIA"):
         (tmp_path / "cal" / label).mkdir(parents=True)
-        Image.new("L", (48, 48), 90 if label == "NORMAL" else 200).save(tmp_path / "cal" / label / "one.png")
+        textured((48, 48), 90 if label == "NORMAL" else 200).save(tmp_path / "cal" / label / "one.png")
     with pytest.raises(CalibrationError, match="images of fewer than 2 patients of NORMAL, PNEUMONIA"):
         calibrate(open_session(os.path.join(vdir, "model.onnx")), str(tmp_path / "cal"), PreprocessConfig(32), 0.5,
                   0.95)

@@ -288,3 +288,28 @@ def test_macos_appledouble_files_are_not_listed(tmp_path):
     (tmp_path / "._empty.jpeg").write_bytes(b"")  # and so does anything else: its row says what it is
     assert [n for n in sorted(os.listdir(tmp_path)) if is_input_file(str(tmp_path / n))] == [
         "._empty.jpeg", "._real.jpeg", "scan.jpeg"]
+
+
+def test_training_and_calibration_read_a_file_as_the_batch_job_scores_it(tmp_path):
+    """read_model_input (training, the gate fit, the drift reference, calibration): the array the job scores, and
+    ImageError for what the job leaves out of scope before any model runs (review: training and calibration took
+    photographs, blank exports and CT series in a class folder as that class)."""
+    from dicom_factory import dicom_bytes, xray_like
+    from helpers import textured
+    from xray_core.preprocessing import load_input, read_model_input
+
+    scan = encode(textured((80, 96), 120, seed=3))
+    (tmp_path / "scan.png").write_bytes(scan)
+    assert np.array_equal(read_model_input(str(tmp_path / "scan.png"), CFG), load_input(scan, CFG).array)
+    assert np.array_equal(read_model_input(scan, CFG), preprocess_image(scan, CFG))
+    photo = Image.merge("RGB", [textured((80, 96), 120, seed=s) for s in (1, 2, 3)])
+    refused = {"photo.jpg": (encode(photo, "JPEG", quality=95), "out of scope: colour image"),
+               "blank.png": (encode(Image.new("L", (80, 96), 200)), "out of scope: near-constant image"),
+               "ct.dcm": (dicom_bytes(xray_like(96, 80), modality="CT"), "out of scope: Modality CT"),
+               "junk.jpeg": (b"not an image", "not a decodable image")}
+    for name, (data, reason) in refused.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError, match=f"^{reason}"):
+            read_model_input(str(tmp_path / name), CFG)
+    with pytest.raises(ImageError, match="^file not found$"):
+        read_model_input(str(tmp_path / "gone.png"), CFG)

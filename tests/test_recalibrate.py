@@ -559,3 +559,27 @@ def test_version_4_recalibrated_on_its_own_site_sample_gets_the_calibration_expo
     assert (fa["flagged"], fa["share_top_beats_random"], fa["passed"]) == (fb["flagged"], 1.0, True) == (197, 1.0, True)
     assert fa["share_own_beats_average"] == pytest.approx(98 / 197)  # the figure the export commit recorded: 49.7%
     assert all(c.ok for c in verify_package(str(serving / "pneumonia" / "1")))
+
+
+def test_calibration_leaves_out_what_the_batch_job_would_not_score(tiny_package, tmp_path):
+    """A threshold is chosen on the images the job scores: a photograph, a blank export or a CT series in the
+    calibration folder is skipped with the job's reason, not calibrated on (review)."""
+    from PIL import Image
+
+    from dicom_factory import dicom_bytes, xray_like
+    from export.calibrate import score
+    from helpers import textured
+
+    config = PreprocessConfig(image_size=32)
+    scan = tmp_path / "scan.png"
+    textured((64, 64), 120, seed=1).save(scan)
+    photo, blank, ct = tmp_path / "photo.jpg", tmp_path / "blank.png", tmp_path / "ct.dcm"
+    Image.merge("RGB", [textured((64, 64), m, seed=m) for m in (180, 120, 60)]).save(photo, quality=95)
+    Image.new("L", (64, 64), 200).save(blank)
+    ct.write_bytes(dicom_bytes(xray_like(64, 64), modality="CT"))
+    session = open_session(os.path.join(tiny_package, "1", "model.onnx"))
+    p, x, ok, failed = score(session, [str(photo), str(scan), str(blank), str(ct)], config)
+    assert ok == [1] and p.shape == (1,) and np.array_equal(x[0], preprocess_image(str(scan), config))
+    assert [(path, error.split(" (")[0]) for path, error in failed] == [
+        (str(photo), "out of scope: colour image"), (str(blank), "out of scope: near-constant image"),
+        (str(ct), "out of scope: Modality CT not allowed")]

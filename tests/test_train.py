@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from batch_job.synthetic import make_tree
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, textured
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
 from train.data import read_split_csv
@@ -182,6 +182,7 @@ def test_class_weights_balanced():
 # ------------------------------------------------------------- CLI end to end
 
 CORRUPT_NAME = "person999_bacteria_999.jpeg"
+PHOTO_NAME = "IM-9999-0001.jpeg"
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,8 @@ def cli_run(tmp_path_factory):
     images = make_tree(str(data), per_class=24, size=48, seed=0)
     corrupt = data / "PNEUMONIA" / CORRUPT_NAME
     corrupt.write_text("not an image at all\n")
+    photo = data / "NORMAL" / PHOTO_NAME  # what the batch job leaves out of scope is not trained on either
+    Image.merge("RGB", [textured((48, 48), m, seed=m) for m in (180, 120, 60)]).save(photo, quality=95)
     site = base / "site"
     site_images = make_tree(str(site), per_class=10, size=48, seed=7)
     out = base / "runs" / "run1"
@@ -198,7 +201,7 @@ def cli_run(tmp_path_factory):
             "--epochs", "2", "--patience", "1", "--vgg19-weights", "none", "--site-dir", str(site), "--ensemble", "2"]
     rc = train_main(argv)
     return {"rc": rc, "out": out, "data": data, "images": images, "corrupt": str(corrupt), "argv": argv,
-            "site": site, "site_images": site_images}
+            "site": site, "site_images": site_images, "photo": str(photo)}
 
 
 def _json(path):
@@ -344,7 +347,9 @@ def test_cli_comparison(cli_run):
         assert row["site_roc_auc"] == m["site_roc_auc"]
         assert row["site_at_chosen.specificity"] == m["site_at_chosen"]["specificity"]
         assert row["site_specificity_at_target_recall"] == m["site_at_site_threshold"]["specificity"]
-    assert comp["skipped_images"] == [{"path": cli_run["corrupt"], "error": "not a decodable image"}]
+    assert comp["skipped_images"] == [
+        {"path": cli_run["photo"], "error": "out of scope: colour image (mean channel spread 120.0 > 8)"},
+        {"path": cli_run["corrupt"], "error": "not a decodable image"}]
 
     md = (cli_run["out"] / "comparison.md").read_text()
     assert f"Best by `site_roc_auc`: **{comp['best']}**" in md
@@ -353,14 +358,14 @@ def test_cli_comparison(cli_run):
     for name in MODELS:  # two operating points in each table
         assert sum(1 for line in site_part.splitlines() if line.startswith(f"| {name} |")) == 2
         assert sum(1 for line in internal_part.splitlines() if line.startswith(f"| {name} |")) == 2
-    assert "Skipped (undecodable) images: 1" in md
+    assert "Skipped images (undecodable, or out of scope for the batch job): 2" in md
     assert f"- `{cli_run['corrupt']}`: not a decodable image" in md
 
 
 @pytest.mark.slow
 def test_cli_run_json(cli_run):
     info = _json(cli_run["out"] / "run.json")
-    assert (info["images_found"], info["images_used"], info["images_skipped"]) == (49, 48, 1)
+    assert (info["images_found"], info["images_used"], info["images_skipped"]) == (50, 48, 2)
     assert info["data_dir"] == os.path.abspath(cli_run["data"])
     assert info["preprocessing"]["image_size"] == 32
     assert info["args"]["epochs"] == 2 and info["args"]["models"] == "baseline_cnn,augmented_cnn,vgg19,resnet_aug"

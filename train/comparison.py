@@ -54,6 +54,6 @@ def comparison_markdown(rows: list[dict], best: str, select_by: str, skipped) ->
                 + " | ".join(_fmt(r[f"{point}.{k}"]) for k in
                              ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"))
                 + f" | {r['seconds_per_epoch']:.1f} | {r['train_minutes']:.1f} |")
-    lines.append(f"\nSkipped (undecodable) images: {len(skipped)}")
+    lines.append(f"\nSkipped images (undecodable, or out of scope for the batch job): {len(skipped)}")
     lines += [f"- `{p}`: {err}" for p, err in skipped]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ import numpy as np
 from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, preprocess_image
+from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, read_model_input
 
 SPLITS = ("train", "val", "test")
 
@@ -196,7 +196,7 @@ def read_split_csv(path: str | os.PathLike) -> list[tuple[Example, str]]:
 def _load_one(args):
     path, config = args
     try:
-        return preprocess_image(path, config), None
+        return read_model_input(path, config), None
     except ImageError as exc:
         return None, str(exc)
 
@@ -204,7 +204,8 @@ def _load_one(args):
 def load_images(
     paths: Sequence[str], config: PreprocessConfig, workers: int | None = None
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Preprocess images in parallel -> (array (n_ok, S, S, 1), ok indices, [(path, error)])."""
+    """Read images as the batch job does (read_model_input), in parallel -> (array (n_ok, S, S, 1), ok indices,
+    [(path, error)]): an error for each that cannot be decoded or that the job leaves out of scope."""
     workers = workers or os.cpu_count() or 1
     jobs = [(p, config) for p in paths]
     if workers > 1 and len(paths) > 64:

@@ -155,23 +155,32 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
-def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
-    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale image, with what the input
-    gate needs of the original. Raises ImageError (one line) for anything that cannot be decoded."""
+def _read_or_refuse(source: Union[bytes, str, os.PathLike]) -> bytes:
+    """The bytes, or ImageError (one line) for a file that cannot be read."""
     try:
-        return _decode(_read(source), config)
-    except ImageError:
-        raise
+        return _read(source)
     except IsADirectoryError:
         raise ImageError("is a directory") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: if made an error
-        raise ImageError(f"decompression bomb: {one_line(exc, 200)}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError("not a decodable image") from None
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except PermissionError:
         raise ImageError("permission denied") from None
+    except OSError as exc:
+        raise ImageError(f"read failed: {one_line(exc, 385)}") from None
+
+
+def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
+    """Open, validate and decode (JPEG, PNG or DICOM) to an upright 8-bit grayscale image, with what the input
+    gate needs of the original. Raises ImageError (one line) for anything that cannot be decoded."""
+    data = _read_or_refuse(source)
+    try:
+        return _decode(data, config)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: if made an error
+        raise ImageError(f"decompression bomb: {one_line(exc, 200)}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a decodable image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"decode failed: {one_line(exc, 385)}") from None
 
@@ -231,6 +240,17 @@ def load_input(data: bytes, config: PreprocessConfig,
     if reason:
         return Loaded(None, reason, decoded.header)
     return Loaded(to_model_input(decoded.image, config), "", decoded.header)
+
+
+def read_model_input(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> np.ndarray:
+    """A file as the batch job reads it (:func:`load_input`, the default DICOM modalities) -> (S, S, 1) float32:
+    what training, the gate fit, the drift reference and calibration use, so that they learn from and are checked on
+    the images the job would score. ImageError (one line) for a file that cannot be read or decoded, or that the job
+    leaves out of scope before any model runs ("out of scope: " and the job's reason)."""
+    loaded = load_input(_read_or_refuse(source), config)
+    if loaded.array is None:
+        raise ImageError(f"out of scope: {loaded.reason}")
+    return loaded.array
 
 
 def upsample_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
