@@ -5,8 +5,10 @@ its path, size, mtime and ctime, so that a file unchanged since an earlier night
 Workers only read it
 (one read-only connection per process); the driver holds an exclusive lock file for
 the whole run and writes the new entries in one transaction after OUT_DIR is published.
-Each run also records its run id; an OUT_DIR whose run id the ledger does not know was
-published by a run killed before its ledger commit, and the next run may replace it. A run whose model has a
+Each run also records its run id, and metrics.json the ledger's own id (table `identity`, made once): an OUT_DIR
+that names this very ledger (its id, not only its path: a ledger deleted and made again is another) and a run id
+that the ledger does not know was published by a run killed before its ledger commit, and the next run may replace
+it. A run whose model has a
 drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend. Table
 `models` holds the sha256 of the model.onnx each model id first committed with: a package published again under an
 id the ledger knows (a version number reused in a new serving folder) is refused, never handed the other's scores.
@@ -22,6 +24,7 @@ import os
 import pathlib
 import sqlite3
 import stat
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
@@ -101,6 +104,21 @@ def knows_run(path: str, run_id: str) -> bool:
             raise
 
 
+def identity(path: str) -> str | None:
+    """The ledger's id, made when it was created (or first opened by a job that records ids); None for a ledger that
+    is not there or has none yet (read-only)."""
+    if not os.path.exists(path):
+        return None
+    with contextlib.closing(_read_only(path)) as conn:
+        try:
+            row = conn.execute("SELECT ledger_id FROM identity").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
+    return row[0] if row else None
+
+
 def check_model(path: str, model: str, onnx_sha256: str) -> None:
     """Refuse (LedgerError) a model id this ledger knows as another package: its rows were scored by another
     model.onnx (read-only; a ledger, or a table, not there yet knows none)."""
@@ -126,6 +144,7 @@ class Ledger:
         self.path = os.path.realpath(path)  # a symlink to the ledger takes the same lock as its real name
         self._lock_file = None
         self._created: list[str] | None = None  # what opening created (the ledger was new), for remove_if_new
+        self.ledger_id = ""  # this ledger's own id (table identity), set by opening: metrics.json records it
 
     def __enter__(self) -> "Ledger":
         try:
@@ -146,6 +165,9 @@ class Ledger:
                 problem = schema_problem(tables(conn))  # again: a killed commit's journal is rolled back by now
                 if not problem:
                     conn.executescript(SCHEMA)
+                    conn.execute("INSERT INTO identity SELECT ? WHERE NOT EXISTS (SELECT 1 FROM identity)",
+                                 (uuid.uuid4().hex,))
+                    self.ledger_id = conn.execute("SELECT ledger_id FROM identity").fetchone()[0]
         except sqlite3.Error as exc:
             if self._created is not None:  # a new ledger that could not be made (a full disk): nothing left of it
                 self.remove_if_new()

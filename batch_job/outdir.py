@@ -21,7 +21,7 @@ import stat
 from typing import IO
 
 from batch_job.errors import InputError, JobError
-from batch_job.ledger import knows_run
+from batch_job.ledger import identity, knows_run
 from batch_job.listing import input_root, is_uri
 from xray_core.files import (
     LOCK_FILE,
@@ -144,16 +144,22 @@ def _restore_abandoned(path: str, out: str) -> None:
 
 
 def orphaned(out: str, ledger: str) -> bool:
-    """OUT_DIR was published by a job on this ledger that was killed before its ledger commit."""
+    """OUT_DIR was published by a job on this very ledger (its path and its id: a ledger deleted and made again is
+    another) that was killed before its ledger commit, and holds only what the job writes."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             m = json.load(f)
+        names = os.listdir(out)
     except (OSError, ValueError):
         return False
-    recorded = m.get("ledger") if isinstance(m, dict) else None  # an abspath before 2026-12-01, a realpath since
-    if not isinstance(recorded, str) or os.path.realpath(recorded) != os.path.realpath(ledger) or not m.get("run_id"):
+    if not isinstance(m, dict) or not all(JOB_FILES.match(name) for name in names):
         return False
-    return not knows_run(ledger, m["run_id"])
+    recorded, run_id, ledger_id = m.get("ledger"), m.get("run_id"), m.get("ledger_id")
+    if not (isinstance(recorded, str) and isinstance(run_id, str) and isinstance(ledger_id, str) and run_id):
+        return False  # metrics.json before 2026-12-02 had no ledger_id: such an OUT_DIR is replaced by --overwrite only
+    if os.path.realpath(recorded) != os.path.realpath(ledger) or identity(ledger) != ledger_id:
+        return False
+    return not knows_run(ledger, run_id)
 
 
 def _holds_working_dir(out: str) -> bool:

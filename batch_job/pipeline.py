@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift),
                                listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
-                               model.trained_on)
+                               model.trained_on, book.ledger_id if book else "")
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")

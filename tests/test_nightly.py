@@ -230,6 +230,52 @@ def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_pa
     assert read_predictions(out) == before
 
 
+def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(small_tree, tiny_package, tmp_path,
+                                                                               capsys, caplog):
+    """QA: with the ledger deleted (or rotated) and made again, a finished night's OUT_DIR, with a file a radiologist
+    had put in it, was deleted and replaced without --overwrite, as if its run had been killed before its commit."""
+    out, ledger = tmp_path / "out", str(tmp_path / "ledger.sqlite")
+    normal, pneumonia = os.path.join(small_tree, "NORMAL"), os.path.join(small_tree, "PNEUMONIA")
+
+    def night(folder: str) -> int:
+        return main(["--input", folder, "--model", tiny_package, "--output", str(out), "--ledger", ledger,
+                     "--direct_running_mode=in_memory"])
+
+    def forget_run() -> None:  # the state a SIGKILL between publishing and the ledger commit leaves
+        run_id = json.loads((out / "metrics.json").read_text())["run_id"]
+        with contextlib.closing(sqlite3.connect(ledger)) as conn, conn:
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    assert night(normal) == 0
+    first = read_predictions(str(out))
+    os.remove(ledger)
+    os.remove(ledger + ".lock")
+    capsys.readouterr()
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # no ledger: not its run
+    assert not os.path.exists(ledger)  # a refusal creates nothing
+    assert main(["--input", normal, "--model", tiny_package, "--output", str(tmp_path / "other"), "--ledger", ledger,
+                 "--direct_running_mode=in_memory"]) == 0  # a new ledger at the same path
+    capsys.readouterr()
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # another ledger: not its run
+    assert read_predictions(str(out)) == first
+    shutil.rmtree(out)
+    assert night(normal) == 0
+    capsys.readouterr()
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # this ledger's run, committed
+    forget_run()
+    (out / "reviewed.txt").write_text("read by Dr X")
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # a file the job did not write
+    (out / "reviewed.txt").unlink()
+    metrics = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "ledger_id"}))
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # written before ledger ids
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    caplog.clear()
+    assert night(pneumonia) == 0  # killed before its commit, on this ledger: replaced
+    assert "killed before its ledger commit: replacing it" in caplog.text
+    assert {r["label"] for r in read_predictions(str(out)).values()} == {"PNEUMONIA"}
+
+
 def test_unusable_ledger_file_is_one_line_exit_2(small_tree, tiny_package, tmp_path, capsys):
     bad = tmp_path / "not_a_db.sqlite"
     bad.write_text("this is not sqlite " * 100)
