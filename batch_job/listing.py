@@ -89,25 +89,33 @@ def glob_regex(pattern: str) -> re.Pattern:
 
 
 def _glob(pattern: str) -> Iterator[str]:
-    """Walk from the pattern's literal folder prefix without following symlinked folders."""
+    """Walk from the pattern's literal folder prefix without following symlinked folders: the files the pattern
+    matches, and everything in the folders it matches (as the shell would hand those folders over: each is walked
+    as a folder input is)."""
     pattern = os.path.abspath(pattern)
-    regex = glob_regex(pattern)
-    if not os.path.exists(_literal_prefix(pattern)):  # gone since check_inputs: not a quiet night
-        raise InputError(f"input path not found: {_literal_prefix(pattern)}")
-    yield from _walk(_literal_prefix(pattern), select=lambda p: bool(regex.match(p)),
-                     may_hold=lambda folder: may_hold(pattern, folder))
+    regex, prefix = glob_regex(pattern), _literal_prefix(pattern)
+    if not os.path.exists(prefix):  # gone since check_inputs: not a quiet night
+        raise InputError(f"input path not found: {prefix}")
+
+    def matched(path: str) -> bool:  # the path, or a folder it lies in below the prefix
+        while len(path) > len(prefix):
+            if regex.match(path):
+                return True
+            path = os.path.dirname(path)
+        return False
+
+    yield from _walk(prefix, select=matched, may_hold=lambda folder: may_hold(pattern, folder))
 
 
 def may_hold(pattern: str, folder: str) -> bool:
     """Whether files under `folder` could match the absolute glob `pattern`: its folder names match the pattern's
-    leading parts, one by one, up to a `**`."""
-    parts, names = pattern.split("/")[:-1], folder.rstrip("/").split("/")
-    for part, name in zip(parts, names):
+    parts, one by one, up to a `**` or to the pattern's end (a folder the pattern matches holds all below it)."""
+    for part, name in zip(pattern.split("/"), folder.rstrip("/").split("/")):
         if part.startswith("**"):
             return True
         if not fnmatch.fnmatchcase(name, part):
             return False
-    return len(names) <= len(parts)  # deeper than the pattern's folders (and no `**` before): no match below
+    return True
 
 
 UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans
@@ -153,8 +161,7 @@ def iter_input(path: str) -> Iterator[str]:
     elif os.path.isdir(path):
         yield from _walk(path)
     elif os.path.isfile(path) or os.path.islink(path):
-        if is_input_file(path, unreadable=True):
-            yield path
+        yield path  # named by the user: scored by its content whatever its name, or a row that says why not
     elif _is_glob(path):
         yield from _glob(path)
     else:  # gone since check_inputs
@@ -191,5 +198,5 @@ def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
                     yield index, shown
         except InputError:
             raise
-        except ValueError as exc:  # e.g. gs:// without apache-beam[gcp]
+        except (ValueError, OSError) as exc:  # gs:// without apache-beam[gcp], s3:// without credentials (BeamIOError)
             raise InputError(f"cannot list {root}: {one_line(exc, 200)}") from None

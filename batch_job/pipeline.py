@@ -77,6 +77,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         raise InputError("--batch-size and --shard-size must be >= 1")
     if not args.output:
         raise InputError("--output is empty: name the folder the outputs go to")
+    if args.ledger is not None and not args.ledger:  # an unset variable in a nightly script: no ledger at all
+        raise InputError("--ledger is empty: name the ledger file, or leave the option out to run without one")
     if args.heatmaps < 0:
         raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
     if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):

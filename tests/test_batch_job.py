@@ -384,6 +384,60 @@ def test_glob_input_and_newest_version(labelled_tree, tmp_path):
     assert rows and all(r["model"] == "pneumonia/2" and r["path"].endswith(".jpeg") for r in rows.values())
 
 
+def test_a_glob_that_matches_folders_walks_them_as_folder_inputs(labelled_tree):
+    """QA: `--input '/data/incoming/2026-12-*'` (folders) found nothing, and the night was a quiet one, exit 0."""
+    root, _ = labelled_tree
+    site_a = os.path.join(root, "site_a")
+    everything = {path for _, path in iter_images([site_a])}
+    normal = {path for _, path in iter_images([os.path.join(site_a, "NORMAL")])}
+    assert len(normal) == 24 and len(everything) > len(normal)
+    assert {path for _, path in iter_images([os.path.join(site_a, "*")])} == everything
+    assert {path for _, path in iter_images([os.path.join(site_a, "*") + "/"])} == everything
+    assert {path for _, path in iter_images([os.path.join(site_a, "N*")])} == normal
+    assert {path for _, path in iter_images([os.path.join(root, "*", "NORMAL")])} == normal
+    jpeg = {path for path in normal if path.endswith(".jpeg")}
+    assert jpeg and {path for _, path in iter_images([os.path.join(site_a, "N*", "*", "*.jpeg")])} == jpeg
+
+
+def test_a_file_named_as_input_is_a_row_whatever_its_extension(tmp_path, tiny_package, capsys):
+    """QA: `--input scan.tif` (or .gif, .jpe) was `scored 0/0`, exit 0: a file the user named vanished without a row.
+    Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is."""
+    from helpers import textured
+
+    (tmp_path / "in").mkdir()
+    textured((64, 64), 120).save(tmp_path / "in" / "scan.tif")
+    textured((64, 64), 120).save(tmp_path / "in" / "scan.jpe", format="JPEG")
+    for name, status, error in (("scan.tif", "error", "unsupported image format TIFF"), ("scan.jpe", "ok", "")):
+        out = tmp_path / f"out-{name}"
+        assert main(small_run(str(tmp_path / "in" / name), tiny_package, out)) == 0
+        row = read_predictions(str(out))[str(tmp_path / "in" / name)]
+        assert (row["status"], row["error"]) == (status, error)
+    assert [path for _, path in iter_images([str(tmp_path / "in")])] == []  # in a folder: image extensions only
+
+
+def test_an_empty_ledger_option_is_refused(labelled_tree, tiny_package, tmp_path, capsys):
+    """QA: `--ledger "$LEDGER"` with the variable unset ran without a ledger: every image scored again, nothing
+    recorded, and the summary said `0 skipped as already in the ledger`."""
+    root, _ = labelled_tree
+    assert_one_line_error(capsys, main(small_run(root, tiny_package, tmp_path / "out", "--ledger", "")),
+                          "--ledger is empty")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_uri_that_cannot_be_listed_is_refused(tiny_package, tmp_path, monkeypatch, capsys):
+    """QA: an s3:// input without credentials failed with Beam's BeamIOError, exit 1; other schemes were exit 2."""
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+
+    def no_credentials(patterns):
+        raise BeamIOError("List operation failed", {"s3://b/x/": ValueError("Must provide one of client or options")})
+
+    monkeypatch.setattr(FileSystems, "match", staticmethod(no_credentials))
+    assert_one_line_error(capsys, main(small_run("s3://b/x", tiny_package, tmp_path / "out")),
+                          "cannot list s3://b/x: List operation failed")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("case", ["no_input", "no_glob_root", "no_images", "model_missing", "model_corrupt",
                                   "unwritable", "bad_threshold"])
 def test_job_level_failures_exit_2_and_write_nothing(case, labelled_tree, tiny_package, tmp_path, capsys):
