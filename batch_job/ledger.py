@@ -5,10 +5,10 @@ its path, size, mtime and ctime, so that a file unchanged since an earlier night
 Workers only read it
 (one read-only connection per process); the driver holds an exclusive lock file for
 the whole run and writes the new entries in one transaction after OUT_DIR is published.
-Each run also records its run id, and metrics.json the ledger's own id (table `identity`, made once): an OUT_DIR
-that names this very ledger (its id, not only its path: a ledger deleted and made again is another) and a run id
-that the ledger does not know was published by a run killed before its ledger commit, and the next run may replace
-it. A run whose model has a
+Each run records its run id in table `runs` twice: just before it publishes OUT_DIR, as publishing (images_new
+PUBLISHING, -1), then in its commit, which replaces that row. A rerun finding OUT_DIR's run still publishing in the
+ledger knows that run was killed between the two, and may replace it (leftovers.orphaned); a ledger without that row
+(deleted and made again, or restored from a backup) gives no such evidence. A run whose model has a
 drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend. Table
 `models` holds the sha256 of the model.onnx each model id first committed with: a package published again under an
 id the ledger knows (a version number reused in a new serving folder) is refused, never handed the other's scores.
@@ -18,26 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import logging
 import os
-import pathlib
 import sqlite3
 import stat
-import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 
 from batch_job.errors import InputError
+from batch_job.ledger_lookup import read_only
 from batch_job.ledger_schema import SCHEMA, schema_problem, tables
-from xray_core.dicom_header import DEFAULT_MODALITIES, modalities_named, normalised
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor, make_folders
 
 LOG = logging.getLogger("batch_job")
 
 FileKey = tuple[str, int, int, int, str]  # (path, size, mtime_ns, ctime_ns, sha256 of the bytes)
+PUBLISHING = -1  # runs.images_new of a run that is publishing its OUT_DIR; its commit replaces the row
 DRIFT_COLUMNS = ("run_id", "finished_utc", "images", "judged", "detected", "domain_auc", "psi", "positive_rate")
 
 
@@ -49,25 +46,20 @@ class LedgerBusy(LedgerError):
     """Another batch job holds the ledger."""
 
 
-def _read_only(path: str) -> sqlite3.Connection:
-    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"  # escapes '#', '?', '%' in the path
-    return sqlite3.connect(uri, uri=True, check_same_thread=False)
-
-
 def check_usable(path: str) -> None:
     """Refuse, creating nothing, what Ledger(path) would refuse or could not commit to: an existing file that is
     not SQLite, another application's database (:func:`schema_problem`), one this process cannot write, a lock
     held by another job, a new ledger whose folder cannot be created."""
     path = os.path.realpath(path)  # one ledger, one lock, whatever the name it is given by (a symlink)
+    hot = False  # a journal left by a commit that was killed: only a writer can roll it back
     if os.path.lexists(path):
         problem = None
         try:
-            with contextlib.closing(_read_only(path)) as conn:
+            with contextlib.closing(read_only(path)) as conn:
                 problem = schema_problem(tables(conn))
         except sqlite3.Error as exc:
-            # A journal left by a commit that was killed: only a writer can roll it back (Ledger does, and checks
-            # the tables then); anything else is no usable ledger.
-            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY_ROLLBACK:
+            hot = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_ROLLBACK
+            if not hot:
                 raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
         if problem:
             raise LedgerError(f"ledger {path} is not a batch job ledger: {problem}; name another --ledger")
@@ -79,39 +71,42 @@ def check_usable(path: str) -> None:
         fd = None
     except OSError as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc.strerror}") from None
-    if fd is not None:
-        try:
+    try:
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LedgerBusy(f"ledger {path} is in use by another batch job; run again when it has finished") from None
-        finally:
+        if hot:  # while no job writes it: the read-only checks that follow (check_model, ...) can then read it
+            _roll_back(path)
+    except BlockingIOError:
+        raise LedgerBusy(f"ledger {path} is in use by another batch job; run again when it has finished") from None
+    finally:
+        if fd is not None:
             os.close(fd)
     blocked = blocking_ancestor(path)
     if blocked:
         raise LedgerError(f"cannot open ledger {path}: {blocked} is not a writable folder")
 
 
-def knows_run(path: str, run_id: str) -> bool:
-    """The ledger recorded this run (read-only; a ledger or table not there yet knows none)."""
-    if not os.path.exists(path):
-        return False
-    with contextlib.closing(_read_only(path)) as conn:
-        try:
-            return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return False
-            raise
+def _roll_back(path: str) -> None:
+    """Roll back the journal a killed commit left (as the job's own connection would when it opens the ledger: the
+    ledger is then as that commit's transaction never began), and check the tables it has then."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            problem = schema_problem(tables(conn))
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path} is not a usable SQLite ledger: {one_line(exc)}") from None
+    if problem:
+        raise LedgerError(f"ledger {path} is not a batch job ledger: {problem}; name another --ledger")
 
 
-def identity(path: str) -> str | None:
-    """The ledger's id, made when it was created (or first opened by a job that records ids); None for a ledger that
-    is not there or has none yet (read-only)."""
+def publishing(path: str, run_id: str) -> str | None:
+    """The OUT_DIR that run `run_id` was publishing when it was killed, before its commit (read-only; None when the
+    ledger, or its row, is not there: the run was committed, or never got that far)."""
     if not os.path.exists(path):
         return None
-    with contextlib.closing(_read_only(path)) as conn:
+    with contextlib.closing(read_only(path)) as conn:
         try:
-            row = conn.execute("SELECT ledger_id FROM identity").fetchone()
+            row = conn.execute("SELECT out_dir FROM runs WHERE run_id = ? AND images_new = ?",
+                               (run_id, PUBLISHING)).fetchone()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return None
@@ -124,7 +119,7 @@ def check_model(path: str, model: str, onnx_sha256: str) -> None:
     model.onnx (read-only; a ledger, or a table, not there yet knows none)."""
     if not os.path.exists(path):
         return
-    with contextlib.closing(_read_only(path)) as conn:
+    with contextlib.closing(read_only(path)) as conn:
         try:
             row = conn.execute("SELECT onnx_sha256 FROM models WHERE model = ?", (model,)).fetchone()
         except sqlite3.OperationalError as exc:
@@ -144,7 +139,6 @@ class Ledger:
         self.path = os.path.realpath(path)  # a symlink to the ledger takes the same lock as its real name
         self._lock_file = None
         self._created: list[str] | None = None  # what opening created (the ledger was new), for remove_if_new
-        self.ledger_id = ""  # this ledger's own id (table identity), set by opening: metrics.json records it
 
     def __enter__(self) -> "Ledger":
         try:
@@ -165,9 +159,6 @@ class Ledger:
                 problem = schema_problem(tables(conn))  # again: a killed commit's journal is rolled back by now
                 if not problem:
                     conn.executescript(SCHEMA)
-                    conn.execute("INSERT INTO identity SELECT ? WHERE NOT EXISTS (SELECT 1 FROM identity)",
-                                 (uuid.uuid4().hex,))
-                    self.ledger_id = conn.execute("SELECT ledger_id FROM identity").fetchone()[0]
         except sqlite3.Error as exc:
             if self._created is not None:  # a new ledger that could not be made (a full disk): nothing left of it
                 self.remove_if_new()
@@ -197,6 +188,24 @@ class Ledger:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
 
+    def mark_publishing(self, run_id: str, out_dir: str, model: str) -> None:
+        """Record, just before OUT_DIR is published, that this run is publishing it (a `runs` row, images_new
+        PUBLISHING): what a rerun needs to know this run was killed before its commit. Best effort: a ledger that
+        cannot take it (a full disk) only loses that evidence, and the commit after publishing reports its own
+        failure (exit 3)."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
+                             (run_id, out_dir, model, PUBLISHING, now))
+        except sqlite3.Error as exc:
+            LOG.warning("ledger %s: could not record that run %s is publishing (%s)", self.path, run_id, one_line(exc))
+
+    def unmark_publishing(self, run_id: str) -> None:
+        """Forget mark_publishing's row of a run that did not publish (best effort)."""
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+            conn.execute("DELETE FROM runs WHERE run_id = ? AND images_new = ?", (run_id, PUBLISHING))
+
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
                drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = (),
                onnx_sha256: str = "") -> int:
@@ -220,7 +229,7 @@ class Ledger:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
                 )
-                conn.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
                 if onnx_sha256:
                     conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model, onnx_sha256, now))
                 conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "
@@ -263,52 +272,3 @@ def _owner_and_group_only(path: str) -> None:
 def _printable(path: str) -> str:
     """File names that are not valid UTF-8 are stored with U+FFFD (the path column is informational)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-READERS_KEPT = 4  # per worker process; a long-lived Dask worker sees one ledger after another
-
-
-@functools.lru_cache(maxsize=READERS_KEPT)
-def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
-    """A read-only connection, shared by the worker threads of a process; the READERS_KEPT most recently
-    used are kept (one dropped from the cache is closed when garbage-collected, after any thread using it)."""
-    return _read_only(path)
-
-
-@dataclass(frozen=True)
-class Earlier:
-    """What an earlier night recorded for these bytes and this model: a probability, or why it was out of scope."""
-
-    sha256: str
-    probability: float | None
-    reason: str = ""
-
-
-def _earlier(conn, sha256: str, model: str, modalities: tuple[str, ...]) -> Earlier | None:
-    row = conn.execute("SELECT probability FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
-    if row:
-        return Earlier(sha256, float(row[0]))
-    row = conn.execute("SELECT reason FROM out_of_scope WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
-    if not row:
-        return None
-    named = modalities_named(row[0])  # a refusal by Modality holds only under the modalities it was decided under
-    return Earlier(sha256, None, row[0]) if named is None or named == frozenset(normalised(modalities)) else None
-
-
-def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str,
-                     modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:
-    """Worker side: what an earlier night recorded when the file's (size, mtime_ns, ctime_ns) as `found` now are
-    what it recorded under its path and this model scored or refused those bytes (under these allowed
-    modalities, for a refusal by Modality); else None."""
-    st = os.stat(path)
-    conn = _reader(path, st.st_dev, st.st_ino)
-    row = conn.execute("SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
-                       (os.fsencode(file_path), *found)).fetchone()
-    return _earlier(conn, row[0], model, modalities) if row else None
-
-
-def lookup(path: str, sha256: str, model: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:
-    """Worker side: an earlier night's score or refusal of these bytes by this model (a refusal by Modality: under
-    these allowed modalities), or None."""
-    st = os.stat(path)  # a ledger file replaced at the same path gets a new reader
-    return _earlier(_reader(path, st.st_dev, st.st_ino), sha256, model, modalities)

@@ -48,9 +48,6 @@ CREATE TABLE IF NOT EXISTS models (
     onnx_sha256 TEXT NOT NULL,
     first_utc TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS identity (
-    ledger_id TEXT PRIMARY KEY
-);
 CREATE TABLE IF NOT EXISTS drift (
     run_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,

@@ -6,25 +6,22 @@ removes it. The next job writing into the same parent folder removes every temp 
 job was killed), whatever OUT_DIR it was for (nightly jobs write a new dated OUT_DIR each night), and the next
 job on the same OUT_DIR restores an OUT_DIR that an --overwrite killed between its two renames left parked as
 ``OUT_DIR.old-XXXXXXXX/old``. It touches nothing else: only folders in OUT_DIR's parent named exactly so, holding
-LOCK_FILE, its lock free, and nothing but what the job writes there.
+LOCK_FILE, its lock free, and nothing but what the job writes there (batch_job/leftovers.py).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import socket
 import stat
 from typing import IO
 
 from batch_job.errors import InputError, JobError
-from batch_job.ledger import identity, knows_run
+from batch_job.leftovers import ANY_TEMP, parked_name
 from batch_job.listing import input_root, is_uri
 from xray_core.files import (
-    LOCK_FILE,
     blocking_ancestor,
     hold_lock,
     inside,
@@ -32,28 +29,16 @@ from xray_core.files import (
     publish_dir,
     remove_dir,
     remove_folders,
-    take_abandoned_lock,
     temp_dir_beside,
     within,
 )
 
 LOG = logging.getLogger("batch_job")
-RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
-ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job's temp dir, for any OUT_DIR
-# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
-# scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
-JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
-                       r"worklist\.csv|model_card\.md|out_of_scope|heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
-PARKED_FILES = (LOCK_FILE, "old")
 # OUT_DIR and the ledger name patients' files (and their DICOM fields): readable by the owner and the group only
 # (docs/operations.md, "Who reads OUT_DIR"), never writable by the group
 PRIVATE = 0o027
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
 _made: dict[str, list[str]] = {}  # temp dir -> the parent folders prepare() made for it, removed with it if unused
-
-
-def parked_name(base: str) -> re.Pattern:
-    return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")
 
 
 def _kept_folder(path: str, out: str) -> str | None:
@@ -89,77 +74,6 @@ def refuse_overlaps(inputs: list[str], output: str, ledger: str | None, model_di
             if inside(ledger, root):
                 raise InputError(f"--ledger {ledger} lies inside {what}; keep it outside the inputs, the model "
                                  "and the output")
-
-
-def clean_leftovers(out: str) -> None:
-    """Remove the temp dirs of killed jobs in OUT_DIR's parent (on any OUT_DIR) and restore an OUT_DIR parked by
-    an --overwrite killed between its two renames: only folders of exactly those names whose lock is free
-    (module doc)."""
-    parent, base = os.path.split(out)
-    parked = parked_name(base)
-    try:
-        names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
-        for name in names:
-            path = os.path.join(parent, name)
-            if ANY_TEMP.match(name):
-                _remove_abandoned(path)
-            elif parked.match(name):
-                _restore_abandoned(path, out)
-    except OSError as exc:
-        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
-
-
-def _abandoned(path: str, allowed) -> IO | None:
-    """The free lock of a folder of ours (now held here) that holds only names `allowed` accepts; else None."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return None
-    lock = take_abandoned_lock(path)
-    if lock is not None and not all(allowed(name) for name in os.listdir(path)):
-        LOG.warning("left %s as it is: it holds files that batch jobs do not write", path)
-        lock.close()
-        return None
-    return lock
-
-
-def _remove_abandoned(path: str) -> None:
-    lock = _abandoned(path, JOB_FILES.match)
-    if lock is not None:
-        with lock:
-            remove_dir(path)
-        LOG.info("removed %s, left by a job that was killed", path)
-
-
-def _restore_abandoned(path: str, out: str) -> None:
-    lock = _abandoned(path, PARKED_FILES.__contains__)
-    if lock is None:
-        return
-    with lock:
-        old = os.path.join(path, "old")
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)  # an empty directory stands in for nothing
-        if os.path.isdir(old) and not os.path.lexists(out):
-            os.rename(old, out)
-            LOG.warning("restored %s: an --overwrite was killed while replacing it", out)
-        remove_dir(path)  # with an OUT_DIR in place, what remains was already replaced
-
-
-def orphaned(out: str, ledger: str) -> bool:
-    """OUT_DIR was published by a job on this very ledger (its path and its id: a ledger deleted and made again is
-    another) that was killed before its ledger commit, and holds only what the job writes."""
-    try:
-        with open(os.path.join(out, "metrics.json")) as f:
-            m = json.load(f)
-        names = os.listdir(out)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(m, dict) or not all(JOB_FILES.match(name) for name in names):
-        return False
-    recorded, run_id, ledger_id = m.get("ledger"), m.get("run_id"), m.get("ledger_id")
-    if not (isinstance(recorded, str) and isinstance(run_id, str) and isinstance(ledger_id, str) and run_id):
-        return False  # metrics.json before 2026-12-02 had no ledger_id: such an OUT_DIR is replaced by --overwrite only
-    if os.path.realpath(recorded) != os.path.realpath(ledger) or identity(ledger) != ledger_id:
-        return False
-    return not knows_run(ledger, run_id)
 
 
 def _holds_working_dir(out: str) -> bool:

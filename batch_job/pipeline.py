@@ -6,7 +6,7 @@ shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner),
 summary, gathered by the driver), reconcile.py, heatmaps.py (overlays of the top flagged images), drift_check.py
 (this run against the model's reference; drift.py the statistics, drift_report.py the figures), result.py (the
 run's typed result), report.py, figures.py and html_report.py (report.html), outdir.py (OUT_DIR's temp dir,
-publishing), ledger.py. Everything is written into the temp dir beside OUT_DIR; the job's scratch (the listing,
+publishing), leftovers.py, ledger.py. Everything is written into the temp dir beside OUT_DIR; the job's scratch (the listing,
 the shard summaries) lies in its ``scratch/`` folder, removed before publishing. Nothing is published unless every
 listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
 """
@@ -31,6 +31,7 @@ from batch_job import (
     figures,
     heatmaps,
     html_report,
+    leftovers,
     outdir,
     report,
     shard_result,
@@ -98,7 +99,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         check_usable(args.ledger)  # every refusal comes before anything is created
         check_model(args.ledger, model.model_id, model.sha256)
     out = os.path.abspath(args.output)
-    outdir.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
+    leftovers.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     outdir.refuse_existing(out, replaceable(args, out))
     with Ledger(args.ledger) if args.ledger else contextlib.nullcontext() as book:
         overwrite = replaceable(args, out)  # again, now that this job holds the ledger
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift),
                                listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
-                               model.trained_on, book.ledger_id if book else "")
+                               model.trained_on)
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")
@@ -163,7 +164,14 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                 book.remove_if_new()  # nothing published (a refusal: nothing made): a ledger this run created goes too
             raise
         with GATE.deferred():  # a Ctrl-C from here on waits for the ledger commit
-            outdir.publish(tmp, out, overwrite)
+            if book is not None:  # what tells a rerun that this run was killed before its commit (leftovers.orphaned)
+                book.mark_publishing(result.run_id, out, result.model)
+            try:
+                outdir.publish(tmp, out, overwrite)
+            except BaseException:
+                if book is not None:
+                    book.unmark_publishing(result.run_id)
+                raise
             kill_point("published")
             if book is not None:
                 commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused,
@@ -191,7 +199,7 @@ def modalities(text: str) -> tuple[str, ...]:
 
 def replaceable(args: argparse.Namespace, out: str) -> bool:
     """--overwrite, or OUT_DIR was published by a job on this ledger killed before its ledger commit."""
-    return args.overwrite or (bool(args.ledger) and outdir.orphaned(out, args.ledger))
+    return args.overwrite or (bool(args.ledger) and leftovers.orphaned(out, args.ledger))
 
 
 def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[str, list]:

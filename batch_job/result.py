@@ -63,7 +63,6 @@ class RunResult:
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
-    ledger_id: str = ""  # the ledger's own id (batch_job/ledger.py), with `ledger`
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""
@@ -118,7 +117,6 @@ class RunResult:
         out["run_id"] = self.run_id
         if self.ledger is not None:
             out["ledger"] = self.ledger
-            out["ledger_id"] = self.ledger_id
         out["heatmaps"] = {"requested": self.heatmaps.requested, "model_has_heatmaps": self.heatmaps.model_has_heatmaps,
                            "flagged_listed": len(self.flagged), "written": self.overlays_written}
         out["drift"] = self.drift.to_json()

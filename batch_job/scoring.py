@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batch_job import ledger
+from batch_job import ledger_lookup
 from batch_job.listing import is_uri
 from xray_core import gate, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES, DicomHeader
@@ -186,7 +186,7 @@ def out_of_scope_row(path: str, label: str, spec: ScoringSpec, reason: str, sha2
                header=header)
 
 
-def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger.Earlier) -> Row:
+def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger_lookup.Earlier) -> Row:
     """An image this model scored (its probability) or refused (its reason) on an earlier night."""
     return make_row(path, label, spec, earlier.probability, error=earlier.reason, sha256=earlier.sha256,
                     status="skipped")
@@ -229,7 +229,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 data = read_input(path)
                 if spec.ledger_path:  # the ledger key; not needed otherwise
                     digests[i] = hashlib.sha256(data).hexdigest()
-                    earlier = ledger.lookup(spec.ledger_path, digests[i], spec.model_id, spec.allowed_modalities)
+                    earlier = ledger_lookup.lookup(spec.ledger_path, digests[i], spec.model_id, spec.allowed_modalities)
                     if earlier:
                         out[i] = skipped_row(path, label, spec, earlier)
                         continue

@@ -14,7 +14,7 @@ kernel sets. A rename, chmod or new hard link also changes ctime: such a file is
 """
 from __future__ import annotations
 
-from batch_job import ledger
+from batch_job import ledger_lookup
 from batch_job.ledger import FileKey
 from batch_job.scoring import Row, ScoringSpec, file_stat, score_paths, skipped_row
 
@@ -27,7 +27,7 @@ def score_shard(paths: list[str], labels: list[str], spec: ScoringSpec) -> tuple
     rows: list[Row | None] = [None] * len(paths)
     todo = []
     for i, (path, label, st) in enumerate(zip(paths, labels, stats)):
-        known = (ledger.lookup_unchanged(spec.ledger_path, path, st, spec.model_id, spec.allowed_modalities)
+        known = (ledger_lookup.lookup_unchanged(spec.ledger_path, path, st, spec.model_id, spec.allowed_modalities)
                  if st else None)
         if known:
             rows[i] = skipped_row(path, label, spec, known)

@@ -514,7 +514,7 @@ def test_a_shard_without_its_summary_fails_reconciliation(labelled_tree, tiny_pa
 
 
 def test_temp_dirs_of_jobs_before_the_scratch_folder_are_recognised():
-    from batch_job.outdir import JOB_FILES
+    from batch_job.leftovers import JOB_FILES
 
     for name in ("scratch", "predictions-00003.csv", "_listing.jsonl", "_ledger-00001.jsonl", "_drift-00002.npz",
                  "_heatmaps-00000.jsonl", ".x.tmp"):

@@ -232,8 +232,10 @@ def test_output_of_a_run_without_this_ledger_is_not_replaced(small_tree, tiny_pa
 
 def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(small_tree, tiny_package, tmp_path,
                                                                                capsys, caplog):
-    """QA: with the ledger deleted (or rotated) and made again, a finished night's OUT_DIR, with a file a radiologist
-    had put in it, was deleted and replaced without --overwrite, as if its run had been killed before its commit."""
+    """QA and review: with the ledger deleted and made again, or restored from a backup, a finished night's OUT_DIR
+    (with a file a radiologist had put in it) was deleted and replaced without --overwrite, as if its run had been
+    killed before its commit: the evidence was a run the ledger did not know. Now it is the run's own publishing row,
+    written just before OUT_DIR is published and replaced by its commit."""
     out, ledger = tmp_path / "out", str(tmp_path / "ledger.sqlite")
     normal, pneumonia = os.path.join(small_tree, "NORMAL"), os.path.join(small_tree, "PNEUMONIA")
 
@@ -241,12 +243,13 @@ def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(s
         return main(["--input", folder, "--model", tiny_package, "--output", str(out), "--ledger", ledger,
                      "--direct_running_mode=in_memory"])
 
-    def forget_run() -> None:  # the state a SIGKILL between publishing and the ledger commit leaves
-        run_id = json.loads((out / "metrics.json").read_text())["run_id"]
+    def runs(sql: str = "SELECT run_id, images_new FROM runs") -> list:
         with contextlib.closing(sqlite3.connect(ledger)) as conn, conn:
-            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            return conn.execute(sql).fetchall()
 
     assert night(normal) == 0
+    run_id = json.loads((out / "metrics.json").read_text())["run_id"]
+    assert runs() == [(run_id, 10)]  # the publishing row, replaced by the commit
     first = read_predictions(str(out))
     os.remove(ledger)
     os.remove(ledger + ".lock")
@@ -256,24 +259,52 @@ def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(s
     assert main(["--input", normal, "--model", tiny_package, "--output", str(tmp_path / "other"), "--ledger", ledger,
                  "--direct_running_mode=in_memory"]) == 0  # a new ledger at the same path
     capsys.readouterr()
-    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # another ledger: not its run
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # it does not know that run
     assert read_predictions(str(out)) == first
     shutil.rmtree(out)
     assert night(normal) == 0
+    run_id = json.loads((out / "metrics.json").read_text())["run_id"]
     capsys.readouterr()
-    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # this ledger's run, committed
-    forget_run()
-    (out / "reviewed.txt").write_text("read by Dr X")
-    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # a file the job did not write
-    (out / "reviewed.txt").unlink()
-    metrics = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "ledger_id"}))
-    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # written before ledger ids
-    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")  # committed
+    runs(f"DELETE FROM runs WHERE run_id = '{run_id}'")  # a backup from before that night, restored
+    assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")
+    runs(f"INSERT INTO runs VALUES ('{run_id}', '{out}', 'pneumonia/1', -1, 'now')")  # killed before its commit
+    for extra in ("reviewed.txt", "annotated_by_dr_x.png"):  # files the job did not write
+        (out / extra).write_text("read by Dr X")
+        assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")
+        (out / extra).unlink()
     caplog.clear()
     assert night(pneumonia) == 0  # killed before its commit, on this ledger: replaced
     assert "killed before its ledger commit: replacing it" in caplog.text
     assert {r["label"] for r in read_predictions(str(out)).values()} == {"PNEUMONIA"}
+
+
+def test_a_journal_left_by_a_killed_commit_is_rolled_back_before_the_checks_read_the_ledger(small_tree, tiny_package,
+                                                                                           tmp_path, capsys):
+    """Review: a commit killed mid-transaction left a hot journal; the read-only checks before the run (the model's
+    id, the orphan check) then failed with "attempt to write a readonly database", exit 1, every night after."""
+    ledger = str(tmp_path / "ledger.sqlite")
+
+    def night(name: str) -> int:
+        return main(["--input", small_tree, "--model", tiny_package, "--output", str(tmp_path / name), "--ledger",
+                     ledger, "--direct_running_mode=in_memory"])
+
+    assert night("n1") == 0
+    before = ledger_rows(ledger)
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal, sqlite3
+conn = sqlite3.connect({ledger!r})
+conn.execute("PRAGMA cache_size=1")
+conn.execute("BEGIN")
+for i in range(20000):
+    conn.execute("INSERT INTO files VALUES (?, 1, 1, 1, 'x')", (str(i).encode() * 20,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""])
+    assert killed.returncode == -signal.SIGKILL and os.path.exists(ledger + "-journal")
+    assert night("n2") == 0, capsys.readouterr().err
+    assert not os.path.exists(ledger + "-journal") and ledger_rows(ledger) == before
+    m = json.loads((tmp_path / "n2" / "metrics.json").read_text())
+    assert (m["images_scored"], m["images_skipped"]) == (0, 20)
 
 
 def test_unusable_ledger_file_is_one_line_exit_2(small_tree, tiny_package, tmp_path, capsys):
@@ -607,7 +638,7 @@ def test_ledger_readers_per_worker_are_bounded(tmp_path):
     """A long-lived worker that sees one ledger after another keeps only the last few open."""
     import gc
 
-    from batch_job.ledger import lookup
+    from batch_job.ledger_lookup import lookup
 
     paths = []
     for i in range(8):
@@ -819,7 +850,7 @@ def test_publishing_keeps_the_lock_until_the_rename_so_a_kill_leaves_nothing_unr
     """QA defect: publish deleted the temp dir's lock file before renaming it to OUT_DIR; a job killed in between
     (a power cut) left a complete copy of the night, patients' names included, without a lock, which no later run
     recognised as a killed job's. The lock file now goes with the rename and is deleted from OUT_DIR after it."""
-    from batch_job import outdir
+    from batch_job import leftovers, outdir
     from xray_core.files import LOCK_FILE
 
     out = str(tmp_path / "night")
@@ -839,5 +870,5 @@ def test_publishing_keeps_the_lock_until_the_rename_so_a_kill_leaves_nothing_unr
     assert os.listdir(out) == ["metrics.json"] and sorted(os.listdir(tmp_path)) == ["night"]
     left = outdir.prepare(str(tmp_path / "night2"), overwrite=False)  # a killed job's temp dir, lock free ...
     outdir._held.pop(left).close()
-    outdir.clean_leftovers(str(tmp_path / "night3"))  # ... goes with the next run into the same parent
+    leftovers.clean_leftovers(str(tmp_path / "night3"))  # ... goes with the next run into the same parent
     assert sorted(os.listdir(tmp_path)) == ["night"]

@@ -1,0 +1,113 @@
+"""What killed jobs leave beside OUT_DIR, and in it: the temp dirs of jobs that were killed (on any OUT_DIR in the
+same parent) are removed, an OUT_DIR parked by an --overwrite killed between its two renames is restored, and an OUT_DIR
+published by a run killed before its ledger commit is recognised (:func:`orphaned`). Only folders named exactly so,
+holding LOCK_FILE with its lock free, and nothing but what the job writes (outdir.py's module doc).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import IO
+
+from batch_job.errors import InputError
+from batch_job.ledger import publishing
+from xray_core.files import LOCK_FILE, remove_dir, take_abandoned_lock
+
+LOG = logging.getLogger("batch_job")
+RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
+ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job's temp dir, for any OUT_DIR
+# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
+# scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
+JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
+                       r"worklist\.csv|model_card\.md|out_of_scope|heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
+PARKED_FILES = (LOCK_FILE, "old")
+# What a published OUT_DIR holds (README "Outputs"), by folder: the only names a rerun may replace without --overwrite
+OUTPUTS = {"": re.compile(r"(\.owner\.lock|predictions-\d+\.csv|metrics\.json|report\.(md|html)|worklist\.csv|"
+                          r"model_card\.md|(histogram|confusion|roc|drift|drift_trend)\.png|heatmaps|out_of_scope)\Z"),
+           "heatmaps": re.compile(r"(\d{4}-[0-9a-f]{12}\.png|index\.csv)\Z"),
+           "out_of_scope": re.compile(r"\d{4}-[0-9a-f]{12}\.png\Z")}
+
+def parked_name(base: str) -> re.Pattern:
+    return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")
+
+
+def clean_leftovers(out: str) -> None:
+    """Remove the temp dirs of killed jobs in OUT_DIR's parent (on any OUT_DIR) and restore an OUT_DIR parked by
+    an --overwrite killed between its two renames: only folders of exactly those names whose lock is free
+    (module doc)."""
+    parent, base = os.path.split(out)
+    parked = parked_name(base)
+    try:
+        names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+        for name in names:
+            path = os.path.join(parent, name)
+            if ANY_TEMP.match(name):
+                _remove_abandoned(path)
+            elif parked.match(name):
+                _restore_abandoned(path, out)
+    except OSError as exc:
+        raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
+
+
+def _abandoned(path: str, allowed) -> IO | None:
+    """The free lock of a folder of ours (now held here) that holds only names `allowed` accepts; else None."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    lock = take_abandoned_lock(path)
+    if lock is not None and not all(allowed(name) for name in os.listdir(path)):
+        LOG.warning("left %s as it is: it holds files that batch jobs do not write", path)
+        lock.close()
+        return None
+    return lock
+
+
+def _remove_abandoned(path: str) -> None:
+    lock = _abandoned(path, JOB_FILES.match)
+    if lock is not None:
+        with lock:
+            remove_dir(path)
+        LOG.info("removed %s, left by a job that was killed", path)
+
+
+def _restore_abandoned(path: str, out: str) -> None:
+    lock = _abandoned(path, PARKED_FILES.__contains__)
+    if lock is None:
+        return
+    with lock:
+        old = os.path.join(path, "old")
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # an empty directory stands in for nothing
+        if os.path.isdir(old) and not os.path.lexists(out):
+            os.rename(old, out)
+            LOG.warning("restored %s: an --overwrite was killed while replacing it", out)
+        remove_dir(path)  # with an OUT_DIR in place, what remains was already replaced
+
+
+def only_outputs(out: str) -> bool:
+    """OUT_DIR holds nothing but names the job writes (OUTPUTS), in its folders too: a file someone added (a
+    reviewer's notes, an annotated image) is never deleted by a rerun without --overwrite."""
+    for dirpath, dirnames, filenames in os.walk(out):
+        folder = os.path.relpath(dirpath, out)
+        rule = OUTPUTS.get("" if folder == "." else folder)
+        if rule is None or not all(rule.match(name) for name in dirnames + filenames):
+            return False
+    return True
+
+
+def orphaned(out: str, ledger: str) -> bool:
+    """OUT_DIR was published by a job on this ledger that was killed before its ledger commit: the ledger holds that
+    run's publishing row for this OUT_DIR (ledger.py), and OUT_DIR holds only what the job writes."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    recorded, run_id = (m.get("ledger"), m.get("run_id")) if isinstance(m, dict) else (None, None)
+    if not (isinstance(recorded, str) and isinstance(run_id, str) and run_id) or not only_outputs(out):
+        return False
+    if os.path.realpath(recorded) != os.path.realpath(ledger):
+        return False
+    claimed = publishing(ledger, run_id)
+    return claimed is not None and os.path.realpath(claimed) == os.path.realpath(out)
