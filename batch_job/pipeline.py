@@ -6,9 +6,9 @@ shards, shard CSVs), stages.py and runner.py (the Beam pipeline and its runner),
 summary, gathered by the driver), reconcile.py, heatmaps.py (overlays of the top flagged images), drift_check.py
 (this run against the model's reference; drift.py the statistics, drift_report.py the figures), result.py (the
 run's typed result), report.py, figures.py and html_report.py (report.html), outdir.py (OUT_DIR's temp dir,
-publishing), leftovers.py, ledger.py. Everything is written into the temp dir beside OUT_DIR; the job's scratch (the listing,
-the shard summaries) lies in its ``scratch/`` folder, removed before publishing. Nothing is published unless every
-listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
+publishing), leftovers.py, ledger.py. Everything is written into the temp dir beside OUT_DIR; the job's scratch (the
+listing, the shard summaries) lies in its ``scratch/`` folder, removed before publishing. Nothing is published unless
+every listed image has exactly one row; the ledger is committed only after OUT_DIR is published.
 """
 from __future__ import annotations
 

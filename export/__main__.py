@@ -111,6 +111,7 @@ def main(argv=None) -> int:
 
     PUBLISHED.clear()
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
+    code = 1
     try:
         code = _main(argv)
     except (KeyboardInterrupt, Exception) as exc:  # Terminated too, and one that TensorFlow's C code turned into
@@ -119,16 +120,16 @@ def main(argv=None) -> int:
             raise
         return _stopped(stopped, PUBLISHED)
     finally:
-        GATE.uninstall(previous)
+        if code == 0 and argv is None and previous:  # the process's own command, done: every later signal is held
+            GATE.hold()  # through its exit (TensorFlow's teardown, a second), which would say 130/143, "nothing
+        else:  # published"; before 2026-12-02 the default handler was back for a moment: exit 143 without a line
+            GATE.uninstall(previous)
         held = GATE.take_pending()
     if held and code == 0:
         print(f"warning: {held} arrived while the version was being published; it was published first",
               file=sys.stderr)
     elif held:  # the command failed on its own (its line is out): nothing was published
         return _stopped(Terminated() if held == "SIGTERM" else KeyboardInterrupt(), PUBLISHED)
-    if code == 0 and argv is None and previous:  # the process's own command, done: its exit (TensorFlow's teardown,
-        GATE.install()  # a second) holds Ctrl-C and SIGTERM, which would say 130/143, "nothing published"
-        GATE.hold()
     return code
 
 

@@ -126,24 +126,34 @@ def main(argv=None) -> int:
     thread) remove the partial run and publish nothing: 130, 143."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
+    args.written = ""  # RUN_DIR once run() has published it
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
+    code = 1
     try:
         from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
 
         try:
-            return run(args)
+            code = run(args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            code = 2
     except (KeyboardInterrupt, Exception) as exc:  # Terminated too; run() removed its partial run
         stopped = GATE.as_interrupt(exc)  # a SIGTERM inside TensorFlow's C code comes out as its TypeError
         if stopped is None:
             raise
         term = isinstance(stopped, Terminated)
-        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; RUN_DIR not published", file=sys.stderr)
-        return 143 if term else 130
+        done = f"after RUN_DIR {args.written} was written" if args.written else "RUN_DIR not published"
+        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; {done}", file=sys.stderr)
+        code = 143 if term else 130
     finally:
-        GATE.uninstall(previous)
+        if code == 0 and argv is None and previous:  # the process's own command, done: every later signal is held
+            GATE.hold()  # through its exit (TensorFlow's teardown), which would say 130/143 "not published" (QA)
+        else:
+            GATE.uninstall(previous)
+        held = GATE.take_pending()
+    if held and code == 0:
+        print(f"warning: {held} arrived while RUN_DIR was being published; it was published first", file=sys.stderr)
+    return code
 
 
 def cli() -> None:

@@ -83,7 +83,9 @@ def run(args) -> int:
     try:
         _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
         GATE.check()  # a signal TensorFlow swallowed: the run is not published
-        publish_dir(tmp, out, replace=True)
+        with GATE.deferred():  # a signal now waits until RUN_DIR is in place (train/__main__.py says it came)
+            publish_dir(tmp, out, replace=True)
+            args.written = out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_folders(made)  # the parents this run made, where still empty: a refused run leaves nothing
