@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 import threading
 
@@ -145,7 +146,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.verify:
         return verify(args.verify)  # no TensorFlow on this path
-    command = "python -m export " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m export " + shlex.join(sys.argv[1:] if argv is None else argv)  # pastes into a shell
     if args.add_gate:
         from export.republish import RepublishError, add_gate  # no TensorFlow on this path either
 

@@ -52,7 +52,8 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
     if problems:
         raise RepublishError(f"{source_dir} does not verify ({problems[0].line()}); nothing published")
     meta = load_metadata(source_dir)
-    serving_dir = serving_dir or os.path.dirname(os.path.dirname(os.path.abspath(source_dir)))
+    # beside the real version: a link to it (or to its name folder) elsewhere published a new "<name>/1" there
+    serving_dir = serving_dir or os.path.dirname(os.path.dirname(os.path.realpath(source_dir)))
     name = name or meta.name
     try:
         final = new_version_dir(serving_dir, name, version)
@@ -69,7 +70,7 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
         for file in CARRIED:
             if os.path.isfile(os.path.join(source_dir, file)):
                 shutil.copyfile(os.path.join(source_dir, file), os.path.join(staging, file))
-        source = dict(meta.source or {}, republished_from=f"{meta.model_id} ({os.path.abspath(source_dir)})")
+        source = dict(meta.source or {}, republished_from=f"{meta.model_id} ({os.path.realpath(source_dir)})")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")  # every version made now, --add-gate too
         new = edit(dataclasses.replace(meta, name=name, version=version, source=source, created_utc=now), staging)
         write_description(staging, new)

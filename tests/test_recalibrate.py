@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -583,3 +584,20 @@ def test_calibration_leaves_out_what_the_batch_job_would_not_score(tiny_package,
     assert [(path, error.split(" (")[0]) for path, error in failed] == [
         (str(photo), "out of scope: colour image"), (str(blank), "out of scope: near-constant image"),
         (str(ct), "out of scope: Modality CT not allowed")]
+
+
+def test_a_version_named_through_a_symbolic_link_is_published_beside_the_real_one(tmp_path, capsys):
+    """QA: `--add-gate LINK` (or `--recalibrate LINK`) to a version folder published a new `pneumonia/1` beside the
+    link, outside the serving folder: the job's default never changed, and a ledger could know that id already."""
+    images = np.random.default_rng(0).uniform(0.2, 0.8, (120, 32, 32, 1)).astype(np.float32)
+    v1 = write_package(str(tmp_path / "serving"), reference_images=images, heatmap_hw=(4, 4))
+    (tmp_path / "our links").mkdir()
+    link = str(tmp_path / "our links" / "current")
+    os.symlink(v1, link)
+    assert export_main(["--add-gate", link]) == 0
+    assert sorted(os.listdir(tmp_path / "serving" / "pneumonia")) == ["1", "2", "config.pbtxt"]
+    assert os.listdir(tmp_path / "our links") == ["current"]
+    assert sorted(os.listdir(tmp_path)) == ["our links", "serving"]
+    meta = read_json(str(tmp_path / "serving" / "pneumonia" / "2" / "metadata.json"))
+    assert meta["source"]["republished_from"] == f"pneumonia/1 ({os.path.realpath(v1)})"
+    assert shlex.split(meta["source"]["republish_command"]) == ["python", "-m", "export", "--add-gate", link]  # QA

@@ -287,13 +287,14 @@ def test_a_signal_as_a_command_that_succeeded_lets_go_of_its_handlers_is_held(co
     published. Here the signal comes exactly then (from the call that takes the held signal, just after)."""
     work = {"export": "import export.__main__ as e; e._main = lambda argv=None: 0",
             "train": "import train.run as r; r.run = lambda args: 0"}[command]
+    argv = ["--verify", "x"] if command == "export" else ["--data-dir", ".", "--output-dir", "x"]
     script = (f"import os, signal, sys\n{work}\n"
               "from xray_core.interrupts import GATE\n"
               "take = GATE.take_pending\n"
               "def late():\n    os.kill(os.getpid(), signal.SIGTERM)\n    return take()\n"
               "GATE.take_pending = late\n"
               f"from {command}.__main__ import main\n"
-              f"sys.argv = ['{command}'] + {['--verify', 'x'] if command == 'export' else ['--data-dir', '.', '--output-dir', 'x']!r}\n"
+              f"sys.argv = ['{command}'] + {argv!r}\n"
               "sys.exit(main())\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

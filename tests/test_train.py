@@ -383,7 +383,7 @@ def test_cli_run_json(cli_run):
 @pytest.mark.slow
 def test_cli_run_json_records_the_given_command(cli_run):
     info = _json(cli_run["out"] / "run.json")
-    assert info["command"] == "python -m train " + " ".join(cli_run["argv"])
+    assert info["command"] == "python -m train " + shlex.join(cli_run["argv"])  # pastes into a shell (QA)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -229,7 +230,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     with open(os.path.join(run_dir, "comparison.md"), "w") as f:
         f.write(comparison_markdown(rows, best, args.select_by, failed))
     _write_json(os.path.join(run_dir, "run.json"), {
-        "command": "python -m train " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+        "command": "python -m train " + shlex.join(getattr(args, "argv", None) or sys.argv[1:]),  # pastes into a shell
         "args": vars(args),
         "data_dir": os.path.abspath(args.data_dir),
         "site_dir": os.path.abspath(args.site_dir) if args.site_dir else None,
