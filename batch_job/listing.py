@@ -61,15 +61,21 @@ def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
         raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)} (--fail-if-empty)")
 
 
+_NAME = r"(?!\.)[^/]*"  # a folder or file name a wildcard may stand for: not a hidden one (as the shell's)
+
+
 def glob_regex(pattern: str) -> re.Pattern:
-    """Shell glob -> regex over whole paths: `*` and `?` stay within a folder, `**/` spans folders."""
+    """Shell glob -> regex over whole paths: `*` and `?` stay within a folder, `**/` spans folders. As in the shell,
+    a wildcard never matches a name's leading dot: `/data/*` leaves `.snapshot` and `.Trash-1000` alone."""
     out, i = [], 0
     while i < len(pattern):
+        if i and pattern[i - 1] == "/" and pattern[i] in "*?[":
+            out.append(r"(?!\.)")
         if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
+            out.append(f"(?:{_NAME}/)*")
             i += 3
         elif pattern.startswith("**", i):
-            out.append(".*")
+            out.append(f"(?:{_NAME}(?:/{_NAME})*)?")
             i += 2
         elif pattern[i] == "*":
             out.append("[^/]*")
@@ -89,29 +95,34 @@ def glob_regex(pattern: str) -> re.Pattern:
 
 
 def _glob(pattern: str) -> Iterator[str]:
-    """Walk from the pattern's literal folder prefix without following symlinked folders: the files the pattern
-    matches, and everything in the folders it matches (as the shell would hand those folders over: each is walked
-    as a folder input is)."""
+    """Walk from the pattern's literal folder prefix: the files the pattern matches, and everything in the folders it
+    matches, as the shell would hand those folders over (each walked as a folder input is; a matched symbolic link
+    to a folder too, but no other link to a folder is followed). With a trailing `/`, folders only. Folders that
+    cannot hold a match are not entered (a nightly `/data/incoming/2026-12-*` never walks the whole archive)."""
+    folders_only = pattern.endswith("/")
     pattern = os.path.abspath(pattern)
     regex, prefix = glob_regex(pattern), _literal_prefix(pattern)
     if not os.path.exists(prefix):  # gone since check_inputs: not a quiet night
         raise InputError(f"input path not found: {prefix}")
 
     def matched(path: str) -> bool:  # the path, or a folder it lies in below the prefix
+        if folders_only:
+            path = os.path.dirname(path)
         while len(path) > len(prefix):
             if regex.match(path):
                 return True
             path = os.path.dirname(path)
         return False
 
-    yield from _walk(prefix, select=matched, may_hold=lambda folder: may_hold(pattern, folder))
+    yield from _walk(prefix, select=matched, may_hold=lambda folder: may_hold(pattern, folder),
+                     follow=lambda link: bool(regex.match(link)))
 
 
 def may_hold(pattern: str, folder: str) -> bool:
     """Whether files under `folder` could match the absolute glob `pattern`: its folder names match the pattern's
     parts, one by one, up to a `**` or to the pattern's end (a folder the pattern matches holds all below it)."""
     for part, name in zip(pattern.split("/"), folder.rstrip("/").split("/")):
-        if part.startswith("**"):
+        if "**" in part:  # spans folders: anything below may match
             return True
         if not fnmatch.fnmatchcase(name, part):
             return False
@@ -121,14 +132,20 @@ def may_hold(pattern: str, folder: str) -> bool:
 UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans
 
 
-def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True) -> Iterator[str]:
-    """Recursive, sorted, streaming; symlinked folders are not followed (no loops). A folder that cannot be listed
-    (permission denied) and could hold inputs is yielded itself: its row says so (scoring.read_input), where
-    skipping it would lose its images without a word."""
+def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
+          follow=lambda link: False) -> Iterator[str]:
+    """Recursive, sorted, streaming; symlinked folders are not followed (no loops), but for those `follow` names,
+    which are walked as folders of their own (their links not followed); folders `may_hold` says cannot hold inputs
+    are not entered. A folder that cannot be listed (permission denied) and could hold inputs is yielded itself: its
+    row says so (scoring.read_input), where skipping it would lose its images without a word."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
-        dirnames.sort()
+        dirnames[:] = sorted(name for name in dirnames if may_hold(os.path.join(dirpath, name)))
+        for name in dirnames:
+            link = os.path.join(dirpath, name)
+            if os.path.islink(link) and follow(link):
+                yield from _walk(link, select, may_hold)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if select(path) and is_input_file(path, unreadable=True):

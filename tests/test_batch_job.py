@@ -399,6 +399,40 @@ def test_a_glob_that_matches_folders_walks_them_as_folder_inputs(labelled_tree):
     assert jpeg and {path for _, path in iter_images([os.path.join(site_a, "N*", "*", "*.jpeg")])} == jpeg
 
 
+def test_a_glob_walks_linked_folders_it_matches_never_hidden_ones_and_only_what_can_match(tmp_path, monkeypatch):
+    """Review: a glob skipped a matched folder that is a symbolic link (nights linked to a NAS: a quiet night),
+    `*` took hidden folders (`.snapshot`: copies of every scan), `'/data/*/'` took loose files too, and the walk
+    entered every folder under the glob's literal prefix (the whole archive, each night)."""
+    from helpers import textured
+
+    incoming, nas = tmp_path / "incoming", tmp_path / "nas"
+    for folder in (incoming / "2026-12-02", incoming / ".snapshot" / "2026-12-02", nas / "2026-12-01",
+                   incoming / "2025-01-01" / "deep"):
+        folder.mkdir(parents=True)
+        textured((64, 64), 120).save(folder / "scan.png")
+    textured((64, 64), 120).save(incoming / "loose.png")
+    os.symlink(nas / "2026-12-01", incoming / "2026-12-01")
+
+    def listed(pattern: str) -> list[str]:
+        return sorted(os.path.relpath(path, incoming) for _, path in iter_images([f"{incoming}/{pattern}"]))
+
+    assert listed("2026-12-0*") == ["2026-12-01/scan.png", "2026-12-02/scan.png"]
+    assert listed("*") == ["2025-01-01/deep/scan.png", "2026-12-01/scan.png", "2026-12-02/scan.png", "loose.png"]
+    assert "loose.png" not in listed("*/") and "2026-12-02/scan.png" in listed("*/")
+    assert listed("**/scan.png") == ["2025-01-01/deep/scan.png", "2026-12-02/scan.png"]  # links not followed by **
+    entered = []
+    real_walk = os.walk
+
+    def walk(top, *args, **kwargs):
+        for dirpath, dirnames, filenames in real_walk(top, *args, **kwargs):
+            entered.append(os.path.relpath(dirpath, incoming))
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk)
+    assert listed("2026-12-02/*.png") == ["2026-12-02/scan.png"]
+    assert "2025-01-01" not in entered and ".snapshot" not in entered
+
+
 def test_a_file_named_as_input_is_a_row_whatever_its_extension(tmp_path, tiny_package, capsys):
     """QA: `--input scan.tif` (or .gif, .jpe) was `scored 0/0`, exit 0: a file the user named vanished without a row.
     Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is."""
