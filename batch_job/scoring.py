@@ -12,7 +12,7 @@ import numpy as np
 
 from batch_job import ledger_lookup
 from batch_job.listing import is_uri
-from xray_core import gate, reference
+from xray_core import gate, reading, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES, DicomHeader
 from xray_core.errors import one_line
 from xray_core.gate import Gate
@@ -40,33 +40,22 @@ def get_session(model_path: str, intra_op_threads: int):
         return _session(model_path, intra_op_threads, st.st_mtime_ns, st.st_size)
 
 
-MAX_FILE_BYTES = 1 << 30  # 1 GiB: nothing larger is read into memory
-
-
-def _too_large(size: int) -> ImageError:
-    return ImageError(f"file too large ({size} bytes > {MAX_FILE_BYTES})" if size else
-                      f"file too large (> {MAX_FILE_BYTES} bytes)")
+MAX_FILE_BYTES = reading.MAX_FILE_BYTES  # 1 GiB: nothing larger is read into memory
 
 
 def read_bytes(path: str) -> bytes:
     """A local file's bytes (checked against MAX_FILE_BYTES before reading), or a URI's through Beam's
     FileSystems (read up to MAX_FILE_BYTES + 1 bytes: one more means too large)."""
     if not is_uri(path):
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):  # listing.py lists a folder only when it cannot list what is in it
+        if os.path.isdir(path):  # listing.py lists a folder only when it cannot list what is in it
             raise ImageError(f"folder could not be listed ({_listing_error(path)}): the images in it were not scored")
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file")
-        if st.st_size > MAX_FILE_BYTES:
-            raise _too_large(st.st_size)
-        with open(path, "rb") as f:
-            return f.read()
+        return reading.read_file(path, MAX_FILE_BYTES)  # training and calibration read files so too
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(path) as f:
         data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
-        raise _too_large(0)
+        raise reading.too_large(0, MAX_FILE_BYTES)
     return data
 
 

@@ -1,8 +1,9 @@
 """The one preprocessing function: image bytes -> (S, S, 1) float32 in [0, 1].
 
-Pillow + numpy only (no TensorFlow): training, the export parity check and the
-batch job all call :func:`preprocess_image` with the parameters recorded in the
-model's metadata (:class:`PreprocessConfig`).
+Pillow + numpy only (no TensorFlow), with the parameters recorded in the model's metadata (:class:`PreprocessConfig`):
+the batch job reads each file with :func:`load_input` (DICOM header rules and the cheap checks, then
+:func:`to_model_input`); training, the export's checks, the gate fit and calibration with :func:`read_model_input`, the
+same reading; :func:`preprocess_image` is the decode and resize alone, which both end in.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ from xray_core.dicom_header import (
     header_problem,
     read_dicom_header,
 )
-from xray_core.errors import one_line
+from xray_core.errors import ImageError, one_line
 from xray_core.intensity import stretch_to_uint8
+from xray_core.reading import read_file
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
 # process-wide filter list and is not thread-safe (the batch job decodes in several threads).
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+OUT_OF_SCOPE = "out of scope: "  # read_model_input's error for what the batch job leaves out of scope
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a multi-picture JPEG (a camera's), whose first picture Pillow decodes as JPEG
 SUPPORTED_FORMATS = (*JPEG_FORMATS, "PNG")
@@ -47,15 +50,6 @@ _FILTERS = {
     "box": Image.Resampling.BOX,
 }
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-class ImageError(ValueError):
-    """An input that cannot become a model input; the message is one short line. `header`: a DICOM file's header
-    when it could be read before decoding failed (its identifiers still belong on the worklist's error row)."""
-
-    def __init__(self, message: str, header: DicomHeader | None = None):
-        super().__init__(message)
-        self.header = header
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +115,6 @@ class Decoded:
     header: DicomHeader | None = None
 
 
-def _read(source: Union[bytes, str, os.PathLike]) -> bytes:
-    if isinstance(source, (bytes, bytearray)):
-        return bytes(source)
-    with open(source, "rb") as f:
-        return f.read()
-
-
 def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     if is_dicom(data):
         dicom = read_dicom(data, Image.MAX_IMAGE_PIXELS)
@@ -156,17 +143,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
 
 
 def _read_or_refuse(source: Union[bytes, str, os.PathLike]) -> bytes:
-    """The bytes, or ImageError (one line) for a file that cannot be read."""
-    try:
-        return _read(source)
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except OSError as exc:
-        raise ImageError(f"read failed: {one_line(exc, 385)}") from None
+    """The bytes, or ImageError (one line) for a file that cannot be read (xray_core/reading.py)."""
+    return bytes(source) if isinstance(source, (bytes, bytearray)) else read_file(source)
 
 
 def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> Decoded:
@@ -249,7 +227,7 @@ def read_model_input(source: Union[bytes, str, os.PathLike], config: PreprocessC
     leaves out of scope before any model runs ("out of scope: " and the job's reason)."""
     loaded = load_input(_read_or_refuse(source), config)
     if loaded.array is None:
-        raise ImageError(f"out of scope: {loaded.reason}")
+        raise ImageError(f"{OUT_OF_SCOPE}{loaded.reason}")
     return loaded.array
 
 
