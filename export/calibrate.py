@@ -21,8 +21,8 @@ import numpy as np
 from scipy.stats import binomtest, mannwhitneyu
 from sklearn.model_selection import StratifiedGroupKFold
 
-from train.data import patient_of
-from xray_core.files import inside
+from train.data import Example, label_conflicts, patient_groups, patient_of
+from xray_core.files import inside, sha256_file
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
@@ -62,6 +62,14 @@ def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]
         raise CalibrationError(f"calibration dir {cal_dir} has no images under a folder named {' or '.join(missing)}")
     require_per_class([label for _, label in found], min_per_class, cal_dir)
     return found
+
+
+def _content(path: str) -> str:
+    """A file's sha256 (its path when it cannot be read: scoring then says why)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return path
 
 
 def refuse_training_folder(cal_dir: str, data_dir: str | None) -> None:
@@ -142,15 +150,20 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
     package's decision threshold. CalibrationError when fewer than min_per_class images of a class are found or
     decoded. With previous_threshold (a recalibrated package's), the block also holds the sample's metrics at it
     (`at_previous_threshold`)."""
-    found = list_labelled(cal_dir, min_per_class)
+    found = [Example(path, label, patient_of(path)) for path, label in list_labelled(cal_dir, min_per_class)]
+    digests = [_content(ex.path) for ex in found]
+    keep, conflicts = label_conflicts(found, digests)  # as training: which label is right cannot be known
+    found, digests = [found[i] for i in keep], [digests[i] for i in keep]
     log(f"calibration: scoring {len(found)} labelled images of {cal_dir}")
-    p, images, ok, failed = score(session, [path for path, _ in found], config)
+    p, images, ok, failed = score(session, [ex.path for ex in found], config)
+    failed = conflicts + failed
     for path, err in failed:
         log(f"calibration: skipped {path}: {err}")
-    kept = [found[i] for i in ok]
-    require_per_class([label for _, label in kept], max(min_per_class, 1), cal_dir, "decodable images")
-    y = np.asarray([CLASSES.index(label) for _, label in kept])
-    groups = np.asarray([patient_of(path) for path, _ in kept])
+    kept, digests = [found[i] for i in ok], [digests[i] for i in ok]
+    unique = {digest: ex.label for ex, digest in zip(kept, digests)}  # a byte-identical copy counts once
+    require_per_class(list(unique.values()), max(min_per_class, 1), cal_dir, "decodable images")
+    y = np.asarray([CLASSES.index(ex.label) for ex in kept])
+    groups = np.asarray(patient_groups(kept, digests))  # copies are one patient: never on both sides of the split
     few = [name for label, name in enumerate(CLASSES) if len(np.unique(groups[y == label])) < 2]
     if few:
         raise CalibrationError(f"calibration dir {cal_dir} has images of fewer than 2 patients of {', '.join(few)}: "

@@ -118,8 +118,9 @@ def limit_per_class(examples: Sequence[Example], limit: int, seed: int) -> list[
     return sorted(out, key=lambda e: e.path)
 
 
-def _groups(examples: Sequence[Example], digests: Sequence[str]) -> list[int]:
-    """Union patients that share a byte-identical file; returns a group index per example."""
+def patient_groups(examples: Sequence[Example], digests: Sequence[str]) -> list[int]:
+    """Union patients that share a byte-identical file (training's split and calibration's 2-fold estimate keep them
+    on one side); returns a group index per example."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -155,7 +156,7 @@ def split_examples(
         raise DataError(f"--split must be three non-negative fractions summing to 1, got {list(fractions)}")
     if digests is None:
         digests = [sha256_file(e.path) for e in examples]
-    group_of = _groups(examples, digests)
+    group_of = patient_groups(examples, digests)
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(group_of):
         members[g].append(i)
