@@ -3,6 +3,7 @@ an input gate or a threshold recalibrated on local images, or --verify one."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -13,8 +14,8 @@ from xray_core.interrupts import GATE, Terminated, exit_with
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
   1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
-  2  bad input (a missing or incomplete run, a package that does not verify, a calibration folder with too few
-     images, a version that exists): one line on stderr, nothing published
+  2  bad input (a missing or incomplete run, a --verify folder that is not there, a package that does not verify,
+     a calibration folder with too few images, a version that exists): one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM: the staging folder removed, nothing published (a staging folder left by an export
        killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
        version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0;
@@ -95,6 +96,9 @@ def parse_heatmap_method(text: str):
 def verify(version_dir: str) -> int:
     from xray_core.verify import verify_package
 
+    if not os.path.isdir(version_dir):  # QA: it said "metadata.json is missing" of a folder that is not there
+        print(f"error: --verify {version_dir}: no such version folder", file=sys.stderr)
+        return 2
     checks = verify_package(version_dir)
     for check in checks:
         print(check.line())

@@ -349,6 +349,12 @@ def test_verify_missing_metadata(published, tmp_path, capsys):
     assert lines[0].startswith("FAIL metadata") and "missing" in lines[0]
 
 
+def test_verify_a_folder_that_is_not_there_is_a_bad_input(tmp_path, capsys):
+    """QA: `--verify` of a folder that does not exist said "metadata.json is missing", exit 1 (a failed check)."""
+    assert export_main(["--verify", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --verify {tmp_path / 'nope'}: no such version folder"
+
+
 # ----------------------------------------------------------------- bad input
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_job import heatmaps, html_report
+from batch_job import heatmaps, html_report, report
 from batch_job import shards as shard_files
 from batch_job.cli import main
 from batch_job.scoring import Row
@@ -172,6 +172,7 @@ def test_the_page_says_what_the_model_was_trained_on_as_its_package_records_it(t
         html_report.write_html(str(tmp_path / str(i)), result, [])
         raw = open(tmp_path / str(i) / "report.html", encoding="utf-8").read()
         assert shown in parse(str(tmp_path / str(i) / "report.html"))[1] and MARKUP not in raw
+        assert f"Trained on {result.trained_on}" in report.report_markdown(result)  # QA: report.md never said
 
 
 def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
