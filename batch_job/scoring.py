@@ -93,20 +93,11 @@ def read_unchanged(path: str, key: tuple[int, int, int] | None) -> bytes:
 
 
 def read_input(path: str) -> bytes:
-    """File -> its bytes; ImageError with a short reason when it cannot be read."""
+    """File -> its bytes; ImageError with a short reason when it cannot be read (xray_core/reading.py)."""
     try:
-        data = read_bytes(path)
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
-    except FileNotFoundError:
-        raise ImageError("file not found (vanished or dangling link)") from None
-    except OSError as exc:
-        raise ImageError(f"read failed: {exc.strerror or exc}") from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    return data
+        return reading.not_empty(read_bytes(path))
+    except OSError as exc:  # a URI's (a local file's are ImageErrors already)
+        raise reading.unreadable(exc) from None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,23 @@ def too_large(size: int, limit: int = MAX_FILE_BYTES) -> ImageError:
     return ImageError(f"file too large ({size} bytes > {limit})" if size else f"file too large (> {limit} bytes)")
 
 
+def unreadable(exc: OSError) -> ImageError:
+    """Why a file could not be read, in the words every row and message uses."""
+    if isinstance(exc, PermissionError):
+        return ImageError("permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError("is a directory")
+    if isinstance(exc, FileNotFoundError):
+        return ImageError("file not found (vanished or dangling link)")
+    return ImageError(f"read failed: {exc.strerror or exc}")
+
+
+def not_empty(data: bytes) -> bytes:
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data
+
+
 def read_file(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
     """A local file's bytes; ImageError for one that is not there, not a regular file, over `limit` or empty, or
     cannot be read."""
@@ -27,13 +44,6 @@ def read_file(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
         if st.st_size > limit:
             raise too_large(st.st_size, limit)
         with open(path, "rb") as f:
-            data = f.read()
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except FileNotFoundError:
-        raise ImageError("file not found (vanished or dangling link)") from None
+            return not_empty(f.read())
     except OSError as exc:
-        raise ImageError(f"read failed: {exc.strerror or exc}") from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    return data
+        raise unreadable(exc) from None
