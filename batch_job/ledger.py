@@ -201,10 +201,15 @@ class Ledger:
         except sqlite3.Error as exc:
             LOG.warning("ledger %s: could not record that run %s is publishing (%s)", self.path, run_id, one_line(exc))
 
-    def unmark_publishing(self, run_id: str) -> None:
-        """Forget mark_publishing's row of a run that did not publish (best effort)."""
-        with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
-            conn.execute("DELETE FROM runs WHERE run_id = ? AND images_new = ?", (run_id, PUBLISHING))
+    def unmark_publishing(self, run_id: str) -> bool:
+        """Forget mark_publishing's row of a run that did not publish, or whose commit failed (exit 3: its OUT_DIR
+        is complete, no rerun may take it for a killed run's); -> whether that worked (best effort)."""
+        try:
+            with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
+                conn.execute("DELETE FROM runs WHERE run_id = ? AND images_new = ?", (run_id, PUBLISHING))
+        except sqlite3.Error:
+            return False
+        return True
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
                drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = (),
@@ -229,7 +234,9 @@ class Ledger:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
                 )
-                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)", (run_id, out_dir, model, added, now))
+                conn.execute("DELETE FROM runs WHERE out_dir = ? AND images_new = ?", (out_dir, PUBLISHING))  # and
+                conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",  # a killed run's it replaced
+                             (run_id, out_dir, model, added, now))
                 if onnx_sha256:
                     conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model, onnx_sha256, now))
                 conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "

@@ -26,8 +26,8 @@ PARKED_FILES = (LOCK_FILE, "old")
 # What a published OUT_DIR holds (README "Outputs"), by folder: the only names a rerun may replace without --overwrite
 OUTPUTS = {"": re.compile(r"(\.owner\.lock|predictions-\d+\.csv|metrics\.json|report\.(md|html)|worklist\.csv|"
                           r"model_card\.md|(histogram|confusion|roc|drift|drift_trend)\.png|heatmaps|out_of_scope)\Z"),
-           "heatmaps": re.compile(r"(\d{4}-[0-9a-f]{12}\.png|index\.csv)\Z"),
-           "out_of_scope": re.compile(r"\d{4}-[0-9a-f]{12}\.png\Z")}
+           "heatmaps": re.compile(r"(\d{4,}-[0-9a-f]{12}\.png|index\.csv)\Z"),
+           "out_of_scope": re.compile(r"\d{4,}-[0-9a-f]{12}\.png\Z")}  # ranks past 9,999: five digits
 
 def parked_name(base: str) -> re.Pattern:
     return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")

@@ -1,7 +1,7 @@
 """Find image files under the --input arguments, streaming (no per-image state but the path)."""
 from __future__ import annotations
 
-import fnmatch
+import functools
 import os
 import re
 from typing import Iterator
@@ -69,7 +69,7 @@ def glob_regex(pattern: str) -> re.Pattern:
     a wildcard never matches a name's leading dot: `/data/*` leaves `.snapshot` and `.Trash-1000` alone."""
     out, i = [], 0
     while i < len(pattern):
-        if i and pattern[i - 1] == "/" and pattern[i] in "*?[":
+        if (i == 0 or pattern[i - 1] == "/") and pattern[i] in "*?[":
             out.append(r"(?!\.)")
         if pattern.startswith("**/", i):
             out.append(f"(?:{_NAME}/)*")
@@ -124,9 +124,14 @@ def may_hold(pattern: str, folder: str) -> bool:
     for part, name in zip(pattern.split("/"), folder.rstrip("/").split("/")):
         if "**" in part:  # spans folders: anything below may match
             return True
-        if not fnmatch.fnmatchcase(name, part):
+        if not _part_regex(part).match(name):  # glob_regex's own rules: the walk it prunes never loses a match
             return False
     return True
+
+
+@functools.lru_cache(maxsize=256)
+def _part_regex(part: str) -> re.Pattern:
+    return glob_regex(part)
 
 
 UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans

@@ -276,8 +276,10 @@ def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[st
     try:
         added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused, onnx_sha256)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
+        kept = "" if book.unmark_publishing(result.run_id) else (
+            f"; {out} stays marked as publishing in it: use another --output next time")  # else a rerun replaces it
         raise LedgerNotUpdated(
             f"outputs published in {out}, but the ledger {book.path} was not updated "
-            f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images"
+            f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images{kept}"
         ) from None
     LOG.info("ledger %s: %d new images recorded, %d out of scope", book.path, added, len(refused))

@@ -65,9 +65,9 @@ def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]
 
 
 def _content(path: str) -> str:
-    """A file's sha256 (its path when it cannot be read: scoring then says why)."""
+    """A file's sha256 (its path when it is no regular file or cannot be read: scoring then says why)."""
     try:
-        return sha256_file(path)
+        return sha256_file(path) if os.path.isfile(path) else path
     except OSError:
         return path
 

@@ -963,6 +963,8 @@ def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monk
     assert not may_hold("/d/PNEUMONIA*/*.png", "/d/private")
     assert not may_hold("/d/PNEUMONIA*/*.png", "/d/PNEUMONIA_2/deeper")  # `*` stays within a folder
     assert may_hold("/d/**/x/*.dcm", "/d/a/b/c") and may_hold("/d/*/*.dcm", "/d/any")
+    assert not may_hold("/d/*", "/d/.Trash-1000") and not may_hold("/d/*/*.png", "/d/.snapshot")  # hidden (review)
+    assert may_hold("/d/[^a]*/x.png", "/d/bcd") and not may_hold("/d/[^a]*/x.png", "/d/abc")  # as glob_regex
     root = tmp_path / "d"
     for name in ("PNEUMONIA_1", "PNEUMONIA_2", "private", "lost+found"):
         (root / name).mkdir(parents=True)

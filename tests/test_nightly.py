@@ -277,6 +277,7 @@ def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(s
     assert night(pneumonia) == 0  # killed before its commit, on this ledger: replaced
     assert "killed before its ledger commit: replacing it" in caplog.text
     assert {r["label"] for r in read_predictions(str(out)).values()} == {"PNEUMONIA"}
+    assert [n for _, n in runs()] == [10, 10]  # the killed run's publishing row went with the commit that replaced it
 
 
 def test_a_journal_left_by_a_killed_commit_is_rolled_back_before_the_checks_read_the_ledger(small_tree, tiny_package,
@@ -626,9 +627,13 @@ def test_failed_ledger_commit_says_outputs_were_published_and_exits_3(small_tree
     common = ["--input", small_tree, "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
     line = assert_one_line_error(capsys, main(common + ["--output", out]), f"outputs published in {out}",
                                  "not updated", "database is locked", "rescores", code=3)
-    assert "nothing published" not in line
+    assert "nothing published" not in line and "stays marked" not in line
     assert len(read_predictions(out)) == 20 and ledger_rows(ledger) == []
     monkeypatch.undo()
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)  # no publishing row left (review)
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(common + ["--output", out]), "exists and is not empty")  # a complete night
     assert main(common + ["--output", str(tmp_path / "night2")]) == 0
     assert {r["status"] for r in read_predictions(str(tmp_path / "night2")).values()} == {"ok"}  # rescored
     assert len(ledger_rows(ledger)) == 20

@@ -7,6 +7,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -631,3 +633,34 @@ def test_calibration_takes_byte_identical_copies_as_one_patient_and_bytes_under_
     with pytest.raises(CalibrationError, match="has 1 NORMAL and 3 PNEUMONIA decodable images; at least 2 of each"):
         calibrate(session, str(tmp_path / "cal"), PreprocessConfig(image_size=32), 0.5, 0.95, log=lambda line: None,
                   min_per_class=2)
+
+
+def test_a_fifo_in_a_calibration_or_training_folder_is_a_skipped_file_not_a_hang(tiny_package, tmp_path):
+    """Review: a FIFO named `.jpeg` in a calibration folder (or a training or site folder) blocked the command for good:
+    its patient (a DICOM PatientID) and its digest were read before the file was refused."""
+    from helpers import textured
+
+    for label, mean in (("NORMAL", 80), ("PNEUMONIA", 200)):
+        (tmp_path / "cal" / label).mkdir(parents=True)
+        for i in range(3):
+            textured((48, 48), mean, seed=i).save(tmp_path / "cal" / label / f"IM-{mean}{i}-0001.png")
+    os.mkfifo(tmp_path / "cal" / "NORMAL" / "stuck.jpeg")
+    script = f"""
+import json
+from export.calibrate import calibrate
+from train.data import find_examples, load_images, refuse_site_images
+from xray_core.package import open_session
+from xray_core.preprocessing import PreprocessConfig
+site, _ = calibrate(open_session({os.path.join(tiny_package, "1", "model.onnx")!r}), {str(tmp_path / "cal")!r},
+                    PreprocessConfig(image_size=32), 0.5, 0.95, log=lambda line: None)
+examples = find_examples({str(tmp_path / "cal")!r})
+_, ok, failed = load_images([e.path for e in examples], PreprocessConfig(image_size=32))
+refuse_site_images({str(tmp_path / "cal")!r}, "data", [], [])
+print(json.dumps([site["images"], site["skipped"], len(examples), len(ok), failed]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    images, skipped, listed, read, failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    stuck = str(tmp_path / "cal" / "NORMAL" / "stuck.jpeg")
+    assert (images, skipped) == (6, [{"path": stuck, "error": "not a regular file"}])
+    assert (listed, read, failed) == (7, 6, [[stuck, "not a regular file"]])

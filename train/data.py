@@ -57,8 +57,11 @@ def patient_id(filename: str) -> str:
 def dicom_patient_id(path: str) -> str | None:
     """The PatientID of a DICOM file (its header only, the pixel data is not read); None for a file that is not
     DICOM (dicom_header.is_dicom, as the shared preprocessing decides), has no or an empty PatientID, or
-    whose header cannot be read (loading the image reports that file later)."""
+    whose header cannot be read (loading the image reports that file later), and for what is no regular file (a
+    FIFO named .jpeg blocked open() for good: reading it reports it)."""
     try:
+        if not os.path.isfile(path):
+            return None
         with open(path, "rb") as f:
             if not is_dicom(f.read(DICOM_MAGIC_OFFSET + 4)):
                 return None
@@ -229,7 +232,7 @@ def labels_to_array(labels: Iterable[str]) -> np.ndarray:
 def refuse_site_images(site_dir: str, data_dir: str, examples, digests) -> None:
     """DataError (exit 2) when a file of the site sample is also in the training folder, under any name (the same
     bytes): the site sample is never trained on, and its figures would be of images the model saw."""
-    site = {sha256_file(e.path): e.path for e in find_examples(site_dir)}
+    site = {sha256_file(e.path): e.path for e in find_examples(site_dir) if os.path.isfile(e.path)}  # not a FIFO
     shared = [(ex.path, site[d]) for ex, d in zip(examples, digests) if d in site]
     if shared:
         raise DataError(f"{len(shared)} images of --site-dir {site_dir} are also in --data-dir {data_dir} (the same "

@@ -231,7 +231,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
         f.write(comparison_markdown(rows, best, args.select_by, failed))
     _write_json(os.path.join(run_dir, "run.json"), {
         "command": "python -m train " + shlex.join(getattr(args, "argv", None) or sys.argv[1:]),  # pastes into a shell
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "written"},  # main()'s own, not an option
         "data_dir": os.path.abspath(args.data_dir),
         "site_dir": os.path.abspath(args.site_dir) if args.site_dir else None,
         "images_found": len(examples) + len(failed),
