@@ -49,7 +49,7 @@ from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
 from batch_job.runner import Runner, choose_runner, default_workers, execute
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
-from xray_core.dicom_header import DEFAULT_MODALITIES
+from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
 from xray_core.errors import one_line
 from xray_core.interrupts import GATE
 from xray_core.labels import label_from_path
@@ -191,10 +191,10 @@ WORKER_LOGS = "workers"  # worker processes' stderr files (batch_job/workers.py)
 
 def modalities(text: str) -> tuple[str, ...]:
     """--modalities -> the DICOM Modality values in scope (InputError for an empty list)."""
-    found = tuple(m.strip().upper() for m in text.split(",") if m.strip())
-    if not found:
-        raise InputError("--modalities needs at least one DICOM Modality, e.g. CR,DX")
-    return found
+    try:
+        return parse_modalities(text)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def replaceable(args: argparse.Namespace, out: str) -> bool:

@@ -9,6 +9,7 @@ import shlex
 import sys
 import threading
 
+from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
 from xray_core.interrupts import GATE, Terminated, exit_with
 
 EXIT_CODES = """exit codes:
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-recall", type=float, default=None,
                    help="with --calibrate-dir: the recall the threshold must reach (default: the run's, or with "
                         "--recalibrate the source version's)")
+    p.add_argument("--modalities", default=None, metavar="LIST",
+                   help="with --calibrate-dir: the DICOM Modality values in scope, as the batch job's --modalities "
+                        "(default CR,DX); other DICOM files of the folder are skipped")
     p.add_argument("--heatmap-method", default="occlusion:8", metavar="occlusion:K|graph",
                    help="with --run-dir: the maps the batch job shows for the top-N flagged images: occlusion maps "
                         "of a K x K grid (K*K extra network passes per image) or the graph's own class-activation "
@@ -77,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
+    if args.modalities is not None and not args.calibrate_dir:
+        p.error("--modalities goes with --calibrate-dir")
+    try:
+        args.modalities = parse_modalities(args.modalities or ",".join(DEFAULT_MODALITIES))
+    except ValueError as exc:
+        p.error(str(exc))
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         p.error(f"--name must be one folder name of letters, digits, '.', '_' and '-', not {args.name!r}")
     return args
@@ -165,7 +175,7 @@ def _main(argv=None) -> int:
 
         try:
             recalibrate(args.recalibrate, args.calibrate_dir, args.serving_dir, args.name, args.target_recall,
-                        args.version, command)
+                        args.version, command, modalities=args.modalities)
         except RepublishError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -176,7 +186,7 @@ def _main(argv=None) -> int:
         export(args.run_dir, args.serving_dir or "serving_models", args.name or "pneumonia", args.model, args.version,
                args.opset, command,
                calibrate_dir=args.calibrate_dir, target_recall=args.target_recall,
-               heatmap_method=args.heatmap_method)
+               heatmap_method=args.heatmap_method, modalities=args.modalities)
     except ExportInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

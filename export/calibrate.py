@@ -22,6 +22,7 @@ from scipy.stats import binomtest, mannwhitneyu
 from sklearn.model_selection import StratifiedGroupKFold
 
 from train.data import Example, label_conflicts, patient_groups, patient_of
+from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import inside, sha256_file
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
@@ -80,12 +81,12 @@ def refuse_training_folder(cal_dir: str, data_dir: str | None) -> None:
                                "calibrate on labelled scans it never saw")
 
 
-def score(session, paths: list[str], config: PreprocessConfig):
-    """-> (probabilities of the decodable images, the images, their indices, [(path, error)])."""
+def score(session, paths: list[str], config: PreprocessConfig, modalities: tuple[str, ...] = DEFAULT_MODALITIES):
+    """-> (probabilities of the images in scope (DICOM `modalities`), the images, their indices, [(path, error)])."""
     images, ok, failed = [], [], []
     for i, path in enumerate(paths):
         try:
-            images.append(read_model_input(path, config))
+            images.append(read_model_input(path, config, modalities))
             ok.append(i)
         except ImageError as exc:
             failed.append((path, str(exc)))
@@ -145,7 +146,8 @@ def two_fold(y, p, groups, target_recall: float, seed: int = SEED) -> dict:
 
 
 def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: float, target_recall: float,
-              log=print, min_per_class: int = 1, previous_threshold: float | None = None) -> tuple[dict, np.ndarray]:
+              log=print, min_per_class: int = 1, previous_threshold: float | None = None,
+              modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> tuple[dict, np.ndarray]:
     """-> (the `site_calibration` block of metadata.json, the decoded images). Its `threshold` becomes the
     package's decision threshold. CalibrationError when fewer than min_per_class images of a class are found or
     decoded. With previous_threshold (a recalibrated package's), the block also holds the sample's metrics at it
@@ -155,7 +157,7 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
     keep, conflicts = label_conflicts(found, digests)  # as training: which label is right cannot be known
     found, digests = [found[i] for i in keep], [digests[i] for i in keep]
     log(f"calibration: scoring {len(found)} labelled images of {cal_dir}")
-    p, images, ok, failed = score(session, [ex.path for ex in found], config)
+    p, images, ok, failed = score(session, [ex.path for ex in found], config, modalities)
     failed = conflicts + failed
     for path, err in failed:
         log(f"calibration: skipped {path}: {err}")
@@ -174,6 +176,7 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
         "images": int(len(y)), "normal": int((y == 0).sum()), "pneumonia": int(y.sum()),
         "patients": int(len(np.unique(groups))), "skipped": [{"path": a, "error": b} for a, b in failed],
         "target_recall": float(target_recall),
+        "modalities": list(modalities),  # the job's --modalities these images were read with
         "threshold": threshold,
         "at_0.5": without_report(operating_point(y, p, 0.5)),
         "at_validation_threshold": without_report(operating_point(y, p, val_threshold)),

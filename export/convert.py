@@ -13,6 +13,7 @@ from export.metadata import build_metadata
 from export.republish import publish_version, write_description
 from train.data import load_images, read_split_csv
 from xray_core import reference
+from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.errors import one_line
 from xray_core.files import sha256_file
 from xray_core.interrupts import GATE
@@ -200,7 +201,7 @@ def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, log=
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
            opset: int = 17, export_command: str = "", calibrate_dir: str | None = None,
            target_recall: float | None = None, heatmap_method: HeatmapMethod = DEFAULT_HEATMAP_METHOD,
-           log=print) -> str:
+           log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str:
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
     from export.calibrate import CalibrationError, calibrate, list_labelled, refuse_training_folder
 
@@ -242,8 +243,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         site = site_images = None
         if calibrate_dir is not None:
             try:
-                site, site_images = calibrate(session, calibrate_dir, config,
-                                              metrics["chosen_threshold"], target_recall, log=log)
+                site, site_images = calibrate(session, calibrate_dir, config, metrics["chosen_threshold"],
+                                              target_recall, log=log, modalities=modalities)
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
         threshold = site["threshold"] if site else metrics["chosen_threshold"]

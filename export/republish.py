@@ -17,6 +17,7 @@ from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
 from xray_core import gate, reference
+from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import atomic_write, publish_dir
 from xray_core.interrupts import GATE
 from xray_core.occlusion import HeatmapMethod
@@ -189,7 +190,7 @@ MIN_PER_CLASS = 30
 
 
 def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, target_recall: float | None,
-                 log=print) -> Metadata:
+                 log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Metadata:
     """`meta` with the decision threshold chosen on cal_dir by the staged model.onnx (export/calibrate.py, as
     `--run-dir --calibrate-dir` does), its 2-fold estimate, and the heatmaps' faithfulness figures measured again
     at that threshold on cal_dir's images; `origin` is the version it is recalibrated from."""
@@ -208,7 +209,7 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
         raise RepublishError(f"{origin.model_id} records no validation threshold; nothing published")
     try:
         site, images = calibrate(session, cal_dir, meta.config, validation, target, log, min_per_class=MIN_PER_CLASS,
-                                 previous_threshold=origin.decision_threshold)
+                                 previous_threshold=origin.decision_threshold, modalities=modalities)
     except CalibrationError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
     heat = meta.heatmap
@@ -233,7 +234,8 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
 
 
 def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: str | None,
-                target_recall: float | None = None, version: int | None = None, command: str = "", log=print) -> str:
+                target_recall: float | None = None, version: int | None = None, command: str = "", log=print,
+                modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str:
     """Publish `source_dir` again as serving_dir/name/<version> with the threshold chosen on cal_dir; -> the new
     version dir. RepublishError (nothing published) for a folder with fewer than MIN_PER_CLASS images of a class."""
     try:
@@ -243,7 +245,7 @@ def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: st
 
     def edit(meta: Metadata, staging: str) -> Metadata:
         meta = dataclasses.replace(meta, source=dict(meta.source or {}, republish_command=command))
-        return recalibrated(meta, staging, load_metadata(source_dir), cal_dir, target_recall, log)
+        return recalibrated(meta, staging, load_metadata(source_dir), cal_dir, target_recall, log, modalities)
 
     final = republish(source_dir, serving_dir, name, edit, version, log)
     if load_metadata(final).gate is None:

@@ -26,7 +26,8 @@ from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from xray_core.verify import verify_package
 
 CARRIED_FILES = ("model.onnx", "reference.npz", "splits.csv")
-SITE_KEYS = {"dir", "images", "normal", "pneumonia", "patients", "skipped", "target_recall", "threshold", "at_0.5",
+SITE_KEYS = {"dir", "images", "normal", "pneumonia", "patients", "skipped", "target_recall", "modalities", "threshold",
+             "at_0.5",
              "at_validation_threshold", "at_calibrated_threshold", "two_fold"}  # what export --calibrate-dir writes
 
 
@@ -664,3 +665,31 @@ print(json.dumps([site["images"], site["skipped"], len(examples), len(ok), faile
     stuck = str(tmp_path / "cal" / "NORMAL" / "stuck.jpeg")
     assert (images, skipped) == (6, [{"path": stuck, "error": "not a regular file"}])
     assert (listed, read, failed) == (7, 6, [[stuck, "not a regular file"]])
+
+
+def test_calibration_reads_dicom_of_the_modalities_the_job_is_run_with(tiny_package, tmp_path, capsys):
+    """Review: calibration read DICOM with the job's default modalities only, so a site scoring other modalities with
+    the job's --modalities could not calibrate on them. `export --modalities` is the job's option."""
+    from dicom_factory import dicom_bytes, xray_like
+    from export.calibrate import CalibrationError, calibrate
+
+    for label, scale in (("NORMAL", 0.4), ("PNEUMONIA", 1.0)):
+        (tmp_path / "cal" / label).mkdir(parents=True)
+        for i in range(2):
+            pixels = (xray_like(64, 64, seed=i) * scale).astype(np.uint16)
+            ot = dicom_bytes(pixels, modality="OT", PatientID=f"{label}{i}")  # secondary capture
+            (tmp_path / "cal" / label / f"{i}.dcm").write_bytes(ot)
+    session = open_session(os.path.join(tiny_package, "1", "model.onnx"))
+    config = PreprocessConfig(image_size=32)
+
+    with pytest.raises(CalibrationError, match="no calibration image could be decoded and is in scope"):
+        calibrate(session, str(tmp_path / "cal"), config, 0.5, 0.95, log=lambda line: None)
+    site, _ = calibrate(session, str(tmp_path / "cal"), config, 0.5, 0.95, log=lambda line: None,
+                        modalities=("CR", "DX", "OT"))
+    assert (site["images"], site["patients"], site["modalities"], site["skipped"]) == (4, 4, ["CR", "DX", "OT"], [])
+    with pytest.raises(SystemExit):
+        export_main(["--recalibrate", tiny_package, "--calibrate-dir", str(tmp_path / "cal"), "--modalities", " , "])
+    assert "--modalities needs at least one DICOM Modality" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main(["--verify", tiny_package, "--modalities", "CR,DX,OT"])
+    assert "--modalities goes with --calibrate-dir" in capsys.readouterr().err

@@ -234,6 +234,14 @@ def has_pixel_data(pydicom, source: bytes) -> bool:
     return any(keyword in ds for keyword in PIXEL_KEYWORDS)
 
 
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """`--modalities CR,DX` (the batch job's and export's option) -> ("CR", "DX"); ValueError for an empty list."""
+    found = tuple(m.strip().upper() for m in text.split(",") if m.strip())
+    if not found:
+        raise ValueError("--modalities needs at least one DICOM Modality, e.g. CR,DX")
+    return found
+
+
 def normalised(modalities: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m.strip().upper() for m in modalities)
 

@@ -220,12 +220,13 @@ def load_input(data: bytes, config: PreprocessConfig,
     return Loaded(to_model_input(decoded.image, config), "", decoded.header)
 
 
-def read_model_input(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> np.ndarray:
-    """A file as the batch job reads it (:func:`load_input`, the default DICOM modalities) -> (S, S, 1) float32:
+def read_model_input(source: Union[bytes, str, os.PathLike], config: PreprocessConfig,
+                     allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> np.ndarray:
+    """A file as the batch job reads it (:func:`load_input`; its --modalities) -> (S, S, 1) float32:
     what training, the gate fit, the drift reference and calibration use, so that they learn from and are checked on
     the images the job would score. ImageError (one line) for a file that cannot be read or decoded, or that the job
     leaves out of scope before any model runs ("out of scope: " and the job's reason)."""
-    loaded = load_input(_read_or_refuse(source), config)
+    loaded = load_input(_read_or_refuse(source), config, allowed_modalities)
     if loaded.array is None:
         raise ImageError(f"{OUT_OF_SCOPE}{loaded.reason}")
     return loaded.array
