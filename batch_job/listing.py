@@ -114,8 +114,9 @@ def _glob(pattern: str) -> Iterator[str]:
             path = os.path.dirname(path)
         return False
 
+    # a link the pattern names is followed; `**` follows none (as the shell's globstar: a link back up would loop)
     yield from _walk(prefix, select=matched, may_hold=lambda folder: may_hold(pattern, folder),
-                     follow=lambda link: bool(regex.match(link)))
+                     follow=lambda link: "**" not in pattern and bool(regex.match(link)))
 
 
 def may_hold(pattern: str, folder: str) -> bool:
@@ -144,18 +145,19 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
     are not entered. A folder that cannot be listed (permission denied) and could hold inputs is yielded itself: its
     row says so (scoring.read_input), where skipping it would lose its images without a word."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
+    links: list[str] = []  # followed after the walk: a file reached both ways is listed under its real folder
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
         dirnames[:] = sorted(name for name in dirnames if may_hold(os.path.join(dirpath, name)))
-        for name in dirnames:
-            link = os.path.join(dirpath, name)
-            if os.path.islink(link) and follow(link):
-                yield from _walk(link, select, may_hold)
+        links += [link for link in (os.path.join(dirpath, name) for name in dirnames)
+                  if os.path.islink(link) and follow(link)]
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if select(path) and is_input_file(path, unreadable=True):
                 yield path
     yield from _folders(unlisted, may_hold)
+    for link in links:
+        yield from _walk(link, select, may_hold)
 
 
 def _folders(errors: list[OSError], may_hold) -> Iterator[str]:

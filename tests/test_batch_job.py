@@ -420,6 +420,10 @@ def test_a_glob_walks_linked_folders_it_matches_never_hidden_ones_and_only_what_
     assert listed("*") == ["2025-01-01/deep/scan.png", "2026-12-01/scan.png", "2026-12-02/scan.png", "loose.png"]
     assert "loose.png" not in listed("*/") and "2026-12-02/scan.png" in listed("*/")
     assert listed("**/scan.png") == ["2025-01-01/deep/scan.png", "2026-12-02/scan.png"]  # links not followed by **
+    os.symlink(incoming, incoming / "2026-12-02" / "loop")  # audit: `**` followed a link back up, hidden names too
+    assert listed("**") == ["2025-01-01/deep/scan.png", "2026-12-02/scan.png", "loose.png"]
+    os.symlink(incoming / "2026-12-02", incoming / "2026-12-03")  # a link to a folder also listed: its real path
+    assert listed("2026-12-0*") == ["2026-12-01/scan.png", "2026-12-02/scan.png"]
     entered = []
     real_walk = os.walk
 

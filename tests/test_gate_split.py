@@ -194,3 +194,8 @@ def test_a_training_split_image_now_out_of_scope_is_accounted_for_not_missing(pa
     serving = tmp_path / "serving"
     assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
     assert read_json(serving / "pneumonia" / "2" / "metadata.json")["gate"]["rows"] == TRAIN_IMAGES
+    meta["source"] = {"split_counts": {"train": {"images": TRAIN_IMAGES}}}  # a run since: training skipped it (audit)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert read_json(serving / "pneumonia" / "3" / "metadata.json")["gate"]["rows"] == TRAIN_IMAGES
