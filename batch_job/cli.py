@@ -37,9 +37,10 @@ exit codes:
   1    the outputs do not account for every image, a worker failed, or someone else created OUT_DIR while
        the job ran: nothing published
   2    refused before anything is written: a bad or unknown argument or runner, a missing input path, a model
-       missing or failing verification, OUT_DIR not empty (without --overwrite), unwritable, overlapping an
-       input or the model, empty, the working directory or holding it, a symbolic link or a file, the ledger
-       unusable or in use, no image found with --fail-if-empty
+       missing or failing verification, OUT_DIR not empty (without --overwrite), holding a folder the user may
+       not empty (when it is to be replaced), unwritable, overlapping an input or the model, an empty --output
+       or --ledger, the working directory or holding it, a symbolic link, a mount point or a file, the ledger
+       unusable or in use, a URI input that cannot be listed, no image found with --fail-if-empty
   3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
   4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
   130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched

@@ -32,7 +32,8 @@ JPEG, PNG or DICOM), without retraining or TensorFlow:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--verify", metavar="VERSION_DIR", help="verify serving_models/<name>/<version> and exit 0/1")
+    p.add_argument("--verify", metavar="VERSION_DIR",
+                   help="verify serving_models/<name>/<version> and exit 0/1 (2: no such folder)")
     p.add_argument("--run-dir", help="a run directory written by `python -m train`")
     p.add_argument("--add-gate", metavar="VERSION_DIR",
                    help="publish VERSION_DIR again as a new version with an input gate: fitted on the training "

@@ -35,7 +35,8 @@ exit codes:
        class, an unknown model, --split not summing to 1, --batch-size < 1 or --learning-rate <= 0,
        --select-by site_roc_auc without --site-dir, a non-empty RUN_DIR without --overwrite, VGG19 weights not
        in the Keras cache
-  130  Ctrl-C: RUN_DIR not published, the partial run removed
+  130  Ctrl-C: RUN_DIR not published, the partial run removed; one while RUN_DIR is renamed into place waits for
+       it (exit 0, with a warning); one after that says "after RUN_DIR <path> was written"
   143  SIGTERM (kill, docker stop, systemd): the same
 """
 
