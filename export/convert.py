@@ -118,7 +118,8 @@ def to_onnx(keras_model, image_size: int, opset: int, path: str) -> None:
         f.write(model_proto.SerializeToString())
 
 
-def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, int]:
+def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IMAGES,
+                  modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> tuple[np.ndarray, int]:
     """>= n images from the run's test split (then val, then train if test is small), plus all-zeros and all-ones.
 
     ExportInputError (exit 2: an incomplete run, not a disagreement) when the split lists no image, or fewer than
@@ -132,7 +133,7 @@ def parity_images(run_dir: str, config: PreprocessConfig, n: int = MIN_PARITY_IM
         if len(images) >= n:
             break
         try:
-            images.append(read_model_input(ex.path, config))
+            images.append(read_model_input(ex.path, config, modalities))
         except ImageError:
             continue
     if not images or len(images) < min(n, len(rows)):
@@ -158,6 +159,7 @@ def parity(keras_model, session, x: np.ndarray, threshold: float) -> dict:
 
 
 def build_reference(run_dir: str, config: PreprocessConfig, export_model, session, x: np.ndarray, staging: str,
+                    modalities: tuple[str, ...],
                     log=print) -> dict:
     """reference.npz (the validation split's probabilities and embeddings) and splits.csv in `staging`, after
     checking the ONNX embedding against Keras on the parity images x; -> metadata.json's `reference`."""
@@ -170,7 +172,7 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
                           f"{span:.3e}; nothing published")
     rows = read_split_csv(os.path.join(run_dir, "split.csv"))
     val = [ex.path for ex, split in rows if split == "val"]
-    images, ok, _failed = load_images(val, config)
+    images, ok, _failed = load_images(val, config, modalities=modalities)
     if not ok:
         raise ExportInputError("no image of the run's validation split could be read (moved data?); nothing published")
     ref = reference.compute(session, images)
@@ -185,11 +187,12 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
-def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, log=print) -> dict | None:
+def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, modalities: tuple[str, ...],
+             log=print) -> dict | None:
     """The input gate fitted on the run's training split (export/gate_fit.py); None, said, when it cannot be."""
     train = [ex.path for ex, split in read_split_csv(os.path.join(run_dir, "split.csv")) if split == "train"]
     try:
-        return write_gate(staging, session, train, config, len(train), log)
+        return write_gate(staging, session, train, config, len(train), log, modalities)
     except UnreadableTrainingSplit as exc:
         raise ExportInputError(f"input gate: {exc}; nothing published") from None
     except GateFitError as exc:  # too few rows for a covariance: the package goes without a content check, said
@@ -248,7 +251,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
         threshold = site["threshold"] if site else metrics["chosen_threshold"]
-        x, n_images = parity_images(run_dir, config)
+        trained = tuple(run_info.get("modalities") or DEFAULT_MODALITIES)  # the DICOM the run read (train --modalities)
+        x, n_images = parity_images(run_dir, config, modalities=trained)
         result = parity(keras_model, session, x, threshold)
         result.update(split_images=n_images, edge_inputs=2, conversion_seconds=round(seconds, 2))
         log(f"parity on {n_images} split images + zeros + ones: max |Δp| {result['max_abs_diff']:.2e}, "
@@ -263,8 +267,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             if not heat["parity"]["passed"]:
                 raise ParityError(f"heatmap parity failed: max |Δ| {heat['parity']['max_abs_diff']:.3e} > "
                                   f"{heat['parity']['tolerance']:.3e}; nothing published")
-        ref = build_reference(run_dir, config, export_model, session, x, staging, log) if dim else None
-        gate_spec = fit_gate(run_dir, staging, session, config, log) if dim else None
+        ref = build_reference(run_dir, config, export_model, session, x, staging, trained, log) if dim else None
+        gate_spec = fit_gate(run_dir, staging, session, config, trained, log) if dim else None
         meta = build_metadata(name=name, version=version, arch=arch, run_dir=run_dir, metrics=metrics,
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,

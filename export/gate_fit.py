@@ -14,6 +14,7 @@ import numpy as np
 
 from train.data import DataError, find_examples, load_images
 from xray_core import gate, reference
+from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import sha256_file
 from xray_core.package import score
 from xray_core.preprocessing import OUT_OF_SCOPE, PreprocessConfig
@@ -40,10 +41,10 @@ def training_paths(training_dir: str, splits_file: str) -> list[str]:
 
 
 def embeddings(session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
-               log=print) -> np.ndarray:
+               log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> np.ndarray:
     """The graph's `embedding` of every readable image of paths, (n, D) float32 (unreadable ones said and left out).
     UnreadableTrainingSplit when `expected` (the run's training-split count) are not exactly what could be read."""
-    images, ok, failed = load_images(paths, config)
+    images, ok, failed = load_images(paths, config, modalities=modalities)
     for path, err in failed[:5]:
         log(f"input gate: skipped {path}: {err}")
     # out of scope: a run trained before 2026-12-02 trained on such images (not missing), a later one skipped them
@@ -57,14 +58,14 @@ def embeddings(session, paths: list[str], config: PreprocessConfig, expected: in
 
 
 def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
-               log=print) -> dict:
+               log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> dict:
     """Fit the gate on the embeddings of `paths` (the training split; `expected` of them must be readable when
     given), write package_dir/gate.npz, derive the limit from package_dir's reference rows -> metadata.json's
     `gate`."""
     rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
     log(f"input gate: scoring {len(paths)} training-split images")
     try:
-        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, expected, log), rows)
+        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, expected, log, modalities), rows)
     except gate.GateError as exc:
         raise GateFitError(str(exc)) from None
     path = os.path.join(package_dir, gate.FIT_FILE)

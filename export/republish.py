@@ -169,8 +169,9 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
         log(f"input gate: {meta.model_id} records no training-split count: fitting on all {len(paths)} images of "
             f"{training_dir} that {reference.SPLITS_FILE} does not list")
     try:  # exactly `expected` of them must be readable (the images training skipped are the difference)
+        trained = TrainingData.from_dict(meta.training_data).modalities or DEFAULT_MODALITIES
         return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config,
-                                   expected, log)
+                                   expected, log, trained)
     except gate_fit.GateFitError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
 

@@ -459,3 +459,31 @@ def test_files_without_a_usable_patient_id_fall_back_to_the_name_rules(tmp_path)
         ["IM-0010", "person77", "IM-0011", "person5", "PAT-42"]
     # the rules of the name still hold for a DICOM file named like Kaggle's, when its header has no patient
     assert patient_of(_dicom_of(tmp_path / "IM-0012-0001.dcm", "", seed=3)) == "IM-0012"
+
+
+def test_training_reads_dicom_of_the_modalities_it_is_given(tmp_path):
+    """Review: training read DICOM with the job's default modalities only (CR, DX); `train --modalities` is the job's
+    option, recorded in run.json and, through export, in the package's training_data (its reference and gate follow
+    it)."""
+    from dicom_factory import dicom_bytes, xray_like
+    from train.__main__ import parse_args
+    from train.data import load_images
+    from xray_core.training_data import TrainingData
+
+    paths = []
+    for i, modality in enumerate(("CR", "OT")):
+        paths.append(str(tmp_path / f"{i}.dcm"))
+        with open(paths[-1], "wb") as f:
+            f.write(dicom_bytes(xray_like(64, 64, seed=i), modality=modality))
+    config = PreprocessConfig(image_size=32)
+    _, ok, failed = load_images(paths, config)
+    assert ok == [0] and failed == [(paths[1], "out of scope: Modality OT not allowed (allowed: CR, DX)")]
+    _, ok, failed = load_images(paths, config, modalities=("CR", "DX", "OT"))
+    assert ok == [0, 1] and failed == []
+    assert parse_args(["--data-dir", "d", "--output-dir", "o"]).modalities == ("CR", "DX")
+    assert parse_args(["--data-dir", "d", "--output-dir", "o", "--modalities", "cr, ot"]).modalities == ("CR", "OT")
+    with pytest.raises(SystemExit):
+        parse_args(["--data-dir", "d", "--output-dir", "o", "--modalities", ","])
+    data = TrainingData.from_dict({"source": "x", "data_dir": "/d", "modalities": ["CR", "OT"]})
+    assert data.modalities == ("CR", "OT") and TrainingData.from_dict(data.to_dict()) == data
+    assert "modalities" not in TrainingData.from_dict({"source": "x", "data_dir": "/d"}).to_dict()  # shipped ones

@@ -99,7 +99,7 @@ def test_metadata(published, version, arch):
         expected = {k: v for k, v in metrics[src].items() if k != "classification_report"}
         assert meta["test_metrics"][key] == expected
     assert meta["test_metrics"]["at_chosen"]["threshold"] == meta["decision_threshold"]
-    assert meta["training_data"] == {"source": SOURCE, "data_dir": str(published["data"])}
+    assert meta["training_data"] == {"source": SOURCE, "data_dir": str(published["data"]), "modalities": ["CR", "DX"]}
     card = (d / "MODEL_CARD.md").read_text()
     assert f"The images under `{published['data']}` ({SOURCE}), re-split" in card and "Kermany" not in card
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 import threading
 
+from xray_core.dicom_header import parse_modalities
 from xray_core.errors import Terminated
 from xray_core.interrupts import GATE, exit_with
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the training images come from (population, site, licence), as the exported model card "
                         "and the job's report state it; 'kermany2018' for the Kaggle chest-xray-pneumonia set the "
                         "shipped models were trained on (default: not recorded, and they say so)")
+    p.add_argument("--modalities", default="CR,DX", metavar="LIST",
+                   help="DICOM Modality values read, as the batch job's --modalities (default CR,DX); other DICOM "
+                        "files of the folders are skipped, with the reason")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output dir")
     p.set_defaults(**RECIPE)
     return p
@@ -119,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.select_by is None:
         args.select_by = default_select_by(args.site_dir)
+    try:
+        args.modalities = parse_modalities(args.modalities)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 

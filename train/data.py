@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
+from xray_core.dicom_header import DEFAULT_MODALITIES, DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
 from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, read_model_input
@@ -198,20 +198,21 @@ def read_split_csv(path: str | os.PathLike) -> list[tuple[Example, str]]:
 
 
 def _load_one(args):
-    path, config = args
+    path, config, modalities = args
     try:
-        return read_model_input(path, config), None
+        return read_model_input(path, config, modalities), None
     except ImageError as exc:
         return None, str(exc)
 
 
 def load_images(
-    paths: Sequence[str], config: PreprocessConfig, workers: int | None = None
+    paths: Sequence[str], config: PreprocessConfig, workers: int | None = None,
+    modalities: Sequence[str] = DEFAULT_MODALITIES,
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Read images as the batch job does (read_model_input), in parallel -> (array (n_ok, S, S, 1), ok indices,
-    [(path, error)]): an error for each that cannot be decoded or that the job leaves out of scope."""
+    """Read images as the batch job does with `--modalities` (read_model_input), in parallel -> (array (n_ok, S, S,
+    1), ok indices, [(path, error)]): an error for each that cannot be decoded or that the job leaves out of scope."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(p, config) for p in paths]
+    jobs = [(p, config, tuple(modalities)) for p in paths]
     if workers > 1 and len(paths) > 64:
         # spawn, not fork: the caller may already run TensorFlow's threads
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -95,10 +95,10 @@ def run(args) -> int:
     return 0
 
 
-def _load_site(site_dir: str, config) -> tuple[list, np.ndarray, np.ndarray]:
+def _load_site(site_dir: str, config, modalities) -> tuple[list, np.ndarray, np.ndarray]:
     """The site sample: ROOT/{NORMAL,PNEUMONIA}/* -> (examples, images, labels). Never trained on."""
     examples = find_examples(site_dir)
-    images, ok, failed = load_images([e.path for e in examples], config)
+    images, ok, failed = load_images([e.path for e in examples], config, modalities=modalities)
     for path, err in failed:
         _log(f"skipped site image {path}: {err}")
     examples = [examples[i] for i in ok]
@@ -192,7 +192,7 @@ def _train_and_report(name, args, data, site, run_dir, config, vgg_weights) -> t
 def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -> None:
     t0 = time.perf_counter()
     _log(f"found {len(examples)} images ({', '.join(f'{c} {sum(e.label == c for e in examples)}' for c in CLASSES)})")
-    images, ok, failed = load_images([e.path for e in examples], config)
+    images, ok, failed = load_images([e.path for e in examples], config, modalities=args.modalities)
     for path, err in failed:
         _log(f"skipped {path}: {err}")
     examples = [examples[i] for i in ok]
@@ -220,7 +220,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
     data = _split_arrays(images, labels, splits)
     _check_splits(data)
     _log("split: " + ", ".join(f"{k} {len(y)} ({int(y.sum())} pneumonia)" for k, (_, y) in data.items()))
-    site = _load_site(args.site_dir, config) if args.site_dir else None
+    site = _load_site(args.site_dir, config, args.modalities) if args.site_dir else None
 
     rows = [_train_and_report(name, args, data, site, run_dir, config, vgg_weights)[0] for name in models]
     best = max(rows, key=lambda r: r[args.select_by])["model"]
@@ -233,6 +233,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
         "command": "python -m train " + shlex.join(getattr(args, "argv", None) or sys.argv[1:]),  # pastes into a shell
         "args": {k: v for k, v in vars(args).items() if k != "written"},  # main()'s own, not an option
         "data_dir": os.path.abspath(args.data_dir),
+        "modalities": list(args.modalities),  # the DICOM modalities read (export's reference and gate follow it)
         "site_dir": os.path.abspath(args.site_dir) if args.site_dir else None,
         "images_found": len(examples) + len(failed),
         "images_used": len(examples),

@@ -23,16 +23,22 @@ NOT_RECORDED = "not recorded (train --data-source)"
 class TrainingData:
     source: str | None = None  # KERMANY_2018, the user's own words, or None: not recorded
     data_dir: str | None = None  # the training folder, as run.json recorded it
+    modalities: tuple[str, ...] | None = None  # the DICOM modalities training read (train --modalities); None: CR, DX
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "TrainingData":
         data = data if isinstance(data, dict) else {}
         # a sentence goes on after it: no closing full stop
         source = str(data["source"]).strip().rstrip(".;,") if data.get("source") is not None else ""
-        return cls(source or None, str(data["data_dir"]) if data.get("data_dir") is not None else None)
+        modalities = data.get("modalities")
+        return cls(source or None, str(data["data_dir"]) if data.get("data_dir") is not None else None,
+                   tuple(str(m) for m in modalities) if isinstance(modalities, (list, tuple)) and modalities else None)
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "data_dir": self.data_dir}
+        out = {"source": self.source, "data_dir": self.data_dir}
+        if self.modalities is not None:  # packages before 2026-12-02 (and their round trip) have no such key
+            out["modalities"] = list(self.modalities)
+        return out
 
     @property
     def kermany(self) -> bool:
