@@ -18,16 +18,19 @@ from xray_core.files import LOCK_FILE, remove_dir, take_abandoned_lock
 LOG = logging.getLogger("batch_job")
 RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
 ANY_TEMP = re.compile(rf".+\.tmp-\d+@[^@/]+-{RANDOM}(\.discarded)?\Z")  # a job's temp dir, for any OUT_DIR
-# What a temp dir holds: README "Outputs", the job's scratch folder, half-written ``.*.tmp`` files, and the
-# scratch files that jobs before the scratch folder kept beside the outputs (a temp dir they left when killed)
-JOB_FILES = re.compile(r"(\.owner\.lock|scratch|predictions-\d+\.csv|metrics\.json|report\.(md|html)|\w+\.png|"
-                       r"worklist\.csv|model_card\.md|out_of_scope|heatmaps|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|_drift-\d+\.npz)\Z")
+# What a published OUT_DIR holds at its top (README "Outputs"), with the lock file a kill may leave there
+PUBLISHED = (r"\.owner\.lock|predictions-\d+\.csv|metrics\.json|report\.(md|html)|worklist\.csv|model_card\.md|"
+             r"(histogram|confusion|roc|drift|drift_trend)\.png|heatmaps|out_of_scope")
+# What a temp dir holds: that, the job's scratch folder, half-written ``.*.tmp`` files, and what jobs before the
+# scratch folder kept beside the outputs (a temp dir they left when killed), figures of earlier versions included
+JOB_FILES = re.compile(rf"({PUBLISHED}|scratch|\w+\.png|\..+\.tmp|_listing\.jsonl|_(ledger|heatmaps)-\d+\.jsonl|"
+                       r"_drift-\d+\.npz)\Z")
 PARKED_FILES = (LOCK_FILE, "old")
-# What a published OUT_DIR holds (README "Outputs"), by folder: the only names a rerun may replace without --overwrite
-OUTPUTS = {"": re.compile(r"(\.owner\.lock|predictions-\d+\.csv|metrics\.json|report\.(md|html)|worklist\.csv|"
-                          r"model_card\.md|(histogram|confusion|roc|drift|drift_trend)\.png|heatmaps|out_of_scope)\Z"),
-           "heatmaps": re.compile(r"(\d{4,}-[0-9a-f]{12}\.png|index\.csv)\Z"),
-           "out_of_scope": re.compile(r"\d{4,}-[0-9a-f]{12}\.png\Z")}  # ranks past 9,999: five digits
+# What a published OUT_DIR holds, by folder: the only names a rerun may replace without --overwrite
+RANKED_PNG = r"\d{4,}-[0-9a-f]{12}\.png"  # heatmaps.png_name (ranks past 9,999: five digits)
+OUTPUTS = {"": re.compile(rf"({PUBLISHED})\Z"), "heatmaps": re.compile(rf"({RANKED_PNG}|index\.csv)\Z"),
+           "out_of_scope": re.compile(rf"{RANKED_PNG}\Z")}
+
 
 def parked_name(base: str) -> re.Pattern:
     return re.compile(re.escape(base) + rf"\.old-{RANDOM}\Z")

@@ -136,11 +136,7 @@ def main(argv=None) -> int:
             raise
         return _stopped(stopped, PUBLISHED)
     finally:
-        if code == 0 and argv is None and previous:  # the process's own command, done: every later signal is held
-            GATE.hold()  # through its exit (TensorFlow's teardown, a second), which would say 130/143, "nothing
-        else:  # published"; before 2026-12-02 the default handler was back for a moment: exit 143 without a line
-            GATE.uninstall(previous)
-        held = GATE.take_pending()
+        held = GATE.finish(previous, exiting=code == 0 and argv is None and bool(previous))
     if held and code == 0:
         print(f"warning: {held} arrived while the version was being published; it was published first",
               file=sys.stderr)

@@ -155,11 +155,7 @@ def main(argv=None) -> int:
         print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; {done}", file=sys.stderr)
         code = 143 if term else 130
     finally:
-        if code == 0 and argv is None and previous:  # the process's own command, done: every later signal is held
-            GATE.hold()  # through its exit (TensorFlow's teardown), which would say 130/143 "not published" (QA)
-        else:
-            GATE.uninstall(previous)
-        held = GATE.take_pending()
+        held = GATE.finish(previous, exiting=code == 0 and argv is None and bool(previous))
     if held and code == 0:
         print(f"warning: {held} arrived while RUN_DIR was being published; it was published first", file=sys.stderr)
     return code

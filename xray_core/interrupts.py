@@ -58,6 +58,17 @@ class InterruptGate:
         if sys.unraisablehook == self.unraisable:
             sys.unraisablehook = self._unraisable
 
+    def finish(self, previous: dict, exiting: bool) -> str:
+        """A command's end: for the process's own command that succeeded (`exiting`), hold every later signal through
+        the interpreter's exit (TensorFlow's teardown, a second), which would otherwise say 130/143, "nothing
+        published" (putting back the default handler first left an instant for exit 143 without a line); else put
+        back the handlers it replaced. -> the name of a signal held while publishing ("" when none)."""
+        if exiting:
+            self.hold()
+        else:
+            self.uninstall(previous)
+        return self.take_pending()
+
     def unraisable(self, unraisable) -> None:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.raised):
             self._unraisable(unraisable)
