@@ -301,7 +301,7 @@ def patched_frame_size(data: bytes, marker: bytes, rows: int, cols: int) -> byte
 def test_a_codestream_claiming_more_pixels_than_its_header_is_refused_before_decoding(syntax, marker):
     """An 8 KB DICOM whose JPEG frame header claimed 30000 x 30000 (Rows and Columns 224) took 4.5 GB in the decoder
     before pydicom noticed; the frame header is now read first."""
-    from xray_core.dicom import jpeg_frame_size
+    from xray_core.jpeg_frame import jpeg_frame_size
 
     ds = dicom_dataset(xray_like(96, 80, bits=8 if syntax == uid.JPEGBaseline8Bit else 12).astype(
         np.uint8 if syntax == uid.JPEGBaseline8Bit else np.uint16), bits_stored=None if syntax == uid.JPEGBaseline8Bit
@@ -482,3 +482,56 @@ def test_pixel_data_longer_than_its_header_says_is_an_error_row(rows):
     odd = dicom_bytes(xray_like(95, 81, bits=8).astype(np.uint8), bits_stored=8, modality="DX")
     assert len(pydicom.dcmread(io.BytesIO(odd)).PixelData) == 95 * 81 + 1  # padded to an even length
     assert preprocess_image(odd, CFG).shape == (CFG.image_size, CFG.image_size, 1)
+
+
+def _rle_with_one_byte_changed(size: int = 128) -> bytes:
+    """An RLE file whose first segment's first run byte says "repeat the next byte 128 times" (one changed byte):
+    pylibjpeg-rle 2 panics on it (Rust "index out of bounds")."""
+    data = bytearray(dicom_bytes(xray_like(size, size), syntax=uid.RLELossless))
+    header = data.find(b"\x02\x00\x00\x00\x40\x00\x00\x00")  # the RLE header: 2 segments, the first at offset 64
+    data[header + 64] = 0x81
+    return bytes(data)
+
+
+def test_a_decoder_that_panics_gives_the_file_an_error_not_the_whole_night():
+    """QA: pyo3's PanicException derives from BaseException, so a Rust plugin's panic on one corrupt RLE file passed
+    every `except Exception` and failed the whole job (exit 1, nothing published, ~300 lines of traceback)."""
+    try:
+        decode_dicom(_rle_with_one_byte_changed(), None)  # a later pylibjpeg-rle may decode it or refuse it
+    except ValueError as exc:
+        assert str(exc).startswith("DICOM pixel data not decodable (RLE Lossless): ")
+
+
+def test_any_base_exception_of_a_decoder_is_the_files_error_but_an_interrupt_is_not(monkeypatch):
+    import pydicom.pixels
+
+    from xray_core.errors import Terminated
+
+    class PanicException(BaseException):  # pyo3's, as a plugin raises it
+        pass
+
+    data = dicom_bytes(xray_like(64, 64), syntax=uid.RLELossless)
+    for raised, expected in [(PanicException("index out of bounds"), ValueError), (Terminated(), Terminated),
+                             (KeyboardInterrupt(), KeyboardInterrupt), (SystemExit(3), SystemExit)]:
+        def crash(*args, _raised=raised, **kwargs):
+            raise _raised
+
+        monkeypatch.setattr(pydicom.pixels, "pixel_array", crash)
+        with pytest.raises(expected) as e:
+            decode_dicom(data, None)
+        if expected is ValueError:
+            assert str(e.value) == ("DICOM pixel data not decodable (RLE Lossless): decoder crashed: "
+                                    "index out of bounds")
+
+
+@pytest.mark.parametrize("syntax", [uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless])
+def test_a_compressed_file_cut_short_says_so(syntax):
+    """QA: a compressed file cut anywhere in its pixel data (a transfer that stopped) said "DICOM without pixel
+    data", which sends the operator looking for the wrong fault."""
+    data = dicom_bytes(xray_like(128, 128), syntax=syntax)
+    with pytest.raises(ValueError, match=r"^DICOM pixel data cut short \(the file ends inside it\)$"):
+        decode_dicom(data[:int(len(data) * 0.9)], None)
+    without = dicom_dataset(xray_like(64, 64))
+    del without.PixelData
+    with pytest.raises(ValueError, match="^DICOM without pixel data$"):
+        decode_dicom(to_bytes(without), None)

@@ -200,7 +200,7 @@ def test_a_dicomdir_is_out_of_scope_not_a_file_cut_short():
     ds.DirectoryRecordSequence = []
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    assert header_problem(read_dicom_header(buf.getvalue())) == "DICOM without Modality (allowed: CR, DX)"
+    assert header_problem(read_dicom_header(buf.getvalue())).startswith("DICOMDIR: the index of a CD or USB export")
 
 
 def test_is_dicom_looks_at_the_first_132_bytes_only():
@@ -309,3 +309,16 @@ def test_a_file_pydicom_repairs_while_reading_is_read_without_a_word_in_the_log(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "implicit VR" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("pixel data longer than its header says") == 2  # logged and warned
+
+
+def test_a_dicomdir_is_out_of_scope_as_the_index_it_is():
+    """QA: the DICOMDIR every CD or USB export holds was "DICOM without Modality (allowed: CR, DX)", an image that
+    "still needs a read" in report.html. pydicom's own DICOMDIR test file, by its bytes."""
+    from pydicom.data import get_testdata_file
+
+    with open(get_testdata_file("DICOMDIR"), "rb") as f:
+        header = read_dicom_header(f.read())
+    assert header.sop_class_uid == "1.2.840.10008.1.3.10" and not header.modality
+    assert header_problem(header) == ("DICOMDIR: the index of a CD or USB export, not an image (its images are "
+                                      "files beside it)")
+    assert header_problem(DicomHeader(modality="")) == "DICOM without Modality (allowed: CR, DX)"

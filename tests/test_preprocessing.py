@@ -320,3 +320,39 @@ def test_training_and_calibration_read_a_file_as_the_batch_job_scores_it(tmp_pat
             (tmp_path / name).write_bytes(b"")
         with pytest.raises(ImageError, match=f"^{error}$"):
             read_model_input(str(tmp_path / name), CFG)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_lossless_jpeg_is_decoded_at_full_size_and_scores_as_its_png(channels):
+    """QA: Pillow's draft() to a reduced scale on a lossless JPEG (SOF3: a DICOM export saved as .jpg) corrupted
+    the heap and killed the whole job (exit 134, nothing published). Run in a child process, so that the old
+    behaviour fails this test instead of the test run; 20 decodes, as the crash did not come every time."""
+    script = (
+        "import io, sys\n"
+        "import imagecodecs, numpy as np\n"
+        "from PIL import Image\n"
+        "from xray_core.preprocessing import PreprocessConfig, preprocess_image\n"
+        "rng = np.random.default_rng(0)\n"
+        "gray = np.clip(rng.normal(120, 40, (1100, 1400)), 0, 255).astype(np.uint8)\n"
+        f"pixels = gray if {channels} == 1 else np.stack([gray] * 3, axis=-1)\n"
+        "jpeg = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1)\n"
+        "png = io.BytesIO(); Image.fromarray(gray).save(png, format='PNG')\n"
+        "cfg = PreprocessConfig(image_size=64)\n"
+        "inputs = [preprocess_image(jpeg, cfg) for _ in range(20)]\n"
+        "print(max(float(np.abs(x - preprocess_image(png.getvalue(), cfg)).max()) for x in inputs))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-1000:])
+    assert float(proc.stdout) == 0.0  # the same pixels as its PNG, decoded at full size
+
+
+def test_only_a_jpeg_with_a_dct_frame_is_decoded_at_a_reduced_scale():
+    import imagecodecs
+
+    from xray_core.jpeg_frame import scalable_jpeg
+
+    gray = np.full((100, 80), 128, np.uint8)
+    assert scalable_jpeg(encode(Image.fromarray(gray), "JPEG"))
+    assert scalable_jpeg(encode(Image.fromarray(gray), "JPEG", progressive=True))
+    assert not scalable_jpeg(imagecodecs.jpeg8_encode(gray, lossless=True))
+    assert not scalable_jpeg(b"\xff\xd8\xff\xe0\x00\x02")  # no frame header found: full size

@@ -32,6 +32,7 @@ from xray_core.dicom_header import (  # noqa: F401 - is_dicom: preprocessing's i
 )
 from xray_core.errors import one_line
 from xray_core.intensity import BLOCK_ROWS, stretch_to_uint8
+from xray_core.jpeg_frame import jpeg_frame_size
 
 # pydicom logs each decoder plugin's failure with its traceback (ERROR) before raising one error that names every
 # plugin and its message: that error becomes the file's one-line reason, so the tracebacks would only flood stderr
@@ -52,6 +53,8 @@ JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "
                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
                                "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
+# (7FE0,0010) Pixel Data as a little-endian file writes its tag
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +102,9 @@ def read_dicom(data: bytes, max_pixels: int | None) -> DecodedDicom:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
         raise ValueError(f"corrupt DICOM: {one_line(exc)}") from None
-    if "PixelData" not in ds:
-        raise ValueError("DICOM without pixel data")
+    if "PixelData" not in ds:  # the tag's bytes are there when the file ends inside the element (a cut transfer)
+        raise ValueError("DICOM pixel data cut short (the file ends inside it)" if _PIXEL_DATA_TAG in data
+                         else "DICOM without pixel data")
     try:
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -206,25 +210,6 @@ def check_native_length(ds, syntax, rows: int, cols: int, samples: int) -> None:
                          f"sample(s) of {bits} bits, {frames} frame(s)) needs {expected}")
 
 
-# start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (ITU T.81 B.1.1.3) and JPEG-LS's SOF55 (T.87)
-SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
-
-
-def jpeg_frame_size(stream: bytes) -> tuple[int, int] | None:
-    """(rows, columns) of a JPEG or JPEG-LS codestream from its frame header (T.81 B.2.2: length, precision, lines,
-    samples per line), stepping over the marker segments before it; None when there is none."""
-    pos = 2  # after SOI
-    while pos + 9 <= len(stream) and stream[pos] == 0xFF:
-        marker = stream[pos + 1]
-        if marker == 0xFF:  # a fill byte
-            pos += 1
-            continue
-        if marker in SOF_MARKERS:
-            return int.from_bytes(stream[pos + 5:pos + 7], "big"), int.from_bytes(stream[pos + 7:pos + 9], "big")
-        pos += 2 + int.from_bytes(stream[pos + 2:pos + 4], "big")
-    return None
-
-
 def _first(value):
     """An element's first value (a multi-valued window gives several)."""
     return value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
@@ -294,7 +279,21 @@ def first_frame(ds, syntax: str) -> np.ndarray:
     plugin = PREFERRED_PLUGIN.get(syntax, "")
     if plugin:
         try:
-            return pixel_array(ds, index=0, decoding_plugin=plugin)
+            return _decoded(pixel_array, ds, index=0, decoding_plugin=plugin)
         except Exception:  # noqa: BLE001 - the other plugins get their turn, and their error is the one reported
             pass
-    return pixel_array(ds, index=0)
+    return _decoded(pixel_array, ds, index=0)
+
+
+def _decoded(call, *args, **kwargs):
+    """call(*args, **kwargs), with a decoder's crash as an error of the file: a Rust plugin's panic (pylibjpeg-rle on
+    one changed byte of an RLE stream: "index out of bounds") comes out as pyo3's PanicException, a BaseException,
+    which passed every `except Exception` and failed the whole night (QA). Interrupts and exits still go through."""
+    try:
+        return call(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see above
+        raise RuntimeError(f"decoder crashed: {one_line(exc)}") from None

@@ -55,6 +55,7 @@ VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PO
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 # pydicom.uid's DigitalXRay-, DigitalMammographyXRay- and DigitalIntraOralXRayImageStorageForProcessing, spelled out
 # so that importing this module (the preprocessing module does, for every JPEG too) does not import pydicom
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR's SOP class (PS3.10)
 FOR_PROCESSING_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.1.1.1",
     "1.2.840.10008.5.1.4.1.1.1.2.1",
@@ -104,8 +105,13 @@ class DicomHeader:
 
     @classmethod
     def from_dataset(cls, ds) -> "DicomHeader":
-        """From a pydicom Dataset (with or without its pixel data)."""
-        return cls(**{field: _text(ds, keyword) for field, keyword in _KEYWORDS.items()})
+        """From a pydicom Dataset (with or without its pixel data); a SOP class only the file meta names (a
+        DICOMDIR's) as the SOP class."""
+        header = cls(**{field: _text(ds, keyword) for field, keyword in _KEYWORDS.items()})
+        meta = getattr(ds, "file_meta", None)
+        if not header.sop_class_uid and meta is not None:
+            header = dataclasses.replace(header, sop_class_uid=_text(meta, "MediaStorageSOPClassUID"))
+        return header
 
     def identifiers(self) -> dict[str, str]:
         """The worklist identifiers under their DICOM keywords (PatientID, ..., ViewPosition)."""
@@ -275,6 +281,8 @@ def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DE
     """Why the image is out of scope, in one line, or None when its header allows scoring. A reason that depends on
     the allowed modalities names them at its end, "(allowed: CR, DX)" (:func:`modalities_named`)."""
     allowed = normalised(allowed_modalities)
+    if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:  # every CD or USB export holds one; QA: "without Modality"
+        return "DICOMDIR: the index of a CD or USB export, not an image (its images are files beside it)"
     modality = header.modality.upper()
     if not modality:
         return f"DICOM without Modality{_allowed(allowed)}"

@@ -28,6 +28,7 @@ from xray_core.dicom_header import (
 )
 from xray_core.errors import ImageError, one_line
 from xray_core.intensity import stretch_to_uint8
+from xray_core.jpeg_frame import scalable_jpeg
 from xray_core.reading import read_file
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
@@ -124,17 +125,18 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
         raise ImageError(f"unsupported image format {img.format}")
     _check_size(img, config)
     jpeg = img.format in JPEG_FORMATS
+    draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
     if jpeg and img.info.get("progressive") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers (FF is
         raise ImageError(f"progressive JPEG of more than {MAX_JPEG_SCANS} scans")  # stuffed in coded data)
     stored_rgb = img.info.get("adobe_transform") == 0  # RGB planes, not YCbCr: libjpeg cannot hand out YCbCr
     if jpeg and img.mode == "RGB" and not stored_rgb:
         # Decoded as YCbCr, libjpeg's luma plane is exactly what decoding to "L" gives (no colour conversion
         # either way), and the chroma planes tell a colour photograph from a gray scan saved in colour.
-        img.draft("YCbCr", (config.image_size, config.image_size) if config.jpeg_draft else img.size)
+        img.draft("YCbCr", (config.image_size, config.image_size) if draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
         return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
-    if config.jpeg_draft and jpeg:  # an RGB-stored JPEG stays RGB: its colour is checked
+    if draft:  # an RGB-stored JPEG stays RGB: its colour is checked
         img.draft("RGB" if stored_rgb else "L", (config.image_size, config.image_size))
     img.load()
     img = ImageOps.exif_transpose(img)
