@@ -190,7 +190,7 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
     """One row per path, in order: decoded in batches of spec.batch_size and scored. `labels` are the folder
     labels the listing found for the paths (default: none). The input gate runs before and after the network:
     a DICOM header out of scope or an image the cheap checks refuse is never scored; an image whose embedding is
-    past the package's limit gets no probability either."""
+    past the package's limit, or that its orientation check finds upside down, gets no probability either."""
     labels = labels or [""] * len(paths)
     config = PreprocessConfig.from_dict(spec.preprocessing)
     session = get_session(spec.model_path, spec.intra_op_threads)
@@ -228,9 +228,9 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
         if arrays:
             got = score(session, np.stack(arrays), heatmap=spec.with_heatmap, embedding=embedding,
                         batch_size=len(arrays))
-            distances = content_check.distances(got.embedding) if content_check is not None else None
+            reasons = content_check.reasons(got.embedding, arrays) if content_check is not None else [None] * len(slots)
             for j, i in enumerate(slots):
-                reason = content_check.reason(float(distances[j])) if distances is not None else None
+                reason = reasons[j]
                 if reason:
                     out[i] = out_of_scope_row(*chunk[i], spec, reason, digests[i], headers[i])
                     continue

@@ -3,10 +3,11 @@
     python -m bench.hostile                      # makes /tmp/pneumonia-hostile first
     python -m bench.bench_gate [--model serving_models/pneumonia] [--hostile /tmp/pneumonia-hostile]
 
-Runs `python -m batch_job` once over every group (the hostile corpus's folders; the site sample; the package's
-internal test split from its splits.csv, as symlinks) and tabulates, per group: images, out of scope, flagged
-PNEUMONIA, failed. The targets (issue "input gate"): non-X-rays >= 95% out of scope and none flagged; inverted or
-rotated X-rays >= 80% out of scope; real X-rays (site sample, internal test split) <= 1% out of scope.
+Runs `python -m batch_job` once over every group (the hostile corpus's folders; the site sample, as it is and
+turned by 180 degrees; the package's internal test split from its splits.csv, as symlinks) and tabulates, per group:
+images, out of scope, flagged PNEUMONIA, failed. The targets (issue "input gate"): non-X-rays >= 95% out of scope and
+none flagged; inverted or rotated X-rays >= 80% out of scope (upside down: the orientation check, from version 7);
+real X-rays (site sample, internal test split) <= 1% out of scope.
 """
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def internal_test_split(version_dir: str, folder: str) -> str:
     return folder
 
 
+def upside_down(folder: str, out: str) -> str:
+    """The images under folder turned by 180 degrees, as PNGs in out (a check's copy: temporary, never kept)."""
+    from PIL import Image
+
+    os.makedirs(out)
+    for i, path in enumerate(sorted(glob.glob(os.path.join(folder, "**", "*.jpeg"), recursive=True))):
+        with Image.open(path) as img:
+            img.convert("L").transpose(Image.Transpose.ROTATE_180).save(os.path.join(out, f"{i:04d}.png"))
+    return out
+
+
 def run_group(model: str, folder: str, out: str) -> Counter:
     subprocess.run([sys.executable, "-m", "batch_job", "--input", folder, "--model", model, "--output", out,
                     "--heatmaps", "0", "--log-level", "WARNING"], check=True, stdout=subprocess.DEVNULL)
@@ -60,6 +72,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         groups = {sub: os.path.join(args.hostile, sub) for sub in sorted(os.listdir(args.hostile))}
         groups["site sample"] = os.path.join(SHARED, "site_sample")
+        groups["site sample turned 180"] = upside_down(groups["site sample"], os.path.join(tmp, "site_180"))
         groups["internal test split"] = internal_test_split(vdir, os.path.join(tmp, "test_split"))
         rows, non_xray = [], Counter()
         for name, folder in groups.items():

@@ -191,13 +191,19 @@ def gate_section(meta: dict) -> str:
                f"limit comes from the training side alone: the {g['percentile']}th percentile of each reference "
                f"row's distance to a fit on the other {g['folds'] - 1} of {g['folds']} folds "
                f"({g['held_out_quantile']:.1f}),")
+    o = g.get("orientation")
+    turned = "" if not o else (
+        f"An image that is more likely upside down than upright (P > {o['limit']}, a logistic regression on its "
+        f"layout, fitted on the same {o['rows']:,} training-split images upright and turned 180 degrees) is out of "
+        f"scope too: held out ({o['folds']} folds), it refuses {o['held_out_upside_down_refused']:.1%} of scans "
+        f"turned 180 degrees and {o['held_out_upright_refused']:.1%} of upright ones.\n")
     return f"""## Input gate
 Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
 validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later
 time or another machine. Images past it get status `out_of_scope` with the distance as the reason and no prediction.
-DICOM must be CR or DX (not "for processing") of the chest; near-constant images, images with too few grey levels,
-colour photographs and images more than twice as wide as high (or high as wide) are refused before the model runs
-(docs/gate.md).
+{turned}DICOM must be CR or DX (not "for processing") of the chest; near-constant images, images with too few grey
+levels, colour photographs and images more than twice as wide as high (or high as wide) are refused before the model
+runs (docs/gate.md).
 """
 
 

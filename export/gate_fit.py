@@ -2,18 +2,20 @@
 
 The training split's images are scored by the package's own graph (onnxruntime, the package's preprocessing);
 the Ledoit-Wolf fit on their embeddings goes to gate.npz, and the limit comes from the distances of the package's
-reference rows (reference.npz: the validation split, which neither the network nor the fit saw). Export does this
+reference rows (reference.npz: the validation split, which neither the network nor the fit saw). The orientation
+check (xray_core/orientation.py) is fitted on the same images' model inputs and goes to gate.npz too. Export does this
 from the run's split.csv; `export --add-gate VERSION_DIR --training-dir DIR` from the training folder (its images
 that the package's splits.csv does not list as validation or test).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
 from train.data import DataError, find_examples, load_images
-from xray_core import gate, reference
+from xray_core import gate, orientation, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import sha256_file
 from xray_core.package import score
@@ -40,9 +42,9 @@ def training_paths(training_dir: str, splits_file: str) -> list[str]:
     return [e.path for e in found if os.path.normpath(os.path.relpath(e.path, root)) not in listed]
 
 
-def embeddings(session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
-               log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> np.ndarray:
-    """The graph's `embedding` of every readable image of paths, (n, D) float32 (unreadable ones said and left out).
+def model_inputs(paths: list[str], config: PreprocessConfig, expected: int | None = None,
+                 log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> np.ndarray:
+    """Every readable image of paths as a model input, (n, S, S, 1) float32 (unreadable ones said and left out).
     UnreadableTrainingSplit when `expected` (the run's training-split count) are not exactly what could be read."""
     images, ok, failed = load_images(paths, config, modalities=modalities)
     for path, err in failed[:5]:
@@ -54,7 +56,7 @@ def embeddings(session, paths: list[str], config: PreprocessConfig, expected: in
                                       f"trained on {expected} (moved data, or not its training folder)")
     if not ok:
         raise GateFitError("no image of the training split could be read (moved data?)")
-    return score(session, images, embedding=True).embedding
+    return images
 
 
 def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
@@ -64,12 +66,19 @@ def write_gate(package_dir: str, session, paths: list[str], config: PreprocessCo
     `gate`."""
     rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
     log(f"input gate: scoring {len(paths)} training-split images")
+    images = model_inputs(paths, config, expected, log, modalities)
     try:
-        spec, fitted = gate.derive_from_split(embeddings(session, paths, config, expected, log, modalities), rows)
+        spec, fitted = gate.derive_from_split(score(session, images, embedding=True).embedding, rows)
     except gate.GateError as exc:
         raise GateFitError(str(exc)) from None
+    turned, figures = orientation.fit(images) if orientation.fits(config.image_size) else (None, None)
+    if figures is not None and not orientation.usable(figures):
+        log(f"input gate: no orientation check: held out, it refuses {figures['held_out_upside_down_refused']:.1%} of "
+            f"images turned 180 degrees and {figures['held_out_upright_refused']:.1%} of upright ones")
+        turned = figures = None
     path = os.path.join(package_dir, gate.FIT_FILE)
-    gate.write_fit(path, fitted)
-    spec = gate.GateSpec(**{**spec.to_dict(), "file": gate.FIT_FILE, "sha256": sha256_file(path)})
+    gate.write_fit(path, dataclasses.replace(fitted, orientation=turned))
+    spec = gate.GateSpec(**{**spec.to_dict(), "file": gate.FIT_FILE, "sha256": sha256_file(path),
+                            "orientation": figures})
     log(f"input gate: {spec.line()}")
     return spec.to_dict()

@@ -78,9 +78,10 @@ def _inputs(folder):
                                          pytest.param("dask", "training split", marks=pytest.mark.slow)])
 def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_path, runner, fit, request, caplog):
     base, package = request.getfixturevalue("gated" if fit == "reference" else "gated_on_training_split")
-    statistic = json.load(open(os.path.join(package, "metadata.json")))["gate"]["statistic"]
-    assert statistic == {"reference": "mahalanobis_ledoit_wolf",
-                         "training split": "mahalanobis_ledoit_wolf_training_split"}[fit]
+    spec = json.load(open(os.path.join(package, "metadata.json")))["gate"]
+    assert spec["statistic"] == {"reference": "mahalanobis_ledoit_wolf",
+                                 "training split": "mahalanobis_ledoit_wolf_training_split"}[fit]
+    assert "orientation" not in spec  # noise has no top or bottom: no orientation check (tests/test_orientation.py)
     names = _inputs(str(tmp_path / "in"))
     extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
         if runner == "dask" else ["--direct_running_mode=in_memory"]

@@ -20,10 +20,11 @@ numbers only (metadata.json `gate`, gate.npz), never a pickled estimator.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from xray_core import orientation as orient
 from xray_core.files import sha256_file
 
 STATISTIC = "mahalanobis_ledoit_wolf"  # version 5: fitted on the reference rows, k-fold limit
@@ -56,15 +57,23 @@ class GateSpec:
     file: str = ""  # TRAINING_SPLIT: the fit's file in the package, and its sha256
     sha256: str = ""
     held_out_rows: int = 0  # TRAINING_SPLIT: the validation rows whose distances give the limit
+    # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); not hashed (the spec is a
+    # cache key; gate.npz's sha256 already tells two fits apart)
+    orientation: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """metadata.json's `gate`; without `orientation` where there is no such check (as before it existed)."""
+        return {k: v for k, v in asdict(self).items() if k != "orientation" or v is not None}
 
     def line(self) -> str:
         if self.statistic == TRAINING_SPLIT:
+            turned = "" if not self.orientation else (
+                f"; upside down when P > {self.orientation['limit']} (held out: refuses "
+                f"{self.orientation['held_out_upside_down_refused']:.1%} of scans turned 180 degrees, "
+                f"{self.orientation['held_out_upright_refused']:.1%} of upright ones)")
             return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of the distances "
                     f"of {self.held_out_rows} validation rows ({self.held_out_quantile:.1f}) to the fit on "
-                    f"{self.rows} training rows x margin {self.margin}")
+                    f"{self.rows} training rows x margin {self.margin}{turned}")
         return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of {self.rows} "
                 f"held-out reference distances ({self.held_out_quantile:.1f}) x margin {self.margin}")
 
@@ -75,9 +84,12 @@ class GateSpec:
             float(spec.limit) + float(spec.percentile) + float(spec.margin)
             if not isinstance(spec.file, str) or not isinstance(spec.sha256, str):
                 raise TypeError("file and sha256 must be strings")
+            if spec.orientation is not None and not isinstance(spec.orientation, dict):
+                raise TypeError("orientation must be an object")
         except (TypeError, ValueError) as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
         if spec.statistic not in (STATISTIC, TRAINING_SPLIT) or not np.isfinite(spec.limit) or spec.limit <= 0 \
+                or (spec.statistic != TRAINING_SPLIT and spec.orientation is not None) \
                 or (spec.statistic == TRAINING_SPLIT and not spec.file):
             raise GateError(f"metadata gate is unusable: statistic {spec.statistic!r}, limit {spec.limit!r}")
         return spec
@@ -85,17 +97,27 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class Gate:
-    """A fitted content check: distances of embeddings to the reference, and its limit."""
+    """A fitted content check: distances of embeddings to the reference, and its limit; and the orientation check
+    (xray_core/orientation.py) where the package has one."""
 
     location: np.ndarray  # (D,)
     precision: np.ndarray  # (D, D)
     limit: float
+    orientation: orient.Orientation | None = None
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, D) -> (N,) Mahalanobis distances (not squared)."""
         d = np.asarray(embeddings, np.float64) - self.location
         # one matrix product (BLAS), then a row-wise dot: a three-operand einsum would loop in numpy instead
         return np.sqrt(np.maximum(np.einsum("nd,nd->n", d @ self.precision, d), 0.0))
+
+    def reasons(self, embeddings: np.ndarray, arrays) -> list[str | None]:
+        """Why each image is out of scope (its embedding's distance, then its orientation), None where it is not;
+        `arrays`: the (S, S, 1) model inputs the embeddings are of."""
+        distances = self.distances(embeddings)
+        turned = self.orientation.probability(np.stack(arrays)) if self.orientation is not None else None
+        return [self.reason(float(d)) or (None if turned is None else self.orientation.reason(float(turned[j])))
+                for j, d in enumerate(distances)]
 
     def reason(self, distance: float) -> str | None:
         """One line when the distance is past the limit, else None. Both are shown with one decimal, or as many
@@ -165,22 +187,33 @@ def derive_from_split(training: np.ndarray, validation: np.ndarray, percentile: 
 
 
 def write_fit(path: str, fitted: Gate) -> None:
-    """gate.npz: the fit's location (D,) and precision (D, D), float64."""
-    np.savez(path, location=fitted.location, precision=fitted.precision)
+    """gate.npz: the fit's location (D,) and precision (D, D), float64; the orientation check's coefficients
+    (GRID * GRID,) and intercept (1,) where there is one."""
+    turned = {} if fitted.orientation is None else {
+        "orientation_coef": fitted.orientation.coef, "orientation_intercept": np.array([fitted.orientation.intercept])}
+    np.savez(path, location=fitted.location, precision=fitted.precision, **turned)
 
 
-def read_fit(path: str, limit: float) -> Gate:
-    """gate.npz -> the fitted gate; GateError (one line) when it is missing, unreadable or malformed."""
+def read_fit(path: str, limit: float, orientation: bool = False) -> Gate:
+    """gate.npz -> the fitted gate, with its orientation check when `orientation`; GateError (one line) when it is
+    missing, unreadable or malformed."""
     try:
         with np.load(path, allow_pickle=False) as z:
             location, precision = np.asarray(z["location"], np.float64), np.asarray(z["precision"], np.float64)
+            coef, intercept = ((np.asarray(z["orientation_coef"], np.float64),
+                                np.asarray(z["orientation_intercept"], np.float64)) if orientation else (None, None))
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not an npz, a key missing, pickled arrays
         raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
     d = len(location) if location.ndim == 1 else -1
     if d < 1 or precision.shape != (d, d) or not (np.isfinite(location).all() and np.isfinite(precision).all()):
         raise GateError(f"{os.path.basename(path)} is malformed: location {location.shape}, precision "
                         f"{precision.shape}")
-    return Gate(location, precision, float(limit))
+    if not orientation:
+        return Gate(location, precision, float(limit))
+    if coef.shape != (orient.GRID ** 2,) or intercept.shape != (1,) or not np.isfinite(coef).all() \
+            or not np.isfinite(intercept).all():
+        raise GateError(f"{os.path.basename(path)} is malformed: orientation {coef.shape}, {intercept.shape}")
+    return Gate(location, precision, float(limit), orient.Orientation(coef, float(intercept[0])))
 
 
 def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
@@ -194,5 +227,5 @@ def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
             raise GateError(f"{spec.file} is unreadable: {exc.strerror}") from None
         if digest != spec.sha256:
             raise GateError(f"{spec.file} sha256 != metadata {spec.sha256[:16]}… (not the file its package recorded)")
-        return read_fit(path, spec.limit)
+        return read_fit(path, spec.limit, orientation=spec.orientation is not None)
     return fit(reference_rows(), spec.limit)
