@@ -102,9 +102,20 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def fail(message: str, code: int) -> int:
-    sys.stderr.write(f"error: {message}\n")  # one write: worker threads may be logging meanwhile
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"error: {message}\n")  # one write: worker threads may be logging meanwhile
+        sys.stderr.flush()
+    except OSError:  # stderr gone (a full log disk, a closed pipe): the exit code still says what happened
+        mute(sys.stderr)
     return code
+
+
+def mute(stream) -> None:
+    """Point a standard stream that can no longer be written at /dev/null, so that nothing later (the interpreter's
+    exit flushes it) fails on it: Python's advice for a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def main(argv=None, started: float | None = None) -> int:
@@ -148,7 +159,10 @@ def main(argv=None, started: float | None = None) -> int:
         held = GATE.take_pending()  # a Ctrl-C or SIGTERM held while publishing (xray_core/interrupts.py)
     if held:
         LOG.warning("%s arrived while the outputs were being published; the job completed first", held)
-    print(summary(result, out))
+    try:
+        print(summary(result, out), flush=True)
+    except OSError:  # a full log disk, a closed pipe: the night is published and committed all the same (QA: exit
+        mute(sys.stdout)  # 1, which means "nothing published"); the interpreter's exit must not flush into it again
     if args.fail_on_drift and result.drift.detected:
         return fail(f"{summary_line(result.drift)}; outputs published in {out} (--fail-on-drift)", 4)
     return 0

@@ -170,6 +170,8 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
     """Everything the template shows; every string from outside (paths, reasons) already through display()."""
     c = r.counts
     state = drift_state(r.drift)
+    after = min(len(r.flagged), tiles_cap)
+    rows = worklist_rows(r, out_dir, after, rows_cap)
     cards = [("found", c.found, ""), ("scored", c.scored, ""), ("failed", c.failed, "fail"),
              ("out of scope", c.out_of_scope, "fail"), ("skipped (ledger)", c.skipped, ""),
              ("flagged PNEUMONIA", r.positive_count, "flag"),
@@ -185,7 +187,8 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
         "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
-        "rows": worklist_rows(r, out_dir, min(len(r.flagged), tiles_cap), rows_cap), "worklist_rows": r.worklist.rows,
+        "rows": rows, "worklist_rows": r.worklist.rows,
+        "rows_left": sum(rank > after for rank, _ in r.worklist.flagged) - len(rows),
         "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped,

@@ -5,6 +5,7 @@ holding LOCK_FILE with its lock free, and nothing but what the job writes (outdi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import IO
 
 from batch_job.errors import InputError
 from batch_job.ledger import publishing
+from batch_job.ledger_lookup import read_only
 from xray_core.files import LOCK_FILE, remove_dir, take_abandoned_lock
 
 LOG = logging.getLogger("batch_job")
@@ -114,3 +116,21 @@ def orphaned(out: str, ledger: str) -> bool:
         return False
     claimed = publishing(ledger, run_id)
     return claimed is not None and os.path.realpath(claimed) == os.path.realpath(out)
+
+
+def refuse_rerun(out: str, ledger: str) -> None:
+    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed: rerun with the same
+    ledger, every image of that night is skipped, so its reading list would be replaced by an empty one (QA: the
+    worklist of 14 flagged scans and their heatmaps, gone)."""
+    if not (os.path.isdir(out) and os.listdir(out) and os.path.exists(ledger)):
+        return
+    with contextlib.closing(read_only(ledger)) as conn:
+        try:
+            rows = conn.execute("SELECT run_id, out_dir, finished_utc FROM runs WHERE images_new >= 0").fetchall()
+        except Exception:  # noqa: BLE001 - a new ledger has no runs table yet: no night of it to lose
+            return
+    night = next((r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
+    if night:
+        raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} (committed {night[2]}): run "
+                         "again with this ledger, all its images would be skipped and --overwrite would replace its "
+                         "reading list with an empty one; give another --output")

@@ -90,16 +90,22 @@ def _is_empty(folder: str) -> bool:
         return False
 
 
-def _unremovable(out: str) -> str | None:
-    """The first folder at or below OUT_DIR that this user cannot empty (read, write and search permission), else
-    None: publishing moves an existing OUT_DIR into a folder beside it (which needs write permission on OUT_DIR
-    itself) and deletes it. Folders only; an OUT_DIR holds a few."""
+def _unremovable(out: str) -> tuple[str, str] | None:
+    """The first folder at or below OUT_DIR that the job may not empty, and why, else None: publishing moves an
+    existing OUT_DIR into a folder beside it (which needs write permission on OUT_DIR itself) and deletes it. One this
+    user lacks read, write or search permission on; or a mount point, whose files are another filesystem's (QA: an
+    --overwrite deleted them, then left the folder behind for good). Folders only; an OUT_DIR holds a few."""
+    lacking = "this user may not delete what {} holds (it needs read, write and search permission there)"
     if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
-        return out
+        return out, lacking
     for dirpath, dirnames, _ in os.walk(out):
         for path in (os.path.join(dirpath, name) for name in dirnames):
-            if not os.path.islink(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-                return path
+            if os.path.islink(path):
+                continue
+            if os.path.ismount(path):
+                return path, "{} is a mount point: the job never deletes another filesystem's files"
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                return path, lacking
     return None
 
 
@@ -123,8 +129,7 @@ def refuse_existing(out: str, overwrite: bool) -> None:
         raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
     locked = _unremovable(out) if filled else None
     if locked:  # it failed only after the whole night was scored (moving OUT_DIR aside needs write permission on it)
-        raise InputError(f"output dir {out} cannot be replaced: this user may not delete what {locked} holds (it "
-                         "needs read, write and search permission there)")
+        raise InputError(f"output dir {out} cannot be replaced: {locked[1].format(locked[0])}")
     blocked = blocking_ancestor(out)
     if blocked:
         raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")

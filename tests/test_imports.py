@@ -135,11 +135,13 @@ def test_the_command_entry_point_runs_the_job_and_exits_0(tmp_path, monkeypatch,
                                       "--direct_running_mode=in_memory"])
     from xray_core.interrupts import GATE
 
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(GATE, "depth", GATE.depth)  # the command holds signals once done: undone after the test
     try:
         assert main() == 0
     finally:
-        signal.signal(signal.SIGINT, handler)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # published: held through the exit
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         gc.unfreeze()  # main() leaves the objects of its process to the exit; this one goes on
     assert "scored 4/4 images" in capsys.readouterr().out

@@ -24,7 +24,16 @@ from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import iter_images
 from batch_job.synthetic import make_tree
 from dicom_factory import dicom_bytes
-from helpers import REPO, assert_one_line_error, job, read_predictions, textured, write_bad_inputs, write_package
+from helpers import (
+    REPO,
+    assert_one_line_error,
+    job,
+    read_predictions,
+    snapshot,
+    textured,
+    write_bad_inputs,
+    write_package,
+)
 from xray_core.files import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -877,3 +886,77 @@ def test_publishing_keeps_the_lock_until_the_rename_so_a_kill_leaves_nothing_unr
     outdir._held.pop(left).close()
     leftovers.clean_leftovers(str(tmp_path / "night3"))  # ... goes with the next run into the same parent
     assert sorted(os.listdir(tmp_path)) == ["night"]
+
+
+@pytest.mark.parametrize("stdout", ["full disk", "closed pipe"])
+def test_a_log_that_cannot_be_written_after_the_night_is_published_does_not_fail_it(small_tree, tmp_path, stdout):
+    """QA: with the cron recipe's log on a full disk (or stdout a pipe whose reader had gone), the summary line
+    failed after OUT_DIR was published and the ledger committed: exit 1, which means "nothing published". Here
+    stdout and stderr are /dev/full (every write: ENOSPC), or a pipe closed before the job starts."""
+    serving = str(tmp_path / "serving")
+    write_package(serving)
+    out, book = str(tmp_path / "night"), str(tmp_path / "ledger.sqlite")
+    cmd = [sys.executable, "-m", "batch_job", "--input", small_tree, "--model", os.path.join(serving, "pneumonia"),
+           "--output", out, "--ledger", book, "--direct_running_mode=in_memory"]
+    if stdout == "full disk":
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=full, stderr=full, timeout=120)
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=write, stderr=subprocess.DEVNULL, timeout=120)
+        os.close(write)
+    assert proc.returncode == 0
+    assert len(read_predictions(out)) == 20 and len(ledger_rows(book)) == 20
+
+
+def test_a_ledger_with_a_damaged_page_is_refused_before_any_image_is_read(tmp_path, small_tree):
+    """QA: random bytes over one 4 KB page of a ledger gave, by page, a Beam traceback and exit 1, exit 3 every night,
+    or exit 0 committing into a file that fails SQLite's integrity check. Now every damage SQLite's quick_check
+    sees is refused up front: exit 2, one line naming the ledger, nothing written."""
+    from batch_job.ledger import LedgerError, check_usable
+
+    good = str(tmp_path / "good.sqlite")
+    with Ledger(good) as book:
+        book.commit("r1", "/o", "pneumonia/1", [(f"{i:064x}", 0.5, f"/data/{i}.png") for i in range(3000)])
+    data = open(good, "rb").read()
+    pages, refused = len(data) // 4096, []
+    rng = np.random.default_rng(0)
+    for page in range(1, pages):
+        path = str(tmp_path / f"p{page}.sqlite")
+        with open(path, "wb") as f:
+            f.write(data[:page * 4096] + rng.bytes(4096) + data[(page + 1) * 4096:])
+        try:
+            check_usable(path)
+        except LedgerError as exc:
+            assert "\n" not in str(exc)
+            refused.append((page, str(exc)))
+    assert pages >= 20 and len(refused) == pages - 1  # every damaged page: none of it is free space here
+    assert sum("is damaged (SQLite quick_check: " in line for _, line in refused) >= pages // 4  # measured: 79 of 188
+    ledger = str(tmp_path / "p3.sqlite")
+    before = sha256_file(ledger)
+    serving = str(tmp_path / "serving")
+    write_package(serving)
+    rc = main(["--input", small_tree, "--model", os.path.join(serving, "pneumonia"), "--output",
+               str(tmp_path / "night"), "--ledger", ledger])
+    assert rc == 2 and not os.path.exists(tmp_path / "night") and sha256_file(ledger) == before
+
+
+def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_tree, tmp_path, capsys):
+    """QA: the same night run again with --overwrite and the same ledger skipped all its images (the ledger knows
+    them) and replaced its worklist of flagged scans, and their heatmaps, with an empty one. It is refused (exit 2,
+    nothing touched); another --output, or another ledger, runs."""
+    serving = str(tmp_path / "serving")
+    write_package(serving)
+    out, book = str(tmp_path / "night"), str(tmp_path / "ledger.sqlite")
+    args = ["--input", small_tree, "--model", os.path.join(serving, "pneumonia"), "--ledger", book,
+            "--direct_running_mode=in_memory"]
+    assert main(args + ["--output", out]) == 0
+    before, ledger_before = snapshot(out), sha256_file(book)
+    capsys.readouterr()
+    rc = main(args + ["--output", out, "--overwrite"])
+    assert_one_line_error(capsys, rc, f"output dir {out} holds night ", f"of ledger {book} (committed ",
+                          "all its images would be skipped and --overwrite would replace its reading list")
+    assert snapshot(out) == before and sha256_file(book) == ledger_before
+    assert main(args + ["--output", str(tmp_path / "again")]) == 0  # its images skipped, into another folder
+    assert main(args[:4] + ["--output", out, "--overwrite", "--direct_running_mode=in_memory"]) == 0  # no ledger

@@ -231,3 +231,25 @@ def test_the_card_never_prints_a_negative_zero_drop():
     text = _verdict(faith)
     assert "-0.000" not in text
     assert "mean drop 0.000 against 0.012)" in text and "(mean drop 0.000 against 0.000;" in text
+
+
+def test_an_unreadable_model_file_fails_verification_in_one_line(tmp_path, monkeypatch, capsys):
+    """QA: a model.onnx the job's user may not read (mode 000) ended the job with exit 1 and "job failed
+    (PermissionError)" instead of exit 2, failed verification, as an unreadable gate.npz or metadata.json did."""
+    import xray_core.verify
+    from batch_job.cli import main as batch_main
+
+    vdir = write_package(str(tmp_path / "serving"))
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(xray_core.verify, "sha256_file", unreadable)
+    checks = verify_package(vdir)
+    assert [c.line() for c in checks if not c.ok] == [
+        f"FAIL sha256: {os.path.join(vdir, 'model.onnx')} is unreadable: Permission denied"]
+    (tmp_path / "in").mkdir()
+    rc = batch_main(["--input", str(tmp_path / "in"), "--model", vdir, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (f"error: model {vdir} failed verification: FAIL sha256: "
+                                   f"{os.path.join(vdir, 'model.onnx')} is unreadable: Permission denied")

@@ -268,3 +268,22 @@ def test_names_with_a_newline_or_a_tab_are_shown_as_escapes_not_as_other_names()
     assert html_report.display("/d/\ttab.jpeg") == "/d/\\ttab.jpeg"
     assert html_report.display("/d/a b é.jpeg") == "/d/a b é.jpeg"  # spaces and letters as they are
     assert html_report.display(os.fsdecode(b"/d/M\xfcller\r.png")) == "/d/M\\xfcller\\r.png"
+
+
+def test_flagged_rows_the_table_leaves_out_are_said_and_pointed_at_the_worklist(tmp_path):
+    """QA: with more flagged images than the table shows (its cap, halved while the page is over 1 MB), the heading
+    said "2100 flagged" and the table ended at rank 512 without a word of the rest."""
+    from batch_job.worklist import Entry, WorklistSummary
+
+    paths = [f"/data/PNEUMONIA/{i}.png" for i in range(9)]
+    flagged = [Flagged(0.99 - 0.01 * i, p, "") for i, p in enumerate(paths)]
+    listed = WorklistSummary(9, [(i + 1, Entry(p, "ok", f"{0.99 - 0.01 * i:.4f}", "PNEUMONIA"))
+                                 for i, p in enumerate(paths)])
+    result = replace(run_result(counts=reconciliation([0.99 - 0.01 * i for i in range(9)]), flagged=flagged),
+                     worklist=listed)
+    for rows_cap, left in ((4, 3), (7, 0)):
+        ctx = html_report.context(result, str(tmp_path), [], tiles_cap=2, rows_cap=rows_cap)
+        assert [r["rank"] for r in ctx["rows"]] == list(range(3, 3 + min(rows_cap, 7))) and ctx["rows_left"] == left
+        text = " ".join(re.sub(r"<[^>]+>", "", html.unescape(html_report.render(ctx))).split())
+        said = "3 more flagged images, down to rank 9, are not shown here: worklist.csv lists them in the same order."
+        assert (said in text) == bool(left)

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 
 from xray_core.errors import Terminated
@@ -105,8 +106,14 @@ class InterruptGate:
         return "" if not held else "SIGTERM" if held == signal.SIGTERM else "Ctrl-C"
 
     def hold(self) -> None:
-        """Hold every signal from now on (the command's outputs are published; the process is about to exit)."""
+        """Hold every signal from now on (the command's outputs are published; the process is about to exit). In the
+        main thread the signals are ignored from here: the interpreter's exit puts back the default handler of every
+        signal that has a Python handler, and a SIGTERM in the rest of that exit then ended a night that was
+        published and committed with 143, "nothing published" (QA: 5 of 5 sent within 30 ms of the last line)."""
         self.depth += 1
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
     @contextlib.contextmanager
     def deferred(self):

@@ -171,7 +171,10 @@ def model_checks(version_dir: str, meta: Metadata) -> list[Check]:
     model_path = os.path.join(version_dir, MODEL_FILE)
     if not os.path.isfile(model_path):
         return checks + [Check("sha256", False, f"{model_path} is missing")]
-    digest = sha256_file(model_path)
+    try:
+        digest = sha256_file(model_path)
+    except OSError as exc:  # unreadable (permissions): a failed check, exit 2, not the job's crash (exit 1)
+        return checks + [Check("sha256", False, f"{model_path} is unreadable: {exc.strerror}")]
     same = digest == meta.sha256
     verdict = "matches" if same else f"!= metadata {meta.sha256[:16]}…"
     checks.append(Check("sha256", same, f"{digest[:16]}… {verdict}"))
