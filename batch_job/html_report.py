@@ -26,6 +26,8 @@ MAX_BYTES = 1_000_000
 MAX_TEXT = 200  # characters shown of a path or an error
 CAPS = (500, 500)  # tiles, error rows shown at most (halved until the page fits MAX_BYTES)
 MAX_FLAGGED_ROWS = 2000  # flagged images listed in the worklist table (the rest: worklist.csv)
+# an image two inputs reach (overlapping folders, a glob and a folder) is one row (listing.iter_images)
+PER_INPUT_NOTE = "An image that several inputs reach is listed and counted once, under the first of them."
 OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
 
 
@@ -183,6 +185,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cards": [{"key": k, "value": v, "css": css} for k, v, css in cards],
         "per_input": [{"input": display(k), **v} for k, v in c.per_input.items()],
+        "per_input_note": PER_INPUT_NOTE,
         "histogram": "histogram.png", "drift": drift_section(r.drift, out_dir),
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
         "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],

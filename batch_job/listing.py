@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from typing import Iterator
@@ -9,6 +10,8 @@ from typing import Iterator
 from batch_job.errors import InputError
 from xray_core.errors import one_line
 from xray_core.preprocessing import is_image_file, is_input_file
+
+LOG = logging.getLogger("batch_job")
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB_CHARS = ("*", "?", "[")
@@ -146,16 +149,21 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
     row says so (scoring.read_input), where skipping it would lose its images without a word."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     links: list[str] = []  # followed after the walk: a file reached both ways is listed under its real folder
+    passed: list[str] = []  # links not followed: said, never a silent quiet night (QA)
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
         dirnames[:] = sorted(name for name in dirnames if may_hold(os.path.join(dirpath, name)))
-        links += [link for link in (os.path.join(dirpath, name) for name in dirnames)
-                  if os.path.islink(link) and follow(link)]
+        for link in (os.path.join(dirpath, name) for name in dirnames):
+            if os.path.islink(link):
+                (links if follow(link) else passed).append(link)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if select(path) and is_input_file(path, unreadable=True):
                 yield path
     yield from _folders(unlisted, may_hold)
+    if passed:
+        LOG.warning("%d symbolic link(s) to folders under %s not followed (%s%s): name them as --input, or with a "
+                    "glob, to score what they hold", len(passed), root, passed[0], ", ..." if len(passed) > 1 else "")
     for link in links:
         yield from _walk(link, select, may_hold)
 

@@ -67,6 +67,8 @@ def report_markdown(r: RunResult) -> str:
              "|---|---|---|---|---|---|"]
     lines += [f"| `{k}` | {v['found']} | {v['scored']} | {v['failed']} | {v.get('out_of_scope', 0)} | {v['skipped']} |"
               for k, v in c.per_input.items()]
+    if len(c.per_input) > 1:
+        lines += ["", html_report.PER_INPUT_NOTE]
     counts, edges = r.probability_histogram()
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {n} |" for lo, hi, n in zip(edges, edges[1:], counts)]

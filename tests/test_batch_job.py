@@ -372,6 +372,25 @@ def test_a_file_reached_twice_is_listed_once(tmp_path, monkeypatch):
         assert resolved(path, cache) == os.path.realpath(path)
 
 
+def test_a_symlinked_folder_that_is_not_followed_is_said(tmp_path, caplog):
+    """QA: a day folder linked into the input (`mix/NORMAL -> /nas/...`) was skipped without a word: "scored 0/0",
+    a quiet night, exit 0. Links to folders are still not followed (no loops), but the log says which."""
+    make_tree(str(tmp_path / "nas"), per_class=2, size=64, seed=3)
+    (tmp_path / "mix").mkdir()
+    for label in ("NORMAL", "PNEUMONIA"):
+        os.symlink(tmp_path / "nas" / label, tmp_path / "mix" / label)
+    with caplog.at_level("WARNING", logger="batch_job"):
+        assert list(iter_images([str(tmp_path / "mix")])) == []
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    mix = tmp_path / "mix"
+    assert said == [f"2 symbolic link(s) to folders under {mix} not followed ({mix / 'NORMAL'}, ...): name them as "
+                    "--input, or with a glob, to score what they hold"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batch_job"):  # named as the input itself: walked, nothing to say
+        assert len(list(iter_images([str(tmp_path / "mix" / "NORMAL")]))) == 2
+    assert not caplog.records
+
+
 def test_glob_input_and_newest_version(labelled_tree, tmp_path):
     root, _ = labelled_tree
     serving = str(tmp_path / "serving")

@@ -287,3 +287,16 @@ def test_flagged_rows_the_table_leaves_out_are_said_and_pointed_at_the_worklist(
         text = " ".join(re.sub(r"<[^>]+>", "", html.unescape(html_report.render(ctx))).split())
         said = "3 more flagged images, down to rank 9, are not shown here: worklist.csv lists them in the same order."
         assert (said in text) == bool(left)
+
+
+def test_inputs_that_overlap_are_said_to_count_each_image_once(tmp_path):
+    """QA: `--input X --input X/NORMAL` showed X/NORMAL as "found 0" with no word why: its images were X's."""
+    one = run_result(counts=reconciliation([0.9, 0.1]))
+    two = replace(one, counts=replace(one.counts, per_input={
+        "X": {"found": 2, "scored": 2, "failed": 0, "skipped": 0, "out_of_scope": 0},
+        "X/NORMAL": {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}}))
+    note = "An image that several inputs reach is listed and counted once, under the first of them."
+    assert note in report.report_markdown(two) and note not in report.report_markdown(one)
+    os.makedirs(tmp_path / "two")
+    html_report.write_html(str(tmp_path / "two"), two, [])
+    assert note in parse(str(tmp_path / "two" / "report.html"))[1]
