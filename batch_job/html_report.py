@@ -191,7 +191,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
         "rows": rows, "worklist_rows": r.worklist.rows,
-        "rows_left": sum(rank > after for rank, _ in r.worklist.flagged) - len(rows),
+        "rows_left": r.positive_count - after - len(rows),  # the worklist summary keeps only the first flagged rows
         "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped,

@@ -118,19 +118,21 @@ def orphaned(out: str, ledger: str) -> bool:
     return claimed is not None and os.path.realpath(claimed) == os.path.realpath(out)
 
 
-def refuse_rerun(out: str, ledger: str) -> None:
-    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed: rerun with the same
-    ledger, every image of that night is skipped, so its reading list would be replaced by an empty one (QA: the
-    worklist of 14 flagged scans and their heatmaps, gone)."""
+def refuse_rerun(out: str, ledger: str, model: str) -> None:
+    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed with this model:
+    rerun with the same ledger, every image of that night is skipped, so its reading list would be replaced by one
+    without them (QA: the worklist of 14 flagged scans and their heatmaps, gone). Another model (a new version)
+    skips none of them: its rerun replaces the night with a whole one."""
     if not (os.path.isdir(out) and os.listdir(out) and os.path.exists(ledger)):
         return
     with contextlib.closing(read_only(ledger)) as conn:
         try:
-            rows = conn.execute("SELECT run_id, out_dir, finished_utc FROM runs WHERE images_new >= 0").fetchall()
+            rows = conn.execute("SELECT run_id, out_dir, finished_utc FROM runs WHERE images_new >= 0 AND model = ?",
+                                (model,)).fetchall()
         except Exception:  # noqa: BLE001 - a new ledger has no runs table yet: no night of it to lose
             return
     night = next((r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
     if night:
-        raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} (committed {night[2]}): run "
-                         "again with this ledger, all its images would be skipped and --overwrite would replace its "
-                         "reading list with an empty one; give another --output")
+        raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
+                         f"{night[2]}): run again with this ledger and model, all its images would be skipped and "
+                         "--overwrite would replace its reading list with one without them; give another --output")

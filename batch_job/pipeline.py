@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     out = os.path.abspath(args.output)
     leftovers.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     if args.ledger and args.overwrite:
-        leftovers.refuse_rerun(out, args.ledger)
+        leftovers.refuse_rerun(out, args.ledger, model.model_id)
     outdir.refuse_existing(out, replaceable(args, out))
     with Ledger(args.ledger) if args.ledger else contextlib.nullcontext() as book:
         overwrite = replaceable(args, out)  # again, now that this job holds the ledger

@@ -193,10 +193,11 @@ def gate_section(meta: dict) -> str:
                f"({g['held_out_quantile']:.1f}),")
     o = g.get("orientation")
     turned = "" if not o else (
-        f"An image that is more likely upside down than upright (P > {o['limit']}, a logistic regression on its "
-        f"layout, fitted on the same {o['rows']:,} training-split images upright and turned 180 degrees) is out of "
-        f"scope too: held out ({o['folds']} folds), it refuses {o['held_out_upside_down_refused']:.1%} of scans "
-        f"turned 180 degrees and {o['held_out_upright_refused']:.1%} of upright ones.\n")
+        f"An image that looks more likely upside down than upright (P > {o['limit']}, a logistic regression on its "
+        f"layout, fitted on the same {o['rows']:,} training-split images, upright or mirrored against turned 180 "
+        f"degrees or flipped top to bottom) is out of scope too: held out ({o['folds']} folds), it refuses "
+        f"{o['held_out_upside_down_refused']:.1%} of the turned or flipped scans and "
+        f"{o['held_out_upright_refused']:.1%} of the upright ones.\n")
     return f"""## Input gate
 Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
 validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later

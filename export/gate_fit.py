@@ -72,6 +72,8 @@ def write_gate(package_dir: str, session, paths: list[str], config: PreprocessCo
     except gate.GateError as exc:
         raise GateFitError(str(exc)) from None
     turned, figures = orientation.fit(images) if orientation.fits(config.image_size) else (None, None)
+    if figures is None:
+        log(f"input gate: no orientation check: image_size {config.image_size} is not a multiple of {orientation.GRID}")
     if figures is not None and not orientation.usable(figures):
         log(f"input gate: no orientation check: held out, it refuses {figures['held_out_upside_down_refused']:.1%} of "
             f"images turned 180 degrees and {figures['held_out_upright_refused']:.1%} of upright ones")

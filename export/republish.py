@@ -140,6 +140,11 @@ def with_gate(meta: Metadata, staging: str, training_dir: str | None = None, log
         raise RepublishError(f"{source} has no embedding output or no reference: no gate can be derived")
     if training_dir is not None:
         return dataclasses.replace(meta, gate=training_split_gate(meta, staging, training_dir, log))
+    if (meta.gate or {}).get("statistic") == gate.TRAINING_SPLIT:  # review: it published a weaker default silently
+        source = (meta.source or {}).get("republished_from", meta.model_id)
+        raise RepublishError(f"{source}'s gate is fitted on its training split (with its orientation check, if any): "
+                             "without --training-dir it would be replaced by one derived from the reference rows "
+                             "alone; give --training-dir; nothing published")
     fit_file = os.path.join(staging, gate.FIT_FILE)
     if os.path.exists(fit_file):
         os.remove(fit_file)  # the source's training-split fit, replaced by the reference-rows gate

@@ -130,13 +130,22 @@ def test_verify_fails_a_changed_fit_or_a_loosened_limit(package, training_dir, t
     assert [c.name for c in failed] == ["input gate"] and "gate.npz sha256 != metadata" in failed[0].detail
 
 
-def test_republishing_without_a_training_dir_drops_the_training_fit(package, training_dir, tmp_path):
+def test_republishing_a_training_split_gate_without_a_training_dir_is_refused(package, training_dir, tmp_path,
+                                                                               capsys):
+    """Review: `--add-gate` of such a version without --training-dir published, as the new default, one whose gate
+    came from the reference rows alone (limit 50.1 against 40.7 for version 7) and without its orientation check,
+    without a word. It is refused; with --training-dir it fits the gate again."""
     serving = tmp_path / "serving"
     assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
-    assert export_main(["--add-gate", str(serving / "pneumonia" / "2"), "--serving-dir", str(serving)]) == 0
+    capsys.readouterr()
+    rc = export_main(["--add-gate", str(serving / "pneumonia" / "2"), "--serving-dir", str(serving)])
+    assert_one_line_error(capsys, rc, "error: pneumonia/2 (", "'s gate is fitted on its training split",
+                          "give --training-dir; nothing published")
+    assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "config.pbtxt"]  # no version 3
+    assert export_main(["--add-gate", str(serving / "pneumonia" / "2"), "--serving-dir", str(serving),
+                        "--training-dir", training_dir]) == 0
     v3 = serving / "pneumonia" / "3"
-    assert read_json(v3 / "metadata.json")["gate"]["statistic"] == gate.STATISTIC
-    assert not (v3 / "gate.npz").exists() and all(c.ok for c in verify_package(str(v3)))
+    assert read_json(v3 / "metadata.json")["gate"]["statistic"] == gate.TRAINING_SPLIT
 
 
 def test_a_folder_that_is_not_the_training_folder_is_refused(package, training_dir, tmp_path, capsys):

@@ -955,8 +955,12 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     before, ledger_before = snapshot(out), sha256_file(book)
     capsys.readouterr()
     rc = main(args + ["--output", out, "--overwrite"])
-    assert_one_line_error(capsys, rc, f"output dir {out} holds night ", f"of ledger {book} (committed ",
+    assert_one_line_error(capsys, rc, f"output dir {out} holds night ", f"of ledger {book} by pneumonia/1 (committed ",
                           "all its images would be skipped and --overwrite would replace its reading list")
     assert snapshot(out) == before and sha256_file(book) == ledger_before
     assert main(args + ["--output", str(tmp_path / "again")]) == 0  # its images skipped, into another folder
+    write_package(serving, version=2)  # a new version skips none of them: its rerun replaces the night, whole
+    newer = ["--model", os.path.join(serving, "pneumonia", "2")]
+    assert main(args + newer + ["--output", out, "--overwrite"]) == 0
+    assert {r["model"] for r in read_predictions(out).values()} == {"pneumonia/2"} and len(read_predictions(out)) == 20
     assert main(args[:4] + ["--output", out, "--overwrite", "--direct_running_mode=in_memory"]) == 0  # no ledger

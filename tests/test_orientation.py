@@ -34,7 +34,8 @@ def test_an_upright_layout_is_told_from_the_same_turned_180_degrees_on_images_it
     assert (check.probability(new[:, ::-1, :]) > orientation.LIMIT).all()  # flipped top to bottom
     assert (check.probability(new[:, :, ::-1]) <= orientation.LIMIT).all()  # mirrored: still upright
     p = float(check.probability(new[:1, ::-1, ::-1])[0])
-    assert check.reason(p) == f"upside down (P {p:.2f} from its layout; the model reads upright scans only)"
+    assert check.reason(p) == (f"looks upside down (P {p:.2f}, from its layout): the model reads upright scans only; "
+                               "check how it was taken or exported")
     assert check.reason(0.5) is None
 
 
@@ -65,7 +66,8 @@ def test_the_check_round_trips_through_gate_npz_as_plain_arrays(tmp_path):
     again = gate.read_fit(path, 3.0, orientation=True)
     np.testing.assert_array_equal(again.orientation.coef, fitted.orientation.coef)
     assert again.orientation.intercept == fitted.orientation.intercept
-    assert gate.read_fit(path, 3.0).orientation is None  # a spec without the check does not use it
+    with pytest.raises(gate.GateError, match="holds an orientation check that metadata.json does not record"):
+        gate.read_fit(path, 3.0)  # a spec without the check: its file must not have one
     with np.load(path, allow_pickle=False) as z:
         assert sorted(z.files) == ["location", "orientation_coef", "orientation_intercept", "precision"]
 
@@ -77,7 +79,7 @@ def test_the_gate_gives_the_distance_reason_first_then_the_orientation():
     arrays = [images[0], images[1, ::-1, ::-1], images[2, ::-1, ::-1]]
     reasons = g.reasons(np.array([[0.0, 0.0], [0.0, 1.0], [5.0, 0.0]]), arrays)
     assert reasons[0] is None
-    assert reasons[1].startswith("upside down (P ")
+    assert reasons[1].startswith("looks upside down (P ")
     assert reasons[2].startswith("not like the chest X-rays the model knows (distance 5.0 > limit 3.0)")
     assert gate.Gate(np.zeros(2), np.eye(2), 3.0).reasons(np.zeros((2, 2)), arrays[1:]) == [None, None]
 
@@ -99,3 +101,37 @@ def test_a_malformed_check_in_gate_npz_or_metadata_is_refused(tmp_path):
         gate.GateSpec.from_dict({**spec, "orientation": [1]})
     with pytest.raises(gate.GateError, match="unusable"):  # a gate fitted on reference rows alone has no images
         gate.GateSpec.from_dict({**spec, "statistic": gate.STATISTIC, "orientation": figures})
+
+
+@pytest.mark.parametrize("tamper", ["dropped", "malformed", "loosened"])
+def test_an_orientation_check_edited_in_metadata_fails_verification_and_the_job(tamper, tmp_path, capsys):
+    """Review: with the check's figures deleted from metadata.json (the arrays still in gate.npz), malformed, or its
+    limit and figures loosened by hand, `export --verify` said OK and the job ran with the check off or at 0.5
+    anyway. Each is now a failed check (export --verify: 1; the job: exit 2)."""
+    import json
+    import os
+    import shutil
+
+    from batch_job.cli import main
+    from xray_core.verify import verify_package
+
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serving_models",
+                           "pneumonia", "7")
+    vdir = str(tmp_path / "pneumonia" / "7")
+    shutil.copytree(shipped, vdir)
+    path = os.path.join(vdir, "metadata.json")
+    meta = json.load(open(path))
+    if tamper == "dropped":
+        del meta["gate"]["orientation"]
+    elif tamper == "malformed":
+        meta["gate"]["orientation"] = {"limit": 0.99}
+    else:
+        meta["gate"]["orientation"].update(limit=0.999, held_out_upside_down_refused=0.5)
+    json.dump(meta, open(path, "w"))
+    failed = [c.line() for c in verify_package(vdir) if not c.ok]
+    assert len(failed) == 1 and failed[0].startswith("FAIL input gate: ")
+    assert ("holds an orientation check that metadata.json does not record" in failed[0]) == (tamper == "dropped")
+    assert ("orientation is unusable" in failed[0]) == (tamper != "dropped")
+    (tmp_path / "in").mkdir()
+    rc = main(["--input", str(tmp_path / "in"), "--model", vdir, "--output", str(tmp_path / "out")])
+    assert rc == 2 and "failed verification: FAIL input gate: " in capsys.readouterr().err

@@ -57,8 +57,8 @@ class GateSpec:
     file: str = ""  # TRAINING_SPLIT: the fit's file in the package, and its sha256
     sha256: str = ""
     held_out_rows: int = 0  # TRAINING_SPLIT: the validation rows whose distances give the limit
-    # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); not hashed (the spec is a
-    # cache key; gate.npz's sha256 already tells two fits apart)
+    # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); not hashed (a dict): a cache
+    # keyed by the spec adds whether it has one (batch_job/scoring.py)
     orientation: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
@@ -69,8 +69,8 @@ class GateSpec:
         if self.statistic == TRAINING_SPLIT:
             turned = "" if not self.orientation else (
                 f"; upside down when P > {self.orientation['limit']} (held out: refuses "
-                f"{self.orientation['held_out_upside_down_refused']:.1%} of scans turned 180 degrees, "
-                f"{self.orientation['held_out_upright_refused']:.1%} of upright ones)")
+                f"{self.orientation['held_out_upside_down_refused']:.1%} of scans turned 180 degrees or flipped top to "
+                f"bottom, {self.orientation['held_out_upright_refused']:.1%} of upright ones)")
             return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of the distances "
                     f"of {self.held_out_rows} validation rows ({self.held_out_quantile:.1f}) to the fit on "
                     f"{self.rows} training rows x margin {self.margin}{turned}")
@@ -88,6 +88,11 @@ class GateSpec:
                 raise TypeError("orientation must be an object")
         except (TypeError, ValueError) as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
+        if spec.orientation is not None and (set(spec.orientation) != set(orient.FIGURES)
+                                             or spec.orientation["limit"] != orient.LIMIT
+                                             or not orient.usable(spec.orientation)):
+            raise GateError(f"metadata gate orientation is unusable: {spec.orientation!r:.200} (its limit must be "
+                            f"{orient.LIMIT}, its held-out figures within the gate's targets)")
         if spec.statistic not in (STATISTIC, TRAINING_SPLIT) or not np.isfinite(spec.limit) or spec.limit <= 0 \
                 or (spec.statistic != TRAINING_SPLIT and spec.orientation is not None) \
                 or (spec.statistic == TRAINING_SPLIT and not spec.file):
@@ -202,12 +207,15 @@ def read_fit(path: str, limit: float, orientation: bool = False) -> Gate:
             location, precision = np.asarray(z["location"], np.float64), np.asarray(z["precision"], np.float64)
             coef, intercept = ((np.asarray(z["orientation_coef"], np.float64),
                                 np.asarray(z["orientation_intercept"], np.float64)) if orientation else (None, None))
+            unrecorded = not orientation and "orientation_coef" in z.files
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not an npz, a key missing, pickled arrays
         raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
     d = len(location) if location.ndim == 1 else -1
     if d < 1 or precision.shape != (d, d) or not (np.isfinite(location).all() and np.isfinite(precision).all()):
         raise GateError(f"{os.path.basename(path)} is malformed: location {location.shape}, precision "
                         f"{precision.shape}")
+    if unrecorded:  # metadata.json edited so that the check is off: its file says it had one
+        raise GateError(f"{os.path.basename(path)} holds an orientation check that metadata.json does not record")
     if not orientation:
         return Gate(location, precision, float(limit))
     if coef.shape != (orient.GRID ** 2,) or intercept.shape != (1,) or not np.isfinite(coef).all() \

@@ -24,6 +24,7 @@ import numpy as np
 GRID = 16  # block means per side: the layout, not the detail
 LIMIT = 0.5  # refused when P(upside down) is above it: more likely upside down than upright
 FOLDS = 5
+FIGURES = ("method", "limit", "rows", "folds", "held_out_upright_refused", "held_out_upside_down_refused")
 MAX_UPRIGHT_REFUSED = 0.01  # the input gate's targets: real X-rays <= 1% out of scope,
 MIN_UPSIDE_DOWN_REFUSED = 0.95  # non-X-rays >= 95%
 METHOD = (f"logistic regression on the model input's {GRID}x{GRID} block means: training-split images upright and "
@@ -44,7 +45,8 @@ class Orientation:
     def reason(probability: float) -> str | None:
         """One line when the image is more likely upside down than upright, else None."""
         if probability > LIMIT:
-            return f"upside down (P {probability:.2f} from its layout; the model reads upright scans only)"
+            return (f"looks upside down (P {probability:.2f}, from its layout): the model reads upright scans only; "
+                    "check how it was taken or exported")
         return None
 
 
@@ -86,9 +88,9 @@ def fit(arrays: np.ndarray, seed: int = 0) -> tuple[Orientation, dict]:
     held_out = cross_val_predict(_model(seed), x, y, groups=groups, cv=GroupKFold(FOLDS),
                                  method="predict_proba")[:, 1]
     model = _model(seed).fit(x, y)
-    figures = {"method": METHOD, "limit": LIMIT, "rows": int(len(arrays)), "folds": FOLDS,
-               "held_out_upright_refused": round(float(np.mean(held_out[y == 0] > LIMIT)), 4),
-               "held_out_upside_down_refused": round(float(np.mean(held_out[y == 1] > LIMIT)), 4)}
+    figures = dict(zip(FIGURES, (METHOD, LIMIT, int(len(arrays)), FOLDS,
+                                 round(float(np.mean(held_out[y == 0] > LIMIT)), 4),
+                                 round(float(np.mean(held_out[y == 1] > LIMIT)), 4))))
     return Orientation(model.coef_[0].astype(np.float64), float(model.intercept_[0])), figures
 
 
