@@ -10,8 +10,9 @@ import time
 BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
 # a worker's exit code when SIGINT or SIGTERM ended it (as Python starts: -N; batch_job/beam_worker.py: 128 + N): a
 # signal to the whole process group may end a worker before the job's own handler has run
-STOPPED_BY_SIGNAL = ("-2", "-15", "130", "143")
-SIGNAL_WAIT = 1.0  # seconds the job's handler gets to run before such a worker counts as lost
+STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "129", "130", "143")
+SIGNAL_WAIT = 3.0  # seconds the job's handler gets to run before such a worker counts as lost (1 s was too few for one
+# group SIGHUP in the test suite, under load; a worker the OOM killer ends (SIGKILL) does not wait)
 
 
 def thread_failed(args) -> None:
@@ -55,7 +56,8 @@ def thread_failed(args) -> None:
 
 def main() -> int:
     started = time.perf_counter()
-    from xray_core.interrupts import GATE, Terminated
+    from xray_core.errors import stopped
+    from xray_core.interrupts import GATE
 
     # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
     # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.
@@ -71,9 +73,9 @@ def main() -> int:
     try:
         from batch_job.cli import main as job_main
     except KeyboardInterrupt as exc:  # before the job started: nothing written yet
-        term = isinstance(exc, Terminated)
-        sys.stderr.write(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing published\n")
-        return 143 if term else 130
+        what, code = stopped(exc)
+        sys.stderr.write(f"error: {what}; nothing published\n")
+        return code
 
     logging.getLogger().setLevel(logging.WARNING)  # the job's own logger: --log-level (cli.py)
     for noisy in ("apache_beam", "distributed", "dask"):

@@ -31,8 +31,9 @@ def leave_after_grace(signum, frame) -> None:
 
 
 def main() -> int:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, leave_after_grace)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            signal.signal(signum, leave_after_grace)
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(sys.argv)

@@ -11,7 +11,7 @@ from batch_job.errors import JobError, lost_workers, worker_lost
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
-from xray_core.errors import one_line
+from xray_core.errors import one_line, stopped
 from xray_core.interrupts import GATE, Terminated
 from xray_core.package import PackageError
 
@@ -44,7 +44,7 @@ exit codes:
   3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
   4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
   130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched
-  143  SIGTERM (docker stop, systemd, Kubernetes, kill): the same as Ctrl-C
+  143  SIGTERM (docker stop, systemd, Kubernetes, kill): the same as Ctrl-C (129: SIGHUP, a closed terminal)
   A Ctrl-C or SIGTERM that arrives while OUT_DIR is being published is held until it and the ledger are done.
 
 environment:
@@ -134,8 +134,8 @@ def main(argv=None, started: float | None = None) -> int:
         return fail("the working directory no longer exists: give --output as an absolute path", 2)
     try:
         result = run(args, beam_args, started)
-    except Terminated:
-        return fail("terminated (SIGTERM); nothing published", 143)
+    except Terminated as exc:
+        return fail(f"{stopped(exc)[0]}; nothing published", exc.code)
     except KeyboardInterrupt:
         if lost_workers:  # not a Ctrl-C: batch_job/__main__.py stopped the job for a worker process that ended
             return fail(str(worker_lost(lost_workers[0])), 1)  # runner.execute says it with the worker's output
@@ -146,10 +146,10 @@ def main(argv=None, started: float | None = None) -> int:
         return fail(one_line(exc, 1000), 2)
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
-        stopped = GATE.as_interrupt(exc)  # an interrupt an extension's C code turned into its own error
-        if stopped is not None:
-            return fail(*(("terminated (SIGTERM); nothing published", 143) if isinstance(stopped, Terminated)
-                          else ("interrupted; nothing published", 130)))
+        interrupt = GATE.as_interrupt(exc)  # an interrupt an extension's C code turned into its own error
+        if interrupt is not None:
+            what, code = stopped(interrupt)
+            return fail(f"{what}; nothing published", code)
         if "No space left on device" in str(exc):  # a worker's OSError, wrapped by Beam in its own error's text
             return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; the outputs are written in "
                         f"{os.path.dirname(out)} (OUT_DIR's parent) before they are published: if that disk is "

@@ -6,10 +6,12 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 import threading
 
 from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
+from xray_core.errors import stopped
 from xray_core.interrupts import GATE, Terminated, exit_with
 
 EXIT_CODES = """exit codes:
@@ -17,8 +19,8 @@ EXIT_CODES = """exit codes:
   1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
   2  bad input (a missing or incomplete run, a --verify folder that is not there, a package that does not verify,
      a calibration folder with too few images, a version that exists): one line on stderr, nothing published
-  130  Ctrl-C; 143 SIGTERM: the staging folder removed, nothing published (a staging folder left by an export
-       killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
+  130  Ctrl-C; 143 SIGTERM (129 SIGHUP): the staging folder removed, nothing published (a staging folder left by an
+       export killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
        version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0;
        one that comes later says "after <version> was published"
 
@@ -141,13 +143,13 @@ def main(argv=None) -> int:
         print(f"warning: {held} arrived while the version was being published; it was published first",
               file=sys.stderr)
     elif held:  # the command failed on its own (its line is out): nothing was published
-        return _stopped(Terminated() if held == "SIGTERM" else KeyboardInterrupt(), PUBLISHED)
+        return _stopped(KeyboardInterrupt() if held == "Ctrl-C" else Terminated(signal.Signals[held]), PUBLISHED)
     return code
 
 
 def _stopped(exc: KeyboardInterrupt, published: list[str]) -> int:
-    """The last line and exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
-    what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    """The last line and exit code of a command stopped by Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
+    what, code = stopped(exc)
     done = f"after {published[-1]} was published" if published else "nothing published"
     print(f"error: {what}; {done}", file=sys.stderr)
     return code

@@ -143,7 +143,8 @@ def test_sigterm_stops_the_job_like_ctrl_c(mode, when, slow_tree, night_one, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid-run", "as the workers start"])
-@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "terminated (SIGTERM)"), (signal.SIGINT, "interrupted")])
+@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "terminated (SIGTERM)"), (signal.SIGINT, "interrupted"),
+                                           (signal.SIGHUP, "terminated (SIGHUP)")])
 def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(signum, said, when, slow_tree,
                                                                                   night_one, tmp_path):
     """QA: a Ctrl-C in a terminal, or systemd's stop, signals every process of the job's group. Beam's worker
@@ -157,7 +158,7 @@ def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(
            "--direct_num_workers=2"]
     ready = worker_processes_started if when == "as the workers start" else None
     done, seconds, tree = terminate_mid_run(cmd, out, group_signal=signum, ready=ready)
-    assert done.returncode == (143 if signum == signal.SIGTERM else 130), done.stderr[-3000:]
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == f"error: {said}; nothing published", done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "terminate called" not in done.stderr, done.stderr[-3000:]
     assert not os.path.exists(out) and not glob.glob(out + ".tmp-*") and file_state(night_one) == before
@@ -169,6 +170,24 @@ def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(
                                          for p in tree):
         time.sleep(0.2)
     assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_a_closed_terminal_stops_the_job_like_ctrl_c_but_nohup_still_holds(tmp_path, night_one):
+    """QA: SIGHUP (the ssh session of a run by hand dropped) ended the job with 129 and no line, and left its temp
+    folder (partial prediction CSVs: patient data) until the next run. It is now handled as SIGTERM: exit 129, one
+    line, nothing left, the ledger untouched. Under `nohup` (SIGHUP ignored) the job runs on to the end."""
+    inp = tmp_path / "in"
+    make_tree(str(inp), per_class=6, size=64, seed=6)
+    out, before = str(tmp_path / "night2"), file_state(night_one)
+    cmd = [sys.executable, "-m", "batch_job", "--input", str(inp), "--model", SHIPPED, "--output", out, "--ledger",
+           night_one, "--shard-size", "1", "--batch-size", "1", "--direct_running_mode=in_memory"]
+    done, _, _ = terminate_mid_run(cmd, out, group_signal=signal.SIGHUP)
+    assert done.returncode == 129, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: terminated (SIGHUP); nothing published"
+    assert not os.path.exists(out) and not glob.glob(out + ".tmp-*") and file_state(night_one) == before
+    done, _, _ = terminate_mid_run(["nohup", *cmd], out, group_signal=signal.SIGHUP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert os.path.isdir(out) and file_state(night_one) != before
 
 
 @pytest.mark.slow

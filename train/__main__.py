@@ -14,7 +14,7 @@ import sys
 import threading
 
 from xray_core.dicom_header import parse_modalities
-from xray_core.errors import Terminated
+from xray_core.errors import stopped as stopped_words
 from xray_core.interrupts import GATE, exit_with
 
 MODEL_CHOICES = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
@@ -38,7 +38,7 @@ exit codes:
        in the Keras cache
   130  Ctrl-C: RUN_DIR not published, the partial run removed; one while RUN_DIR is renamed into place waits for
        it (exit 0, with a warning); one after that says "after RUN_DIR <path> was written"
-  143  SIGTERM (kill, docker stop, systemd): the same
+  143  SIGTERM (kill, docker stop, systemd): the same (129: SIGHUP, a closed terminal)
 """
 
 
@@ -147,13 +147,12 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             code = 2
     except (KeyboardInterrupt, Exception) as exc:  # Terminated too; run() removed its partial run
-        stopped = GATE.as_interrupt(exc)  # a SIGTERM inside TensorFlow's C code comes out as its TypeError
-        if stopped is None:
+        interrupt = GATE.as_interrupt(exc)  # a SIGTERM inside TensorFlow's C code comes out as its TypeError
+        if interrupt is None:
             raise
-        term = isinstance(stopped, Terminated)
         done = f"after RUN_DIR {args.written} was written" if args.written else "RUN_DIR not published"
-        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; {done}", file=sys.stderr)
-        code = 143 if term else 130
+        what, code = stopped_words(interrupt)
+        print(f"error: {what}; {done}", file=sys.stderr)
     finally:
         held = GATE.finish(previous, exiting=code == 0 and argv is None and bool(previous))
     if held and code == 0:

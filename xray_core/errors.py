@@ -2,6 +2,7 @@
 for the commands that clean up after it as after Ctrl-C; and ImageError, an input that cannot become a model input."""
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,8 +23,27 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, systemd, Kubernetes, kill): handled as Ctrl-C (a KeyboardInterrupt to everything
-    between), exit 143 instead of 130."""
+    """SIGTERM (docker stop, systemd, Kubernetes, kill), or SIGHUP (the terminal of a run by hand closed: an ssh
+    session that dropped): handled as Ctrl-C (a KeyboardInterrupt to everything between), exit 128 + the signal's
+    number (143, 129) instead of 130."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(int(signum))
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
+
+
+def stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What a command stopped by `exc` says it was, and its exit code: ("terminated (SIGTERM)", 143),
+    ("terminated (SIGHUP)", 129) or ("interrupted", 130) for Ctrl-C."""
+    return (f"terminated ({exc.name})", exc.code) if isinstance(exc, Terminated) else ("interrupted", 130)
 
 
 class ImageError(ValueError):

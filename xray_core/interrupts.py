@@ -21,7 +21,7 @@ import time
 
 from xray_core.errors import Terminated
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: a closed terminal, unless ignored (nohup)
 
 
 class InterruptGate:
@@ -39,7 +39,7 @@ class InterruptGate:
         self.raised = signum
         for call in list(self.on_interrupt):
             call(signum)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
     def install(self) -> dict:
         """-> the handlers it replaced (signal number -> handler), for :meth:`uninstall`. Also keeps Python from
@@ -49,7 +49,8 @@ class InterruptGate:
         if sys.unraisablehook != self.unraisable:
             self._unraisable = sys.unraisablehook
         sys.unraisablehook = self.unraisable
-        return {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
+        return {signum: signal.signal(signum, self.handler) for signum in SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}  # nohup's ignored SIGHUP stays ignored
 
     def uninstall(self, previous: dict) -> None:
         """Put back the signal handlers install() replaced (`previous`), and the unraisable hook."""
@@ -80,7 +81,7 @@ class InterruptGate:
         `__del__` or weakref callback the garbage collector runs: "Exception ignored in ..."), so long work checks at
         safe points, and always before it publishes."""
         if self.raised:
-            raise Terminated if self.raised == signal.SIGTERM else KeyboardInterrupt
+            raise KeyboardInterrupt if self.raised == signal.SIGINT else Terminated(self.raised)
 
     def as_interrupt(self, exc: BaseException) -> KeyboardInterrupt | None:
         """`exc` as the interrupt it stands for: itself for a KeyboardInterrupt (Terminated too); for another
@@ -90,7 +91,7 @@ class InterruptGate:
             return exc
         if not self.raised:
             return None
-        return Terminated() if self.raised == signal.SIGTERM else KeyboardInterrupt()
+        return KeyboardInterrupt() if self.raised == signal.SIGINT else Terminated(self.raised)
 
     def wait_raised(self, seconds: float) -> bool:
         """Whether the handler raises for a signal within `seconds` (from another thread: the main thread runs the
@@ -103,7 +104,7 @@ class InterruptGate:
     def take_pending(self) -> str:
         """The name of the signal held while publishing ("" when none), forgotten once taken."""
         held, self.pending = self.pending, 0
-        return "" if not held else "SIGTERM" if held == signal.SIGTERM else "Ctrl-C"
+        return "" if not held else "Ctrl-C" if held == signal.SIGINT else signal.Signals(held).name
 
     def hold(self) -> None:
         """Hold every signal from now on (the command's outputs are published; the process is about to exit). In the
@@ -139,7 +140,7 @@ class InterruptGate:
 
 GATE = InterruptGate()
 
-INTERRUPTED = (130, 143)  # the exit codes of a command stopped by Ctrl-C or SIGTERM: nothing published
+INTERRUPTED = (130, 143, 129)  # the exit codes of a command stopped by Ctrl-C, SIGTERM or SIGHUP: nothing published
 
 
 def exit_with(code: int):
