@@ -10,7 +10,8 @@ import time
 BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
 # a worker's exit code when SIGINT or SIGTERM ended it (as Python starts: -N; batch_job/beam_worker.py: 128 + N): a
 # signal to the whole process group may end a worker before the job's own handler has run
-STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "129", "130", "143")
+# and 1: a Ctrl-C while the worker's Python is still starting ("Fatal Python error: init_import_site", full suite, once)
+STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "1", "129", "130", "143")
 SIGNAL_WAIT = 3.0  # seconds the job's handler gets to run before such a worker counts as lost (1 s was too few for one
 # group SIGHUP in the test suite, under load; a worker the OOM killer ends (SIGKILL) does not wait)
 
