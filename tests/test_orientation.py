@@ -135,3 +135,4 @@ def test_an_orientation_check_edited_in_metadata_fails_verification_and_the_job(
     (tmp_path / "in").mkdir()
     rc = main(["--input", str(tmp_path / "in"), "--model", vdir, "--output", str(tmp_path / "out")])
     assert rc == 2 and "failed verification: FAIL input gate: " in capsys.readouterr().err
+
