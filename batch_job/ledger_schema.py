@@ -92,3 +92,11 @@ def schema_problem(tables: dict[str, set[str]]) -> str | None:
         if missing:
             return f"its table {name} lacks the columns {', '.join(missing)}"
     return None
+
+
+def damage(conn: sqlite3.Connection) -> str | None:
+    """What SQLite's quick_check of the whole file finds wrong (one line), or None when it is sound. A damaged page
+    went unseen before: a worker failed mid-night, every night ended in exit 3, or the job committed into it (QA). Its
+    cost is a linear read of the file (docs/operations.md)."""
+    found = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    return None if found == ["ok"] else " ".join("; ".join(found).split())[:200]

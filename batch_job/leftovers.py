@@ -101,18 +101,22 @@ def only_outputs(out: str) -> bool:
     return True
 
 
-def orphaned(out: str, ledger: str) -> bool:
-    """OUT_DIR was published by a job on this ledger that was killed before its ledger commit: the ledger holds that
-    run's publishing row for this OUT_DIR (ledger.py), and OUT_DIR holds only what the job writes."""
+def recorded(out: str, key: str) -> str:
+    """What OUT_DIR's metrics.json records under `key` (its run id, its ledger), or "" (none, or not a string)."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             m = json.load(f)
     except (OSError, ValueError):
-        return False
-    recorded, run_id = (m.get("ledger"), m.get("run_id")) if isinstance(m, dict) else (None, None)
-    if not (isinstance(recorded, str) and isinstance(run_id, str) and run_id) or not only_outputs(out):
-        return False
-    if os.path.realpath(recorded) != os.path.realpath(ledger):
+        return ""
+    value = m.get(key) if isinstance(m, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def orphaned(out: str, ledger: str) -> bool:
+    """OUT_DIR was published by a job on this ledger that was killed before its ledger commit: the ledger holds that
+    run's publishing row for this OUT_DIR (ledger.py), and OUT_DIR holds only what the job writes."""
+    book, run_id = recorded(out, "ledger"), recorded(out, "run_id")
+    if not (book and run_id) or not only_outputs(out) or os.path.realpath(book) != os.path.realpath(ledger):
         return False
     claimed = publishing(ledger, run_id)
     return claimed is not None and os.path.realpath(claimed) == os.path.realpath(out)
@@ -122,7 +126,9 @@ def refuse_rerun(out: str, ledger: str, model: str) -> None:
     """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed with this model:
     rerun with the same ledger, every image of that night is skipped, so its reading list would be replaced by one
     without them (QA: the worklist of 14 flagged scans and their heatmaps, gone). Another model (a new version)
-    skips none of them: its rerun replaces the night with a whole one."""
+    skips none of them: its rerun replaces the night with a whole one. The night is known by its folder's path, or
+    by the run id its metrics.json records: a path the ledger knows under another name (a bind mount, a container's
+    /data for the host's /srv) is the same night (QA)."""
     if not (os.path.isdir(out) and os.listdir(out) and os.path.exists(ledger)):
         return
     with contextlib.closing(read_only(ledger)) as conn:
@@ -131,7 +137,8 @@ def refuse_rerun(out: str, ledger: str, model: str) -> None:
                                 (model,)).fetchall()
         except Exception:  # noqa: BLE001 - a new ledger has no runs table yet: no night of it to lose
             return
-    night = next((r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
+    run_id = recorded(out, "run_id")
+    night = next((r for r in rows if r[0] == run_id or os.path.realpath(r[1]) == os.path.realpath(out)), None)
     if night:
         raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
                          f"{night[2]}): run again with this ledger and model, all its images would be skipped and "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -96,17 +97,34 @@ def _unremovable(out: str) -> tuple[str, str] | None:
     user lacks read, write or search permission on; or a mount point, whose files are another filesystem's (QA: an
     --overwrite deleted them, then left the folder behind for good). Folders only; an OUT_DIR holds a few."""
     lacking = "this user may not delete what {} holds (it needs read, write and search permission there)"
+    mounted = "{} is a mount point: the job never deletes another filesystem's files"
     if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
         return out, lacking
+    real = os.path.realpath(out)
+    inside = sorted(m for m in mount_points() if m.startswith(real + os.sep))
+    if inside:  # a bind mount of a folder of the same filesystem too, which os.path.ismount does not see (QA)
+        return inside[0], mounted
     for dirpath, dirnames, _ in os.walk(out):
         for path in (os.path.join(dirpath, name) for name in dirnames):
             if os.path.islink(path):
                 continue
             if os.path.ismount(path):
-                return path, "{} is a mount point: the job never deletes another filesystem's files"
+                return path, mounted
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
                 return path, lacking
     return None
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this process's mount namespace (Linux's /proc/self/mountinfo: bind mounts included);
+    empty where it cannot be read (the walk's os.path.ismount still sees mounts of other filesystems)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            fields = [line.split(" ") for line in f]
+    except OSError:
+        return set()
+    # the fifth field, with spaces, tabs, newlines and backslashes written as octal escapes (\040 ...)
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
 
 
 def refuse_existing(out: str, overwrite: bool) -> None:

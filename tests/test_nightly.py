@@ -958,6 +958,11 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     assert_one_line_error(capsys, rc, f"output dir {out} holds night ", f"of ledger {book} by pneumonia/1 (committed ",
                           "all its images would be skipped and --overwrite would replace its reading list")
     assert snapshot(out) == before and sha256_file(book) == ledger_before
+    alias = tmp_path / "alias"  # the same night under a name the ledger does not know (QA: a bind mount of OUT_DIR's
+    shutil.copytree(out, alias)  # parent): known by the run id its metrics.json records
+    capsys.readouterr()
+    rc = main(args + ["--output", str(alias), "--overwrite"])
+    assert_one_line_error(capsys, rc, f"output dir {alias} holds night ")
     assert main(args + ["--output", str(tmp_path / "again")]) == 0  # its images skipped, into another folder
     write_package(serving, version=2)  # a new version skips none of them: its rerun replaces the night, whole
     newer = ["--model", os.path.join(serving, "pneumonia", "2")]
