@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 from typing import IO
 
 from batch_job.errors import InputError
@@ -135,8 +136,10 @@ def refuse_rerun(out: str, ledger: str, model: str) -> None:
         try:
             rows = conn.execute("SELECT run_id, out_dir, finished_utc FROM runs WHERE images_new >= 0 AND model = ?",
                                 (model,)).fetchall()
-        except Exception:  # noqa: BLE001 - a new ledger has no runs table yet: no night of it to lose
-            return
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a new ledger: no night of it to lose
+                return
+            raise
     run_id = recorded(out, "run_id")
     night = next((r for r in rows if r[0] == run_id or os.path.realpath(r[1]) == os.path.realpath(out)), None)
     if night:

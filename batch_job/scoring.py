@@ -173,8 +173,7 @@ def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger_lookup
 
 
 @functools.lru_cache(maxsize=SESSIONS_KEPT)
-def _gate(reference_path: str, mtime_ns: int, spec: gate.GateSpec, orientation: bool) -> Gate:
-    """`orientation`: whether the spec has the orientation check, which its hash leaves out (gate.GateSpec)."""
+def _gate(reference_path: str, mtime_ns: int, spec: gate.GateSpec) -> Gate:
     return gate.package_gate(spec, os.path.dirname(reference_path), lambda: reference.load(reference_path).embeddings)
 
 
@@ -184,8 +183,7 @@ def get_gate(spec: ScoringSpec) -> Gate | None:
     if spec.gate is None or spec.reference_path is None:
         return None
     with _SESSIONS_LOCK:
-        return _gate(spec.reference_path, os.stat(spec.reference_path).st_mtime_ns, spec.gate,
-                     spec.gate.orientation is not None)
+        return _gate(spec.reference_path, os.stat(spec.reference_path).st_mtime_ns, spec.gate)
 
 
 def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = None) -> list[Row]:

@@ -193,11 +193,11 @@ def gate_section(meta: dict) -> str:
                f"({g['held_out_quantile']:.1f}),")
     o = g.get("orientation")
     turned = "" if not o else (
-        f"An image that looks more likely upside down than upright (P > {o['limit']}, a logistic regression on its "
-        f"layout, fitted on the same {o['rows']:,} training-split images, upright or mirrored against turned 180 "
-        f"degrees or flipped top to bottom) is out of scope too: held out ({o['folds']} folds), it refuses "
+        f"An image that looks more likely upside down than upright (P > {o['limit']}: a {o['method']}; "
+        f"{o['rows']:,} images) is out of scope too: held out ({o['folds']} folds), it refuses "
         f"{o['held_out_upside_down_refused']:.1%} of the turned or flipped scans and "
-        f"{o['held_out_upright_refused']:.1%} of the upright ones.\n")
+        f"{o['held_out_upright_refused']:.1%} of the upright ones (of the tilted copies: "
+        f"{o['held_out_tilted_upside_down_refused']:.1%} and {o['held_out_tilted_refused']:.1%}).\n")
     return f"""## Input gate
 Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
 validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later

@@ -96,7 +96,8 @@ def test_a_malformed_check_in_gate_npz_or_metadata_is_refused(tmp_path):
     spec = {"statistic": gate.TRAINING_SPLIT, "limit": 3.0, "percentile": 99.5, "margin": 1.2,
             "held_out_quantile": 2.5, "folds": 0, "rows": 60, "seed": 0, "file": gate.FIT_FILE, "sha256": "x"}
     assert gate.GateSpec.from_dict({**spec, "orientation": figures}).orientation == figures
-    hash(gate.GateSpec.from_dict({**spec, "orientation": figures}))  # a cache key of the job's workers
+    with_check = gate.GateSpec.from_dict({**spec, "orientation": figures})  # a cache key of the job's workers: the
+    assert with_check != gate.GateSpec.from_dict(spec) and hash(with_check)  # check makes another key (review)
     with pytest.raises(gate.GateError, match="orientation must be an object"):
         gate.GateSpec.from_dict({**spec, "orientation": [1]})
     with pytest.raises(gate.GateError, match="unusable"):  # a gate fitted on reference rows alone has no images

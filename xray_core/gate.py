@@ -57,9 +57,9 @@ class GateSpec:
     file: str = ""  # TRAINING_SPLIT: the fit's file in the package, and its sha256
     sha256: str = ""
     held_out_rows: int = 0  # TRAINING_SPLIT: the validation rows whose distances give the limit
-    # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); not hashed (a dict): a cache
-    # keyed by the spec adds whether it has one (batch_job/scoring.py)
-    orientation: dict | None = field(default=None, compare=False)
+    # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); compared but not hashed (a
+    # dict), so a spec with the check and one without are two keys of a cache keyed by the spec (batch_job/scoring.py)
+    orientation: dict | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict:
         """metadata.json's `gate`; without `orientation` where there is no such check (as before it existed)."""
