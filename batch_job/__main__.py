@@ -5,6 +5,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 # the threads of Beam's FnApiRunner that read a worker process's control and data streams
 BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
@@ -23,7 +24,7 @@ def thread_failed(args) -> None:
     stops the job as a Ctrl-C would, after its other worker processes are killed, and the job says which
     (batch_job.errors.lost_workers; Beam would wait for that worker, or for the others, for good); the failures of the
     threads that read its streams, which come first, and the other workers' ends are logged at DEBUG. Any other
-    failure is printed by Python's own hook."""
+    failure is printed as Python's own hook does, on the job's stderr."""
     import signal
 
     from batch_job.errors import WORKER_EXITED, lost_workers
@@ -52,7 +53,14 @@ def thread_failed(args) -> None:
         # _thread.interrupt_main() does not
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return
-    threading.__excepthook__(args)
+    from batch_job.runner import job_stderr
+
+    if args.exc_type is SystemExit:  # as Python's own hook
+        return
+    stream = job_stderr()  # not the worker threads' stderr, dropped while the pipeline runs (runner.py)
+    print(f"Exception in thread {getattr(args.thread, 'name', '?')}:", file=stream)
+    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=stream)
+    stream.flush()
 
 
 def main() -> int:

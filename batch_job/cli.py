@@ -150,11 +150,13 @@ def main(argv=None, started: float | None = None) -> int:
         if interrupt is not None:
             what, code = stopped(interrupt)
             return fail(f"{what}; nothing published", code)
+        name = type(exc).__name__
+        said = one_line(exc).removeprefix(f"{name}: ")  # Beam's error quotes a traceback's last line, with its type
         if "No space left on device" in str(exc):  # a worker's OSError, wrapped by Beam in its own error's text
-            return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; the outputs are written in "
+            return fail(f"job failed ({name}): {said}; the outputs are written in "
                         f"{os.path.dirname(out)} (OUT_DIR's parent) before they are published: if that disk is "
                         "full, free space there and rerun; nothing published", 1)
-        return fail(f"job failed ({type(exc).__name__}): {one_line(exc)}; nothing published", 1)
+        return fail(f"job failed ({name}): {said}; nothing published", 1)
     finally:
         held = GATE.take_pending()  # a Ctrl-C or SIGTERM held while publishing (xray_core/interrupts.py)
     if held:

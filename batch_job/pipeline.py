@@ -247,7 +247,8 @@ def score(runner: Runner, shards: list, listing: str, spec: ScoringSpec, tmp: st
     with Progress(tmp, shards):
         p = beam.Pipeline(runner=runner.runner, options=runner.options)
         build_pipeline(p, shards, listing, spec, tmp, scratch)
-        execute(p, os.path.join(scratch, WORKER_LOGS) if runner.mode == "multi_processing" else None)
+        execute(p, os.path.join(scratch, WORKER_LOGS) if runner.mode == "multi_processing" else None,
+                runner.quiet_threads)
     shard_files.remove_partial_files(tmp)  # half-written shards of killed or retried tasks
 
 

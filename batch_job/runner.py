@@ -10,8 +10,12 @@ parser knows is refused (Beam itself would drop it with a log warning).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -46,6 +50,12 @@ class Runner:
     options: PipelineOptions
     workers: int  # for sizing shards; a guess where the runner decides
     mode: str = ""  # DirectRunner: its workers, multi_threading, multi_processing or in_memory; "" for others
+    worker_stderr: bool = False  # --log-level DEBUG: what DirectRunner's workers write on stderr is kept there
+
+    @property
+    def quiet_threads(self) -> bool:
+        """Whether execute() drops what DirectRunner's worker threads in this process write on stderr."""
+        return self.mode in ("multi_threading", "in_memory") and not self.worker_stderr
 
 
 def beam_leftovers(beam_args: list[str]) -> list[str]:
@@ -124,29 +134,83 @@ def direct_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
     if workers < 0:
         raise InputError("--direct_num_workers must be >= 0 (0: one worker per core)")
     if mode != "multi_processing":
-        return Runner(FnApiRunner(), "DirectRunner", options, workers or cores, mode)
+        return Runner(FnApiRunner(), "DirectRunner", options, workers or cores, mode, worker_stderr)
     return Runner(FnApiRunner(default_environment=worker_processes(worker_stderr)), "DirectRunner",
-                  PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode)
+                  PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode,
+                  worker_stderr)
 
 
-def execute(pipeline: beam.Pipeline, worker_logs: str | None = None) -> None:
+class MainThreadOnly(io.TextIOBase):
+    """sys.stderr while DirectRunner's worker threads run the pipeline (:func:`quiet_worker_threads`): the main
+    thread's writes reach `stream`, the job's stderr; every other thread's are dropped."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+def job_stderr():
+    """The job's own stderr, also while :func:`quiet_worker_threads` holds sys.stderr."""
+    return sys.stderr.stream if isinstance(sys.stderr, MainThreadOnly) else sys.stderr
+
+
+@contextlib.contextmanager
+def quiet_worker_threads(quiet: bool):
+    """Beam's SDK harness prints a failing bundle's whole traceback on stderr (sdk_worker.py, `_execute`) besides
+    returning it to the runner, which fails the job with one line; in DirectRunner's worker threads that is the
+    job's own stderr (a full disk: 100 lines before that one, and a traceback may name files, which the log at
+    INFO never does). While `quiet`, only the main thread writes there: the job's log lines go through logging's
+    handler, which holds the stream itself, and Python's hook for a failing thread writes to job_stderr()
+    (batch_job/__main__.py). Worker processes have their own stderr files (batch_job/workers.py)."""
+    if not quiet:
+        yield
+        return
+    saved = sys.stderr
+    sys.stderr = MainThreadOnly(saved)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+
+
+def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threads: bool = False) -> None:
     """Run the pipeline to the end (DaskRunner leaves its dask client open: closed here). Worker processes started
     without their stderr (batch_job/workers.py) write it into the folder `worker_logs`, one file each: a worker
     process that ends while the job runs (batch_job/__main__.py stops the job) fails it with a WorkerLost error that
-    quotes how a worker said it died, e.g. why it could not start."""
+    quotes how a worker said it died, e.g. why it could not start. quiet_threads: the worker threads' stderr is
+    dropped while it runs (quiet_worker_threads)."""
     if worker_logs:
         os.makedirs(worker_logs, exist_ok=True)
         os.environ[LOGS_ENV] = worker_logs  # Beam starts each worker with a copy of this process's environment
         REAPER.arm()  # a Ctrl-C or SIGTERM, or a worker that died, kills the workers (batch_job/workers.py)
         GATE.on_interrupt.append(REAPER.start)
     try:
-        result = pipeline.run()
-        try:
-            result.wait_until_finish()
-        finally:
-            client = getattr(result, "client", None)
-            if client is not None:
-                client.close()
+        with quiet_worker_threads(quiet_threads):
+            result = pipeline.run()
+            try:
+                result.wait_until_finish()
+            finally:
+                client = getattr(result, "client", None)
+                if client is not None:
+                    client.close()
     except KeyboardInterrupt as exc:
         if lost_workers and not isinstance(exc, Terminated):  # the job sends itself SIGINT, never SIGTERM
             raise worker_lost(lost_workers[0], death_reason(worker_logs, REAPER.survivors)) from None
