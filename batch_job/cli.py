@@ -77,7 +77,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--heatmaps", type=int, default=12, metavar="N",
                    help="heatmap overlays (OUT_DIR/heatmaps/) for the N flagged images of this run with the highest "
                         "probability, where the model has a heatmap output (default 12, the worklist's first "
-                        "screen; with the 8x8 occlusion maps of versions 5 and 6 each costs 64 passes of the "
+                        "screen; with the 8x8 occlusion maps of versions 5 to 7 each costs 64 passes of the "
                         "network, about 0.2 s of one core; 0: none)")
     p.add_argument("--drift-auc-limit", type=float, default=DOMAIN_AUC_LIMIT, metavar="AUC",
                    help="drift is detected when a classifier tells this run's embeddings from the model's "

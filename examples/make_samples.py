@@ -33,7 +33,12 @@ def pick(names: list[str], n: int, rng: np.random.Generator) -> list[str]:
 
 
 def main(argv=None) -> int:
-    site, out = (argv if argv is not None else sys.argv[1:])[:2]
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m examples.make_samples SITE_DIR OUT_DIR (e.g. ../shared/data/chest_xray/site_sample "
+              "examples/xrays)", file=sys.stderr)
+        return 2
+    site, out = args
     if os.path.exists(out):
         print(f"error: {out} exists; remove it first", file=sys.stderr)
         return 2
