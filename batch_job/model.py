@@ -52,7 +52,7 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
             raise PackageError(f"no --model given and {source} cannot be used: {exc}") from None
     else:
         version_dir = os.path.abspath(resolve_version_dir(model_arg))
-    failed = [c for c in verify_package(version_dir, rederive_gate=False) if not c.ok]
+    failed = [c for c in verify_package(version_dir) if not c.ok]
     if failed:
         raise PackageError(f"model {version_dir} failed verification: {failed[0].line()}")
     meta = load_metadata(version_dir)

@@ -126,8 +126,36 @@ def test_verify_fails_a_changed_fit_or_a_loosened_limit(package, training_dir, t
     assert [c.name for c in failed] == ["input gate"] and "re-derived" in failed[0].detail
     with np.load(vdir / "gate.npz") as z:
         np.savez(vdir / "gate.npz", location=z["location"] + 1, precision=z["precision"])
-    failed = [c for c in verify_package(str(vdir), rederive_gate=False) if not c.ok]
+    failed = [c for c in verify_package(str(vdir)) if not c.ok]
     assert [c.name for c in failed] == ["input gate"] and "gate.npz sha256 != metadata" in failed[0].detail
+
+
+@pytest.mark.parametrize("edit", ["loosened", "tightened", "gate_removed"])
+def test_the_job_refuses_a_gate_edited_by_hand(package, training_dir, tmp_path, capsys, edit):
+    """QA: the batch job checked only that a gate was usable, not its limit: a limit loosened by hand in
+    metadata.json (which `export --verify` failed) scored non-X-rays (12 flagged), and the `gate` entry deleted
+    whole (gate.npz left) turned the gate off with a warning; both are refused now, before anything is written."""
+    from batch_job.cli import main as job_main
+    from batch_job.synthetic import make_tree
+
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    vdir = serving / "pneumonia" / "2"
+    meta = read_json(vdir / "metadata.json")
+    if edit == "gate_removed":
+        del meta["gate"]
+    else:
+        meta["gate"]["limit"] *= 2.0 if edit == "loosened" else 0.5
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=3)
+    rc = job_main(["--input", str(tmp_path / "in"), "--model", str(vdir), "--output", str(tmp_path / "out"),
+                   "--direct_running_mode=in_memory"])
+    line = assert_one_line_error(capsys, rc)
+    assert f"model {vdir} failed verification: FAIL input gate: " in line
+    assert ("re-derived" in line) != (edit == "gate_removed")
+    assert edit != "gate_removed" or "gate.npz is present but metadata.json records no gate" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_republishing_a_training_split_gate_without_a_training_dir_is_refused(package, training_dir, tmp_path,

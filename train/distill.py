@@ -32,7 +32,7 @@ def check_teacher(teacher: str, weight: float, image_size: int) -> None:
         raise TeacherError(f"--teacher: {exc}") from None
     from xray_core.verify import verify_package
 
-    failed = [c for c in verify_package(version_dir, rederive_gate=False) if not c.ok]
+    failed = [c for c in verify_package(version_dir) if not c.ok]
     if failed:  # a model.onnx swapped or damaged since it was published would teach another model
         raise TeacherError(f"--teacher {version_dir} does not verify: {failed[0].line()}")
     if meta.config != PreprocessConfig(image_size=image_size):
