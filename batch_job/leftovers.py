@@ -124,25 +124,33 @@ def orphaned(out: str, ledger: str) -> bool:
 
 
 def refuse_rerun(out: str, ledger: str, model: str) -> None:
-    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed with this model:
-    rerun with the same ledger, every image of that night is skipped, so its reading list would be replaced by one
-    without them (QA: the worklist of 14 flagged scans and their heatmaps, gone). Another model (a new version)
-    skips none of them: its rerun replaces the night with a whole one. The night is known by its folder's path, or
-    by the run id its metrics.json records: a path the ledger knows under another name (a bind mount, a container's
-    /data for the host's /srv) is the same night (QA)."""
+    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed, with a model that
+    has committed nights in this ledger: rerun so, every image that model scored before is skipped, and the
+    night's reading list would be replaced by one without them (QA: the worklist of 14 flagged scans and their
+    heatmaps, gone; then the same with version 6 rolled back to after version 7 had scored the night). A model new
+    to the ledger skips none of them: its rerun replaces the night with a whole one. The night is known by its
+    folder's path, or by the run id its metrics.json records: a path the ledger knows under another name (a bind
+    mount, a container's /data for the host's /srv) is the same night (QA)."""
     if not (os.path.isdir(out) and os.listdir(out) and os.path.exists(ledger)):
         return
     with contextlib.closing(read_only(ledger)) as conn:
         try:
-            rows = conn.execute("SELECT run_id, out_dir, finished_utc FROM runs WHERE images_new >= 0 AND model = ?",
-                                (model,)).fetchall()
+            rows = conn.execute("SELECT run_id, out_dir, finished_utc, model FROM runs WHERE images_new >= 0 "
+                                "ORDER BY finished_utc DESC").fetchall()  # a folder's latest night first
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # a new ledger: no night of it to lose
                 return
             raise
     run_id = recorded(out, "run_id")
-    night = next((r for r in rows if r[0] == run_id or os.path.realpath(r[1]) == os.path.realpath(out)), None)
-    if night:
+    night = next((r for r in rows if r[0] == run_id), None) or next(
+        (r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
+    if night is None or not any(r[3] == model for r in rows):
+        return
+    if night[3] == model:
         raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
                          f"{night[2]}): run again with this ledger and model, all its images would be skipped and "
                          "--overwrite would replace its reading list with one without them; give another --output")
+    raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {night[3]} (committed "
+                     f"{night[2]}), and {model} has scored nights of this ledger before: the images it scored then "
+                     "would be skipped and --overwrite would replace the night's reading list with one without them; "
+                     "give another --output")

@@ -968,4 +968,16 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     newer = ["--model", os.path.join(serving, "pneumonia", "2")]
     assert main(args + newer + ["--output", out, "--overwrite"]) == 0
     assert {r["model"] for r in read_predictions(out).values()} == {"pneumonia/2"} and len(read_predictions(out)) == 20
+    # QA: rolled back, version 1 (which scored these images on its own nights) skipped them all and emptied version
+    # 2's night: a model the ledger has seen is refused on a night it did not score too
+    newest = str(tmp_path / "newest")  # a folder only version 3 wrote
+    write_package(serving, version=3)
+    assert main(args + ["--output", newest]) == 0
+    before = snapshot(newest)
+    capsys.readouterr()
+    rc = main(args + ["--model", os.path.join(serving, "pneumonia", "1"), "--output", newest, "--overwrite"])
+    assert_one_line_error(capsys, rc, f"output dir {newest} holds night ", f"of ledger {book} by pneumonia/3 (committed ",
+                          "and pneumonia/1 has scored nights of this ledger before: the images it scored then would "
+                          "be skipped")
+    assert snapshot(newest) == before
     assert main(args[:4] + ["--output", out, "--overwrite", "--direct_running_mode=in_memory"]) == 0  # no ledger
