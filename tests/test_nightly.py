@@ -976,7 +976,8 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     before = snapshot(newest)
     capsys.readouterr()
     rc = main(args + ["--model", os.path.join(serving, "pneumonia", "1"), "--output", newest, "--overwrite"])
-    assert_one_line_error(capsys, rc, f"output dir {newest} holds night ", f"of ledger {book} by pneumonia/3 (committed ",
+    assert_one_line_error(capsys, rc, f"output dir {newest} holds night ",
+                          f"of ledger {book} by pneumonia/3 (committed ",
                           "and pneumonia/1 has scored nights of this ledger before: the images it scored then would "
                           "be skipped")
     assert snapshot(newest) == before
