@@ -192,6 +192,32 @@ def test_verify_passes_a_good_package_and_names_the_first_broken_contract(tmp_pa
     assert [c.name for c in failed] == ["heatmap contract"]
 
 
+def test_a_version_folder_holding_another_versions_metadata_fails_verification(tmp_path, capsys):
+    """QA: folder 7 with its metadata.json's version edited to 6 passed verification and was scored, and recorded
+    in the ledger, as pneumonia/6. A folder named by a number must hold that version; other names are not checked
+    (a package kept outside a serving folder), nor is the parent folder's (a copy kept elsewhere)."""
+    import shutil
+
+    from batch_job.cli import main as job_main
+    from batch_job.synthetic import make_tree
+
+    vdir = write_package(str(tmp_path / "serving"))
+    copy = tmp_path / "serving" / "pneumonia" / "2"
+    shutil.copytree(vdir, copy)
+    failed = [c for c in verify_package(str(copy)) if not c.ok]
+    assert [c.line() for c in failed] == [f"FAIL metadata: {copy} holds the metadata of pneumonia/1, version 1 in a "
+                                          "folder named 2: a package copied or renamed by hand; publish it with "
+                                          "`python -m export` instead"]
+    make_tree(str(tmp_path / "in"), per_class=1, size=40, seed=1)
+    capsys.readouterr()
+    assert job_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+                     str(tmp_path / "serving" / "pneumonia"), "--direct_running_mode=in_memory"]) == 2  # the newest
+    assert capsys.readouterr().err.startswith(f"error: model {copy} failed verification: FAIL metadata: ")
+    for elsewhere in (tmp_path / "kept" / "1", tmp_path / "pkg"):
+        shutil.copytree(vdir, elsewhere)
+        assert all(c.ok for c in verify_package(str(elsewhere)))
+
+
 def test_the_reference_round_trips_and_verify_catches_a_changed_one(tmp_path):
     images = np.random.default_rng(2).uniform(0, 1, (30, 32, 32, 1)).astype(np.float32)
     vdir = write_package(str(tmp_path / "serving"), reference_images=images)

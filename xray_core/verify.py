@@ -138,6 +138,20 @@ def threshold_check(meta: Metadata) -> Check:
     return Check("decision threshold", same, f"{meta.decision_threshold:.4f} {verdict}")
 
 
+def placement_problem(version_dir: str, meta: Metadata) -> str:
+    """A version folder named by a number must hold the version metadata.json records: reports, metrics.json and
+    the ledger know a package by `<name>/<version>`, so a folder copied under another number with its metadata
+    left, or metadata edited to another version, would pass as that version (QA: folder 7 with its metadata.json's
+    version edited to 6 was scored, and recorded in the ledger, as pneumonia/6). A folder not named by a number, and the parent folder's name (a copy kept
+    elsewhere), are not checked."""
+    folder = os.path.abspath(version_dir)
+    number = os.path.basename(folder)
+    if not number.isdigit() or int(number) == meta.version:
+        return ""
+    return (f"{folder} holds the metadata of {meta.model_id}, version {meta.version} in a folder named {number}: a "
+            "package copied or renamed by hand; publish it with `python -m export` instead")
+
+
 def verify_package(version_dir: str) -> list[Check]:
     """Every check of `export --verify` and of the batch job before it scores: the metadata and its threshold, the
     model (stops at its first failure that blocks the rest), then the drift reference and the gate, which do not
@@ -146,6 +160,9 @@ def verify_package(version_dir: str) -> list[Check]:
         meta = load_metadata(version_dir)
     except PackageError as exc:
         return [Check("metadata", False, str(exc))]
+    misplaced = placement_problem(version_dir, meta)
+    if misplaced:
+        return [Check("metadata", False, misplaced)]
     checks = [Check("metadata", True, meta.model_id), threshold_check(meta)]
     checks += model_checks(version_dir, meta)
     if meta.reference is not None:  # packages exported before drift checks have none
