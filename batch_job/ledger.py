@@ -10,8 +10,10 @@ PUBLISHING, -1), then in its commit, which replaces that row. A rerun finding OU
 ledger knows that run was killed between the two, and may replace it (leftovers.orphaned); a ledger without that row
 (deleted and made again, or restored from a backup) gives no such evidence. A run whose model has a
 drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend. Table
-`models` holds the sha256 of the model.onnx each model id first committed with: a package published again under an
-id the ledger knows (a version number reused in a new serving folder) is refused, never handed the other's scores.
+`models` holds the sha256 of the model.onnx each model id first committed with, `packages` that of what decides a row
+besides the image (model.onnx, the preprocessing, the input gate: batch_job/model.py scoring_identity): a package
+published again under an id the ledger knows (a version number reused in a new serving folder) is refused, never
+handed the other's scores or refusals.
 Tables are created if missing: a ledger written before a table existed opens and commits as before.
 """
 from __future__ import annotations
@@ -133,22 +135,34 @@ def publishing(path: str, run_id: str) -> str | None:
     return row[0] if row else None
 
 
-def check_model(path: str, model: str, onnx_sha256: str) -> None:
+def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
+    try:
+        row = conn.execute(query, (model,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # a ledger written before that table: it knows nothing of this yet
+            return None
+        raise
+    return None if row is None else row[0]
+
+
+def check_model(path: str, model: str, onnx_sha256: str, scoring_sha256: str = "") -> None:
     """Refuse (LedgerError) a model id this ledger knows as another package: its rows were scored by another
-    model.onnx (read-only; a ledger, or a table, not there yet knows none)."""
+    model.onnx, or by the same one behind another input gate or preprocessing (QA: version 6 and 7 recalibrated in
+    two serving folders, both as pneumonia/8: the second skipped 30 upside-down scans the first had scored, with the
+    first's probabilities). Read-only; a ledger, or a table, not there yet knows none."""
     if not os.path.exists(path):
         return
     with contextlib.closing(read_only(path)) as conn:
-        try:
-            row = conn.execute("SELECT onnx_sha256 FROM models WHERE model = ?", (model,)).fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return
-            raise
-    if row is not None and row[0] != onnx_sha256:
-        raise LedgerError(f"ledger {path} holds the scores of another {model} (its model.onnx sha256 {row[0][:12]}, "
+        onnx = _known(conn, "SELECT onnx_sha256 FROM models WHERE model = ?", model)
+        scoring = _known(conn, "SELECT scoring_sha256 FROM packages WHERE model = ?", model)
+    if onnx is not None and onnx != onnx_sha256:
+        raise LedgerError(f"ledger {path} holds the scores of another {model} (its model.onnx sha256 {onnx[:12]}, "
                           f"this one's {onnx_sha256[:12]}): publish this model as a new version, or name another "
                           "--ledger")
+    if scoring is not None and scoring_sha256 and scoring != scoring_sha256:
+        raise LedgerError(f"ledger {path} holds the scores of another {model}: the same model.onnx behind another "
+                          f"input gate or preprocessing (package {scoring[:12]}, this one's {scoring_sha256[:12]}): "
+                          "publish this package as a new version, or name another --ledger")
 
 
 class Ledger:
@@ -232,10 +246,10 @@ class Ledger:
 
     def commit(self, run_id: str, out_dir: str, model: str, entries: Iterable[tuple[str, float, str]],
                drift=None, files: Iterable[FileKey] = (), refused: Iterable[tuple[str, str, str]] = (),
-               onnx_sha256: str = "") -> int:
+               onnx_sha256: str = "", scoring_sha256: str = "") -> int:
         """Insert (sha256, probability, path) entries, (sha256, reason, path) of the images the input gate refused,
-        the run, the file keys of the files read in this run, the model's model.onnx sha256 where the ledger does
-        not know the model yet and, given the run's DriftResult for a model with a drift reference, the run's drift
+        the run, the file keys of the files read in this run, the model's model.onnx sha256 and its package's scoring
+        sha256 where the ledger does not know the model yet and, given the run's DriftResult for a model with a drift reference, the run's drift
         figures: in one transaction. -> the scored entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
@@ -258,6 +272,8 @@ class Ledger:
                              (run_id, out_dir, model, added, now))
                 if onnx_sha256:
                     conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?)", (model, onnx_sha256, now))
+                if scoring_sha256:
+                    conn.execute("INSERT OR IGNORE INTO packages VALUES (?, ?, ?)", (model, scoring_sha256, now))
                 conn.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) "
                                  "VALUES (?, ?, ?, ?, ?)",
                                  ((os.fsencode(key[0]), *key[1:]) for key in files))

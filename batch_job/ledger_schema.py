@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS models (
     onnx_sha256 TEXT NOT NULL,
     first_utc TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS packages (
+    model TEXT PRIMARY KEY,
+    scoring_sha256 TEXT NOT NULL,
+    first_utc TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS drift (
     run_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,

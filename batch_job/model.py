@@ -1,12 +1,14 @@
 """The model the job scores with: a verified serving package (xray_core/package.py) and its threshold."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
 from batch_job.errors import InputError
 from xray_core.gate import GateSpec
-from xray_core.package import CARD_FILE, MODEL_FILE, PackageError, load_metadata, resolve_version_dir
+from xray_core.package import CARD_FILE, MODEL_FILE, Metadata, PackageError, load_metadata, resolve_version_dir
 from xray_core.reference import REFERENCE_FILE
 from xray_core.training_data import TrainingData
 from xray_core.verify import verify_package
@@ -39,6 +41,15 @@ class Model:
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     sha256: str = ""  # of model.onnx, as metadata.json records it (verified)
     trained_on: str = TrainingData().population()  # what report.html says the model was trained on
+    scoring_sha256: str = ""  # of what decides a ledger row besides the image (scoring_identity)
+
+
+def scoring_identity(meta: Metadata) -> str:
+    """sha256 of what decides a ledger row besides the image: model.onnx, the preprocessing and the input gate (its
+    limit, its fit's sha256, its orientation check). Not the threshold: the ledger keeps probabilities and refusal
+    reasons, which it does not decide."""
+    keyed = {"model.onnx": meta.sha256, "preprocessing": meta.config.to_dict(), "gate": meta.gate}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
 def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
@@ -65,4 +76,4 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
                  GateSpec.from_dict(meta.gate) if meta.gate else None, meta.heatmap_method,
                  card if os.path.isfile(card) else None,
                  None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256,
-                 TrainingData.from_dict(meta.training_data).population())
+                 TrainingData.from_dict(meta.training_data).population(), scoring_identity(meta))

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
     if args.ledger:
         check_usable(args.ledger)  # every refusal comes before anything is created
-        check_model(args.ledger, model.model_id, model.sha256)
+        check_model(args.ledger, model.model_id, model.sha256, model.scoring_sha256)
     out = os.path.abspath(args.output)
     leftovers.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     if args.ledger and args.overwrite:
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
             kill_point("published")
             if book is not None:
                 commit_ledger(book, result, out, gathered.ledger_rows, gathered.file_keys, gathered.refused,
-                              model.sha256)
+                              model.sha256, model.scoring_sha256)
     return result
 
 
@@ -273,11 +273,12 @@ def check_drift(args: argparse.Namespace, tmp: str, model: Model, rec: Reconcili
 
 
 def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[str, float, str]],
-                  file_keys: list = (), refused: list = (), onnx_sha256: str = "") -> None:
+                  file_keys: list = (), refused: list = (), onnx_sha256: str = "", scoring_sha256: str = "") -> None:
     """Record the newly scored images and the keys of the files read, in one transaction; LedgerNotUpdated (exit 3)
     if that fails."""
     try:
-        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused, onnx_sha256)
+        added = book.commit(result.run_id, out, result.model, rows, result.drift, file_keys, refused, onnx_sha256,
+                            scoring_sha256)
     except Exception as exc:  # noqa: BLE001 - whatever it was, OUT_DIR is published and the ledger is not
         kept = "" if book.unmark_publishing(result.run_id) else (
             f"; {out} stays marked as publishing in it: use another --output next time")  # else a rerun replaces it

@@ -77,6 +77,42 @@ def test_another_package_under_a_known_model_id_is_refused_not_handed_its_scores
     assert json.load(open(tmp_path / "o3" / "metrics.json"))["images_skipped"] == 20
 
 
+def test_the_same_network_behind_another_gate_or_preprocessing_under_a_known_id_is_refused(small_tree, tmp_path,
+                                                                                             capsys):
+    """QA: versions 6 and 7 (one model.onnx, version 7 with the orientation check) recalibrated in two serving
+    folders, both as pneumonia/8, met one ledger: the second skipped 30 upside-down scans that the first had scored,
+    with its probabilities, instead of refusing them. The ledger also keeps the sha256 of what decides a row besides
+    the image (table packages): the same model.onnx with another preprocessing or gate is another package."""
+    first = write_package(str(tmp_path / "a"), threshold=0.5)
+    other = str(tmp_path / "b" / "pneumonia" / "1")
+    shutil.copytree(first, other)
+    meta = json.load(open(os.path.join(other, "metadata.json")))
+    meta["preprocessing"]["jpeg_draft"] = not meta["preprocessing"].get("jpeg_draft", True)
+    meta["decision_threshold"] = 0.6  # the threshold alone would not make another package
+    json.dump(meta, open(os.path.join(other, "metadata.json"), "w"))
+    ledger = str(tmp_path / "ledger.sqlite")
+    args = ["--input", small_tree, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    assert main(args + ["--model", first, "--output", str(tmp_path / "o1")]) == 0
+    capsys.readouterr()
+    before = open(ledger, "rb").read()
+    line = assert_one_line_error(capsys, main(args + ["--model", other, "--output", str(tmp_path / "o2")]))
+    assert line.startswith(f"error: ledger {ledger} holds the scores of another pneumonia/1: the same model.onnx "
+                           "behind another input gate or preprocessing (package ")
+    assert open(ledger, "rb").read() == before and not os.path.exists(tmp_path / "o2")
+    threshold_only = str(tmp_path / "c" / "pneumonia" / "1")
+    shutil.copytree(first, threshold_only)
+    meta = json.load(open(os.path.join(first, "metadata.json")))
+    meta["decision_threshold"] = 0.6
+    json.dump(meta, open(os.path.join(threshold_only, "metadata.json"), "w"))
+    assert main(args + ["--model", threshold_only, "--output", str(tmp_path / "o3")]) == 0
+    assert json.load(open(tmp_path / "o3" / "metrics.json"))["images_skipped"] == 20
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:  # a ledger from before the table learns it too
+        conn.execute("DROP TABLE packages")
+    assert main(args + ["--model", other, "--output", str(tmp_path / "o4")]) == 0
+    line = assert_one_line_error(capsys, main(args + ["--model", first, "--output", str(tmp_path / "o5")]))
+    assert "the same model.onnx behind another input gate or preprocessing" in line
+
+
 def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
     """Exit 0 with a summary of 0 images and the outputs published (one header-only shard); the ledger records
     the run. --fail-if-empty keeps the old refusal (test_a_refused_run_with_a_ledger_creates_nothing)."""
