@@ -249,8 +249,8 @@ class Ledger:
                onnx_sha256: str = "", scoring_sha256: str = "") -> int:
         """Insert (sha256, probability, path) entries, (sha256, reason, path) of the images the input gate refused,
         the run, the file keys of the files read in this run, the model's model.onnx sha256 and its package's scoring
-        sha256 where the ledger does not know the model yet and, given the run's DriftResult for a model with a drift reference, the run's drift
-        figures: in one transaction. -> the scored entries added."""
+        sha256 where the ledger does not know the model yet and, given the run's DriftResult for a model with a drift
+        reference, the run's drift figures: in one transaction. -> the scored entries added."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         conn = sqlite3.connect(self.path)
         try:

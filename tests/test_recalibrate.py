@@ -21,7 +21,7 @@ from export.triton import triton_config
 from helpers import REPO, SITE_SAMPLE, assert_one_line_error, read_json, sha256_of, snapshot, write_package
 from xray_core.labels import CLASSES
 from xray_core.metrics import choose_threshold, operating_point, without_report
-from xray_core.package import load_metadata, open_session
+from xray_core.package import load_metadata, open_session, versions
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from xray_core.verify import verify_package
 
@@ -218,6 +218,22 @@ def test_without_serving_dir_and_name_the_new_version_goes_beside_its_source(tmp
     assert export_main(["--recalibrate", source, "--calibrate-dir", str(cal)]) == 0
     assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "3", "config.pbtxt"]
     assert os.listdir(elsewhere) == [] and load_metadata(str(serving / "pneumonia" / "3")).model_id == "pneumonia/3"
+
+
+def test_into_an_empty_serving_folder_the_new_version_follows_its_sources_number(recalibrated, tmp_path, capsys):
+    """QA: version 7 recalibrated into an empty --serving-dir was published as pneumonia/1, the id of the shipped
+    version 1 in every report and ledger. Under the source's name the default is never below its number + 1;
+    under another name, or with --version, as asked."""
+    source, cal = recalibrated["source"], str(recalibrated["cal"])  # pneumonia/2
+    fresh = tmp_path / "fresh"
+    assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh)]) == 0
+    assert versions(str(fresh / "pneumonia")) == [3] and load_metadata(str(fresh / "pneumonia" / "3")).version == 3
+    assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh)]) == 0
+    assert versions(str(fresh / "pneumonia")) == [3, 4]  # the highest + 1 above it
+    assert export_main(["--add-gate", source, "--serving-dir", str(fresh), "--version", "1"]) == 0
+    assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh),
+                        "--name", "site_b"]) == 0
+    assert versions(str(fresh / "pneumonia")) == [1, 3, 4] and versions(str(fresh / "site_b")) == [1]
 
 
 def test_a_half_copied_newest_folder_does_not_fail_a_publish(source_package, tmp_path, capsys):

@@ -142,8 +142,8 @@ def placement_problem(version_dir: str, meta: Metadata) -> str:
     """A version folder named by a number must hold the version metadata.json records: reports, metrics.json and
     the ledger know a package by `<name>/<version>`, so a folder copied under another number with its metadata
     left, or metadata edited to another version, would pass as that version (QA: folder 7 with its metadata.json's
-    version edited to 6 was scored, and recorded in the ledger, as pneumonia/6). A folder not named by a number, and the parent folder's name (a copy kept
-    elsewhere), are not checked."""
+    version edited to 6 was scored, and recorded in the ledger, as pneumonia/6). A folder not named by a number,
+    and the parent folder's name (a copy kept elsewhere), are not checked."""
     folder = os.path.abspath(version_dir)
     number = os.path.basename(folder)
     if not number.isdigit() or int(number) == meta.version:
