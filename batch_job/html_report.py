@@ -134,10 +134,13 @@ def probability(p: float) -> str:
     return "> 0.9999" if 0.99995 <= p < 1.0 else f"{p:.4f}"
 
 
-def tile(rank: int, item) -> dict:
+def tile(rank: int, item, out_dir: str) -> dict:
+    """A flagged image's tile: its overlay (click: full size), and its name linked to the original (QA: the most
+    urgent reads were the only ones without a link to the film itself)."""
     folder, name = os.path.split(item.path)
     return {"rank": rank, "src": item.png, "probability": probability(item.probability), "label": item.label,
-            "name": display(name, MAX_TEXT // 2), "folder": display(folder), "no_overlay": display(item.no_overlay)}
+            "name": display(name, MAX_TEXT // 2), "folder": display(folder), "no_overlay": display(item.no_overlay),
+            "href": file_link(item.path, out_dir)}
 
 
 def file_link(path: str, out_dir: str) -> str:
@@ -188,9 +191,9 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "per_input_note": PER_INPUT_NOTE,
         "histogram": "histogram.png", "drift": drift_section(r.drift, out_dir),
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
-        "tiles": [tile(rank, item) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
+        "tiles": [tile(rank, item, out_dir) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
-        "rows": rows, "worklist_rows": r.worklist.rows,
+        "rows": rows, "worklist_rows": r.worklist.rows, "row_overlays": any(row["overlay"] for row in rows),
         "rows_left": r.positive_count - after - len(rows),  # the worklist summary keeps only the first flagged rows
         "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written

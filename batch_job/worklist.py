@@ -4,8 +4,13 @@ Each worker writes its shard's rows, already ranked, as ``scratch/worklist-NNNNN
 the driver merges the sorted parts (heapq.merge: memory holds one row per shard, whatever the run's size), adds the
 rank and the overlay paths of the top-N flagged images, and keeps the first flagged rows for report.html.
 
-Ranked: flagged images first by probability (highest first), then the other scored images by probability, then
-out-of-scope images, then errors; ties by path. Images skipped through the ledger are counted in the summary, not
+Ranked: flagged images first by probability (highest first); then the images the model-side checks of the input gate
+refused (too far from the X-rays the model knows, or upside down: often chest films exported oddly, of unknown risk);
+then the other scored images by probability, the ones the model judged least likely to show pneumonia last among
+them; then the other out-of-scope images (DICOM header rules: another modality or body part, a lateral view, raw
+data; blank, colour, elongated or drawn images); then errors; ties by path. (Before 2026-12-02 every out-of-scope
+image came after the scored ones: a reader stopping where the normal scans began never reached an upside-down chest
+film, QA.) Images skipped through the ledger are counted in the summary, not
 listed. People open the file in a spreadsheet, so a cell that would start a formula (`=`, `+`, `-`, `@`, or a tab or
 carriage return that some programs strip first) is written with a leading apostrophe, the escape spreadsheets
 show as text (OWASP "CSV injection"); probabilities and ranks are written by this module and never need it.
@@ -17,12 +22,14 @@ import heapq
 import os
 from dataclasses import dataclass, field, fields, replace
 
+from xray_core import gate, orientation
 from xray_core.files import atomic_write
 
 IDENTIFIERS = ("patient_id", "accession_number", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                "study_date", "view_position")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_ORDER = {"flagged": 0, "ok": 1, "out_of_scope": 2, "error": 3}
+_ORDER = {"flagged": 0, "unscreened": 1, "ok": 2, "out_of_scope": 3, "error": 4}
+UNSCREENED = (gate.REASON, orientation.REASON)  # the model-side checks' refusals: read before the scored normals
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ WORKLIST_FILE = "worklist.csv"
 def group(entry: Entry) -> int:
     if entry.status == "ok":
         return _ORDER["flagged"] if entry.prediction == "PNEUMONIA" else _ORDER["ok"]
+    if entry.status == "out_of_scope" and entry.reason.startswith(UNSCREENED):
+        return _ORDER["unscreened"]
     return _ORDER.get(entry.status, _ORDER["error"])
 
 

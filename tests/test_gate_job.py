@@ -3,6 +3,7 @@ check give status out_of_scope (reason, no probability); such images are counted
 figures, and the ledger remembers them."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -100,6 +101,12 @@ def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_
     assert (m["images_found"], m["images_scored"], m["images_out_of_scope"], m["images_failed"]) == (8, 4, 4, 0)
     assert m["positive_count"] == sum(r["prediction"] == "PNEUMONIA" for r in rows.values()) >= 1
     assert m["drift"]["images"] == 4  # only the scored images are compared with the reference
+    with open(tmp_path / "night1" / "worklist.csv", newline="") as f:  # reading order: the content check's refusal
+        order = [(os.path.basename(r["path"]), r["prediction"]) for r in csv.DictReader(f)]  # before the normals
+    flagged = sum(p == "PNEUMONIA" for _, p in order)
+    assert [p for _, p in order[:flagged]] == ["PNEUMONIA"] * flagged and order[flagged] == ("split.png", "")
+    assert [p for _, p in order[flagged + 1:-3]] == ["NORMAL"] * (4 - flagged), order
+    assert [n for n, _ in order[-3:]] == ["blank.png", "photo.png", "slice.dcm"]
     logged = [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()]
     assert logged == [f"ledger {tmp_path / 'ledger.sqlite'}: 4 new images recorded, 4 out of scope"]  # audit: was "4"
     # the second night reads nothing new: the refused images are skipped like the scored ones

@@ -69,7 +69,7 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     inside = [ref for ref in srcs + links if not ref.startswith("..")]
     for ref in srcs + links:  # relative links: nothing from the network, nothing but OUT_DIR and the originals
         assert "://" not in ref and not ref.startswith("/"), ref
-        if ref.startswith(".."):  # a flagged image's original, in the worklist table (its name percent-encoded)
+        if ref.startswith(".."):  # a flagged image's original, on its tile or in the table (its name percent-encoded)
             original = os.fsdecode(urllib.parse.unquote_to_bytes(ref))
             assert os.path.normpath(os.path.join(report_run, original)) in originals, ref
         elif ref.endswith(".png"):
@@ -81,7 +81,11 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     assert sorted(srcs) == sorted(["histogram.png", "confusion.png", "roc.png"] + heat)
     assert sorted(set(inside) - set(srcs)) == ["worklist.csv"]  # the tiles link their overlays
     flagged = sum(r["prediction"] == "PNEUMONIA" for r in read_predictions(report_run).values())
-    assert len([ref for ref in links if ref.startswith("..")]) == flagged - 8  # the table: every further one
+    # QA: the tiles, the most urgent reads, linked only their overlays: every flagged image links its original now
+    assert len([ref for ref in links if ref.startswith("..")]) == flagged
+    assert len(set(ref for ref in links if ref.startswith(".."))) == flagged
+    raw = open(os.path.join(report_run, "report.html"), encoding="utf-8").read()
+    assert "<th>overlay</th>" not in raw  # the table's rows are past the 8 overlays: no empty column (QA)
     assert os.path.getsize(os.path.join(report_run, "report.html")) < 1_000_000
 
 
@@ -153,7 +157,7 @@ def test_a_name_that_is_not_utf8_in_the_worklist_table_does_not_fail_the_page(tm
     page, text = parse(str(tmp_path / "report.html"))
     assert "M\\xfcller.png" in text
     links = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].endswith(".png")]
-    assert "M%FCller.png" in links and len(links) == 2  # the two rows past the two tiles
+    assert "M%FCller.png" in links and len(links) == 4  # the two tiles and the two rows past them
 
 
 def test_the_page_says_what_the_model_was_trained_on_as_its_package_records_it(tmp_path, report_run):

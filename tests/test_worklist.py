@@ -19,19 +19,33 @@ def _e(path, status="ok", p="", pred="", **kw):
     return Entry(path, status, p, pred, **kw)
 
 
-def test_flagged_first_then_scored_then_out_of_scope_then_errors():
+def test_flagged_then_unscreened_then_scored_then_out_of_scope_then_errors():
+    """QA: the images the model-side checks refused (upside-down chest films, scans too far from the ones it knows)
+    came after every scan the model judged normal: a reader stopping where the normals began never reached them.
+    They come after the flagged ones now; the header rules' and the cheap checks' refusals stay after the scored."""
+    from batch_job.worklist import group
+    from xray_core.gate import Gate
+    from xray_core.orientation import Orientation
+
+    upside_down = Orientation.reason(0.9)  # the reasons as the checks write them
+    too_far = Gate(np.zeros(2), np.eye(2), 10.0).reason(12.5)
     entries = [
         _e("err.png", "error", reason="decode failed"),
         _e("n_low.png", "ok", "0.10000000", "NORMAL"),
-        _e("oos.png", "out_of_scope", reason="colour image"),
+        _e("oos.png", "out_of_scope", reason="colour image (mean channel spread 51.2 > 8)"),
+        _e("ct.dcm", "out_of_scope", reason="Modality CT not allowed (allowed: CR, DX)"),
+        _e("turned.png", "out_of_scope", reason=upside_down),
+        _e("far.png", "out_of_scope", reason=too_far),
         _e("f_mid.png", "ok", "0.80000000", "PNEUMONIA"),
         _e("skip.png", "skipped", "0.99000000", "PNEUMONIA"),
         _e("n_high.png", "ok", "0.40000000", "NORMAL"),
         _e("f_top.png", "ok", "0.95000000", "PNEUMONIA"),
         _e("b_tie.png", "ok", "0.80000000", "PNEUMONIA"),
     ]
-    assert [e.path for e in ranked(entries)] == ["f_top.png", "b_tie.png", "f_mid.png", "n_high.png", "n_low.png",
-                                                "oos.png", "err.png"]
+    assert [e.path for e in ranked(entries)] == ["f_top.png", "b_tie.png", "f_mid.png", "far.png", "turned.png",
+                                                "n_high.png", "n_low.png", "ct.dcm", "oos.png", "err.png"]
+    assert upside_down.startswith("looks upside down (P 0.90") and group(entries[4]) == group(entries[5]) == 1
+    assert too_far == "not like the chest X-rays the model knows (distance 12.5 > limit 10.0)"
 
 
 def test_written_with_rank_and_every_column():

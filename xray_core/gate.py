@@ -30,6 +30,7 @@ from xray_core.files import sha256_file
 STATISTIC = "mahalanobis_ledoit_wolf"  # version 5: fitted on the reference rows, k-fold limit
 TRAINING_SPLIT = "mahalanobis_ledoit_wolf_training_split"  # fitted on the training split, limit from validation
 FIT_FILE = "gate.npz"
+REASON = "not like the chest X-rays the model knows"  # how a refusal by the content check begins
 PERCENTILE = 99.5
 MARGIN = 1.2
 FOLDS = 5
@@ -129,8 +130,7 @@ class Gate:
         as it takes (up to 4) for the distance to read as past the limit."""
         if distance > self.limit:
             digits = next((d for d in range(1, 4) if round(distance, d) > round(self.limit, d)), 4)
-            return (f"not like the chest X-rays the model knows (distance {distance:.{digits}f} > limit "
-                    f"{self.limit:.{digits}f})")
+            return (f"{REASON} (distance {distance:.{digits}f} > limit {self.limit:.{digits}f})")
         return None
 
 

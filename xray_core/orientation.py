@@ -26,6 +26,7 @@ from PIL import Image
 
 GRID = 16  # block means per side: the layout, not the detail
 LIMIT = 0.5  # refused when P(upside down) is above it: more likely upside down than upright
+REASON = "looks upside down"  # how a refusal by the orientation check begins
 FOLDS = 5
 TILTED = 3  # tilted and cropped copies of each training image
 MAX_TILT = 20.0  # degrees, either way
@@ -53,7 +54,7 @@ class Orientation:
     def reason(probability: float) -> str | None:
         """One line when the image is more likely upside down than upright, else None."""
         if probability > LIMIT:
-            return (f"looks upside down (P {probability:.2f}, from its layout): the model reads upright scans only; "
+            return (f"{REASON} (P {probability:.2f}, from its layout): the model reads upright scans only; "
                     "check how it was taken or exported")
         return None
 
