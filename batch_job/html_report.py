@@ -19,6 +19,7 @@ from batch_job import drift_report, figures
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.result import RunResult
+from batch_job.worklist import Entry
 
 TEMPLATE = "report.html.j2"
 REPORT_FILE = "report.html"
@@ -134,13 +135,23 @@ def probability(p: float) -> str:
     return "> 0.9999" if 0.99995 <= p < 1.0 else f"{p:.4f}"
 
 
-def tile(rank: int, item, out_dir: str) -> dict:
-    """A flagged image's tile: its overlay (click: full size), and its name linked to the original (QA: the most
-    urgent reads were the only ones without a link to the film itself)."""
+def identifiers(e: Entry | None) -> str:
+    """A DICOM's patient ID and accession number as the page shows them ("" without): QA, a DICOM named by its UID
+    could not be found in the PACS from the page."""
+    if e is None:
+        return ""
+    shown = [f"{what} {display(value, MAX_TEXT // 4)}" for what, value in (("patient", e.patient_id),
+                                                                          ("accession", e.accession_number)) if value]
+    return " · ".join(shown)
+
+
+def tile(rank: int, item, out_dir: str, listed: dict[str, Entry]) -> dict:
+    """A flagged image's tile: its overlay (click: full size), its name linked to the original (QA: the most urgent
+    reads were the only ones without a link to the film itself), and a DICOM's identifiers."""
     folder, name = os.path.split(item.path)
     return {"rank": rank, "src": item.png, "probability": probability(item.probability), "label": item.label,
             "name": display(name, MAX_TEXT // 2), "folder": display(folder), "no_overlay": display(item.no_overlay),
-            "href": file_link(item.path, out_dir)}
+            "href": file_link(item.path, out_dir), "ids": identifiers(listed.get(item.path))}
 
 
 def file_link(path: str, out_dir: str) -> str:
@@ -156,7 +167,7 @@ def file_link(path: str, out_dir: str) -> str:
 def worklist_rows(r: RunResult, out_dir: str, after_rank: int, cap: int) -> list[dict]:
     """The flagged rows of the worklist past the tiles (rank > after_rank), at most cap."""
     return [{"rank": rank, "probability": probability(float(e.probability)), "name": display(e.path),
-             "href": file_link(e.path, out_dir), "overlay": e.heatmap}
+             "href": file_link(e.path, out_dir), "overlay": e.heatmap, "ids": identifiers(e)}
             for rank, e in r.worklist.flagged if rank > after_rank][:cap]
 
 
@@ -168,7 +179,8 @@ def intended_use(r: RunResult) -> dict:
 def out_of_scope_section(r: RunResult) -> dict:
     return {"count": r.counts.out_of_scope,
             "shown": [{"rank": rank, "name": display(e.path, MAX_TEXT // 2), "reason": display(e.reason),
-                       "src": r.thumbnails.get(e.path, "")} for rank, e in r.worklist.out_of_scope]}
+                       "src": r.thumbnails.get(e.path, ""), "ids": identifiers(e)}
+                      for rank, e in r.worklist.out_of_scope]}
 
 
 def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows_cap: int = MAX_FLAGGED_ROWS) -> dict:
@@ -177,6 +189,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
     state = drift_state(r.drift)
     after = min(len(r.flagged), tiles_cap)
     rows = worklist_rows(r, out_dir, after, rows_cap)
+    listed = {e.path: e for _, e in r.worklist.flagged}  # the tiles' worklist rows: their DICOM identifiers
     cards = [("found", c.found, ""), ("scored", c.scored, ""), ("failed", c.failed, "fail"),
              ("out of scope", c.out_of_scope, "fail"), ("skipped (ledger)", c.skipped, ""),
              ("flagged PNEUMONIA", r.positive_count, "flag"),
@@ -191,7 +204,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "per_input_note": PER_INPUT_NOTE,
         "histogram": "histogram.png", "drift": drift_section(r.drift, out_dir),
         "labelled": labelled_section(r, out_dir), "flagged_note": flagged_note(r, len(r.flagged)),
-        "tiles": [tile(rank, item, out_dir) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
+        "tiles": [tile(rank, item, out_dir, listed) for rank, item in enumerate(r.flagged[:tiles_cap], 1)],
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
         "rows": rows, "worklist_rows": r.worklist.rows, "row_overlays": any(row["overlay"] for row in rows),
         "rows_left": r.positive_count - after - len(rows),  # the worklist summary keeps only the first flagged rows

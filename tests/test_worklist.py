@@ -105,3 +105,7 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     assert (dcm["patient_id"], dcm["accession_number"], dcm["study_date"], dcm["view_position"]) == \
         ("'=1+1", "ACC7", "20261130", "PA")  # a formula-looking ID is text
     assert rows[names.index("a_dark.png")]["patient_id"] == ""
+    # QA: report.html showed no DICOM identifiers: a file named by its UID could not be found in the PACS from it
+    page = open(tmp_path / "o" / "report.html", encoding="utf-8").read()
+    assert dcm["prediction"] == "PNEUMONIA" and "patient =1+1 · accession ACC7" in page  # its tile; as text
+    assert page.count("patient ") == 1
