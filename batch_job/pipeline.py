@@ -286,4 +286,7 @@ def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[st
             f"outputs published in {out}, but the ledger {book.path} was not updated "
             f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images{kept}"
         ) from None
-    LOG.info("ledger %s: %d new images recorded, %d out of scope", book.path, added, len(refused))
+    same = len(rows) - added  # byte-identical files scored in this run: one row (QA: "242 recorded" after 244 scored)
+    LOG.info("ledger %s: %d new images recorded%s, %d out of scope", book.path, added,
+             f" ({same} byte-identical {'copy' if same == 1 else 'copies'} of scored files, recorded once)" if same
+             else "", len(refused))

@@ -113,6 +113,23 @@ def test_the_same_network_behind_another_gate_or_preprocessing_under_a_known_id_
     assert "the same model.onnx behind another input gate or preprocessing" in line
 
 
+def test_the_ledger_line_says_when_copies_were_recorded_once(small_tree, tmp_path, caplog):
+    """QA: "242 new images recorded" after "scored 244" with nothing to explain it: two files were byte-identical
+    copies of others, which the ledger (keyed by content) records once."""
+    import logging
+
+    first = sorted(glob.glob(os.path.join(small_tree, "*", "*.png")))[0]
+    shutil.copyfile(first, os.path.join(small_tree, "copy.png"))
+    caplog.set_level(logging.INFO, logger="batch_job")
+    ledger = str(tmp_path / "ledger.sqlite")
+    assert main(["--input", small_tree, "--model", write_package(str(tmp_path / "s")), "--output",
+                 str(tmp_path / "o"), "--ledger", ledger, "--direct_running_mode=in_memory"]) == 0
+    assert json.load(open(tmp_path / "o" / "metrics.json"))["images_scored"] == 21
+    assert [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()] == [
+        f"ledger {ledger}: 20 new images recorded (1 byte-identical copy of scored files, recorded once), "
+        "0 out of scope"]
+
+
 def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
     """Exit 0 with a summary of 0 images and the outputs published (one header-only shard); the ledger records
     the run. --fail-if-empty keeps the old refusal (test_a_refused_run_with_a_ledger_creates_nothing)."""
