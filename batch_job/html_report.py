@@ -66,7 +66,9 @@ def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
 def map_limits(cells: str) -> str:
     """What a heatmap can and cannot show (report.html and report.md)."""
     return (f"What a map can show: where in the image the model found its evidence, in {cells} over the whole "
-            "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real.")
+            "image. What it cannot: a lesion's outline, which finding it is, or that the finding is real. One model's "
+            "maps often peak in the same place from image to image: a hot spot is where the model looked, not a "
+            "lesion there.")
 
 
 def map_cells(r: RunResult) -> str:
@@ -93,7 +95,7 @@ def flagged_note(r: RunResult, shown: int) -> str:
                 "most evidence, blue: the least)")
     images = "The flagged image" if shown == 1 else f"The {shown} flagged images"
     return (f"{images} scored in this run with the highest probability (of {r.positive_count} "
-            f"flagged), each under {what}. Click a tile for its full size. {map_limits(map_cells(r))} How "
+            f"flagged), each under {what}. Click a map for its full size, a name for the original. {map_limits(map_cells(r))} How "
             "specific to each image the maps are is measured at export and stated in the model card "
             "(model_card.md, docs/export.md).")
 

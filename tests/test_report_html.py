@@ -257,6 +257,7 @@ def test_report_md_says_what_the_heatmaps_are_and_why_there_are_none():
     md = report.report_markdown(result)
     assert "1 overlays in `heatmaps/` (the top 2 flagged images scored in this run, `--heatmaps 12`" in md
     assert "What it cannot: a lesion's outline, which finding it is, or that the finding is real." in md
+    assert "maps often peak in the same place from image to image: a hot spot is where the model looked" in md  # QA
     none = run_result(counts=reconciliation([0.1]), heatmaps=12, model_has_heatmaps=True, map_hw=(8, 8))
     assert "None: no image scored in this run was flagged." in report.report_markdown(none)
     lost = run_result(counts=reconciliation([0.9]), flagged=[Flagged(0.9, "/d/a.png", "", no_overlay="vanished")],
