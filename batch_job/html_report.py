@@ -95,9 +95,9 @@ def flagged_note(r: RunResult, shown: int) -> str:
                 "most evidence, blue: the least)")
     images = "The flagged image" if shown == 1 else f"The {shown} flagged images"
     return (f"{images} scored in this run with the highest probability (of {r.positive_count} "
-            f"flagged), each under {what}. Click a map for its full size, a name for the original. {map_limits(map_cells(r))} How "
-            "specific to each image the maps are is measured at export and stated in the model card "
-            "(model_card.md, docs/export.md).")
+            f"flagged), each under {what}. Click a map for its full size, a name for the original. "
+            f"{map_limits(map_cells(r))} How specific to each image the maps are is measured at export and stated in "
+            "the model card (model_card.md, docs/export.md).")
 
 
 def labelled_section(r: RunResult, out_dir: str) -> dict | None:
