@@ -53,11 +53,11 @@ def thread_failed(args) -> None:
         # _thread.interrupt_main() does not
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return
-    from batch_job.runner import job_stderr
+    from batch_job.quiet_stderr import job_stderr
 
     if args.exc_type is SystemExit:  # as Python's own hook
         return
-    stream = job_stderr()  # not the worker threads' stderr, dropped while the pipeline runs (runner.py)
+    stream = job_stderr()  # not the worker threads' stderr, dropped while the pipeline runs (quiet_stderr.py)
     print(f"Exception in thread {getattr(args.thread, 'name', '?')}:", file=stream)
     traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=stream)
     stream.flush()

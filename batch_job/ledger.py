@@ -135,36 +135,6 @@ def publishing(path: str, run_id: str) -> str | None:
     return row[0] if row else None
 
 
-def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
-    try:
-        row = conn.execute(query, (model,)).fetchone()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # a ledger written before that table: it knows nothing of this yet
-            return None
-        raise
-    return None if row is None else row[0]
-
-
-def check_model(path: str, model: str, onnx_sha256: str, scoring_sha256: str = "") -> None:
-    """Refuse (LedgerError) a model id this ledger knows as another package: its rows were scored by another
-    model.onnx, or by the same one behind another input gate or preprocessing (QA: version 6 and 7 recalibrated in
-    two serving folders, both as pneumonia/8: the second skipped 30 upside-down scans the first had scored, with the
-    first's probabilities). Read-only; a ledger, or a table, not there yet knows none."""
-    if not os.path.exists(path):
-        return
-    with contextlib.closing(read_only(path)) as conn:
-        onnx = _known(conn, "SELECT onnx_sha256 FROM models WHERE model = ?", model)
-        scoring = _known(conn, "SELECT scoring_sha256 FROM packages WHERE model = ?", model)
-    if onnx is not None and onnx != onnx_sha256:
-        raise LedgerError(f"ledger {path} holds the scores of another {model} (its model.onnx sha256 {onnx[:12]}, "
-                          f"this one's {onnx_sha256[:12]}): publish this model as a new version, or name another "
-                          "--ledger")
-    if scoring is not None and scoring_sha256 and scoring != scoring_sha256:
-        raise LedgerError(f"ledger {path} holds the scores of another {model}: the same model.onnx behind another "
-                          f"input gate or preprocessing (package {scoring[:12]}, this one's {scoring_sha256[:12]}): "
-                          "publish this package as a new version, or name another --ledger")
-
-
 class Ledger:
     """Driver side: create, lock, and commit."""
 

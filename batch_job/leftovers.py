@@ -123,34 +123,44 @@ def orphaned(out: str, ledger: str) -> bool:
     return claimed is not None and os.path.realpath(claimed) == os.path.realpath(out)
 
 
+# the images a committed run recorded (scored or refused) that `model` has rows for: skipped if it ran again
+_SEEN = ("SELECT 1 FROM {night} a JOIN {seen} b ON a.sha256 = b.sha256 WHERE a.run_id = ? AND b.model = ? LIMIT 1")
+
+
+def seen_before(conn, run_id: str, model: str) -> bool:
+    """Whether `model` has ledger rows (scored or out of scope) for any image that run `run_id` recorded."""
+    return any(conn.execute(_SEEN.format(night=night, seen=seen), (run_id, model)).fetchone()
+               for night in ("scored", "out_of_scope") for seen in ("scored", "out_of_scope"))
+
+
 def refuse_rerun(out: str, ledger: str, model: str) -> None:
-    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed, with a model that
-    has committed nights in this ledger: rerun so, every image that model scored before is skipped, and the
-    night's reading list would be replaced by one without them (QA: the worklist of 14 flagged scans and their
-    heatmaps, gone; then the same with version 6 rolled back to after version 7 had scored the night). A model new
-    to the ledger skips none of them: its rerun replaces the night with a whole one. The night is known by its
-    folder's path, or by the run id its metrics.json records: a path the ledger knows under another name (a bind
-    mount, a container's /data for the host's /srv) is the same night (QA)."""
+    """Refuse (InputError) an --overwrite of an OUT_DIR that holds a night this ledger committed, with a model the
+    ledger holds rows of that night's images for: rerun so, those images are skipped, and the night's reading list
+    would be replaced by one without them (QA: the worklist of 14 flagged scans and their heatmaps, gone; then the
+    same with version 6 rolled back to over a version 7 night whose images it had scored on earlier nights). A model
+    that has not seen them (a new version; a rollback over a night of other images) rescores the night whole. The
+    night is known by its folder's path, or by the run id its metrics.json records: a path the ledger knows under
+    another name (a bind mount, a container's /data for the host's /srv) is the same night (QA)."""
     if not (os.path.isdir(out) and os.listdir(out) and os.path.exists(ledger)):
         return
     with contextlib.closing(read_only(ledger)) as conn:
         try:
             rows = conn.execute("SELECT run_id, out_dir, finished_utc, model FROM runs WHERE images_new >= 0 "
                                 "ORDER BY finished_utc DESC").fetchall()  # a folder's latest night first
+            run_id = recorded(out, "run_id")
+            night = next((r for r in rows if r[0] == run_id), None) or next(
+                (r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
+            if night is None or not seen_before(conn, night[0], model):
+                return
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # a new ledger: no night of it to lose
                 return
             raise
-    run_id = recorded(out, "run_id")
-    night = next((r for r in rows if r[0] == run_id), None) or next(
-        (r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
-    if night is None or not any(r[3] == model for r in rows):
-        return
     if night[3] == model:
         raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
                          f"{night[2]}): run again with this ledger and model, all its images would be skipped and "
                          "--overwrite would replace its reading list with one without them; give another --output")
     raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {night[3]} (committed "
-                     f"{night[2]}), and {model} has scored nights of this ledger before: the images it scored then "
-                     "would be skipped and --overwrite would replace the night's reading list with one without them; "
-                     "give another --output")
+                     f"{night[2]}), and {model} has scored images of it on other nights: they would be skipped and "
+                     "--overwrite would replace the night's reading list with one without them; give another "
+                     "--output")

@@ -40,7 +40,8 @@ from batch_job import (
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
-from batch_job.ledger import Ledger, check_model, check_usable
+from batch_job.ledger import Ledger, check_usable
+from batch_job.ledger_identity import check_model
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -286,7 +287,9 @@ def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[st
             f"outputs published in {out}, but the ledger {book.path} was not updated "
             f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images{kept}"
         ) from None
-    same = len(rows) - added  # byte-identical files scored in this run: one row (QA: "242 recorded" after 244 scored)
+    # rows not added: byte-identical files scored in this run, one row each (QA: "242 recorded" after 244 scored);
+    # nothing else, as an image this model scored on an earlier night is skipped, never scored again
+    same = len(rows) - added
     LOG.info("ledger %s: %d new images recorded%s, %d out of scope", book.path, added,
              f" ({same} byte-identical {'copy' if same == 1 else 'copies'} of scored files, recorded once)" if same
              else "", len(refused))

@@ -10,18 +10,15 @@ parser knows is refused (Beam itself would drop it with a log warning).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import shutil
-import sys
-import threading
 from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job.errors import InputError, lost_workers, worker_lost
+from batch_job.quiet_stderr import quiet_worker_threads
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
 from xray_core.errors import Terminated, one_line
 from xray_core.interrupts import GATE
@@ -138,57 +135,6 @@ def direct_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
     return Runner(FnApiRunner(default_environment=worker_processes(worker_stderr)), "DirectRunner",
                   PipelineOptions(defaults + beam_args + ["--direct_running_mode=in_memory"]), workers or cores, mode,
                   worker_stderr)
-
-
-class MainThreadOnly(io.TextIOBase):
-    """sys.stderr while DirectRunner's worker threads run the pipeline (:func:`quiet_worker_threads`): the main
-    thread's writes reach `stream`, the job's stderr; every other thread's are dropped."""
-
-    def __init__(self, stream):
-        super().__init__()
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        if threading.current_thread() is threading.main_thread():
-            return self.stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    @property
-    def encoding(self):
-        return getattr(self.stream, "encoding", "utf-8")
-
-
-def job_stderr():
-    """The job's own stderr, also while :func:`quiet_worker_threads` holds sys.stderr."""
-    return sys.stderr.stream if isinstance(sys.stderr, MainThreadOnly) else sys.stderr
-
-
-@contextlib.contextmanager
-def quiet_worker_threads(quiet: bool):
-    """Beam's SDK harness prints a failing bundle's whole traceback on stderr (sdk_worker.py, `_execute`) besides
-    returning it to the runner, which fails the job with one line; in DirectRunner's worker threads that is the
-    job's own stderr (a full disk: 100 lines before that one, and a traceback may name files, which the log at
-    INFO never does). While `quiet`, only the main thread writes there: the job's log lines go through logging's
-    handler, which holds the stream itself, and Python's hook for a failing thread writes to job_stderr()
-    (batch_job/__main__.py). Worker processes have their own stderr files (batch_job/workers.py)."""
-    if not quiet:
-        yield
-        return
-    saved = sys.stderr
-    sys.stderr = MainThreadOnly(saved)
-    try:
-        yield
-    finally:
-        sys.stderr = saved
 
 
 def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threads: bool = False) -> None:

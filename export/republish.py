@@ -56,9 +56,11 @@ def republish(source_dir: str, serving_dir: str | None, name: str | None,
     # beside the real version: a link to it (or to its name folder) elsewhere published a new "<name>/1" there
     serving_dir = serving_dir or os.path.dirname(os.path.dirname(os.path.realpath(source_dir)))
     name = name or meta.name
-    if version is None and name == meta.name:  # never at or below the source's number: a recalibrated version 7
-        found = versions(os.path.join(serving_dir, name))  # in an empty serving folder was "pneumonia/1" (QA), an id
-        version = max(found[-1] if found else 0, meta.version) + 1  # the shipped version 1 already has
+    if version is None and name == meta.name:  # above every version of the source's own folder too: version 7
+        # recalibrated into an empty serving folder was "pneumonia/1" (QA), and version 6 would have been
+        # "pneumonia/7" (review), ids the shipped versions already have in every report and ledger
+        found = versions(os.path.join(serving_dir, name)) + versions(os.path.dirname(os.path.realpath(source_dir)))
+        version = max(found + [meta.version]) + 1
     try:
         final = new_version_dir(serving_dir, name, version)
     except PackageError as exc:

@@ -1031,7 +1031,14 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     rc = main(args + ["--model", os.path.join(serving, "pneumonia", "1"), "--output", newest, "--overwrite"])
     assert_one_line_error(capsys, rc, f"output dir {newest} holds night ",
                           f"of ledger {book} by pneumonia/3 (committed ",
-                          "and pneumonia/1 has scored nights of this ledger before: the images it scored then would "
-                          "be skipped")
+                          "and pneumonia/1 has scored images of it on other nights: they would be skipped")
     assert snapshot(newest) == before
+    other = str(tmp_path / "other_in")  # review: a rollback over a night of images it never saw loses nothing
+    make_tree(other, per_class=3, size=64, seed=11)
+    fresh = str(tmp_path / "fresh")
+    assert main(args[:1] + [other] + args[2:] + ["--output", fresh]) == 0  # version 3
+    assert main(args[:1] + [other] + args[2:] + ["--model", os.path.join(serving, "pneumonia", "1"), "--output",
+                                                 fresh, "--overwrite"]) == 0
+    rescored = read_predictions(fresh)
+    assert {r["model"] for r in rescored.values()} == {"pneumonia/1"} and len(rescored) == 6
     assert main(args[:4] + ["--output", out, "--overwrite", "--direct_running_mode=in_memory"]) == 0  # no ledger

@@ -216,6 +216,9 @@ def test_a_version_folder_holding_another_versions_metadata_fails_verification(t
     for elsewhere in (tmp_path / "kept" / "1", tmp_path / "pkg"):
         shutil.copytree(vdir, elsewhere)
         assert all(c.ok for c in verify_package(str(elsewhere)))
+    (tmp_path / "triton" / "pneumonia").mkdir(parents=True)  # review: a link named by another number is its target
+    os.symlink(vdir, tmp_path / "triton" / "pneumonia" / "3")
+    assert all(c.ok for c in verify_package(str(tmp_path / "triton" / "pneumonia" / "3")))
 
 
 def test_the_reference_round_trips_and_verify_catches_a_changed_one(tmp_path):

@@ -220,20 +220,26 @@ def test_without_serving_dir_and_name_the_new_version_goes_beside_its_source(tmp
     assert os.listdir(elsewhere) == [] and load_metadata(str(serving / "pneumonia" / "3")).model_id == "pneumonia/3"
 
 
-def test_into_an_empty_serving_folder_the_new_version_follows_its_sources_number(recalibrated, tmp_path, capsys):
+def test_into_an_empty_serving_folder_the_new_version_follows_its_sources_folder(recalibrated, tmp_path, capsys):
     """QA: version 7 recalibrated into an empty --serving-dir was published as pneumonia/1, the id of the shipped
-    version 1 in every report and ledger. Under the source's name the default is never below its number + 1;
-    under another name, or with --version, as asked."""
-    source, cal = recalibrated["source"], str(recalibrated["cal"])  # pneumonia/2
+    version 1 in every report and ledger (and version 6 would have been pneumonia/7, review). Under the source's
+    name the default is above the source's number and every version of its folder and of the target; under
+    another name, or with --version, as asked."""
+    source, cal = recalibrated["source"], str(recalibrated["cal"])  # pneumonia/2 of a folder holding 1, 2 and 3
+    assert versions(str(recalibrated["serving"] / "pneumonia")) == [1, 2, 3]
     fresh = tmp_path / "fresh"
     assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh)]) == 0
-    assert versions(str(fresh / "pneumonia")) == [3] and load_metadata(str(fresh / "pneumonia" / "3")).version == 3
+    assert versions(str(fresh / "pneumonia")) == [4] and load_metadata(str(fresh / "pneumonia" / "4")).version == 4
     assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh)]) == 0
-    assert versions(str(fresh / "pneumonia")) == [3, 4]  # the highest + 1 above it
+    assert versions(str(fresh / "pneumonia")) == [4, 5]  # the highest + 1 above it
     assert export_main(["--add-gate", source, "--serving-dir", str(fresh), "--version", "1"]) == 0
     assert export_main(["--recalibrate", source, "--calibrate-dir", cal, "--serving-dir", str(fresh),
                         "--name", "site_b"]) == 0
-    assert versions(str(fresh / "pneumonia")) == [1, 3, 4] and versions(str(fresh / "site_b")) == [1]
+    assert versions(str(fresh / "pneumonia")) == [1, 4, 5] and versions(str(fresh / "site_b")) == [1]
+    older = str(recalibrated["serving"] / "pneumonia" / "1")  # review: version 1 of a folder whose newest is 3
+    other = tmp_path / "other"
+    assert export_main(["--recalibrate", older, "--calibrate-dir", cal, "--serving-dir", str(other)]) == 0
+    assert versions(str(other / "pneumonia")) == [4]  # not 2, the id its own folder's version 2 already has
 
 
 def test_a_half_copied_newest_folder_does_not_fail_a_publish(source_package, tmp_path, capsys):
@@ -564,7 +570,7 @@ def test_version_4_recalibrated_on_its_own_site_sample_gets_the_calibration_expo
     shipped = os.path.join(REPO, "serving_models", "pneumonia", "4")
     serving = tmp_path / "serving"
     assert export_main(["--recalibrate", shipped, "--calibrate-dir", SITE_SAMPLE, "--serving-dir", str(serving)]) == 0
-    new, old = read_json(serving / "pneumonia" / "5" / "metadata.json"), read_json(os.path.join(shipped,
+    new, old = read_json(serving / "pneumonia" / "8" / "metadata.json"), read_json(os.path.join(shipped,
                                                                                                  "metadata.json"))
     assert new["target_recall"] == old["target_recall"] == 0.97
     assert new["decision_threshold"] == pytest.approx(old["decision_threshold"], abs=1e-6)  # float32 scores
@@ -580,7 +586,7 @@ def test_version_4_recalibrated_on_its_own_site_sample_gets_the_calibration_expo
     fa, fb = new["heatmap"]["faithfulness"], old["heatmap"]["faithfulness"]
     assert (fa["flagged"], fa["share_top_beats_random"], fa["passed"]) == (fb["flagged"], 1.0, True) == (197, 1.0, True)
     assert fa["share_own_beats_average"] == pytest.approx(98 / 197)  # the figure the export commit recorded: 49.7%
-    assert all(c.ok for c in verify_package(str(serving / "pneumonia" / "5")))  # numbered after its source
+    assert all(c.ok for c in verify_package(str(serving / "pneumonia" / "8")))  # numbered after its folder
 
 
 def test_calibration_leaves_out_what_the_batch_job_would_not_score(tiny_package, tmp_path):

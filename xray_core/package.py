@@ -170,7 +170,7 @@ def versions(name_dir: str) -> list[int]:
     """Published version numbers under serving_models/<name> (temporary dirs ignored)."""
     if not os.path.isdir(name_dir):
         return []
-    return sorted(int(d) for d in os.listdir(name_dir) if d.isdigit() and os.path.isdir(os.path.join(name_dir, d)))
+    return sorted(int(d) for d in os.listdir(name_dir) if d.isdecimal() and os.path.isdir(os.path.join(name_dir, d)))
 
 
 def _is_version_dir(path: str) -> bool:

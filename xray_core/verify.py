@@ -142,11 +142,12 @@ def placement_problem(version_dir: str, meta: Metadata) -> str:
     """A version folder named by a number must hold the version metadata.json records: reports, metrics.json and
     the ledger know a package by `<name>/<version>`, so a folder copied under another number with its metadata
     left, or metadata edited to another version, would pass as that version (QA: folder 7 with its metadata.json's
-    version edited to 6 was scored, and recorded in the ledger, as pneumonia/6). A folder not named by a number,
-    and the parent folder's name (a copy kept elsewhere), are not checked."""
-    folder = os.path.abspath(version_dir)
+    version edited to 6 was scored, and recorded in the ledger, as pneumonia/6). The folder is the real one, not a
+    symbolic link's name; a folder not named by a number, and the parent folder's name (a copy kept elsewhere),
+    are not checked."""
+    folder = os.path.realpath(version_dir)  # a link named by another number (a Triton layout) names its target's
     number = os.path.basename(folder)
-    if not number.isdigit() or int(number) == meta.version:
+    if not number.isdecimal() or int(number) == meta.version:
         return ""
     return (f"{folder} holds the metadata of {meta.model_id}, version {meta.version} in a folder named {number}: a "
             "package copied or renamed by hand; publish it with `python -m export` instead")
