@@ -24,6 +24,13 @@ class LedgerNotUpdated(JobError):
     exit_code = 3
 
 
+class SchedulerLost(JobError):
+    """DaskRunner's scheduler went away while the job ran (Beam reports the pipeline DONE); nothing published
+    (exit 1)."""
+
+    exit_code = 1
+
+
 class WorkerLost(JobError):
     """A worker process ended while the job ran; nothing published (exit 1)."""
 

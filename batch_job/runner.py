@@ -10,6 +10,7 @@ parser knows is refused (Beam itself would drop it with a log warning).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from batch_job.errors import InputError, lost_workers, worker_lost
+from batch_job.dask_probe import check_scheduler
+from batch_job.errors import InputError, SchedulerLost, lost_workers, worker_lost
 from batch_job.quiet_stderr import quiet_worker_threads
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
 from xray_core.errors import Terminated, one_line
@@ -93,7 +95,7 @@ def choose_runner(beam_args: list[str], worker_stderr: bool = False) -> Runner:
     if short in ("DirectRunner", "FnApiRunner"):
         return direct_runner(beam_args, worker_stderr)
     if short == "DaskRunner":
-        return dask_runner_with(beam_args)
+        return dask_runner_with(beam_args, worker_stderr)
     return other_runner(name, beam_args)
 
 
@@ -108,11 +110,17 @@ def other_runner(name: str, beam_args: list[str]) -> Runner:
     return Runner(probe.runner, name.rsplit(".", 1)[-1], options, 4)
 
 
-def dask_runner_with(beam_args: list[str]) -> Runner:
-    """DaskRunner, one shard per Dask task unless the options partition otherwise."""
+def dask_runner_with(beam_args: list[str], keep_client_errors: bool = False) -> Runner:
+    """DaskRunner, one shard per Dask task unless the options partition otherwise. The dask client's own error
+    records (a scheduler lost mid-run: an empty ERROR line and a 36-line traceback before the job's one line, QA)
+    show at --log-level DEBUG only, as Beam's do; set after distributed's import, which sets its loggers' levels."""
     from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner
 
+    logging.getLogger("distributed.client").setLevel(logging.WARNING if keep_client_errors else logging.CRITICAL)
+
     dask = PipelineOptions(beam_args).view_as(DaskOptions)
+    if dask.address:  # a cluster of the user's: it must answer, and its workers import the job (dask_probe.py)
+        check_scheduler(dask.address)
     extra = ["--dask_partition_size=1"] if dask.npartitions is None and dask.partition_size is None else []
     return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)
 
@@ -156,7 +164,11 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threa
             finally:
                 client = getattr(result, "client", None)
                 if client is not None:
+                    lost = client.status != "running"  # Beam's DaskRunner says DONE when the scheduler went away
                     client.close()
+                    if lost:
+                        raise SchedulerLost("lost the Dask scheduler while scoring: nothing published; restart the "
+                                            "cluster (its workers end with the scheduler) and rerun")
     except KeyboardInterrupt as exc:
         if lost_workers and not isinstance(exc, Terminated):  # the job sends itself SIGINT, never SIGTERM
             raise worker_lost(lost_workers[0], death_reason(worker_logs, REAPER.survivors)) from None

@@ -1,7 +1,8 @@
 """Training-time augmentation in the tf.data input pipeline (never in the saved graph).
 
 The shift-robust recipe: a random resized crop (area 0.5-1, aspect 3/4-4/3) and per-image
-gamma, contrast and brightness jitter; optionally mixup. Batched tensors (B, S, S, 1) in [0, 1].
+gamma, contrast and brightness jitter; optionally a random black frame (a scan exported inside a border) and
+mixup. Batched tensors (B, S, S, 1) in [0, 1].
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.7, 1.3)  # around each image's mean
     gamma: tuple[float, float] = (0.7, 1.4)
     mixup_alpha: float = 0.0  # 0: no mixup
+    frame_prob: float = 0.0  # share of images put inside a black frame (0: none)
+    frame_max: float = 0.1  # each side's border: U(0, frame_max) of the side
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +43,16 @@ def random_resized_crop(x: tf.Tensor, area, aspect, seed: int) -> tf.Tensor:
     x0 = tf.random.uniform([n], seed=seed + 3) * (1.0 - w)
     boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
     return tf.image.crop_and_resize(x, boxes, tf.range(n), size)
+
+
+def random_frame(x: tf.Tensor, prob: float, max_border: float, seed: int) -> tf.Tensor:
+    """Each image with probability `prob`: shrunk inside a black border whose four sides are each U(0, max_border)
+    of the side (a scan padded by its export: a frame, or bands on two sides), resized back to S x S."""
+    n = tf.shape(x)[0]
+    framed = tf.cast(tf.random.uniform([n], seed=seed) < prob, tf.float32)
+    t, left, b, r = (framed * _uniform([n], (0.0, max_border), seed + 1 + i) for i in range(4))
+    boxes = tf.stack([-t, -left, 1.0 + b, 1.0 + r], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(n), tf.shape(x)[1:3], extrapolation_value=0.0)
 
 
 def photometric(x: tf.Tensor, cfg: AugmentConfig, seed: int) -> tf.Tensor:
@@ -68,6 +81,8 @@ def mixup(x: tf.Tensor, y: tf.Tensor, alpha: float, seed: int):
 
 def augment_batch(x: tf.Tensor, y: tf.Tensor, cfg: AugmentConfig, seed: int):
     x = random_resized_crop(x, cfg.crop_area, cfg.crop_aspect, seed)
+    if cfg.frame_prob > 0:
+        x = random_frame(x, cfg.frame_prob, cfg.frame_max, seed + 30)
     x = photometric(x, cfg, seed + 10)
     if cfg.mixup_alpha > 0:
         x, y = mixup(x, y, cfg.mixup_alpha, seed + 20)

@@ -22,7 +22,8 @@ def _log(msg: str) -> None:
 def recipe_augment(args) -> AugmentConfig | None:
     if args.augment == "none":
         return None
-    return AugmentConfig(crop_area=(args.crop_min_area, 1.0), mixup_alpha=args.mixup)
+    return AugmentConfig(crop_area=(args.crop_min_area, 1.0), mixup_alpha=args.mixup, frame_prob=args.frame_prob,
+                         frame_max=args.frame_max)
 
 
 def _common(name, args, seed):

@@ -36,6 +36,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         raise UsageError("--limit-per-class must be >= 3")
     if args.ensemble < 1 or args.mixup < 0 or not 0 < args.crop_min_area <= 1:
         raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
+    if not (0 <= args.frame_prob <= 1 and 0 <= args.frame_max <= 0.5):
+        raise UsageError("--frame-prob must be in [0, 1] and --frame-max in [0, 0.5]")
     if getattr(args, "teacher", None):
         if models != ["resnet_aug"]:
             raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")

@@ -1,0 +1,59 @@
+"""Before a DaskRunner night: does a Dask scheduler answer at --dask_client_address, and can its workers import the
+job? Refused (exit 2, one line) before anything is listed or written, within a bounded time.
+
+Without it (QA, 2026-12-02), a wrong address ran until someone noticed: a port where another service listens (a web
+server) kept the job printing "0/200 images scored" for 11 minutes and counting, holding the ledger's lock; one that
+sends a banner failed as "MemoryError: Unable to allocate 2.82 EiB"; a refused port took 30 s of progress lines after
+the whole folder was listed; and workers that could not import the job left one by one while the job waited.
+"""
+from __future__ import annotations
+
+import threading
+
+from batch_job.errors import InputError
+from xray_core.errors import one_line
+
+CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.timeouts.connect)
+# Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself.
+# (None: nothing to send back.)
+IMPORTS_THE_JOB = "__import__('batch_job.scoring') and None"
+
+
+def check_scheduler(address: str, timeout: float | None = None) -> int:
+    """InputError unless a Dask scheduler answers at `address` within about `timeout` seconds (CONNECT_SECONDS) and
+    every worker it has imports the job; -> the number of workers (0: the job waits for some to join, as Beam
+    does)."""
+    timeout = CONNECT_SECONDS if timeout is None else timeout
+    outcome: dict = {}
+
+    def probe() -> None:
+        from distributed import Client
+
+        try:
+            client = Client(address, timeout=timeout, set_as_default=False)
+        except BaseException as exc:  # noqa: BLE001 - whatever the other end sent: one line below
+            outcome["connect"] = exc
+            return
+        try:
+            outcome["workers"] = client.run(eval, IMPORTS_THE_JOB)
+        except BaseException as exc:  # noqa: BLE001 - raised on a worker, re-raised here
+            outcome["import"] = exc
+        finally:
+            client.close(timeout=timeout)
+
+    thread = threading.Thread(target=probe, name="dask-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 2)
+    where = f"--dask_client_address {address}"
+    if thread.is_alive():
+        raise InputError(f"{where}: no Dask scheduler answered within {timeout:.0f} s (something listens there that "
+                         "does not speak Dask?); nothing scored")
+    if "connect" in outcome:
+        exc = outcome["connect"]
+        raise InputError(f"{where}: no Dask scheduler there ({type(exc).__name__}: {one_line(exc, 200)}); "
+                         "nothing scored")
+    if "import" in outcome:
+        exc = outcome["import"]
+        raise InputError(f"{where}: a Dask worker cannot import the job ({type(exc).__name__}: {one_line(exc, 200)})"
+                         "; install this project on every worker (docs/batch_job.md); nothing scored")
+    return len(outcome.get("workers", {}))
