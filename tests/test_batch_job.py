@@ -944,8 +944,12 @@ def test_resolving_another_runner_leaves_no_temp_folder(tmp_path, monkeypatch):
     assert type(runner.runner).__name__ == "PortableRunner" and os.listdir(tmp_path) == []
 
 
-def test_beam_options_still_pass_through():
+def test_beam_options_still_pass_through(monkeypatch):
+    from batch_job import runner
     from batch_job.runner import beam_leftovers, choose_runner
+
+    probed = []
+    monkeypatch.setattr(runner, "check_scheduler", probed.append)  # no scheduler at h:8786 (tests/test_dask_probe.py)
 
     assert beam_leftovers(["--runner=DirectRunner", "--job_name", "j", "--experiments=a", "--experiments=b",
                            "--direct_num_workers", "2", "--save_main_session"]) == []
@@ -954,6 +958,7 @@ def test_beam_options_still_pass_through():
     dask = choose_runner(["--runner", "DaskRunner", "--dask_client_address=tcp://h:8786", "--dask_npartitions=3"])
     assert (dask.options.view_as(DaskOptions).address, dask.options.view_as(DaskOptions).npartitions) == (
         "tcp://h:8786", 3)
+    assert probed == ["tcp://h:8786"]  # checked before anything is listed
 
 
 def test_zero_direct_workers_means_one_per_core(tiny_package, tmp_path):
