@@ -59,7 +59,8 @@ def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
             break
         for row in shard_files.read_shard(os.path.join(out_dir, shard_files.shard_name(shard_id))):
             if row["status"] == "error" and len(rows) < cap:
-                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT)})
+                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
+                             "href": file_link(row["path"], out_dir)})
     return rows
 
 
@@ -178,10 +179,12 @@ def intended_use(r: RunResult) -> dict:
             "trained_on": display(r.trained_on, 3 * MAX_TEXT)}
 
 
-def out_of_scope_section(r: RunResult) -> dict:
+def out_of_scope_section(r: RunResult, out_dir: str) -> dict:
+    """The first out-of-scope images: thumbnail, name linked to the original (QA: they need a read, and only the
+    worklist named them), reason, a DICOM's identifiers."""
     return {"count": r.counts.out_of_scope,
             "shown": [{"rank": rank, "name": display(e.path, MAX_TEXT // 2), "reason": display(e.reason),
-                       "src": r.thumbnails.get(e.path, ""), "ids": identifiers(e)}
+                       "src": r.thumbnails.get(e.path, ""), "ids": identifiers(e), "href": file_link(e.path, out_dir)}
                       for rank, e in r.worklist.out_of_scope]}
 
 
@@ -210,7 +213,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "tiles_left": max(0, len(r.flagged) - tiles_cap),
         "rows": rows, "worklist_rows": r.worklist.rows, "row_overlays": any(row["overlay"] for row in rows),
         "rows_left": r.positive_count - after - len(rows),  # the worklist summary keeps only the first flagged rows
-        "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r),
+        "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r, out_dir),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped,
     }

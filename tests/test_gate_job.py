@@ -107,6 +107,9 @@ def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_
     assert [p for _, p in order[:flagged]] == ["PNEUMONIA"] * flagged and order[flagged] == ("split.png", "")
     assert [p for _, p in order[flagged + 1:-3]] == ["NORMAL"] * (4 - flagged), order
     assert [n for n, _ in order[-3:]] == ["blank.png", "photo.png", "slice.dcm"]
+    page = open(tmp_path / "night1" / "report.html", encoding="utf-8").read()  # each linked to its original (QA)
+    assert all(f'href="../in/{name}"' in page for name in ("split.png", "blank.png", "photo.png", "slice.dcm"))
+    assert page.index('href="../in/split.png"') < page.index('href="../in/blank.png"')  # in reading order
     logged = [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()]
     assert logged == [f"ledger {tmp_path / 'ledger.sqlite'}: 4 new images recorded, 4 out of scope"]  # audit: was "4"
     # the second night reads nothing new: the refused images are skipped like the scored ones

@@ -81,9 +81,11 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     assert sorted(srcs) == sorted(["histogram.png", "confusion.png", "roc.png"] + heat)
     assert sorted(set(inside) - set(srcs)) == ["worklist.csv"]  # the tiles link their overlays
     flagged = sum(r["prediction"] == "PNEUMONIA" for r in read_predictions(report_run).values())
-    # QA: the tiles, the most urgent reads, linked only their overlays: every flagged image links its original now
-    assert len([ref for ref in links if ref.startswith("..")]) == flagged
-    assert len(set(ref for ref in links if ref.startswith(".."))) == flagged
+    # QA: the tiles, the most urgent reads, linked only their overlays, and out-of-scope and failed images nothing:
+    # every flagged, out-of-scope and failed image the page names links its original now
+    shown = flagged + sum(r["status"] in ("error", "out_of_scope") for r in read_predictions(report_run).values())
+    assert len([ref for ref in links if ref.startswith("..")]) == shown
+    assert len(set(ref for ref in links if ref.startswith(".."))) == shown
     raw = open(os.path.join(report_run, "report.html"), encoding="utf-8").read()
     assert "<th>overlay</th>" not in raw  # the table's rows are past the 8 overlays: no empty column (QA)
     assert os.path.getsize(os.path.join(report_run, "report.html")) < 1_000_000
