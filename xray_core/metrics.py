@@ -12,7 +12,8 @@ def choose_threshold(y_true, y_prob, target_recall: float = 0.95) -> float:
 
     Decision rule everywhere: PNEUMONIA when probability >= threshold. Among equally
     specific thresholds the highest is taken, then moved halfway down to the next
-    lower validation score: the validation operating point is unchanged, and no
+    lower validation score (halfway to 0 when it is the lowest: every image flagged, a weak
+    model's or a small split's case, QA): the validation operating point is unchanged, and no
     validation probability sits exactly on the threshold (so float noise of ~1e-7,
     e.g. Keras vs ONNX, cannot flip a decision there).
     """
@@ -25,7 +26,7 @@ def choose_threshold(y_true, y_prob, target_recall: float = 0.95) -> float:
     best = ok[np.lexsort((-thresholds[ok], fpr[ok]))[0]]  # min fpr, then max threshold
     chosen = float(min(thresholds[best], 1.0))
     below = y_prob[y_prob < chosen]
-    return float((chosen + below.max()) / 2) if below.size else chosen
+    return float((chosen + below.max()) / 2) if below.size else chosen / 2
 
 
 def operating_point(y_true, y_prob, threshold: float) -> dict:
