@@ -206,13 +206,13 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
            target_recall: float | None = None, heatmap_method: HeatmapMethod = DEFAULT_HEATMAP_METHOD,
            log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str:
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
-    from export.calibrate import CalibrationError, calibrate, list_labelled, refuse_training_folder
+    from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 
     arch, metrics, _, run_info = read_run(run_dir, model)
     target_recall = metrics["target_recall"] if target_recall is None else target_recall
     if calibrate_dir is not None:
         try:
-            list_labelled(calibrate_dir)  # refuse a bad folder before any work
+            list_labelled(calibrate_dir, MIN_PER_CLASS)  # refuse a bad folder before any work
             refuse_training_folder(calibrate_dir, run_info.get("data_dir"))
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
@@ -247,7 +247,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         if calibrate_dir is not None:
             try:
                 site, site_images = calibrate(session, calibrate_dir, config, metrics["chosen_threshold"],
-                                              target_recall, log=log, modalities=modalities)
+                                              target_recall, log=log, min_per_class=MIN_PER_CLASS,
+                                              modalities=modalities)
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
         threshold = site["threshold"] if site else metrics["chosen_threshold"]

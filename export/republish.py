@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from export import gate_fit
-from export.calibrate import CalibrationError, calibrate, list_labelled, refuse_training_folder
+from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 from export.card import model_card
 from export.faithfulness import faithfulness
 from export.triton import triton_config
@@ -193,11 +193,6 @@ def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version
         return with_gate(dataclasses.replace(meta, source=source), staging, training_dir, log)
 
     return republish(source_dir, serving_dir, name, edit, version, log)
-
-
-# Fewer images per class leave the estimate too loose to set a threshold by: already with 30 positives, a recall of
-# 29/30 has the Wilson 95% interval 0.83-0.99.
-MIN_PER_CLASS = 30
 
 
 def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, target_recall: float | None,

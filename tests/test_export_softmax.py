@@ -17,7 +17,7 @@ def softmax_package(tmp_path_factory):
     base = tmp_path_factory.mktemp("softmax")
     data, site, run = base / "data", base / "site", base / "run"
     make_tree(str(data), per_class=40, size=48, seed=0)
-    make_tree(str(site), per_class=24, size=48, seed=5)
+    make_tree(str(site), per_class=30, size=48, seed=5)
     assert train_main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--epochs", "2",
                        "--ensemble", "1", "--pool", "softmax", "--site-dir", str(site)]) == 0
     serving = base / "serving"

@@ -367,19 +367,24 @@ def test_a_refusal_after_staging_leaves_no_folder_it_made(source_package, tmp_pa
     assert os.listdir(fresh / "site_b") == []  # the user's folder stays, empty as it was
 
 
-@pytest.mark.parametrize("where", ["the training folder", "inside it", "holding it"])
+@pytest.mark.parametrize("where", ["the training folder", "inside it", "holding it", "a class folder's link target"])
 def test_the_folder_the_model_was_trained_on_is_refused(source_package, tmp_path, capsys, where):
     """Known since the eighth session: recalibrating on the model's own training images chose an in-sample threshold
     without a word. The package records its training folder (metadata.json training_data); a calibration folder
     that is it, lies inside it or holds it is refused, before any scoring, and nothing is published."""
     train = tmp_path / "data" / "train"
     make_tree(str(train / "hospital"), per_class=30, size=48, seed=6)
+    if where == "a class folder's link target":  # QA: the run's data folder linked NORMAL from the shared folder
+        shared = tmp_path / "shared"
+        make_tree(str(shared), per_class=30, size=48, seed=7)
+        os.symlink(shared / "NORMAL", train / "NORMAL")
     path = os.path.join(source_package, "metadata.json")
     meta = read_json(path)
     meta["training_data"] = {"source": "synthetic", "data_dir": str(train)}
     with open(path, "w") as f:
         json.dump(meta, f)
-    cal = {"the training folder": train, "inside it": train / "hospital", "holding it": tmp_path / "data"}[where]
+    cal = {"the training folder": train, "inside it": train / "hospital", "holding it": tmp_path / "data",
+           "a class folder's link target": tmp_path / "shared"}[where]
     line = _refused(capsys, tmp_path, ["--recalibrate", source_package, "--calibrate-dir", str(cal),
                                        "--serving-dir", str(tmp_path / "serving")],
                     f"overlaps {train}, the folder the model was trained on", "nothing published")
