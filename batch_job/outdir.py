@@ -22,11 +22,13 @@ from typing import IO
 from batch_job.errors import InputError, JobError
 from batch_job.leftovers import ANY_TEMP, parked_name
 from batch_job.listing import input_root, is_uri
-from xray_core.files import (
+from xray_core.files import (  # noqa: F401 - private_umask: the job's, as outdir.private_umask
+    PRIVATE,
     blocking_ancestor,
     hold_lock,
     inside,
     make_folders,
+    private_umask,
     publish_dir,
     remove_dir,
     remove_folders,
@@ -37,7 +39,6 @@ from xray_core.files import (
 LOG = logging.getLogger("batch_job")
 # OUT_DIR and the ledger name patients' files (and their DICOM fields): readable by the owner and the group only
 # (docs/operations.md, "Who reads OUT_DIR"), never writable by the group
-PRIVATE = 0o027
 _held: dict[str, IO] = {}  # temp dir -> its lock file, while this process's job uses it
 _made: dict[str, list[str]] = {}  # temp dir -> the parent folders prepare() made for it, removed with it if unused
 
@@ -173,18 +174,6 @@ def prepare(out: str, overwrite: bool) -> str:
         raise
     _made[tmp] = made
     return tmp
-
-
-@contextlib.contextmanager
-def private_umask():
-    """While the job runs, whatever it creates (OUT_DIR, its parent folders, the ledger and its folder) is
-    readable by its owner and group only: umask 027 added to the one it was given."""
-    old = os.umask(PRIVATE)
-    os.umask(old | PRIVATE)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def make_private(folder: str) -> None:

@@ -215,6 +215,10 @@ def test_cli_run_succeeds_and_leaves_no_temp_dirs(cli_run):
     assert os.listdir(cli_run["out"].parent) == ["run1"]
     assert sorted(os.listdir(cli_run["out"])) == sorted(
         ["split.csv", "comparison.json", "comparison.md", "run.json", *MODELS])
+    # QA: written 0644/0755 under umask 022, though split.csv names patients' files and PatientIDs: owner and group
+    for dirpath, _, files in os.walk(cli_run["out"].parent):
+        for path in [dirpath] + [os.path.join(dirpath, f) for f in files]:
+            assert os.stat(path).st_mode & 0o027 == 0, path
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import threading
 
 from xray_core.dicom_header import parse_modalities
 from xray_core.errors import stopped as stopped_words
+from xray_core.files import private_umask
 from xray_core.interrupts import GATE, exit_with
 
 MODEL_CHOICES = "baseline_cnn,augmented_cnn,vgg19,resnet_aug"
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
         from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
 
         try:
-            code = run(args)
+            with private_umask():  # split.csv and the predictions name patients' files (and DICOM PatientIDs)
+                code = run(args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             code = 2

@@ -20,6 +20,19 @@ import uuid
 from typing import IO, Callable
 
 LOCK_FILE = ".owner.lock"
+PRIVATE = 0o027  # no write for the group, nothing for others
+
+
+@contextlib.contextmanager
+def private_umask():
+    """While a command runs, whatever it creates (the job's OUT_DIR and ledger, train's RUN_DIR) is readable by its
+    owner and group only: umask 027 added to the one it was given. They hold patient data (paths, identifiers)."""
+    old = os.umask(PRIVATE)
+    os.umask(old | PRIVATE)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def temp_dir_beside(final: str, tag: str = "tmp") -> str:
