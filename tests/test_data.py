@@ -19,6 +19,7 @@ from train.data import (
     find_examples,
     limit_per_class,
     load_images,
+    other_folders,
     patient_id,
     read_split_csv,
     split_examples,
@@ -129,6 +130,22 @@ def test_find_examples_flat_layout_and_nested_subfolders(tmp_path):
     examples = find_examples(str(root))
     assert {e.path: e.label for e in examples} == expected
     assert [e.path for e in examples] == sorted(expected)
+    assert other_folders(str(root)) == [str(root / "OTHER")]  # said, not silently skipped (QA: a COVID folder)
+
+
+def test_class_and_split_folders_in_any_case_as_the_job_reads_them(tmp_path):
+    """QA: `normal/` and `Pneumonia/` were "no images" for train, but NORMAL and PNEUMONIA for calibration and the
+    batch job (xray_core.labels: any case)."""
+    root = tmp_path / "site"
+    expected = {
+        _touch(root / "Train" / "normal" / "IM-0001-0001.jpeg"): "NORMAL",
+        _touch(root / "Train" / "Pneumonia" / "person1_bacteria_1.jpeg"): "PNEUMONIA",
+        _touch(root / "val" / "NORMAL" / "IM-0002-0001.jpeg"): "NORMAL",
+        _touch(root / "val" / "pneumonia" / "person2_virus_4.png"): "PNEUMONIA",
+    }
+    _touch(root / "Train" / "COVID" / "x.jpeg")
+    assert {e.path: e.label for e in find_examples(root)} == expected
+    assert other_folders(root) == [str(root / "Train" / "COVID")]
 
 
 def test_find_examples_missing_dir(tmp_path):

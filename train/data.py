@@ -82,23 +82,43 @@ def patient_of(path: str) -> str:
     return dicom_patient_id(path) or patient_id(path)
 
 
+def _folders(parent: Path) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+
+def _layout(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """(class folders with their label, other folders) of ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or
+    ROOT/{NORMAL,PNEUMONIA}, names in any case as the batch job's folder rule reads them (QA: `normal/` was "no
+    images" in train and NORMAL in calibration and the job)."""
+    parents = [root] + [p for p in _folders(root) if p.name.lower() in SPLITS]
+    classes, other = [], []
+    for parent in parents:
+        for folder in _folders(parent):
+            if folder.name.upper() in CLASSES:
+                classes.append((folder, folder.name.upper()))
+            elif not (parent == root and folder.name.lower() in SPLITS):
+                other.append(folder)
+    return classes, other
+
+
+def other_folders(data_dir: str | os.PathLike) -> list[str]:
+    """The folders beside the class folders that train reads nothing from (a third class, say: QA, a COVID folder
+    of 31 images was skipped without a word)."""
+    return [str(p) for p in _layout(Path(os.path.abspath(data_dir)))[1]]
+
+
 def find_examples(data_dir: str | os.PathLike) -> list[Example]:
     """Kaggle layout ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* or flat ROOT/{NORMAL,PNEUMONIA}/*."""
     root = Path(os.path.abspath(data_dir))
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
-    parents = [root] + [root / s for s in SPLITS if (root / s).is_dir()]
     examples = []
-    for parent in parents:
-        for label in CLASSES:
-            class_dir = parent / label
-            if not class_dir.is_dir():
-                continue
-            for dirpath, _dirs, files in os.walk(class_dir):
-                for name in sorted(files):
-                    path = os.path.join(dirpath, name)
-                    if is_input_file(path):
-                        examples.append(Example(path, label, patient_of(path)))
+    for class_dir, label in _layout(root)[0]:
+        for dirpath, _dirs, files in os.walk(class_dir):
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                if is_input_file(path):
+                    examples.append(Example(path, label, patient_of(path)))
     if not examples:
         raise DataError(f"no images (.jpeg/.jpg/.png/.dcm) under {root}/[train|val|test/]NORMAL|PNEUMONIA")
     counts = Counter(e.label for e in examples)

@@ -27,6 +27,7 @@ from train.data import (
     labels_to_array,
     limit_per_class,
     load_images,
+    other_folders,
     refuse_site_images,
     split_examples,
     write_split_csv,
@@ -70,6 +71,9 @@ def run(args) -> int:
     models, fractions = validate(args)
     vgg_weights = resolve_vgg19_weights(args.vgg19_weights) if "vgg19" in models else None
     examples = find_examples(args.data_dir)
+    for folder in other_folders(args.data_dir):
+        print(f"warning: {folder}: not a NORMAL or PNEUMONIA folder (or train/val/test); nothing read from it",
+              file=sys.stderr, flush=True)
     if args.limit_per_class:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
     config = PreprocessConfig(image_size=args.image_size)
