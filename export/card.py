@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from export.faithfulness import REQUIRED_SHARE
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
@@ -60,7 +61,7 @@ def site_section(meta: dict) -> str:
     return f"""## Site sample first: what to expect on new scans
 Calibrated on {site['images']} labelled images ({site['normal']} normal, {site['pneumonia']} pneumonia,
 {site['patients']} patients) from a later collection than the training data (`{site['dir']}`).
-
+{_chosen_on_this_sample(meta, site)}
 **Expected on unseen scans (2-fold estimate):** the threshold was chosen on one half of the patients and
 measured on the other, then the other way round. ROC AUC {_ci(est, 'roc_auc')}; recall {_ci(est, 'recall')};
 specificity {_ci(est, 'specificity')}; accuracy {_ci(est, 'accuracy')}. Fold thresholds:
@@ -74,6 +75,25 @@ specificity {_ci(est, 'specificity')}; accuracy {_ci(est, 'accuracy')}. Fold thr
 
 {_internal_against_site(meta)}
 """
+
+
+def _limited(src: dict) -> str:
+    """QA: a run on a subset (`--limit-per-class`) was described as trained on the whole folder."""
+    limit = src.get("limit_per_class")
+    return f" (at most {limit} images of each class: `--limit-per-class {limit}`)" if limit else ""
+
+
+def _chosen_on_this_sample(meta: dict, site: dict) -> str:
+    """A sentence when the run picked this model among others by its ROC AUC on this very sample (QA: not said,
+    though that choice makes the estimate below optimistic too); "" otherwise."""
+    src = meta.get("source") or {}
+    candidates, picked_on = src.get("candidates") or [], src.get("site_dir")
+    if src.get("selected_by") != "site_roc_auc" or len(candidates) < 2 or not picked_on or \
+            os.path.realpath(picked_on) != os.path.realpath(site["dir"]):
+        return ""
+    return (f"\n**Chosen on this sample too:** the training run picked this model among {len(candidates)} "
+            f"({', '.join(candidates)}) by their ROC AUC on these same images (`--select-by site_roc_auc`), so the\n"
+            "figures below are optimistic by that choice as well.\n")
 
 
 def _aucs(meta: dict) -> tuple[float | None, float | None]:
@@ -253,7 +273,7 @@ It is **not a diagnosis** and must not be used without a clinician's review.
 {drift_section(meta)}
 {gate_section(meta)}
 ## Internal test split (same collection as training{'; overestimates' if overestimates(meta) else ''})
-{data.card_data()}, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,
+{data.card_data()}{_limited(src)}, re-split {src.get('split', '0.70,0.15,0.15')} into train/val/test,
 stratified by class and grouped by patient (no patient, and no byte-identical image, in two splits).
 Split sizes: {json.dumps(src.get('split_counts', {}))}.
 

@@ -208,7 +208,9 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
     from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 
-    arch, metrics, _, run_info = read_run(run_dir, model)
+    arch, metrics, comparison, run_info = read_run(run_dir, model)
+    if model != "best":  # named by the user, not picked by the run's --select-by
+        comparison = dict(comparison, select_by="named by --model")
     target_recall = metrics["target_recall"] if target_recall is None else target_recall
     if calibrate_dir is not None:
         try:
@@ -274,7 +276,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
                               dim=dim, ref=ref, gate=gate_spec,
-                              heatmap_method=heatmap_method.to_dict() if hw else None)
+                              heatmap_method=heatmap_method.to_dict() if hw else None, comparison=comparison)
         write_description(staging, meta)
         try:  # atomic publish: the version appears complete or not at all
             publish_version(staging, final)

@@ -53,7 +53,8 @@ def model_inputs(paths: list[str], config: PreprocessConfig, expected: int | Non
     refused = sum(err.startswith(OUT_OF_SCOPE) for _, err in failed)
     if expected is not None and expected not in (len(ok), len(ok) + refused):
         raise UnreadableTrainingSplit(f"{len(ok)} of {len(paths)} training-split images could be read; the run "
-                                      f"trained on {expected} (moved data, or not its training folder)")
+                                      f"trained on {expected} (moved data, not its training folder, or a run on a "
+                                      "subset, --limit-per-class, whose training split the folder cannot tell)")
     if not ok:
         raise GateFitError("no image of the training split could be read (moved data?)")
     return images

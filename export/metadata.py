@@ -24,7 +24,7 @@ def library_versions() -> dict:
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None, dim=None, ref=None,
-                   gate=None, heatmap_method=None) -> Metadata:
+                   gate=None, heatmap_method=None, comparison=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
     return Metadata(
@@ -39,6 +39,11 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
             "seed": run_info.get("args", {}).get("seed"),
             "split": run_info.get("args", {}).get("split"),
             "split_counts": run_info.get("split_counts"),
+            # how the run chose this model, and on what (the card says when that is the calibration sample too)
+            "selected_by": (comparison or {}).get("select_by"),
+            "candidates": [r.get("model") for r in (comparison or {}).get("models", [])],
+            "site_dir": run_info.get("site_dir"),
+            "limit_per_class": run_info.get("args", {}).get("limit_per_class"),
         },
         training_data=TrainingData.from_dict({"source": run_info.get("args", {}).get("data_source"),
                                              "data_dir": run_info.get("data_dir"),

@@ -95,6 +95,23 @@ def test_the_model_card_is_a_function_of_the_metadata():
     assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
 
 
+def test_the_card_says_when_the_model_was_chosen_on_its_calibration_sample_or_trained_on_a_subset():
+    """QA: a run that picked its model among several by ROC AUC on the site sample, then calibrated on it, got a card
+    that presented the 2-fold estimate without a word of that choice; a --limit-per-class run read as trained on its
+    whole folder."""
+    meta = load_metadata(os.path.join(SHIPPED, "7")).to_dict()
+    assert "Chosen on this sample too" not in model_card(meta) and "--limit-per-class" not in model_card(meta)
+    site_dir = meta["site_calibration"]["dir"]
+    meta["source"].update(selected_by="site_roc_auc", candidates=["resnet_aug", "augmented_cnn"], site_dir=site_dir,
+                          limit_per_class=60)
+    card = " ".join(model_card(meta).split())
+    assert ("**Chosen on this sample too:** the training run picked this model among 2 (resnet_aug, augmented_cnn) "
+            "by their ROC AUC on these same images") in card
+    assert "(at most 60 images of each class: `--limit-per-class 60`)" in card
+    for other in ({"selected_by": "val_roc_auc"}, {"candidates": ["resnet_aug"]}, {"site_dir": "/elsewhere"}):
+        assert "Chosen on this sample too" not in model_card(dict(meta, source=dict(meta["source"], **other)))
+
+
 def test_the_card_says_the_internal_split_overestimates_only_where_it_does():
     """QA: every card said "The internal test split overestimates", also where its site ROC AUC was the higher, and
     quoted the shipped models' figures for any model."""
