@@ -1,5 +1,6 @@
-"""Before a DaskRunner night: does a Dask scheduler answer at --dask_client_address, and can its workers import the
-job? Refused (exit 2, one line) before anything is listed or written, within a bounded time.
+"""Before a DaskRunner night: does a Dask scheduler answer at --dask_client_address (or --dask_scheduler_file), and
+can its workers import what the job runs? Refused (exit 2, one line) before anything is listed or written, within a
+bounded time.
 
 Without it (QA, 2026-12-02), a wrong address ran until someone noticed: a port where another service listens (a web
 server) kept the job printing "0/200 images scored" for 11 minutes and counting, holding the ledger's lock; one that
@@ -13,41 +14,49 @@ import threading
 from batch_job.errors import InputError
 from xray_core.errors import one_line
 
-CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.timeouts.connect)
-# Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself.
-# (None: nothing to send back.)
-IMPORTS_THE_JOB = "__import__('batch_job.scoring') and None"
+CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.timeouts.connect); --dask_connection_timeout
+# Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself; it
+# imports what the job's steps need there (the job, onnxruntime, Beam). None: nothing to send back.
+IMPORTS_THE_JOB = "__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and None"
 
 
-def check_scheduler(address: str, timeout: float | None = None) -> int:
-    """InputError unless a Dask scheduler answers at `address` within about `timeout` seconds (CONNECT_SECONDS) and
-    every worker it has imports the job; -> the number of workers (0: the job waits for some to join, as Beam
-    does)."""
+def check_scheduler(address: str | None = None, scheduler_file: str | None = None,
+                    timeout: float | None = None) -> int:
+    """InputError unless a Dask scheduler answers within `timeout` seconds (CONNECT_SECONDS) and every worker it has
+    imports the job within as long again; -> the number of workers (0: the job waits for some to join, as Beam
+    does). A probe that does not return leaves its daemon thread behind: the job refuses and exits."""
     timeout = CONNECT_SECONDS if timeout is None else timeout
-    outcome: dict = {}
+    outcome: dict = {"stage": "connect"}
 
     def probe() -> None:
         from distributed import Client
 
         try:
-            client = Client(address, timeout=timeout, set_as_default=False)
+            client = Client(address, scheduler_file=scheduler_file, timeout=timeout, set_as_default=False)
         except BaseException as exc:  # noqa: BLE001 - whatever the other end sent: one line below
             outcome["connect"] = exc
             return
+        outcome["stage"] = "workers"
         try:
             outcome["workers"] = client.run(eval, IMPORTS_THE_JOB)
         except BaseException as exc:  # noqa: BLE001 - raised on a worker, re-raised here
             outcome["import"] = exc
         finally:
+            outcome["stage"] = "done"
             client.close(timeout=timeout)
 
     thread = threading.Thread(target=probe, name="dask-probe", daemon=True)
     thread.start()
     thread.join(timeout + 2)
-    where = f"--dask_client_address {address}"
-    if thread.is_alive():
-        raise InputError(f"{where}: no Dask scheduler answered within {timeout:.0f} s (something listens there that "
-                         "does not speak Dask?); nothing scored")
+    if outcome["stage"] == "workers":  # connected: its workers get as long again to answer
+        thread.join(timeout)
+    where = f"--dask_client_address {address}" if address else f"--dask_scheduler_file {scheduler_file}"
+    if outcome["stage"] == "connect" and thread.is_alive():
+        raise InputError(f"{where}: no Dask scheduler answered within {timeout + 2:.0f} s (something listens there "
+                         "that does not speak Dask, or --dask_connection_timeout is too short?); nothing scored")
+    if outcome["stage"] == "workers":
+        raise InputError(f"{where}: the Dask workers did not answer within {timeout:.0f} s (busy, or stuck?); "
+                         "nothing scored")
     if "connect" in outcome:
         exc = outcome["connect"]
         raise InputError(f"{where}: no Dask scheduler there ({type(exc).__name__}: {one_line(exc, 200)}); "

@@ -119,8 +119,9 @@ def dask_runner_with(beam_args: list[str], keep_client_errors: bool = False) -> 
     logging.getLogger("distributed.client").setLevel(logging.WARNING if keep_client_errors else logging.CRITICAL)
 
     dask = PipelineOptions(beam_args).view_as(DaskOptions)
-    if dask.address:  # a cluster of the user's: it must answer, and its workers import the job (dask_probe.py)
-        check_scheduler(dask.address)
+    if dask.address or dask.scheduler_file:  # a cluster of the user's: it must answer, its workers import the job
+        workers = check_scheduler(dask.address, dask.scheduler_file, dask.timeout)  # (dask_probe.py)
+        logging.getLogger("batch_job").info("Dask scheduler answered; %d workers import the job", workers)
     extra = ["--dask_partition_size=1"] if dask.npartitions is None and dask.partition_size is None else []
     return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)
 
@@ -161,14 +162,15 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threa
             result = pipeline.run()
             try:
                 result.wait_until_finish()
+                unfinished = [f for f in getattr(result, "futures", ()) if f.status != "finished"]
             finally:
                 client = getattr(result, "client", None)
                 if client is not None:
-                    lost = client.status != "running"  # Beam's DaskRunner says DONE when the scheduler went away
                     client.close()
-                    if lost:
-                        raise SchedulerLost("lost the Dask scheduler while scoring: nothing published; restart the "
-                                            "cluster (its workers end with the scheduler) and rerun")
+        if unfinished:  # Beam's DaskRunner says DONE when its scheduler went away: its tasks are cancelled, not done
+            raise SchedulerLost(f"lost the Dask scheduler while scoring (the pipeline {unfinished[0].status}): "
+                                "nothing published; restart the cluster (its workers end with the scheduler) and "
+                                "rerun")
     except KeyboardInterrupt as exc:
         if lost_workers and not isinstance(exc, Terminated):  # the job sends itself SIGINT, never SIGTERM
             raise worker_lost(lost_workers[0], death_reason(worker_logs, REAPER.survivors)) from None
