@@ -269,7 +269,7 @@ class Ledger:
 
 def _owner_and_group_only(path: str) -> None:
     """A ledger made readable to others (by an earlier version, or by hand) holds patients' file names: made
-    owner-and-group-only, with a warning (what the job creates already is: outdir.private_umask)."""
+    owner-and-group-only, with a warning (what the job creates already is: xray_core.files.private_umask)."""
     for name in (path, path + ".lock"):
         mode = os.stat(name).st_mode
         if mode & 0o007:

@@ -22,13 +22,12 @@ from typing import IO
 from batch_job.errors import InputError, JobError
 from batch_job.leftovers import ANY_TEMP, parked_name
 from batch_job.listing import input_root, is_uri
-from xray_core.files import (  # noqa: F401 - private_umask: the job's, as outdir.private_umask
+from xray_core.files import (
     PRIVATE,
     blocking_ancestor,
     hold_lock,
     inside,
     make_folders,
-    private_umask,
     publish_dir,
     remove_dir,
     remove_folders,

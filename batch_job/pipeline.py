@@ -52,6 +52,7 @@ from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
 from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
 from xray_core.errors import one_line
+from xray_core.files import private_umask
 from xray_core.interrupts import GATE
 from xray_core.labels import label_from_path
 from xray_core.occlusion import HeatmapMethod
@@ -68,8 +69,8 @@ def kill_point(name: str) -> None:
 def run(args: argparse.Namespace, beam_args: list[str], started: float | None = None) -> RunResult:
     """The job; -> its result. `started`: the command's perf_counter() at start-up, so the timings include its
     imports. Raises JobError, PackageError (README, "Exit codes") or KeyboardInterrupt. What it creates is
-    readable by the owner and group only (outdir.private_umask)."""
-    with outdir.private_umask():
+    readable by the owner and group only (xray_core.files.private_umask)."""
+    with private_umask():
         return _run(args, beam_args, started)
 
 

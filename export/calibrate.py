@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import binomtest, mannwhitneyu
 from sklearn.model_selection import StratifiedGroupKFold
 
-from train.data import Example, label_conflicts, patient_groups, patient_of
+from train.data import Example, label_conflicts, layout, patient_groups, patient_of
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import inside, sha256_file
 from xray_core.labels import CLASSES, label_from_path
@@ -79,22 +80,13 @@ def _content(path: str) -> str:
         return path
 
 
-def training_folders(data_dir: str, depth: int = 2) -> list[str]:
-    """data_dir and the folders below it to `depth` levels (ROOT/{train,val,test}/{NORMAL,PNEUMONIA} at most), links
-    followed: where the training images really lie."""
-    found, level = [data_dir], [data_dir]
-    for _ in range(depth):
-        level = [entry.path for folder in level for entry in _subfolders(folder)]
-        found += level
-    return found
-
-
-def _subfolders(folder: str) -> list:
-    try:
-        with os.scandir(folder) as entries:
-            return [e for e in entries if e.is_dir()]  # follows links
-    except OSError:
-        return []
+def training_folders(data_dir: str) -> list[str]:
+    """data_dir and the split and class folders train reads in it (train.data.layout: links followed there, as train
+    follows them; nothing it does not read): where the training images really lie."""
+    if not os.path.isdir(data_dir):
+        return [data_dir]
+    classes = [folder for folder, _ in layout(Path(data_dir))[0]]
+    return [data_dir] + sorted({str(f.parent) for f in classes}) + [str(f) for f in classes]
 
 
 def refuse_training_folder(cal_dir: str, data_dir: str | None) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from export.faithfulness import REQUIRED_SHARE
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
@@ -87,9 +86,8 @@ def _chosen_on_this_sample(meta: dict, site: dict) -> str:
     """A sentence when the run picked this model among others by its ROC AUC on this very sample (QA: not said,
     though that choice makes the estimate below optimistic too); "" otherwise."""
     src = meta.get("source") or {}
-    candidates, picked_on = src.get("candidates") or [], src.get("site_dir")
-    if src.get("selected_by") != "site_roc_auc" or len(candidates) < 2 or not picked_on or \
-            os.path.realpath(picked_on) != os.path.realpath(site["dir"]):
+    candidates = src.get("candidates") or []
+    if src.get("selected_by") != "site_roc_auc" or len(candidates) < 2 or not src.get("selected_on_calibration_sample"):
         return ""
     return (f"\n**Chosen on this sample too:** the training run picked this model among {len(candidates)} "
             f"({', '.join(candidates)}) by their ROC AUC on these same images (`--select-by site_roc_auc`), so the\n"

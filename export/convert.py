@@ -59,6 +59,9 @@ def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
     try:
         with open(os.path.join(run_dir, "comparison.json")) as f:
             comparison = json.load(f)
+    except PermissionError as exc:  # train writes RUN_DIR for its owner and group only (xray_core.files)
+        raise ExportInputError(f"{run_dir}/comparison.json is not readable: {exc.strerror} (train writes its run "
+                               "for the owner and group only)") from None
     except (OSError, ValueError):
         raise ExportInputError(f"{run_dir} has no readable comparison.json (is it a `python -m train` run?)") from None
     try:
@@ -209,7 +212,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
     from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 
     arch, metrics, comparison, run_info = read_run(run_dir, model)
-    if model != "best":  # named by the user, not picked by the run's --select-by
+    if model not in ("best", comparison.get("best")):  # named by the user, not the one the run's --select-by picked
         comparison = dict(comparison, select_by="named by --model")
     target_recall = metrics["target_recall"] if target_recall is None else target_recall
     if calibrate_dir is not None:

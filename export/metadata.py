@@ -43,6 +43,8 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
             "selected_by": (comparison or {}).get("select_by"),
             "candidates": [r.get("model") for r in (comparison or {}).get("models", [])],
             "site_dir": run_info.get("site_dir"),
+            "selected_on_calibration_sample": bool(site and run_info.get("site_dir") and os.path.realpath(
+                run_info["site_dir"]) == os.path.realpath(site["dir"])),  # decided now: the card reads it as is
             "limit_per_class": run_info.get("args", {}).get("limit_per_class"),
         },
         training_data=TrainingData.from_dict({"source": run_info.get("args", {}).get("data_source"),

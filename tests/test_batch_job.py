@@ -949,7 +949,7 @@ def test_beam_options_still_pass_through(monkeypatch):
     from batch_job.runner import beam_leftovers, choose_runner
 
     probed = []
-    monkeypatch.setattr(runner, "check_scheduler", probed.append)  # no scheduler at h:8786 (tests/test_dask_probe.py)
+    monkeypatch.setattr(runner, "check_scheduler", lambda *a: probed.append(a) or 2)  # none at h:8786 (test_dask_probe)
 
     assert beam_leftovers(["--runner=DirectRunner", "--job_name", "j", "--experiments=a", "--experiments=b",
                            "--direct_num_workers", "2", "--save_main_session"]) == []
@@ -958,7 +958,7 @@ def test_beam_options_still_pass_through(monkeypatch):
     dask = choose_runner(["--runner", "DaskRunner", "--dask_client_address=tcp://h:8786", "--dask_npartitions=3"])
     assert (dask.options.view_as(DaskOptions).address, dask.options.view_as(DaskOptions).npartitions) == (
         "tcp://h:8786", 3)
-    assert probed == ["tcp://h:8786"]  # checked before anything is listed
+    assert probed == [("tcp://h:8786", None, None)]  # checked before anything is listed (no timeout given: 30 s)
 
 
 def test_zero_direct_workers_means_one_per_core(tiny_package, tmp_path):

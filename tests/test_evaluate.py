@@ -69,6 +69,7 @@ def _assert_optimal(y, p, target, chosen):
         # itself sat on the threshold, and a 6e-8 Keras/ONNX difference failed the export's parity check).
         ([1, 0, 1], [0.1, 0.5, 0.9], 1.0, 0.05),
         ([0, 0, 1, 1], [0.4, 0.6, 0.3, 0.7], 0.95, 0.15),
+        ([0, 1], [0.5, 1e-9], 1.0, 0.0),  # a lowest score within float noise of 0: 0 itself (review)
         # Scores of exactly 1.0: threshold 1.0, halfway down to 0.2 -> 0.6.
         ([0, 1, 1], [0.2, 1.0, 1.0], 1.0, 0.6),
     ],

@@ -103,12 +103,13 @@ def test_the_card_says_when_the_model_was_chosen_on_its_calibration_sample_or_tr
     assert "Chosen on this sample too" not in model_card(meta) and "--limit-per-class" not in model_card(meta)
     site_dir = meta["site_calibration"]["dir"]
     meta["source"].update(selected_by="site_roc_auc", candidates=["resnet_aug", "augmented_cnn"], site_dir=site_dir,
-                          limit_per_class=60)
+                          selected_on_calibration_sample=True, limit_per_class=60)
     card = " ".join(model_card(meta).split())
     assert ("**Chosen on this sample too:** the training run picked this model among 2 (resnet_aug, augmented_cnn) "
             "by their ROC AUC on these same images") in card
     assert "(at most 60 images of each class: `--limit-per-class 60`)" in card
-    for other in ({"selected_by": "val_roc_auc"}, {"candidates": ["resnet_aug"]}, {"site_dir": "/elsewhere"}):
+    for other in ({"selected_by": "val_roc_auc"}, {"candidates": ["resnet_aug"]},
+                  {"selected_on_calibration_sample": False}):
         assert "Chosen on this sample too" not in model_card(dict(meta, source=dict(meta["source"], **other)))
 
 

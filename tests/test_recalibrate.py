@@ -391,6 +391,26 @@ def test_the_folder_the_model_was_trained_on_is_refused(source_package, tmp_path
     assert line.startswith(f"error: calibration dir {cal} ")
 
 
+def test_only_the_folders_train_reads_count_as_its_training_folder(tmp_path):
+    """Review: following every link two levels down refused calibration folders train never read from: a link
+    inside a class folder (train's walk does not follow it), or one beside the class folders."""
+    from export.calibrate import CalibrationError, refuse_training_folder
+
+    data, shared = tmp_path / "data", tmp_path / "shared"
+    make_tree(str(data), per_class=2, size=32, seed=1)
+    make_tree(str(shared / "site"), per_class=2, size=32, seed=2)
+    make_tree(str(shared / "linked_class"), per_class=2, size=32, seed=3)
+    os.symlink(shared / "site", data / "NORMAL" / "old_batches")  # inside a class folder: not read by train
+    os.symlink(shared / "site", data / "site_sample")  # beside the class folders: not read by train either
+    refuse_training_folder(str(shared / "site"), str(data))  # not refused
+    linked = tmp_path / "linked"  # a training folder whose PNEUMONIA class folder is a link: train reads it
+    make_tree(str(linked), per_class=2, size=32, seed=4)
+    shutil.rmtree(linked / "PNEUMONIA")
+    os.symlink(shared / "linked_class" / "PNEUMONIA", linked / "PNEUMONIA")
+    with pytest.raises(CalibrationError, match="overlaps"):
+        refuse_training_folder(str(shared / "linked_class"), str(linked))
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("missing dir", "calibration dir not found"),
     ("no PNEUMONIA", "no images under a folder named PNEUMONIA"),

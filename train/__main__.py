@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-min-area", type=float, default=0.5,
                    help="resnet_aug: smallest random-crop area fraction (default: %(default)s)")
     p.add_argument("--frame-prob", type=float, default=0.0,
-                   help="resnet_aug: share of training images put inside a random black frame, each side up to "
+                   help="resnet_aug: share of training images put inside a random black frame, each side adding up to "
                         "--frame-max of the side (scans exported inside a border) (default: %(default)s)")
     p.add_argument("--frame-max", type=float, default=0.1,
                    help="resnet_aug: the largest border of --frame-prob, per side (default: %(default)s)")

@@ -86,7 +86,7 @@ def _folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
 
 
-def _layout(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+def layout(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     """(class folders with their label, other folders) of ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or
     ROOT/{NORMAL,PNEUMONIA}, names in any case as the batch job's folder rule reads them (QA: `normal/` was "no
     images" in train and NORMAL in calibration and the job)."""
@@ -104,7 +104,7 @@ def _layout(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
 def other_folders(data_dir: str | os.PathLike) -> list[str]:
     """The folders beside the class folders that train reads nothing from (a third class, say: QA, a COVID folder
     of 31 images was skipped without a word)."""
-    return [str(p) for p in _layout(Path(os.path.abspath(data_dir)))[1]]
+    return [str(p) for p in layout(Path(os.path.abspath(data_dir)))[1]]
 
 
 def find_examples(data_dir: str | os.PathLike) -> list[Example]:
@@ -113,7 +113,7 @@ def find_examples(data_dir: str | os.PathLike) -> list[Example]:
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     examples = []
-    for class_dir, label in _layout(root)[0]:
+    for class_dir, label in layout(root)[0]:
         for dirpath, _dirs, files in os.walk(class_dir):
             for name in sorted(files):
                 path = os.path.join(dirpath, name)

@@ -26,7 +26,9 @@ def choose_threshold(y_true, y_prob, target_recall: float = 0.95) -> float:
     best = ok[np.lexsort((-thresholds[ok], fpr[ok]))[0]]  # min fpr, then max threshold
     chosen = float(min(thresholds[best], 1.0))
     below = y_prob[y_prob < chosen]
-    return float((chosen + below.max()) / 2) if below.size else chosen / 2
+    if below.size:
+        return float((chosen + below.max()) / 2)
+    return chosen / 2 if chosen >= 2e-6 else 0.0  # a margin the ~1e-7 float noise cannot cross (review)
 
 
 def operating_point(y_true, y_prob, threshold: float) -> dict:
