@@ -9,6 +9,7 @@ the whole folder was listed; and workers that could not import the job left one 
 """
 from __future__ import annotations
 
+import os
 import threading
 
 from batch_job.errors import InputError
@@ -25,13 +26,16 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
     """InputError unless a Dask scheduler answers within `timeout` seconds (CONNECT_SECONDS) and every worker it has
     imports the job within as long again; -> the number of workers (0: the job waits for some to join, as Beam
     does). A probe that does not return leaves its daemon thread behind: the job refuses and exits."""
-    timeout = CONNECT_SECONDS if timeout is None else timeout
+    timeout = timeout if isinstance(timeout, (int, float)) else CONNECT_SECONDS  # Beam: an int, or dask's no_default
+    where = f"--dask_client_address {address}" if address else f"--dask_scheduler_file {scheduler_file}"
+    if not address and not os.path.isfile(scheduler_file):  # distributed would wait for it to appear, for good
+        raise InputError(f"{where}: no such file; nothing scored")
     outcome: dict = {"stage": "connect"}
 
     def probe() -> None:
-        from distributed import Client
-
         try:
+            from distributed import Client
+
             client = Client(address, scheduler_file=scheduler_file, timeout=timeout, set_as_default=False)
         except BaseException as exc:  # noqa: BLE001 - whatever the other end sent: one line below
             outcome["connect"] = exc
@@ -48,15 +52,15 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
     thread = threading.Thread(target=probe, name="dask-probe", daemon=True)
     thread.start()
     thread.join(timeout + 2)
-    if outcome["stage"] == "workers":  # connected: its workers get as long again to answer
-        thread.join(timeout)
-    where = f"--dask_client_address {address}" if address else f"--dask_scheduler_file {scheduler_file}"
-    if outcome["stage"] == "connect" and thread.is_alive():
+    stage = outcome["stage"]  # read once: the thread may still move it on
+    if stage == "connect" and thread.is_alive():
         raise InputError(f"{where}: no Dask scheduler answered within {timeout + 2:.0f} s (something listens there "
                          "that does not speak Dask, or --dask_connection_timeout is too short?); nothing scored")
-    if outcome["stage"] == "workers":
-        raise InputError(f"{where}: the Dask workers did not answer within {timeout:.0f} s (busy, or stuck?); "
-                         "nothing scored")
+    if stage == "workers":  # connected: its workers get as long again to answer
+        thread.join(timeout)
+        if outcome["stage"] == "workers":
+            raise InputError(f"{where}: the Dask workers did not answer within {timeout:.0f} s (busy, or stuck?); "
+                             "nothing scored")
     if "connect" in outcome:
         exc = outcome["connect"]
         raise InputError(f"{where}: no Dask scheduler there ({type(exc).__name__}: {one_line(exc, 200)}); "

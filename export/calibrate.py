@@ -83,9 +83,10 @@ def _content(path: str) -> str:
 def training_folders(data_dir: str) -> list[str]:
     """data_dir and the split and class folders train reads in it (train.data.layout: links followed there, as train
     follows them; nothing it does not read): where the training images really lie."""
-    if not os.path.isdir(data_dir):
+    try:
+        classes = [folder for folder, _ in layout(Path(data_dir))[0]]
+    except OSError:  # missing, or not readable by this user: the folder itself, as recorded
         return [data_dir]
-    classes = [folder for folder, _ in layout(Path(data_dir))[0]]
     return [data_dir] + sorted({str(f.parent) for f in classes}) + [str(f) for f in classes]
 
 

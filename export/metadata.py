@@ -22,6 +22,12 @@ def library_versions() -> dict:
             "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def chosen_on(site_dir: str | None, site: dict | None) -> bool:
+    """Whether the run's --site-dir, on which it may have picked its model, is the sample calibrated on: decided when
+    a version is published (export, --recalibrate), so that its card is a function of its metadata."""
+    return bool(site and site_dir and os.path.realpath(site_dir) == os.path.realpath(site["dir"]))
+
+
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None, dim=None, ref=None,
                    gate=None, heatmap_method=None, comparison=None) -> Metadata:
@@ -43,8 +49,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
             "selected_by": (comparison or {}).get("select_by"),
             "candidates": [r.get("model") for r in (comparison or {}).get("models", [])],
             "site_dir": run_info.get("site_dir"),
-            "selected_on_calibration_sample": bool(site and run_info.get("site_dir") and os.path.realpath(
-                run_info["site_dir"]) == os.path.realpath(site["dir"])),  # decided now: the card reads it as is
+            "selected_on_calibration_sample": chosen_on(run_info.get("site_dir"), site),  # the card reads it as is
             "limit_per_class": run_info.get("args", {}).get("limit_per_class"),
         },
         training_data=TrainingData.from_dict({"source": run_info.get("args", {}).get("data_source"),

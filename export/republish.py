@@ -15,6 +15,7 @@ from export import gate_fit
 from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 from export.card import model_card
 from export.faithfulness import faithfulness
+from export.metadata import chosen_on
 from export.triton import triton_config
 from xray_core import gate, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
@@ -233,8 +234,11 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
     provenance = {"model": origin.model_id, "decision_threshold": origin.decision_threshold,
                   "threshold_source": origin.threshold_source or "internal validation split",
                   "target_recall": origin.target_recall, "images": site["images"]}
+    source = dict(meta.source or {}, recalibrated_from=provenance)
+    if "selected_on_calibration_sample" in source:  # review: on another sample, the card's sentence no longer holds
+        source["selected_on_calibration_sample"] = chosen_on(source.get("site_dir"), site)
     return dataclasses.replace(
-        meta, source=dict(meta.source or {}, recalibrated_from=provenance), heatmap=heat,
+        meta, source=source, heatmap=heat,
         decision_threshold=site["threshold"], threshold_source="site calibration sample", target_recall=target,
         validation_threshold=validation, site_calibration=site)
 

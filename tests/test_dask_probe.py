@@ -54,6 +54,13 @@ def test_a_service_that_sends_a_banner_is_no_scheduler(listener):
         dask_probe.check_scheduler(address, timeout=2)
 
 
+def test_odd_options_are_one_line_refusals_not_tracebacks(tmp_path):
+    """Review: a missing --dask_scheduler_file was waited for (distributed waits for it to appear), and a
+    --dask_connection_timeout Beam could not parse (dask's no_default) was a TypeError, exit 1."""
+    with pytest.raises(dask_probe.InputError, match=r"--dask_scheduler_file .*nope.json: no such file; nothing scored"):
+        dask_probe.check_scheduler(scheduler_file=str(tmp_path / "nope.json"), timeout=object())
+
+
 def test_a_scheduler_file_is_checked_too(listener, tmp_path):
     """Review: a stale --dask_scheduler_file (its scheduler gone) was not checked at all."""
     import json

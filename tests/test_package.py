@@ -95,6 +95,19 @@ def test_the_model_card_is_a_function_of_the_metadata():
     assert model_card(load_metadata(vdir).to_dict()) == open(os.path.join(vdir, "MODEL_CARD.md")).read()
 
 
+def test_whether_the_model_was_chosen_on_its_calibration_sample_is_decided_at_each_publish(tmp_path):
+    """Review: --recalibrate onto another sample kept the flag export had set, and its card said the model was picked
+    "on these same images"."""
+    from export.metadata import chosen_on
+
+    site, other = tmp_path / "site", tmp_path / "other"
+    site.mkdir()
+    other.mkdir()
+    os.symlink(site, tmp_path / "link")
+    assert chosen_on(str(site), {"dir": str(tmp_path / "link")}) and not chosen_on(str(site), {"dir": str(other)})
+    assert not chosen_on(None, {"dir": str(site)}) and not chosen_on(str(site), None)
+
+
 def test_the_card_says_when_the_model_was_chosen_on_its_calibration_sample_or_trained_on_a_subset():
     """QA: a run that picked its model among several by ROC AUC on the site sample, then calibrated on it, got a card
     that presented the 2-fold estimate without a word of that choice; a --limit-per-class run read as trained on its
