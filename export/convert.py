@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from export.gate_fit import GateFitError, UnreadableTrainingSplit, write_gate
+from export.gate_fit import GateFitError, UnreadableTrainingSplit, split_digest, training_paths, write_gate
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
 from export.republish import publish_version, write_description
@@ -190,6 +190,17 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
+def training_digest(data_dir: str | None, staging: str) -> str | None:
+    """The training split's digest as `--add-gate --training-dir` will compute it from the folder (gate_fit
+    split_digest), recorded in training_data; None where the folder cannot be listed."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return None
+    try:
+        return split_digest(training_paths(data_dir, os.path.join(staging, reference.SPLITS_FILE)), data_dir)
+    except GateFitError:
+        return None
+
+
 def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, modalities: tuple[str, ...],
              log=print) -> dict | None:
     """The input gate fitted on the run's training split (export/gate_fit.py); None, said, when it cannot be."""
@@ -279,7 +290,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               run_info=run_info, parity_result=result, opset=opset,
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
                               dim=dim, ref=ref, gate=gate_spec,
-                              heatmap_method=heatmap_method.to_dict() if hw else None, comparison=comparison)
+                              heatmap_method=heatmap_method.to_dict() if hw else None, comparison=comparison,
+                              train_split_sha256=training_digest(run_info.get("data_dir"), staging) if ref else None)
         write_description(staging, meta)
         try:  # atomic publish: the version appears complete or not at all
             publish_version(staging, final)

@@ -10,6 +10,7 @@ that the package's splits.csv does not list as validation or test).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -40,6 +41,22 @@ def training_paths(training_dir: str, splits_file: str) -> list[str]:
         raise GateFitError(str(exc)) from None
     root = os.path.abspath(training_dir)
     return [e.path for e in found if os.path.normpath(os.path.relpath(e.path, root)) not in listed]
+
+
+def split_digest(paths: list[str], training_dir: str) -> str:
+    """sha256 over the training split's files as training_paths lists them: each one's path under training_dir and
+    its content's sha256. Recorded at export; `--add-gate --training-dir` refuses a folder whose digest differs (QA:
+    20 training images swapped for never-trained ones were fitted on: only their number was checked)."""
+    root = os.path.abspath(training_dir)
+    lines = sorted(f"{os.path.relpath(p, root)}\t{_content(p)}" for p in paths)
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _content(path: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return "unreadable"
 
 
 def model_inputs(paths: list[str], config: PreprocessConfig, expected: int | None = None,

@@ -30,7 +30,7 @@ def chosen_on(site_dir: str | None, site: dict | None) -> bool:
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None, dim=None, ref=None,
-                   gate=None, heatmap_method=None, comparison=None) -> Metadata:
+                   gate=None, heatmap_method=None, comparison=None, train_split_sha256=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
     return Metadata(
@@ -54,7 +54,8 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         },
         training_data=TrainingData.from_dict({"source": run_info.get("args", {}).get("data_source"),
                                              "data_dir": run_info.get("data_dir"),
-                                             "modalities": run_info.get("modalities")}).to_dict(),
+                                             "modalities": run_info.get("modalities"),
+                                             "train_split_sha256": train_split_sha256}).to_dict(),
         preprocessing=config,
         input=io["input"],
         output=io["output"],

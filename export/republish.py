@@ -172,6 +172,11 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
         paths = gate_fit.training_paths(training_dir, os.path.join(staging, reference.SPLITS_FILE))
     except gate_fit.GateFitError as exc:
         raise RepublishError(f"--training-dir: {exc}; nothing published") from None
+    recorded = TrainingData.from_dict(meta.training_data).train_split_sha256
+    if recorded and gate_fit.split_digest(paths, training_dir) != recorded:
+        raise RepublishError(f"{training_dir} has changed since the model was exported (its training split's "
+                             "files and contents are not the ones recorded): the gate would be fitted on images the "
+                             "model was not trained on; nothing published")
     expected = ((meta.source or {}).get("split_counts") or {}).get("train", {}).get("images")
     if not paths or (expected is not None and len(paths) < expected):
         raise RepublishError(f"{training_dir} holds {len(paths)} images that {reference.SPLITS_FILE} does not list; "

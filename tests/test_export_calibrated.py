@@ -58,6 +58,14 @@ def test_calibrated_threshold_comes_from_the_site_sample(calibrated):
     site = meta["site_calibration"]
     metrics = read_json(calibrated["run"] / "resnet_aug" / "metrics.json")
     assert site["images"] == len(y) == 60 and (site["normal"], site["pneumonia"]) == (30, 30)
+    from export.gate_fit import split_digest, training_paths  # the digest --add-gate --training-dir checks against
+
+    data = str(calibrated["run"].parent / "data")
+    assert meta["training_data"]["train_split_sha256"] == split_digest(
+        training_paths(data, str(calibrated["vdir"] / "splits.csv")), data)
+    src = meta["source"]  # chosen by the run (one model: no selection to state), on the site sample it calibrated on
+    assert (src["selected_by"], src["candidates"], src["selected_on_calibration_sample"]) == (
+        "site_roc_auc", ["resnet_aug"], True)
     assert site["target_recall"] == meta["target_recall"] == 0.9
     assert meta["threshold_source"] == "site calibration sample"
     assert meta["validation_threshold"] == metrics["chosen_threshold"]

@@ -158,6 +158,30 @@ def test_the_job_refuses_a_gate_edited_by_hand(package, training_dir, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_training_folder_changed_since_export_is_refused(package, training_dir, tmp_path, capsys):
+    """Retrain QA: 20 training images swapped for never-trained ones were fitted on by --add-gate (only their number
+    was checked). A package that records its training split's digest (export, since 2026-12-02) refuses a folder
+    whose files or contents differ; one without the record is fitted as before."""
+    from export.gate_fit import split_digest, training_paths
+
+    meta = read_json(os.path.join(package, "metadata.json"))
+    paths = training_paths(training_dir, os.path.join(package, "splits.csv"))
+    meta["training_data"] = {"source": "synthetic", "data_dir": training_dir,
+                             "train_split_sha256": split_digest(paths, training_dir)}  # as export records it
+    with open(os.path.join(package, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    serving = tmp_path / "serving2"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert read_json(serving / "pneumonia" / "2" / "metadata.json")["training_data"]["train_split_sha256"] == \
+        meta["training_data"]["train_split_sha256"]  # carried forward
+    swapped = os.path.join(training_dir, "PNEUMONIA", "t001.png")
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(swapped)  # same name, other image
+    capsys.readouterr()
+    rc = export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir])
+    assert_one_line_error(capsys, rc, f"{training_dir} has changed since the model was exported", "nothing published")
+    assert sorted(os.listdir(serving / "pneumonia")) == ["2", "config.pbtxt"]
+
+
 def test_republishing_a_training_split_gate_without_a_training_dir_is_refused(package, training_dir, tmp_path,
                                                                                capsys):
     """Review: `--add-gate` of such a version without --training-dir published, as the new default, one whose gate

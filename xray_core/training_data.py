@@ -24,6 +24,10 @@ class TrainingData:
     source: str | None = None  # KERMANY_2018, the user's own words, or None: not recorded
     data_dir: str | None = None  # the training folder, as run.json recorded it
     modalities: tuple[str, ...] | None = None  # the DICOM modalities training read (train --modalities); None: CR, DX
+    # sha256 of the training folder's training-split files (path and content) when the package was exported: a later
+    # `export --add-gate --training-dir` refuses a folder changed since (export/gate_fit.py split_digest); None:
+    # packages exported before 2026-12-02
+    train_split_sha256: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "TrainingData":
@@ -31,13 +35,17 @@ class TrainingData:
         # a sentence goes on after it: no closing full stop
         source = str(data["source"]).strip().rstrip(".;,") if data.get("source") is not None else ""
         modalities = data.get("modalities")
+        digest = data.get("train_split_sha256")
         return cls(source or None, str(data["data_dir"]) if data.get("data_dir") is not None else None,
-                   tuple(str(m) for m in modalities) if isinstance(modalities, (list, tuple)) and modalities else None)
+                   tuple(str(m) for m in modalities) if isinstance(modalities, (list, tuple)) and modalities else None,
+                   digest if isinstance(digest, str) and digest else None)
 
     def to_dict(self) -> dict:
         out = {"source": self.source, "data_dir": self.data_dir}
         if self.modalities is not None:  # packages before 2026-12-02 (and their round trip) have no such key
             out["modalities"] = list(self.modalities)
+        if self.train_split_sha256 is not None:  # nor this one
+            out["train_split_sha256"] = self.train_split_sha256
         return out
 
     @property
