@@ -2,6 +2,7 @@
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -13,6 +14,9 @@ BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
 # signal to the whole process group may end a worker before the job's own handler has run
 # and 1: a Ctrl-C while the worker's Python is still starting ("Fatal Python error: init_import_site", full suite, once)
 STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "1", "129", "130", "143")
+# How a worker process's end wakes the main thread, blocked in Beam's wait: not SIGINT, which a shell ignores in a job a
+# script starts with `&` (QA: such a job waited for good, holding the ledger's lock, after a worker was killed)
+WAKE = signal.SIGUSR1
 SIGNAL_WAIT = 3.0  # seconds the job's handler gets to run before such a worker counts as lost (1 s was too few for one
 # group SIGHUP in the test suite, under load; a worker the OOM killer ends (SIGKILL) does not wait)
 
@@ -25,8 +29,6 @@ def thread_failed(args) -> None:
     (batch_job.errors.lost_workers; Beam would wait for that worker, or for the others, for good); the failures of the
     threads that read its streams, which come first, and the other workers' ends are logged at DEBUG. Any other
     failure is printed as Python's own hook does, on the job's stderr."""
-    import signal
-
     from batch_job.errors import WORKER_EXITED, lost_workers
     from batch_job.workers import REAPER
     from xray_core.interrupts import GATE
@@ -49,9 +51,9 @@ def thread_failed(args) -> None:
             return
         lost_workers.append(str(args.exc_value))
         REAPER.start()  # Beam waits for the others, and one waiting for its bundle's input never ends
-        # a real SIGINT, to the main thread itself: it wakes the wait the main thread is blocked in, which
-        # _thread.interrupt_main() does not
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        # a real signal (WAKE), to the main thread itself: it wakes the wait the main thread is blocked in, which
+        # _thread.interrupt_main() does not; its handler (woken) raises KeyboardInterrupt there
+        signal.pthread_kill(threading.main_thread().ident, WAKE)
         return
     from batch_job.quiet_stderr import job_stderr
 
@@ -63,6 +65,12 @@ def thread_failed(args) -> None:
     stream.flush()
 
 
+def woken(signum, frame) -> None:
+    """WAKE's handler: the main thread's wait ends as a Ctrl-C's would; runner.execute and cli.main turn it into the
+    lost worker's one line (batch_job.errors.lost_workers)."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     started = time.perf_counter()
     from xray_core.errors import stopped
@@ -71,6 +79,7 @@ def main() -> int:
     # Ctrl-C and SIGTERM stop the job (nothing published), except while the outputs are published. A handler
     # also makes SIGTERM reach the job as PID 1 of a container, where a signal without one is ignored.
     GATE.install()
+    signal.signal(WAKE, woken)
     threading.excepthook = thread_failed
     # Importing Beam logs a warning about optional GCP client libraries (apitools/BigQuery) that this job
     # never uses: the root logger stays at ERROR until Beam is imported.

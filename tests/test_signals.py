@@ -196,7 +196,8 @@ def test_a_closed_terminal_stops_the_job_like_ctrl_c_but_nohup_still_holds(tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code, why, when", [
     (signal.SIGKILL, -9, KILLED, "mid-run"), (signal.SIGTERM, 143, "", "mid-run"),
-    (signal.SIGKILL, -9, KILLED, "as it starts"), (signal.SIGSEGV, -11, "", "as it starts")])
+    (signal.SIGKILL, -9, KILLED, "as it starts"), (signal.SIGSEGV, -11, "", "as it starts"),
+    (signal.SIGKILL, -9, KILLED, "mid-run, SIGINT ignored")])
 def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum, code, why, when, slow_tree,
                                                                           night_one, tmp_path, request):
     """QA: a DirectRunner worker process killed mid-run (SIGKILL: the kernel's out-of-memory killer) left the job
@@ -205,7 +206,9 @@ def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum
     streams said it first, with two tracebacks: review), nothing published, the ledger as it was, no worker left.
     Review: a SIGTERM to one worker alone ended it with exit code 0 after its grace, and the job waited for good.
     Review: a worker killed (SIGKILL, SIGSEGV) within a second of its start left the job waiting for good for the
-    other worker, busy with a bundle whose input never came: the job now kills its other workers first."""
+    other worker, busy with a bundle whose input never came: the job now kills its other workers first.
+    QA: a job a script started with `&` (SIGINT ignored, as the shell does) waited for good: the job woke itself
+    with SIGINT; it uses SIGUSR1 now."""
     import psutil
 
     out, before = str(tmp_path / "night2"), file_state(night_one)
@@ -214,8 +217,9 @@ def test_a_worker_process_killed_mid_run_fails_the_job_instead_of_hanging(signum
     cmd = [sys.executable, "-m", "batch_job", "--input", tree, "--model", SHIPPED, "--output", out,
            "--ledger", night_one, "--shard-size", "1", "--batch-size", "1", "--direct_running_mode=multi_processing",
            "--direct_num_workers=2"]
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if "SIGINT ignored" in when else None
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore_sigint)
     try:
         deadline = time.time() + 120
         started = worker_processes_started if when == "as it starts" else first_shard_written(out)
