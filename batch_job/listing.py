@@ -161,9 +161,10 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
             if select(path) and is_input_file(path, unreadable=True):
                 yield path
     yield from _folders(unlisted, may_hold)
-    if passed:
-        LOG.warning("%d symbolic link(s) to folders under %s not followed (%s%s): name them as --input, or with a "
-                    "glob, to score what they hold", len(passed), root, passed[0], ", ..." if len(passed) > 1 else "")
+    if passed:  # the input named as given; the links under it at DEBUG only: a folder's name may be a patient's (QA)
+        LOG.warning("%d symbolic link(s) to folders under %s not followed (--log-level DEBUG names them): name them "
+                    "as --input, or with a glob, to score what they hold", len(passed), root)
+        LOG.debug("not followed: %s", ", ".join(passed))
     for link in links:
         yield from _walk(link, select, may_hold)
 
