@@ -288,9 +288,10 @@ def commit_ledger(book: Ledger, result: RunResult, out: str, rows: list[tuple[st
             f"outputs published in {out}, but the ledger {book.path} was not updated "
             f"({type(exc).__name__}: {one_line(exc, 200)}); the next run with this ledger rescores these images{kept}"
         ) from None
-    # rows not added: byte-identical files scored in this run, one row each (QA: "242 recorded" after 244 scored);
-    # nothing else, as an image this model scored on an earlier night is skipped, never scored again
-    same = len(rows) - added
-    LOG.info("ledger %s: %d new images recorded%s, %d out of scope", book.path, added,
-             f" ({same} byte-identical {'copy' if same == 1 else 'copies'} of scored files, recorded once)" if same
-             else "", len(refused))
+    # rows not added: byte-identical files of this run, one row each (QA: "242 recorded" after 244 scored, and 59
+    # out of scope said for 58 rows); nothing else, as an image this model judged on an earlier night is skipped
+    refused_rows = len({sha for sha, _, _ in refused})
+    same = len(rows) - added + len(refused) - refused_rows
+    LOG.info("ledger %s: %d new images recorded, %d out of scope%s", book.path, added, refused_rows,
+             f" ({same} byte-identical {'copy' if same == 1 else 'copies'} of files of this run, recorded once)" if same
+             else "")

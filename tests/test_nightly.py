@@ -126,8 +126,8 @@ def test_the_ledger_line_says_when_copies_were_recorded_once(small_tree, tmp_pat
                  str(tmp_path / "o"), "--ledger", ledger, "--direct_running_mode=in_memory"]) == 0
     assert json.load(open(tmp_path / "o" / "metrics.json"))["images_scored"] == 21
     assert [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()] == [
-        f"ledger {ledger}: 20 new images recorded (1 byte-identical copy of scored files, recorded once), "
-        "0 out of scope"]
+        f"ledger {ledger}: 20 new images recorded, 0 out of scope (1 byte-identical copy of files of this run, "
+        "recorded once)"]
 
 
 def test_an_empty_input_is_a_quiet_night(tiny_package, tmp_path, capsys):
