@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from train.data import Example, label_conflicts, layout, patient_groups, patient_of
 from xray_core.dicom_header import DEFAULT_MODALITIES
-from xray_core.files import inside, sha256_file
+from xray_core.files import content_key, inside
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
@@ -70,14 +70,6 @@ def list_labelled(cal_dir: str, min_per_class: int = 1) -> list[tuple[str, str]]
         raise CalibrationError(f"calibration dir {cal_dir} has no images under a folder named {' or '.join(missing)}")
     require_per_class([label for _, label in found], min_per_class, cal_dir)
     return found
-
-
-def _content(path: str) -> str:
-    """A file's sha256 (its path when it is no regular file or cannot be read: scoring then says why)."""
-    try:
-        return sha256_file(path) if os.path.isfile(path) else path
-    except OSError:
-        return path
 
 
 def training_folders(data_dir: str) -> list[str]:
@@ -175,7 +167,7 @@ def calibrate(session, cal_dir: str, config: PreprocessConfig, val_threshold: fl
     decoded. With previous_threshold (a recalibrated package's), the block also holds the sample's metrics at it
     (`at_previous_threshold`)."""
     found = [Example(path, label, patient_of(path)) for path, label in list_labelled(cal_dir, min_per_class)]
-    digests = [_content(ex.path) for ex in found]
+    digests = [content_key(ex.path) for ex in found]
     keep, conflicts = label_conflicts(found, digests)  # as training: which label is right cannot be known
     found, digests = [found[i] for i in keep], [digests[i] for i in keep]
     log(f"calibration: scoring {len(found)} labelled images of {cal_dir}")

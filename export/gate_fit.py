@@ -18,7 +18,7 @@ import numpy as np
 from train.data import DataError, find_examples, load_images
 from xray_core import gate, orientation, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
-from xray_core.files import sha256_file
+from xray_core.files import content_key, sha256_file
 from xray_core.package import score
 from xray_core.preprocessing import OUT_OF_SCOPE, PreprocessConfig
 
@@ -48,15 +48,8 @@ def split_digest(paths: list[str], training_dir: str) -> str:
     its content's sha256. Recorded at export; `--add-gate --training-dir` refuses a folder whose digest differs (QA:
     20 training images swapped for never-trained ones were fitted on: only their number was checked)."""
     root = os.path.abspath(training_dir)
-    lines = sorted(f"{os.path.relpath(p, root)}\t{_content(p)}" for p in paths)
+    lines = sorted(f"{os.path.relpath(p, root)}\t{content_key(p)}" for p in paths)
     return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _content(path: str) -> str:
-    try:
-        return sha256_file(path)
-    except OSError:
-        return "unreadable"
 
 
 def model_inputs(paths: list[str], config: PreprocessConfig, expected: int | None = None,

@@ -154,6 +154,15 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def content_key(path: str) -> str:
+    """A file's sha256, or its path when it is no regular file or cannot be read (what reads it then says why): a
+    key that groups byte-identical files and never fails (calibration's copies, the training split's digest)."""
+    try:
+        return sha256_file(path) if os.path.isfile(path) else path
+    except OSError:
+        return path
+
+
 def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False) -> None:
     """Write a file via a temp file beside it and rename: readers see all of it or nothing.
 
