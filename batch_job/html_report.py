@@ -176,7 +176,7 @@ def worklist_rows(r: RunResult, out_dir: str, after_rank: int, cap: int) -> list
 
 def intended_use(r: RunResult) -> dict:
     return {"model": display(r.model), "threshold": r.threshold_text(), "card": r.model_card,
-            "trained_on": display(r.trained_on, 3 * MAX_TEXT)}
+            "trained_on": display(r.trained_on, 3 * MAX_TEXT), "below_floor": r.below_floor}
 
 
 def out_of_scope_section(r: RunResult, out_dir: str) -> dict:

@@ -94,6 +94,9 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         LOG.warning("model %s records no input gate: only the DICOM header rules and the cheap checks (colour, "
                     "near-constant, too few grey levels) run, so photographs and other non-X-rays can be scored "
                     "(`python -m export --add-gate` gives a version one)", model.model_id)
+    if model.below_floor:
+        LOG.warning("model %s is below the quality floor (%s): its flags deserve less trust than the floor promises "
+                    "(docs/export.md)", model.model_id, model.below_floor)
     # <serving>/<name>: every version of the model, where the files are (a --model given as a symlink included)
     package = os.path.dirname(os.path.dirname(os.path.realpath(model.path)))
     outdir.refuse_overlaps(args.input, args.output, args.ledger, package)
@@ -156,7 +159,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift),
                                listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
-                               model.trained_on)
+                               model.trained_on, model.below_floor)
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result, shards)
             kill_point("written")

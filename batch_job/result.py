@@ -63,6 +63,7 @@ class RunResult:
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
+    below_floor: str = ""  # the model's quality floor line where it is below the floor (batch_job/model.py)
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""

@@ -16,7 +16,8 @@ from xray_core.interrupts import GATE, Terminated, exit_with
 
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
-  1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), nothing published
+  1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), or --run-dir and --recalibrate: the
+     model is below the quality floor (site 2-fold ROC AUC 0.95, recall 0.90; docs/export.md): nothing published
   2  bad input (a missing or incomplete run, a --verify folder that is not there, a package that does not verify,
      a calibration folder with too few images, a version that exists): one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM (129 SIGHUP): the staging folder removed, nothing published (a staging folder left by an
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modalities", default=None, metavar="LIST",
                    help="with --calibrate-dir: the DICOM Modality values in scope, as the batch job's --modalities "
                         "(default CR,DX); other DICOM files of the folder are skipped")
+    p.add_argument("--publish-below-floor", action="store_true",
+                   help="with --run-dir and --recalibrate: publish a model below the quality floor all the same (its "
+                        "card and the batch job say so); without it such a model is refused, exit 1")
     p.add_argument("--heatmap-method", default="occlusion:8", metavar="occlusion:K|graph",
                    help="with --run-dir: the maps the batch job shows for the top-N flagged images: occlusion maps "
                         "of a K x K grid (K*K extra network passes per image) or the graph's own class-activation "
@@ -84,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
+    if args.publish_below_floor and not (args.run_dir or args.recalibrate):
+        p.error("--publish-below-floor goes with --run-dir or --recalibrate")
     if args.modalities is not None and not args.calibrate_dir:
         p.error("--modalities goes with --calibrate-dir")
     try:
@@ -169,15 +175,21 @@ def _main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
+    from export.publish_floor import BelowQualityFloor
+
     if args.recalibrate:
         from export.republish import RepublishError, recalibrate  # no TensorFlow on this path either
 
         try:
             recalibrate(args.recalibrate, args.calibrate_dir, args.serving_dir, args.name, args.target_recall,
-                        args.version, command, modalities=args.modalities)
+                        args.version, command, modalities=args.modalities,
+                        publish_below_floor=args.publish_below_floor)
         except RepublishError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except BelowQualityFloor as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     from export.convert import ExportInputError, ParityError, export
 
@@ -185,11 +197,12 @@ def _main(argv=None) -> int:
         export(args.run_dir, args.serving_dir or "serving_models", args.name or "pneumonia", args.model, args.version,
                args.opset, command,
                calibrate_dir=args.calibrate_dir, target_recall=args.target_recall,
-               heatmap_method=args.heatmap_method, modalities=args.modalities)
+               heatmap_method=args.heatmap_method, modalities=args.modalities,
+               publish_below_floor=args.publish_below_floor)
     except ExportInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ParityError as exc:
+    except (ParityError, BelowQualityFloor) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

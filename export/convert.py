@@ -10,6 +10,7 @@ import numpy as np
 from export.gate_fit import GateFitError, UnreadableTrainingSplit, split_digest, training_paths, write_gate
 from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatmap_hw, with_heatmap
 from export.metadata import build_metadata
+from export.publish_floor import checked
 from export.republish import publish_version, write_description
 from train.data import load_images, read_split_csv
 from xray_core import reference
@@ -30,6 +31,7 @@ from xray_core.package import (
     score,
 )
 from xray_core.preprocessing import ImageError, PreprocessConfig, read_model_input
+from xray_core.quality_floor import measured
 from xray_core.staging import discard_staging, staging_dir
 
 PARITY_TOLERANCE = 1e-5
@@ -218,8 +220,10 @@ def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, moda
 def export(run_dir: str, serving_dir: str, name: str, model: str = "best", version: int | None = None,
            opset: int = 17, export_command: str = "", calibrate_dir: str | None = None,
            target_recall: float | None = None, heatmap_method: HeatmapMethod = DEFAULT_HEATMAP_METHOD,
-           log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str:
-    """Convert, [calibrate,] check parity, publish serving_dir/name/version atomically; returns the version dir."""
+           log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES, publish_below_floor: bool = False) -> str:
+    """Convert, [calibrate,] check the quality floor and parity, publish serving_dir/name/version atomically; returns
+    the version dir. BelowQualityFloor (export/publish_floor.py) for a model below the floor, unless
+    publish_below_floor."""
     from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_labelled, refuse_training_folder
 
     arch, metrics, comparison, run_info = read_run(run_dir, model)
@@ -232,6 +236,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             refuse_training_folder(calibrate_dir, run_info.get("data_dir"))
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
+    else:  # judged on the internal test split before any work (with a sample: once it is scored, below)
+        floor = checked(measured(None, {"at_chosen": metrics.get("test_at_chosen")}), publish_below_floor, log)
     try:
         final = new_version_dir(serving_dir, name, version)
     except PackageError as exc:
@@ -267,6 +273,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                                               modalities=modalities)
             except CalibrationError as exc:
                 raise ExportInputError(f"{exc}; nothing published") from None
+            floor = checked(measured(site, None), publish_below_floor, log)
         threshold = site["threshold"] if site else metrics["chosen_threshold"]
         trained = tuple(run_info.get("modalities") or DEFAULT_MODALITIES)  # the DICOM the run read (train --modalities)
         x, n_images = parity_images(run_dir, config, modalities=trained)
@@ -291,6 +298,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               sha256=sha256_file(onnx_path), export_command=export_command, site=site, heat=heat, hw=hw,
                               dim=dim, ref=ref, gate=gate_spec,
                               heatmap_method=heatmap_method.to_dict() if hw else None, comparison=comparison,
+                              quality_floor=floor,
                               train_split_sha256=training_digest(run_info.get("data_dir"), staging) if ref else None)
         write_description(staging, meta)
         try:  # atomic publish: the version appears complete or not at all

@@ -30,7 +30,8 @@ def chosen_on(site_dir: str | None, site: dict | None) -> bool:
 
 def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_result, opset, sha256,
                    export_command, site=None, heat=None, hw=None, dim=None, ref=None,
-                   gate=None, heatmap_method=None, comparison=None, train_split_sha256=None) -> Metadata:
+                   gate=None, heatmap_method=None, comparison=None, train_split_sha256=None,
+                   quality_floor=None) -> Metadata:
     config = metrics["preprocessing"]
     io = expected_io(int(config["image_size"]), hw, dim)
     return Metadata(
@@ -74,6 +75,7 @@ def build_metadata(*, name, version, arch, run_dir, metrics, run_info, parity_re
         test_metrics={"at_0.5": without_report(metrics["test_at_0.5"]),
                       "at_chosen": without_report(metrics["test_at_chosen"])},
         site_calibration=site,
+        quality_floor=quality_floor,
         parity=parity_result,
         versions=library_versions(),
         opset=opset,

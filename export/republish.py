@@ -16,6 +16,7 @@ from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_la
 from export.card import model_card
 from export.faithfulness import faithfulness
 from export.metadata import chosen_on
+from export.publish_floor import checked
 from export.triton import triton_config
 from xray_core import gate, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
@@ -34,6 +35,7 @@ from xray_core.package import (
     versions,
     write_metadata,
 )
+from xray_core.quality_floor import measured
 from xray_core.staging import PUBLISHED, discard_staging, release_staging, staging_dir
 from xray_core.training_data import TrainingData
 from xray_core.verify import verify_package
@@ -202,10 +204,12 @@ def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version
 
 
 def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, target_recall: float | None,
-                 log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Metadata:
+                 log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+                 publish_below_floor: bool = False) -> Metadata:
     """`meta` with the decision threshold chosen on cal_dir by the staged model.onnx (export/calibrate.py, as
-    `--run-dir --calibrate-dir` does), its 2-fold estimate, and the heatmaps' faithfulness figures measured again
-    at that threshold on cal_dir's images; `origin` is the version it is recalibrated from."""
+    `--run-dir --calibrate-dir` does), its 2-fold estimate and quality floor check (BelowQualityFloor below it,
+    unless publish_below_floor), and the heatmaps' faithfulness figures measured again at that threshold on cal_dir's
+    images; `origin` is the version it is recalibrated from."""
     try:
         refuse_training_folder(cal_dir, TrainingData.from_dict(origin.training_data).data_dir)
     except CalibrationError as exc:
@@ -224,6 +228,7 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
                                  previous_threshold=origin.decision_threshold, modalities=modalities)
     except CalibrationError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
+    floor = checked(measured(site, None), publish_below_floor, log)
     heat = meta.heatmap
     if meta.heatmap_output is not None:  # the faithfulness figures are of the images flagged at the threshold
         faith = faithfulness(session, images, site["threshold"], "site calibration",
@@ -245,12 +250,12 @@ def recalibrated(meta: Metadata, staging: str, origin: Metadata, cal_dir: str, t
     return dataclasses.replace(
         meta, source=source, heatmap=heat,
         decision_threshold=site["threshold"], threshold_source="site calibration sample", target_recall=target,
-        validation_threshold=validation, site_calibration=site)
+        validation_threshold=validation, site_calibration=site, quality_floor=floor)
 
 
 def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: str | None,
                 target_recall: float | None = None, version: int | None = None, command: str = "", log=print,
-                modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str:
+                modalities: tuple[str, ...] = DEFAULT_MODALITIES, publish_below_floor: bool = False) -> str:
     """Publish `source_dir` again as serving_dir/name/<version> with the threshold chosen on cal_dir; -> the new
     version dir. RepublishError (nothing published) for a folder with fewer than MIN_PER_CLASS images of a class."""
     try:
@@ -260,7 +265,8 @@ def recalibrate(source_dir: str, cal_dir: str, serving_dir: str | None, name: st
 
     def edit(meta: Metadata, staging: str) -> Metadata:
         meta = dataclasses.replace(meta, source=dict(meta.source or {}, republish_command=command))
-        return recalibrated(meta, staging, load_metadata(source_dir), cal_dir, target_recall, log, modalities)
+        return recalibrated(meta, staging, load_metadata(source_dir), cal_dir, target_recall, log, modalities,
+                            publish_below_floor)
 
     final = republish(source_dir, serving_dir, name, edit, version, log)
     if load_metadata(final).gate is None:

@@ -16,6 +16,7 @@ from helpers import assert_one_line_error, export_run, pbtxt_section, read_json,
 from train.__main__ import main as train_main
 from train.data import read_split_csv
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
+from xray_core.quality_floor import SITE, QualityFloor
 
 # ------------------------------------------------------------ --calibrate-dir
 
@@ -172,6 +173,9 @@ def test_calibrated_model_card_gives_site_numbers_first(calibrated):
     assert f"{meta['decision_threshold']:.4f}" in card
     internal, site = meta["test_metrics"]["at_0.5"]["roc_auc"], meta["site_calibration"]["at_0.5"]["roc_auc"]
     assert ("overestimates" in card) == (internal > site)  # said only where it does (QA)
+    floor = QualityFloor(SITE, est["roc_auc"], est["recall"])  # judged on the 2-fold estimate, recorded as such
+    assert meta["quality_floor"] == floor.to_dict() and floor.met
+    assert f"**Quality floor:** {floor.line()}." in card
 
 
 # ------------------------------------------------------------------- heatmaps

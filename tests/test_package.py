@@ -283,7 +283,7 @@ def test_a_dynamic_map_or_embedding_size_is_refused_as_a_package_error():
 
 def test_the_card_never_prints_a_negative_zero_drop():
     """QA defect: a tiny model's faithfulness read "mean drop 0.000 against -0.000"."""
-    from export.card import _verdict
+    from export.card_checks import _verdict
 
     faith = dict(share_top_beats_random=0.5, flagged=3, source="site calibration", threshold=0.5, passed=False,
                  mean_drop_top=-0.0001, mean_drop_random=0.0123, share_own_beats_average=0.3,

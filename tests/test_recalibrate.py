@@ -86,8 +86,8 @@ def test_a_new_version_with_the_same_model_and_the_threshold_chosen_on_the_folde
     assert meta["decision_threshold"] != pytest.approx(old["decision_threshold"], abs=1e-3)
     assert meta["threshold_source"] == "site calibration sample"
     # the gate, the drift reference and everything else but the calibration are carried over as they were
-    changed = {"version", "source", "decision_threshold", "threshold_source", "site_calibration", "heatmap",
-               "created_utc"}
+    changed = {"version", "source", "decision_threshold", "threshold_source", "site_calibration", "quality_floor",
+               "heatmap", "created_utc"}
     assert {k: v for k, v in meta.items() if k not in changed} == {k: v for k, v in old.items() if k not in changed}
     assert meta["gate"] == old["gate"] and meta["reference"] == old["reference"]
     assert meta["source"]["recalibrated_from"] == {
@@ -187,8 +187,8 @@ def test_a_dicom_folder_with_a_target_recall_of_its_own(tmp_path, capsys):
     source = _source(serving)
     patients = _dicom_tree(str(tmp_path / "dicom"), per_class=30)
     rc = export_main(["--recalibrate", source, "--calibrate-dir", str(tmp_path / "dicom"), "--target-recall", "0.8",
-                      "--serving-dir", str(serving), "--name", "local"])
-    assert rc == 0, capsys.readouterr()
+                      "--serving-dir", str(serving), "--name", "local", "--publish-below-floor"])
+    assert rc == 0, capsys.readouterr()  # the test model does not rank these synthetic DICOMs: below the floor
     new = serving / "local" / "1"  # another name starts at version 1, with its own Triton config
     assert 'name: "local"' in (serving / "local" / "config.pbtxt").read_text()
     meta = read_json(new / "metadata.json")
@@ -202,7 +202,27 @@ def test_a_dicom_folder_with_a_target_recall_of_its_own(tmp_path, capsys):
     assert meta["decision_threshold"] == pytest.approx(choose_threshold(y, p, 0.8), abs=1e-6)
     assert meta["name"] == "local" and meta["version"] == 1
     assert all(c.ok for c in verify_package(str(new)))
-    assert "calibrated on 60 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "calibrated on 60 images" in out
+    assert meta["quality_floor"]["met"] is False and meta["quality_floor"]["roc_auc"] < 0.95
+    assert "below the quality floor" in out and "publishing it all the same (--publish-below-floor)" in out
+    card = (new / "MODEL_CARD.md").read_text()
+    assert "**Below the quality floor:** site calibration, 2-fold estimate: ROC AUC" in card
+
+
+def test_a_sample_the_model_does_not_rank_is_refused_below_the_quality_floor(tmp_path, capsys):
+    serving = tmp_path / "serving"
+    source = _source(serving)
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)  # the sample the module's fixture calibrates on, classes swapped
+    os.rename(cal / "NORMAL", cal / "swap")
+    os.rename(cal / "PNEUMONIA", cal / "NORMAL")
+    os.rename(cal / "swap", cal / "PNEUMONIA")
+    before = snapshot(str(serving))
+    rc = export_main(["--recalibrate", source, "--calibrate-dir", str(cal)])
+    assert_one_line_error(capsys, rc, "site calibration, 2-fold estimate: ROC AUC 0.",
+                          "< 0.95: below the quality floor", "nothing published", code=1)
+    assert snapshot(str(serving)) == before  # no version 3, no staging folder, config.pbtxt untouched
 
 
 def test_without_serving_dir_and_name_the_new_version_goes_beside_its_source(tmp_path, monkeypatch):

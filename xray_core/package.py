@@ -102,6 +102,7 @@ class Metadata:
     val_roc_auc: float | None = None
     test_metrics: dict | None = None
     site_calibration: dict | None = None
+    quality_floor: dict | None = None  # export's check of the figures above (xray_core/quality_floor.py)
     parity: dict | None = None
     versions: dict | None = None
     opset: int | None = None

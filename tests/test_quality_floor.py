@@ -1,0 +1,119 @@
+"""The quality floor (xray_core/quality_floor.py): export refuses to publish a model below it unless told
+--publish-below-floor, records the check, and the batch job warns when it scores with a version below it."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from batch_job.cli import main as job_main
+from batch_job.synthetic import make_tree
+from export.__main__ import main as export_main
+from helpers import assert_one_line_error, write_package
+from xray_core.quality_floor import INTERNAL, SITE, QualityFloor, measured
+
+
+def test_a_model_above_both_figures_meets_the_floor():
+    floor = QualityFloor(SITE, 0.9875, 0.980)
+    assert floor.met and floor.shortfalls == ()
+    assert floor.line() == ("site calibration, 2-fold estimate: ROC AUC 0.988, recall 0.980: above the quality floor "
+                            "(ROC AUC 0.95, recall 0.90)")
+    assert QualityFloor(SITE, 0.95, 0.90).met  # the floor itself is above it
+
+
+@pytest.mark.parametrize("auc, recall, missed", [
+    (0.644, 0.97, ["ROC AUC 0.644 < 0.95"]),
+    (0.99, 0.85, ["recall 0.850 < 0.90"]),
+    (0.90, 0.80, ["ROC AUC 0.900 < 0.95", "recall 0.800 < 0.90"]),
+    (float("nan"), 0.97, ["ROC AUC nan < 0.95"]),  # a figure that is not a number is not above anything
+])
+def test_each_figure_below_the_floor_is_named(auc, recall, missed):
+    floor = QualityFloor(INTERNAL, auc, recall)
+    assert not floor.met and list(floor.shortfalls) == missed
+    floor_text = "below the quality floor (ROC AUC 0.95, recall 0.90)"
+    assert floor.line() == f"internal test split: {', '.join(missed)}: {floor_text}"
+    assert QualityFloor.from_dict(floor.to_dict()).shortfalls == floor.shortfalls
+    assert floor.to_dict()["met"] is False
+
+
+def test_the_site_estimate_is_judged_before_the_internal_split():
+    site = {"two_fold": {"roc_auc": 0.7, "recall": 0.96}}
+    internal = {"at_chosen": {"roc_auc": 0.999, "recall": 0.99}}
+    assert measured(site, internal) == QualityFloor(SITE, 0.7, 0.96)
+    assert measured(None, internal) == QualityFloor(INTERNAL, 0.999, 0.99)
+    assert measured({"dir": "x"}, internal).estimate == INTERNAL  # a calibration block without its estimate
+    assert measured(None, None) is None and measured(None, {"at_0.5": {}}) is None
+    assert measured({"two_fold": {"roc_auc": "n/a", "recall": 1}}, None) is None  # recorded otherwise: not judged
+
+
+def _fake_run(base, test_auc: float, test_recall: float) -> str:
+    """A run folder as `python -m train` writes it, down to what export reads before converting (no model file)."""
+    run = os.path.join(base, "run")
+    os.makedirs(os.path.join(run, "cnn"))
+    with open(os.path.join(run, "comparison.json"), "w") as f:
+        json.dump({"best": "cnn", "models": [{"model": "cnn"}]}, f)
+    with open(os.path.join(run, "run.json"), "w") as f:
+        json.dump({"args": {}}, f)
+    with open(os.path.join(run, "split.csv"), "w") as f:
+        f.write("path,label,patient,split\n")
+    with open(os.path.join(run, "cnn", "metrics.json"), "w") as f:
+        json.dump({"preprocessing": {"image_size": 32}, "chosen_threshold": 0.5, "target_recall": 0.95,
+                   "test_at_chosen": {"roc_auc": test_auc, "recall": test_recall}}, f)
+    return run
+
+
+def test_an_uncalibrated_run_below_the_floor_is_refused_before_any_work(tmp_path, capsys):
+    run = _fake_run(str(tmp_path), 0.61, 0.97)
+    rc = export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")])
+    line = assert_one_line_error(capsys, rc, "internal test split: ROC AUC 0.610 < 0.95: below the quality floor",
+                                 "nothing published", "--publish-below-floor", code=1)
+    assert "converted" not in capsys.readouterr().out + line
+    assert not (tmp_path / "serving").exists()  # refused before the version folder, or the model file, is looked at
+
+
+def test_publish_below_floor_lets_such_a_run_through_the_floor(tmp_path, capsys):
+    run = _fake_run(str(tmp_path), 0.61, 0.97)
+    rc = export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving"), "--publish-below-floor"])
+    captured = capsys.readouterr()
+    assert "publishing it all the same (--publish-below-floor)" in captured.out
+    assert rc == 2 and "model file not found" in captured.err  # the next step: this fake run has no model
+
+
+def test_an_uncalibrated_run_above_the_floor_goes_on(tmp_path, capsys):
+    run = _fake_run(str(tmp_path), 0.99, 0.96)
+    assert export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")]) == 2
+    captured = capsys.readouterr()
+    assert "quality floor: internal test split: ROC AUC 0.990, recall 0.960: above the quality floor" in captured.out
+    assert "model file not found" in captured.err
+
+
+def test_publish_below_floor_goes_with_a_command_that_publishes_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--verify", str(tmp_path), "--publish-below-floor"])
+    assert exit_info.value.code == 2
+    assert "--publish-below-floor goes with --run-dir or --recalibrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("below", [True, False])
+def test_the_job_warns_each_night_it_scores_with_a_version_below_the_floor(below, tmp_path, caplog):
+    vdir = write_package(str(tmp_path / "serving"))
+    path = os.path.join(vdir, "metadata.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["test_metrics"] = {"at_chosen": {"roc_auc": 0.62 if below else 0.99, "recall": 0.97}}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    make_tree(str(tmp_path / "in"), per_class=3, size=48, seed=1)
+    out = tmp_path / "out"
+    assert job_main(["--input", str(tmp_path / "in"), "--model", vdir, "--output", str(out),
+                     "--direct_running_mode=in_memory"]) == 0
+    warned = [r for r in caplog.records if "is below the quality floor" in r.getMessage()]
+    report_md, report_html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    if below:
+        assert [r.levelname for r in warned] == ["WARNING"]
+        assert "internal test split: ROC AUC 0.620 < 0.95" in warned[0].getMessage()
+        assert "**Below the quality floor:** internal test split: ROC AUC 0.620 < 0.95" in report_md
+        assert "<b>Below the quality floor:</b> internal test split: ROC AUC 0.620 &lt; 0.95" in report_html
+    else:
+        assert not warned and "quality floor" not in report_md and "quality floor" not in report_html
