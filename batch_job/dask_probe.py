@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
@@ -19,13 +20,31 @@ CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.time
 # Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself; it
 # imports what the job's steps need there (the job, onnxruntime, Beam). None: nothing to send back.
 IMPORTS_THE_JOB = "__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and None"
+# How long the scheduler lets tasks wait without any worker before it fails them (Dask's default: None, for good).
+NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"
+
+
+@dataclass(frozen=True)
+class SchedulerCheck:
+    workers: int  # workers that import the job now (0: the job waits for some to join, as Beam does)
+    waits_for_good: bool = False  # the scheduler sets no NO_WORKERS_TIMEOUT: with every worker gone, the night waits
+
+
+def no_workers_timeout(client) -> str | None | bool:
+    """The scheduler's NO_WORKERS_TIMEOUT (None: not set); False where it cannot be read (then nothing is said)."""
+    import dask
+
+    try:
+        return client.run_on_scheduler(dask.config.get, NO_WORKERS_TIMEOUT, None)
+    except Exception:  # noqa: BLE001 - a scheduler that will not say: no warning rather than a refusal
+        return False
 
 
 def check_scheduler(address: str | None = None, scheduler_file: str | None = None,
-                    timeout: float | None = None) -> int:
+                    timeout: float | None = None) -> SchedulerCheck:
     """InputError unless a Dask scheduler answers within `timeout` seconds (CONNECT_SECONDS) and every worker it has
-    imports the job within as long again; -> the number of workers (0: the job waits for some to join, as Beam
-    does). A probe that does not return leaves its daemon thread behind: the job refuses and exits."""
+    imports the job within as long again; -> its workers and whether it lets tasks wait for a worker for good. A
+    probe that does not return leaves its daemon thread behind: the job refuses and exits."""
     timeout = timeout if isinstance(timeout, (int, float)) else CONNECT_SECONDS  # Beam: an int, or dask's no_default
     where = f"--dask_client_address {address}" if address else f"--dask_scheduler_file {scheduler_file}"
     if not address and not os.path.isfile(scheduler_file):  # distributed would wait for it to appear, for good
@@ -43,6 +62,7 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
         outcome["stage"] = "workers"
         try:
             outcome["workers"] = client.run(eval, IMPORTS_THE_JOB)
+            outcome["no_workers_timeout"] = no_workers_timeout(client)
         except BaseException as exc:  # noqa: BLE001 - raised on a worker, re-raised here
             outcome["import"] = exc
         finally:
@@ -69,4 +89,4 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
         exc = outcome["import"]
         raise InputError(f"{where}: a Dask worker cannot import the job ({type(exc).__name__}: {one_line(exc, 200)})"
                          "; install this project on every worker (docs/batch_job.md); nothing scored")
-    return len(outcome.get("workers", {}))
+    return SchedulerCheck(len(outcome.get("workers", {})), outcome.get("no_workers_timeout", False) is None)

@@ -120,8 +120,13 @@ def dask_runner_with(beam_args: list[str], keep_client_errors: bool = False) -> 
 
     dask = PipelineOptions(beam_args).view_as(DaskOptions)
     if dask.address or dask.scheduler_file:  # a cluster of the user's: it must answer, its workers import the job
-        workers = check_scheduler(dask.address, dask.scheduler_file, dask.timeout)  # (dask_probe.py)
-        logging.getLogger("batch_job").info("Dask scheduler answered; %d workers import the job", workers)
+        cluster = check_scheduler(dask.address, dask.scheduler_file, dask.timeout)  # (dask_probe.py)
+        log = logging.getLogger("batch_job")
+        log.info("Dask scheduler answered; %d workers import the job", cluster.workers)
+        if cluster.waits_for_good:
+            log.warning("the Dask scheduler sets no no-workers-timeout: should every worker leave mid-night, the job "
+                        "waits for good, holding the ledger's lock; start it with "
+                        "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT=10m (docs/batch_job.md)")
     extra = ["--dask_partition_size=1"] if dask.npartitions is None and dask.partition_size is None else []
     return Runner(DaskRunner(), "DaskRunner", PipelineOptions(beam_args + extra), 4)
 

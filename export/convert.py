@@ -1,7 +1,6 @@
 """Convert a trained tf-keras model to ONNX, prove parity, and publish atomically."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -12,6 +11,7 @@ from export.heatmap import PARITY_RELATIVE, embedding_dim, heatmap_checks, heatm
 from export.metadata import build_metadata
 from export.publish_floor import checked
 from export.republish import publish_version, write_description
+from export.run_dir import ExportInputError, changed_since_training, read_run
 from train.data import load_images, read_split_csv
 from xray_core import reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
@@ -42,54 +42,8 @@ DEFAULT_HEATMAP_METHOD = HeatmapMethod(OCCLUSION, 8, "image mean")
 MIN_PARITY_IMAGES = 64
 
 
-class ExportInputError(ValueError):
-    """Bad export input (exit 2); the message is one line."""
-
-
 class ParityError(RuntimeError):
     """ONNX and Keras disagree (exit 1)."""
-
-
-METRICS_KEYS = ("preprocessing", "chosen_threshold", "target_recall")  # what export reads of a model's metrics.json
-
-
-def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
-    """-> (model name, its metrics.json, the run's comparison.json, its run.json); ExportInputError (exit 2) before
-    any work for a run that is not complete."""
-    if not os.path.isdir(run_dir):
-        raise ExportInputError(f"run dir not found: {run_dir}")
-    try:
-        with open(os.path.join(run_dir, "comparison.json")) as f:
-            comparison = json.load(f)
-    except PermissionError as exc:  # train writes RUN_DIR for its owner and group only (xray_core.files)
-        raise ExportInputError(f"{run_dir}/comparison.json is not readable: {exc.strerror} (train writes its run "
-                               "for the owner and group only)") from None
-    except (OSError, ValueError):
-        raise ExportInputError(f"{run_dir} has no readable comparison.json (is it a `python -m train` run?)") from None
-    try:
-        name = comparison["best"] if model == "best" else model
-        trained = [r["model"] for r in comparison["models"]]
-    except (KeyError, TypeError):
-        raise ExportInputError(f"{run_dir}/comparison.json lacks 'best' or 'models'") from None
-    for needed in ("run.json", "split.csv"):
-        if not os.path.isfile(os.path.join(run_dir, needed)):
-            raise ExportInputError(f"{run_dir}/{needed} is missing (is it a complete `python -m train` run?)")
-    if name not in trained:
-        raise ExportInputError(f"model {name!r} is not in run {run_dir} (it has {', '.join(trained)})")
-    try:
-        with open(os.path.join(run_dir, name, "metrics.json")) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
-        raise ExportInputError(f"{run_dir}/{name}/metrics.json is missing or unreadable") from None
-    missing = [key for key in METRICS_KEYS if key not in metrics] if isinstance(metrics, dict) else METRICS_KEYS
-    if missing:
-        raise ExportInputError(f"{run_dir}/{name}/metrics.json lacks {', '.join(missing)}")
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            run_info = json.load(f)
-    except (OSError, ValueError):
-        raise ExportInputError(f"{run_dir}/run.json is unreadable (not JSON)") from None
-    return name, metrics, comparison, run_info
 
 
 def load_keras(path: str):
@@ -238,6 +192,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
             raise ExportInputError(str(exc)) from None
     else:  # judged on the internal test split before any work (with a sample: once it is scored, below)
         floor = checked(measured(None, {"at_chosen": metrics.get("test_at_chosen")}), publish_below_floor, log)
+    changed_since_training(run_dir)
     try:
         final = new_version_dir(serving_dir, name, version)
     except PackageError as exc:

@@ -320,11 +320,14 @@ def snapshot(root):
     return snap
 
 
-def export_run(run_dir, serving_dir, *extra):
+def export_run(run_dir, serving_dir, *extra, floor: bool = False):
+    """`python -m export --run-dir`. The tests' runs (an epoch or two on synthetic images) are mostly below the quality
+    floor, and their tests are about what export does, so they publish with --publish-below-floor unless `floor`
+    (tests/test_quality_floor.py tests the floor itself)."""
     from export.__main__ import main as export_main
 
     return export_main(["--run-dir", str(run_dir), "--serving-dir", str(serving_dir), "--name", "pneumonia",
-                        *extra])
+                        *extra, *([] if floor else ["--publish-below-floor"])])
 
 
 def pbtxt_section(text, key):

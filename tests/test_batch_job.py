@@ -948,10 +948,12 @@ def test_resolving_another_runner_leaves_no_temp_folder(tmp_path, monkeypatch):
 
 def test_beam_options_still_pass_through(monkeypatch):
     from batch_job import runner
+    from batch_job.dask_probe import SchedulerCheck
     from batch_job.runner import beam_leftovers, choose_runner
 
     probed = []
-    monkeypatch.setattr(runner, "check_scheduler", lambda *a: probed.append(a) or 2)  # none at h:8786 (test_dask_probe)
+    monkeypatch.setattr(runner, "check_scheduler",  # none at h:8786 (test_dask_probe)
+                        lambda *a: probed.append(a) or SchedulerCheck(2))
 
     assert beam_leftovers(["--runner=DirectRunner", "--job_name", "j", "--experiments=a", "--experiments=b",
                            "--direct_num_workers", "2", "--save_main_session"]) == []

@@ -11,6 +11,7 @@ import pytest
 
 from batch_job import dask_probe
 from batch_job.cli import main
+from batch_job.synthetic import make_tree
 from helpers import assert_one_line_error
 
 
@@ -90,7 +91,7 @@ def test_a_scheduler_whose_workers_import_the_job_passes_and_one_that_cannot_is_
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None) as cluster:
-        assert dask_probe.check_scheduler(cluster.scheduler_address, timeout=10) == 2
+        assert dask_probe.check_scheduler(cluster.scheduler_address, timeout=10).workers == 2
         monkeypatch.setattr(dask_probe, "IMPORTS_THE_JOB", "__import__('batch_job_not_installed') and None")
         with pytest.raises(dask_probe.InputError, match=r"a Dask worker cannot import the job \(ModuleNotFoundError: "
                                                         r"No module named 'batch_job_not_installed'\); install"):
@@ -141,4 +142,70 @@ def test_a_scheduler_lost_while_scoring_fails_the_night_in_one_line(tmp_path, ti
     rc = main(["--input", str(tmp_path / "in"), "--model", tiny_package, "--output", str(tmp_path / "out"),
                "--direct_running_mode=in_memory"])
     assert_one_line_error(capsys, rc, "error: lost the Dask scheduler while scoring: nothing published", code=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("setting", [None, "10m"])
+def test_a_scheduler_that_lets_tasks_wait_for_a_worker_for_good_is_named(setting, tmp_path, tiny_package, job_log):
+    """QA (helper, 2026-12-02): with every worker gone mid-night, Dask keeps the tasks waiting for one, by default for
+    good, and the job with them (Beam's wait_until_finish has no deadline), holding the ledger's lock. The start
+    check reads the scheduler's no-workers-timeout and warns where it is not set."""
+    import dask
+    from distributed import LocalCluster
+
+    make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=1)
+    with dask.config.set({dask_probe.NO_WORKERS_TIMEOUT: setting}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert dask_probe.check_scheduler(cluster.scheduler_address, timeout=10).waits_for_good is (setting is None)
+        assert main(["--input", str(tmp_path / "in"), "--model", tiny_package, "--output", str(tmp_path / "out"),
+                     "--heatmaps", "0", "--runner", "DaskRunner",
+                     f"--dask_client_address={cluster.scheduler_address}"]) == 0
+    warned = "the Dask scheduler sets no no-workers-timeout" in job_log.text
+    assert warned is (setting is None)
+    assert ("DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT=10m" in job_log.text) is (setting is None)
+
+
+@pytest.mark.slow
+def test_the_last_worker_killed_while_scoring_fails_the_night_once_the_scheduler_gives_up(tmp_path, tiny_package,
+                                                                                         capsys):
+    """With the scheduler's no-workers-timeout set (docs/batch_job.md), a night whose last worker died (a --no-nanny
+    worker, killed after the first shard) ends in one line, exit 1, nothing published and the new ledger removed;
+    without it the job waited 153 s and counting (helper QA, 2026-12-02)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    make_tree(str(tmp_path / "in"), per_class=20, size=48, seed=1)
+    out = str(tmp_path / "out")
+    with dask.config.set({dask_probe.NO_WORKERS_TIMEOUT: "2s"}), \
+            LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster:
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                                   "--no-nanny", "--nthreads", "1", "--dashboard-address", ":0"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(cluster.scheduler_address) as client:
+                client.wait_for_workers(1, timeout=60)
+            result = {}
+            job = threading.Thread(target=lambda: result.update(rc=main([
+                "--input", str(tmp_path / "in"), "--model", tiny_package, "--output", out, "--shard-size", "1",
+                "--batch-size", "1", "--heatmaps", "0", "--ledger", str(tmp_path / "ledger.sqlite"),
+                "--runner", "DaskRunner", f"--dask_client_address={cluster.scheduler_address}"])), daemon=True)
+            job.start()
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(p.glob("predictions-*.csv") for p in tmp_path.glob("out.tmp-*")):
+                time.sleep(0.01)
+            os.kill(worker.pid, signal.SIGKILL)
+            job.join(30)
+        finally:
+            worker.kill()
+            worker.wait()
+        hung = job.is_alive()
+    job.join(30)  # the cluster closed: a job still waiting would end as SchedulerLost
+    assert not hung
+    assert_one_line_error(capsys, result["rc"], "job failed (NoWorkerError)", "waiting without any running workers",
+                          "nothing published", code=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

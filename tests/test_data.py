@@ -22,6 +22,7 @@ from train.data import (
     other_folders,
     patient_id,
     read_split_csv,
+    read_split_digests,
     split_examples,
     write_split_csv,
 )
@@ -338,6 +339,13 @@ def test_split_csv_round_trip(tmp_path):
     assert rows[1] == ["/data/NORMAL/IM-0001-0001.jpeg", "NORMAL", "train", "IM-0001"]
     assert len(rows) == 4
     assert read_split_csv(path) == list(zip(examples, splits))
+    assert read_split_digests(path) == {}  # written without contents, as runs before 2026-12-03: nothing to check
+
+    write_split_csv(path, examples, splits, ["a" * 64, "b" * 64, "c" * 64])
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == ["path", "label", "split", "patient", "sha256"]
+    assert read_split_csv(path) == list(zip(examples, splits))  # the column changes nothing for its readers
+    assert read_split_digests(path) == {ex.path: d * 64 for ex, d in zip(examples, "abc")}
 
 
 # --------------------------------------------------------------- load_images

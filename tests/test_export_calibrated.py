@@ -174,8 +174,8 @@ def test_calibrated_model_card_gives_site_numbers_first(calibrated):
     internal, site = meta["test_metrics"]["at_0.5"]["roc_auc"], meta["site_calibration"]["at_0.5"]["roc_auc"]
     assert ("overestimates" in card) == (internal > site)  # said only where it does (QA)
     floor = QualityFloor(SITE, est["roc_auc"], est["recall"])  # judged on the 2-fold estimate, recorded as such
-    assert meta["quality_floor"] == floor.to_dict() and floor.met
-    assert f"**Quality floor:** {floor.line()}." in card
+    assert meta["quality_floor"] == floor.to_dict()  # a run this small may be below it: export_run publishes anyway
+    assert f"{'**Quality floor:**' if floor.met else '**Below the quality floor:**'} {floor.line()}." in card
 
 
 # ------------------------------------------------------------------- heatmaps

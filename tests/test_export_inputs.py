@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.convert import METRICS_KEYS, ExportInputError, parity_images, read_run
+from export.__main__ import main as export_main
+from export.convert import ExportInputError, parity_images, read_run
+from export.run_dir import METRICS_KEYS
+from helpers import assert_one_line_error, sha256_of
 from xray_core.preprocessing import PreprocessConfig
 
 
@@ -71,3 +74,45 @@ def test_a_calibration_folder_of_one_patient_a_class_is_refused(tmp_path):
     with pytest.raises(CalibrationError, match="images of fewer than 2 patients of NORMAL, PNEUMONIA"):
         calibrate(open_session(os.path.join(vdir, "model.onnx")), str(tmp_path / "cal"), PreprocessConfig(32), 0.5,
                   0.95)
+
+
+def _run_with_recorded_contents(tmp_path) -> tuple[str, list[str]]:
+    """A fake run whose split.csv records its three images' sha256, as train writes it since 2026-12-03."""
+    images = []
+    for i, label in enumerate(["NORMAL", "PNEUMONIA", "NORMAL"]):
+        path = tmp_path / "data" / label / f"im{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40), 60 + 40 * i, np.uint8)).save(path)
+        images.append(str(path))
+    run = fake_run(tmp_path)
+    with open(os.path.join(run, "split.csv"), "w") as f:
+        f.write("path,label,split,patient,sha256\n")
+        for path, split in zip(images, ["train", "val", "test"]):
+            f.write(f"{path},{os.path.basename(os.path.dirname(path))},{split},p{split},{sha256_of(path)}\n")
+    return run, images
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_images_changed_since_training_are_refused_before_any_work(tmp_path, capsys, change):
+    run, images = _run_with_recorded_contents(tmp_path)
+    if change == "rewritten":  # e.g. a rescan saved over the file, or another image copied in under its name
+        Image.fromarray(np.full((40, 40), 200, np.uint8)).save(images[1])
+    else:
+        os.remove(images[1])
+    rc = export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")])
+    assert_one_line_error(capsys, rc, f"1 of 3 images of {run}/split.csv are missing or have changed since the run "
+                          f"trained (first: {images[1]})", "nothing published")
+    assert not (tmp_path / "serving").exists()
+
+
+def test_unchanged_images_and_runs_from_before_the_check_go_on(tmp_path, capsys):
+    run, images = _run_with_recorded_contents(tmp_path)
+    assert export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")]) == 2
+    assert "model file not found" in capsys.readouterr().err  # the next step: this fake run has no model
+    with open(os.path.join(run, "split.csv")) as f:  # the same run as written before split.csv had the column
+        rows = [line.rsplit(",", 1)[0] for line in f.read().splitlines()]
+    with open(os.path.join(run, "split.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.remove(images[1])
+    assert export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")]) == 2
+    assert "model file not found" in capsys.readouterr().err  # not checked: nothing recorded to check against

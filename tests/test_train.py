@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from batch_job.synthetic import make_tree
-from helpers import assert_one_line_error, textured
+from helpers import assert_one_line_error, sha256_of, textured
 from train.__main__ import main as train_main
 from train.__main__ import parse_args
-from train.data import read_split_csv
+from train.data import read_split_csv, read_split_digests
 from train.models import (
     VGG19_WEIGHTS_FILE,
     WeightsError,
@@ -236,8 +236,10 @@ def test_cli_split_csv(cli_run):
     path = cli_run["out"] / "split.csv"
     with open(path, newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["path", "label", "split", "patient"]
+    assert header == ["path", "label", "split", "patient", "sha256"]
     rows = read_split_csv(path)
+    digests = read_split_digests(path)  # each image's content as train read it (export checks it has not changed)
+    assert digests == {ex.path: sha256_of(ex.path) for ex, _ in rows}
     assert sorted(ex.path for ex, _ in rows) == sorted(cli_run["images"])  # corrupt one left out
     assert cli_run["corrupt"] not in {ex.path for ex, _ in rows}
     assert {s for _, s in rows} == {"train", "val", "test"}

@@ -202,12 +202,17 @@ def split_examples(
     return assignment
 
 
-def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits: Sequence[str]) -> None:
+def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits: Sequence[str],
+                    digests: Sequence[str] | None = None) -> None:
+    """split.csv: each image's path, label, split and patient, and with digests its content's sha256 (what export
+    checks the images against before it builds the package from them)."""
+    contents = [[d] for d in digests] if digests is not None else [[]] * len(examples)
+
     def write(f):
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "patient"])
-        for ex, split in zip(examples, splits):
-            writer.writerow([ex.path, ex.label, split, ex.patient])
+        writer.writerow(["path", "label", "split", "patient"] + ["sha256"] * (digests is not None))
+        for ex, split, content in zip(examples, splits, contents):
+            writer.writerow([ex.path, ex.label, split, ex.patient, *content])
 
     atomic_write(str(path), write)
 
@@ -215,6 +220,12 @@ def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits
 def read_split_csv(path: str | os.PathLike) -> list[tuple[Example, str]]:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return [(Example(r["path"], r["label"], r["patient"]), r["split"]) for r in csv.DictReader(f)]
+
+
+def read_split_digests(path: str | os.PathLike) -> dict[str, str]:
+    """path -> the sha256 train recorded for it in split.csv ({} for a run from before that column)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return {r["path"]: r["sha256"] for r in csv.DictReader(f) if r.get("sha256")}
 
 
 def _load_one(args):

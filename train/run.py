@@ -219,7 +219,7 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
             check_teacher_split(args.teacher, [e.path for e in examples], splits)
         except TeacherError as exc:
             raise UsageError(str(exc)) from None
-    write_split_csv(os.path.join(run_dir, "split.csv"), examples, splits)
+    write_split_csv(os.path.join(run_dir, "split.csv"), examples, splits, digests)
     labels = labels_to_array(e.label for e in examples)
     data = _split_arrays(images, labels, splits)
     _check_splits(data)
