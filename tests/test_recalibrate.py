@@ -476,7 +476,8 @@ def test_sigterm_removes_the_staging_folder_and_the_next_export_removes_a_killed
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing published"
     assert sorted(os.listdir(name_dir)) == ["1", "2", "config.pbtxt"]
 
-    killed, running, other = name_dir / "3.tmp-abcd1234", name_dir / "3.tmp-wxyz9876", name_dir / "3.tmp-notours"
+    # an export still at work stages another version (one staging this version refuses the next: test below)
+    killed, running, other = name_dir / "3.tmp-abcd1234", name_dir / "4.tmp-wxyz9876", name_dir / "3.tmp-notours"
     for folder in (killed, running, other):
         folder.mkdir()
         (folder / "model.onnx").write_bytes(b"half")
@@ -489,7 +490,7 @@ def test_sigterm_removes_the_staging_folder_and_the_next_export_removes_a_killed
                             "--serving-dir", str(tmp_path / "serving")]) == 0
     finally:
         held.close()
-    assert sorted(os.listdir(name_dir)) == ["1", "2", "3", "3.tmp-notours", "3.tmp-wxyz9876", "config.pbtxt"]
+    assert sorted(os.listdir(name_dir)) == ["1", "2", "3", "3.tmp-notours", "4.tmp-wxyz9876", "config.pbtxt"]
     assert LOCK_FILE not in os.listdir(name_dir / "3")  # the lock is no part of the version
 
 
@@ -760,3 +761,26 @@ def test_calibration_reads_dicom_of_the_modalities_the_job_is_run_with(tiny_pack
     with pytest.raises(SystemExit):
         export_main(["--verify", tiny_package, "--modalities", "CR,DX,OT"])
     assert "--modalities goes with --calibrate-dir" in capsys.readouterr().err
+
+
+def test_a_second_export_of_the_version_another_is_staging_is_refused_before_its_work(source_package, tmp_path,
+                                                                                    capsys):
+    """QA: two exports to one name both chose the next version; the second did all its work (calibration, checks),
+    then failed as the first had published it. The second now refuses at once while the first's staging folder is
+    held, and goes ahead once the first has finished."""
+    from xray_core.staging import discard_staging, staging_dir
+
+    cal = tmp_path / "hospital"
+    make_tree(str(cal), per_class=32, size=48, seed=3)
+    name_dir = os.path.dirname(source_package)
+    first = staging_dir(os.path.join(name_dir, "3"), str(tmp_path / "serving"))  # a running export's, lock held
+    try:
+        _refused(capsys, tmp_path, ["--recalibrate", source_package, "--calibrate-dir", str(cal)],
+                 f"another export is publishing {os.path.join(name_dir, '3')} (its staging folder "
+                 f"{os.path.basename(first)} is held by a running process)", "nothing published")
+        assert "calibration: scoring" not in capsys.readouterr().out  # refused before any scoring
+        assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal), "--version", "4"]) == 0
+    finally:
+        discard_staging(first)
+    assert export_main(["--recalibrate", source_package, "--calibrate-dir", str(cal)]) == 0  # the first gone: 5
+    assert versions(name_dir) == [1, 2, 4, 5]

@@ -25,12 +25,18 @@ def staging_dir(final: str, serving_dir: str) -> str:
     """An empty temporary folder beside `final` (its name folder made if needed), locked by this process until
     :func:`release_staging`. Staging folders of exports that were killed (their lock free) are removed first.
     The serving and name folders this call makes are removed again by :func:`discard_staging` while empty: a
-    refused export leaves nothing. PackageError (one line) when the serving folder cannot be written."""
+    refused export leaves nothing. PackageError (one line) when the serving folder cannot be written, or when a
+    live export is staging the same version (QA: the second of two exports to one name did all its work, then
+    failed as the first had published that version)."""
     made: list[str] = []
     staging = ""
     try:
         made = make_folders(os.path.dirname(final))
         remove_abandoned_staging(os.path.dirname(final))
+        busy = live_staging(final)
+        if busy:
+            raise PackageError(f"another export is publishing {final} (its staging folder {busy} is held by a "
+                               "running process): wait for it, or give another --version; nothing published")
         staging = temp_dir_beside(final)
         _staging_locks[staging] = hold_lock(staging)
         _made_for[staging] = made
@@ -41,6 +47,14 @@ def staging_dir(final: str, serving_dir: str) -> str:
                 os.rmdir(staging)
         remove_folders(made)
         raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
+
+
+def live_staging(final: str) -> str:
+    """The name of a staging folder of `final`'s version that a running export holds ('' if none): after
+    :func:`remove_abandoned_staging`, every staging folder left is held."""
+    prefix = os.path.basename(final) + ".tmp-"
+    held = [e for e in sorted(os.listdir(os.path.dirname(final))) if STAGING.match(e) and e.startswith(prefix)]
+    return held[0] if held else ""
 
 
 def remove_abandoned_staging(name_dir: str) -> None:
