@@ -520,6 +520,32 @@ def test_cli_a_refused_run_leaves_no_parent_folder_it_made(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["data"]
 
 
+def test_a_run_removes_the_temp_folders_runs_killed_outright_left_for_its_run_dir(tmp_path, capsys):
+    """Known since the twelfth session: a SIGKILLed run left RUN_DIR.tmp-XXXXXXXX for good. A run now holds a lock in
+    its temp folder; the next run for that RUN_DIR removes the ones whose lock is free, and nothing else."""
+    from xray_core.files import LOCK_FILE, hold_lock
+
+    make_tree(str(tmp_path / "data"), per_class=2, size=48, seed=2)
+    names = ["run.tmp-abcd1234", "run.tmp-held5678", "run.tmp-nolock12", "run.tmp-link1234", "other.tmp-abcd1234"]
+    for name in names[:3] + names[4:]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "split.csv").write_text("path,label,split,patient\n")
+    for name in ("run.tmp-abcd1234", "run.tmp-held5678", "other.tmp-abcd1234"):
+        (tmp_path / name / LOCK_FILE).write_text("1@host\n")
+    os.symlink(tmp_path / "run.tmp-abcd1234", tmp_path / "run.tmp-link1234")
+    held = hold_lock(str(tmp_path / "run.tmp-held5678"))  # a run still at work
+    try:
+        rc = train_main(_args(tmp_path / "data", tmp_path / "run"))  # refused later: a split without both classes
+    finally:
+        held.close()
+    out, err = capsys.readouterr()
+    assert rc == 2 and "at least 3 patients" in err
+    assert f"removed run.tmp-abcd1234, left by a run killed while writing {tmp_path / 'run'}" in out + err
+    assert "held5678" not in out + err
+    assert sorted(os.listdir(tmp_path)) == sorted(["data", *names[1:]])  # its own temp folder is gone too
+    assert os.path.islink(tmp_path / "run.tmp-link1234")  # a link is never followed into
+
+
 def test_cli_refuses_site_images_found_in_the_training_folder_under_any_name(tmp_path, capsys):
     """QA defect (leakage): site-sample files copied into the training folder were trained on without a word, and
     the site ROC AUC, the number to trust, was then computed on images the model saw."""
@@ -716,3 +742,32 @@ def test_sigterm_removes_the_partial_run_and_exits_143(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); RUN_DIR not published"
     assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_leaves_a_locked_temp_folder_the_next_run_removes(tmp_path, capsys):
+    """SIGKILL gives a run no chance to clean up: its RUN_DIR.tmp-XXXXXXXX stays, with the lock file the next run
+    for that RUN_DIR recognises as a dead run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from xray_core.files import LOCK_FILE
+
+    make_tree(str(tmp_path / "data"), per_class=30, size=48, seed=4)
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--data-dir", str(tmp_path / "data"), "--output-dir",
+                             str(tmp_path / "run"), "--image-size", "32", "--epochs", "200", "--ensemble", "1"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(tmp_path / "run.tmp-*" / "split.csv")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    (left,) = glob.glob(str(tmp_path / "run.tmp-*"))
+    assert os.path.isfile(os.path.join(left, LOCK_FILE))
+    make_tree(str(tmp_path / "tiny"), per_class=2, size=48, seed=2)
+    assert train_main(_args(tmp_path / "tiny", tmp_path / "run")) == 2  # refused after the clean-up
+    assert f"removed {os.path.basename(left)}, left by a run killed" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["data", "tiny"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -35,7 +36,16 @@ from train.data import (
 from train.distill import TeacherError, check_teacher_split
 from train.models import WeightsError, resolve_vgg19_weights
 from train.validate import UsageError, validate
-from xray_core.files import make_folders, publish_dir, remove_folders, sha256_file, temp_dir_beside
+from xray_core.files import (
+    hold_lock,
+    make_folders,
+    publish_dir,
+    remove_abandoned,
+    remove_dir,
+    remove_folders,
+    sha256_file,
+    temp_dir_beside,
+)
 from xray_core.interrupts import GATE
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
@@ -67,6 +77,12 @@ def _write_json(path, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=False)
 
 
+def killed_runs(out: str) -> re.Pattern:
+    """The names of this RUN_DIR's temp folders (temp_dir_beside's), which remove_abandoned takes once their lock is
+    free (QA: a SIGKILLed run left RUN_DIR.tmp-XXXXXXXX for good)."""
+    return re.compile(re.escape(os.path.basename(out)) + r"\.tmp-[a-z0-9_]{8}\Z")
+
+
 def run(args) -> int:
     models, fractions = validate(args)
     vgg_weights = resolve_vgg19_weights(args.vgg19_weights) if "vgg19" in models else None
@@ -79,20 +95,27 @@ def run(args) -> int:
     config = PreprocessConfig(image_size=args.image_size)
     out = os.path.abspath(args.output_dir)
     made: list[str] = []
+    tmp = ""
     try:
         made = make_folders(os.path.dirname(out))
+        for name in remove_abandoned(os.path.dirname(out), killed_runs(out)):
+            _log(f"removed {name}, left by a run killed while writing {out}")
         tmp = temp_dir_beside(out)
+        lock = hold_lock(tmp)  # until published or removed: a run killed outright leaves it free (next run: above)
     except OSError as exc:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         remove_folders(made)
         raise UsageError(f"cannot write to {os.path.dirname(out)}: {exc.strerror}") from None
     try:
-        _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
-        GATE.check()  # a signal TensorFlow swallowed: the run is not published
-        with GATE.deferred():  # a signal now waits until RUN_DIR is in place (train/__main__.py says it came)
-            publish_dir(tmp, out, replace=True)
-            args.written = out
+        with lock:
+            _run_into(tmp, args, models, fractions, examples, config, vgg_weights)
+            GATE.check()  # a signal TensorFlow swallowed: the run is not published
+            with GATE.deferred():  # a signal now waits until RUN_DIR is in place (train/__main__.py says it came)
+                publish_dir(tmp, out, replace=True)
+                args.written = out
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dir(tmp)  # its lock file last
         remove_folders(made)  # the parents this run made, where still empty: a refused run leaves nothing
         raise
     _log(f"run written to {out}")

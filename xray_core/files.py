@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -125,6 +126,22 @@ def take_abandoned_lock(folder: str) -> IO | None:
         pass
     f.close()
     return None
+
+
+def remove_abandoned(parent: str, name: re.Pattern) -> list[str]:
+    """Remove the folders in `parent` whose name matches `name` (temp folders of one kind) and whose LOCK_FILE no
+    process holds (their process was killed: SIGKILL, a crash); -> their names. A folder without a lock file, or a
+    link, is left alone."""
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if name.match(entry) and os.path.isdir(path) and not os.path.islink(path):
+            lock = take_abandoned_lock(path)
+            if lock is not None:
+                with lock:
+                    remove_dir(path)
+                removed.append(entry)
+    return removed
 
 
 def remove_dir(path: str) -> None:

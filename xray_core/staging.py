@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from xray_core.files import hold_lock, make_folders, remove_dir, remove_folders, take_abandoned_lock, temp_dir_beside
+from xray_core.files import hold_lock, make_folders, remove_abandoned, remove_dir, remove_folders, temp_dir_beside
 from xray_core.package import PackageError
 
 PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
@@ -60,13 +60,7 @@ def live_staging(final: str) -> str:
 def remove_abandoned_staging(name_dir: str) -> None:
     """Remove the staging folders in a model's folder whose export is gone (SIGKILL, a crash): only folders named
     as staging folders, holding a lock no process holds."""
-    for entry in sorted(os.listdir(name_dir)):
-        path = os.path.join(name_dir, entry)
-        if STAGING.match(entry) and os.path.isdir(path) and not os.path.islink(path):
-            lock = take_abandoned_lock(path)
-            if lock is not None:
-                with lock:
-                    remove_dir(path)
+    remove_abandoned(name_dir, STAGING)
 
 
 def release_staging(staging: str) -> None:
