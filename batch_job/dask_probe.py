@@ -21,7 +21,7 @@ CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.time
 # imports what the job's steps need there (the job, onnxruntime, Beam). None: nothing to send back.
 IMPORTS_THE_JOB = "__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and None"
 # How long the scheduler lets tasks wait without any worker before it fails them (Dask's default: None, for good).
-NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"
+NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"  # its config key (DASK_DISTRIBUTED__SCHEDULER__...)
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ class SchedulerCheck:
     waits_for_good: bool = False  # the scheduler sets no NO_WORKERS_TIMEOUT: with every worker gone, the night waits
 
 
-def no_workers_timeout(client) -> str | None | bool:
-    """The scheduler's NO_WORKERS_TIMEOUT (None: not set); False where it cannot be read (then nothing is said)."""
-    import dask
-
+def no_workers_timeout(client) -> float | None | bool:
+    """The scheduler's no-workers timeout as it applies it, in seconds (None: none; review: not its config, which a
+    scheduler given the value otherwise does not reflect); False where it cannot be read (then nothing is said). The
+    lambda travels by value (cloudpickle): a scheduler host needs nothing of this project."""
     try:
-        return client.run_on_scheduler(dask.config.get, NO_WORKERS_TIMEOUT, None)
+        return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.no_workers_timeout)
     except Exception:  # noqa: BLE001 - a scheduler that will not say: no warning rather than a refusal
         return False
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from batch_job.errors import InputError
 from xray_core.gate import GateSpec
 from xray_core.package import CARD_FILE, MODEL_FILE, Metadata, PackageError, load_metadata, resolve_version_dir
-from xray_core.quality_floor import measured
+from xray_core.quality_floor import below_floor
 from xray_core.reference import REFERENCE_FILE
 from xray_core.training_data import TrainingData
 from xray_core.verify import verify_package
@@ -43,7 +43,7 @@ class Model:
     sha256: str = ""  # of model.onnx, as metadata.json records it (verified)
     trained_on: str = TrainingData().population()  # what report.html says the model was trained on
     scoring_sha256: str = ""  # of what decides a ledger row besides the image (scoring_identity)
-    below_floor: str = ""  # where the package's figures are below the quality floor: its line; "" otherwise
+    below_floor: str = ""  # the package below the quality floor: what it misses and how it was published (else "")
 
 
 def scoring_identity(meta: Metadata) -> str:
@@ -80,12 +80,5 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
                  card if os.path.isfile(card) else None,
                  None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256,
                  TrainingData.from_dict(meta.training_data).population(), scoring_identity(meta),
-                 below_floor(meta))
+                 below_floor(meta.quality_floor, meta.site_calibration, meta.test_metrics))
 
-
-def below_floor(meta: Metadata) -> str:
-    """The quality floor's line (xray_core/quality_floor.py) for a package whose figures are below it, judged again
-    from its recorded figures (a version published with --publish-below-floor, or by a release before the floor);
-    "" for one above it or without figures."""
-    floor = measured(meta.site_calibration, meta.test_metrics)
-    return floor.line() if floor is not None and not floor.met else ""

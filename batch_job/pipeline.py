@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                     "near-constant, too few grey levels) run, so photographs and other non-X-rays can be scored "
                     "(`python -m export --add-gate` gives a version one)", model.model_id)
     if model.below_floor:
-        LOG.warning("model %s is below the quality floor (%s): its flags deserve less trust than the floor promises "
+        LOG.warning("model %s is below the quality floor: %s; trust its flags less than the floor promises "
                     "(docs/export.md)", model.model_id, model.below_floor)
     # <serving>/<name>: every version of the model, where the files are (a --model given as a symlink included)
     package = os.path.dirname(os.path.dirname(os.path.realpath(model.path)))

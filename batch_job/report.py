@@ -59,8 +59,8 @@ def report_markdown(r: RunResult) -> str:
              f"Model `{r.model}`, threshold {r.threshold_text()}, runner {r.runner}, "
              f"{r.wall_seconds:.1f} s, {r.images_per_second} images/s.", "",
              f"A screening aid, not a diagnosis. Trained on {r.trained_on}", "",
-             *([f"**Below the quality floor:** {r.below_floor}. Published all the same; see the model card.", ""]
-               if r.below_floor else []),
+             *([f"**Below the quality floor:** {r.below_floor}. Trust its flags less than the floor promises; see "
+                f"the model card.", ""] if r.below_floor else []),
              "| images found | scored | failed | out of scope | skipped (in ledger) | positive | positive rate |",
              "|---|---|---|---|---|---|---|",
              f"| {c.found} | {c.scored} | {c.failed} | {c.out_of_scope} | {c.skipped} | {r.positive_count} | "

@@ -63,7 +63,7 @@ class RunResult:
     model_card: str = ""  # the package's model card, copied into OUT_DIR ("" when the package has none)
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
-    below_floor: str = ""  # the model's quality floor line where it is below the floor (batch_job/model.py)
+    below_floor: str = ""  # the model below the quality floor: what it misses, how it was published (model.py)
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""
@@ -108,6 +108,7 @@ class RunResult:
             "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,
+            "model_below_quality_floor": self.below_floor or None,  # what it misses, how it was published (export.md)
         }
         if self.package_threshold is not None:
             out["package_threshold"] = self.package_threshold  # --threshold overrode it

@@ -13,11 +13,12 @@ import threading
 from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
 from xray_core.errors import stopped
 from xray_core.interrupts import GATE, Terminated, exit_with
+from xray_core.quality_floor import MIN_RECALL
 
 EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
-  1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity), or --run-dir and --recalibrate: the
-     model is below the quality floor (site 2-fold ROC AUC 0.95, recall 0.90; docs/export.md): nothing published
+  1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity); --run-dir, --recalibrate, --add-gate:
+     the model is below the quality floor (ROC AUC 0.95, recall 0.90; docs/export.md): nothing published
   2  bad input (a missing or incomplete run, a --verify folder that is not there, a package that does not verify,
      a calibration folder with too few images, a version that exists): one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM (129 SIGHUP): the staging folder removed, nothing published (a staging folder left by an
@@ -67,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --calibrate-dir: the DICOM Modality values in scope, as the batch job's --modalities "
                         "(default CR,DX); other DICOM files of the folder are skipped")
     p.add_argument("--publish-below-floor", action="store_true",
-                   help="with --run-dir and --recalibrate: publish a model below the quality floor all the same (its "
-                        "card and the batch job say so); without it such a model is refused, exit 1")
+                   help="with --run-dir, --recalibrate and --add-gate: publish a model below the quality floor all the "
+                        "same (its card and the batch job say so); without it such a model is refused, exit 1")
     p.add_argument("--heatmap-method", default="occlusion:8", metavar="occlusion:K|graph",
                    help="with --run-dir: the maps the batch job shows for the top-N flagged images: occlusion maps "
                         "of a K x K grid (K*K extra network passes per image) or the graph's own class-activation "
@@ -88,8 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--calibrate-dir goes with --run-dir or --recalibrate")
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         p.error("--target-recall must be in (0, 1]")
-    if args.publish_below_floor and not (args.run_dir or args.recalibrate):
-        p.error("--publish-below-floor goes with --run-dir or --recalibrate")
+    if args.publish_below_floor and args.verify:
+        p.error("--publish-below-floor goes with --run-dir, --recalibrate or --add-gate")
+    if (args.calibrate_dir and args.target_recall is not None and args.target_recall < MIN_RECALL
+            and not args.publish_below_floor):
+        p.error(f"--target-recall {args.target_recall:g} is below the quality floor's recall ({MIN_RECALL:.2f}): a "
+                "version calibrated for it would be refused after all its work; give --publish-below-floor to publish "
+                "it all the same")
     if args.modalities is not None and not args.calibrate_dir:
         p.error("--modalities goes with --calibrate-dir")
     try:
@@ -166,16 +172,21 @@ def _main(argv=None) -> int:
     if args.verify:
         return verify(args.verify)  # no TensorFlow on this path
     command = "python -m export " + shlex.join(sys.argv[1:] if argv is None else argv)  # pastes into a shell
+    from export.publish_floor import BelowQualityFloor
+
     if args.add_gate:
         from export.republish import RepublishError, add_gate  # no TensorFlow on this path either
 
         try:
-            add_gate(args.add_gate, args.serving_dir, args.name, args.version, command, args.training_dir)
+            add_gate(args.add_gate, args.serving_dir, args.name, args.version, command, args.training_dir,
+                     publish_below_floor=args.publish_below_floor)
         except RepublishError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except BelowQualityFloor as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
-    from export.publish_floor import BelowQualityFloor
 
     if args.recalibrate:
         from export.republish import RepublishError, recalibrate  # no TensorFlow on this path either

@@ -5,7 +5,7 @@ import json
 
 from export.card_checks import drift_section, gate_section, heatmap_section
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
-from xray_core.quality_floor import QualityFloor
+from xray_core.quality_floor import OVERRIDDEN, QualityFloor
 from xray_core.training_data import TrainingData
 
 _KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -53,8 +53,8 @@ def floor_note(meta: dict) -> str:
     floor = QualityFloor.from_dict(meta["quality_floor"])
     if floor.met:
         return f"**Quality floor:** {floor.line()}.\n"
-    return (f"**Below the quality floor:** {floor.line()}. Published all the same with --publish-below-floor; the "
-            "batch job warns each night it scores with this version.\n")
+    return (f"**Below the quality floor:** {floor.below(OVERRIDDEN)}. The batch job warns each night it scores with "
+            "this version.\n")
 
 
 def site_section(meta: dict) -> str:

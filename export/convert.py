@@ -32,7 +32,7 @@ from xray_core.package import (
 )
 from xray_core.preprocessing import ImageError, PreprocessConfig, read_model_input
 from xray_core.quality_floor import measured
-from xray_core.staging import discard_staging, staging_dir
+from xray_core.staging import discard_staging, refuse_live_staging, staging_dir
 
 PARITY_TOLERANCE = 1e-5
 # What the batch job shows for the top-N flagged images: 8x8 occlusion maps. On the site sample's flagged images,
@@ -191,12 +191,14 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
     else:  # judged on the internal test split before any work (with a sample: once it is scored, below)
-        floor = checked(measured(None, {"at_chosen": metrics.get("test_at_chosen")}), publish_below_floor, log)
-    changed_since_training(run_dir)
+        floor = checked(measured(None, {"at_chosen": metrics["test_at_chosen"]}, metrics.get("site_at_chosen")),
+                        publish_below_floor, log)
     try:
         final = new_version_dir(serving_dir, name, version)
+        refuse_live_staging(final)  # before TensorFlow loads the model (staging_dir checks again)
     except PackageError as exc:
         raise ExportInputError(str(exc)) from None
+    changed_since_training(run_dir, run_info, comparison, log)
     version = int(os.path.basename(final))
     keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
     export_model = with_heatmap(keras_model) or keras_model  # a `heatmap` output where the head allows one

@@ -2,7 +2,8 @@
 user says `--publish-below-floor`; either way its check goes into metadata.json (`quality_floor`)."""
 from __future__ import annotations
 
-from xray_core.quality_floor import QualityFloor
+from xray_core.package import Metadata
+from xray_core.quality_floor import QualityFloor, measured
 
 OVERRIDE = "--publish-below-floor"
 
@@ -19,9 +20,17 @@ def checked(floor: QualityFloor | None, publish_below_floor: bool, log=print) ->
     if floor.met:
         log(f"quality floor: {floor.line()}")
     elif publish_below_floor:
-        log(f"warning: {floor.line()}; publishing it all the same ({OVERRIDE}): the batch job will warn each night it "
-            "scores with it")
+        log(f"warning: {floor.line()}; {OVERRIDE}: it is published if every other check passes, and the batch job "
+            "will warn each night it scores with it")
     else:
         raise BelowQualityFloor(f"{floor.line()}; nothing published ({OVERRIDE} publishes it all the same, e.g. "
                                 "into a scratch --serving-dir to study it)")
     return floor.to_dict()
+
+
+def checked_again(meta: Metadata, publish_below_floor: bool, log=print) -> dict | None:
+    """`checked` for a version published again with the same model and threshold (--add-gate): on the check its
+    source recorded, or for a source from before the floor on its recorded figures (QA: a version published below the
+    floor into a scratch folder went, with --add-gate, into the live one without a word)."""
+    recorded = QualityFloor.from_dict(meta.quality_floor) if meta.quality_floor else None
+    return checked(recorded or measured(meta.site_calibration, meta.test_metrics), publish_below_floor, log)

@@ -16,7 +16,7 @@ from export.calibrate import MIN_PER_CLASS, CalibrationError, calibrate, list_la
 from export.card import model_card
 from export.faithfulness import faithfulness
 from export.metadata import chosen_on
-from export.publish_floor import checked
+from export.publish_floor import checked, checked_again
 from export.triton import triton_config
 from xray_core import gate, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
@@ -195,10 +195,11 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
 
 
 def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version: int | None = None, command: str = "",
-             training_dir: str | None = None, log=print) -> str:
+             training_dir: str | None = None, log=print, publish_below_floor: bool = False) -> str:
     def edit(meta: Metadata, staging: str) -> Metadata:
         source = dict(meta.source or {}, republish_command=command)
-        return with_gate(dataclasses.replace(meta, source=source), staging, training_dir, log)
+        floor = checked_again(meta, publish_below_floor, log)  # before the gate's fit: a refusal costs nothing
+        return with_gate(dataclasses.replace(meta, source=source, quality_floor=floor), staging, training_dir, log)
 
     return republish(source_dir, serving_dir, name, edit, version, log)
 

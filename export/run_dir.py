@@ -6,7 +6,8 @@ import csv
 import json
 import os
 
-from train.data import read_split_digests
+from train.data import DataError, find_examples, read_split_digests
+from xray_core.errors import one_line
 from xray_core.files import content_key
 
 
@@ -14,7 +15,8 @@ class ExportInputError(ValueError):
     """Bad export input (exit 2); the message is one line."""
 
 
-METRICS_KEYS = ("preprocessing", "chosen_threshold", "target_recall")  # what export reads of a model's metrics.json
+# what export reads of a model's metrics.json (QA: one without test_at_chosen failed with a KeyError after conversion)
+METRICS_KEYS = ("preprocessing", "chosen_threshold", "target_recall", "val_roc_auc", "test_at_0.5", "test_at_chosen")
 
 
 def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
@@ -56,18 +58,47 @@ def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
     return name, metrics, comparison, run_info
 
 
-def changed_since_training(run_dir: str) -> None:
+def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=print) -> None:
     """ExportInputError (exit 2, before any work) when an image of the run's split.csv is missing or no longer holds
-    the content train recorded for it: the parity images, the drift reference (validation split) and the input gate
-    (training split) would be computed from other images than the model was trained and validated on. Runs from
-    before split.csv recorded contents (2026-12-03) are not checked."""
+    the content train recorded for it, or when its data folder holds images the run did not find (added since): the
+    parity images, the drift reference (validation split), the input gate (training split) and the training split's
+    digest would come from other images than the model was trained and validated on. Runs from before split.csv
+    recorded contents (2026-12-02) are not checked, and said so."""
     try:
         recorded = read_split_digests(os.path.join(run_dir, "split.csv"))
     except (OSError, csv.Error) as exc:
-        raise ExportInputError(f"{run_dir}/split.csv cannot be read: {exc}") from None
-    changed = [path for path, digest in recorded.items() if content_key(path) != digest]
-    if changed:
-        raise ExportInputError(f"{len(changed)} of {len(recorded)} images of {run_dir}/split.csv are missing or have "
-                               f"changed since the run trained (first: {changed[0]}): its drift reference and input "
-                               "gate would be built from other images; export from the data the run trained on, or "
-                               "train again; nothing published")
+        raise ExportInputError(f"{run_dir}/split.csv cannot be read: {one_line(exc)}") from None
+    if not recorded:
+        log(f"{run_dir}/split.csv records no image contents (a run from before 2026-12-02): its images are not "
+            "checked against what it trained on")
+        return
+    missing = [path for path in recorded if not os.path.lexists(path)]
+    changed = [path for path, digest in recorded.items() if path not in missing and content_key(path) != digest]
+    if missing or changed:
+        moved = " (the data moved, or is mounted elsewhere?)" if len(missing) == len(recorded) else ""
+        first = (changed or missing)[0]
+        raise ExportInputError(f"{len(missing)} missing and {len(changed)} changed of the {len(recorded)} images of "
+                               f"{run_dir}/split.csv since the run trained{moved} (first: {first!r}): its drift "
+                               "reference and input gate would be built from other images; export from the data the "
+                               "run trained on, or train again; nothing published")
+    added = added_images(run_info, comparison, set(recorded))
+    if added:
+        raise ExportInputError(f"{len(added)} images in {run_info['data_dir']} were added since the run trained "
+                               f"(first: {added[0]!r}): the training split's digest would count them, and a later "
+                               "--add-gate --training-dir fit the gate on them; export from the data the run trained "
+                               "on, or train again; nothing published")
+
+
+def added_images(run_info: dict, comparison: dict, listed: set[str]) -> list[str]:
+    """Images train's folder rule finds in the run's data folder now that it neither split nor skipped; [] for a run on
+    a subset (--limit-per-class: the folder holds more by design) or a folder that cannot be listed (the checks of the
+    listed images have said what is missing)."""
+    data_dir = run_info.get("data_dir")
+    if not data_dir or (run_info.get("args") or {}).get("limit_per_class"):
+        return []
+    skipped = {row.get("path") for row in comparison.get("skipped_images") or [] if isinstance(row, dict)}
+    try:
+        found = find_examples(data_dir)
+    except (DataError, OSError):
+        return []
+    return [e.path for e in found if e.path not in listed and e.path not in skipped]

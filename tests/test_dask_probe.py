@@ -154,8 +154,10 @@ def test_a_scheduler_that_lets_tasks_wait_for_a_worker_for_good_is_named(setting
     from distributed import LocalCluster
 
     make_tree(str(tmp_path / "in"), per_class=2, size=48, seed=1)
-    with dask.config.set({dask_probe.NO_WORKERS_TIMEOUT: setting}), \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with dask.config.set({dask_probe.NO_WORKERS_TIMEOUT: setting}):  # the scheduler reads it as it starts
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, dask.config.set({dask_probe.NO_WORKERS_TIMEOUT: None if setting else "10m"}):  # here: the opposite
+        # (review: the probe read the config, not the timeout the scheduler applies)
         assert dask_probe.check_scheduler(cluster.scheduler_address, timeout=10).waits_for_good is (setting is None)
         assert main(["--input", str(tmp_path / "in"), "--model", tiny_package, "--output", str(tmp_path / "out"),
                      "--heatmaps", "0", "--runner", "DaskRunner",

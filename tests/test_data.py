@@ -339,7 +339,7 @@ def test_split_csv_round_trip(tmp_path):
     assert rows[1] == ["/data/NORMAL/IM-0001-0001.jpeg", "NORMAL", "train", "IM-0001"]
     assert len(rows) == 4
     assert read_split_csv(path) == list(zip(examples, splits))
-    assert read_split_digests(path) == {}  # written without contents, as runs before 2026-12-03: nothing to check
+    assert read_split_digests(path) == {}  # written without contents, as runs before 2026-12-02: nothing to check
 
     write_split_csv(path, examples, splits, ["a" * 64, "b" * 64, "c" * 64])
     with open(path, newline="") as f:

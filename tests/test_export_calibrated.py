@@ -178,6 +178,21 @@ def test_calibrated_model_card_gives_site_numbers_first(calibrated):
     assert f"{'**Quality floor:**' if floor.met else '**Below the quality floor:**'} {floor.line()}." in card
 
 
+@pytest.mark.slow
+def test_a_calibration_sample_the_model_does_not_rank_is_refused_after_scoring(calibrated, tmp_path, capsys):
+    """The quality floor judged on the 2-fold estimate, once the sample is scored: exit 1, one line, and the staging
+    folder (converted model and all) removed with the folders made for it."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(calibrated["site"] / "NORMAL", swapped / "PNEUMONIA")
+    shutil.copytree(calibrated["site"] / "PNEUMONIA", swapped / "NORMAL")
+    serving = tmp_path / "serving"
+    rc = export_run(calibrated["run"], serving, "--model", "resnet_aug", "--calibrate-dir", str(swapped),
+                    "--target-recall", "0.9", floor=True)
+    assert_one_line_error(capsys, rc, "site calibration, 2-fold estimate: ROC AUC 0.", "below the quality floor",
+                          "nothing published", code=1)
+    assert not serving.exists()
+
+
 # ------------------------------------------------------------------- heatmaps
 
 

@@ -211,7 +211,7 @@ def write_split_csv(path: str | os.PathLike, examples: Sequence[Example], splits
     def write(f):
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split", "patient"] + ["sha256"] * (digests is not None))
-        for ex, split, content in zip(examples, splits, contents):
+        for ex, split, content in zip(examples, splits, contents, strict=True):
             writer.writerow([ex.path, ex.label, split, ex.patient, *content])
 
     atomic_write(str(path), write)

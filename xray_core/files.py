@@ -110,6 +110,24 @@ def hold_lock(folder: str) -> IO[str]:
     return f
 
 
+def held_by_a_process(folder: str) -> bool:
+    """Whether folder/LOCK_FILE is a regular file that a running process holds (a free, missing or odd one: False)."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken (and let go below): nobody holds it
+        except OSError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
 def take_abandoned_lock(folder: str) -> IO | None:
     """folder/LOCK_FILE, now flock'ed by this process, if no process holds it (its owner is gone);
     None if it is held, missing, or not a regular file. Close it when done with the folder."""

@@ -1,26 +1,27 @@
 """The quality floor: what a model version's estimate of new scans must reach for export to publish it.
 
 A published version becomes the batch job's default as soon as it is the newest of its folder, so a broken retrain
-(QA: a run on too little data, site ROC AUC 0.644) would have screened the next night. Export now refuses to
-publish a version below the floor unless told `--publish-below-floor`; metadata.json records the check
-(`quality_floor`), the model card says it, and the batch job warns at start when the version it scores is below.
+(QA: a run on too little data, site ROC AUC 0.644) would have screened the next night. Export refuses to publish a
+version below the floor unless told `--publish-below-floor` (with --run-dir, --recalibrate and --add-gate);
+metadata.json records the check (`quality_floor`), the model card says it, and the batch job warns at start, and says
+so in its reports and metrics.json, when the version it scores is below.
 
-The floor catches a broken model, not a weaker one (docs/export.md, "Quality floor"):
+The floor catches a broken model, not a weaker one (docs/export.md, "The quality floor"):
 
 * **ROC AUC >= 0.95.** The study's models, which this product replaced because they did not hold on new scans,
   scored 0.91-0.93 on the site sample; every model of the shift-robust recipe trained since scored 0.974-0.991, single
-  members included (train/EXPERIMENTS.md).
-  With the smallest calibration sample export accepts (30 images a class) a ROC AUC of 0.985 has a standard error of
-  about 0.016 (Hanley and McNeil): a good model reads below 0.95 about 1.5% of the time there; at the site
-  sample's size (117 and 196), 0.008.
+  members included (train/EXPERIMENTS.md). With the smallest calibration sample export accepts (30 images a class) a
+  ROC AUC of 0.985 has a standard error of about 0.016 (Hanley and McNeil): a good model reads below 0.95 about 1.5%
+  of the time there; at the site sample's size (117 and 196) the standard error is 0.008.
 * **Recall >= 0.90** at the version's threshold. The product is a screen: calibration targets recall 0.97 by
-  default, and a version whose threshold gives less than 0.90 on scans it was not chosen on is not one. A model
-  whose recall on new scans is really 0.97 reads below 0.90 in 1.2% of 30-scan samples, and practically never at
-  the site sample's 196.
+  default, and a version whose threshold gives less than 0.90 on scans it was not chosen on is not one. In the 2-fold
+  estimate each half's threshold is chosen on half the positives, so at 30 a class a good model (ROC AUC 0.985) reads
+  below 0.90 in about 3.5% of samples (2,000 simulated); at the site sample's size practically never.
 
-The figures judged are the calibration's 2-fold estimate (out of sample) when the version was calibrated on a labelled
-sample of new scans, else the internal test split at the validation threshold. The second comes from the training
-collection: it catches a broken run, not a model that fails on new scans.
+The figures judged, the first recorded of: the calibration's 2-fold estimate (out of sample) when the version was
+calibrated on a labelled sample of new scans; the training run's own site sample (`train --site-dir`) at the validation
+threshold; the internal test split at the validation threshold. The last comes from the training collection: it
+catches a broken run, not a model that fails on new scans.
 """
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ from dataclasses import dataclass
 MIN_ROC_AUC = 0.95
 MIN_RECALL = 0.90
 SITE = "site calibration, 2-fold estimate"
+RUN_SITE = "the training run's site sample, at the validation threshold"
 INTERNAL = "internal test split"
+OVERRIDDEN = "published with --publish-below-floor"
+BEFORE = "published before export had a quality floor (2026-12-02)"
 
 
 @dataclass(frozen=True)
 class QualityFloor:
     """One version's figures against the floor. `met` is derived from the figures, never read from a file."""
 
-    estimate: str  # SITE or INTERNAL: what the figures are
+    estimate: str  # SITE, RUN_SITE or INTERNAL: what the figures are
     roc_auc: float
     recall: float
     min_roc_auc: float = MIN_ROC_AUC
@@ -58,12 +62,18 @@ class QualityFloor:
 
     def line(self) -> str:
         """`<estimate>: ROC AUC 0.988, recall 0.980: above the quality floor (ROC AUC 0.95, recall 0.90)`, or what
-        misses it."""
+        misses it (export's lines)."""
         floor = f"ROC AUC {self.min_roc_auc:.2f}, recall {self.min_recall:.2f}"
         if self.met:
             return (f"{self.estimate}: ROC AUC {self.roc_auc:.3f}, recall {self.recall:.3f}: above the quality floor "
                     f"({floor})")
         return f"{self.estimate}: {', '.join(self.shortfalls)}: below the quality floor ({floor})"
+
+    def below(self, how: str) -> str:
+        """What a version below the floor is, in the words the job's log, reports and metrics.json and the model card
+        share: `<estimate>: ROC AUC 0.644 < 0.95 (floor: ROC AUC 0.95, recall 0.90); <how it was published>`."""
+        return (f"{self.estimate}: {', '.join(self.shortfalls)} (floor: ROC AUC {self.min_roc_auc:.2f}, recall "
+                f"{self.min_recall:.2f}); {how}")
 
     def to_dict(self) -> dict:
         """metadata.json's `quality_floor` (`met` for a reader; :meth:`from_dict` derives it again)."""
@@ -77,16 +87,29 @@ class QualityFloor:
                    float(data["min_recall"]))
 
 
-def measured(site_calibration: dict | None, test_metrics: dict | None) -> QualityFloor | None:
-    """The floor check of a version from its metadata's figures: the site calibration's 2-fold estimate where it
-    has one, else the internal test split at the validation threshold; None where neither is recorded as numbers."""
-    try:
-        if site_calibration and site_calibration.get("two_fold"):
-            est = site_calibration["two_fold"]
-            return QualityFloor(SITE, float(est["roc_auc"]), float(est["recall"]))
-        at = (test_metrics or {}).get("at_chosen")
-        if at:
-            return QualityFloor(INTERNAL, float(at["roc_auc"]), float(at["recall"]))
-    except (AttributeError, KeyError, TypeError, ValueError):  # figures recorded otherwise: nothing to judge
-        return None
+def measured(site_calibration: dict | None, test_metrics: dict | None,
+             run_site: dict | None = None) -> QualityFloor | None:
+    """The floor check of a version from its figures, the first recorded of: the site calibration's 2-fold estimate,
+    the training run's site sample at the validation threshold (metrics.json `site_at_chosen`), the internal test split
+    at the validation threshold; None where none is recorded as numbers."""
+    for estimate, figures in ((SITE, (site_calibration or {}).get("two_fold")), (RUN_SITE, run_site),
+                              (INTERNAL, (test_metrics or {}).get("at_chosen"))):
+        if figures:
+            try:
+                return QualityFloor(estimate, float(figures["roc_auc"]), float(figures["recall"]))
+            except (AttributeError, KeyError, TypeError, ValueError):  # recorded otherwise: nothing to judge
+                return None
     return None
+
+
+def below_floor(recorded: dict | None, site_calibration: dict | None, test_metrics: dict | None) -> str:
+    """A published version's :meth:`QualityFloor.below` text where it is below the floor, else "": judged on what export
+    recorded (`quality_floor`), or for a version published before the floor on its recorded figures."""
+    if recorded:
+        try:
+            floor = QualityFloor.from_dict(recorded)
+        except (KeyError, TypeError, ValueError):
+            return ""
+        return "" if floor.met else floor.below(OVERRIDDEN)
+    floor = measured(site_calibration, test_metrics)
+    return floor.below(BEFORE) if floor is not None and not floor.met else ""

@@ -11,7 +11,15 @@ import os
 import re
 from typing import Any
 
-from xray_core.files import hold_lock, make_folders, remove_abandoned, remove_dir, remove_folders, temp_dir_beside
+from xray_core.files import (
+    held_by_a_process,
+    hold_lock,
+    make_folders,
+    remove_abandoned,
+    remove_dir,
+    remove_folders,
+    temp_dir_beside,
+)
 from xray_core.package import PackageError
 
 PUBLISHED: list[str] = []  # the versions this process published: what export's last line says after a late signal
@@ -26,17 +34,13 @@ def staging_dir(final: str, serving_dir: str) -> str:
     :func:`release_staging`. Staging folders of exports that were killed (their lock free) are removed first.
     The serving and name folders this call makes are removed again by :func:`discard_staging` while empty: a
     refused export leaves nothing. PackageError (one line) when the serving folder cannot be written, or when a
-    live export is staging the same version (QA: the second of two exports to one name did all its work, then
-    failed as the first had published that version)."""
+    running export is staging the same version (:func:`refuse_live_staging`)."""
     made: list[str] = []
     staging = ""
     try:
         made = make_folders(os.path.dirname(final))
         remove_abandoned_staging(os.path.dirname(final))
-        busy = live_staging(final)
-        if busy:
-            raise PackageError(f"another export is publishing {final} (its staging folder {busy} is held by a "
-                               "running process): wait for it, or give another --version; nothing published")
+        refuse_live_staging(final)
         staging = temp_dir_beside(final)
         _staging_locks[staging] = hold_lock(staging)
         _made_for[staging] = made
@@ -49,12 +53,17 @@ def staging_dir(final: str, serving_dir: str) -> str:
         raise PackageError(f"cannot write to serving dir {serving_dir}: {exc.strerror}") from None
 
 
-def live_staging(final: str) -> str:
-    """The name of a staging folder of `final`'s version that a running export holds ('' if none): after
-    :func:`remove_abandoned_staging`, every staging folder left is held."""
+def refuse_live_staging(final: str) -> None:
+    """PackageError (one line) when a running export holds a staging folder of `final`'s version (QA: the second of
+    two exports to one name did all its work, then failed as the first had published that version). A staging folder
+    without a lock, or whose lock is free, does not count (review: a lockless leftover blocked the version for good)."""
+    name_dir = os.path.dirname(final)
     prefix = os.path.basename(final) + ".tmp-"
-    held = [e for e in sorted(os.listdir(os.path.dirname(final))) if STAGING.match(e) and e.startswith(prefix)]
-    return held[0] if held else ""
+    for entry in sorted(os.listdir(name_dir)) if os.path.isdir(name_dir) else []:
+        path = os.path.join(name_dir, entry)
+        if STAGING.match(entry) and entry.startswith(prefix) and not os.path.islink(path) and held_by_a_process(path):
+            raise PackageError(f"another export is publishing {final} (its staging folder {entry} is held by a "
+                               "running process): wait for it, or give another --version; nothing published")
 
 
 def remove_abandoned_staging(name_dir: str) -> None:
