@@ -94,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.calibrate_dir and args.target_recall is not None and args.target_recall < MIN_RECALL
             and not args.publish_below_floor):
         p.error(f"--target-recall {args.target_recall:g} is below the quality floor's recall ({MIN_RECALL:.2f}): a "
-                "version calibrated for it would be refused after all its work; give --publish-below-floor to publish "
-                "it all the same")
+                "version calibrated for it would usually be refused after all its work; give --publish-below-floor to "
+                "publish it all the same")
     if args.modalities is not None and not args.calibrate_dir:
         p.error("--modalities goes with --calibrate-dir")
     try:

@@ -5,7 +5,7 @@ import json
 
 from export.card_checks import drift_section, gate_section, heatmap_section
 from xray_core.package import INPUT_NAME, OUTPUT_NAME
-from xray_core.quality_floor import OVERRIDDEN, QualityFloor
+from xray_core.quality_floor import judged
 from xray_core.training_data import TrainingData
 
 _KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -50,10 +50,12 @@ def floor_note(meta: dict) -> str:
     """export's quality floor check as recorded ('' for versions published before it)."""
     if not meta.get("quality_floor"):
         return ""
-    floor = QualityFloor.from_dict(meta["quality_floor"])
+    floor, how = judged(meta["quality_floor"], meta.get("site_calibration"), meta.get("test_metrics"))
+    if floor is None:
+        return ""
     if floor.met:
         return f"**Quality floor:** {floor.line()}.\n"
-    return (f"**Below the quality floor:** {floor.below(OVERRIDDEN)}. The batch job warns each night it scores with "
+    return (f"**Below the quality floor:** {floor.below(how)}. The batch job warns each night it scores with "
             "this version.\n")
 
 

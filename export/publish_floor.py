@@ -3,7 +3,7 @@ user says `--publish-below-floor`; either way its check goes into metadata.json 
 from __future__ import annotations
 
 from xray_core.package import Metadata
-from xray_core.quality_floor import QualityFloor, measured
+from xray_core.quality_floor import QualityFloor, judged
 
 OVERRIDE = "--publish-below-floor"
 
@@ -32,5 +32,5 @@ def checked_again(meta: Metadata, publish_below_floor: bool, log=print) -> dict 
     """`checked` for a version published again with the same model and threshold (--add-gate): on the check its
     source recorded, or for a source from before the floor on its recorded figures (QA: a version published below the
     floor into a scratch folder went, with --add-gate, into the live one without a word)."""
-    recorded = QualityFloor.from_dict(meta.quality_floor) if meta.quality_floor else None
-    return checked(recorded or measured(meta.site_calibration, meta.test_metrics), publish_below_floor, log)
+    floor, _ = judged(meta.quality_floor, meta.site_calibration, meta.test_metrics)
+    return checked(floor, publish_below_floor, log)

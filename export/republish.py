@@ -196,9 +196,13 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
 
 def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version: int | None = None, command: str = "",
              training_dir: str | None = None, log=print, publish_below_floor: bool = False) -> str:
+    try:  # judged before anything is staged: a refusal costs nothing (its figures do not change with the gate)
+        floor = checked_again(load_metadata(source_dir), publish_below_floor, log)
+    except PackageError as exc:
+        raise RepublishError(f"{source_dir}: {exc}; nothing published") from None
+
     def edit(meta: Metadata, staging: str) -> Metadata:
         source = dict(meta.source or {}, republish_command=command)
-        floor = checked_again(meta, publish_below_floor, log)  # before the gate's fit: a refusal costs nothing
         return with_gate(dataclasses.replace(meta, source=source, quality_floor=floor), staging, training_dir, log)
 
     return republish(source_dir, serving_dir, name, edit, version, log)

@@ -73,7 +73,8 @@ def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=p
             "checked against what it trained on")
         return
     missing = [path for path in recorded if not os.path.lexists(path)]
-    changed = [path for path, digest in recorded.items() if path not in missing and content_key(path) != digest]
+    gone = set(missing)
+    changed = [path for path, digest in recorded.items() if path not in gone and content_key(path) != digest]
     if missing or changed:
         moved = " (the data moved, or is mounted elsewhere?)" if len(missing) == len(recorded) else ""
         first = (changed or missing)[0]

@@ -12,7 +12,7 @@ from batch_job.cli import main as job_main
 from batch_job.synthetic import make_tree
 from export.__main__ import main as export_main
 from helpers import assert_one_line_error, write_package
-from xray_core.quality_floor import INTERNAL, RUN_SITE, SITE, QualityFloor, measured
+from xray_core.quality_floor import INTERNAL, RUN_SITE, SITE, QualityFloor, below_floor, measured
 
 
 def test_a_model_above_both_figures_meets_the_floor():
@@ -186,3 +186,47 @@ def test_add_gate_takes_a_version_below_the_floor_only_when_told(override, tmp_p
     new = json.loads((live / "pneumonia" / "2" / "metadata.json").read_text())
     assert new["quality_floor"] == meta["quality_floor"]  # the source's check, carried with its model
     assert "**Below the quality floor:**" in (live / "pneumonia" / "2" / "MODEL_CARD.md").read_text()
+
+
+def test_a_record_edited_by_hand_is_judged_against_today_s_floor_or_on_the_figures():
+    """Review: a limit lowered in metadata.json passed --add-gate and silenced the job; a record that is not figures
+    raised in --add-gate and silenced the job too."""
+    lowered = dict(QualityFloor(SITE, 0.60, 0.97).to_dict(), min_roc_auc=0.5, met=True)
+    assert not QualityFloor.from_dict(lowered).met and QualityFloor.from_dict(lowered).min_roc_auc == 0.95
+    internal = {"at_chosen": {"roc_auc": 0.6, "recall": 0.97}}
+    for broken in ({"met": False}, dict(lowered, roc_auc="x"), dict(lowered, roc_auc=None),
+                   dict(lowered, roc_auc=float("inf")), dict(lowered, recall=True)):
+        assert below_floor(broken, None, internal).startswith("internal test split: ROC AUC 0.600 < 0.95")
+        assert below_floor(broken, None, internal).endswith("published before export had a quality floor (2026-12-02)")
+    assert below_floor(lowered, None, internal).endswith("; published with --publish-below-floor")
+    assert measured(None, internal, {"roc_auc": None, "recall": 0.9}).estimate == INTERNAL  # unusable: the next one
+    assert measured(None, internal, ["bad"]).estimate == INTERNAL
+
+
+def test_a_run_that_records_no_figures_at_its_threshold_is_refused(tmp_path, capsys):
+    run = _fake_run(str(tmp_path), 0.99, 0.96)
+    path = os.path.join(run, "cnn", "metrics.json")
+    with open(path) as f:
+        metrics = json.load(f)
+    metrics["test_at_chosen"] = {}
+    with open(path, "w") as f:
+        json.dump(metrics, f)
+    rc = export_main(["--run-dir", run, "--serving-dir", str(tmp_path / "serving")])
+    assert_one_line_error(capsys, rc, "records no ROC AUC and recall at the validation threshold (test_at_chosen): the "
+                          "quality floor cannot be judged")
+
+
+def test_an_export_of_the_version_another_is_staging_is_refused_before_tensorflow(tmp_path, capsys):
+    """Review: the check ran only as the staging folder was made, after TensorFlow had loaded the model."""
+    from xray_core.staging import discard_staging, staging_dir
+
+    run = _fake_run(str(tmp_path), 0.99, 0.96)
+    serving = tmp_path / "serving"
+    held = staging_dir(str(serving / "pneumonia" / "1"), str(serving))
+    try:
+        rc = export_main(["--run-dir", run, "--serving-dir", str(serving)])
+        assert_one_line_error(capsys, rc, "another export is publishing", "held by a running process")
+    finally:
+        discard_staging(held)
+    assert export_main(["--run-dir", run, "--serving-dir", str(serving)]) == 2
+    assert "model file not found" in capsys.readouterr().err  # the other export gone: on to the next step

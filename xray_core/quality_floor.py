@@ -82,34 +82,47 @@ class QualityFloor:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QualityFloor":
-        """The check as export recorded it, against the floor of that day."""
-        return cls(str(data["estimate"]), float(data["roc_auc"]), float(data["recall"]), float(data["min_roc_auc"]),
-                   float(data["min_recall"]))
+        """The check as export recorded it, judged against its day's floor or today's, whichever is higher (review: a
+        limit lowered by hand in metadata.json passed --add-gate and silenced the job). ValueError (or KeyError,
+        TypeError) for a record that is not figures."""
+        return cls(str(data["estimate"]), _figure(data["roc_auc"]), _figure(data["recall"]),
+                   max(_figure(data["min_roc_auc"]), MIN_ROC_AUC), max(_figure(data["min_recall"]), MIN_RECALL))
+
+
+def _figure(value) -> float:
+    """A recorded figure: a JSON number (NaN judged below anything), never a string, a boolean or an infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value in (float("inf"), float("-inf")):
+        raise ValueError(f"not a figure: {value!r}")
+    return float(value)
 
 
 def measured(site_calibration: dict | None, test_metrics: dict | None,
              run_site: dict | None = None) -> QualityFloor | None:
-    """The floor check of a version from its figures, the first recorded of: the site calibration's 2-fold estimate,
-    the training run's site sample at the validation threshold (metrics.json `site_at_chosen`), the internal test split
-    at the validation threshold; None where none is recorded as numbers."""
+    """The floor check of a version from its figures, the first recorded as numbers of: the site calibration's 2-fold
+    estimate, the training run's site sample at the validation threshold (metrics.json `site_at_chosen`), the internal
+    test split at the validation threshold; None where none is."""
     for estimate, figures in ((SITE, (site_calibration or {}).get("two_fold")), (RUN_SITE, run_site),
                               (INTERNAL, (test_metrics or {}).get("at_chosen"))):
-        if figures:
-            try:
-                return QualityFloor(estimate, float(figures["roc_auc"]), float(figures["recall"]))
-            except (AttributeError, KeyError, TypeError, ValueError):  # recorded otherwise: nothing to judge
-                return None
+        try:
+            return QualityFloor(estimate, _figure(figures["roc_auc"]), _figure(figures["recall"]))
+        except (AttributeError, KeyError, TypeError, ValueError):  # not recorded, or not as numbers: the next
+            continue
     return None
 
 
-def below_floor(recorded: dict | None, site_calibration: dict | None, test_metrics: dict | None) -> str:
-    """A published version's :meth:`QualityFloor.below` text where it is below the floor, else "": judged on what export
-    recorded (`quality_floor`), or for a version published before the floor on its recorded figures."""
+def judged(recorded: dict | None, site_calibration: dict | None, test_metrics: dict | None) -> tuple[
+        QualityFloor | None, str]:
+    """A published version's check and how it was published: what export recorded (`quality_floor`; OVERRIDDEN when
+    below), else, for a version from before the floor or whose record is not figures, its recorded figures (BEFORE)."""
     if recorded:
         try:
-            floor = QualityFloor.from_dict(recorded)
-        except (KeyError, TypeError, ValueError):
-            return ""
-        return "" if floor.met else floor.below(OVERRIDDEN)
-    floor = measured(site_calibration, test_metrics)
-    return floor.below(BEFORE) if floor is not None and not floor.met else ""
+            return QualityFloor.from_dict(recorded), OVERRIDDEN
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
+    return measured(site_calibration, test_metrics), BEFORE
+
+
+def below_floor(recorded: dict | None, site_calibration: dict | None, test_metrics: dict | None) -> str:
+    """A published version's :meth:`QualityFloor.below` text where it is below the floor, else "" (:func:`judged`)."""
+    floor, how = judged(recorded, site_calibration, test_metrics)
+    return floor.below(how) if floor is not None and not floor.met else ""
