@@ -9,6 +9,7 @@ def _drop(v: float) -> str:
     """A mean drop in P(pneumonia), 3 decimals; one that rounds to zero prints 0.000, never -0.000."""
     return f"{round(v, 3) + 0.0:.3f}"
 
+
 def _heatmap_parity(parity: dict | None) -> str:
     if not parity:
         return "Parity with Keras: not recorded."
