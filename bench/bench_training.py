@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from train import fit
-    from train.data import find_examples, labels_to_array, load_images, split_examples
+    from train.data import find_examples, labels_to_array, split_examples
+    from train.loading import load_images
     from train.models import build_cnn, keras, vgg19_parts
     from xray_core.preprocessing import PreprocessConfig
 

@@ -12,7 +12,8 @@ from export.metadata import build_metadata
 from export.publish_floor import checked
 from export.republish import publish_version, write_description
 from export.run_dir import ExportInputError, changed_since_training, read_run
-from train.data import load_images, read_split_csv
+from train.data import read_split_csv
+from train.loading import load_images
 from xray_core import reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.errors import one_line

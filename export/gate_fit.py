@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from train.data import DataError, find_examples, load_images
+from train.data import DataError, find_examples
+from train.loading import load_images
 from xray_core import gate, orientation, reference
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import content_key, sha256_file

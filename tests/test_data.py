@@ -18,7 +18,6 @@ from train.data import (
     Example,
     find_examples,
     limit_per_class,
-    load_images,
     other_folders,
     patient_id,
     read_split_csv,
@@ -26,6 +25,7 @@ from train.data import (
     split_examples,
     write_split_csv,
 )
+from train.loading import load_images
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 
 
@@ -397,7 +397,8 @@ def test_training_finds_and_decodes_dicom(tmp_path):
     """Training accepts .dcm like the batch job, through the same decoder."""
     from batch_job.synthetic import make_tree
     from dicom_factory import dicom_bytes
-    from train.data import find_examples, load_images
+    from train.data import find_examples
+    from train.loading import load_images
 
     make_tree(str(tmp_path), per_class=2, size=48, seed=0)
     pixels = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
@@ -492,7 +493,7 @@ def test_training_reads_dicom_of_the_modalities_it_is_given(tmp_path):
     it)."""
     from dicom_factory import dicom_bytes, xray_like
     from train.__main__ import parse_args
-    from train.data import load_images
+    from train.loading import load_images
     from xray_core.training_data import TrainingData
 
     paths = []
@@ -512,3 +513,39 @@ def test_training_reads_dicom_of_the_modalities_it_is_given(tmp_path):
     data = TrainingData.from_dict({"source": "x", "data_dir": "/d", "modalities": ["CR", "OT"]})
     assert data.modalities == ("CR", "OT") and TrainingData.from_dict(data.to_dict()) == data
     assert "modalities" not in TrainingData.from_dict({"source": "x", "data_dir": "/d"}).to_dict()  # shipped ones
+
+
+def test_decode_workers_die_with_the_process_that_started_them(tmp_path):
+    """QA: a training (or export) killed outright, by SIGKILL or the out-of-memory killer, left its decode worker
+    processes waiting for work for good. They now ask the kernel to kill them when their parent dies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from batch_job.synthetic import make_tree
+    from helpers import REPO
+
+    make_tree(str(tmp_path / "data"), per_class=200, size=48, seed=3)  # > 64 images: the parallel path
+    script = ("import sys, time\n"
+              "from train.data import find_examples\n"
+              "from train.loading import load_images\n"
+              "from xray_core.preprocessing import PreprocessConfig\n"
+              "paths = [e.path for e in find_examples(sys.argv[1])] * 50\n"
+              "load_images(paths, PreprocessConfig(image_size=32), workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 60
+    while time.time() < deadline and len([c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]) < 2:
+        time.sleep(0.05)
+    workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2, "the decode workers never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for orphan in alive:  # not left behind by a failing run of this test
+        orphan.kill()
+    assert not alive, [p.pid for p in alive]

@@ -60,7 +60,7 @@ def test_export_recalibrate_loads_no_tensorflow(tmp_path):
                 f"'--serving-dir', {str(tmp_path / 'serving')!r}])\n" + REPORT.format(forbidden=forbidden)
                 + "sys.exit(rc)\n")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert eval(proc.stdout.strip().splitlines()[-1]) == ["train", "train.data"]  # patients, no TensorFlow
+    assert eval(proc.stdout.strip().splitlines()[-1]) == ["train", "train.data", "train.loading"]  # no TensorFlow
     assert f"published {tmp_path / 'serving' / 'pneumonia' / '2'}" in proc.stdout
 
 

@@ -717,7 +717,8 @@ def test_a_fifo_in_a_calibration_or_training_folder_is_a_skipped_file_not_a_hang
     script = f"""
 import json
 from export.calibrate import calibrate
-from train.data import find_examples, load_images, refuse_site_images
+from train.data import find_examples, refuse_site_images
+from train.loading import load_images
 from xray_core.package import open_session
 from xray_core.preprocessing import PreprocessConfig
 site, _ = calibrate(open_session({os.path.join(tiny_package, "1", "model.onnx")!r}), {str(tmp_path / "cal")!r},

@@ -7,22 +7,20 @@ No TensorFlow here: the functions are pure and cheap to test.
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 import re
 import warnings
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from xray_core.dicom_header import DEFAULT_MODALITIES, DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
+from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
 from xray_core.files import atomic_write, sha256_file
 from xray_core.labels import CLASSES
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, read_model_input
+from xray_core.preprocessing import is_input_file
 
 SPLITS = ("train", "val", "test")
 
@@ -226,35 +224,6 @@ def read_split_digests(path: str | os.PathLike) -> dict[str, str]:
     """path -> the sha256 train recorded for it in split.csv ({} for a run from before that column)."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return {r["path"]: r["sha256"] for r in csv.DictReader(f) if r.get("sha256")}
-
-
-def _load_one(args):
-    path, config, modalities = args
-    try:
-        return read_model_input(path, config, modalities), None
-    except ImageError as exc:
-        return None, str(exc)
-
-
-def load_images(
-    paths: Sequence[str], config: PreprocessConfig, workers: int | None = None,
-    modalities: Sequence[str] = DEFAULT_MODALITIES,
-) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Read images as the batch job does with `--modalities` (read_model_input), in parallel -> (array (n_ok, S, S,
-    1), ok indices, [(path, error)]): an error for each that cannot be decoded or that the job leaves out of scope."""
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, config, tuple(modalities)) for p in paths]
-    if workers > 1 and len(paths) > 64:
-        # spawn, not fork: the caller may already run TensorFlow's threads
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_load_one, jobs, chunksize=64))
-    else:
-        results = [_load_one(j) for j in jobs]
-    ok = [i for i, (arr, _) in enumerate(results) if arr is not None]
-    failed = [(paths[i], err) for i, (arr, err) in enumerate(results) if arr is None]
-    size = config.image_size
-    images = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 1), np.float32)
-    return images, ok, failed
 
 
 def labels_to_array(labels: Iterable[str]) -> np.ndarray:

@@ -27,13 +27,13 @@ from train.data import (
     label_conflicts,
     labels_to_array,
     limit_per_class,
-    load_images,
     other_folders,
     refuse_site_images,
     split_examples,
     write_split_csv,
 )
 from train.distill import TeacherError, check_teacher_split
+from train.loading import load_images
 from train.models import WeightsError, resolve_vgg19_weights
 from train.validate import UsageError, validate
 from xray_core.files import (
