@@ -19,8 +19,10 @@ EXIT_CODES = """exit codes:
   0  published (or, with --verify, every check passed)
   1  --verify: a check failed; --run-dir: ONNX and Keras disagree (parity); --run-dir, --recalibrate, --add-gate:
      the model is below the quality floor (ROC AUC 0.95, recall 0.90; docs/export.md): nothing published
-  2  bad input (a missing or incomplete run, a --verify folder that is not there, a package that does not verify,
-     a calibration folder with too few images, a version that exists): one line on stderr, nothing published
+  2  bad input (a missing or incomplete run, a run whose images changed or were added since it trained, a --verify
+     folder that is not there, a package that does not verify, a calibration folder with too few images, a
+     --target-recall below the quality floor's recall, a version that exists or that another export is building):
+     one line on stderr, nothing published
   130  Ctrl-C; 143 SIGTERM (129 SIGHUP): the staging folder removed, nothing published (a staging folder left by an
        export killed outright, SIGKILL, is removed by the next export of that model name). One that arrives while the
        version is being published (renamed into place, config.pbtxt rewritten) waits for that: published, exit 0;

@@ -12,11 +12,12 @@ The floor catches a broken model, not a weaker one (docs/export.md, "The quality
   scored 0.91-0.93 on the site sample; every model of the shift-robust recipe trained since scored 0.974-0.991, single
   members included (train/EXPERIMENTS.md). With the smallest calibration sample export accepts (30 images a class) a
   ROC AUC of 0.985 has a standard error of about 0.016 (Hanley and McNeil): a good model reads below 0.95 about 1.5%
-  of the time there; at the site sample's size (117 and 196) the standard error is 0.008.
-* **Recall >= 0.90** at the version's threshold. The product is a screen: calibration targets recall 0.97 by
-  default, and a version whose threshold gives less than 0.90 on scans it was not chosen on is not one. In the 2-fold
-  estimate each half's threshold is chosen on half the positives, so at 30 a class a good model (ROC AUC 0.985) reads
-  below 0.90 in about 3.5% of samples (2,000 simulated); at the site sample's size practically never.
+  of the time there; at the site sample's size (196 and 117) the standard error is about 0.006.
+* **Recall >= 0.90** at the version's threshold. The product is a screen: the shipped versions' thresholds target recall
+  0.97 (train's default target 0.95), and a version whose threshold gives less than 0.90 on scans it was not chosen
+  on is not one. In the 2-fold estimate each half's threshold is chosen on half the positives, so at 30 a class a
+  good model (ROC AUC 0.985) reads below 0.90 in about 3.5% of samples (2,000 simulated); at the site sample's size
+  practically never.
 
 The figures judged, the first recorded of: the calibration's 2-fold estimate (out of sample) when the version was
 calibrated on a labelled sample of new scans; the training run's own site sample (`train --site-dir`) at the validation
