@@ -81,4 +81,3 @@ def load_model(model_arg: str | None, threshold_arg: float | None) -> Model:
                  None if threshold == meta.decision_threshold else meta.decision_threshold, meta.sha256,
                  TrainingData.from_dict(meta.training_data).population(), scoring_identity(meta),
                  below_floor(meta.quality_floor, meta.site_calibration, meta.test_metrics))
-

@@ -122,8 +122,7 @@ def dask_runner_with(beam_args: list[str], keep_client_errors: bool = False) -> 
     if dask.address or dask.scheduler_file:  # a cluster of the user's: it must answer, its workers import the job
         cluster = check_scheduler(dask.address, dask.scheduler_file, dask.timeout)  # (dask_probe.py)
         log = logging.getLogger("batch_job")
-        log.info("Dask scheduler answered; %d worker%s import%s the job", cluster.workers,
-                 "" if cluster.workers == 1 else "s", "s" if cluster.workers == 1 else "")
+        log.info("Dask scheduler answered; workers that import the job: %d", cluster.workers)
         if cluster.waits_for_good:
             log.warning("the Dask scheduler sets no no-workers-timeout: should every worker leave mid-night, the job "
                         "waits for good, holding the ledger's lock; start it with "

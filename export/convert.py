@@ -192,11 +192,11 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         except CalibrationError as exc:
             raise ExportInputError(str(exc)) from None
     else:  # judged on the internal test split before any work (with a sample: once it is scored, below)
-        judged = measured(None, {"at_chosen": metrics["test_at_chosen"]}, metrics.get("site_at_chosen"))
-        if judged is None:  # review: a test_at_chosen without figures skipped the floor
+        estimate = measured(None, {"at_chosen": metrics["test_at_chosen"]}, metrics.get("site_at_chosen"))
+        if estimate is None:  # review: a test_at_chosen without figures skipped the floor
             raise ExportInputError(f"{run_dir}/{arch}/metrics.json records no ROC AUC and recall at the validation "
                                    "threshold (test_at_chosen): the quality floor cannot be judged; nothing published")
-        floor = checked(judged, publish_below_floor, log)
+        floor = checked(estimate, publish_below_floor, log)
     try:
         final = new_version_dir(serving_dir, name, version)
         refuse_live_staging(final)  # before TensorFlow loads the model (staging_dir checks again)

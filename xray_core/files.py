@@ -112,20 +112,14 @@ def hold_lock(folder: str) -> IO[str]:
 
 def held_by_a_process(folder: str) -> bool:
     """Whether folder/LOCK_FILE is a regular file that a running process holds (a free, missing or odd one: False)."""
-    try:
-        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    path = os.path.join(folder, LOCK_FILE)
+    if os.path.islink(path) or not os.path.isfile(path):
         return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken (and let go below): nobody holds it
-        except OSError:
-            return True
-        return False
-    finally:
-        os.close(fd)
+    lock = take_abandoned_lock(folder)  # None: held (or gone this instant)
+    if lock is None:
+        return True
+    lock.close()
+    return False
 
 
 def take_abandoned_lock(folder: str) -> IO | None:
