@@ -147,13 +147,15 @@ def build_reference(run_dir: str, config: PreprocessConfig, export_model, sessio
     return {**reference.summary(path, ref, counts, len(val) - len(ok)), "embedding_parity_max_abs_diff": diff}
 
 
-def training_digest(data_dir: str | None, staging: str) -> str | None:
+def training_digest(data_dir: str | None, staging: str, verified: dict[str, str]) -> str | None:
     """The training split's digest as `--add-gate --training-dir` will compute it from the folder (gate_fit
-    split_digest), recorded in training_data; None where the folder cannot be listed."""
+    split_digest), recorded in training_data, from the contents changed_since_training verified (the rest read);
+    None where the folder cannot be listed."""
     if not data_dir or not os.path.isdir(data_dir):
         return None
     try:
-        return split_digest(training_paths(data_dir, os.path.join(staging, reference.SPLITS_FILE)), data_dir)
+        return split_digest(training_paths(data_dir, os.path.join(staging, reference.SPLITS_FILE)), data_dir,
+                            verified)
     except GateFitError:
         return None
 
@@ -202,7 +204,7 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
         refuse_live_staging(final)  # before TensorFlow loads the model (staging_dir checks again)
     except PackageError as exc:
         raise ExportInputError(str(exc)) from None
-    changed_since_training(run_dir, run_info, comparison, log)
+    verified = changed_since_training(run_dir, run_info, comparison, log)  # path -> sha256, read once
     version = int(os.path.basename(final))
     keras_model = load_keras(os.path.join(run_dir, arch, "model.keras"))
     export_model = with_heatmap(keras_model) or keras_model  # a `heatmap` output where the head allows one
@@ -260,7 +262,8 @@ def export(run_dir: str, serving_dir: str, name: str, model: str = "best", versi
                               dim=dim, ref=ref, gate=gate_spec,
                               heatmap_method=heatmap_method.to_dict() if hw else None, comparison=comparison,
                               quality_floor=floor,
-                              train_split_sha256=training_digest(run_info.get("data_dir"), staging) if ref else None)
+                              train_split_sha256=(training_digest(run_info.get("data_dir"), staging, verified)
+                                                  if ref else None))
         write_description(staging, meta)
         try:  # atomic publish: the version appears complete or not at all
             publish_version(staging, final)

@@ -44,12 +44,13 @@ def training_paths(training_dir: str, splits_file: str) -> list[str]:
     return [e.path for e in found if os.path.normpath(os.path.relpath(e.path, root)) not in listed]
 
 
-def split_digest(paths: list[str], training_dir: str) -> str:
+def split_digest(paths: list[str], training_dir: str, known: dict[str, str] | None = None) -> str:
     """sha256 over the training split's files as training_paths lists them: each one's path under training_dir and
-    its content's sha256. Recorded at export; `--add-gate --training-dir` refuses a folder whose digest differs (QA:
-    20 training images swapped for never-trained ones were fitted on: only their number was checked)."""
-    root = os.path.abspath(training_dir)
-    lines = sorted(f"{os.path.relpath(p, root)}\t{content_key(p)}" for p in paths)
+    its content's sha256 (`known`: contents already verified, path -> sha256, not read again). Recorded at export;
+    `--add-gate --training-dir` refuses a folder whose digest differs (QA: 20 training images swapped for
+    never-trained ones were fitted on: only their number was checked)."""
+    root, known = os.path.abspath(training_dir), known or {}
+    lines = sorted(f"{os.path.relpath(p, root)}\t{known.get(p) or content_key(p)}" for p in paths)
     return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 

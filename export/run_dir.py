@@ -58,12 +58,13 @@ def read_run(run_dir: str, model: str) -> tuple[str, dict, dict, dict]:
     return name, metrics, comparison, run_info
 
 
-def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=print) -> None:
+def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=print) -> dict[str, str]:
     """ExportInputError (exit 2, before any work) when an image of the run's split.csv is missing or no longer holds
     the content train recorded for it, or when its data folder holds images the run did not find (added since): the
     parity images, the drift reference (validation split), the input gate (training split) and the training split's
     digest would come from other images than the model was trained and validated on. Runs from before split.csv
-    recorded contents (2026-12-02) are not checked, and said so."""
+    recorded contents (2026-12-02) are not checked, and said so. -> the contents verified (path -> sha256; {} for
+    those runs)."""
     try:
         recorded = read_split_digests(os.path.join(run_dir, "split.csv"))
     except (OSError, csv.Error) as exc:
@@ -71,7 +72,7 @@ def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=p
     if not recorded:
         log(f"{run_dir}/split.csv records no image contents (a run from before 2026-12-02): its images are not "
             "checked against what it trained on")
-        return
+        return {}
     missing = [path for path in recorded if not os.path.lexists(path)]
     gone = set(missing)
     changed = [path for path, digest in recorded.items() if path not in gone and content_key(path) != digest]
@@ -88,6 +89,7 @@ def changed_since_training(run_dir: str, run_info: dict, comparison: dict, log=p
                                f"(first: {added[0]!r}): the training split's digest would count them, and a later "
                                "--add-gate --training-dir fit the gate on them; export from the data the run trained "
                                "on, or train again; nothing published")
+    return recorded
 
 
 def added_images(run_info: dict, comparison: dict, listed: set[str]) -> list[str]:

@@ -260,3 +260,21 @@ def test_a_training_split_image_now_out_of_scope_is_accounted_for_not_missing(pa
         json.dump(meta, f)
     assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
     assert read_json(serving / "pneumonia" / "3" / "metadata.json")["gate"]["rows"] == TRAIN_IMAGES
+
+
+def test_the_split_digest_takes_verified_contents_as_read(tmp_path):
+    """Export verifies the training images' recorded sha256 (export/run_dir.py), then computes the training split's
+    digest from those contents instead of reading every image again; the digest is the one a later
+    `--add-gate --training-dir` computes by reading them."""
+    from export.gate_fit import split_digest
+    from helpers import sha256_of
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / "NORMAL" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes([i]) * 10)
+        paths.append(str(path))
+    read = split_digest(paths, str(tmp_path))
+    assert split_digest(paths, str(tmp_path), {p: sha256_of(p) for p in paths[:2]}) == read
+    assert split_digest(paths, str(tmp_path), {paths[0]: "0" * 64}) != read  # the known contents are used as given
