@@ -48,10 +48,13 @@ class ParityError(RuntimeError):
 
 
 def load_keras(path: str):
-    from train.models import load_model
-
     if not os.path.isfile(path):
         raise ExportInputError(f"model file not found: {path}")
+    from train import tf_start
+
+    tf_start.start()  # TensorFlow's start-up lines held back: a refusal after it loads is still one line
+    from train.models import load_model
+
     try:
         return load_model(path)
     except Exception as exc:  # noqa: BLE001 - any load failure means a bad model file

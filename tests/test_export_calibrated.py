@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from train.__main__ import main as train_main
 from train.data import read_split_csv
 from xray_core.preprocessing import PreprocessConfig, preprocess_image
 from xray_core.quality_floor import OVERRIDDEN, SITE, QualityFloor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------ --calibrate-dir
 
@@ -192,6 +196,23 @@ def test_a_calibration_sample_the_model_does_not_rank_is_refused_after_scoring(c
                     "--target-recall", "0.9", floor=True)
     assert_one_line_error(capsys, rc, "site calibration, 2-fold estimate: ROC AUC 0.", "below the quality floor",
                           "nothing published", code=1)
+    assert not serving.exists()
+
+
+@pytest.mark.slow
+def test_the_command_refusing_after_tensorflow_loaded_prints_its_one_line_and_nothing_before(calibrated, tmp_path):
+    """As a user runs it, in its own process: TensorFlow's start-up lines (absl, oneDNN, CUDA; 7 of them before
+    2026-12-02) no longer come before the `error:` line (xray_core/native_stderr.py)."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(calibrated["site"] / "NORMAL", swapped / "PNEUMONIA")
+    shutil.copytree(calibrated["site"] / "PNEUMONIA", swapped / "NORMAL")
+    serving = tmp_path / "serving"
+    done = subprocess.run([sys.executable, "-m", "export", "--run-dir", str(calibrated["run"]), "--serving-dir",
+                           str(serving), "--model", "resnet_aug", "--calibrate-dir", str(swapped), "--target-recall",
+                           "0.9"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: site calibration"), done.stderr
+    assert "calibrated on 60 images" in done.stdout  # refused after TensorFlow loaded and the sample was scored
     assert not serving.exists()
 
 

@@ -145,7 +145,10 @@ def main(argv=None) -> int:
     previous = GATE.install() if threading.current_thread() is threading.main_thread() else {}
     code = 1
     try:
-        from train.run import InputError, run  # heavy imports (TensorFlow) only after argparse
+        from train import tf_start
+
+        tf_start.start()  # heavy imports (TensorFlow) only after argparse, their start-up lines held back
+        from train.run import InputError, run
 
         try:
             with private_umask():  # split.csv and the predictions name patients' files (and DICOM PatientIDs)
