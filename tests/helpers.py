@@ -152,7 +152,7 @@ def write_bad_inputs(folder: str) -> dict[str, str]:
 
     put("zero_bytes.jpeg", b"", "empty file")
     buf = _jpeg_bytes(64)
-    put("truncated.jpeg", buf[: len(buf) // 2], "decode failed")
+    put("truncated.jpeg", buf[: len(buf) // 2], "decode failed: image file cut short")
     put("text_file.jpg", b"this is not an image, just text\n", "not a decodable image")
     gif = _encode(Image.new("L", (64, 64), 100), "GIF")
     put("actually_gif.png", gif, "unsupported image format GIF")

@@ -34,8 +34,8 @@ def test_an_upright_layout_is_told_from_the_same_turned_180_degrees_on_images_it
     assert (check.probability(new[:, ::-1, :]) > orientation.LIMIT).all()  # flipped top to bottom
     assert (check.probability(new[:, :, ::-1]) <= orientation.LIMIT).all()  # mirrored: still upright
     p = float(check.probability(new[:1, ::-1, ::-1])[0])
-    assert check.reason(p) == (f"looks upside down (P {p:.2f}, from its layout): the model reads upright scans only; "
-                               "check how it was taken or exported")
+    assert check.reason(p) == (f"looks upside down or inverted (P {p:.2f}, from its layout): the model reads upright "
+                               "scans with bones bright only; check how it was taken or exported")
     assert check.reason(0.5) is None
 
 
@@ -79,7 +79,7 @@ def test_the_gate_gives_the_distance_reason_first_then_the_orientation():
     arrays = [images[0], images[1, ::-1, ::-1], images[2, ::-1, ::-1]]
     reasons = g.reasons(np.array([[0.0, 0.0], [0.0, 1.0], [5.0, 0.0]]), arrays)
     assert reasons[0] is None
-    assert reasons[1].startswith("looks upside down (P ")
+    assert reasons[1].startswith("looks upside down or inverted (P ")
     assert reasons[2].startswith("not like the chest X-rays the model knows (distance 5.0 > limit 3.0)")
     assert gate.Gate(np.zeros(2), np.eye(2), 3.0).reasons(np.zeros((2, 2)), arrays[1:]) == [None, None]
 

@@ -54,8 +54,8 @@ class Orientation:
     def reason(probability: float) -> str | None:
         """One line when the image is more likely upside down than upright, else None."""
         if probability > LIMIT:
-            return (f"{REASON} (P {probability:.2f}, from its layout): the model reads upright scans only; "
-                    "check how it was taken or exported")
+            return (f"{REASON} or inverted (P {probability:.2f}, from its layout): the model reads upright scans with "
+                    "bones bright only; check how it was taken or exported")
         return None
 
 

@@ -144,6 +144,10 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
+PILLOW_TRUNCATED = "image file is truncated"  # Pillow's words for a JPEG or PNG whose file ends inside its pixels
+CUT_SHORT = "image file cut short (it ends inside its image data: a transfer that stopped?)"
+
+
 def _read_or_refuse(source: Union[bytes, str, os.PathLike]) -> bytes:
     """The bytes, or ImageError (one line) for a file that cannot be read (xray_core/reading.py)."""
     return bytes(source) if isinstance(source, (bytes, bytearray)) else read_file(source)
@@ -162,6 +166,8 @@ def decode(source: Union[bytes, str, os.PathLike], config: PreprocessConfig) -> 
     except Image.UnidentifiedImageError:
         raise ImageError("not a decodable image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if str(exc).startswith(PILLOW_TRUNCATED):  # its "(17 bytes not processed)" read as what was cut (QA)
+            raise ImageError(f"decode failed: {CUT_SHORT}") from None
         raise ImageError(f"decode failed: {one_line(exc, 385)}") from None
 
 
