@@ -66,6 +66,15 @@ def test_write_figures_draws_the_histograms_and_the_trend(tmp_path):
         assert np.mean(shot.max(axis=2) - shot.min(axis=2) > 60) > 0.003  # coloured lines, bars, markers
 
 
+def test_on_the_trend_only_the_figure_over_its_limit_is_red():
+    """A run detected by its domain AUC: its PSI point, under PSI's limit, is not marked (QA read it as PSI's)."""
+    history = [point(0), {**point(1, detected=True), "domain_auc": 0.70, "psi": 0.074}, point(2, judged_=False),
+               {**point(3, detected=True), "domain_auc": 0.55, "psi": 0.31}]
+    auc, psi = drift_report._series(history, "domain_auc"), drift_report._series(history, "psi")
+    assert drift_report.over(auc, 0.6).tolist() == [False, True, False, False]
+    assert drift_report.over(psi, 0.2).tolist() == [False, False, False, True]
+
+
 def test_trend_works_with_one_run_and_with_no_judged_run(tmp_path):
     drift_report.trend_png(str(tmp_path / "one.png"), [point(0)], 0.6, 0.2)
     drift_report.trend_png(str(tmp_path / "gaps.png"), [point(0, judged_=False), point(1, judged_=False)], 0.6, 0.2)
@@ -243,3 +252,16 @@ def test_a_failed_drift_insert_rolls_back_the_whole_commit(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM scored").fetchone()[0] == 0
         assert conn.execute("SELECT run_id FROM runs").fetchall() == [("r1",)]
+
+
+def test_the_roc_figure_names_its_axes_in_the_reports_words(tmp_path, monkeypatch):
+    """Not scikit-learn's "(Positive label: 1)" (QA): recall and 1 - specificity, as the report's table says."""
+    from xray_core import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, **_: drawn.append(fig))
+    y = np.array([0, 0, 1, 1, 0, 1])
+    plots.roc_curve_png(y, np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9]), str(tmp_path / "roc.png"), "ROC", threshold=0.5)
+    ax = drawn[0].axes[0]
+    assert ax.get_xlabel() == "false positive rate (1 - specificity)"
+    assert ax.get_ylabel() == "true positive rate (recall)"

@@ -14,7 +14,7 @@ from PIL import Image
 from batch_job.cli import main
 from dicom_factory import dicom_bytes
 from export.republish import add_gate
-from helpers import read_predictions, write_package
+from helpers import parse, read_predictions, write_package
 
 
 def _like_the_reference(rng, mean):
@@ -110,6 +110,8 @@ def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_
     page = open(tmp_path / "night1" / "report.html", encoding="utf-8").read()  # each linked to its original (QA)
     assert all(f'href="../in/{name}"' in page for name in ("split.png", "blank.png", "photo.png", "slice.dcm"))
     assert page.index('href="../in/split.png"') < page.index('href="../in/blank.png"')  # in reading order
+    text = " ".join(parse(str(tmp_path / "night1" / "report.html"))[1].split())
+    assert "On this page: worklist, " in text and "out of scope, 4 not screened (each needs a read) · counts" in text
     logged = [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()]
     assert logged == [f"ledger {tmp_path / 'ledger.sqlite'}: 4 new images recorded, 4 out of scope"]  # audit: was "4"
     # the second night reads nothing new: the refused images are skipped like the scored ones

@@ -79,7 +79,10 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     heat = sorted(r["heatmap"] for r in read_heatmap_index(report_run) if r["heatmap"])
     assert len(heat) == 8
     assert sorted(srcs) == sorted(["histogram.png", "confusion.png", "roc.png"] + heat)
-    assert sorted(set(inside) - set(srcs)) == ["worklist.csv"]  # the tiles link their overlays
+    anchors = {ref for ref in inside if ref.startswith("#")}  # the contents line's, each to a part of this page
+    assert anchors == {"#worklist", "#out-of-scope", "#summary", "#drift", "#labels", "#errors"}
+    assert anchors <= {f"#{a['id']}" for tag, a in page.tags if "id" in a}
+    assert sorted(set(inside) - set(srcs) - anchors) == ["worklist.csv"]  # the tiles link their overlays
     flagged = sum(r["prediction"] == "PNEUMONIA" for r in read_predictions(report_run).values())
     # QA: the tiles, the most urgent reads, linked only their overlays, and out-of-scope and failed images nothing:
     # every flagged, out-of-scope and failed image the page names links its original now
@@ -88,6 +91,8 @@ def test_every_image_the_page_shows_exists_and_decodes(report_run):
     assert len(set(ref for ref in links if ref.startswith(".."))) == shown
     raw = open(os.path.join(report_run, "report.html"), encoding="utf-8").read()
     assert "<th>overlay</th>" not in raw  # the table's rows are past the 8 overlays: no empty column (QA)
+    name_style = re.search(r"\.tile \.name \{([^}]*)\}", raw).group(1)  # whole names: no ellipsis that made
+    assert "text-overflow" not in name_style and "nowrap" not in name_style  # ..._001.jpeg and ..._002.jpeg alike
     assert os.path.getsize(os.path.join(report_run, "report.html")) < 1_000_000
 
 
@@ -106,6 +111,11 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
                  f"{m['positive_count']} flagged PNEUMONIA", f"{m['positive_rate']:.1%} positive rate"):
         assert card in text, card
     assert f"Model {m['model']} · threshold {m['threshold']:.4f} · runner {m['runner']}" in text
+    oos = m["images_out_of_scope"]
+    oos_words = f"{oos} not screened (each needs a read)" if oos else "0"
+    assert (f"On this page: worklist, {m['positive_count']} flagged · out of scope, {oos_words} · counts · drift · "
+            f"against folder labels · errors, {m['images_failed']}"
+            in " ".join(text.split()))  # QA: 189 flagged rows put the out-of-scope section 4,000 px down
     rows = read_predictions(report_run)
     top = sorted((r for r in read_heatmap_index(report_run) if r["heatmap"]), key=lambda r: r["heatmap"])
     assert len(top) == 8 and [int(r["rank"]) for r in top] == list(range(1, 9))  # overlay names follow the rank

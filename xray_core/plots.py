@@ -50,6 +50,8 @@ def roc_curve_png(y_true, y_prob, path: str, name: str, title: str = "ROC curve"
     fig, ax = pyplot().subplots(figsize=(4.5, 4))
     RocCurveDisplay.from_predictions(y_true, y_prob, name=name, ax=ax)
     ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate (1 - specificity)")  # sklearn's: "(Positive label: 1)" (QA)
+    ax.set_ylabel("true positive rate (recall)")
     if threshold is not None:
         pred = y_prob >= threshold
         ax.plot(float(np.mean(pred[y_true == 0])), float(np.mean(pred[y_true == 1])), "o", color="red",
