@@ -27,7 +27,7 @@ runners (--runner):
   other names    passed to Beam as they are (e.g. DataflowRunner; not tested here)
 
 Beam pipeline options: every option the job does not define above is handed to Beam's PipelineOptions
-  untouched (e.g. --direct_num_workers=2, --dask_client_address=..., --temp_location=...); the job's own
+  untouched (e.g. --direct_num_workers=2, --temp_location=...; --dask_* with --runner DaskRunner); the job's own
   defaults go first, so an option you give wins. An argument that neither the job nor Beam knows (a misspelt
   option, a stray word) is refused: exit 2.
 
@@ -40,7 +40,8 @@ exit codes:
        missing or failing verification, OUT_DIR not empty (without --overwrite), holding a folder the user may
        not empty (when it is to be replaced), unwritable, overlapping an input or the model, an empty --output
        or --ledger, the working directory or holding it, a symbolic link, a mount point or a file, the ledger
-       unusable or in use, a URI input that cannot be listed, no image found with --fail-if-empty
+       unusable or in use, an input folder or URI that cannot be listed, an input that is neither a folder nor
+       a regular file (a FIFO, a device), no image found with --fail-if-empty
   3    OUT_DIR was published but the ledger commit failed: the next run rescores those images
   4    --fail-on-drift and drift detected: OUT_DIR published and the ledger committed all the same
   130  Ctrl-C (SIGINT): nothing published, the temporary folder removed, the ledger untouched
