@@ -18,6 +18,7 @@ import urllib.parse
 from batch_job import drift_report, figures
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
+from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
 from batch_job.worklist import Entry
 
@@ -29,6 +30,17 @@ CAPS = (500, 500)  # tiles, error rows shown at most (halved until the page fits
 MAX_FLAGGED_ROWS = 2000  # flagged images listed in the worklist table (the rest: worklist.csv)
 # an image two inputs reach (overlapping folders, a glob and a folder) is one row (listing.iter_images)
 PER_INPUT_NOTE = "An image that several inputs reach is listed and counted once, under the first of them."
+
+
+def new_name_note(c: Reconciliation) -> str:
+    """report.md's and report.html's sentence on the skipped images under a path new to the ledger ("" if none)."""
+    n = c.skipped_new_name
+    if not n:
+        return ""
+    return (f"{n} of the {c.skipped} skipped images came under a name new to the ledger: the same bytes as an image "
+            "an earlier night read under another path (a copy sent again, a file moved or renamed). They are not "
+            "scored again and are not on this worklist; their rows in the predictions CSVs (status skipped) name "
+            "that path in the error column.")
 OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
 
 
@@ -215,7 +227,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "rows_left": r.positive_count - after - len(rows),  # the worklist summary keeps only the first flagged rows
         "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r, out_dir),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
-        "errors": errors, "error_total": c.failed, "skipped": c.skipped,
+        "errors": errors, "error_total": c.failed, "skipped": c.skipped, "new_name_note": new_name_note(c),
     }
 
 

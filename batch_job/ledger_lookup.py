@@ -33,17 +33,21 @@ class Earlier:
     sha256: str
     probability: float | None
     reason: str = ""
+    path: str = ""  # the path the night that scored or refused them recorded
 
 
 def _earlier(conn, sha256: str, model: str, modalities: tuple[str, ...]) -> Earlier | None:
-    row = conn.execute("SELECT probability FROM scored WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
+    row = conn.execute("SELECT probability, path FROM scored WHERE sha256 = ? AND model = ?",
+                       (sha256, model)).fetchone()
     if row:
-        return Earlier(sha256, float(row[0]))
-    row = conn.execute("SELECT reason FROM out_of_scope WHERE sha256 = ? AND model = ?", (sha256, model)).fetchone()
+        return Earlier(sha256, float(row[0]), path=row[1])
+    row = conn.execute("SELECT reason, path FROM out_of_scope WHERE sha256 = ? AND model = ?",
+                       (sha256, model)).fetchone()
     if not row:
         return None
     named = modalities_named(row[0])  # a refusal by Modality holds only under the modalities it was decided under
-    return Earlier(sha256, None, row[0]) if named is None or named == frozenset(normalised(modalities)) else None
+    return Earlier(sha256, None, row[0], row[1]) if named is None or named == frozenset(normalised(modalities)) \
+        else None
 
 
 def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str,
@@ -56,6 +60,17 @@ def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], mod
     row = conn.execute("SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
                        (os.fsencode(file_path), *found)).fetchone()
     return _earlier(conn, row[0], model, modalities) if row else None
+
+
+def known_path(path: str, file_path: str, earlier: Earlier) -> bool:
+    """Worker side: has the ledger seen a file at `file_path` (table ``files``, or the path recorded with the bytes
+    `earlier` found: ledgers from before that table)? A skipped file whose path it has not is a new name for bytes
+    an earlier night read: a copy sent again, a file moved or renamed."""
+    if file_path == earlier.path:
+        return True
+    st = os.stat(path)
+    conn = _reader(path, st.st_dev, st.st_ino)
+    return conn.execute("SELECT 1 FROM files WHERE path = ?", (os.fsencode(file_path),)).fetchone() is not None
 
 
 def lookup(path: str, sha256: str, model: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batch_job.errors import ReconciliationError
+from batch_job.scoring import is_new_name
 from batch_job.shards import read_listing, read_shard, shard_name
 
 
@@ -30,6 +31,7 @@ class Reconciliation:
     probabilities: np.ndarray  # float64
     labels: list[str]  # their folder labels ("" where none)
     out_of_scope: int = 0  # refused by the input gate: no probability
+    skipped_new_name: int = 0  # of the skipped: under a path the ledger had not seen (scoring.is_new_name)
 
     @property
     def ok(self) -> bool:
@@ -45,7 +47,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     probs, labels = [], []
     per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}
                  for arg in inputs}  # all, even empty
-    found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = 0
+    found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = new_names = 0
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
         found += len(listed)
@@ -72,6 +74,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
             elif row["status"] == "skipped":  # scored on an earlier night: its figures were that night's
                 skipped += 1
                 counts["skipped"] += 1
+                new_names += is_new_name(row)
             elif row["status"] == "out_of_scope":
                 out_of_scope += 1
                 counts["out_of_scope"] += 1
@@ -82,7 +85,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
-                          np.asarray(probs, dtype=np.float64), labels, out_of_scope)
+                          np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names)
 
 
 def check(rec: Reconciliation) -> None:

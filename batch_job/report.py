@@ -71,6 +71,8 @@ def report_markdown(r: RunResult) -> str:
               for k, v in c.per_input.items()]
     if len(c.per_input) > 1:
         lines += ["", html_report.PER_INPUT_NOTE]
+    if c.skipped_new_name:
+        lines += ["", html_report.new_name_note(c)]
     counts, edges = r.probability_histogram()
     lines += ["", "## Probability histogram", "", "| bin | images |", "|---|---|"]
     lines += [f"| {lo:.1f}–{hi:.1f} | {n} |" for lo, hi, n in zip(edges, edges[1:], counts)]
@@ -92,8 +94,9 @@ def report_markdown(r: RunResult) -> str:
 def summary(r: RunResult, out: str) -> str:
     """The job's last lines on stdout."""
     c = r.counts
+    new_names = f", {c.skipped_new_name} of them under a name new to it" if c.skipped_new_name else ""
     line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.out_of_scope} out of scope, {c.skipped} "
-            "skipped as already in the ledger) "
+            f"skipped as already in the ledger{new_names}) "
             f"with {r.model} on {r.runner} in {r.wall_seconds:.1f}s ({r.images_per_second} images/s); "
             f"{r.positive_count} flagged PNEUMONIA (rate {_rate(r, 3)}, threshold {r.threshold_text()})")
     if r.labelled is not None:

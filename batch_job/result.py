@@ -104,7 +104,8 @@ class RunResult:
         hist, edges = self.probability_histogram()
         out = {
             "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
-            "images_skipped": c.skipped, "images_out_of_scope": c.out_of_scope,
+            "images_skipped": c.skipped, "images_skipped_new_name": c.skipped_new_name,
+            "images_out_of_scope": c.out_of_scope,
             "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,

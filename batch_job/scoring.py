@@ -166,10 +166,22 @@ def out_of_scope_row(path: str, label: str, spec: ScoringSpec, reason: str, sha2
                header=header)
 
 
-def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger_lookup.Earlier) -> Row:
-    """An image this model scored (its probability) or refused (its reason) on an earlier night."""
-    return make_row(path, label, spec, earlier.probability, error=earlier.reason, sha256=earlier.sha256,
-                    status="skipped")
+NEW_NAME = "a new name for bytes an earlier night read as"  # a skipped row's `error`, where its path is new
+
+
+def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger_lookup.Earlier,
+                new_name: bool = False) -> Row:
+    """An image this model scored (its probability) or refused (its reason) on an earlier night; under a path the
+    ledger has not seen (`new_name`), its `error` also names the path it was read under then."""
+    note = f"{NEW_NAME} {earlier.path}" if new_name else ""
+    return make_row(path, label, spec, earlier.probability, error="; ".join(filter(None, (earlier.reason, note))),
+                    sha256=earlier.sha256, status="skipped")
+
+
+def is_new_name(csv_row: dict) -> bool:
+    """A skipped row of a shard CSV whose path the ledger had not seen (skipped_row)."""
+    error = csv_row["error"]
+    return csv_row["status"] == "skipped" and (error.startswith(NEW_NAME) or f"; {NEW_NAME} " in error)
 
 
 @functools.lru_cache(maxsize=SESSIONS_KEPT)
@@ -211,7 +223,8 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                     digests[i] = hashlib.sha256(data).hexdigest()
                     earlier = ledger_lookup.lookup(spec.ledger_path, digests[i], spec.model_id, spec.allowed_modalities)
                     if earlier:
-                        out[i] = skipped_row(path, label, spec, earlier)
+                        new_name = not ledger_lookup.known_path(spec.ledger_path, path, earlier)
+                        out[i] = skipped_row(path, label, spec, earlier, new_name)
                         continue
                 loaded = load_input(data, config, spec.allowed_modalities)
                 headers[i] = loaded.header
