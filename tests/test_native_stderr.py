@@ -63,3 +63,14 @@ def test_tensorflow_starts_without_a_line_on_stderr():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("2.")
     assert done.stderr == ""
+
+
+def test_a_process_without_stderr_runs_the_block_as_it_is():
+    """Started with file descriptor 2 closed (some daemons are): the block runs, nothing is redirected."""
+    code = ("import os; from xray_core.native_stderr import held_back\n"
+            "with held_back():\n    print('inside')\n"
+            "print('after')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=False, stdout=subprocess.PIPE, text=True,
+                          timeout=60, cwd=ROOT, stderr=subprocess.DEVNULL, pass_fds=(), close_fds=True,
+                          preexec_fn=lambda: os.close(2))
+    assert (done.returncode, done.stdout) == (0, "inside\nafter\n")

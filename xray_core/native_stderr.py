@@ -13,13 +13,22 @@ import sys
 import tempfile
 
 
+def _flush() -> None:
+    if sys.stderr is not None:  # None in a process started without file descriptor 2
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def held_back():
     """While the block runs, whatever reaches file descriptor 2 (native code's and Python's writes alike) goes into
     a temporary file: dropped when the block ends normally, written to stderr when it raises an Exception (the lines
     may say why a library failed to load). Not for blocks that print what the user must see."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    _flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a daemon started with it closed): nothing to hold back
+        yield
+        return
     failed = False
     try:
         with tempfile.TemporaryFile() as held:
@@ -30,10 +39,12 @@ def held_back():
                 failed = True
                 raise
             finally:
-                sys.stderr.flush()
+                _flush()
                 os.dup2(saved, 2)
                 if failed:
                     held.seek(0)
-                    os.write(2, held.read())
+                    data = held.read()
+                    while data:  # a pipe may take part of it per call
+                        data = data[os.write(2, data):]
     finally:
         os.close(saved)
