@@ -54,16 +54,18 @@ def _series(history: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if h.get(key) is None or not h["judged"] else float(h[key]) for h in history])
 
 
-def over(values: np.ndarray, limit: float) -> np.ndarray:
-    """The runs whose figure is over its limit, red on that figure's panel (a run's drift is detected when either
-    is; the other figure of that run is not marked: QA read a red PSI under its limit as PSI's doing); a run not
-    judged (NaN) is not."""
-    return np.nan_to_num(values, nan=-np.inf) > limit
+def marked(values: np.ndarray, limit: float, detected: np.ndarray) -> np.ndarray:
+    """The runs red on a figure's panel: drift detected that night and this figure over the limit drawn (a run's
+    drift is detected when either figure is over its limit; QA read a red PSI under its limit as PSI's doing). The
+    ledger keeps no run's limits, so a run judged under other limits is marked only where both hold. A run not judged
+    (NaN) is not."""
+    return detected & (np.nan_to_num(values, nan=-np.inf) > limit)
 
 
-def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor: float) -> None:
+def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor: float,
+           detected: np.ndarray) -> None:
     ax.plot(x, values, "-o", color="steelblue", markersize=3.5, linewidth=1.2)
-    red = over(values, limit)
+    red = marked(values, limit, detected)
     ax.plot(x[red], values[red], "o", color="#b3261e", markersize=7, label="over the limit: drift detected")
     ax.axhline(limit, color="#b3261e", linestyle="--", linewidth=1, label="limit")
     ax.text(1.0, limit, f"{limit:.2f} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
@@ -80,13 +82,15 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor
 
 def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float) -> None:
     """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its limit;
-    a figure over its limit in red, runs not judged left as gaps."""
+    a run's figure in red where drift was detected that night and the figure is over its limit, runs not judged left
+    as gaps."""
     from matplotlib.ticker import MaxNLocator
 
     x = np.arange(1, len(history) + 1)
+    detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
     fig, (top, bottom) = pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
-    _panel(top, x, _series(history, "domain_auc"), auc_limit, "domain AUC", 0.45)
-    _panel(bottom, x, _series(history, "psi"), psi_limit, "PSI", 0.0)
+    _panel(top, x, _series(history, "domain_auc"), auc_limit, "domain AUC", 0.45, detected)
+    _panel(bottom, x, _series(history, "psi"), psi_limit, "PSI", 0.0, detected)
     bottom.set_xlim(0.5, len(history) + 0.5)
     if len(history) <= 10:
         bottom.set_xticks(x)

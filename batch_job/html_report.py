@@ -38,9 +38,10 @@ def new_name_note(c: Reconciliation) -> str:
     if not n:
         return ""
     return (f"{n} of the {c.skipped} skipped images came under a name new to the ledger: the same bytes as an image "
-            "an earlier night read under another path (a copy sent again, a file moved or renamed). They are not "
-            "scored again and are not on this worklist; their rows in the predictions CSVs (status skipped) name "
-            "that path in the error column.")
+            "an earlier night read under another path (a copy sent again, a file moved or renamed); "
+            f"{c.skipped_new_name_flagged} of them flagged PNEUMONIA at this threshold. They are not scored again and "
+            "are not on this worklist; their rows in the predictions CSVs (status skipped) name that path in the "
+            "error column.")
 OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
 
 

@@ -63,14 +63,16 @@ def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], mod
 
 
 def known_path(path: str, file_path: str, earlier: Earlier) -> bool:
-    """Worker side: has the ledger seen a file at `file_path` (table ``files``, or the path recorded with the bytes
-    `earlier` found: ledgers from before that table)? A skipped file whose path it has not is a new name for bytes
-    an earlier night read: a copy sent again, a file moved or renamed."""
+    """Worker side: has the ledger seen the bytes `earlier` found at `file_path` (table ``files``, or the path
+    recorded with those bytes: ledgers from before that table)? A skipped file for which it has not is a new name for
+    bytes an earlier night read: a copy sent again (also under a name once used for other bytes: exports that
+    recycle IM000001), a file moved or renamed."""
     if file_path == earlier.path:
         return True
     st = os.stat(path)
     conn = _reader(path, st.st_dev, st.st_ino)
-    return conn.execute("SELECT 1 FROM files WHERE path = ?", (os.fsencode(file_path),)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM files WHERE path = ? AND sha256 = ?",
+                        (os.fsencode(file_path), earlier.sha256)).fetchone() is not None
 
 
 def lookup(path: str, sha256: str, model: str, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> Earlier | None:

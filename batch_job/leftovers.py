@@ -113,6 +113,17 @@ def recorded(out: str, key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def recorded_count(out: str, key: str) -> int:
+    """What OUT_DIR's metrics.json records under `key` as a count, or 0 (none, or not a count)."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    value = m.get(key) if isinstance(m, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def orphaned(out: str, ledger: str) -> bool:
     """OUT_DIR was published by a job on this ledger that was killed before its ledger commit: the ledger holds that
     run's publishing row for this OUT_DIR (ledger.py), and OUT_DIR holds only what the job writes."""
@@ -150,12 +161,21 @@ def refuse_rerun(out: str, ledger: str, model: str) -> None:
             run_id = recorded(out, "run_id")
             night = next((r for r in rows if r[0] == run_id), None) or next(
                 (r for r in rows if os.path.realpath(r[1]) == os.path.realpath(out)), None)
-            if night is None or not seen_before(conn, night[0], model):
+            if night is None:
+                return
+            seen = seen_before(conn, night[0], model)
+            # a night that said which files came under new names: rerun, they are known names and it says none
+            new_names = recorded_count(out, "images_skipped_new_name") if night[3] == model else 0
+            if not (seen or new_names):
                 return
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # a new ledger: no night of it to lose
                 return
             raise
+    if night[3] == model and not seen:
+        raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
+                         f"{night[2]}), which said {new_names} files came under names new to the ledger: run again, "
+                         "they are known names and --overwrite would replace that note; give another --output")
     if night[3] == model:
         raise InputError(f"output dir {out} holds night {night[0]} of ledger {ledger} by {model} (committed "
                          f"{night[2]}): run again with this ledger and model, all its images would be skipped and "

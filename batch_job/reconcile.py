@@ -32,6 +32,7 @@ class Reconciliation:
     labels: list[str]  # their folder labels ("" where none)
     out_of_scope: int = 0  # refused by the input gate: no probability
     skipped_new_name: int = 0  # of the skipped: under a path the ledger had not seen (scoring.is_new_name)
+    skipped_new_name_flagged: int = 0  # of those, PNEUMONIA at this run's threshold
 
     @property
     def ok(self) -> bool:
@@ -48,6 +49,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}
                  for arg in inputs}  # all, even empty
     found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = new_names = 0
+    new_names_flagged = 0
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
         found += len(listed)
@@ -75,6 +77,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
                 skipped += 1
                 counts["skipped"] += 1
                 new_names += is_new_name(row)
+                new_names_flagged += is_new_name(row) and row["prediction"] == "PNEUMONIA"
             elif row["status"] == "out_of_scope":
                 out_of_scope += 1
                 counts["out_of_scope"] += 1
@@ -85,7 +88,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
-                          np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names)
+                          np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names, new_names_flagged)
 
 
 def check(rec: Reconciliation) -> None:

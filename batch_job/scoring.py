@@ -222,8 +222,8 @@ def score_paths(paths: list[str], spec: ScoringSpec, labels: list[str] | None = 
                 if spec.ledger_path:  # the ledger key; not needed otherwise
                     digests[i] = hashlib.sha256(data).hexdigest()
                     earlier = ledger_lookup.lookup(spec.ledger_path, digests[i], spec.model_id, spec.allowed_modalities)
-                    if earlier:
-                        new_name = not ledger_lookup.known_path(spec.ledger_path, path, earlier)
+                    if earlier:  # a URI: table files records local files only, so no new name is judged
+                        new_name = not is_uri(path) and not ledger_lookup.known_path(spec.ledger_path, path, earlier)
                         out[i] = skipped_row(path, label, spec, earlier, new_name)
                         continue
                 loaded = load_input(data, config, spec.allowed_modalities)

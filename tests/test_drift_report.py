@@ -67,12 +67,15 @@ def test_write_figures_draws_the_histograms_and_the_trend(tmp_path):
 
 
 def test_on_the_trend_only_the_figure_over_its_limit_is_red():
-    """A run detected by its domain AUC: its PSI point, under PSI's limit, is not marked (QA read it as PSI's)."""
+    """A run detected by its domain AUC: its PSI point, under PSI's limit, is not marked (QA read it as PSI's); a run
+    over tonight's limit that was not detected under its own night's limits is not marked either (review)."""
     history = [point(0), {**point(1, detected=True), "domain_auc": 0.70, "psi": 0.074}, point(2, judged_=False),
-               {**point(3, detected=True), "domain_auc": 0.55, "psi": 0.31}]
+               {**point(3, detected=True), "domain_auc": 0.55, "psi": 0.31},
+               {**point(4, detected=False), "domain_auc": 0.65, "psi": 0.05}]
+    detected = np.array([h["detected"] for h in history])
     auc, psi = drift_report._series(history, "domain_auc"), drift_report._series(history, "psi")
-    assert drift_report.over(auc, 0.6).tolist() == [False, True, False, False]
-    assert drift_report.over(psi, 0.2).tolist() == [False, False, False, True]
+    assert drift_report.marked(auc, 0.6, detected).tolist() == [False, True, False, False, False]
+    assert drift_report.marked(psi, 0.2, detected).tolist() == [False, False, False, True, False]
 
 
 def test_trend_works_with_one_run_and_with_no_judged_run(tmp_path):

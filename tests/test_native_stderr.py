@@ -1,76 +1,101 @@
-"""xray_core.native_stderr.held_back: what native code writes straight to file descriptor 2 while a library loads
-is dropped when the load succeeds and shown when it fails; stderr is the command's own again afterwards."""
+"""xray_core.native_stderr.dropped: the lines native code writes straight to file descriptor 2 while a library
+loads are dropped when they match the pattern, every other line still shows (also one printed as the process
+aborts), and stderr is the command's own again afterwards."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from xray_core.native_stderr import held_back
+from xray_core.native_stderr import dropped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = r"^I0000 .*cudart_stub\.cc"
 
 
-def test_lines_written_to_fd_2_during_a_block_that_succeeds_are_dropped(capfd):
-    with held_back():
-        os.write(2, b"I0000 cudart_stub.cc:31] Could not find cuda drivers\n")
+def test_matching_lines_are_dropped_and_the_others_pass(capfd):
+    with dropped(NOISE):
+        os.write(2, b"I0000 00:00:17.9 8713 cudart_stub.cc:31] Could not find cuda drivers\n")
+        os.write(2, b"W0000 a warning the user should see\n")
     os.write(2, b"after\n")
-    assert capfd.readouterr().err == "after\n"
+    assert capfd.readouterr().err == "W0000 a warning the user should see\nafter\n"
 
 
-def test_in_a_process_pythons_own_writes_to_stderr_are_held_back_too():
-    """sys.stderr is file descriptor 2 in a command (pytest's capture replaces it, hence a process)."""
-    code = ("import sys; from xray_core.native_stderr import held_back\n"
-            "with held_back():\n    print('a deprecation warning', file=sys.stderr)\n"
-            "print('error: one line', file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert (done.returncode, done.stderr) == (0, "error: one line\n")
-
-
-def test_lines_written_during_a_block_that_fails_are_shown_before_the_error_propagates(capfd):
+def test_an_exception_in_the_block_propagates_after_the_lines_it_printed(capfd):
     with pytest.raises(ImportError, match="libcudnn"):
-        with held_back():
+        with dropped(NOISE):
             os.write(2, b"E0000 dso_loader: could not load libcudnn.so.9\n")
             raise ImportError("libcudnn.so.9: cannot open shared object file")
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "E0000 dso_loader: could not load libcudnn.so.9\nafter\n"
 
 
-def test_an_interrupt_during_the_block_drops_the_lines_and_still_propagates(capfd):
-    with pytest.raises(KeyboardInterrupt):
-        with held_back():
-            os.write(2, b"noise\n")
-            raise KeyboardInterrupt
-    assert capfd.readouterr().err == ""
+def test_other_threads_lines_pass_too(capfd):
+    """A process-wide redirection: what another thread writes meanwhile is not lost (review)."""
+    with dropped(NOISE):
+        t = threading.Thread(target=lambda: os.write(2, b"heartbeat\n"))
+        t.start()
+        t.join()
+    assert capfd.readouterr().err == "heartbeat\n"
 
 
-def test_no_descriptor_is_left_open():
-    before = set(os.listdir("/proc/self/fd"))
-    for _ in range(3):
-        with held_back():
-            os.write(2, b"x\n")
-    assert set(os.listdir("/proc/self/fd")) == before
+def _run(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_in_a_process_pythons_own_writes_to_stderr_are_filtered_too():
+    """sys.stderr is file descriptor 2 in a command (pytest's capture replaces it, hence a process)."""
+    done = _run("import sys; from xray_core.native_stderr import dropped\n"
+                f"with dropped({NOISE!r}):\n"
+                "    print('I0000 00:00:1.2 7 cudart_stub.cc:31] noise', file=sys.stderr)\n"
+                "    print('a deprecation warning', file=sys.stderr)\n"
+                "print('error: one line', file=sys.stderr)")
+    assert (done.returncode, done.stderr) == (0, "a deprecation warning\nerror: one line\n")
+
+
+def test_what_native_code_prints_as_it_aborts_the_process_still_arrives():
+    """A fatal check or a CPU without the library's instructions ends the process inside the block: the filter, a
+    process of its own, still passes the last line on (a temporary file the process held lost it: review)."""
+    done = _run("import os; from xray_core.native_stderr import dropped\n"
+                f"with dropped({NOISE!r}):\n"
+                "    os.write(2, b'I0000 00:00:1.2 7 cudart_stub.cc:31] noise\\n')\n"
+                "    os.write(2, b'F0000 00:00:1.3 7 port.cc:1] Check failed: AVX not available\\n')\n"
+                "    os.abort()")
+    assert done.returncode == -6
+    assert done.stderr == "F0000 00:00:1.3 7 port.cc:1] Check failed: AVX not available\n"
+
+
+def test_no_descriptor_or_process_is_left():
+    """In a process of its own: a test worker's other threads open and close descriptors meanwhile."""
+    done = _run("import os; from xray_core.native_stderr import dropped\n"
+                "before = sorted(os.listdir('/proc/self/fd'))\n"
+                "for _ in range(3):\n"
+                f"    with dropped({NOISE!r}):\n"
+                "        os.write(2, b'I0000 00:00:1.2 7 cudart_stub.cc:31] x\\n')\n"
+                "after = sorted(os.listdir('/proc/self/fd'))\n"
+                "children = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
+                "print(before == after, children)")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True []\n", "")
+
+
+def test_a_process_without_stderr_runs_the_block_as_it_is():
+    """Started with file descriptor 2 closed (some daemons are): the block runs, nothing is redirected."""
+    done = subprocess.run([sys.executable, "-c", "from xray_core.native_stderr import dropped\n"
+                           "with dropped('x'):\n    print('inside')\nprint('after')"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60, cwd=ROOT,
+                          preexec_fn=lambda: os.close(2))
+    assert (done.returncode, done.stdout) == (0, "inside\nafter\n")
 
 
 @pytest.mark.slow
 def test_tensorflow_starts_without_a_line_on_stderr():
     """train.tf_start.start() in a fresh process: TensorFlow 2.21 prints 7 lines there as it loads and looks for
-    devices (absl, oneDNN, CUDA) whatever TF_CPP_MIN_LOG_LEVEL says; held back, none reach the command's stderr."""
-    code = "from train import tf_start; tf_start.start(); import tensorflow as tf; print(tf.__version__)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    devices (absl, oneDNN, CUDA) whatever TF_CPP_MIN_LOG_LEVEL says; dropped, none reach the command's stderr."""
+    done = _run("from train import tf_start; tf_start.start(); import tensorflow as tf; print(tf.__version__)",
+                timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("2.")
     assert done.stderr == ""
-
-
-def test_a_process_without_stderr_runs_the_block_as_it_is():
-    """Started with file descriptor 2 closed (some daemons are): the block runs, nothing is redirected."""
-    code = ("import os; from xray_core.native_stderr import held_back\n"
-            "with held_back():\n    print('inside')\n"
-            "print('after')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=False, stdout=subprocess.PIPE, text=True,
-                          timeout=60, cwd=ROOT, stderr=subprocess.DEVNULL, pass_fds=(), close_fds=True,
-                          preexec_fn=lambda: os.close(2))
-    assert (done.returncode, done.stdout) == (0, "inside\nafter\n")

@@ -309,16 +309,29 @@ def test_bytes_read_on_an_earlier_night_under_a_new_name_are_said_and_named(runn
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_skipped"], m["images_skipped_new_name"]) == (23, 23, 2)
     assert "23 skipped as already in the ledger, 2 of them under a name new to it)" in out
+    assert first[top]["prediction"] == "PNEUMONIA"  # the resent one was flagged: the note says how many were
     note = ("2 of the 23 skipped images came under a name new to the ledger: the same bytes as an image an earlier "
-            "night read under another path")
+            "night read under another path (a copy sent again, a file moved or renamed); 1 of them flagged PNEUMONIA "
+            "at this threshold.")
     assert note in open(tmp_path / "night2" / "report.md").read()
     assert note in " ".join(parse(str(tmp_path / "night2" / "report.html"))[1].split())
     with open(tmp_path / "night2" / "worklist.csv", newline="") as f:
         assert list(csv.DictReader(f)) == []  # skipped: read before, not listed
+    # run again into its folder, the night would say no new name: refused like a night whose reading list it empties
+    assert main(base + ["--output", str(tmp_path / "night2"), "--overwrite"]) == 2
+    assert "which said 2 files came under names new to the ledger" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "night2" / "metrics.json"))["images_skipped_new_name"] == 2
     assert main(base + ["--output", str(tmp_path / "night3")]) == 0
     m = json.load(open(tmp_path / "night3" / "metrics.json"))
     assert (m["images_skipped"], m["images_skipped_new_name"]) == (23, 0)
     assert "under a name new" not in capsys.readouterr().out
+    # a name once used for other bytes (exports that recycle IM000001) now holding a scan read before (review)
+    other = next(p for p in sorted(first) if first[p]["status"] == "ok" and p not in (top, chmodded))
+    shutil.copyfile(top, other)
+    assert main(base + ["--output", str(tmp_path / "night4")]) == 0
+    rows = read_predictions(str(tmp_path / "night4"))
+    assert rows[other]["status"] == "skipped" and rows[other]["error"] == f"{NEW_NAME} {top}"
+    assert json.load(open(tmp_path / "night4" / "metrics.json"))["images_skipped_new_name"] == 1
 
 
 @pytest.mark.slow

@@ -144,8 +144,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
-PILLOW_TRUNCATED = "image file is truncated"  # Pillow's words for a JPEG or PNG whose file ends inside its pixels
-CUT_SHORT = "image file cut short (it ends inside its image data: a transfer that stopped?)"
+PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's: a file ending in its pixels, header
+CUT_SHORT = "image file cut short (the file ends before its image does: a transfer that stopped?)"
 
 
 def _read_or_refuse(source: Union[bytes, str, os.PathLike]) -> bytes:
