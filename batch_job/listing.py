@@ -141,30 +141,48 @@ def _part_regex(part: str) -> re.Pattern:
 UNLISTED_IGNORED = {"lost+found"}  # a file system's own folder, root's alone: never holds scans
 
 
+def hidden(name: str) -> bool:
+    """A name starting with a dot: a snapshot (`.snapshot`: copies of every scan), a trash folder, a file still
+    being transferred under a temporary name (`.tmp-scan.jpeg`, rsync's `.scan.jpeg.Ab12Cd`), a Mac's `._scan.jpeg`."""
+    return name.startswith(".")
+
+
 def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
           follow=lambda link: False) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops), but for those `follow` names,
     which are walked as folders of their own (their links not followed); folders `may_hold` says cannot hold inputs
-    are not entered. A folder that cannot be listed (permission denied) and could hold inputs is yielded itself: its
-    row says so (scoring.read_input), where skipping it would lose its images without a word."""
+    are not entered, nor are hidden folders, and hidden files are not listed (both counted and said: QA, a folder's
+    `.snapshot` doubled every count and listed each flagged scan twice). A folder that cannot be listed (permission
+    denied) and could hold inputs is yielded itself: its row says so (scoring.read_input), where skipping it would
+    lose its images without a word."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     links: list[str] = []  # followed after the walk: a file reached both ways is listed under its real folder
     passed: list[str] = []  # links not followed: said, never a silent quiet night (QA)
+    skipped: list[str] = []  # hidden folders and hidden image files: said as well
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
-        dirnames[:] = sorted(name for name in dirnames if may_hold(os.path.join(dirpath, name)))
+        skipped += [os.path.join(dirpath, name) for name in sorted(dirnames) if hidden(name)]
+        dirnames[:] = sorted(name for name in dirnames if not hidden(name) and may_hold(os.path.join(dirpath, name)))
         for link in (os.path.join(dirpath, name) for name in dirnames):
             if os.path.islink(link):
                 (links if follow(link) else passed).append(link)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if select(path) and is_input_file(path, unreadable=True):
+            if hidden(name):
+                if is_image_file(name) and not name.startswith("._") and select(path):  # not a Mac's metadata
+                    skipped.append(path)
+            elif select(path) and is_input_file(path, unreadable=True):
                 yield path
     yield from _folders(unlisted, may_hold)
     if passed:  # the input named as given; the links under it at DEBUG only: a folder's name may be a patient's (QA)
         LOG.warning("%d symbolic link(s) to folders under %s not followed (--log-level DEBUG names them): name them "
                     "as --input, or with a glob, to score what they hold", len(passed), root)
         LOG.debug("not followed: %s", ", ".join(passed))
+    if skipped:
+        LOG.warning("%d hidden folder(s) or image file(s) under %s not listed (a name starting with '.': snapshots, "
+                    "trash, files still being transferred; --log-level DEBUG names them): name one as --input to "
+                    "score it", len(skipped), root)
+        LOG.debug("hidden, not listed: %s", ", ".join(skipped))
     for link in links:
         yield from _walk(link, select, may_hold)
 

@@ -494,6 +494,39 @@ def test_a_glob_walks_linked_folders_it_matches_never_hidden_ones_and_only_what_
     assert "2025-01-01" not in entered and ".snapshot" not in entered
 
 
+def test_a_folder_input_lists_no_hidden_folder_or_file_and_says_how_many(tmp_path, caplog):
+    """QA: a folder input walked `.snapshot/hourly.0` (every scan again: counts doubled, each flagged scan twice on
+    the worklist) and scored `.tmp-X.jpeg`, a transfer's temporary name, under which the night's worklist named a
+    file gone by morning. Hidden names are left as a glob leaves them, and said; a hidden folder named as the input
+    is walked."""
+    import logging
+
+    from helpers import textured
+
+    root = tmp_path / "incoming"
+    for folder in (root / "NORMAL", root / ".snapshot" / "hourly.0" / "NORMAL", root / ".Trash-1000"):
+        folder.mkdir(parents=True)
+        textured((64, 64), 120).save(folder / "scan.png")
+    textured((64, 64), 120).save(root / "NORMAL" / ".tmp-next.png")
+    (root / "NORMAL" / "._scan.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a Mac's metadata: not said
+    (root / "NORMAL" / ".DS_Store").write_bytes(b"\x00" * 8)  # not an image: not said either
+    caplog.set_level(logging.DEBUG, logger="batch_job")
+    assert [os.path.relpath(p, root) for _, p in iter_images([str(root)])] == ["NORMAL/scan.png"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [f"3 hidden folder(s) or image file(s) under {root} not listed (a name starting with '.': "
+                    "snapshots, trash, files still being transferred; --log-level DEBUG names them): name one as "
+                    "--input to score it"]
+    named = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "hidden" in r.getMessage()]
+    assert named == [f"hidden, not listed: {root / '.Trash-1000'}, {root / '.snapshot'}, "
+                     f"{root / 'NORMAL' / '.tmp-next.png'}"]
+    caplog.clear()
+    snapshot = root / ".snapshot" / "hourly.0"
+    assert [os.path.relpath(p, snapshot) for _, p in iter_images([str(snapshot)])] == ["NORMAL/scan.png"]
+    assert [os.path.basename(p) for _, p in iter_images([str(root / "NORMAL" / ".tmp-next.png")])] == [
+        ".tmp-next.png"]  # a file the user names is always a row
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_a_file_named_as_input_is_a_row_whatever_its_extension(tmp_path, tiny_package, capsys):
     """QA: `--input scan.tif` (or .gif, .jpe) was `scored 0/0`, exit 0: a file the user named vanished without a row.
     Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is."""
