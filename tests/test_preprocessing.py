@@ -369,3 +369,15 @@ def test_a_file_cut_short_says_so_and_not_pillows_bytes_not_processed(fmt, kept)
         preprocess_image(data, PreprocessConfig(image_size=32))
     assert str(caught.value) == ("decode failed: image file cut short (the file ends before its image does: a "
                                  "transfer that stopped?)")
+
+
+@pytest.mark.parametrize("missing", [4, 12, 13])
+def test_a_png_without_its_end_chunk_is_cut_short_not_scored(missing):
+    """QA: a PNG still being written, only its last 4-13 bytes (the IEND chunk) missing, decodes in Pillow: it was
+    scored and recorded in the ledger, then scored again whole the next night, on two nights' worklists."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 160), dtype=np.uint8)).save(buf, "PNG")
+    whole = buf.getvalue()
+    assert preprocess_image(whole + b"trailing bytes", PreprocessConfig(image_size=32)).shape == (32, 32, 1)
+    with pytest.raises(ImageError, match="^decode failed: image file cut short"):
+        preprocess_image(whole[:-missing], PreprocessConfig(image_size=32))

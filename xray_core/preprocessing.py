@@ -123,6 +123,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     img = Image.open(io.BytesIO(data), formats=None)
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
+    if img.format == "PNG" and data.rfind(PNG_END) < 0:  # Pillow decodes the pixels it has and stops: a PNG still
+        raise ImageError(f"decode failed: {CUT_SHORT}")  # being written was scored whole, then again (QA)
     _check_size(img, config)
     jpeg = img.format in JPEG_FORMATS
     draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
@@ -145,6 +147,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's: a file ending in its pixels, header
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every PNG ends with (length 0, its fixed CRC)
 CUT_SHORT = "image file cut short (the file ends before its image does: a transfer that stopped?)"
 
 
