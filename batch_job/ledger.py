@@ -67,6 +67,10 @@ def check_usable(path: str) -> None:
             raise LedgerError(f"ledger {path} is not a batch job ledger: {problem}; name another --ledger")
         if not os.access(path, os.W_OK):  # also for root: a read-only mount, an immutable file
             raise LedgerError(f"ledger {path} is not writable: each run commits to it")
+        names = os.stat(path).st_nlink
+        if names > 1:  # the lock is a file beside the name: two nights through two names both ran (QA)
+            raise LedgerError(f"ledger {path} has {names} names (hard links): a job started under another name "
+                              "would not see this one's lock; keep one name and remove the others")
     try:
         fd = os.open(path + ".lock", os.O_RDWR)
     except FileNotFoundError:

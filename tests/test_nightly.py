@@ -476,6 +476,23 @@ def test_a_ledger_named_through_a_symlink_takes_the_same_lock(small_tree, tiny_p
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "link.sqlite.lock")
 
 
+def test_a_ledger_with_a_second_name_by_hard_link_is_refused(small_tree, tiny_package, tmp_path, capsys):
+    """QA: `ln ledger.sqlite other.sqlite`, then two nights, one under each name, 0.3 s apart: both ran (the lock is a
+    file beside the name), both scored and committed the same 318 images. Refused under either name, nothing made."""
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", small_tree, "--model", tiny_package, "--direct_running_mode=in_memory"]
+    assert main(base + ["--ledger", ledger, "--output", str(tmp_path / "night1")]) == 0
+    os.link(ledger, tmp_path / "other.sqlite")
+    for name in (ledger, str(tmp_path / "other.sqlite")):
+        capsys.readouterr()
+        assert main(base + ["--ledger", name, "--output", str(tmp_path / "night2")]) == 2
+        assert_one_line_error(capsys, 2, f"ledger {name} has 2 names (hard links): a job started under another "
+                                         "name would not see this one's lock; keep one name and remove the others")
+        assert not os.path.exists(tmp_path / "night2") and not os.path.exists(tmp_path / "other.sqlite.lock")
+    os.remove(tmp_path / "other.sqlite")
+    assert main(base + ["--ledger", ledger, "--output", str(tmp_path / "night2")]) == 0
+
+
 def test_a_new_ledger_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
     """QA defect: a new --ledger on a full disk left a half-made ledger.sqlite (some tables) and its lock, and said
     "is not a usable SQLite ledger: database or disk is full"."""
