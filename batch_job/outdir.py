@@ -11,6 +11,7 @@ LOCK_FILE, its lock free, and nothing but what the job writes there (batch_job/l
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -153,6 +154,8 @@ def refuse_existing(out: str, overwrite: bool) -> None:
         raise InputError(f"output dir {out} is not writable: {blocked} is not a writable folder")
 
 
+NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs)
+
 def prepare(out: str, overwrite: bool) -> str:
     """Refuse an OUT_DIR it cannot use (:func:`refuse_existing`); -> a new temp dir beside it, locked by this
     job. A refusal leaves no folder behind."""
@@ -168,6 +171,12 @@ def prepare(out: str, overwrite: bool) -> str:
             with contextlib.suppress(OSError):
                 os.rmdir(tmp)
         remove_folders(made)
+        name = os.fsencode(os.path.basename(os.path.abspath(out)))
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and len(name) <= NAME_MAX:
+            suffix = f".tmp-{os.getpid()}@{socket.gethostname()}-XXXXXXXX"  # temp_dir_beside's name (QA)
+            raise InputError(f"output dir name {os.path.basename(out)!r} is too long: the job's temporary folder "
+                             f"beside it adds {len(suffix)} characters ({suffix}) to a name the file system allows "
+                             f"{NAME_MAX} bytes of; give a shorter --output") from None
         if isinstance(exc, OSError):
             raise InputError(f"output dir {out} is not writable: {exc.strerror}") from None
         raise

@@ -1470,3 +1470,16 @@ def test_a_worker_failure_is_one_line_on_stderr(tmp_path, tiny_package):
     debug = job("DEBUG", "o2")
     assert debug.returncode == 1 and debug.stderr.count("Traceback (most recent call last)") >= 2
     assert sorted(os.listdir(tmp_path)) == ["in", "site"]
+
+
+def test_an_output_name_too_long_for_the_temporary_folder_says_so(tiny_package, tmp_path, capsys):
+    """QA: a legal 240-character OUT_DIR name was refused as "not writable: File name too long": the job's own
+    temporary folder beside it (`.tmp-PID@HOST-XXXXXXXX`) was what went past the file system's 255 bytes."""
+    from helpers import textured
+
+    textured((64, 64), 120).save(tmp_path / "scan.png")
+    out = tmp_path / ("n" * 240)
+    assert main(["--input", str(tmp_path / "scan.png"), "--model", tiny_package, "--output", str(out)]) == 2
+    assert_one_line_error(capsys, 2, f"output dir name '{'n' * 240}' is too long: the job's temporary folder beside "
+                                     "it adds", "give a shorter --output")
+    assert sorted(os.listdir(tmp_path)) == ["scan.png"]
