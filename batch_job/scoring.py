@@ -63,7 +63,7 @@ def _listing_error(folder: str) -> str:
     """Why a folder cannot be listed, as the system says it now."""
     try:
         with os.scandir(folder):
-            return "it can be now: rerun"
+            return "it can be listed now: its permissions changed, or it took a listed file's place since: rerun"
     except OSError as exc:
         return (exc.strerror or type(exc).__name__).lower()
 

@@ -1483,3 +1483,16 @@ def test_an_output_name_too_long_for_the_temporary_folder_says_so(tiny_package, 
     assert_one_line_error(capsys, 2, f"output dir name '{'n' * 240}' is too long: the job's temporary folder beside "
                                      "it adds", "give a shorter --output")
     assert sorted(os.listdir(tmp_path)) == ["scan.png"]
+
+
+def test_a_listed_file_replaced_by_a_folder_is_a_row_that_says_what_may_have_happened(tmp_path):
+    """QA: a file replaced by an empty folder between listing and scoring read "folder could not be listed (it can
+    be now: rerun)", of a folder that had never failed to list."""
+    from batch_job.scoring import read_input
+    from xray_core.preprocessing import ImageError
+
+    (tmp_path / "scan.png").mkdir()
+    with pytest.raises(ImageError) as caught:
+        read_input(str(tmp_path / "scan.png"))
+    assert str(caught.value) == ("folder could not be listed (it can be listed now: its permissions changed, or it "
+                                 "took a listed file's place since: rerun): the images in it were not scored")
