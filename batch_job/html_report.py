@@ -20,6 +20,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
+from batch_job.scoring import NEW_NAME, is_new_name
 from batch_job.worklist import Entry
 
 TEMPLATE = "report.html.j2"
@@ -43,6 +44,7 @@ def new_name_note(c: Reconciliation) -> str:
             "are not on this worklist; their rows in the predictions CSVs (status skipped) name that path in the "
             "error column.")
 OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
+NEW_NAMES_SHOWN = 50  # skipped images under names new to the ledger listed (the rest: the predictions CSVs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,17 +66,36 @@ def display(text: str, limit: int = MAX_TEXT) -> str:
     return shown if len(shown) <= limit else shown[:limit // 2 - 1] + "…" + shown[-(limit // 2):]
 
 
-def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
-    """The first `cap` error rows of the shard CSVs, in shard order."""
+def _first_rows(out_dir: str, shards, cap: int, keep) -> list[dict]:
+    """The first `cap` rows of the shard CSVs that `keep` keeps, in shard order."""
     rows: list[dict] = []
     for shard_id, _, _ in shards:
         if len(rows) >= cap:
             break
         for row in shard_files.read_shard(os.path.join(out_dir, shard_files.shard_name(shard_id))):
-            if row["status"] == "error" and len(rows) < cap:
-                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
-                             "href": file_link(row["path"], out_dir)})
+            if keep(row) and len(rows) < cap:
+                rows.append(row)
     return rows
+
+
+def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
+    """The first `cap` error rows of the shard CSVs, in shard order."""
+    return [{"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
+             "href": file_link(row["path"], out_dir)}
+            for row in _first_rows(out_dir, shards, cap, lambda row: row["status"] == "error")]
+
+
+def new_name_rows(out_dir: str, shards, c: Reconciliation, cap: int = NEW_NAMES_SHOWN) -> list[dict]:
+    """The first `cap` skipped rows under names new to the ledger (flagged ones first): the path, its probability and
+    prediction, and the path its bytes were read under (what follows NEW_NAME in the row's error)."""
+    if not c.skipped_new_name:
+        return []
+    rows = _first_rows(out_dir, shards, c.skipped_new_name, is_new_name)
+    rows.sort(key=lambda row: (row["prediction"] != "PNEUMONIA", row["path"]))
+    return [{"path": display(row["path"]), "href": file_link(row["path"], out_dir),
+             "probability": probability(float(row["probability"])) if row["probability"] else "",
+             "prediction": row["prediction"] or "out of scope",
+             "before": display(row["error"].rsplit(f"{NEW_NAME} ", 1)[-1])} for row in rows[:cap]]
 
 
 def map_limits(cells: str) -> str:
@@ -201,7 +222,8 @@ def out_of_scope_section(r: RunResult, out_dir: str) -> dict:
                       for rank, e in r.worklist.out_of_scope]}
 
 
-def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows_cap: int = MAX_FLAGGED_ROWS) -> dict:
+def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows_cap: int = MAX_FLAGGED_ROWS,
+            new_names: list[dict] = ()) -> dict:
     """Everything the template shows; every string from outside (paths, reasons) already through display()."""
     c = r.counts
     state = drift_state(r.drift)
@@ -229,6 +251,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "flagged_total": r.positive_count, "use": intended_use(r), "out_of_scope": out_of_scope_section(r, out_dir),
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped, "new_name_note": new_name_note(c),
+        "new_names": new_names, "new_names_total": c.skipped_new_name,
     }
 
 
@@ -241,8 +264,9 @@ def write_html(out_dir: str, result: RunResult, shards) -> int:
     tiles_cap, errors_cap = CAPS
     rows_cap = MAX_FLAGGED_ROWS
     errors = error_rows(out_dir, shards, errors_cap)
+    new_names = new_name_rows(out_dir, shards, result.counts)
     while True:
-        page = render(context(result, out_dir, errors[:errors_cap], tiles_cap, rows_cap)).encode("utf-8")
+        page = render(context(result, out_dir, errors[:errors_cap], tiles_cap, rows_cap, new_names)).encode("utf-8")
         if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0 and rows_cap == 0):
             break
         tiles_cap, errors_cap, rows_cap = tiles_cap // 2, errors_cap // 2, rows_cap // 2

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch_job import html_report
 from batch_job.cli import main
 from batch_job.ledger import Ledger, LedgerBusy
 from batch_job.listing import iter_images
@@ -314,7 +315,12 @@ def test_bytes_read_on_an_earlier_night_under_a_new_name_are_said_and_named(runn
             "night read under another path (a copy sent again, a file moved or renamed); 1 of them flagged PNEUMONIA "
             "at this threshold.")
     assert note in open(tmp_path / "night2" / "report.md").read()
-    assert note in " ".join(parse(str(tmp_path / "night2" / "report.html"))[1].split())
+    page, text = parse(str(tmp_path / "night2" / "report.html"))
+    assert note in " ".join(text.split())
+    table = " ".join(text[text.index("its bytes read before as"):].split())  # the flagged one first (review)
+    shown = html_report.probability(float(first[top]["probability"]))
+    assert table.startswith(f"its bytes read before as {resent} {shown} PNEUMONIA {top} "
+                            f"{blank_copy} out of scope {blank}")
     with open(tmp_path / "night2" / "worklist.csv", newline="") as f:
         assert list(csv.DictReader(f)) == []  # skipped: read before, not listed
     # run again into its folder, the night would say no new name: refused like a night whose reading list it empties
