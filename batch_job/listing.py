@@ -147,6 +147,12 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def hidden_input(path: str) -> bool:
+    """A hidden file the walk would have listed under another name: an image or DICOM file (xray_core's rule: not a
+    Mac's metadata), or a transfer's temporary copy of one (rsync's `.scan.jpeg.Ab12Cd`)."""
+    return is_input_file(path) or is_image_file(os.path.splitext(path)[0])
+
+
 def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
           follow=lambda link: False) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops), but for those `follow` names,
@@ -154,14 +160,16 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
     are not entered, nor are hidden folders, and hidden files are not listed (both counted and said: QA, a folder's
     `.snapshot` doubled every count and listed each flagged scan twice). A folder that cannot be listed (permission
     denied) and could hold inputs is yielded itself: its row says so (scoring.read_input), where skipping it would
-    lose its images without a word."""
+    lose its images without a word. Hidden names are counted where `select` takes them (in a glob's walk: inside a
+    folder the pattern matches, walked as a folder input is; not where the pattern itself would pass them by)."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     links: list[str] = []  # followed after the walk: a file reached both ways is listed under its real folder
     passed: list[str] = []  # links not followed: said, never a silent quiet night (QA)
     skipped: list[str] = []  # hidden folders and hidden image files: said as well
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
-        skipped += [os.path.join(dirpath, name) for name in sorted(dirnames) if hidden(name)]
+        skipped += [path for path in (os.path.join(dirpath, name) for name in sorted(dirnames) if hidden(name))
+                    if select(path)]
         dirnames[:] = sorted(name for name in dirnames if not hidden(name) and may_hold(os.path.join(dirpath, name)))
         for link in (os.path.join(dirpath, name) for name in dirnames):
             if os.path.islink(link):
@@ -169,7 +177,7 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if hidden(name):
-                if is_image_file(name) and not name.startswith("._") and select(path):  # not a Mac's metadata
+                if select(path) and hidden_input(path):
                     skipped.append(path)
             elif select(path) and is_input_file(path, unreadable=True):
                 yield path

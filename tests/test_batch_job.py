@@ -510,15 +510,25 @@ def test_a_folder_input_lists_no_hidden_folder_or_file_and_says_how_many(tmp_pat
     textured((64, 64), 120).save(root / "NORMAL" / ".tmp-next.png")
     (root / "NORMAL" / "._scan.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a Mac's metadata: not said
     (root / "NORMAL" / ".DS_Store").write_bytes(b"\x00" * 8)  # not an image: not said either
+    (root / "NORMAL" / ".IM000001").write_bytes(bytes(128) + b"DICM" + bytes(64))  # DICOM by content: said (QA)
+    textured((64, 64), 120).save(root / "NORMAL" / ".next.png.Ab12Cd", format="PNG")  # rsync's temporary name: said
     caplog.set_level(logging.DEBUG, logger="batch_job")
     assert [os.path.relpath(p, root) for _, p in iter_images([str(root)])] == ["NORMAL/scan.png"]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert said == [f"3 hidden folder(s) or image file(s) under {root} not listed (a name starting with '.': "
+    assert said == [f"5 hidden folder(s) or image file(s) under {root} not listed (a name starting with '.': "
                     "snapshots, trash, files still being transferred; --log-level DEBUG names them): name one as "
                     "--input to score it"]
     named = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "hidden" in r.getMessage()]
     assert named == [f"hidden, not listed: {root / '.Trash-1000'}, {root / '.snapshot'}, "
+                     f"{root / 'NORMAL' / '.IM000001'}, {root / 'NORMAL' / '.next.png.Ab12Cd'}, "
                      f"{root / 'NORMAL' / '.tmp-next.png'}"]
+    caplog.clear()  # a glob: hidden names inside the folders it matches are said, not those it passes by (QA)
+    assert [os.path.relpath(p, root) for _, p in iter_images([f"{root}/N*"])] == ["NORMAL/scan.png"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0].startswith(
+        "3 hidden folder(s) or image file(s)")
+    caplog.clear()
+    assert [os.path.relpath(p, root) for _, p in iter_images([f"{root}/*/*.png"])] == ["NORMAL/scan.png"]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     caplog.clear()
     snapshot = root / ".snapshot" / "hourly.0"
     assert [os.path.relpath(p, snapshot) for _, p in iter_images([str(snapshot)])] == ["NORMAL/scan.png"]

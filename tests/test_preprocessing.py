@@ -381,3 +381,20 @@ def test_a_png_without_its_end_chunk_is_cut_short_not_scored(missing):
     assert preprocess_image(whole + b"trailing bytes", PreprocessConfig(image_size=32)).shape == (32, 32, 1)
     with pytest.raises(ImageError, match="^decode failed: image file cut short"):
         preprocess_image(whole[:-missing], PreprocessConfig(image_size=32))
+
+
+def test_a_png_whose_iend_bytes_sit_in_a_text_chunk_and_whose_end_is_cut_is_cut_short():
+    """QA: the end check searched the whole file for IEND's 12 bytes, which a text chunk after IHDR can hold: a PNG
+    cut before its real end was scored. The chunks are walked instead."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", "\x00\x00\x00\x00IEND\xaeB`\x82")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 160), dtype=np.uint8)).save(buf, "PNG",
+                                                                                                pnginfo=info)
+    whole = buf.getvalue()
+    assert whole.find(b"\x00\x00\x00\x00IEND\xaeB`\x82") < len(whole) - 12  # the bytes are in the text chunk too
+    assert preprocess_image(whole, PreprocessConfig(image_size=32)).shape == (32, 32, 1)
+    with pytest.raises(ImageError, match="^decode failed: image file cut short"):
+        preprocess_image(whole[:-12], PreprocessConfig(image_size=32))

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import os
 import stat
+import struct
 import warnings
 from typing import Union
 
@@ -123,8 +124,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     img = Image.open(io.BytesIO(data), formats=None)
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {img.format}")
-    if img.format == "PNG" and data.rfind(PNG_END) < 0:  # Pillow decodes the pixels it has and stops: a PNG still
-        raise ImageError(f"decode failed: {CUT_SHORT}")  # being written was scored whole, then again (QA)
+    if img.format == "PNG" and not png_ends(data):  # Pillow decodes the pixels it has and stops: a PNG still being
+        raise ImageError(f"decode failed: {CUT_SHORT}")  # written was scored whole, then again (QA)
     _check_size(img, config)
     jpeg = img.format in JPEG_FORMATS
     draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
@@ -147,7 +148,18 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's: a file ending in its pixels, header
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every PNG ends with (length 0, its fixed CRC)
+def png_ends(data: bytes) -> bool:
+    """Whether a PNG's chunks run whole up to its IEND chunk (the end every PNG has): each chunk's length and type
+    read in turn, no chunk's data (a file's bytes that spell IEND elsewhere, in a text chunk, do not count: QA)."""
+    at = 8  # after the signature
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"IEND":
+            return at + 12 <= len(data)  # with its CRC
+        at += 12 + length  # length, type, data, CRC
+    return False
+
+
 CUT_SHORT = "image file cut short (the file ends before its image does: a transfer that stopped?)"
 
 
