@@ -62,11 +62,21 @@ def marked(values: np.ndarray, limit: float, detected: np.ndarray) -> np.ndarray
     return detected & (np.nan_to_num(values, nan=-np.inf) > limit)
 
 
+def detected_elsewhere(detected: np.ndarray, *marks: np.ndarray) -> np.ndarray:
+    """The runs whose drift was detected under their own night's limits but whose figures are all within the limits
+    drawn (other --drift-*-limit values tonight): ringed in red on both panels, so that no detection drops out of
+    the trend (QA)."""
+    return detected & ~np.logical_or.reduce(marks)
+
+
 def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor: float,
-           detected: np.ndarray) -> None:
+           red: np.ndarray, ringed: np.ndarray) -> None:
     ax.plot(x, values, "-o", color="steelblue", markersize=3.5, linewidth=1.2)
-    red = marked(values, limit, detected)
-    ax.plot(x[red], values[red], "o", color="#b3261e", markersize=7, label="over the limit: drift detected")
+    if red.any() or not ringed.any():  # the legend's entries: the marks drawn (at most two beside the title)
+        ax.plot(x[red], values[red], "o", color="#b3261e", markersize=7, label="over the limit: drift detected")
+    if ringed.any():
+        ax.plot(x[ringed], values[ringed], "o", markerfacecolor="none", markeredgecolor="#b3261e", markersize=8,
+                label="detected (other limits)")
     ax.axhline(limit, color="#b3261e", linestyle="--", linewidth=1, label="limit")
     ax.text(1.0, limit, f"{limit:.2f} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
             color="#b3261e", fontsize=7)
@@ -82,15 +92,18 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor
 
 def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float) -> None:
     """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its limit;
-    a run's figure in red where drift was detected that night and the figure is over its limit, runs not judged left
-    as gaps."""
+    a run's figure in red where drift was detected that night and the figure is over its limit, a run detected under
+    other limits ringed in red, runs not judged left as gaps."""
     from matplotlib.ticker import MaxNLocator
 
     x = np.arange(1, len(history) + 1)
     detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
+    auc, psi = _series(history, "domain_auc"), _series(history, "psi")
+    red_auc, red_psi = marked(auc, auc_limit, detected), marked(psi, psi_limit, detected)
+    ringed = detected_elsewhere(detected, red_auc, red_psi)
     fig, (top, bottom) = pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
-    _panel(top, x, _series(history, "domain_auc"), auc_limit, "domain AUC", 0.45, detected)
-    _panel(bottom, x, _series(history, "psi"), psi_limit, "PSI", 0.0, detected)
+    _panel(top, x, auc, auc_limit, "domain AUC", 0.45, red_auc, ringed)
+    _panel(bottom, x, psi, psi_limit, "PSI", 0.0, red_psi, ringed)
     bottom.set_xlim(0.5, len(history) + 0.5)
     if len(history) <= 10:
         bottom.set_xticks(x)

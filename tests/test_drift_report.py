@@ -76,6 +76,12 @@ def test_on_the_trend_only_the_figure_over_its_limit_is_red():
     auc, psi = drift_report._series(history, "domain_auc"), drift_report._series(history, "psi")
     assert drift_report.marked(auc, 0.6, detected).tolist() == [False, True, False, False, False]
     assert drift_report.marked(psi, 0.2, detected).tolist() == [False, False, False, True, False]
+    # tonight's limits 0.9 / 0.9 (QA): no figure over them, the two detected nights still show, ringed
+    red = drift_report.marked(auc, 0.9, detected), drift_report.marked(psi, 0.9, detected)
+    assert not np.logical_or(*red).any()
+    assert drift_report.detected_elsewhere(detected, *red).tolist() == [False, True, False, True, False]
+    assert drift_report.detected_elsewhere(detected, drift_report.marked(auc, 0.6, detected),
+                                           drift_report.marked(psi, 0.2, detected)).tolist() == [False] * 5
 
 
 def test_trend_works_with_one_run_and_with_no_judged_run(tmp_path):
