@@ -317,6 +317,8 @@ def test_bytes_read_on_an_earlier_night_under_a_new_name_are_said_and_named(runn
     assert note in open(tmp_path / "night2" / "report.md").read()
     page, text = parse(str(tmp_path / "night2" / "report.html"))
     assert note in " ".join(text.split())
+    assert "out of scope, 0 · under new names, 2 (1 flagged) · counts" in " ".join(text.split())
+    assert {"#new-names", "new-names"} <= {a.get("href") for _, a in page.tags} | {a.get("id") for _, a in page.tags}
     table = " ".join(text[text.index("its bytes read before as"):].split())  # the flagged one first (review)
     shown = html_report.probability(float(first[top]["probability"]))
     assert table.startswith(f"its bytes read before as {resent} {shown} PNEUMONIA {top} "
