@@ -49,12 +49,13 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
     where = f"--dask_client_address {address}" if address else f"--dask_scheduler_file {scheduler_file}"
     if not address and not os.path.isfile(scheduler_file):  # distributed would wait for it to appear, for good
         raise InputError(f"{where}: no such file; nothing scored")
+    # imported before the clock starts: a busy machine's 1-2 s of importing are not the scheduler's
+    from distributed import Client
+
     outcome: dict = {"stage": "connect"}
 
     def probe() -> None:
         try:
-            from distributed import Client
-
             client = Client(address, scheduler_file=scheduler_file, timeout=timeout, set_as_default=False)
         except BaseException as exc:  # noqa: BLE001 - whatever the other end sent: one line below
             outcome["connect"] = exc
