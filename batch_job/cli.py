@@ -11,7 +11,7 @@ from batch_job.errors import JobError, lost_workers, worker_lost
 from batch_job.pipeline import run
 from batch_job.report import summary
 from batch_job.shards import MAX_SHARD
-from xray_core.errors import one_line, stopped
+from xray_core.errors import middle_cut, one_line, stopped
 from xray_core.interrupts import GATE, Terminated
 from xray_core.package import PackageError
 
@@ -102,6 +102,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
+ERROR_CHARACTERS = 1000  # of the one error line: a longer one keeps its start and its end
+
+
 def fail(message: str, code: int) -> int:
     try:
         sys.stderr.write(f"error: {message}\n")  # one write: worker threads may be logging meanwhile
@@ -142,9 +145,9 @@ def main(argv=None, started: float | None = None) -> int:
             return fail(str(worker_lost(lost_workers[0])), 1)  # runner.execute says it with the worker's output
         return fail("interrupted; nothing published", 130)
     except JobError as exc:
-        return fail(one_line(exc, 1000), exc.exit_code)
+        return fail(middle_cut(one_line(exc, max(len(str(exc)), 300)), ERROR_CHARACTERS), exc.exit_code)
     except PackageError as exc:
-        return fail(one_line(exc, 1000), 2)
+        return fail(middle_cut(one_line(exc, max(len(str(exc)), 300)), ERROR_CHARACTERS), 2)
     except Exception as exc:  # noqa: BLE001 - a worker or runner failure: one line, details in the debug log
         LOG.debug("job failed", exc_info=True)
         interrupt = GATE.as_interrupt(exc)  # an interrupt an extension's C code turned into its own error

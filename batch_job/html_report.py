@@ -20,7 +20,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
-from batch_job.scoring import NEW_NAME, is_new_name
+from batch_job.scoring import is_new_name, read_before_as
 from batch_job.worklist import Entry
 
 TEMPLATE = "report.html.j2"
@@ -87,7 +87,7 @@ def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
 
 def new_name_rows(out_dir: str, shards, c: Reconciliation, cap: int = NEW_NAMES_SHOWN) -> list[dict]:
     """The first `cap` skipped rows under names new to the ledger (flagged ones first): the path, its probability and
-    prediction, and the path its bytes were read under (what follows NEW_NAME in the row's error)."""
+    prediction, and the path its bytes were read under."""
     if not c.skipped_new_name:
         return []
     rows = _first_rows(out_dir, shards, c.skipped_new_name, is_new_name)
@@ -95,7 +95,7 @@ def new_name_rows(out_dir: str, shards, c: Reconciliation, cap: int = NEW_NAMES_
     return [{"path": display(row["path"]), "href": file_link(row["path"], out_dir),
              "probability": probability(float(row["probability"])) if row["probability"] else "",
              "prediction": row["prediction"] or "out of scope",
-             "before": display(row["error"].rsplit(f"{NEW_NAME} ", 1)[-1])} for row in rows[:cap]]
+             "before": display(read_before_as(row))} for row in rows[:cap]]
 
 
 def map_limits(cells: str) -> str:

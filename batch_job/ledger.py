@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from batch_job.errors import InputError
-from batch_job.ledger_lookup import read_only
+from batch_job.ledger_lookup import printable, read_only
 from batch_job.ledger_schema import SCHEMA, damage, schema_problem, tables
 from xray_core.errors import one_line
 from xray_core.files import blocking_ancestor, make_folders
@@ -233,13 +233,13 @@ class Ledger:
                 conn.executemany(
                     "INSERT OR IGNORE INTO scored (sha256, model, probability, scored_utc, path, run_id) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    ((sha, model, prob, now, _printable(path), run_id) for sha, prob, path in entries),
+                    ((sha, model, prob, now, printable(path), run_id) for sha, prob, path in entries),
                 )
                 added = conn.total_changes - before
                 conn.executemany(  # REPLACE: a refusal judged again (other --modalities) keeps its newest reason
                     "INSERT OR REPLACE INTO out_of_scope (sha256, model, reason, scored_utc, path, run_id) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    ((sha, model, reason, now, _printable(path), run_id) for sha, reason, path in refused),
+                    ((sha, model, reason, now, printable(path), run_id) for sha, reason, path in refused),
                 )
                 conn.execute("DELETE FROM runs WHERE out_dir = ? AND images_new = ?", (out_dir, PUBLISHING))  # and
                 conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",  # a killed run's it replaced
@@ -284,7 +284,3 @@ def _owner_and_group_only(path: str) -> None:
                 LOG.warning("%s is readable or writable by others and could not be changed: %s", name,
                             exc.strerror)
 
-
-def _printable(path: str) -> str:
-    """File names that are not valid UTF-8 are stored with U+FFFD (the path column is informational)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

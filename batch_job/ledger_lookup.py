@@ -26,6 +26,11 @@ def _reader(path: str, device: int, inode: int) -> sqlite3.Connection:
     return read_only(path)
 
 
+def printable(path: str) -> str:
+    """A path as tables scored and out_of_scope store it: bytes that are not valid UTF-8 as U+FFFD (informational)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class Earlier:
     """What an earlier night recorded for these bytes and this model: a probability, or why it was out of scope."""
@@ -67,7 +72,7 @@ def known_path(path: str, file_path: str, earlier: Earlier) -> bool:
     recorded with those bytes: ledgers from before that table)? A skipped file for which it has not is a new name for
     bytes an earlier night read: a copy sent again (also under a name once used for other bytes: exports that
     recycle IM000001), a file moved or renamed."""
-    if file_path == earlier.path:
+    if printable(file_path) == earlier.path:  # as stored (review: a name not UTF-8 never matched)
         return True
     st = os.stat(path)
     conn = _reader(path, st.st_dev, st.st_ino)

@@ -157,19 +157,21 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
           follow=lambda link: False) -> Iterator[str]:
     """Recursive, sorted, streaming; symlinked folders are not followed (no loops), but for those `follow` names,
     which are walked as folders of their own (their links not followed); folders `may_hold` says cannot hold inputs
-    are not entered, nor are hidden folders, and hidden files are not listed (both counted and said: QA, a folder's
-    `.snapshot` doubled every count and listed each flagged scan twice). A folder that cannot be listed (permission
+    are not entered, nor are hidden folders, and hidden files are not listed (both counted and said, the folders at
+    INFO, image files as a WARNING: QA, a folder's `.snapshot` doubled every count and listed each flagged scan
+    twice; review, a `.git` beside the scans would have warned every night). A folder that cannot be listed (permission
     denied) and could hold inputs is yielded itself: its row says so (scoring.read_input), where skipping it would
     lose its images without a word. Hidden names are counted where `select` takes them (in a glob's walk: inside a
     folder the pattern matches, walked as a folder input is; not where the pattern itself would pass them by)."""
     unlisted: list[OSError] = []  # os.walk's errors, in the order it met them
     links: list[str] = []  # followed after the walk: a file reached both ways is listed under its real folder
     passed: list[str] = []  # links not followed: said, never a silent quiet night (QA)
-    skipped: list[str] = []  # hidden folders and hidden image files: said as well
+    folders_passed: list[str] = []  # hidden folders (`.snapshot`, `.git`, trash): said at INFO, not each night's alarm
+    files_passed: list[str] = []  # hidden image files (a transfer's temporary name): a WARNING
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _folders(unlisted, may_hold)
-        skipped += [path for path in (os.path.join(dirpath, name) for name in sorted(dirnames) if hidden(name))
-                    if select(path)]
+        folders_passed += [path for path in (os.path.join(dirpath, name) for name in sorted(dirnames) if hidden(name))
+                           if select(path)]
         dirnames[:] = sorted(name for name in dirnames if not hidden(name) and may_hold(os.path.join(dirpath, name)))
         for link in (os.path.join(dirpath, name) for name in dirnames):
             if os.path.islink(link):
@@ -178,7 +180,7 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
             path = os.path.join(dirpath, name)
             if hidden(name):
                 if select(path) and hidden_input(path):
-                    skipped.append(path)
+                    files_passed.append(path)
             elif select(path) and is_input_file(path, unreadable=True):
                 yield path
     yield from _folders(unlisted, may_hold)
@@ -186,11 +188,15 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
         LOG.warning("%d symbolic link(s) to folders under %s not followed (--log-level DEBUG names them): name them "
                     "as --input, or with a glob, to score what they hold", len(passed), root)
         LOG.debug("not followed: %s", ", ".join(passed))
-    if skipped:
-        LOG.warning("%d hidden folder(s) or image file(s) under %s not listed (a name starting with '.': snapshots, "
-                    "trash, files still being transferred; --log-level DEBUG names them): name one as --input to "
-                    "score it", len(skipped), root)
-        LOG.debug("hidden, not listed: %s", ", ".join(skipped))
+    if folders_passed:
+        LOG.info("%d hidden folder(s) under %s not entered (a name starting with '.': snapshots, trash; --log-level "
+                 "DEBUG names them): name one as --input to score what it holds", len(folders_passed), root)
+        LOG.debug("hidden folders, not entered: %s", ", ".join(folders_passed))
+    if files_passed:
+        LOG.warning("%d hidden image file(s) under %s not listed (a name starting with '.': files still being "
+                    "transferred; --log-level DEBUG names them): name one as --input to score it", len(files_passed),
+                    root)
+        LOG.debug("hidden image files, not listed: %s", ", ".join(files_passed))
     for link in links:
         yield from _walk(link, select, may_hold)
 

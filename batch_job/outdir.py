@@ -156,6 +156,7 @@ def refuse_existing(out: str, overwrite: bool) -> None:
 
 NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs)
 
+
 def prepare(out: str, overwrite: bool) -> str:
     """Refuse an OUT_DIR it cannot use (:func:`refuse_existing`); -> a new temp dir beside it, locked by this
     job. A refusal leaves no folder behind."""
@@ -171,9 +172,9 @@ def prepare(out: str, overwrite: bool) -> str:
             with contextlib.suppress(OSError):
                 os.rmdir(tmp)
         remove_folders(made)
-        name = os.fsencode(os.path.basename(os.path.abspath(out)))
-        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and len(name) <= NAME_MAX:
-            suffix = f".tmp-{os.getpid()}@{socket.gethostname()}-XXXXXXXX"  # temp_dir_beside's name (QA)
+        name = len(os.fsencode(os.path.basename(os.path.abspath(out))))
+        suffix = f".tmp-{os.getpid()}@{socket.gethostname()}-XXXXXXXX"  # temp_dir_beside's name (QA)
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and name <= NAME_MAX < name + len(suffix):
             raise InputError(f"output dir name {os.path.basename(out)!r} is too long: the job's temporary folder "
                              f"beside it adds {len(suffix)} characters ({suffix}) to a name the file system allows "
                              f"{NAME_MAX} bytes of; give a shorter --output") from None

@@ -184,6 +184,11 @@ def is_new_name(csv_row: dict) -> bool:
     return csv_row["status"] == "skipped" and (error.startswith(NEW_NAME) or f"; {NEW_NAME} " in error)
 
 
+def read_before_as(csv_row: dict) -> str:
+    """The path a new name's bytes were read under before, as its row's `error` names it (is_new_name rows)."""
+    return csv_row["error"].rsplit(f"{NEW_NAME} ", 1)[-1]
+
+
 @functools.lru_cache(maxsize=SESSIONS_KEPT)
 def _gate(reference_path: str, mtime_ns: int, spec: gate.GateSpec) -> Gate:
     return gate.package_gate(spec, os.path.dirname(reference_path), lambda: reference.load(reference_path).embeddings)

@@ -52,7 +52,7 @@ def load_keras(path: str):
         raise ExportInputError(f"model file not found: {path}")
     from train import tf_start
 
-    tf_start.start()  # TensorFlow's start-up lines held back: a refusal after it loads is still one line
+    tf_start.start()  # TensorFlow's start-up lines dropped: a refusal after it loads is still one line
     from train.models import load_model
 
     try:

@@ -99,3 +99,19 @@ def test_tensorflow_starts_without_a_line_on_stderr():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("2.")
     assert done.stderr == ""
+
+
+def test_a_signal_to_the_commands_group_does_not_reach_the_filter():
+    """Review: Ctrl-C reaches a terminal's whole process group; the filter, until it ignored SIGINT a few ms into
+    its start, would have died of it with a traceback and taken the block's later lines with it. It runs in a
+    session of its own."""
+    code = ("import os, signal, time; from xray_core.native_stderr import dropped\n"
+            "signal.signal(signal.SIGINT, lambda *args: None)  # the command's own handler\n"
+            f"with dropped({NOISE!r}):\n"
+            "    os.killpg(0, signal.SIGINT)\n"
+            "    time.sleep(0.3)\n"
+            "    os.write(2, b'after the signal\\n')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          start_new_session=True)
+    assert (done.returncode, done.stderr) == (0, "after the signal\n")
+

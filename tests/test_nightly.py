@@ -1134,3 +1134,12 @@ def test_overwriting_a_night_this_ledger_committed_is_refused_not_emptied(small_
     rescored = read_predictions(fresh)
     assert {r["model"] for r in rescored.values()} == {"pneumonia/1"} and len(rescored) == 6
     assert main(args[:4] + ["--output", out, "--overwrite", "--direct_running_mode=in_memory"]) == 0  # no ledger
+
+
+def test_a_name_that_is_not_utf8_is_known_as_an_old_ledger_stored_it():
+    """Review: tables scored and out_of_scope store a path with U+FFFD for bytes that are not UTF-8, so before table
+    files such a name never matched and was called new once."""
+    from batch_job.ledger_lookup import Earlier, known_path, printable
+
+    name = os.fsdecode(b"/data/caf\xe9.png")
+    assert known_path("/unused.sqlite", name, Earlier("ab" * 32, 0.9, path=printable(name)))

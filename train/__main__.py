@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     try:
         from train import tf_start
 
-        tf_start.start()  # heavy imports (TensorFlow) only after argparse, their start-up lines held back
+        tf_start.start()  # heavy imports (TensorFlow) only after argparse, their start-up lines dropped
         from train.run import InputError, run
 
         try:

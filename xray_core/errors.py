@@ -22,6 +22,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return (" ".join(lines) or type(exc).__name__)[:limit]
 
 
+def middle_cut(text: str, limit: int) -> str:
+    """`text` at most `limit` characters, its middle cut out: a message's end (its reason) stays, also after a path
+    thousands of characters long (review: "output dir /tmp/q…q" lost "File name too long")."""
+    if len(text) <= limit:
+        return text
+    return text[:limit // 2 - 1] + "…" + text[-(limit // 2):]
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, systemd, Kubernetes, kill), or SIGHUP (the terminal of a run by hand closed: an ssh
     session that dropped): handled as Ctrl-C (a KeyboardInterrupt to everything between), exit 128 + the signal's

@@ -20,7 +20,7 @@ import sys
 FILTER = """\
 import re, signal, sys
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)  # a signal to the command's group is the command's; this ends at end of input
+    signal.signal(s, signal.SIG_IGN)  # its own session (the terminal's Ctrl-C is not its); it ends at end of input
 noise = re.compile(sys.argv[1].encode())
 out = sys.stderr.buffer
 for line in sys.stdin.buffer:
@@ -50,7 +50,8 @@ def dropped(noise: str):
     try:
         try:
             filt = subprocess.Popen([sys.executable, "-I", "-S", "-c", FILTER, noise], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=saved)
+                                    stdout=subprocess.DEVNULL, stderr=saved,
+                                    start_new_session=True)  # a signal to the command's group is not the filter's
         except OSError:
             yield
             return

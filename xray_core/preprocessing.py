@@ -147,7 +147,9 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
-PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's: a file ending in its pixels, header
+PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's words: a file ends in its pixels
+
+
 def png_ends(data: bytes) -> bool:
     """Whether a PNG's chunks run whole up to its IEND chunk (the end every PNG has): each chunk's length and type
     read in turn, no chunk's data (a file's bytes that spell IEND elsewhere, in a text chunk, do not count: QA)."""
