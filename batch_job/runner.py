@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -22,8 +23,10 @@ from batch_job.dask_probe import check_scheduler
 from batch_job.errors import InputError, SchedulerLost, lost_workers, worker_lost
 from batch_job.quiet_stderr import quiet_worker_threads
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
+from xray_core.dicom import DECODER_PANIC_LINES
 from xray_core.errors import Terminated, one_line
 from xray_core.interrupts import GATE
+from xray_core.native_stderr import dropped
 
 THREADS_UP_TO = 4
 
@@ -156,14 +159,15 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threa
     without their stderr (batch_job/workers.py) write it into the folder `worker_logs`, one file each: a worker
     process that ends while the job runs (batch_job/__main__.py stops the job) fails it with a WorkerLost error that
     quotes how a worker said it died, e.g. why it could not start. quiet_threads: the worker threads' stderr is
-    dropped while it runs (quiet_worker_threads)."""
+    dropped while it runs (quiet_worker_threads), and so are the lines a decoder's panic prints there (written by
+    Rust's hook straight to file descriptor 2: 3 to 45 a corrupt RLE file, QA)."""
     if worker_logs:
         os.makedirs(worker_logs, exist_ok=True)
         os.environ[LOGS_ENV] = worker_logs  # Beam starts each worker with a copy of this process's environment
         REAPER.arm()  # a Ctrl-C or SIGTERM, or a worker that died, kills the workers (batch_job/workers.py)
         GATE.on_interrupt.append(REAPER.start)
     try:
-        with quiet_worker_threads(quiet_threads):
+        with quiet_worker_threads(quiet_threads), (dropped(DECODER_PANIC_LINES) if quiet_threads else nullcontext()):
             result = pipeline.run()
             try:
                 result.wait_until_finish()
