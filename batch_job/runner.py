@@ -23,12 +23,18 @@ from batch_job.dask_probe import check_scheduler
 from batch_job.errors import InputError, SchedulerLost, lost_workers, worker_lost
 from batch_job.quiet_stderr import quiet_worker_threads
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
-from xray_core.dicom import DECODER_PANIC_LINES
 from xray_core.errors import Terminated, one_line
 from xray_core.interrupts import GATE
 from xray_core.native_stderr import dropped
 
 THREADS_UP_TO = 4
+# What Rust's default panic hook prints straight to file descriptor 2 when pylibjpeg-rle panics on a corrupt RLE file
+# (a blank line, "thread '<unnamed>' panicked at src/lib.rs:520:20:", "index out of bounds: the len is 131072 but
+# the index is 131072", a note), and the backtrace with RUST_BACKTRACE set (40-odd lines): dropped while worker
+# threads decode, as the file's row already says "decoder crashed: ..." (xray_core/dicom.py _decoded).
+DECODER_PANIC_LINES = (r"^$|^thread '[^']*' panicked at |^index out of bounds: the len is \d+ but the index is \d+$"
+                       r"|^note: (run with `RUST_BACKTRACE=1`|Some details are omitted)|^stack backtrace:$"
+                       r"|^ +\d+: |^ +at ")
 
 
 def default_workers() -> int:

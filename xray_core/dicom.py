@@ -285,21 +285,13 @@ def first_frame(ds, syntax: str) -> np.ndarray:
     return _decoded(pixel_array, ds, index=0)
 
 
-# What Rust's default panic hook prints for pylibjpeg-rle's panic (a blank line, "thread '<unnamed>' panicked at
-# src/lib.rs:520:20:", "index out of bounds: the len is 131072 but the index is 131072", a note), and the backtrace
-# with RUST_BACKTRACE set (40-odd lines). The file's row already says "decoder crashed: ...".
-DECODER_PANIC_LINES = (r"^$|^thread '[^']*' panicked at |^index out of bounds: the len is \d+ but the index is \d+$"
-                       r"|^note: (run with `RUST_BACKTRACE=1`|Some details are omitted)|^stack backtrace:$"
-                       r"|^ +\d+: |^ +at ")
-
-
 def _decoded(call, *args, **kwargs):
     """call(*args, **kwargs), with a decoder's crash as an error of the file: a Rust plugin's panic (pylibjpeg-rle on
     one changed byte of an RLE stream: "index out of bounds") comes out as pyo3's PanicException, a BaseException,
     which passed every `except Exception` and failed the whole night (QA). Interrupts and exits still go through. No
     other plugin gets a turn: pydicom's own RLE decoder "decodes" such a stream into wrong pixels with a warning, and a
     corrupt file is an error, not an image to score. (Rust's panic hook still prints its lines on stderr:
-    DECODER_PANIC_LINES, which the batch job drops while its worker threads decode.)"""
+    batch_job.runner.DECODER_PANIC_LINES, which the job drops while its worker threads decode.)"""
     try:
         return call(*args, **kwargs)
     except (Exception, KeyboardInterrupt, SystemExit, GeneratorExit):

@@ -11,7 +11,6 @@ import dataclasses
 import io
 import os
 import stat
-import struct
 import warnings
 from typing import Union
 
@@ -30,6 +29,7 @@ from xray_core.dicom_header import (
 from xray_core.errors import ImageError, one_line
 from xray_core.intensity import stretch_to_uint8
 from xray_core.jpeg_frame import scalable_jpeg
+from xray_core.png_chunks import png_ends
 from xray_core.reading import read_file
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
@@ -148,18 +148,6 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's words: a file ends in its pixels
-
-
-def png_ends(data: bytes) -> bool:
-    """Whether a PNG's chunks run whole up to its IEND chunk (the end every PNG has): each chunk's length and type
-    read in turn, no chunk's data (a file's bytes that spell IEND elsewhere, in a text chunk, do not count: QA)."""
-    at = 8  # after the signature
-    while at + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
-        if kind == b"IEND":
-            return at + 12 <= len(data)  # with its CRC
-        at += 12 + length  # length, type, data, CRC
-    return False
 
 
 CUT_SHORT = "image file cut short (the file ends before its image does: a transfer that stopped?)"
