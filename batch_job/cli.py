@@ -10,6 +10,7 @@ from batch_job.drift import DOMAIN_AUC_LIMIT, PSI_LIMIT, summary_line
 from batch_job.errors import JobError, lost_workers, worker_lost
 from batch_job.pipeline import run
 from batch_job.report import summary
+from batch_job.runner import quiet_rust_backtraces
 from batch_job.shards import MAX_SHARD
 from xray_core.errors import middle_cut, one_line, stopped
 from xray_core.interrupts import GATE, Terminated
@@ -128,6 +129,7 @@ def main(argv=None, started: float | None = None) -> int:
     GATE.raised = 0  # this run's interrupts only
     lost_workers.clear()  # and its worker processes
     LOG.setLevel(args.log_level)
+    quiet_rust_backtraces(args.log_level)
     # A worker's failure fails the pipeline, and the job says it in one line (its traceback at DEBUG, below); Beam
     # logs the same failure again, traceback and all, from each worker and from the runner. Its warnings and
     # errors show at --log-level DEBUG.

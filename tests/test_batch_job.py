@@ -1524,3 +1524,32 @@ def test_an_error_line_cut_to_its_length_keeps_its_reason():
     line = middle_cut("output dir /" + "q" * 4000 + "/night is not writable: File name too long", 1000)
     assert len(line) <= 1000 and line.startswith("output dir /qqq") and line.endswith("File name too long")
     assert middle_cut("short", 1000) == "short"
+
+
+def test_a_night_started_with_stderr_closed_is_published(tiny_package, tmp_path):
+    """QA: a job started `2>&-` (a daemon, a cron line) failed with exit 1 and no word, nothing published: the
+    start-up-line filter flushed the worker threads' stderr wrapper around None."""
+    import subprocess
+    import sys
+
+    from helpers import textured
+
+    (tmp_path / "in").mkdir()
+    textured((64, 64), 120).save(tmp_path / "in" / "scan.png")
+    done = subprocess.run([sys.executable, "-m", "batch_job", "--input", str(tmp_path / "in"), "--model", tiny_package,
+                           "--output", str(tmp_path / "out")], stdout=subprocess.PIPE, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0 and done.stdout.startswith("scored 1/1 images")
+    assert os.path.isfile(tmp_path / "out" / "metrics.json")
+
+
+@pytest.mark.parametrize("level, kept", [("INFO", "0"), ("WARNING", "0"), ("DEBUG", "1")])
+def test_rust_backtraces_are_off_unless_debugging(level, kept, monkeypatch):
+    """QA: with RUST_BACKTRACE=1 (these machines set it) each decoder panic built a ~150-line backtrace that the
+    job then dropped: 83 ms a corrupt RLE file. Off for the job and its workers, but at --log-level DEBUG."""
+    from batch_job.runner import quiet_rust_backtraces
+
+    monkeypatch.setenv("RUST_BACKTRACE", "1")
+    quiet_rust_backtraces(level)
+    assert os.environ["RUST_BACKTRACE"] == kept
