@@ -552,6 +552,27 @@ def test_held_raises_a_signal_that_came_meanwhile_at_its_end():
         GATE.raised = GATE.pending = 0
 
 
+def test_the_first_signal_says_how_the_command_ended():
+    """QA: SIGTERM, then a SIGHUP 200 ms into the clean-up, ended the night with 129 "terminated (SIGHUP)"; the
+    first signal decides, a later one still interrupts (a second Ctrl-C), as the first. Held ones too."""
+    from xray_core.errors import Terminated
+    from xray_core.interrupts import GATE
+
+    try:
+        with pytest.raises(Terminated) as first:
+            GATE.handler(signal.SIGTERM, None)
+        with pytest.raises(Terminated) as later:
+            GATE.handler(signal.SIGHUP, None)
+        assert first.value.code == later.value.code == 143 and GATE.raised == signal.SIGTERM
+        GATE.raised = 0
+        with GATE.deferred():
+            GATE.handler(signal.SIGINT, None)
+            GATE.handler(signal.SIGTERM, None)
+        assert GATE.take_pending() == "Ctrl-C"
+    finally:
+        GATE.raised = GATE.pending = 0
+
+
 @pytest.mark.parametrize("command", ["train", "export"])
 @pytest.mark.parametrize("code", [143, 130])
 def test_after_a_signal_the_error_line_stays_the_last_line(command, code):

@@ -34,9 +34,10 @@ class InterruptGate:
 
     def handler(self, signum, frame):
         if self.depth:
-            self.pending = signum
+            self.pending = self.pending or signum
             return
-        self.raised = signum
+        signum = self.raised or signum  # the first signal says how the command ended (QA: SIGTERM, then a SIGHUP
+        self.raised = signum  # 200 ms into its clean-up, ended it with 129 "terminated (SIGHUP)")
         for call in list(self.on_interrupt):
             call(signum)
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
