@@ -9,6 +9,7 @@ the whole folder was listed; and workers that could not import the job left one 
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from dataclasses import dataclass
@@ -55,10 +56,16 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
     outcome: dict = {"stage": "connect"}
 
     def probe() -> None:
+        client = None
         try:
             client = Client(address, scheduler_file=scheduler_file, timeout=timeout, set_as_default=False)
         except BaseException as exc:  # noqa: BLE001 - whatever the other end sent: one line below
-            outcome["connect"] = exc
+            outcome["connect"] = f"{type(exc).__name__}: {one_line(exc, 200)}"  # words only: no traceback kept
+        if client is None:
+            # The half-made Client is collected here and now, not by whichever thread collects garbage next: its
+            # __del__ closes its loop, and in a thread holding distributed's loop lock (starting another Client or
+            # a LocalCluster) that deadlocked (a test run hung for good).
+            gc.collect()
             return
         outcome["stage"] = "workers"
         try:
@@ -83,9 +90,7 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
             raise InputError(f"{where}: the Dask workers did not answer within {timeout:.0f} s (busy, or stuck?); "
                              "nothing scored")
     if "connect" in outcome:
-        exc = outcome["connect"]
-        raise InputError(f"{where}: no Dask scheduler there ({type(exc).__name__}: {one_line(exc, 200)}); "
-                         "nothing scored")
+        raise InputError(f"{where}: no Dask scheduler there ({outcome['connect']}); nothing scored")
     if "import" in outcome:
         exc = outcome["import"]
         raise InputError(f"{where}: a Dask worker cannot import the job ({type(exc).__name__}: {one_line(exc, 200)})"

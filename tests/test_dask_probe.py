@@ -86,6 +86,25 @@ def test_a_refused_port_is_refused_in_one_line_before_anything_is_listed(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_a_refused_probe_leaves_no_client_for_another_thread_to_collect(monkeypatch):
+    """A fast-tier run hung for good: a half-made Client of a refused probe, left for the garbage collector, had its
+    __del__ (which closes its loop) run inside another Client's start, in a thread holding distributed's loop lock.
+    The probe collects it at once, in its own thread."""
+    import gc
+
+    from distributed import Client
+
+    monkeypatch.setattr(dask_probe, "CONNECT_SECONDS", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gc.collect()
+    before = sum(isinstance(o, Client) for o in gc.get_objects())
+    with pytest.raises(dask_probe.InputError, match="no Dask scheduler there"):
+        dask_probe.check_scheduler(f"tcp://127.0.0.1:{port}")
+    assert sum(isinstance(o, Client) for o in gc.get_objects()) == before  # nothing left for a later collection
+
+
 @pytest.mark.parametrize("processes", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_scheduler_whose_workers_import_the_job_passes_and_one_that_cannot_is_refused(monkeypatch, processes):
     from distributed import LocalCluster
