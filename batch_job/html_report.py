@@ -20,7 +20,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
-from batch_job.scoring import is_new_name, read_before_as
+from batch_job.scoring import read_before_as
 from batch_job.worklist import Entry
 
 TEMPLATE = "report.html.j2"
@@ -31,6 +31,7 @@ CAPS = (500, 500)  # tiles, error rows shown at most (halved until the page fits
 MAX_FLAGGED_ROWS = 2000  # flagged images listed in the worklist table (the rest: worklist.csv)
 # an image two inputs reach (overlapping folders, a glob and a folder) is one row (listing.iter_images)
 PER_INPUT_NOTE = "An image that several inputs reach is listed and counted once, under the first of them."
+OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
 
 
 def new_name_note(c: Reconciliation) -> str:
@@ -43,8 +44,6 @@ def new_name_note(c: Reconciliation) -> str:
             f"{c.skipped_new_name_flagged} of them flagged PNEUMONIA at this threshold. They are not scored again and "
             "are not on this worklist; their rows in the predictions CSVs (status skipped) name that path in the "
             "error column.")
-OUT_OF_SCOPE_SHOWN = 8  # out-of-scope images shown with a thumbnail and their reason
-NEW_NAMES_SHOWN = 50  # skipped images under names new to the ledger listed (the rest: the predictions CSVs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,36 +65,26 @@ def display(text: str, limit: int = MAX_TEXT) -> str:
     return shown if len(shown) <= limit else shown[:limit // 2 - 1] + "…" + shown[-(limit // 2):]
 
 
-def _first_rows(out_dir: str, shards, cap: int, keep) -> list[dict]:
-    """The first `cap` rows of the shard CSVs that `keep` keeps, in shard order."""
+def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
+    """The first `cap` error rows of the shard CSVs, in shard order."""
     rows: list[dict] = []
     for shard_id, _, _ in shards:
         if len(rows) >= cap:
             break
         for row in shard_files.read_shard(os.path.join(out_dir, shard_files.shard_name(shard_id))):
-            if keep(row) and len(rows) < cap:
-                rows.append(row)
+            if row["status"] == "error" and len(rows) < cap:
+                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
+                             "href": file_link(row["path"], out_dir)})
     return rows
 
 
-def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
-    """The first `cap` error rows of the shard CSVs, in shard order."""
-    return [{"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
-             "href": file_link(row["path"], out_dir)}
-            for row in _first_rows(out_dir, shards, cap, lambda row: row["status"] == "error")]
-
-
-def new_name_rows(out_dir: str, shards, c: Reconciliation, cap: int = NEW_NAMES_SHOWN) -> list[dict]:
-    """The first `cap` skipped rows under names new to the ledger (flagged ones first): the path, its probability and
-    prediction, and the path its bytes were read under."""
-    if not c.skipped_new_name:
-        return []
-    rows = _first_rows(out_dir, shards, c.skipped_new_name, is_new_name)
-    rows.sort(key=lambda row: (row["prediction"] != "PNEUMONIA", row["path"]))
+def new_name_rows(c: Reconciliation, out_dir: str) -> list[dict]:
+    """The skipped rows under names new to the ledger that reconciliation kept (flagged first), as the page shows
+    them: the path, its probability and prediction, and the path its bytes were read under."""
     return [{"path": display(row["path"]), "href": file_link(row["path"], out_dir),
              "probability": probability(float(row["probability"])) if row["probability"] else "",
              "prediction": row["prediction"] or "out of scope",
-             "before": display(read_before_as(row))} for row in rows[:cap]]
+             "before": display(read_before_as(row))} for row in c.new_name_rows]
 
 
 def map_limits(cells: str) -> str:
@@ -265,7 +254,7 @@ def write_html(out_dir: str, result: RunResult, shards) -> int:
     tiles_cap, errors_cap = CAPS
     rows_cap = MAX_FLAGGED_ROWS
     errors = error_rows(out_dir, shards, errors_cap)
-    new_names = new_name_rows(out_dir, shards, result.counts)
+    new_names = new_name_rows(result.counts, out_dir)
     while True:
         page = render(context(result, out_dir, errors[:errors_cap], tiles_cap, rows_cap, new_names)).encode("utf-8")
         if len(page) < MAX_BYTES or (tiles_cap == 0 and errors_cap == 0 and rows_cap == 0):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import glob
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from batch_job.errors import ReconciliationError
 from batch_job.scoring import is_new_name
 from batch_job.shards import read_listing, read_shard, shard_name
+
+NEW_NAMES_KEPT = 50  # skipped rows under names new to the ledger kept for report.html (flagged first)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Reconciliation:
     out_of_scope: int = 0  # refused by the input gate: no probability
     skipped_new_name: int = 0  # of the skipped: under a path the ledger had not seen (scoring.is_new_name)
     skipped_new_name_flagged: int = 0  # of those, PNEUMONIA at this run's threshold
+    new_name_rows: list[dict] = field(default_factory=list)  # NEW_NAMES_KEPT of them (CSV rows), flagged first
 
     @property
     def ok(self) -> bool:
@@ -50,6 +53,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
                  for arg in inputs}  # all, even empty
     found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = new_names = 0
     new_names_flagged = 0
+    kept: dict[bool, list[dict]] = {True: [], False: []}  # new names, flagged or not, NEW_NAMES_KEPT of each
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
         found += len(listed)
@@ -76,8 +80,12 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
             elif row["status"] == "skipped":  # scored on an earlier night: its figures were that night's
                 skipped += 1
                 counts["skipped"] += 1
-                new_names += is_new_name(row)
-                new_names_flagged += is_new_name(row) and row["prediction"] == "PNEUMONIA"
+                if is_new_name(row):
+                    flagged = row["prediction"] == "PNEUMONIA"
+                    new_names += 1
+                    new_names_flagged += flagged
+                    if len(kept[flagged]) < NEW_NAMES_KEPT:
+                        kept[flagged].append(row)
             elif row["status"] == "out_of_scope":
                 out_of_scope += 1
                 counts["out_of_scope"] += 1
@@ -88,7 +96,8 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     stray = sorted(name for name in map(os.path.basename, glob.glob(os.path.join(out_dir, "predictions-*.csv")))
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
-                          np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names, new_names_flagged)
+                          np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names, new_names_flagged,
+                          (kept[True] + kept[False])[:NEW_NAMES_KEPT])
 
 
 def check(rec: Reconciliation) -> None:
