@@ -102,25 +102,25 @@ def only_outputs(out: str) -> bool:
     return True
 
 
-def recorded(out: str, key: str) -> str:
-    """What OUT_DIR's metrics.json records under `key` (its run id, its ledger), or "" (none, or not a string)."""
+def _recorded(out: str, key: str):
+    """What OUT_DIR's metrics.json records under `key`, or None (no such file, not JSON, no such key)."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             m = json.load(f)
     except (OSError, ValueError):
-        return ""
-    value = m.get(key) if isinstance(m, dict) else None
+        return None
+    return m.get(key) if isinstance(m, dict) else None
+
+
+def recorded(out: str, key: str) -> str:
+    """What OUT_DIR's metrics.json records under `key` (its run id, its ledger), or "" (none, or not a string)."""
+    value = _recorded(out, key)
     return value if isinstance(value, str) else ""
 
 
 def recorded_count(out: str, key: str) -> int:
     """What OUT_DIR's metrics.json records under `key` as a count, or 0 (none, or not a count)."""
-    try:
-        with open(os.path.join(out, "metrics.json")) as f:
-            m = json.load(f)
-    except (OSError, ValueError):
-        return 0
-    value = m.get(key) if isinstance(m, dict) else None
+    value = _recorded(out, key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 

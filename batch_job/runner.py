@@ -30,7 +30,7 @@ from xray_core.native_stderr import dropped
 THREADS_UP_TO = 4
 # What Rust's default panic hook prints straight to file descriptor 2 when pylibjpeg-rle panics on a corrupt RLE file
 # (a blank line, "thread '<unnamed>' panicked at src/lib.rs:520:20:", "index out of bounds: the len is 131072 but
-# the index is 131072", a note), and the backtrace with RUST_BACKTRACE set (40-odd lines): dropped while worker
+# the index is 131072", a note), and the backtrace with RUST_BACKTRACE set (about 150 lines): dropped while worker
 # threads decode, as the file's row already says "decoder crashed: ..." (xray_core/dicom.py _decoded).
 DECODER_PANIC_LINES = (r"^$|^thread '[^']*' panicked at |^index out of bounds: the len is \d+ but the index is \d+$"
                        r"|^note: (run with `RUST_BACKTRACE=1`|Some details are omitted)|^stack backtrace:$"
@@ -175,7 +175,7 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threa
     process that ends while the job runs (batch_job/__main__.py stops the job) fails it with a WorkerLost error that
     quotes how a worker said it died, e.g. why it could not start. quiet_threads: the worker threads' stderr is
     dropped while it runs (quiet_worker_threads), and so are the lines a decoder's panic prints there (written by
-    Rust's hook straight to file descriptor 2: 3 to 45 a corrupt RLE file, QA)."""
+    Rust's hook straight to file descriptor 2: 3 a corrupt RLE file, about 150 with backtraces, QA)."""
     if worker_logs:
         os.makedirs(worker_logs, exist_ok=True)
         os.environ[LOGS_ENV] = worker_logs  # Beam starts each worker with a copy of this process's environment
