@@ -16,8 +16,11 @@ figures, each with a documented default limit:
   The default limit 0.60 comes from the statistic's own null distribution (:func:`null_aucs`: the reference's
   rows against held-out reference rows) and lies about four of its standard deviations above its mean on version
   4's reference, six on version 6's (docs/drift.md).
-* **PSI** (population stability index) of the probability histogram over 10 equal-width bins of [0, 1]; the
-  usual line for a significant shift is 0.2.
+* **PSI** (population stability index) of the probability histogram over 10 equal-width bins of [0, 1]. The usual
+  line for a significant shift, 0.2, assumes a large sample: a run of 100 images drawn from the reference itself
+  crosses it about one time in four (QA: a night of 132 ordinary scans read 0.212, one empty bin adding 0.133). So
+  the default limit is the larger of 0.2 and the PSI's own null distribution at this run's size (:func:`psi_null_limit`:
+  the PSI that 99.9% of runs of as many images, drawn with the reference, stay under), unless a limit is given.
 
 The positive rate is reported beside them: a change in prevalence alone also moves both figures (where the
 embeddings separate the classes well, the domain AUC of a pure case-mix change is about 0.5 + |Δ rate| / 2).
@@ -35,7 +38,9 @@ MAX_ROWS = 1000
 
 DOMAIN_AUC_LIMIT = 0.60
 COMPONENTS = 32  # principal components the classifier sees (docs/drift.md: why 32)
-PSI_LIMIT = 0.20
+PSI_LIMIT = 0.20  # the usual line for a significant shift: the default limit's floor
+PSI_NULL_QUANTILE = 0.999  # the default limit: a false alarm on about one night in 1,000 where nothing changed
+PSI_NULL_DRAWS = 10_000  # simulated runs a side: a fixed ~35 ms, whatever the run's size
 MIN_IMAGES = 100
 BINS = 10
 _EPS = 1e-4  # floor for an empty bin's share (PSI's log would be infinite)
@@ -46,11 +51,32 @@ def histogram_shares(probs: np.ndarray, bins: int = BINS) -> np.ndarray:
     return counts / max(counts.sum(), 1)
 
 
-def psi(reference_shares: np.ndarray, shares: np.ndarray) -> float:
-    """sum((p - q) * ln(p / q)) over bins, empty bins floored at 1e-4."""
+def psi(reference_shares: np.ndarray, shares: np.ndarray) -> float | np.ndarray:
+    """sum((p - q) * ln(p / q)) over bins (the last axis), empty bins floored at 1e-4."""
     p = np.maximum(np.asarray(shares, float), _EPS)
     q = np.maximum(np.asarray(reference_shares, float), _EPS)
-    return float(np.sum((p - q) * np.log(p / q)))
+    out = np.sum((p - q) * np.log(p / q), axis=-1)
+    return float(out) if out.ndim == 0 else out
+
+
+def psi_null_limit(reference_probs: np.ndarray, images: int, quantile: float = PSI_NULL_QUANTILE,
+                   draws: int = PSI_NULL_DRAWS, seed: int = 0) -> float:
+    """The PSI that `quantile` of runs of `images` images stay under when nothing changed: `draws` seeded pairs of a
+    reference of the reference's size and a run of `images`, both drawn from the reference's histogram (so the
+    reference's own sampling noise counts too). Large for small runs (an empty bin alone adds ~0.13), small for
+    large ones."""
+    shares = histogram_shares(np.asarray(reference_probs, np.float64))
+    rng = np.random.default_rng(seed)
+    size = len(reference_probs)
+    null = psi(rng.multinomial(size, shares, size=draws) / size,
+               rng.multinomial(images, shares, size=draws) / images)
+    return float(np.quantile(null, quantile))
+
+
+def psi_limit_for(reference_probs: np.ndarray, images: int, given: float | None = None) -> float:
+    """A run's PSI limit: `given` (--drift-psi-limit) as it is, else the larger of PSI_LIMIT and the null limit at
+    this run's size."""
+    return given if given is not None else max(PSI_LIMIT, psi_null_limit(reference_probs, images))
 
 
 def sample_rows(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -121,7 +147,8 @@ class DriftResult:
     state: str
     images: int  # probabilities scored in this run
     domain_auc_limit: float
-    psi_limit: float
+    psi_limit: float  # this run's: given, or by its size (psi_limit_sized; PSI_LIMIT where the run was not judged)
+    psi_limit_sized: bool = False
     detected: bool = False
     domain_auc: float | None = None
     psi: float | None = None
@@ -150,7 +177,8 @@ class DriftResult:
             out.update(sampled=self.sampled, reference_images=self.reference_images,
                        reference_sampled=self.reference_sampled, positive_rate=self.positive_rate,
                        reference_positive_rate=self.reference_positive_rate)
-        out.update(domain_auc_limit=self.domain_auc_limit, psi_limit=self.psi_limit)
+        out.update(domain_auc_limit=self.domain_auc_limit, psi_limit=self.psi_limit,
+                   psi_limit_sized=self.psi_limit_sized)
         if self.histogram is not None:
             out.update(seed=self.seed, histogram=self.histogram)
         if self.state in (TOO_FEW, TOO_FEW_REFERENCE):  # the key order metrics.json has always had
@@ -168,14 +196,16 @@ class DriftResult:
 
 def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray, embeddings: np.ndarray,
                   probs: np.ndarray, threshold: float, auc_limit: float = DOMAIN_AUC_LIMIT,
-                  psi_limit: float = PSI_LIMIT, seed: int = 0) -> DriftResult:
+                  psi_limit: float | None = None, seed: int = 0) -> DriftResult:
     """The drift check: `probs` are every probability scored in this run, `embeddings` a sample of their
-    embeddings (at most MAX_ROWS are used); rows that are not finite are left out."""
+    embeddings (at most MAX_ROWS are used); rows that are not finite are left out. `psi_limit` None: the default
+    (:func:`psi_limit_for`, by this run's size)."""
     probs = np.asarray(probs, np.float64)
     probs = probs[np.isfinite(probs)]
     embeddings = embeddings[np.isfinite(embeddings).all(axis=1)] if len(embeddings) else embeddings
     base = DriftResult(
-        JUDGED, int(len(probs)), auc_limit, psi_limit, sampled=int(min(len(embeddings), MAX_ROWS)),
+        JUDGED, int(len(probs)), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
+        psi_limit_sized=psi_limit is None, sampled=int(min(len(embeddings), MAX_ROWS)),
         reference_images=int(len(reference_probs)), reference_sampled=int(min(len(reference_embeddings), MAX_ROWS)),
         positive_rate=float(np.mean(probs >= threshold)) if len(probs) else None,
         reference_positive_rate=float(np.mean(reference_probs >= threshold)), seed=seed,
@@ -188,17 +218,21 @@ def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray,
         return replace(base, state=TOO_FEW_REFERENCE)
     auc = domain_auc(reference_embeddings, embeddings, seed=seed)
     shift = psi(histogram_shares(reference_probs), histogram_shares(probs))
-    return replace(base, domain_auc=auc, psi=shift, detected=bool(auc > auc_limit or shift > psi_limit))
+    psi_limit = psi_limit_for(reference_probs, len(probs), psi_limit)
+    return replace(base, domain_auc=auc, psi=shift, psi_limit=psi_limit,
+                   detected=bool(auc > auc_limit or shift > psi_limit))
 
 
-def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float = PSI_LIMIT) -> DriftResult:
+def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float | None = None) -> DriftResult:
     """The check of a model package without reference.npz (exported before drift checks)."""
-    return DriftResult(NO_REFERENCE, int(images), auc_limit, psi_limit)
+    return DriftResult(NO_REFERENCE, int(images), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
+                       psi_limit_sized=psi_limit is None)
 
 
-def failed(images: int, auc_limit: float, psi_limit: float, reason: str) -> DriftResult:
+def failed(images: int, auc_limit: float, psi_limit: float | None, reason: str) -> DriftResult:
     """A check that raised: said so, not judged (the night's scores are published all the same)."""
-    return DriftResult(FAILED, int(images), auc_limit, psi_limit, note=f"check failed ({reason})")
+    return DriftResult(FAILED, int(images), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
+                       psi_limit_sized=psi_limit is None, note=f"check failed ({reason})")
 
 
 def summary_line(drift: DriftResult) -> str:

@@ -54,9 +54,10 @@ def keep_smallest(keys: np.ndarray, embeddings: np.ndarray | None, new_keys: np.
 
 
 def run_drift(reference_path: str | None, probs: np.ndarray, embeddings: np.ndarray | None, threshold: float,
-              auc_limit: float, psi_limit: float) -> drift.DriftResult:
+              auc_limit: float, psi_limit: float | None) -> drift.DriftResult:
     """The drift check for the probabilities `probs` scored in this run and the run's sample of
-    embeddings. A check that fails says so in the block and the log: the night's scores are still published."""
+    embeddings (`psi_limit` None: by the run's size). A check that fails says so in the block and the log: the
+    night's scores are still published."""
     if reference_path is None:
         return drift.no_reference(len(probs), auc_limit, psi_limit)
     ref = reference.load(reference_path)

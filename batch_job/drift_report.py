@@ -14,13 +14,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from batch_job.drift import DriftResult, summary_line
-from batch_job.ledger import DRIFT_COLUMNS as HISTORY_KEYS  # a trend point: one row of the ledger's drift table
+from batch_job.drift import PSI_LIMIT, DriftResult, summary_line
+from batch_job.ledger import DRIFT_COLUMNS, LIMIT_COLUMNS
 from xray_core.plots import pyplot, save
 
 DRIFT_FILE = "drift.png"
 TREND_FILE = "drift_trend.png"
 TREND_RUNS = 30
+HISTORY_KEYS = DRIFT_COLUMNS + LIMIT_COLUMNS  # a trend point: a row of the ledger's drift table and its limits
 FIGSIZE = (5.2, 3.5)  # inches at DPI: both figures are 520 x 350 pixels, side by side in report.html
 DPI = 100
 PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
@@ -54,22 +55,27 @@ def _series(history: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if h.get(key) is None or not h["judged"] else float(h[key]) for h in history])
 
 
-def marked(values: np.ndarray, limit: float, detected: np.ndarray) -> np.ndarray:
-    """The runs red on a figure's panel: drift detected that night and this figure over the limit drawn (a run's
-    drift is detected when either figure is over its limit; QA read a red PSI under its limit as PSI's doing). The
-    ledger keeps no run's limits, so a run judged under other limits is marked only where both hold. A run not judged
-    (NaN) is not."""
+def limits(history: list[dict], key: str, tonight: float) -> np.ndarray:
+    """Each run's limit of a figure as the ledger recorded it; `tonight`'s where it recorded none (a run committed
+    before table drift_limits)."""
+    return np.array([tonight if h.get(key) is None else float(h[key]) for h in history])
+
+
+def marked(values: np.ndarray, limit: np.ndarray | float, detected: np.ndarray) -> np.ndarray:
+    """The runs red on a figure's panel: drift detected that night and this figure over the limit drawn for it (a
+    run's drift is detected when either figure is over its limit; QA read a red PSI under its limit as PSI's doing).
+    A run not judged (NaN) is not."""
     return detected & (np.nan_to_num(values, nan=-np.inf) > limit)
 
 
 def detected_elsewhere(detected: np.ndarray, *marks: np.ndarray) -> np.ndarray:
-    """The runs whose drift was detected under their own night's limits but whose figures are all within the limits
-    drawn (other --drift-*-limit values tonight): ringed in red on both panels, so that no detection drops out of
-    the trend (QA)."""
+    """The runs whose drift was detected but whose figures are all within the limits drawn: runs from before the
+    ledger kept each run's limits, judged under other --drift-*-limit values. Ringed in red on both panels, so that
+    no detection drops out of the trend (QA)."""
     return detected & ~np.logical_or.reduce(marks)
 
 
-def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor: float,
+def _panel(ax, x: np.ndarray, values: np.ndarray, limit: np.ndarray, name: str, floor: float,
            red: np.ndarray, ringed: np.ndarray) -> None:
     ax.plot(x, values, "-o", color="steelblue", markersize=3.5, linewidth=1.2)
     if red.any() or not ringed.any():  # the legend's entries: the marks drawn (at most two beside the title)
@@ -77,13 +83,15 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor
     if ringed.any():
         ax.plot(x[ringed], values[ringed], "o", markerfacecolor="none", markeredgecolor="#b3261e", markersize=8,
                 label="detected (other limits)")
-    ax.axhline(limit, color="#b3261e", linestyle="--", linewidth=1, label="limit")
-    ax.text(1.0, limit, f"{limit:.2f} ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+    # each run's limit across its slot (the PSI's default grows as a run shrinks), tonight's written beyond the axes
+    ax.stairs(limit, np.arange(len(limit) + 1) + 0.5, baseline=None, color="#b3261e", linestyle="--", linewidth=1,
+              label="limit")
+    ax.text(1.01, limit[-1], f"{limit[-1]:.2f}", transform=ax.get_yaxis_transform(), ha="left", va="center",
             color="#b3261e", fontsize=7)
     seen = values[~np.isnan(values)]
     if not len(seen):
         ax.text(0.5, 0.5, "not judged", transform=ax.transAxes, ha="center", va="center", color="#6b7580")
-    top = max(limit, float(seen.max()) if len(seen) else limit)
+    top = max(float(limit.max()), float(seen.max()) if len(seen) else 0.0)
     bottom = min(floor, float(seen.min()) if len(seen) else floor)
     ax.set_ylim(bottom, top + 0.15 * max(top - bottom, 0.1))
     ax.set_ylabel(name)
@@ -91,19 +99,21 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: float, name: str, floor
 
 
 def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float) -> None:
-    """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its limit;
-    a run's figure in red where drift was detected that night and the figure is over its limit, a run detected under
-    other limits ringed in red, runs not judged left as gaps."""
+    """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its run's limit
+    (`auc_limit`, `psi_limit`: tonight's, also for runs the ledger kept no limits for); a run's figure in red where
+    drift was detected that night and the figure is over its limit, a run detected under other limits ringed in red,
+    runs not judged left as gaps."""
     from matplotlib.ticker import MaxNLocator
 
     x = np.arange(1, len(history) + 1)
     detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
     auc, psi = _series(history, "domain_auc"), _series(history, "psi")
-    red_auc, red_psi = marked(auc, auc_limit, detected), marked(psi, psi_limit, detected)
+    auc_limits, psi_limits = limits(history, "domain_auc_limit", auc_limit), limits(history, "psi_limit", psi_limit)
+    red_auc, red_psi = marked(auc, auc_limits, detected), marked(psi, psi_limits, detected)
     ringed = detected_elsewhere(detected, red_auc, red_psi)
     fig, (top, bottom) = pyplot().subplots(2, 1, sharex=True, figsize=FIGSIZE)
-    _panel(top, x, auc, auc_limit, "domain AUC", 0.45, red_auc, ringed)
-    _panel(bottom, x, psi, psi_limit, "PSI", 0.0, red_psi, ringed)
+    _panel(top, x, auc, auc_limits, "domain AUC", 0.45, red_auc, ringed)
+    _panel(bottom, x, psi, psi_limits, "PSI", 0.0, red_psi, ringed)
     bottom.set_xlim(0.5, len(history) + 0.5)
     if len(history) <= 10:
         bottom.set_xticks(x)
@@ -113,7 +123,7 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
     dates = last if first == last else f"{first} to {last}"
     bottom.set_xlabel(f"run ({dates}; the last is this run)", fontsize=8)
     runs = f"last {len(history)} runs" if len(history) > 1 else "1 run so far"
-    top.set_title(f"Drift, {runs} of this version", fontsize=10, loc="left")
+    top.set_title(f"Drift: {runs}", fontsize=10, loc="left")  # of this version (QA: a longer title met the legend)
     top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=7.5,
                borderaxespad=0.2, handletextpad=0.3, columnspacing=1.0)
     save(fig, path, DPI)
@@ -123,7 +133,7 @@ def history_entry(run_id: str, drift: DriftResult) -> dict:
     """This run as one point of the trend (the shape of Ledger.drift_history's entries), finished now."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return dict(zip(HISTORY_KEYS, (run_id, now, drift.images, drift.judged, drift.detected, drift.domain_auc,
-                                   drift.psi, drift.positive_rate)))
+                                   drift.psi, drift.positive_rate, drift.domain_auc_limit, drift.psi_limit)))
 
 
 def trend_history(book, model_id: str, run_id: str, drift: DriftResult) -> list[dict] | None:
@@ -169,9 +179,12 @@ def figures_row(drift: DriftResult) -> dict:
 
 def explanation(drift: DriftResult) -> str:
     """What the figures compare, in two sentences, and the prevalence caveat."""
+    sized = (f" The PSI's limit is the larger of {PSI_LIMIT:.2f} and what 99.9% of runs of {drift.images:,} images "
+             f"drawn from {REFERENCE_NAME} stay under: a small run's histogram is noisy."
+             if drift.judged and drift.psi_limit_sized else "")
     return (f"Domain AUC: how well a classifier tells this run's images from {REFERENCE_NAME} (0.5: it cannot); "
             f"PSI: how far the probability histogram moved. They cover the {drift.images:,} images scored in "
-            f"this run, not those skipped as already in the ledger. {CAVEAT}")
+            f"this run, not those skipped as already in the ledger.{sized} {CAVEAT}")
 
 
 def markdown_section(drift: DriftResult) -> list[str]:

@@ -9,7 +9,9 @@ Each run records its run id in table `runs` twice: just before it publishes OUT_
 PUBLISHING, -1), then in its commit, which replaces that row. A rerun finding OUT_DIR's run still publishing in the
 ledger knows that run was killed between the two, and may replace it (leftovers.orphaned); a ledger without that row
 (deleted and made again, or restored from a backup) gives no such evidence. A run whose model has a
-drift reference also records its drift figures (table `drift`, one row per run), for report.html's trend. Table
+drift reference also records its drift figures (table `drift`, one row per run) and the limits they were judged
+against (table `drift_limits`, from 2026-12-03: the PSI's default limit depends on the run's size), for report.html's
+trend. Table
 `models` holds the sha256 of the model.onnx each model id first committed with, `packages` that of what decides a row
 besides the image (model.onnx, the preprocessing, the input gate: batch_job/model.py scoring_identity): a package
 published again under an id the ledger knows (a version number reused in a new serving folder) is refused, never
@@ -38,6 +40,7 @@ LOG = logging.getLogger("batch_job")
 FileKey = tuple[str, int, int, int, str]  # (path, size, mtime_ns, ctime_ns, sha256 of the bytes)
 PUBLISHING = -1  # runs.images_new of a run that is publishing its OUT_DIR; its commit replaces the row
 DRIFT_COLUMNS = ("run_id", "finished_utc", "images", "judged", "detected", "domain_auc", "psi", "positive_rate")
+LIMIT_COLUMNS = ("domain_auc_limit", "psi_limit")  # table drift_limits; None in a run's history where it has no row
 
 
 class LedgerError(InputError):
@@ -255,17 +258,21 @@ class Ledger:
                     conn.execute(f"INSERT INTO drift (model, {', '.join(DRIFT_COLUMNS)}) VALUES (?{', ?' * 8})",
                                  (model, run_id, now, drift.images, int(drift.judged), int(drift.detected),
                                   drift.domain_auc, drift.psi, drift.positive_rate))
+                    conn.execute("INSERT INTO drift_limits VALUES (?, ?, ?)",
+                                 (run_id, drift.domain_auc_limit, drift.psi_limit))
         finally:
             conn.close()
         return added
 
     def drift_history(self, model: str, limit: int) -> list[dict]:
         """The drift figures of the last `limit` committed runs of `model` (`<name>/<version>`), oldest first:
-        dicts with DRIFT_COLUMNS' keys (judged and detected as bools; domain_auc, psi None when not judged)."""
+        dicts with DRIFT_COLUMNS' and LIMIT_COLUMNS' keys (judged and detected as bools; domain_auc, psi None when not
+        judged; the limits None for a run committed before table drift_limits)."""
+        columns = [f"drift.{c}" for c in DRIFT_COLUMNS] + [f"drift_limits.{c}" for c in LIMIT_COLUMNS]
         with contextlib.closing(sqlite3.connect(self.path)) as conn:
-            rows = conn.execute(f"SELECT {', '.join(DRIFT_COLUMNS)} FROM drift WHERE model = ? "
-                                "ORDER BY rowid DESC LIMIT ?", (model, max(limit, 0))).fetchall()
-        history = [dict(zip(DRIFT_COLUMNS, row)) for row in reversed(rows)]
+            rows = conn.execute(f"SELECT {', '.join(columns)} FROM drift LEFT JOIN drift_limits USING (run_id) "
+                                "WHERE model = ? ORDER BY drift.rowid DESC LIMIT ?", (model, max(limit, 0))).fetchall()
+        history = [dict(zip(DRIFT_COLUMNS + LIMIT_COLUMNS, row)) for row in reversed(rows)]
         for h in history:
             h["judged"], h["detected"] = bool(h["judged"]), bool(h["detected"])
         return history

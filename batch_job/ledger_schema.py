@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS drift (
     psi REAL,
     positive_rate REAL
 );
+CREATE TABLE IF NOT EXISTS drift_limits (
+    run_id TEXT PRIMARY KEY,
+    domain_auc_limit REAL NOT NULL,
+    psi_limit REAL NOT NULL
+);
 """
 
 

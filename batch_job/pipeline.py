@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
         raise InputError("--ledger is empty: name the ledger file, or leave the option out to run without one")
     if args.heatmaps < 0:
         raise InputError("--heatmaps must be >= 0 (0 turns heatmaps off)")
-    if not (0.5 <= args.drift_auc_limit <= 1.0 and 0 < args.drift_psi_limit < float("inf")):
+    if not (0.5 <= args.drift_auc_limit <= 1.0 and (args.drift_psi_limit is None
+                                                      or 0 < args.drift_psi_limit < float("inf"))):
         raise InputError("--drift-auc-limit must be in [0.5, 1] and --drift-psi-limit > 0")
     runner = choose_runner(beam_args, worker_stderr=args.log_level == "DEBUG")  # refuses unknown arguments
     check_inputs(args.input, args.fail_if_empty)

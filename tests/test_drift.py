@@ -10,6 +10,7 @@ from batch_job.drift import (
     COMPONENTS,
     DOMAIN_AUC_LIMIT,
     MIN_IMAGES,
+    PSI_LIMIT,
     domain_auc,
     drift_figures,
     failed,
@@ -17,6 +18,8 @@ from batch_job.drift import (
     no_reference,
     null_aucs,
     psi,
+    psi_limit_for,
+    psi_null_limit,
     sample_rows,
     summary_line,
 )
@@ -50,6 +53,46 @@ def test_psi_by_hand():
     assert psi(np.array([0.5, 0.5]), np.array([0.8, 0.2])) == pytest.approx(0.3 * np.log(1.6) - 0.3 * np.log(0.4))
     # an empty bin is floored, not infinite
     assert np.isfinite(psi(np.array([1.0, 0.0]), np.array([0.5, 0.5])))
+
+
+def test_psis_default_limit_holds_small_runs_of_an_unchanged_distribution_to_one_false_alarm_in_a_thousand():
+    """QA (2026-12-03): nights of 100-200 ordinary scans crossed the fixed 0.20 (one empty bin adds ~0.13). Fresh
+    references and runs drawn from one distribution: the fixed line is crossed often at 100-150 images, the limit by
+    the run's size about as rarely as its quantile says."""
+    rng = np.random.default_rng(7)
+
+    def draw(n):
+        pos = rng.random(n) < 0.68
+        return np.where(pos, rng.beta(6, 1.2, n), rng.beta(1.2, 6, n))
+
+    reference = draw(782)
+    for n, fixed_rate in ((100, 0.10), (150, 0.015)):
+        limit = psi_limit_for(reference, n)
+        trials = np.asarray([psi(histogram_shares(draw(782)), histogram_shares(draw(n))) for _ in range(2000)])
+        assert np.mean(trials > PSI_LIMIT) > fixed_rate  # the fixed line: 16% and 2.6% of unchanged nights
+        assert np.mean(trials > limit) < 0.004  # 0.001 by construction (measured: 0.001 at both sizes)
+
+
+def test_psis_default_limit_falls_with_the_runs_size_to_the_usual_line_and_a_given_limit_stays():
+    reference = _probs(782)
+    limits = [psi_limit_for(reference, n) for n in (100, 200, 400, 5000)]
+    assert limits[0] > limits[1] > PSI_LIMIT and limits[-1] == PSI_LIMIT
+    assert psi_null_limit(reference, 150) == psi_null_limit(reference, 150)  # seeded: the same night, the same limit
+    assert psi_limit_for(reference, 100, given=0.2) == 0.2 and psi_limit_for(reference, 5000, given=0.05) == 0.05
+
+
+def test_a_small_run_is_judged_against_its_sized_limit_and_a_real_shift_still_shows():
+    ref_e, ref_p = _embeddings(800), _probs(800)
+    rng = np.random.default_rng(3)
+    # 120 images of the reference's distribution with its 0.4-0.6 bins left empty: PSI over 0.20 by noise alone
+    pool = _probs(4000, seed=5)
+    quiet = rng.choice(pool[(pool < 0.4) | (pool >= 0.6)], 120, replace=False)
+    sized = drift_figures(ref_e, ref_p, _embeddings(120, seed=4), quiet, threshold=0.5)
+    fixed = drift_figures(ref_e, ref_p, _embeddings(120, seed=4), quiet, threshold=0.5, psi_limit=PSI_LIMIT)
+    assert fixed.psi == sized.psi > PSI_LIMIT and fixed.detected and fixed.psi_limit == PSI_LIMIT
+    assert not sized.detected and sized.psi_limit > sized.psi and sized.psi_limit_sized and not fixed.psi_limit_sized
+    fewer = drift_figures(ref_e, ref_p, _embeddings(120, seed=4), _probs(120, positive_share=0.1, seed=6), 0.5)
+    assert fewer.detected and fewer.psi > fewer.psi_limit > PSI_LIMIT
 
 
 def test_domain_auc_tells_no_drift_from_a_shifted_mean():
@@ -128,16 +171,17 @@ def test_a_change_in_prevalence_alone_moves_the_domain_auc():
 
 
 def test_the_drift_blocks_keys_keep_their_order_in_every_state():
-    """metrics.json's `drift` block, as the job has always written it, state by state."""
+    """metrics.json's `drift` block, as the job has always written it, state by state (psi_limit_sized added
+    2026-12-03, after psi_limit)."""
     ref_e, ref_p = _embeddings(600), _probs(600)
     head = ["reference", "images", "sampled", "reference_images", "reference_sampled", "positive_rate",
-            "reference_positive_rate", "domain_auc_limit", "psi_limit", "seed", "histogram"]
+            "reference_positive_rate", "domain_auc_limit", "psi_limit", "psi_limit_sized", "seed", "histogram"]
     judged = drift_figures(ref_e, ref_p, _embeddings(300, seed=1), _probs(300, seed=1), threshold=0.5)
     assert list(judged.to_json()) == head + ["judged", "domain_auc", "psi", "detected", "figures"]
     few = drift_figures(ref_e, ref_p, _embeddings(20), _probs(20), threshold=0.5)
     assert list(few.to_json()) == head + ["detected", "judged", "note", "figures"]
-    assert list(no_reference(5).to_json()) == ["reference", "images", "domain_auc_limit", "psi_limit", "judged",
-                                               "detected", "note", "figures"]
+    assert list(no_reference(5).to_json()) == ["reference", "images", "domain_auc_limit", "psi_limit",
+                                               "psi_limit_sized", "judged", "detected", "note", "figures"]
     broken = failed(5, 0.6, 0.2, "ValueError: x")
     assert broken.to_json()["note"] == "check failed (ValueError: x)" and broken.to_json()["reference"] is True
 

@@ -226,7 +226,7 @@ def test_ledger_commits_drift_and_returns_the_last_runs_of_the_version_oldest_fi
     assert [h["run_id"] for h in history] == [f"r{i}" for i in range(6, 35)]
     assert history[-1] == {"run_id": "r34", "finished_utc": history[-1]["finished_utc"], "images": 1200,
                            "judged": True, "detected": False, "domain_auc": 0.5234, "psi": 0.0412,
-                           "positive_rate": 0.4567}
+                           "positive_rate": 0.4567, "domain_auc_limit": 0.60, "psi_limit": 0.20}
     unjudged = history[[h["run_id"] for h in history].index("r14")]
     assert unjudged["judged"] is False and unjudged["domain_auc"] is None and unjudged["psi"] is None
     assert history[[h["run_id"] for h in history].index("r10")]["detected"] is True
@@ -250,6 +250,34 @@ def test_a_ledger_from_before_the_drift_table_opens_and_commits_with_drift(tmp_p
         assert [h["run_id"] for h in book.drift_history(MODEL, 29)] == ["new"]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall() == [("new",), ("old",)]
+
+
+def test_the_ledger_keeps_each_runs_limits_and_has_none_for_runs_before_it_kept_them(tmp_path):
+    """The PSI's default limit depends on the run's size (drift.psi_limit_for), so the trend needs each run's."""
+    path = str(tmp_path / "ledger.sqlite")
+    with Ledger(path) as book:
+        book.commit("small", "/out/s", MODEL, [], drift=replace(judged(), images=132, psi_limit=0.4449))
+        book.commit("given", "/out/g", MODEL, [], drift=replace(judged(), domain_auc_limit=0.7, psi_limit=0.3))
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM drift_limits WHERE run_id = 'small'")  # as a run committed before the table
+    conn.close()
+    with Ledger(path) as book:
+        history = book.drift_history(MODEL, 29)
+    assert [(h["run_id"], h["domain_auc_limit"], h["psi_limit"]) for h in history] == [
+        ("small", None, None), ("given", 0.7, 0.3)]
+
+
+def test_the_trend_draws_each_runs_own_limit_and_marks_against_it():
+    """A small night's PSI of 0.35 under its own limit of 0.45 is not red, a large night's 0.25 over 0.20 is;
+    a run without recorded limits is judged against tonight's."""
+    history = [{**point(0), "psi": 0.35, "psi_limit": 0.45, "domain_auc_limit": 0.6},
+               {**point(1, detected=True), "psi": 0.25, "psi_limit": 0.20, "domain_auc_limit": 0.6},
+               {**point(2), "psi": 0.10}]
+    psi_limits = drift_report.limits(history, "psi_limit", 0.30)
+    assert psi_limits.tolist() == [0.45, 0.20, 0.30]
+    detected = np.array([h["detected"] for h in history])
+    assert drift_report.marked(drift_report._series(history, "psi"), psi_limits, detected).tolist() == [
+        False, True, False]
 
 
 def test_a_failed_drift_insert_rolls_back_the_whole_commit(tmp_path):
