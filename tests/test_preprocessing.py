@@ -78,6 +78,30 @@ def test_a_16_bit_png_gives_the_same_input_whatever_its_significant_bits(bits):
                               np.asarray(to_grayscale_8bit(Image.fromarray(data))))
 
 
+@pytest.mark.parametrize("channels", [3, 2, 4])  # 16-bit RGB, gray+alpha, RGBA: Pillow reads their high bytes
+def test_a_16_bit_colour_png_is_stretched_as_a_gray_one_and_refused_under_15_significant_bits(channels):
+    """QA (2026-12-03): a 16-bit colour PNG holding 15 significant bits was scored from the half-bright picture of its
+    high bytes (three NORMAL scans of 20 flagged); with 12 to 14 it was refused as near-constant, too few grey levels
+    or unlike an X-ray, none naming the cause. Now stretched as a 16-bit gray PNG is, or refused saying why."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    picture = scan_like()
+    gray16 = None
+    for bits in (16, 15, 14, 12):
+        data = np.rint((picture - picture.min()) / np.ptp(picture) * (2 ** bits - 1)).astype(np.uint16)
+        planes = [data] * min(channels, 3) + [np.full_like(data, 65535)] * (channels in (2, 4))
+        png = imagecodecs.png_encode(np.dstack(planes[:channels]))
+        if bits == 16:
+            gray16 = preprocess_image(encode(Image.fromarray(data)), CFG)
+        if bits >= 15:
+            assert np.abs(preprocess_image(png, CFG) - gray16).max() <= 3 / 255  # 7 bits of grey kept at 15
+        else:
+            with pytest.raises(ImageError, match="16-bit colour PNG holding 14 or fewer significant bits"):
+                preprocess_image(png, CFG)
+    eight = encode(Image.fromarray(np.dstack([np.rint(picture * 255).astype(np.uint8)] * 3)))
+    assert np.array_equal(preprocess_image(eight, CFG), preprocess_image(encode(Image.fromarray(
+        np.rint(picture * 255).astype(np.uint8))), CFG))  # an 8-bit colour PNG is not stretched
+
+
 def test_a_uniform_16_bit_png_is_near_constant_not_stretched_into_a_picture():
     """Review: with min..max, a uniform 16-bit image has no range to stretch: it stays uniform (0), and the input
     gate refuses it as near-constant."""

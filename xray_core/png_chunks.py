@@ -1,9 +1,19 @@
-"""Whether a PNG file is whole, read from its chunk headers without decoding anything (PNG spec, section 5.3): the
-preprocessing refuses one that ends before its IEND chunk (xray_core/preprocessing.py), which Pillow decodes as far
-as it goes."""
+"""What the preprocessing needs of a PNG's chunk headers, read without decoding anything (PNG spec, section 5.3):
+whether the file is whole (one that ends before its IEND chunk, which Pillow decodes as far as it goes, is refused),
+and its bit depth and colour type (a 16-bit colour PNG reaches Pillow's modes by its high bytes: xray_core/
+preprocessing.py)."""
 from __future__ import annotations
 
 import struct
+
+
+def png_depth_and_colour(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from the IHDR chunk, which every PNG starts with (PNG spec, section 11.2.2: after the
+    8-byte signature, the chunk's length and type, width and height), or None where there is none."""
+    return (data[24], data[25]) if len(data) >= 26 and data[12:16] == b"IHDR" else None
+
+
+WIDE_COLOUR = {(16, 2), (16, 4), (16, 6)}  # 16-bit RGB, gray+alpha, RGBA: Pillow hands out their high bytes only
 
 
 def png_ends(data: bytes) -> bool:

@@ -27,9 +27,9 @@ from xray_core.dicom_header import (
     read_dicom_header,
 )
 from xray_core.errors import ImageError, one_line
-from xray_core.intensity import stretch_to_uint8
+from xray_core.intensity import high_bytes_stretched, stretch_to_uint8
 from xray_core.jpeg_frame import scalable_jpeg
-from xray_core.png_chunks import png_ends
+from xray_core.png_chunks import WIDE_COLOUR, png_depth_and_colour, png_ends
 from xray_core.reading import read_file
 
 # _check_size refuses these images itself. Not warnings.catch_warnings() per call: it swaps the
@@ -128,6 +128,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
         raise ImageError(f"decode failed: {CUT_SHORT}")  # written was scored whole, then again (QA)
     _check_size(img, config)
     jpeg = img.format in JPEG_FORMATS
+    wide_colour = img.format == "PNG" and png_depth_and_colour(data) in WIDE_COLOUR
     draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
     if jpeg and img.info.get("progressive") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers (FF is
         raise ImageError(f"progressive JPEG of more than {MAX_JPEG_SCANS} scans")  # stuffed in coded data)
@@ -144,7 +145,10 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     img.load()
     img = ImageOps.exif_transpose(img)
     colour = img.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "RGBa", "La")
-    return Decoded(to_grayscale_8bit(img), content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
+    gray = to_grayscale_8bit(img)
+    if wide_colour:
+        gray = Image.fromarray(high_bytes_stretched(np.asarray(gray)), mode="L")
+    return Decoded(gray, content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's words: a file ends in its pixels
