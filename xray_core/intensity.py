@@ -49,7 +49,7 @@ def high_bytes_stretched(gray: np.ndarray) -> np.ndarray:
     """The grey of a 16-bit colour or gray+alpha PNG, which Pillow reads by its high bytes (uint8), stretched from its
     own min..max as a 16-bit gray PNG is (QA: holding 15 significant bits, it was scored from a half-bright picture,
     and three NORMAL scans of 20 were flagged); ImageError where its high bytes never reach 64, as they do not with
-    14 or fewer significant bits (64 grey levels at most: under the 107 of every training scan, xray_core/content.py)."""
+    14 or fewer significant bits (64 grey levels at most: under the 107 of every training scan, content.py)."""
     if int(gray.max()) < 64:
         raise ImageError("16-bit colour PNG holding 14 or fewer significant bits (read by its high byte only, it "
                          "keeps too few grey levels): save the scan as 16-bit grayscale PNG")
