@@ -9,7 +9,7 @@ from typing import Iterator
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
-from xray_core.preprocessing import is_image_file, is_input_file
+from xray_core.preprocessing import is_image_file, is_input_file, is_other_image_file
 
 LOG = logging.getLogger("batch_job")
 
@@ -181,8 +181,8 @@ def _walk(root: str, select=lambda path: True, may_hold=lambda folder: True,
             if hidden(name):
                 if select(path) and hidden_input(path):
                     files_passed.append(path)
-            elif select(path) and is_input_file(path, unreadable=True):
-                yield path
+            elif select(path) and (is_input_file(path, unreadable=True) or is_other_image_file(name)):
+                yield path  # another image format (TIFF, BMP, ...) too: its row says it is not read (QA)
     yield from _folders(unlisted, may_hold)
     if passed:  # the input named as given; the links under it at DEBUG only: a folder's name may be a patient's (QA)
         LOG.warning("%d symbolic link(s) to folders under %s not followed (--log-level DEBUG names them): name them "
@@ -216,7 +216,7 @@ def _match_uri(pattern: str) -> Iterator[str]:
         pattern = pattern.rstrip("/") + "/**"
     for result in FileSystems.match([pattern]):
         for meta in result.metadata_list:
-            if is_image_file(meta.path):
+            if is_image_file(meta.path) or is_other_image_file(meta.path):
                 yield meta.path
 
 

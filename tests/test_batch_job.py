@@ -542,18 +542,26 @@ def test_a_folder_input_lists_no_hidden_folder_or_file_and_says_how_many(tmp_pat
 
 def test_a_file_named_as_input_is_a_row_whatever_its_extension(tmp_path, tiny_package, capsys):
     """QA: `--input scan.tif` (or .gif, .jpe) was `scored 0/0`, exit 0: a file the user named vanished without a row.
-    Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is."""
+    Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is.
+    In a folder too (QA, 2026-12-03: a folder of TIFF exports was a quiet night, exit 0, not a word)."""
     from helpers import textured
 
     (tmp_path / "in").mkdir()
     textured((64, 64), 120).save(tmp_path / "in" / "scan.tif")
     textured((64, 64), 120).save(tmp_path / "in" / "scan.jpe", format="JPEG")
-    for name, status, error in (("scan.tif", "error", "unsupported image format TIFF"), ("scan.jpe", "ok", "")):
+    tiff = "unsupported image format TIFF (JPEG, PNG and DICOM are read: convert it)"
+    for name, status, error in (("scan.tif", "error", tiff), ("scan.jpe", "ok", "")):
         out = tmp_path / f"out-{name}"
         assert main(small_run(str(tmp_path / "in" / name), tiny_package, out)) == 0
         row = read_predictions(str(out))[str(tmp_path / "in" / name)]
         assert (row["status"], row["error"]) == (status, error)
-    assert [path for _, path in iter_images([str(tmp_path / "in")])] == []  # in a folder: image extensions only
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    assert [os.path.basename(path) for _, path in iter_images([str(tmp_path / "in")])] == ["scan.jpe", "scan.tif"]
+    out = tmp_path / "out-folder"
+    assert main(small_run(str(tmp_path / "in"), tiny_package, out)) == 0
+    rows = read_predictions(str(out))
+    assert [(rows[str(tmp_path / "in" / n)]["status"], rows[str(tmp_path / "in" / n)]["error"])
+            for n in ("scan.jpe", "scan.tif")] == [("ok", ""), ("error", tiff)] and len(rows) == 2
 
 
 def test_an_empty_ledger_option_is_refused(labelled_tree, tiny_package, tmp_path, capsys):

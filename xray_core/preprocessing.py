@@ -37,7 +37,11 @@ from xray_core.reading import read_file
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 OUT_OF_SCOPE = "out of scope: "  # read_model_input's error for what the batch job leaves out of scope
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".dcm")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".jpe", ".jfif", ".png", ".dcm")
+# Image formats the job does not read, listed all the same (batch_job/listing.py) so that each is a row saying so: a
+# folder of TIFF exports was a silent quiet night (QA, 2026-12-03). Training and calibration folders do not list them.
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k", ".jpf", ".jpx", ".jxl", ".heic",
+                          ".heif", ".avif", ".pgm", ".ppm", ".pnm")
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a multi-picture JPEG (a camera's), whose first picture Pillow decodes as JPEG
 SUPPORTED_FORMATS = (*JPEG_FORMATS, "PNG")
 # A progressive JPEG is decoded scan by scan, and nothing in the format bounds their number: one 1.2 MB file of 10,000
@@ -123,7 +127,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
         return Decoded(_check_size(dicom.image, config), dicom.colour_spread, dicom.header)
     img = Image.open(io.BytesIO(data), formats=None)
     if img.format not in SUPPORTED_FORMATS:
-        raise ImageError(f"unsupported image format {img.format}")
+        raise ImageError(f"unsupported image format {img.format} (JPEG, PNG and DICOM are read: convert it)")
     if img.format == "PNG" and not png_ends(data):  # Pillow decodes the pixels it has and stops: a PNG still being
         raise ImageError(f"decode failed: {CUT_SHORT}")  # written was scored whole, then again (QA)
     _check_size(img, config)
@@ -260,6 +264,11 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_other_image_file(name: str) -> bool:
+    """An image format the job does not read, by its extension (OTHER_IMAGE_EXTENSIONS)."""
+    return name.lower().endswith(OTHER_IMAGE_EXTENSIONS)
+
+
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"  # macOS's `._<name>` beside each file copied from a Mac: its Finder data
 
 
@@ -276,7 +285,7 @@ def is_appledouble(path: str) -> bool:
 
 
 def is_input_file(path: str, unreadable: bool = False) -> bool:
-    """An image by extension (.jpeg .jpg .png .dcm), or a regular file that is DICOM (dicom_header.is_dicom;
+    """An image by extension (.jpeg .jpg .jpe .jfif .png .dcm), or a regular file that is DICOM (dicom_header.is_dicom;
     archives name DICOM files by their SOP Instance UID): what the batch job, calibration and training list.
     A macOS AppleDouble file (`._scan.jpeg`) is not listed: it holds a Mac's metadata of scan.jpeg, no image.
 
