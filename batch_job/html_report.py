@@ -147,7 +147,8 @@ def drift_section(drift: DriftResult, out_dir: str) -> dict:
              drift_report.TREND_FILE: "domain AUC and PSI over the last runs"}
     shown = [f for f in drift.figures if f in names and os.path.exists(os.path.join(out_dir, f))]
     state = drift_state(drift)
-    return {"line": summary_line(drift), "css": {"DETECTED": "detected", "none": "none"}.get(state, "unjudged"),
+    return {"line": summary_line(drift), "state": state,
+            "css": {"DETECTED": "detected", "none": "none"}.get(state, "unjudged"),
             "row": drift_report.figures_row(drift) if drift.reference else None,
             "over_auc": drift.domain_auc is not None and drift.domain_auc > drift.domain_auc_limit,
             "over_psi": drift.psi is not None and drift.psi > drift.psi_limit,

@@ -91,15 +91,27 @@ def _restore_abandoned(path: str, out: str) -> None:
         remove_dir(path)  # with an OUT_DIR in place, what remains was already replaced
 
 
-def only_outputs(out: str) -> bool:
-    """OUT_DIR holds nothing but names the job writes (OUTPUTS), in its folders too: a file someone added (a
-    reviewer's notes, an annotated image) is never deleted by a rerun without --overwrite."""
+def foreign(out: str, limit: int | None = None) -> list[str]:
+    """The names in OUT_DIR (relative to it; the first `limit`) that the job does not write (OUTPUTS), in its folders
+    too: a reviewer's notes, an annotated image."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(out):
         folder = os.path.relpath(dirpath, out)
         rule = OUTPUTS.get("" if folder == "." else folder)
-        if rule is None or not all(rule.match(name) for name in dirnames + filenames):
-            return False
-    return True
+        if rule is None:  # a folder of someone else's, named where it was found: not walked
+            dirnames[:] = []
+            continue
+        found += [os.path.normpath(os.path.join(folder, name)) for name in sorted(dirnames + filenames)
+                  if not rule.match(name)]
+        if limit is not None and len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def only_outputs(out: str) -> bool:
+    """OUT_DIR holds nothing but names the job writes (OUTPUTS), in its folders too: a file someone added (a
+    reviewer's notes, an annotated image) is never deleted by a rerun without --overwrite."""
+    return not foreign(out, 1)
 
 
 def _recorded(out: str, key: str):

@@ -21,7 +21,7 @@ import stat
 from typing import IO
 
 from batch_job.errors import InputError, JobError
-from batch_job.leftovers import ANY_TEMP, parked_name
+from batch_job.leftovers import ANY_TEMP, foreign, parked_name
 from batch_job.listing import input_root, is_uri
 from xray_core.files import (
     PRIVATE,
@@ -144,8 +144,19 @@ def refuse_existing(out: str, overwrite: bool) -> None:
         raise InputError(f"output dir {out} is a mount point; the job replaces OUT_DIR as a whole by renaming: name "
                          "a folder inside it")
     filled = os.path.isdir(out) and not _is_empty(out)  # an empty one stands in for nothing: it is just removed
+    # QA: "pass --overwrite" deleted a colleague's notes without a word. Counted, named at DEBUG (a name may be a
+    # patient's: a scan copied in)
+    others = foreign(out) if filled else []
+    what = f"{len(others)} file(s) or folder(s) the job did not write (--log-level DEBUG names them)"
+    if others:
+        LOG.debug("in %s, not written by the job: %s", out, ", ".join(others))
     if filled and not overwrite:
-        raise InputError(f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+        raise InputError(f"output dir {out} exists and holds {what}: name another folder (--overwrite would "
+                         "delete them with the rest)" if others else
+                         f"output dir {out} exists and is not empty (pass --overwrite to replace it)")
+    if others:
+        LOG.warning("--overwrite: %s holds %s; they are deleted with the rest when this night's outputs are "
+                    "published", out, what)
     locked = _unremovable(out) if filled else None
     if locked:  # it failed only after the whole night was scored (moving OUT_DIR aside needs write permission on it)
         raise InputError(f"output dir {out} cannot be replaced: {locked[1].format(locked[0])}")

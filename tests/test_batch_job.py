@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import html
 import json
+import logging
 import os
 import re
 import shutil
@@ -1561,3 +1562,32 @@ def test_rust_backtraces_are_off_unless_debugging(level, kept, monkeypatch):
     monkeypatch.setenv("RUST_BACKTRACE", "1")
     quiet_rust_backtraces(level)
     assert os.environ["RUST_BACKTRACE"] == kept
+
+
+def test_a_non_empty_output_is_refused_counting_what_the_job_did_not_write_and_overwrite_says_it_deletes_them(
+        labelled_tree, tiny_package, tmp_path, capsys, caplog):
+    """QA (2026-12-03): the refusal said "pass --overwrite", and doing so deleted a colleague's notes in OUT_DIR
+    without a word. Now the refusal counts them (names at DEBUG: a name may be a patient's) and --overwrite warns."""
+    out = tmp_path / "out"
+    assert main(small_run(labelled_tree[0], tiny_package, out)) == 0
+    capsys.readouterr()
+    assert main(small_run(labelled_tree[0], tiny_package, out)) == 2  # only the job's own outputs: the plain refusal
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("exists and is not empty (pass --overwrite to "
+                                                                      "replace it)")
+    (out / "notes_dr_x.txt").write_text("read")
+    (out / "heatmaps").mkdir(exist_ok=True)
+    (out / "heatmaps" / "circled.png").write_bytes(b"png")
+    assert main(small_run(labelled_tree[0], tiny_package, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds 2 file(s) or folder(s) the job did not write" in last and "notes_dr_x" not in last
+    from batch_job.outdir import refuse_existing
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="batch_job"):
+        refuse_existing(str(out), overwrite=True)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert any(level == logging.WARNING and "--overwrite" in m and "holds 2 file(s) or folder(s) the job did not "
+               "write" in m and "deleted with the rest" in m for level, m in said)
+    assert (logging.DEBUG, f"in {out}, not written by the job: notes_dr_x.txt, heatmaps/circled.png") in said
+    assert main(small_run(labelled_tree[0], tiny_package, out) + ["--overwrite"]) == 0
+    assert not (out / "notes_dr_x.txt").exists() and (out / "metrics.json").exists()

@@ -178,6 +178,16 @@ def test_html_shows_a_detected_banner_the_figures_and_the_card(tmp_path):
     assert '<img src="drift.png"' in raw and '<img src="drift_trend.png"' in raw
     assert 'width="520" height="350"' in raw
     assert raw.index('id="worklist"') < raw.index("Probability histogram") < raw.index('id="drift"')
+    # QA: the verdict sat ~7,500 px down, after 165 flagged rows; now also in the contents line and above the worklist
+    contents = raw[raw.index('id="contents"'):raw.index('id="worklist"')]
+    assert 'drift: <b class="over">DETECTED</b>' in contents and 'id="drift-warning"' in contents
+
+
+def test_the_contents_line_says_the_drift_verdict_and_only_a_detection_warns_above_the_worklist(tmp_path):
+    for drift, name, said in ((judged(detected=False), "none", "drift: none"), (too_few(), "few", "drift: not judged")):
+        raw, _ = page_for(tmp_path, drift, name)
+        contents = raw[raw.index('id="contents"'):raw.index('id="worklist"')]
+        assert said in contents and "drift-warning" not in raw
 
 
 def test_html_banner_for_none_not_judged_and_no_reference(tmp_path):

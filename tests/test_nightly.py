@@ -408,7 +408,7 @@ def test_only_an_output_of_a_run_killed_before_this_ledgers_commit_is_replaced(s
     runs(f"INSERT INTO runs VALUES ('{run_id}', '{out}', 'pneumonia/1', -1, 'now')")  # killed before its commit
     for extra in ("reviewed.txt", "annotated_by_dr_x.png"):  # files the job did not write
         (out / extra).write_text("read by Dr X")
-        assert_one_line_error(capsys, night(pneumonia), "exists and is not empty")
+        assert_one_line_error(capsys, night(pneumonia), "holds 1 file(s) or folder(s) the job did not write")
         (out / extra).unlink()
     caplog.clear()
     assert night(pneumonia) == 0  # killed before its commit, on this ledger: replaced

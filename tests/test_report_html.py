@@ -113,7 +113,9 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
     assert f"Model {m['model']} · threshold {m['threshold']:.4f} · runner {m['runner']}" in text
     oos = m["images_out_of_scope"]
     oos_words = f"{oos} not screened (each needs a read)" if oos else "0"
-    assert (f"On this page: worklist, {m['positive_count']} flagged · out of scope, {oos_words} · counts · drift · "
+    drift = "DETECTED" if m["drift"]["detected"] else "none" if m["drift"]["judged"] else "not judged"
+    assert (f"On this page: worklist, {m['positive_count']} flagged · out of scope, {oos_words} · counts · "
+            f"drift: {drift} · "
             f"against folder labels · errors, {m['images_failed']}"
             in " ".join(text.split()))  # QA: 189 flagged rows put the out-of-scope section 4,000 px down
     rows = read_predictions(report_run)
