@@ -39,3 +39,20 @@ def check_model(path: str, model: str, onnx_sha256: str, scoring_sha256: str = "
         raise LedgerError(f"ledger {path} holds the scores of another {model}: the same model.onnx behind another "
                           f"input gate or preprocessing (package {scoring[:12]}, this one's {scoring_sha256[:12]}): "
                           "publish this package as a new version, or name another --ledger")
+
+
+def other_models(path: str, model: str) -> list[str]:
+    """The model ids this ledger has nights of, where it has none of `model` (else, or without a ledger, []): a
+    version new to the ledger scores every image in its inputs, those earlier nights read with the others too (QA: a
+    night run with version 6 put 98 scans version 7 had flagged the night before on the worklist again, and no line
+    said why)."""
+    if not os.path.exists(path):
+        return []
+    with contextlib.closing(read_only(path)) as conn:
+        try:
+            models = [row[0] for row in conn.execute("SELECT DISTINCT model FROM runs ORDER BY model")]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+    return [] if model in models else models

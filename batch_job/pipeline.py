@@ -41,7 +41,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
-from batch_job.ledger_identity import check_model
+from batch_job.ledger_identity import check_model, other_models
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -104,6 +104,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     if args.ledger:
         check_usable(args.ledger)  # every refusal comes before anything is created
         check_model(args.ledger, model.model_id, model.sha256, model.scoring_sha256)
+        others = other_models(args.ledger, model.model_id)
+        if others:
+            LOG.warning("ledger %s has no night of %s (it has nights of %s): every image in the inputs is scored "
+                        "with it, those read on earlier nights too, and tonight's worklist holds them all",
+                        args.ledger, model.model_id, ", ".join(others))
     out = os.path.abspath(args.output)
     leftovers.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     if args.ledger and args.overwrite:

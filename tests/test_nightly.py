@@ -199,7 +199,11 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     assert [(len(sha), os.path.basename(path)) for sha, path, _ in rows] == [(64, "new.png")]
     rows = ledger_rows(ledger)
     assert len(rows) == 21 and len({(r[0], r[1]) for r in rows}) == 21  # no duplicates; failures not recorded
-    # a new model version rescores everything
+    # a new model version rescores everything, and the job says so (QA: no line did)
+    from batch_job.ledger_identity import other_models
+
+    assert other_models(ledger, "pneumonia/1") == [] and other_models(str(tmp_path / "none.sqlite"), "x/1") == []
+    assert other_models(ledger, "pneumonia/2") == ["pneumonia/1"]
     serving = str(tmp_path / "serving")
     write_package(serving, version=2)
     assert main(["--input", small_tree, "--model", os.path.join(serving, "pneumonia"), "--ledger", ledger,
