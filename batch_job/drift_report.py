@@ -103,7 +103,7 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
     (`auc_limit`, `psi_limit`: tonight's, also for runs the ledger kept no limits for); a run's figure in red where
     drift was detected that night and the figure is over its limit, a run detected under other limits ringed in red,
     runs not judged left as gaps."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     x = np.arange(1, len(history) + 1)
     detected = np.array([bool(h["detected"]) for h in history], dtype=bool)
@@ -119,9 +119,13 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
         bottom.set_xticks(x)
     else:
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    days = [h["finished_utc"][5:10] for h in history]  # QA: run numbers alone did not say which night a point was
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: days[int(v) - 1] if v == int(v) and 1 <= v <= len(days)
+                                                   else ""))
     first, last = (h["finished_utc"][:10] for h in (history[0], history[-1]))
-    dates = last if first == last else f"{first} to {last}"
-    bottom.set_xlabel(f"run ({dates}; the last is this run)", fontsize=8)
+    dates = last if first == last else f"{first} to {last[5:] if first[:4] == last[:4] else last}"
+    gaps = "; gap: not judged" if not all(h["judged"] for h in history) else ""
+    bottom.set_xlabel(f"run, by UTC day ({dates}; the last is this run{gaps})", fontsize=8)
     runs = f"last {len(history)} runs" if len(history) > 1 else "1 run so far"
     top.set_title(f"Drift: {runs}", fontsize=10, loc="left")  # of this version (QA: a longer title met the legend)
     top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=7.5,
