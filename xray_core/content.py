@@ -45,7 +45,7 @@ def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
     mean = float(counts @ values) / gray.size
     std = float(np.sqrt(max(float(counts @ (values - mean) ** 2) / gray.size, 0.0)))
     if std < MIN_GREY_STD:
-        return f"near-constant image (grey-level std {std:.1f} < {MIN_GREY_STD:g})"
+        return f"near-constant image (grey-level std {std:.2f} < {MIN_GREY_STD:g})"  # .1f said "4.0 < 4" (QA)
     levels = int(np.count_nonzero(counts))
     if levels < MIN_GREY_LEVELS:
         return f"too few grey levels ({levels} < {MIN_GREY_LEVELS})"
