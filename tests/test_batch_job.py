@@ -672,6 +672,28 @@ def test_temp_dirs_of_jobs_before_the_scratch_folder_are_recognised():
     assert not JOB_FILES.match("notes.txt") and not JOB_FILES.match("_listing.jsonl.bak")
 
 
+def test_a_probability_at_the_threshold_is_flagged_as_positive_count_counts_it():
+    """Mutation QA: `>` for `>=` survived; the CSV would say NORMAL where positive_count counts it as flagged."""
+    spec = ScoringSpec("m.onnx", "m/1", {}, 0.625)
+    assert make_row("/x/a.png", "", spec, 0.625).prediction == "PNEUMONIA"
+    assert make_row("/x/b.png", "", spec, 0.625 - 1e-6).prediction == "NORMAL"
+
+
+def test_report_md_summary_row_has_each_count_in_its_column():
+    """Mutation QA: failed and out-of-scope swapped in the summary row passed, the assertion matching the per-input
+    row instead."""
+    from batch_job.reconcile import Reconciliation
+    from batch_job.report import report_markdown
+    from helpers import run_result
+
+    counts = Reconciliation(20, 12, 3, 1, 0, 0, 0, [], {"/data": {"found": 20, "scored": 12, "failed": 3,
+                                                                  "skipped": 1, "out_of_scope": 4}},
+                            np.linspace(0.1, 0.9, 12), [""] * 12, out_of_scope=4)
+    text = report_markdown(run_result(counts=counts))
+    rows = [line for line in text.splitlines() if line.startswith("| 20 |")]
+    assert rows == ["| 20 | 12 | 3 | 4 | 1 | 6 | 0.5000 |"], rows
+
+
 def test_reconcile_counts_duplicates_and_strays(tmp_path):
     listing = str(tmp_path / shards.LISTING_FILE)
     shards.write_listing(listing, [(0, f"/x/{i}.png", "") for i in range(5)])

@@ -38,6 +38,13 @@ def test_a_faint_gradient_is_near_constant():
     assert content.problem(img) == "near-constant image (grey-level std 2.29 < 4)"
 
 
+def test_the_grey_level_limit_is_32_levels():
+    rng = np.random.default_rng(1)
+    for levels, refused in ((31, True), (32, False)):
+        img = (rng.integers(0, levels, (64, 64)) * 8).astype(np.uint8)  # std ~70: only the levels can refuse it
+        assert (content.problem(img) == f"too few grey levels ({levels} < 32)") is refused, levels
+
+
 def test_a_drawing_has_too_few_grey_levels():
     img = np.where(np.random.default_rng(0).random((64, 64)) > 0.5, 255, 0).astype(np.uint8)
     img[:8] = 128

@@ -118,7 +118,10 @@ def test_two_fold_on_known_scores():
 
 
 def test_threshold_from_one_half_can_miss_on_the_other():
-    """The out-of-half recall is below target when the halves differ: the estimate is not in-sample."""
+    """Each half is judged at the threshold chosen on the other half: the estimate is not in-sample. (Mutation QA,
+    2026-12-03: a two_fold choosing each threshold on the half it measures passed the `!=` this test had.)"""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     from export.calibrate import two_fold
     from xray_core.metrics import choose_threshold, operating_point
 
@@ -129,7 +132,14 @@ def test_threshold_from_one_half_can_miss_on_the_other():
     est = two_fold(y, p, groups, 0.95)
     in_sample = operating_point(y, p, choose_threshold(y, p, 0.95))
     assert in_sample["recall"] >= 0.95
-    assert est["recall"] != in_sample["recall"] or est["specificity"] != in_sample["specificity"]
+    halves = list(StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=0).split(p, y, groups))
+    flagged = np.zeros(100, bool)
+    for (fit, judged), fold in zip(halves, est["folds"]):
+        assert fold["threshold"] == choose_threshold(y[fit], p[fit], 0.95)
+        assert fold["threshold"] != choose_threshold(y[judged], p[judged], 0.95)
+        flagged[judged] = p[judged] >= fold["threshold"]
+    assert (est["recall"], est["specificity"]) == (flagged[y == 1].mean(), 1 - flagged[y == 0].mean()) == (58 / 60,
+                                                                                                             32 / 40)
 
 
 def test_calibration_labels_only_from_folders_under_the_dir(tmp_path):

@@ -37,6 +37,15 @@ def test_an_upright_layout_is_told_from_the_same_turned_180_degrees_on_images_it
     assert check.reason(p) == (f"looks upside down or inverted (P {p:.2f}, from its layout): the model reads upright "
                                "scans with bones bright only; check how it was taken or exported")
     assert check.reason(0.5) is None
+    assert check.reason(float(np.nextafter(orientation.LIMIT, 1))) is not None  # mutation QA: P > 0.8 passed too
+
+
+def test_a_check_refusing_upright_scans_is_not_usable():
+    """Mutation QA: `usable` was tested on its upside-down target only; 1% of upright scans refused at most."""
+    base = {"held_out_upright_refused": 0.01, "held_out_upside_down_refused": 0.99}
+    assert orientation.usable(base)
+    assert not orientation.usable({**base, "held_out_upright_refused": 0.02})
+    assert not orientation.usable({**base, "held_out_upside_down_refused": 0.5})
 
 
 def test_images_without_a_layout_give_no_check():

@@ -157,10 +157,11 @@ def test_image_size_parameter():
     assert out.shape == (128, 128, 1)
 
 
-def test_exif_rotation_is_applied():
+@pytest.mark.parametrize("mode", ["L", "RGB"])  # RGB: how the training JPEGs are stored (mutation QA: untested)
+def test_exif_rotation_is_applied(mode):
     arr = np.zeros((40, 80), np.uint8)
     arr[:, :40] = 255  # left half white
-    img = Image.fromarray(arr)
+    img = Image.fromarray(arr).convert(mode)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW to display
     out = preprocess_image(encode(img, "JPEG", quality=95, exif=exif.tobytes()), PreprocessConfig(image_size=32))
