@@ -147,8 +147,8 @@ class DriftResult:
     state: str
     images: int  # probabilities scored in this run
     domain_auc_limit: float
-    psi_limit: float  # this run's: given, or by its size (psi_limit_sized; PSI_LIMIT where the run was not judged)
-    psi_limit_sized: bool = False
+    psi_limit: float  # this run's: given, or by its size (psi_limit_sized); PSI_LIMIT for a run not judged, given none
+    psi_limit_sized: bool = False  # only for a judged run
     detected: bool = False
     domain_auc: float | None = None
     psi: float | None = None
@@ -212,10 +212,10 @@ def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray,
         histogram={"bin_edges": np.linspace(0.0, 1.0, BINS + 1).round(2).tolist(),
                    "shares": histogram_shares(probs).round(6).tolist(),
                    "reference_shares": histogram_shares(reference_probs).round(6).tolist()})
-    if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:
-        return replace(base, state=TOO_FEW)
+    if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:  # not judged: no limit came from its size
+        return replace(base, state=TOO_FEW, psi_limit_sized=False)
     if len(reference_probs) < MIN_IMAGES or len(reference_embeddings) < MIN_IMAGES:
-        return replace(base, state=TOO_FEW_REFERENCE)
+        return replace(base, state=TOO_FEW_REFERENCE, psi_limit_sized=False)
     auc = domain_auc(reference_embeddings, embeddings, seed=seed)
     shift = psi(histogram_shares(reference_probs), histogram_shares(probs))
     psi_limit = psi_limit_for(reference_probs, len(probs), psi_limit)
@@ -225,14 +225,13 @@ def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray,
 
 def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float | None = None) -> DriftResult:
     """The check of a model package without reference.npz (exported before drift checks)."""
-    return DriftResult(NO_REFERENCE, int(images), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
-                       psi_limit_sized=psi_limit is None)
+    return DriftResult(NO_REFERENCE, int(images), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit)
 
 
 def failed(images: int, auc_limit: float, psi_limit: float | None, reason: str) -> DriftResult:
     """A check that raised: said so, not judged (the night's scores are published all the same)."""
     return DriftResult(FAILED, int(images), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
-                       psi_limit_sized=psi_limit is None, note=f"check failed ({reason})")
+                       note=f"check failed ({reason})")
 
 
 def summary_line(drift: DriftResult) -> str:

@@ -55,10 +55,11 @@ def _series(history: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if h.get(key) is None or not h["judged"] else float(h[key]) for h in history])
 
 
-def limits(history: list[dict], key: str, tonight: float) -> np.ndarray:
-    """Each run's limit of a figure as the ledger recorded it; `tonight`'s where it recorded none (a run committed
-    before table drift_limits)."""
-    return np.array([tonight if h.get(key) is None else float(h[key]) for h in history])
+def limits(history: list[dict], key: str, fallback: float) -> np.ndarray:
+    """Each judged run's limit of a figure as the ledger recorded it, `fallback` where it recorded none (a run
+    committed before table drift_limits); NaN for a run not judged (no limit applied: a gap in the step)."""
+    return np.array([np.nan if not h["judged"] else fallback if h.get(key) is None else float(h[key])
+                     for h in history])
 
 
 def marked(values: np.ndarray, limit: np.ndarray | float, detected: np.ndarray) -> np.ndarray:
@@ -86,12 +87,14 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: np.ndarray, name: str, 
     # each run's limit across its slot (the PSI's default grows as a run shrinks), tonight's written beyond the axes
     ax.stairs(limit, np.arange(len(limit) + 1) + 0.5, baseline=None, color="#b3261e", linestyle="--", linewidth=1,
               label="limit")
-    ax.text(1.01, limit[-1], f"{limit[-1]:.2f}", transform=ax.get_yaxis_transform(), ha="left", va="center",
-            color="#b3261e", fontsize=7)
+    drawn = limit[~np.isnan(limit)]
+    if len(drawn):  # the last judged run's, beyond the axes
+        ax.text(1.01, drawn[-1], f"{drawn[-1]:.2f}", transform=ax.get_yaxis_transform(), ha="left", va="center",
+                color="#b3261e", fontsize=7)
     seen = values[~np.isnan(values)]
     if not len(seen):
         ax.text(0.5, 0.5, "not judged", transform=ax.transAxes, ha="center", va="center", color="#6b7580")
-    top = max(float(limit.max()), float(seen.max()) if len(seen) else 0.0)
+    top = max(float(drawn.max()) if len(drawn) else floor + 0.1, float(seen.max()) if len(seen) else floor)
     bottom = min(floor, float(seen.min()) if len(seen) else floor)
     ax.set_ylim(bottom, top + 0.15 * max(top - bottom, 0.1))
     ax.set_ylabel(name)
@@ -100,7 +103,7 @@ def _panel(ax, x: np.ndarray, values: np.ndarray, limit: np.ndarray, name: str, 
 
 def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float) -> None:
     """Domain AUC and PSI of the runs in `history` (oldest first, this run last), each against its run's limit
-    (`auc_limit`, `psi_limit`: tonight's, also for runs the ledger kept no limits for); a run's figure in red where
+    (`auc_limit`, `psi_limit`: for runs the ledger kept no limits for); a run's figure in red where
     drift was detected that night and the figure is over its limit, a run detected under other limits ringed in red,
     runs not judged left as gaps."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -115,13 +118,11 @@ def trend_png(path: str, history: list[dict], auc_limit: float, psi_limit: float
     _panel(top, x, auc, auc_limits, "domain AUC", 0.45, red_auc, ringed)
     _panel(bottom, x, psi, psi_limits, "PSI", 0.0, red_psi, ringed)
     bottom.set_xlim(0.5, len(history) + 0.5)
-    if len(history) <= 10:
-        bottom.set_xticks(x)
-    else:
-        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.xaxis.set_major_locator(MaxNLocator(nbins=7, integer=True))  # review: ten MM-DD labels ran together
     days = [h["finished_utc"][5:10] for h in history]  # QA: run numbers alone did not say which night a point was
     bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: days[int(v) - 1] if v == int(v) and 1 <= v <= len(days)
                                                    else ""))
+    bottom.tick_params(axis="x", labelsize=7.5)
     first, last = (h["finished_utc"][:10] for h in (history[0], history[-1]))
     dates = last if first == last else f"{first} to {last[5:] if first[:4] == last[:4] else last}"
     gaps = "; gap: not judged" if not all(h["judged"] for h in history) else ""
@@ -161,8 +162,9 @@ def write_figures(out_dir: str, drift: DriftResult, threshold: float, model_id: 
                       f"{model_id}: this run vs its validation split")
         written.append(DRIFT_FILE)
     if history:
+        # runs from before the ledger kept limits: judged under the fixed default when tonight's is the sized one
         trend_png(os.path.join(out_dir, TREND_FILE), history[-TREND_RUNS:], drift.domain_auc_limit,
-                  drift.psi_limit)
+                  PSI_LIMIT if drift.psi_limit_sized else drift.psi_limit)
         written.append(TREND_FILE)
     return written
 

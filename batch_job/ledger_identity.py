@@ -4,11 +4,14 @@ row besides the image (batch_job/model.py scoring_identity). Read-only."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 
 from batch_job.ledger import LedgerError
 from batch_job.ledger_lookup import read_only
+
+LOG = logging.getLogger("batch_job")
 
 
 def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
@@ -50,9 +53,19 @@ def other_models(path: str, model: str) -> list[str]:
         return []
     with contextlib.closing(read_only(path)) as conn:
         try:
-            models = [row[0] for row in conn.execute("SELECT DISTINCT model FROM runs ORDER BY model")]
+            models = [row[0] for row in conn.execute("SELECT DISTINCT model FROM runs WHERE images_new >= 0 "
+                                                     "ORDER BY model")]  # not a killed run's publishing row
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []
             raise
     return [] if model in models else models
+
+
+def warn_if_new_model(path: str, model: str) -> None:
+    """A WARNING when the ledger has nights of other model versions and none of this one (other_models)."""
+    others = other_models(path, model)
+    if others:
+        LOG.warning("ledger %s has no night of %s (it has nights of %s): every image in the inputs is scored with it, "
+                    "those read on earlier nights too, and tonight's worklist holds them all", path, model,
+                    ", ".join(others))

@@ -61,7 +61,8 @@ def check_inputs(inputs: list[str], fail_if_empty: bool = False) -> None:
             except OSError as exc:
                 raise InputError(f"input folder cannot be listed: {input_root(p)}: {exc.strerror or exc}") from None
     if fail_if_empty and not any(is_uri(p) for p in inputs) and next(iter_images(inputs), None) is None:
-        raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(inputs)} (--fail-if-empty)")
+        raise InputError(f"no image files (JPEG, PNG, DICOM or another image format) found in {', '.join(inputs)} "
+                         "(--fail-if-empty)")
 
 
 _NAME = r"(?!\.)[^/]*"  # a folder or file name a wildcard may stand for: not a hidden one (as the shell's)

@@ -41,7 +41,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
-from batch_job.ledger_identity import check_model, other_models
+from batch_job.ledger_identity import check_model, warn_if_new_model
 from batch_job.listing import check_inputs, input_root, iter_images
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -104,11 +104,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
     if args.ledger:
         check_usable(args.ledger)  # every refusal comes before anything is created
         check_model(args.ledger, model.model_id, model.sha256, model.scoring_sha256)
-        others = other_models(args.ledger, model.model_id)
-        if others:
-            LOG.warning("ledger %s has no night of %s (it has nights of %s): every image in the inputs is scored "
-                        "with it, those read on earlier nights too, and tonight's worklist holds them all",
-                        args.ledger, model.model_id, ", ".join(others))
+        warn_if_new_model(args.ledger, model.model_id)
     out = os.path.abspath(args.output)
     leftovers.clean_leftovers(out)  # only what killed jobs left (locks prove it); a parked OUT_DIR comes back
     if args.ledger and args.overwrite:
@@ -223,8 +219,8 @@ def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[s
     n = shard_files.write_listing(listing, found)
     if n == 0:
         if args.fail_if_empty:
-            raise InputError(f"no image files (.jpeg/.jpg/.png/.dcm) found in {', '.join(args.input)} "
-                             "(--fail-if-empty)")
+            raise InputError("no image files (JPEG, PNG, DICOM or another image format) found in "
+                             f"{', '.join(args.input)} (--fail-if-empty)")
         LOG.info("no image files found in %s: a quiet night (--fail-if-empty makes this exit 2)",
                  ", ".join(args.input))
         return listing, [(0, 0, 0)]  # one empty shard: its CSV is the header alone

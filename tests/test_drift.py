@@ -91,6 +91,8 @@ def test_a_small_run_is_judged_against_its_sized_limit_and_a_real_shift_still_sh
     fixed = drift_figures(ref_e, ref_p, _embeddings(120, seed=4), quiet, threshold=0.5, psi_limit=PSI_LIMIT)
     assert fixed.psi == sized.psi > PSI_LIMIT and fixed.detected and fixed.psi_limit == PSI_LIMIT
     assert not sized.detected and sized.psi_limit > sized.psi and sized.psi_limit_sized and not fixed.psi_limit_sized
+    few = drift_figures(ref_e, ref_p, _embeddings(50, seed=4), quiet[:50], threshold=0.5)
+    assert (few.state, few.psi_limit, few.psi_limit_sized) == ("too_few", PSI_LIMIT, False)  # no limit applied
     fewer = drift_figures(ref_e, ref_p, _embeddings(120, seed=4), _probs(120, positive_share=0.1, seed=6), 0.5)
     assert fewer.detected and fewer.psi > fewer.psi_limit > PSI_LIMIT
 

@@ -282,12 +282,12 @@ def test_the_trend_draws_each_runs_own_limit_and_marks_against_it():
     a run without recorded limits is judged against tonight's."""
     history = [{**point(0), "psi": 0.35, "psi_limit": 0.45, "domain_auc_limit": 0.6},
                {**point(1, detected=True), "psi": 0.25, "psi_limit": 0.20, "domain_auc_limit": 0.6},
-               {**point(2), "psi": 0.10}]
+               {**point(2), "psi": 0.10}, {**point(3, judged_=False), "psi_limit": 0.20}]
     psi_limits = drift_report.limits(history, "psi_limit", 0.30)
-    assert psi_limits.tolist() == [0.45, 0.20, 0.30]
+    assert psi_limits[:3].tolist() == [0.45, 0.20, 0.30] and np.isnan(psi_limits[3])  # not judged: no limit drawn
     detected = np.array([h["detected"] for h in history])
     assert drift_report.marked(drift_report._series(history, "psi"), psi_limits, detected).tolist() == [
-        False, True, False]
+        False, True, False, False]
 
 
 def test_a_failed_drift_insert_rolls_back_the_whole_commit(tmp_path):

@@ -204,6 +204,11 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
 
     assert other_models(ledger, "pneumonia/1") == [] and other_models(str(tmp_path / "none.sqlite"), "x/1") == []
     assert other_models(ledger, "pneumonia/2") == ["pneumonia/1"]
+    with sqlite3.connect(ledger) as conn:  # a run of pneumonia/2 killed before its commit: no night of it (review)
+        conn.execute("INSERT INTO runs VALUES ('killed', '/out/k', 'pneumonia/2', -1, 'now')")
+    assert other_models(ledger, "pneumonia/2") == ["pneumonia/1"]
+    with sqlite3.connect(ledger) as conn:
+        conn.execute("DELETE FROM runs WHERE run_id = 'killed'")
     serving = str(tmp_path / "serving")
     write_package(serving, version=2)
     assert main(["--input", small_tree, "--model", os.path.join(serving, "pneumonia"), "--ledger", ledger,
