@@ -205,22 +205,22 @@ def drift_figures(reference_embeddings: np.ndarray, reference_probs: np.ndarray,
     embeddings = embeddings[np.isfinite(embeddings).all(axis=1)] if len(embeddings) else embeddings
     base = DriftResult(
         JUDGED, int(len(probs)), auc_limit, PSI_LIMIT if psi_limit is None else psi_limit,
-        psi_limit_sized=psi_limit is None, sampled=int(min(len(embeddings), MAX_ROWS)),
+        sampled=int(min(len(embeddings), MAX_ROWS)),
         reference_images=int(len(reference_probs)), reference_sampled=int(min(len(reference_embeddings), MAX_ROWS)),
         positive_rate=float(np.mean(probs >= threshold)) if len(probs) else None,
         reference_positive_rate=float(np.mean(reference_probs >= threshold)), seed=seed,
         histogram={"bin_edges": np.linspace(0.0, 1.0, BINS + 1).round(2).tolist(),
                    "shares": histogram_shares(probs).round(6).tolist(),
                    "reference_shares": histogram_shares(reference_probs).round(6).tolist()})
-    if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:  # not judged: no limit came from its size
-        return replace(base, state=TOO_FEW, psi_limit_sized=False)
+    if len(probs) < MIN_IMAGES or len(embeddings) < MIN_IMAGES:
+        return replace(base, state=TOO_FEW)
     if len(reference_probs) < MIN_IMAGES or len(reference_embeddings) < MIN_IMAGES:
-        return replace(base, state=TOO_FEW_REFERENCE, psi_limit_sized=False)
+        return replace(base, state=TOO_FEW_REFERENCE)
     auc = domain_auc(reference_embeddings, embeddings, seed=seed)
     shift = psi(histogram_shares(reference_probs), histogram_shares(probs))
-    psi_limit = psi_limit_for(reference_probs, len(probs), psi_limit)
-    return replace(base, domain_auc=auc, psi=shift, psi_limit=psi_limit,
-                   detected=bool(auc > auc_limit or shift > psi_limit))
+    limit = psi_limit_for(reference_probs, len(probs), psi_limit)
+    return replace(base, domain_auc=auc, psi=shift, psi_limit=limit, psi_limit_sized=psi_limit is None,
+                   detected=bool(auc > auc_limit or shift > limit))
 
 
 def no_reference(images: int, auc_limit: float = DOMAIN_AUC_LIMIT, psi_limit: float | None = None) -> DriftResult:

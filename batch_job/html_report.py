@@ -22,6 +22,7 @@ from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
 from batch_job.scoring import read_before_as
 from batch_job.worklist import Entry
+from xray_core.errors import middle_cut
 
 TEMPLATE = "report.html.j2"
 REPORT_FILE = "report.html"
@@ -62,7 +63,7 @@ def display(text: str, limit: int = MAX_TEXT) -> str:
     shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if not shown.isprintable():
         shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
-    return shown if len(shown) <= limit else shown[:limit // 2 - 1] + "…" + shown[-(limit // 2):]
+    return middle_cut(shown, limit)
 
 
 def error_rows(out_dir: str, shards, cap: int) -> list[dict]:

@@ -14,14 +14,18 @@ from batch_job.ledger_lookup import read_only
 LOG = logging.getLogger("batch_job")
 
 
-def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
+def _rows(conn: sqlite3.Connection, query: str, *args) -> list[tuple]:
     try:
-        row = conn.execute(query, (model,)).fetchone()
+        return conn.execute(query, args).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # a ledger written before that table: it knows nothing of this yet
-            return None
+            return []
         raise
-    return None if row is None else row[0]
+
+
+def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
+    rows = _rows(conn, query, model)
+    return rows[0][0] if rows else None
 
 
 def check_model(path: str, model: str, onnx_sha256: str, scoring_sha256: str = "") -> None:
@@ -51,14 +55,8 @@ def other_models(path: str, model: str) -> list[str]:
     said why)."""
     if not os.path.exists(path):
         return []
-    with contextlib.closing(read_only(path)) as conn:
-        try:
-            models = [row[0] for row in conn.execute("SELECT DISTINCT model FROM runs WHERE images_new >= 0 "
-                                                     "ORDER BY model")]  # not a killed run's publishing row
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []
-            raise
+    with contextlib.closing(read_only(path)) as conn:  # not a killed run's publishing row (images_new -1)
+        models = [row[0] for row in _rows(conn, "SELECT DISTINCT model FROM runs WHERE images_new >= 0 ORDER BY model")]
     return [] if model in models else models
 
 
