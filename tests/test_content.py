@@ -72,6 +72,78 @@ def test_images_more_than_twice_as_long_as_wide_are_refused(shape, refused):
         assert reason is None
 
 
+def _padded(scan: np.ndarray, left: int, right: int, top: int = 0, bottom: int = 0, value: int = 0) -> np.ndarray:
+    return np.pad(scan, ((top, bottom), (left, right)), constant_values=value)
+
+
+def test_band_share_measures_edge_bands_of_constant_grey_on_both_axes():
+    scan = _xray_like(size=96)
+    assert content.band_share(scan) == 0.0
+    assert content.band_share(_padded(scan, 16, 16)) == 32 / 128  # pillarboxed to 4:3
+    assert content.band_share(_padded(scan, 0, 0, 32, 0, value=255)) == 32 / 128  # white, one side
+    assert content.band_share(_padded(scan, 5, 5, 5, 5, value=90)) == 10 / 106  # a frame: each axis 10 of 106
+    ramp = np.tile(np.arange(96, dtype=np.uint8)[:, None] * 2, (1, 96))  # every row flat: no scan between bands
+    assert content.band_share(ramp) == 0.0 and content.band_share(_padded(ramp, 16, 16)) == 0.25
+    striped = scan.copy()
+    striped[40:60] = 0  # constant rows inside the scan are not padding
+    assert content.band_share(striped) == 0.0
+    noisy = _padded(scan, 16, 16)
+    noisy[1, :16] = 12  # the left band's columns span 12 grey levels: still a band
+    assert content.band_share(noisy) == 0.25
+    noisy[1, :16] = 13  # 13: not
+    assert content.band_share(noisy) == 16 / 128
+
+
+@pytest.mark.parametrize("left, right, refused", [(16, 16, True), (12, 12, False), (0, 25, False), (0, 26, True)])
+def test_scans_padded_past_the_training_scans_widest_bands_are_refused(left, right, refused):
+    """0.21: the training scans' bands cover at most 20.5% of a side (the data test below). 25 of 121 columns is
+    20.7%, 26 of 122 21.3%: only the share counts, on one side or two."""
+    img = _padded(_xray_like(size=96), left, right)
+    share = (left + right) / img.shape[1]
+    reason = content.problem(img)
+    if refused:
+        assert share > 0.21
+        assert reason == (f"padded: bands of constant grey cover {share:.1%} of a side (training scans: at most "
+                          "21%); crop it to the scan")
+    else:
+        assert reason is None
+
+
+def test_load_input_refuses_a_padded_jpeg_and_scores_it_cropped():
+    from xray_core.preprocessing import PreprocessConfig, load_input
+
+    config = PreprocessConfig(image_size=32)
+    scan = _xray_like(size=300)
+    assert load_input(_jpeg(scan), config).reason == ""
+    for value in (0, 255):  # JPEG's ringing beside the scan stays within the band's spread
+        reason = load_input(_jpeg(_padded(scan, 50, 50, value=value)), config).reason
+        assert reason.startswith("padded: bands of constant grey cover 2") and reason.endswith("crop it to the scan")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="shared training folder not present")
+def test_the_padding_limit_is_the_training_scans_widest_bands_rounded_up():
+    """Every training scan, decoded as the job decodes it: none is refused as padded, and the limit is their widest
+    bands' share rounded up to two decimals (not a figure chosen for some folder). The site sample: none refused."""
+    import math
+
+    from helpers import SITE_SAMPLE
+    from xray_core.preprocessing import PreprocessConfig, decode_image
+
+    config = PreprocessConfig(image_size=64)  # the shipped models' (draft scale 1/2 of these 224 px files)
+
+    def shares(folder):
+        return [content.band_share(np.asarray(decode_image(os.path.join(d, f), config)))
+                for d, _, fs in os.walk(folder) for f in fs if f.endswith(".jpeg")]
+
+    train = shares(SHARED_DATA)
+    assert len(train) == 5216
+    assert content.MAX_BAND_SHARE == math.ceil(max(train) * 100) / 100 == 0.21
+    assert sum(s >= 0.02 for s in train) == 449  # 8.6%: black borders of their scanners
+    if os.path.isdir(SITE_SAMPLE):
+        assert max(shares(SITE_SAMPLE)) < content.MAX_BAND_SHARE
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="shared training folder not present")
 def test_no_training_xray_is_refused_by_the_cheap_checks():
     from xray_core.preprocessing import PreprocessConfig, decode_image

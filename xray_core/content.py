@@ -14,6 +14,14 @@ scan is never refused by them, whatever its exposure:
   comes from what a chest radiograph can be: detector and cassette formats run from 18x24 to 43x43 cm (at most
   1.33:1), and a stitched long-length image (spine, legs) is not a chest. 2:1 is half as long again as the widest
   format. Banners, pages, panoramas and strips of text are refused by it.
+- padded: edge bands of constant grey (rows at the top and bottom, columns at the left and right, whose grey levels
+  span at most 12) covering more than 21% of the height or of the width, both sides together. Unlike the limits
+  above, this one is the edge of the training range, not far outside it: the training scans' bands cover at most
+  20.5% (8.6% of them have bands of 2% or more: their scanners' black borders), so the model never learnt from a scan
+  padded more than that. QA (2026-12-02, the site sample padded as exports do): black bands making a square scan 4:3
+  (25% of the width) flipped 55 of 117 NORMAL scans to PNEUMONIA; white bands and a 4:3 portrait pad sent every
+  scan to the model-side check's "not like the chest X-rays", naming no cause. Such a scan is refused, saying to
+  crop it to the scan.
 Everything else that is not a chest X-ray (photographs, other body parts, other modalities, rotated or inverted
 scans) is the model-side check's work (xray_core/gate.py).
 """
@@ -25,12 +33,29 @@ MAX_COLOUR_SPREAD = 8.0
 MIN_GREY_STD = 4.0
 MIN_GREY_LEVELS = 32
 MAX_ASPECT = 2.0
+BAND_SPREAD = 12  # grey levels a row or column of padding spans at most (JPEG's ringing beside the scan included)
+MAX_BAND_SHARE = 0.21  # the training scans' widest bands, 0.205 of a side, rounded up
 
 
 def colour_spread(rgb: np.ndarray) -> float:
     """(H, W, 3+) uint8 -> the mean over pixels of max - min of the first three channels (0 for a gray image)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # three planes: numpy's reductions over a length-3 axis are slow
     return float((np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).mean())  # max >= min: no wrap
+
+
+def band_share(gray: np.ndarray) -> float:
+    """(H, W) uint8 -> the larger of the shares of the height and of the width that edge bands of constant grey
+    cover, both sides together: rows from the top and the bottom, columns from the left and the right, whose grey
+    levels span at most BAND_SPREAD. Two passes over the pixels. Where every row (column) is flat there is no scan
+    between bands: nothing padded along that axis (a smooth ramp; a blank image is near-constant before this)."""
+    def edges(flat: np.ndarray) -> int:
+        if flat.all():
+            return 0
+        return int(np.argmin(flat)) + int(np.argmin(flat[::-1]))
+
+    rows = np.ptp(gray, axis=1) <= BAND_SPREAD
+    cols = np.ptp(gray, axis=0) <= BAND_SPREAD
+    return max(edges(rows) / len(rows), edges(cols) / len(cols))
 
 
 def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
@@ -49,4 +74,8 @@ def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
     levels = int(np.count_nonzero(counts))
     if levels < MIN_GREY_LEVELS:
         return f"too few grey levels ({levels} < {MIN_GREY_LEVELS})"
+    share = band_share(gray)
+    if share > MAX_BAND_SHARE:
+        return (f"padded: bands of constant grey cover {share:.1%} of a side (training scans: at most "
+                f"{MAX_BAND_SHARE:.0%}); crop it to the scan")
     return None
