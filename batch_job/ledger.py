@@ -10,7 +10,7 @@ PUBLISHING, -1), then in its commit, which replaces that row. A rerun finding OU
 ledger knows that run was killed between the two, and may replace it (leftovers.orphaned); a ledger without that row
 (deleted and made again, or restored from a backup) gives no such evidence. A run whose model has a
 drift reference also records its drift figures (table `drift`, one row per run) and the limits they were judged
-against (table `drift_limits`, from 2026-12-03: the PSI's default limit depends on the run's size), for report.html's
+against (table `drift_limits`, from 2026-12-02: the PSI's default limit depends on the run's size), for report.html's
 trend. Table
 `models` holds the sha256 of the model.onnx each model id first committed with, `packages` that of what decides a row
 besides the image (model.onnx, the preprocessing, the input gate: batch_job/model.py scoring_identity): a package

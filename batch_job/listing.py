@@ -246,6 +246,12 @@ def resolved(path: str, real_dirs: dict[str, str]) -> str:
     return os.path.join(real_dirs[folder], name)
 
 
+def read_as_dicom(path: str) -> bool:
+    """Whether the job reads a listed file as DICOM, by its name alone: .dcm, or no extension of an image format
+    (is_input_file listed it on its DICOM header)."""
+    return path.lower().endswith(".dcm") or not (is_image_file(path) or is_other_image_file(path))
+
+
 def iter_images(inputs: list[str]) -> Iterator[tuple[int, str]]:
     """-> (index of the --input it came from, absolute path as found).
 

@@ -42,19 +42,18 @@ from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
 from batch_job.ledger_identity import check_model, warn_if_new_model
-from batch_job.listing import check_inputs, input_root, iter_images
+from batch_job.listing import check_inputs
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
 from batch_job.reconcile import Reconciliation, check, check_counts, reconcile
 from batch_job.result import HeatmapSummary, RunResult, Timings, label_metrics
-from batch_job.runner import Runner, choose_runner, default_workers, execute
+from batch_job.runner import Runner, choose_runner, default_workers, execute, for_night
 from batch_job.scoring import ScoringSpec
 from batch_job.stages import build_pipeline
 from xray_core.dicom_header import DEFAULT_MODALITIES, parse_modalities
 from xray_core.errors import one_line
 from xray_core.files import private_umask
 from xray_core.interrupts import GATE
-from xray_core.labels import label_from_path
 from xray_core.occlusion import HeatmapMethod
 
 LOG = logging.getLogger("batch_job")
@@ -120,10 +119,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                 tmp = outdir.prepare(out, overwrite)
             scratch = os.path.join(tmp, shard_result.SCRATCH)
             os.mkdir(scratch)
-            listing, shards = list_images(args, scratch, runner.workers)
-            LOG.info("listed %d images in %.1fs -> %d shards; model %s, threshold %.4f, runner %s",
+            listing, shards, dicom = shard_files.list_images(args, scratch, runner.workers)
+            runner = for_night(runner, beam_args, dicom, sum(c for _, _, c in shards))
+            LOG.info("listed %d images in %.1fs -> %d shards; model %s, threshold %.4f, runner %s%s",
                      sum(c for _, _, c in shards), time.perf_counter() - t0, len(shards), model.model_id,
-                     model.threshold, runner.label)
+                     model.threshold, runner.label, f" ({runner.mode}, {runner.workers} workers)" * bool(runner.mode))
             kill_point("listed")
             t_scoring = time.perf_counter()
             spec = scoring_spec(model, args.batch_size, runner, book, args.heatmaps, modalities(args.modalities))
@@ -209,23 +209,6 @@ def modalities(text: str) -> tuple[str, ...]:
 def replaceable(args: argparse.Namespace, out: str) -> bool:
     """--overwrite, or OUT_DIR was published by a job on this ledger killed before its ledger commit."""
     return args.overwrite or (bool(args.ledger) and leftovers.orphaned(out, args.ledger))
-
-
-def list_images(args: argparse.Namespace, scratch: str, workers: int) -> tuple[str, list]:
-    """Stream every image path (and its folder label) to the listing file; cut it into shards."""
-    listing = os.path.join(scratch, shard_files.LISTING_FILE)
-    roots = [input_root(arg) for arg in args.input]
-    found = ((index, path, label_from_path(path, roots[index])) for index, path in iter_images(args.input))
-    n = shard_files.write_listing(listing, found)
-    if n == 0:
-        if args.fail_if_empty:
-            raise InputError("no image files (JPEG, PNG, DICOM or another image format) found in "
-                             f"{', '.join(args.input)} (--fail-if-empty)")
-        LOG.info("no image files found in %s: a quiet night (--fail-if-empty makes this exit 2)",
-                 ", ".join(args.input))
-        return listing, [(0, 0, 0)]  # one empty shard: its CSV is the header alone
-    size = shard_files.shard_size(args.shard_size, n, args.batch_size, workers)
-    return listing, shard_files.cut_listing(listing, size)
 
 
 def scoring_spec(model: Model, batch_size: int, runner: Runner, book: Ledger | None,

@@ -544,7 +544,7 @@ def test_a_folder_input_lists_no_hidden_folder_or_file_and_says_how_many(tmp_pat
 def test_a_file_named_as_input_is_a_row_whatever_its_extension(tmp_path, tiny_package, capsys):
     """QA: `--input scan.tif` (or .gif, .jpe) was `scored 0/0`, exit 0: a file the user named vanished without a row.
     Named, it is read by its content: a JPEG named .jpe is scored, a TIFF is an error row that says what it is.
-    In a folder too (QA, 2026-12-03: a folder of TIFF exports was a quiet night, exit 0, not a word)."""
+    In a folder too (QA, 2026-12-02: a folder of TIFF exports was a quiet night, exit 0, not a word)."""
     from helpers import textured
 
     (tmp_path / "in").mkdir()
@@ -1588,7 +1588,7 @@ def test_rust_backtraces_are_off_unless_debugging(level, kept, monkeypatch):
 
 def test_a_non_empty_output_is_refused_counting_what_the_job_did_not_write_and_overwrite_says_it_deletes_them(
         labelled_tree, tiny_package, tmp_path, capsys, caplog):
-    """QA (2026-12-03): the refusal said "pass --overwrite", and doing so deleted a colleague's notes in OUT_DIR
+    """QA (2026-12-02): the refusal said "pass --overwrite", and doing so deleted a colleague's notes in OUT_DIR
     without a word. Now the refusal counts them (names at DEBUG: a name may be a patient's) and --overwrite warns."""
     out = tmp_path / "out"
     assert main(small_run(labelled_tree[0], tiny_package, out)) == 0

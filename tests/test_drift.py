@@ -56,7 +56,7 @@ def test_psi_by_hand():
 
 
 def test_psis_default_limit_holds_small_runs_of_an_unchanged_distribution_to_one_false_alarm_in_a_thousand():
-    """QA (2026-12-03): nights of 100-200 ordinary scans crossed the fixed 0.20 (one empty bin adds ~0.13). Fresh
+    """QA (2026-12-02): nights of 100-200 ordinary scans crossed the fixed 0.20 (one empty bin adds ~0.13). Fresh
     references and runs drawn from one distribution: the fixed line is crossed often at 100-150 images, the limit by
     the run's size about as rarely as its quantile says."""
     rng = np.random.default_rng(7)
@@ -174,7 +174,7 @@ def test_a_change_in_prevalence_alone_moves_the_domain_auc():
 
 def test_the_drift_blocks_keys_keep_their_order_in_every_state():
     """metrics.json's `drift` block, as the job has always written it, state by state (psi_limit_sized added
-    2026-12-03, after psi_limit)."""
+    2026-12-02, after psi_limit)."""
     ref_e, ref_p = _embeddings(600), _probs(600)
     head = ["reference", "images", "sampled", "reference_images", "reference_sampled", "positive_rate",
             "reference_positive_rate", "domain_auc_limit", "psi_limit", "psi_limit_sized", "seed", "histogram"]

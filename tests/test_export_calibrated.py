@@ -119,7 +119,7 @@ def test_two_fold_on_known_scores():
 
 def test_threshold_from_one_half_can_miss_on_the_other():
     """Each half is judged at the threshold chosen on the other half: the estimate is not in-sample. (Mutation QA,
-    2026-12-03: a two_fold choosing each threshold on the half it measures passed the `!=` this test had.)"""
+    2026-12-02: a two_fold choosing each threshold on the half it measures passed the `!=` this test had.)"""
     from sklearn.model_selection import StratifiedGroupKFold
 
     from export.calibrate import two_fold

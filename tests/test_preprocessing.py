@@ -80,7 +80,7 @@ def test_a_16_bit_png_gives_the_same_input_whatever_its_significant_bits(bits):
 
 @pytest.mark.parametrize("channels", [3, 2, 4])  # 16-bit RGB, gray+alpha, RGBA: Pillow reads their high bytes
 def test_a_16_bit_colour_png_is_stretched_as_a_gray_one_and_refused_under_15_significant_bits(channels):
-    """QA (2026-12-03): a 16-bit colour PNG holding 15 significant bits was scored from the half-bright picture of its
+    """QA (2026-12-02): a 16-bit colour PNG holding 15 significant bits was scored from the half-bright picture of its
     high bytes (three NORMAL scans of 20 flagged); with 12 to 14 it was refused as near-constant, too few grey levels
     or unlike an X-ray, none naming the cause. Now stretched as a 16-bit gray PNG is, or refused saying why."""
     imagecodecs = pytest.importorskip("imagecodecs")

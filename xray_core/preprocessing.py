@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 OUT_OF_SCOPE = "out of scope: "  # read_model_input's error for what the batch job leaves out of scope
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".jpe", ".jfif", ".png", ".dcm")
 # Image formats the job does not read, listed all the same (batch_job/listing.py) so that each is a row saying so: a
-# folder of TIFF exports was a silent quiet night (QA, 2026-12-03). Training and calibration folders do not list them.
+# folder of TIFF exports was a silent quiet night (QA, 2026-12-02). Training and calibration folders do not list them.
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k", ".jpf", ".jpx", ".jxl", ".heic",
                           ".heif", ".avif", ".pgm", ".ppm", ".pnm")
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a multi-picture JPEG (a camera's), whose first picture Pillow decodes as JPEG
