@@ -9,7 +9,7 @@ from typing import Iterator
 
 from batch_job.errors import InputError
 from xray_core.errors import one_line
-from xray_core.preprocessing import is_image_file, is_input_file, is_other_image_file
+from xray_core.input_files import is_image_file, is_input_file, is_other_image_file
 
 LOG = logging.getLogger("batch_job")
 

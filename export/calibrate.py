@@ -25,10 +25,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 from train.data import Example, label_conflicts, layout, patient_groups, patient_of
 from xray_core.dicom_header import DEFAULT_MODALITIES
 from xray_core.files import content_key, inside
+from xray_core.input_files import is_input_file
 from xray_core.labels import CLASSES, label_from_path
 from xray_core.metrics import choose_threshold, operating_point, without_report
 from xray_core.package import score as run_model
-from xray_core.preprocessing import ImageError, PreprocessConfig, is_input_file, read_model_input
+from xray_core.preprocessing import ImageError, PreprocessConfig, read_model_input
 
 SEED = 0
 BOOTSTRAP = 2000

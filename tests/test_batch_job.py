@@ -1128,7 +1128,7 @@ def test_an_unlistable_folder_is_a_row_only_where_inputs_could_be(tmp_path, monk
     match, and a mount root's lost+found (root's alone) would have been an error row every night. Training and
     calibration still leave unreadable files out (their folders are curated; a training example must be read)."""
     from batch_job.listing import may_hold
-    from xray_core.preprocessing import is_input_file
+    from xray_core.input_files import is_input_file
 
     assert may_hold("/d/PNEUMONIA*/*.png", "/d/PNEUMONIA_2")
     assert not may_hold("/d/PNEUMONIA*/*.png", "/d/private")

@@ -305,7 +305,7 @@ def test_a_multi_picture_jpeg_is_scored_on_its_first_picture():
 
 def test_macos_appledouble_files_are_not_listed(tmp_path):
     """QA: a folder copied from a Mac holds `._scan.jpeg` beside each scan (Finder metadata): each was an error row."""
-    from xray_core.preprocessing import APPLEDOUBLE_MAGIC, is_input_file
+    from xray_core.input_files import APPLEDOUBLE_MAGIC, is_input_file
 
     _gradient().save(tmp_path / "scan.jpeg")
     (tmp_path / "._scan.jpeg").write_bytes(APPLEDOUBLE_MAGIC + b"\x00\x02\x00\x00Mac OS X        " + bytes(64))

@@ -19,8 +19,8 @@ import numpy as np
 
 from xray_core.dicom_header import DICOM_MAGIC_OFFSET, is_dicom, pydicom_reader
 from xray_core.files import atomic_write, sha256_file
+from xray_core.input_files import is_input_file
 from xray_core.labels import CLASSES
-from xray_core.preprocessing import is_input_file
 
 SPLITS = ("train", "val", "test")
 
