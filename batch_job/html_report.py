@@ -16,12 +16,11 @@ import pathlib
 import urllib.parse
 
 from batch_job import drift_report, figures
-from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.reconcile import Reconciliation
 from batch_job.result import RunResult
 from batch_job.scoring import read_before_as
-from batch_job.worklist import Entry
+from batch_job.worklist import Entry, WorklistSummary
 from xray_core.errors import middle_cut
 
 TEMPLATE = "report.html.j2"
@@ -66,17 +65,11 @@ def display(text: str, limit: int = MAX_TEXT) -> str:
     return middle_cut(shown, limit)
 
 
-def error_rows(out_dir: str, shards, cap: int) -> list[dict]:
-    """The first `cap` error rows of the shard CSVs, in shard order."""
-    rows: list[dict] = []
-    for shard_id, _, _ in shards:
-        if len(rows) >= cap:
-            break
-        for row in shard_files.read_shard(os.path.join(out_dir, shard_files.shard_name(shard_id))):
-            if row["status"] == "error" and len(rows) < cap:
-                rows.append({"path": display(row["path"]), "error": display(row["error"], 2 * MAX_TEXT),
-                             "href": file_link(row["path"], out_dir)})
-    return rows
+def error_rows(summary: WorklistSummary, out_dir: str, cap: int) -> list[dict]:
+    """The first `cap` errors in worklist order, with their rank and a DICOM's identifiers (QA: a truncated study
+    was shown by its file name alone, its patient only in worklist.csv)."""
+    return [{"rank": rank, "path": display(e.path), "error": display(e.reason, 2 * MAX_TEXT),
+             "href": file_link(e.path, out_dir), "ids": identifiers(e)} for rank, e in summary.errors[:cap]]
 
 
 def new_name_rows(c: Reconciliation, out_dir: str) -> list[dict]:
@@ -164,12 +157,17 @@ def probability(p: float) -> str:
 
 
 def identifiers(e: Entry | None) -> str:
-    """A DICOM's patient ID and accession number as the page shows them ("" without): QA, a DICOM named by its UID
-    could not be found in the PACS from the page."""
+    """A DICOM's patient ID, accession number, study date and view as the page shows them ("" without): QA, a DICOM
+    named by its UID could not be found in the PACS from the page, and an AP (portable) film or an old study could not
+    be told from the page (2026-12-02)."""
     if e is None:
         return ""
-    shown = [f"{what} {display(value, MAX_TEXT // 4)}" for what, value in (("patient", e.patient_id),
-                                                                          ("accession", e.accession_number)) if value]
+    date = e.study_date
+    if len(date) == 8 and date.isdigit():  # DICOM's DA, YYYYMMDD
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    shown = [f"{what}{display(value, MAX_TEXT // 4)}" for what, value in (
+        ("patient ", e.patient_id), ("accession ", e.accession_number), ("study ", date), ("", e.view_position))
+        if value]
     return " · ".join(shown)
 
 
@@ -207,7 +205,7 @@ def intended_use(r: RunResult) -> dict:
 def out_of_scope_section(r: RunResult, out_dir: str) -> dict:
     """The first out-of-scope images: thumbnail, name linked to the original (QA: they need a read, and only the
     worklist named them), reason, a DICOM's identifiers."""
-    return {"count": r.counts.out_of_scope,
+    return {"count": r.counts.out_of_scope, "unscreened": r.counts.unscreened,
             "shown": [{"rank": rank, "name": display(e.path, MAX_TEXT // 2), "reason": display(e.reason),
                        "src": r.thumbnails.get(e.path, ""), "ids": identifiers(e), "href": file_link(e.path, out_dir)}
                       for rank, e in r.worklist.out_of_scope]}
@@ -243,7 +241,7 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped, "new_name_note": new_name_note(c),
         "new_names": new_names, "new_names_total": c.skipped_new_name,
-        "new_names_flagged": c.skipped_new_name_flagged,
+        "new_names_flagged": c.skipped_new_name_flagged, "skipped_to_read": display(r.skipped_to_read, 4 * MAX_TEXT),
     }
 
 
@@ -251,11 +249,11 @@ def render(ctx: dict) -> str:
     return environment().get_template(TEMPLATE).render(**ctx)
 
 
-def write_html(out_dir: str, result: RunResult, shards) -> int:
+def write_html(out_dir: str, result: RunResult) -> int:
     """Write out_dir/report.html (UTF-8, under MAX_BYTES); -> its size in bytes."""
     tiles_cap, errors_cap = CAPS
     rows_cap = MAX_FLAGGED_ROWS
-    errors = error_rows(out_dir, shards, errors_cap)
+    errors = error_rows(result.worklist, out_dir, errors_cap)
     new_names = new_name_rows(result.counts, out_dir)
     while True:
         page = render(context(result, out_dir, errors[:errors_cap], tiles_cap, rows_cap, new_names)).encode("utf-8")

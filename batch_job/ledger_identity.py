@@ -67,3 +67,18 @@ def warn_if_new_model(path: str, model: str) -> None:
         LOG.warning("ledger %s has no night of %s (it has nights of %s): every image in the inputs is scored with it, "
                     "those read on earlier nights too, and tonight's worklist holds them all", path, model,
                     ", ".join(others))
+
+
+def latest_night(path: str, model: str) -> str:
+    """Where the latest night this ledger holds of `model` that scored a new image published, and when it
+    finished ("" if none): the worklist to read the images tonight skips from (QA: a night's 110 flagged scans were
+    only "184 skipped" the night after). Not a night that read nothing new: its worklist holds none of them."""
+    if not os.path.exists(path):
+        return ""
+    with contextlib.closing(read_only(path)) as conn:
+        rows = _rows(conn, "SELECT out_dir, finished_utc FROM runs WHERE model = ? AND images_new > 0 "
+                           "ORDER BY finished_utc DESC LIMIT 1", model)
+    if not rows:
+        return ""
+    finished = rows[0][1].replace("T", " ").removesuffix("+00:00")  # isoformat of a UTC time
+    return f"{rows[0][0]} (finished {finished} UTC)"

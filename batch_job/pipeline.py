@@ -41,7 +41,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
-from batch_job.ledger_identity import check_model, warn_if_new_model
+from batch_job.ledger_identity import check_model, latest_night, warn_if_new_model
 from batch_job.listing import check_inputs
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                 flagged, t_heatmaps = drawing.result()
             listed = worklist.merge(scratch, [s for s, _, _ in shards], os.path.join(tmp, worklist.WORKLIST_FILE),
                                     {f.path: f.png for f in flagged if f.png}, html_report.MAX_FLAGGED_ROWS,
-                                    html_report.OUT_OF_SCOPE_SHOWN)
+                                    html_report.OUT_OF_SCOPE_SHOWN, html_report.CAPS[1])
             outdir.remove_scratch(scratch)  # read once: nothing of it is published
             thumbnails = heatmaps.draw_thumbnails(tmp, listed.out_of_scope, model.preprocessing,
                                                   modalities(args.modalities))
@@ -161,9 +161,10 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                drift, Timings(t_scoring - t0, t_report - t_scoring, time.perf_counter() - t_report,
                                               t_heatmaps, t_drift),
                                listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
-                               model.trained_on, model.below_floor)
+                               model.trained_on, model.below_floor,
+                               latest_night(book.path, model.model_id) if book and rec.skipped else "")
             report.write_metrics(tmp, result)
-            html_report.write_html(tmp, result, shards)
+            html_report.write_html(tmp, result)
             kill_point("written")
             GATE.check()  # a signal whose interrupt Python dropped (raised inside a finaliser) still stops the job
         except BaseException:

@@ -75,6 +75,8 @@ def report_markdown(r: RunResult) -> str:
               for k, v in c.per_input.items()]
     if len(c.per_input) > 1:
         lines += ["", html_report.PER_INPUT_NOTE]
+    if r.skipped_to_read:
+        lines += ["", f"**{r.skipped_to_read}**"]
     if c.skipped_new_name:
         lines += ["", html_report.new_name_note(c)]
     counts, edges = r.probability_histogram()
@@ -99,8 +101,10 @@ def summary(r: RunResult, out: str) -> str:
     """The job's last lines on stdout."""
     c = r.counts
     new_names = f", {c.skipped_new_name} of them under a name new to it" if c.skipped_new_name else ""
+    earlier = (f"; {c.skipped_flagged} flagged, {c.skipped_unscreened} not screened on earlier nights"
+               if c.skipped_flagged or c.skipped_unscreened else "")
     line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.out_of_scope} out of scope, {c.skipped} "
-            f"skipped as already in the ledger{new_names}) "
+            f"skipped as already in the ledger{new_names}{earlier}) "
             f"with {r.model} on {r.runner} in {r.wall_seconds:.1f}s ({r.images_per_second} images/s); "
             f"{r.positive_count} flagged PNEUMONIA (rate {_rate(r, 3)}, threshold {r.threshold_text()})")
     if r.labelled is not None:

@@ -64,6 +64,20 @@ class RunResult:
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
     below_floor: str = ""  # the model below the quality floor: what it misses, how it was published (model.py)
+    earlier_night: str = ""  # with skipped images: the latest night of this model on the ledger (ledger_identity)
+
+    @property
+    def skipped_to_read(self) -> str:
+        """report.md's and report.html's sentence on the skipped images flagged or not screened on earlier nights,
+        which are on those nights' worklists, not this one ("" if none)."""
+        c = self.counts
+        if not (c.skipped_flagged or c.skipped_unscreened):
+            return ""
+        latest = f" (the latest night of {self.model} on this ledger: {self.earlier_night})" * bool(self.earlier_night)
+        return (f"Not on this worklist: {c.skipped_flagged} images flagged PNEUMONIA at this threshold and "
+                f"{c.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger. "
+                f"Read them from the worklists of the nights that scored them{latest}; the predictions CSVs list them "
+                "with status skipped.")
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""
@@ -105,7 +119,8 @@ class RunResult:
         out = {
             "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
             "images_skipped": c.skipped, "images_skipped_new_name": c.skipped_new_name,
-            "images_out_of_scope": c.out_of_scope,
+            "images_skipped_flagged": c.skipped_flagged, "images_skipped_unscreened": c.skipped_unscreened,
+            "images_out_of_scope": c.out_of_scope, "images_unscreened": c.unscreened,
             "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,

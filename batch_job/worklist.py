@@ -5,31 +5,40 @@ the driver merges the sorted parts (heapq.merge: memory holds one row per shard,
 rank and the overlay paths of the top-N flagged images, and keeps the first flagged rows for report.html.
 
 Ranked: flagged images first by probability (highest first); then the images the model-side checks of the input gate
-refused (too far from the X-rays the model knows, or upside down: often chest films exported oddly, of unknown risk);
-then the other scored images by probability, the ones the model judged least likely to show pneumonia last among
-them; then the other out-of-scope images (DICOM header rules: another modality or body part, a lateral view, raw
-data; blank, colour, elongated or drawn images); then errors; ties by path. (Before 2026-12-02 every out-of-scope
-image came after the scored ones: a reader stopping where the normal scans began never reached an upside-down chest
-film, QA.) Images skipped through the ledger are counted in the summary, not
-listed. People open the file in a spreadsheet, so a cell that would start a formula (`=`, `+`, `-`, `@`, or a tab or
-carriage return that some programs strip first) is written with a leading apostrophe, the escape spreadsheets
-show as text (OWASP "CSV injection"); probabilities and ranks are written by this module and never need it.
+refused (too far from the X-rays the model knows, or upside down) and padded scans (content.PADDED): often chest
+films exported oddly, of unknown risk, not screened; then the other scored images by probability, the ones the model
+judged least likely to show pneumonia last among them; then the other out-of-scope images (DICOM header rules:
+another modality or body part, a lateral view, raw data; blank, colour, elongated or drawn images); then errors; ties
+by path. (Before 2026-12-02 every out-of-scope image came after the scored ones: a reader stopping where the normal
+scans began never reached an upside-down chest film, QA.) The `section` column names each row's group (flagged, not
+screened, not flagged, out of scope, error: QA, 2026-12-02, only a row's position told the two groups of out-of-scope
+rows apart). Images skipped through the ledger are counted in the summary, not listed.
+
+People open the file in a spreadsheet, so a cell that would start a formula (`=`, `+`, `-`, `@`, or a tab or carriage
+return that some programs strip first) is written with a leading apostrophe, the escape spreadsheets show as text
+(OWASP "CSV injection"), unless it is a plain number (a patient ID -4812006); probabilities and ranks are written by
+this module and never need it.
 """
 from __future__ import annotations
 
 import csv
 import heapq
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 
-from xray_core import gate, orientation
+from xray_core import content, gate, orientation
 from xray_core.files import atomic_write
 
 IDENTIFIERS = ("patient_id", "accession_number", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                "study_date", "view_position")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _ORDER = {"flagged": 0, "unscreened": 1, "ok": 2, "out_of_scope": 3, "error": 4}
-UNSCREENED = (gate.REASON, orientation.REASON)  # the model-side checks' refusals: read before the scored normals
+SECTIONS = ("flagged", "not screened", "not flagged", "out of scope", "error")  # the `section` column, by _ORDER
+# refusals of chest films: the model-side checks', and a padded scan's (QA: a padded film ranked after every scored
+# normal); read before the scored normals
+UNSCREENED = (gate.REASON, orientation.REASON, content.PADDED)
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -51,14 +60,20 @@ class Entry:
     view_position: str = ""
 
 
-COLUMNS = ("rank",) + tuple(f.name for f in fields(Entry))
+COLUMNS = ("rank", "section") + tuple(f.name for f in fields(Entry))
 WORKLIST_FILE = "worklist.csv"
+
+
+def unscreened(reason: str) -> bool:
+    """An out-of-scope reason that refuses a chest film (not screened: it still needs a read), not a file that is
+    no chest film the job can read."""
+    return reason.startswith(UNSCREENED)
 
 
 def group(entry: Entry) -> int:
     if entry.status == "ok":
         return _ORDER["flagged"] if entry.prediction == "PNEUMONIA" else _ORDER["ok"]
-    if entry.status == "out_of_scope" and entry.reason.startswith(UNSCREENED):
+    if entry.status == "out_of_scope" and unscreened(entry.reason):
         return _ORDER["unscreened"]
     return _ORDER.get(entry.status, _ORDER["error"])
 
@@ -73,8 +88,14 @@ def ranked(entries: list[Entry]) -> list[Entry]:
 
 
 def safe_cell(text: str) -> str:
-    """A cell a spreadsheet shows as the text it is."""
-    return "'" + text if text.startswith(FORMULA_START) else text
+    """A cell a spreadsheet shows as the text it is. A plain number (a patient ID -4812006) is no formula and stays
+    as it is (QA: escaped, it failed as a PACS search)."""
+    return "'" + text if text.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text) else text
+
+
+def row_cells(rank: int, e: Entry) -> list[str]:
+    """A worklist.csv row: rank, section, the entry's fields as a spreadsheet shows them."""
+    return [str(rank), SECTIONS[group(e)]] + [safe_cell(v) for v in cells(e)]
 
 
 def entry(row) -> Entry:
@@ -119,10 +140,11 @@ class WorklistSummary:
     rows: int = 0
     flagged: list[tuple[int, Entry]] = field(default_factory=list)
     out_of_scope: list[tuple[int, Entry]] = field(default_factory=list)
+    errors: list[tuple[int, Entry]] = field(default_factory=list)  # the first ones, with a DICOM's identifiers
 
 
 def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep_flagged: int,
-          keep_out_of_scope: int) -> WorklistSummary:
+          keep_out_of_scope: int, keep_errors: int = 0) -> WorklistSummary:
     """worklist.csv from the shards' sorted parts; -> its summary."""
     parts = [_read_part(os.path.join(scratch, part_name(s))) for s in shard_ids]
     summary = WorklistSummary()
@@ -133,12 +155,14 @@ def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep
         for rank, e in enumerate(heapq.merge(*parts, key=rank_key), start=1):
             if e.path in overlays:
                 e = replace(e, heatmap=overlays[e.path])
-            writer.writerow([str(rank)] + [safe_cell(v) for v in cells(e)])
+            writer.writerow(row_cells(rank, e))
             summary.rows = rank
             if group(e) == _ORDER["flagged"] and len(summary.flagged) < keep_flagged:
                 summary.flagged.append((rank, e))
             elif e.status == "out_of_scope" and len(summary.out_of_scope) < keep_out_of_scope:
                 summary.out_of_scope.append((rank, e))
+            elif e.status == "error" and len(summary.errors) < keep_errors:
+                summary.errors.append((rank, e))
 
     atomic_write(out_path, write_rows)
     return summary
@@ -150,5 +174,5 @@ def write(f, entries: list[Entry]) -> int:
     writer.writerow(COLUMNS)
     rows = ranked(entries)
     for i, entry in enumerate(rows, start=1):
-        writer.writerow([str(i)] + [safe_cell(v) for v in cells(entry)])
+        writer.writerow(row_cells(i, entry))
     return len(rows)

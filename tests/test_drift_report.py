@@ -163,7 +163,7 @@ def page_for(tmp_path, drift: DriftResult, name: str) -> tuple[str, str]:
     if drift.figures:
         assert drift_report.write_figures(str(out), drift, 0.5, MODEL, [point(i) for i in range(5)]) == \
             list(drift.figures)
-    html_report.write_html(str(out), result(drift), [])
+    html_report.write_html(str(out), result(drift))
     page, text = parse(str(out / "report.html"))
     return open(out / "report.html", encoding="utf-8").read(), text
 

@@ -111,7 +111,10 @@ def test_out_of_scope_images_are_never_scored_and_the_ledger_remembers_them(tmp_
     assert all(f'href="../in/{name}"' in page for name in ("split.png", "blank.png", "photo.png", "slice.dcm"))
     assert page.index('href="../in/split.png"') < page.index('href="../in/blank.png"')  # in reading order
     text = " ".join(parse(str(tmp_path / "night1" / "report.html"))[1].split())
-    assert "On this page: worklist, " in text and "out of scope, 4 not screened (each needs a read) · counts" in text
+    assert "On this page: worklist, " in text
+    assert "out of scope, 4 (not screened: 1, each needs a read) · counts" in text
+    m = json.load(open(tmp_path / "night1" / "metrics.json"))
+    assert (m["images_out_of_scope"], m["images_unscreened"]) == (4, 1)  # split.png; the others are no chest film
     logged = [r.getMessage() for r in caplog.records if "new images recorded" in r.getMessage()]
     assert logged == [f"ledger {tmp_path / 'ledger.sqlite'}: 4 new images recorded, 4 out of scope"]  # audit: was "4"
     # the second night reads nothing new: the refused images are skipped like the scored ones

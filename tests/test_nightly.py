@@ -172,9 +172,21 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
     open(os.path.join(small_tree, "NORMAL", "broken.jpeg"), "wb").close()
     capsys.readouterr()
     assert main(base + ["--output", str(tmp_path / "night2")]) == 0
-    assert capsys.readouterr().out.startswith("scored 1/23 images (1 failed, 0 out of scope, 21 skipped as already in "
-                                              "the ledger, 1 of them under a name new to it) with pneumonia/1")
     second = read_predictions(str(tmp_path / "night2"))
+    earlier = sum(r["status"] == "skipped" and r["prediction"] == "PNEUMONIA" for r in second.values())
+    assert earlier == sum(r["prediction"] == "PNEUMONIA" for r in first.values()) + (
+        first[next(iter(first))]["prediction"] == "PNEUMONIA") > 0  # the copy of a known one is skipped too
+    assert capsys.readouterr().out.startswith(
+        "scored 1/23 images (1 failed, 0 out of scope, 21 skipped as already in the ledger, 1 of them under a name new "
+        f"to it; {earlier} flagged, 0 not screened on earlier nights) with pneumonia/1")
+    # QA: the reader of night 2 saw "21 skipped" and nothing of night 1's flagged scans, on no worklist of tonight's
+    said = (f"Not on this worklist: {earlier} images flagged PNEUMONIA at this threshold and 0 not screened on earlier "
+            "nights, skipped tonight as already in the ledger. Read them from the worklists of the nights that scored "
+            f"them (the latest night of pneumonia/1 on this ledger: {tmp_path / 'night1'} (finished ")
+    assert said in open(tmp_path / "night2" / "report.md").read()
+    assert said in " ".join(parse(str(tmp_path / "night2" / "report.html"))[1].split())
+    night2 = json.load(open(tmp_path / "night2" / "metrics.json"))
+    assert (night2["images_skipped_flagged"], night2["images_skipped_unscreened"]) == (earlier, 0)
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
     assert statuses.pop("copy_of_known.jpeg") == "skipped"  # same bytes, same model
     assert statuses.pop("new.png") == "ok" and statuses.pop("broken.jpeg") == "error"
@@ -321,7 +333,9 @@ def test_bytes_read_on_an_earlier_night_under_a_new_name_are_said_and_named(runn
     assert sum(NEW_NAME in r["error"] for r in rows.values()) == 2 and rows[chmodded]["error"] == ""
     m = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (m["images_found"], m["images_skipped"], m["images_skipped_new_name"]) == (23, 23, 2)
-    assert "23 skipped as already in the ledger, 2 of them under a name new to it)" in out
+    flagged = sum(r["prediction"] == "PNEUMONIA" for r in rows.values())
+    assert "23 skipped as already in the ledger, 2 of them under a name new to it; " \
+           f"{flagged} flagged, 0 not screened on earlier nights)" in out
     assert first[top]["prediction"] == "PNEUMONIA"  # the resent one was flagged: the note says how many were
     note = ("2 of the 23 skipped images came under a name new to the ledger: the same bytes as an image an earlier "
             "night read under another path (a copy sent again, a file moved or renamed); 1 of them flagged PNEUMONIA "

@@ -16,11 +16,10 @@ import pytest
 from PIL import Image
 
 from batch_job import heatmaps, html_report, report
-from batch_job import shards as shard_files
 from batch_job.cli import main
-from batch_job.scoring import Row
 from batch_job.shard_result import Flagged
 from batch_job.synthetic import make_tree
+from batch_job.worklist import Entry, WorklistSummary
 from helpers import parse, read_predictions, reconciliation, run_result, textured, write_bad_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -112,7 +111,8 @@ def test_page_shows_the_run_and_odd_names_as_text(report_run):
         assert card in text, card
     assert f"Model {m['model']} · threshold {m['threshold']:.4f} · runner {m['runner']}" in text
     oos = m["images_out_of_scope"]
-    oos_words = f"{oos} not screened (each needs a read)" if oos else "0"
+    unscreened = m["images_unscreened"]
+    oos_words = f"{oos} (not screened: {unscreened}, each needs a read)" if unscreened else str(oos)
     drift = "DETECTED" if m["drift"]["detected"] else "none" if m["drift"]["judged"] else "not judged"
     assert (f"On this page: worklist, {m['positive_count']} flagged · out of scope, {oos_words} · counts · "
             f"drift: {drift} · "
@@ -167,7 +167,7 @@ def test_a_name_that_is_not_utf8_in_the_worklist_table_does_not_fail_the_page(tm
                                  for i, p in enumerate(paths)])
     result = replace(run_result(counts=reconciliation([0.99, 0.98, 0.97, 0.96]), flagged=flagged), worklist=listed)
     monkeypatch.setattr(html_report, "CAPS", (2, 500))  # two tiles
-    html_report.write_html(str(tmp_path), result, [])
+    html_report.write_html(str(tmp_path), result)
     page, text = parse(str(tmp_path / "report.html"))
     assert "M\\xfcller.png" in text
     links = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].endswith(".png")]
@@ -187,24 +187,25 @@ def test_the_page_says_what_the_model_was_trained_on_as_its_package_records_it(t
                                          (f"adults {MARKUP} & co", f"Trained on adults {MARKUP} & co (as its")]):
         result = replace(run_result(), trained_on=TrainingData(source).population())
         os.makedirs(tmp_path / str(i))
-        html_report.write_html(str(tmp_path / str(i)), result, [])
+        html_report.write_html(str(tmp_path / str(i)), result)
         raw = open(tmp_path / str(i) / "report.html", encoding="utf-8").read()
         assert shown in parse(str(tmp_path / str(i) / "report.html"))[1] and MARKUP not in raw
         assert f"Trained on {result.trained_on}" in report.report_markdown(result)  # QA: report.md never said
 
 
 def test_page_stays_under_1_mb_with_many_long_error_rows(tmp_path):
-    rows = [Row(f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "error", "", "", "0.5", "", "m/1",
-                "decode failed: " + "x" * 900) for i in range(3000)]
-    for s in range(3):
-        shard_files.write_shard(str(tmp_path), s, rows[s * 1000:(s + 1) * 1000])
-    result = run_result(counts=reconciliation(failed=3000), model="m/1", wall_seconds=1.0)
+    errors = [(i + 1, Entry(f"/data/{'very long folder name/' * 40}{i} <b>x</b>.png", "error", "", "",
+                            "decode failed: " + "x" * 900, patient_id=f"P{i:07d}")) for i in range(500)]
+    result = replace(run_result(counts=reconciliation(failed=3000), model="m/1", wall_seconds=1.0),
+                     worklist=WorklistSummary(3000, errors=errors))  # the worklist keeps the first 500 (CAPS)
     assert result.metrics()["images_failed"] == 3000 and result.images_per_second == 3000
-    size = html_report.write_html(str(tmp_path), result, [(s, 0, 1000) for s in range(3)])
+    size = html_report.write_html(str(tmp_path), result)
     assert size == os.path.getsize(tmp_path / "report.html") and 300_000 < size < 1_000_000
     _, text = parse(str(tmp_path / "report.html"))
     shown = text.count("decode failed: ")
-    assert 100 <= shown <= 500 and f"{3000 - shown} more error rows are in the predictions CSVs" in text
+    assert 100 <= shown <= 500 and f"{3000 - shown} more errors are at the end of worklist.csv" in text
+    # QA: a truncated study was shown by its file name alone: each row has its worklist rank and patient
+    assert "1 /data/very long" in text and f"patient P{shown - 1:07d}" in text and f"P{shown:07d}" not in text
 
 
 def test_tiles_beyond_the_cap_point_at_the_heatmap_index(tmp_path):
@@ -320,5 +321,5 @@ def test_inputs_that_overlap_are_said_to_count_each_image_once(tmp_path):
     note = "An image that several inputs reach is listed and counted once, under the first of them."
     assert note in report.report_markdown(two) and note not in report.report_markdown(one)
     os.makedirs(tmp_path / "two")
-    html_report.write_html(str(tmp_path / "two"), two, [])
+    html_report.write_html(str(tmp_path / "two"), two)
     assert note in parse(str(tmp_path / "two" / "report.html"))[1]

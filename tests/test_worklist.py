@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 
@@ -13,7 +14,7 @@ from PIL import Image
 from batch_job.cli import main
 from batch_job.worklist import COLUMNS, Entry, ranked, safe_cell, write
 from dicom_factory import dicom_bytes
-from helpers import textured, write_package
+from helpers import parse, textured, write_package
 
 
 def _e(path, status="ok", p="", pred="", **kw):
@@ -56,15 +57,17 @@ def test_written_with_rank_and_every_column():
                                                             patient_id="P1", heatmap="heatmaps/0001.png")]) == 2
     rows = list(csv.DictReader(io.StringIO(f.getvalue())))
     assert tuple(rows[0]) == COLUMNS
-    assert COLUMNS[:8] == ("rank", "path", "status", "probability", "prediction", "reason", "heatmap", "patient_id")
-    assert [(r["rank"], r["path"], r["patient_id"], r["heatmap"]) for r in rows] == \
-        [("1", "a.png", "P1", "heatmaps/0001.png"), ("2", "b.png", "", "")]
+    assert COLUMNS[:9] == ("rank", "section", "path", "status", "probability", "prediction", "reason", "heatmap",
+                           "patient_id")
+    assert [(r["rank"], r["section"], r["path"], r["patient_id"], r["heatmap"]) for r in rows] == \
+        [("1", "flagged", "a.png", "P1", "heatmaps/0001.png"), ("2", "not flagged", "b.png", "", "")]
 
 
 def test_cells_that_would_run_as_formulas_are_text():
-    for text in ("=HYPERLINK(\"http://x\")", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"):
+    for text in ("=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "-1-cmd", "@SUM(A1)", "\t=1", "\r=1", "-1e3", "+1 "):
         assert safe_cell(text) == "'" + text
-    for text in ("person1_bacteria_1.jpeg", "1.2.840.113619", "", "0.5"):
+    # a plain number is no formula: QA, a patient ID -4812006 written '-4812006 failed as a PACS search
+    for text in ("person1_bacteria_1.jpeg", "1.2.840.113619", "", "0.5", "-4812006", "+1", "-0.25"):
         assert safe_cell(text) == text
     f = io.StringIO()
     write(f, [_e("=cmd|' /C calc'!A0.png", "error", reason="-decode failed", patient_id="@evil")])
@@ -88,6 +91,8 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
                                                   AccessionNumber="ACC7", StudyDate="20261130", ViewPosition="PA"))
     cut = dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="P-42", AccessionNumber="ACC8")
     (inp / "h_cut.dcm").write_bytes(cut[:-2000])  # pixel data cut short: an error row, still the patient's
+    film = np.asarray(textured((64, 64), 60, seed=9))
+    Image.fromarray(np.pad(film, ((0, 0), (16, 16)))).save(inp / "i_padded.png")  # a chest film pillarboxed: 33%
     extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
         if runner == "dask" else ["--direct_running_mode=in_memory"]
     assert main(["--input", str(inp), "--model", package, "--output", str(tmp_path / "o"), "--shard-size", "2",
@@ -98,9 +103,13 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     probs = {os.path.basename(r["path"]): r["probability"] for r in rows}
     flagged = [n for n in names if probs[n] and float(probs[n]) >= 0.5]
     assert names[:len(flagged)] == sorted(flagged, key=lambda n: -float(probs[n]))  # flagged first, highest first
+    # QA: a padded chest film ranked after every scored normal; it is not screened, read right after the flagged
+    assert names[len(flagged)] == "i_padded.png" and rows[len(flagged)]["reason"].startswith("padded: ")
     assert names[-3:] == ["e_blank.png", "f_broken.png", "h_cut.dcm"]  # then out of scope, then errors
-    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 9)]
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 10)]
     assert [r["status"] for r in rows[-3:]] == ["out_of_scope", "error", "error"]
+    assert [r["section"] for r in rows] == ["flagged"] * len(flagged) + ["not screened"] + ["not flagged"] * (
+        5 - len(flagged)) + ["out of scope", "error", "error"]  # QA: only a row's position told them apart
     # QA defect: an error row lost the identifiers its header gave, so a failed study could not be followed up
     assert (rows[-1]["patient_id"], rows[-1]["accession_number"]) == ("P-42", "ACC8")
     dcm = rows[names.index("g_study.dcm")]
@@ -109,5 +118,13 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     assert rows[names.index("a_dark.png")]["patient_id"] == ""
     # QA: report.html showed no DICOM identifiers: a file named by its UID could not be found in the PACS from it
     page = open(tmp_path / "o" / "report.html", encoding="utf-8").read()
-    assert dcm["prediction"] == "PNEUMONIA" and "patient =1+1 · accession ACC7" in page  # its tile; as text
-    assert len(re.findall(r"patient [^<]* · accession ", page)) == 1
+    assert dcm["prediction"] == "PNEUMONIA" and "patient =1+1 · accession ACC7 · study 2026-11-30 · PA" in page
+    # its tile (as text; with its study's date and view), and the error row of the study cut short (QA: by its file
+    # name alone)
+    assert re.findall(r"patient [^<]* · accession [^<]*", page) == [
+        "patient =1+1 · accession ACC7 · study 2026-11-30 · PA", "patient P-42 · accession ACC8"]
+    m = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert (m["images_out_of_scope"], m["images_unscreened"]) == (2, 1)
+    text = " ".join(parse(str(tmp_path / "o" / "report.html"))[1].split())
+    assert "out of scope, 2 (not screened: 1, each needs a read)" in text
+    assert "Chest films the job did not screen: 1 (" in text and "Other files: 1, which the job cannot screen" in text

@@ -33,6 +33,7 @@ MAX_COLOUR_SPREAD = 8.0
 MIN_GREY_STD = 4.0
 MIN_GREY_LEVELS = 32
 MAX_ASPECT = 2.0
+PADDED = "padded: "  # the reason's start: a chest film not screened, ranked as such (batch_job/worklist.py)
 BAND_SPREAD = 12  # grey levels a row or column of padding spans at most (JPEG's ringing beside the scan included)
 MAX_BAND_SHARE = 0.21  # the training scans' widest bands, 0.205 of a side, rounded up
 
@@ -76,6 +77,6 @@ def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:
         return f"too few grey levels ({levels} < {MIN_GREY_LEVELS})"
     share = band_share(gray)
     if share > MAX_BAND_SHARE:
-        return (f"padded: bands of constant grey cover {share:.1%} of a side (training scans: at most "
+        return (f"{PADDED}bands of constant grey cover {share:.1%} of a side (training scans: at most "
                 f"{MAX_BAND_SHARE:.0%}); crop it to the scan")
     return None
