@@ -166,8 +166,8 @@ def identifiers(e: Entry | None) -> str:
     if len(date) == 8 and date.isdigit():  # DICOM's DA, YYYYMMDD
         date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
     shown = [f"{what}{display(value, MAX_TEXT // 4)}" for what, value in (
-        ("patient ", e.patient_id), ("accession ", e.accession_number), ("study ", date), ("", e.view_position))
-        if value]
+        ("patient ", e.patient_id), ("accession ", e.accession_number), ("study ", date), ("", e.view_position),
+        ("same study as #", e.same_study_as)) if value]
     return " · ".join(shown)
 
 

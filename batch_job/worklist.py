@@ -58,6 +58,7 @@ class Entry:
     sop_instance_uid: str = ""
     study_date: str = ""
     view_position: str = ""
+    same_study_as: str = ""  # the rank of the first row of this patient's accession, on its later rows (merge)
 
 
 COLUMNS = ("rank", "section") + tuple(f.name for f in fields(Entry))
@@ -91,6 +92,16 @@ def safe_cell(text: str) -> str:
     """A cell a spreadsheet shows as the text it is. A plain number (a patient ID -4812006) is no formula and stays
     as it is (QA: escaped, it failed as a PACS search)."""
     return "'" + text if text.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text) else text
+
+
+def with_study(e: Entry, rank: int, first_ranks: dict[tuple[str, str], int]) -> Entry:
+    """The entry, its `same_study_as` set where an earlier row (a better rank) had the same patient ID and accession
+    number: a study is read once, at its first row (QA: a PA flagged at rank 48 and its lateral at 179 read as two
+    studies). `first_ranks` holds one rank per accession, on the DICOM rows alone."""
+    if not e.accession_number:
+        return e
+    first = first_ranks.setdefault((e.patient_id, e.accession_number), rank)
+    return e if first == rank else replace(e, same_study_as=str(first))
 
 
 def row_cells(rank: int, e: Entry) -> list[str]:
@@ -148,6 +159,7 @@ def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep
     """worklist.csv from the shards' sorted parts; -> its summary."""
     parts = [_read_part(os.path.join(scratch, part_name(s))) for s in shard_ids]
     summary = WorklistSummary()
+    first_ranks: dict[tuple[str, str], int] = {}
 
     def write_rows(f):
         writer = csv.writer(f)
@@ -155,6 +167,7 @@ def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep
         for rank, e in enumerate(heapq.merge(*parts, key=rank_key), start=1):
             if e.path in overlays:
                 e = replace(e, heatmap=overlays[e.path])
+            e = with_study(e, rank, first_ranks)
             writer.writerow(row_cells(rank, e))
             summary.rows = rank
             if group(e) == _ORDER["flagged"] and len(summary.flagged) < keep_flagged:
@@ -173,6 +186,7 @@ def write(f, entries: list[Entry]) -> int:
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     rows = ranked(entries)
+    first_ranks: dict[tuple[str, str], int] = {}
     for i, entry in enumerate(rows, start=1):
-        writer.writerow(row_cells(i, entry))
+        writer.writerow(row_cells(i, with_study(entry, i, first_ranks)))
     return len(rows)

@@ -91,6 +91,8 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
                                                   AccessionNumber="ACC7", StudyDate="20261130", ViewPosition="PA"))
     cut = dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="P-42", AccessionNumber="ACC8")
     (inp / "h_cut.dcm").write_bytes(cut[:-2000])  # pixel data cut short: an error row, still the patient's
+    (inp / "j_lateral.dcm").write_bytes(dicom_bytes(pixels, bits_stored=12, modality="DX", PatientID="=1+1",
+                                                    AccessionNumber="ACC7", ViewPosition="LATERAL"))  # g's study
     film = np.asarray(textured((64, 64), 60, seed=9))
     Image.fromarray(np.pad(film, ((0, 0), (16, 16)))).save(inp / "i_padded.png")  # a chest film pillarboxed: 33%
     extra = ["--runner", "DaskRunner", f"--dask_client_address={request.getfixturevalue('dask_cluster')}"] \
@@ -105,11 +107,13 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     assert names[:len(flagged)] == sorted(flagged, key=lambda n: -float(probs[n]))  # flagged first, highest first
     # QA: a padded chest film ranked after every scored normal; it is not screened, read right after the flagged
     assert names[len(flagged)] == "i_padded.png" and rows[len(flagged)]["reason"].startswith("padded: ")
-    assert names[-3:] == ["e_blank.png", "f_broken.png", "h_cut.dcm"]  # then out of scope, then errors
-    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 10)]
-    assert [r["status"] for r in rows[-3:]] == ["out_of_scope", "error", "error"]
+    assert names[-4:] == ["e_blank.png", "j_lateral.dcm", "f_broken.png", "h_cut.dcm"]  # out of scope, errors
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 11)]
+    assert [r["status"] for r in rows[-4:]] == ["out_of_scope", "out_of_scope", "error", "error"]
     assert [r["section"] for r in rows] == ["flagged"] * len(flagged) + ["not screened"] + ["not flagged"] * (
-        5 - len(flagged)) + ["out of scope", "error", "error"]  # QA: only a row's position told them apart
+        5 - len(flagged)) + ["out of scope"] * 2 + ["error"] * 2  # QA: only a row's position told them apart
+    lateral = rows[names.index("j_lateral.dcm")]  # QA: a lateral of a flagged study read as a study of its own
+    assert lateral["same_study_as"] == rows[names.index("g_study.dcm")]["rank"] and rows[0]["same_study_as"] == ""
     # QA defect: an error row lost the identifiers its header gave, so a failed study could not be followed up
     assert (rows[-1]["patient_id"], rows[-1]["accession_number"]) == ("P-42", "ACC8")
     dcm = rows[names.index("g_study.dcm")]
@@ -122,9 +126,25 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     # its tile (as text; with its study's date and view), and the error row of the study cut short (QA: by its file
     # name alone)
     assert re.findall(r"patient [^<]* · accession [^<]*", page) == [
-        "patient =1+1 · accession ACC7 · study 2026-11-30 · PA", "patient P-42 · accession ACC8"]
+        "patient =1+1 · accession ACC7 · study 2026-11-30 · PA",
+        f"patient =1+1 · accession ACC7 · LATERAL · same study as #{dcm['rank']}", "patient P-42 · accession ACC8"]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
-    assert (m["images_out_of_scope"], m["images_unscreened"]) == (2, 1)
+    assert (m["images_out_of_scope"], m["images_unscreened"]) == (3, 1)
+    assert f"· LATERAL · same study as #{lateral['same_study_as']}" in page
     text = " ".join(parse(str(tmp_path / "o" / "report.html"))[1].split())
-    assert "out of scope, 2 (not screened: 1, each needs a read)" in text
-    assert "Chest films the job did not screen: 1 (" in text and "Other files: 1, which the job cannot screen" in text
+    assert "out of scope, 3 (not screened: 1, each needs a read)" in text
+    assert "Chest films the job did not screen: 1 (" in text and "Other files: 2, which the job cannot screen" in text
+
+
+def test_later_rows_of_a_study_name_its_first_rank():
+    """QA: a PA flagged at rank 48 and its lateral at rank 179 read as two studies; two frontals of one accession as
+    two reads. A study is a patient's accession number; rows without one stand alone."""
+    f = io.StringIO()
+    write(f, [_e("pa.dcm", "ok", "0.9", "PNEUMONIA", patient_id="P1", accession_number="A1"),
+              _e("lat.dcm", "out_of_scope", reason="lateral view", patient_id="P1", accession_number="A1"),
+              _e("ap.dcm", "ok", "0.7", "PNEUMONIA", patient_id="P1", accession_number="A1"),
+              _e("other.dcm", "ok", "0.8", "PNEUMONIA", patient_id="P2", accession_number="A1"),  # another patient's
+              _e("a.png", "ok", "0.95", "PNEUMONIA"), _e("b.png", "ok", "0.1", "NORMAL")])
+    rows = [(r["path"], r["same_study_as"]) for r in csv.DictReader(io.StringIO(f.getvalue()))]
+    assert rows == [("a.png", ""), ("pa.dcm", ""), ("other.dcm", ""), ("ap.dcm", "2"), ("b.png", ""),
+                    ("lat.dcm", "2")]
