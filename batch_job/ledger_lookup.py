@@ -39,20 +39,21 @@ class Earlier:
     probability: float | None
     reason: str = ""
     path: str = ""  # the path the night that scored or refused them recorded
+    run_id: str = ""  # that night's run
 
 
 def _earlier(conn, sha256: str, model: str, modalities: tuple[str, ...]) -> Earlier | None:
-    row = conn.execute("SELECT probability, path FROM scored WHERE sha256 = ? AND model = ?",
+    row = conn.execute("SELECT probability, path, run_id FROM scored WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     if row:
-        return Earlier(sha256, float(row[0]), path=row[1])
-    row = conn.execute("SELECT reason, path FROM out_of_scope WHERE sha256 = ? AND model = ?",
+        return Earlier(sha256, float(row[0]), path=row[1], run_id=row[2])
+    row = conn.execute("SELECT reason, path, run_id FROM out_of_scope WHERE sha256 = ? AND model = ?",
                        (sha256, model)).fetchone()
     if not row:
         return None
     named = modalities_named(row[0])  # a refusal by Modality holds only under the modalities it was decided under
-    return Earlier(sha256, None, row[0], row[1]) if named is None or named == frozenset(normalised(modalities)) \
-        else None
+    return Earlier(sha256, None, row[0], row[1], row[2]) \
+        if named is None or named == frozenset(normalised(modalities)) else None
 
 
 def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str,

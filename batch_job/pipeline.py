@@ -41,7 +41,7 @@ from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
-from batch_job.ledger_identity import check_model, latest_night, warn_if_new_model
+from batch_job.ledger_identity import check_model, nights_of, warn_if_new_model
 from batch_job.listing import check_inputs
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress
@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], started: float | None) 
                                               t_heatmaps, t_drift),
                                listed, thumbnails, MODEL_CARD_COPY if model.card else "", model.package_threshold,
                                model.trained_on, model.below_floor,
-                               latest_night(book.path, model.model_id) if book and rec.skipped else "")
+                               tuple(nights_of(book.path, gathered.earlier)) if book else (), runner.mode)
             report.write_metrics(tmp, result)
             html_report.write_html(tmp, result)
             kill_point("written")

@@ -9,12 +9,14 @@ import numpy as np
 
 from batch_job.drift import DriftResult
 from batch_job.figures import labelled
+from batch_job.ledger_identity import EarlierNight
 from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
 from batch_job.worklist import WorklistSummary
 from xray_core.occlusion import HeatmapMethod
 from xray_core.training_data import TrainingData
 
+EARLIER_SHOWN = 3  # earlier nights named one by one in skipped_to_read; older ones summed
 SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
@@ -64,20 +66,25 @@ class RunResult:
     package_threshold: float | None = None  # the package's calibrated threshold, where --threshold set another
     trained_on: str = TrainingData().population()  # what the model was trained on, for report.html
     below_floor: str = ""  # the model below the quality floor: what it misses, how it was published (model.py)
-    earlier_night: str = ""  # with skipped images: the latest night of this model on the ledger (ledger_identity)
+    earlier_nights: tuple[EarlierNight, ...] = ()  # the nights whose worklists hold the skipped images to read
+    runner_mode: str = ""  # DirectRunner's running mode (runner.for_night may have chosen processes); "" for others
 
     @property
     def skipped_to_read(self) -> str:
         """report.md's and report.html's sentence on the skipped images flagged or not screened on earlier nights,
-        which are on those nights' worklists, not this one ("" if none)."""
+        which are on those nights' worklists, not this one, and which nights ("" if none)."""
         c = self.counts
         if not (c.skipped_flagged or c.skipped_unscreened):
             return ""
-        latest = f" (the latest night of {self.model} on this ledger: {self.earlier_night})" * bool(self.earlier_night)
+        shown = [n.line() for n in self.earlier_nights[:EARLIER_SHOWN]]
+        rest = self.earlier_nights[EARLIER_SHOWN:]
+        if rest:
+            shown.append(f"{len(rest)} older nights: {sum(n.flagged for n in rest)} flagged, "
+                         f"{sum(n.unscreened for n in rest)} not screened")
+        where = f" Their worklists, the latest first: {'; '.join(shown)}." if shown else ""
         return (f"Not on this worklist: {c.skipped_flagged} images flagged PNEUMONIA at this threshold and "
-                f"{c.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger. "
-                f"Read them from the worklists of the nights that scored them{latest}; the predictions CSVs list them "
-                "with status skipped.")
+                f"{c.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger "
+                f"(the predictions CSVs list them with status skipped).{where}")
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""
@@ -124,6 +131,7 @@ class RunResult:
             "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
             "per_input": c.per_input, "model": self.model, "threshold": self.threshold, "runner": self.runner,
+            "runner_mode": self.runner_mode or None,
             "model_below_quality_floor": self.below_floor or None,  # what it misses, how it was published (export.md)
         }
         if self.package_threshold is not None:

@@ -6,7 +6,7 @@ import hashlib
 import os
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -136,6 +136,7 @@ class Row:
     embedding: np.ndarray | None = None  # (D,): images scored in this run, with spec.drift_sample
     header: DicomHeader | None = None  # DICOM input: its identifiers for the worklist
     file_key: tuple[int, int, int] | None = None  # file_stat before it was read: flagged images of this run
+    earlier_run: str = ""  # skipped: the run id of the night that scored or refused these bytes
 
     def csv_row(self) -> list[str]:
         return [getattr(self, c) for c in COLUMNS]
@@ -174,8 +175,9 @@ def skipped_row(path: str, label: str, spec: ScoringSpec, earlier: ledger_lookup
     """An image this model scored (its probability) or refused (its reason) on an earlier night; under a path the
     ledger has not seen (`new_name`), its `error` also names the path it was read under then."""
     note = f"{NEW_NAME} {earlier.path}" if new_name else ""
-    return make_row(path, label, spec, earlier.probability, error="; ".join(filter(None, (earlier.reason, note))),
-                    sha256=earlier.sha256, status="skipped")
+    return replace(make_row(path, label, spec, earlier.probability, error="; ".join(filter(None, (earlier.reason,
+                                                                                                 note))),
+                            sha256=earlier.sha256, status="skipped"), earlier_run=earlier.run_id)
 
 
 def is_new_name(csv_row: dict) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from batch_job import drift_check
+from batch_job import drift_check, worklist
 from batch_job.errors import ReconciliationError
 from batch_job.ledger import FileKey
 from batch_job.scoring import Row, ScoringSpec
@@ -76,6 +76,20 @@ class ShardSummary:
     file_keys: list[FileKey] = field(default_factory=list)  # of the files read in this run, with a ledger
     out_of_scope: int = 0
     refused: list[tuple[str, str, str]] = field(default_factory=list)  # (sha256, reason, path), with a ledger
+    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_nights
+
+
+def earlier_nights(rows: list[Row]) -> dict[str, tuple[int, int]]:
+    """The skipped images flagged (at this run's threshold) or not screened on an earlier night: run id of that night
+    -> (flagged, not screened). Bounded by the nights the ledger holds."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        if r.status == "skipped" and r.earlier_run:
+            flagged, unscreened = r.prediction == "PNEUMONIA", worklist.unscreened(r.error)
+            if flagged or unscreened:
+                f, u = out.get(r.earlier_run, (0, 0))
+                out[r.earlier_run] = (f + flagged, u + unscreened)
+    return out
 
 
 def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ()) -> ShardSummary:
@@ -86,7 +100,8 @@ def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ())
     refused = [(r.sha256, r.error, r.path) for r in rows if r.status == "out_of_scope"] if spec.ledger_path else []
     return ShardSummary(sum(r.status == "ok" for r in rows), sum(r.status == "error" for r in rows),
                         sum(r.status == "skipped" for r in rows), top_flagged(rows, spec.heatmaps), keys, embeddings,
-                        ledger_rows, list(file_keys), sum(r.status == "out_of_scope" for r in rows), refused)
+                        ledger_rows, list(file_keys), sum(r.status == "out_of_scope" for r in rows), refused,
+                        earlier_nights(rows))
 
 
 NO_KEY = (-1, -1, -1)  # a flagged image's file_key where there is none (a URI)
@@ -118,6 +133,8 @@ def write(scratch: str, shard_id: int, s: ShardSummary) -> None:
         "file_path": _strings([k[0] for k in s.file_keys]),
         "file_stat": np.asarray([k[1:4] for k in s.file_keys], np.int64).reshape(-1, 3),  # size, mtime, ctime
         "file_sha256": _strings([k[4] for k in s.file_keys]),
+        "earlier_run": _strings(list(s.earlier)),
+        "earlier_counts": np.asarray(list(s.earlier.values()), np.int64).reshape(-1, 2),  # flagged, not screened
     }
     atomic_write(os.path.join(scratch, summary_name(shard_id)), lambda f: np.savez(f, **arrays), binary=True)
 
@@ -136,8 +153,9 @@ def read(scratch: str, shard_id: int) -> ShardSummary:
         scored, failed, skipped, out_of_scope = (int(c) for c in z["counts"])
         refused = [(str(h), str(why), str(path)) for h, why, path in
                    zip(z["refused_sha256"], z["refused_reason"], z["refused_path"])]
+        earlier = {str(run): (int(f), int(u)) for run, (f, u) in zip(z["earlier_run"], z["earlier_counts"])}
         return ShardSummary(scored, failed, skipped, flagged, z["sample_keys"], z["sample_embeddings"], ledger_rows,
-                            file_keys, out_of_scope, refused)
+                            file_keys, out_of_scope, refused, earlier)
 
 
 @dataclass
@@ -153,6 +171,7 @@ class Gathered:
     ledger_rows: list[tuple[str, float, str]] = field(default_factory=list)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     file_keys: list[FileKey] = field(default_factory=list)
+    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_nights, summed over the shards
 
 
 def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
@@ -173,4 +192,7 @@ def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
         out.ledger_rows.extend(s.ledger_rows)
         out.refused.extend(s.refused)
         out.file_keys.extend(s.file_keys)
+        for run, (f, u) in s.earlier.items():
+            before = out.earlier.get(run, (0, 0))
+            out.earlier[run] = (before[0] + f, before[1] + u)
     return out

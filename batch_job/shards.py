@@ -19,6 +19,7 @@ from xray_core.labels import label_from_path
 
 LISTING_FILE = "listing.jsonl"
 MAX_SHARD = 2048  # images per shard at most
+MIN_SMALL_SHARD = 8  # images per shard at least, where a night is cut below whole batches
 LOG = logging.getLogger("batch_job")
 
 
@@ -28,13 +29,14 @@ def shard_name(shard_id: int) -> str:
 
 def shard_size(requested: int | None, n: int, batch_size: int, workers: int) -> int:
     """--shard-size, else a few shards per worker (balances the tail), whole batches, <= MAX_SHARD. A night of fewer
-    than 4 batches a worker is cut into 4 shards a worker of part of a batch each: every worker gets some (QA: 60
-    compressed DICOM files, 0.5-0.8 s each, were one shard of 64, scored by one worker)."""
+    than 4 batches a worker is cut into 4 shards a worker of part of a batch each, MIN_SMALL_SHARD files at least:
+    every worker gets some (QA: 60 compressed DICOM files, 0.5-0.8 s each, were one shard of 64, scored by one
+    worker), and a many-core machine does not cut 100 JPEGs into 50 shards of 2 (review)."""
     if requested:
         return requested
     size = math.ceil(n / (4 * workers)) if n else batch_size
     if size < batch_size:
-        return size
+        return min(batch_size, max(MIN_SMALL_SHARD, size))
     return int(min(MAX_SHARD, math.ceil(size / batch_size) * batch_size))
 
 

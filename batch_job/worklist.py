@@ -1,8 +1,9 @@
 """worklist.csv: every image this run scored, found out of scope or failed, one row each, in reading order.
 
 Each worker writes its shard's rows, already ranked, as ``scratch/worklist-NNNNN.csv`` beside the shard's summary;
-the driver merges the sorted parts (heapq.merge: memory holds one row per shard, whatever the run's size), adds the
-rank and the overlay paths of the top-N flagged images, and keeps the first flagged rows for report.html.
+the driver merges the sorted parts (heapq.merge: memory holds one row per shard, and the first rank of each study of
+the night's DICOM rows), adds the rank, each study's first rank on its later rows and the overlay paths of the top-N
+flagged images, and keeps the first flagged rows for report.html.
 
 Ranked: flagged images first by probability (highest first); then the images the model-side checks of the input gate
 refused (too far from the X-rays the model knows, or upside down) and padded scans (content.PADDED): often chest
@@ -58,7 +59,7 @@ class Entry:
     sop_instance_uid: str = ""
     study_date: str = ""
     view_position: str = ""
-    same_study_as: str = ""  # the rank of the first row of this patient's accession, on its later rows (merge)
+    same_study_as: str = ""  # the rank of its study's first row, on the study's later rows (merge)
 
 
 COLUMNS = ("rank", "section") + tuple(f.name for f in fields(Entry))
@@ -94,13 +95,22 @@ def safe_cell(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text) else text
 
 
-def with_study(e: Entry, rank: int, first_ranks: dict[tuple[str, str], int]) -> Entry:
-    """The entry, its `same_study_as` set where an earlier row (a better rank) had the same patient ID and accession
-    number: a study is read once, at its first row (QA: a PA flagged at rank 48 and its lateral at 179 read as two
-    studies). `first_ranks` holds one rank per accession, on the DICOM rows alone."""
-    if not e.accession_number:
+def study_of(e: Entry) -> tuple[str, ...] | None:
+    """A DICOM row's study: its Study Instance UID (mandatory in DICOM, though exports without a RIS may leave the
+    accession empty, review), else its patient ID and accession number; None for a row without either (JPEG, PNG)."""
+    if e.study_instance_uid:
+        return ("uid", e.study_instance_uid)
+    return ("accession", e.patient_id, e.accession_number) if e.accession_number else None
+
+
+def with_study(e: Entry, rank: int, first_ranks: dict[tuple[str, ...], int]) -> Entry:
+    """The entry, its `same_study_as` set where an earlier row (a better rank) of tonight's was of the same study
+    (study_of): a study is read once, at its first row (QA: a PA flagged at rank 48 and its lateral at 179 read as
+    two studies). `first_ranks` holds one rank per study of the night's DICOM rows (a few MB at 20,000)."""
+    study = study_of(e)
+    if study is None:
         return e
-    first = first_ranks.setdefault((e.patient_id, e.accession_number), rank)
+    first = first_ranks.setdefault(study, rank)
     return e if first == rank else replace(e, same_study_as=str(first))
 
 
@@ -159,7 +169,7 @@ def merge(scratch: str, shard_ids, out_path: str, overlays: dict[str, str], keep
     """worklist.csv from the shards' sorted parts; -> its summary."""
     parts = [_read_part(os.path.join(scratch, part_name(s))) for s in shard_ids]
     summary = WorklistSummary()
-    first_ranks: dict[tuple[str, str], int] = {}
+    first_ranks: dict[tuple[str, ...], int] = {}
 
     def write_rows(f):
         writer = csv.writer(f)
@@ -186,7 +196,7 @@ def write(f, entries: list[Entry]) -> int:
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     rows = ranked(entries)
-    first_ranks: dict[tuple[str, str], int] = {}
+    first_ranks: dict[tuple[str, ...], int] = {}
     for i, entry in enumerate(rows, start=1):
         writer.writerow(row_cells(i, with_study(entry, i, first_ranks)))
     return len(rows)

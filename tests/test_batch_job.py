@@ -40,7 +40,7 @@ def all_image_paths(root: str) -> set[str]:
 def direct_run(request, labelled_tree, tiny_package, tmp_path_factory):
     """DirectRunner with 2 workers in both modes: threads (the default up to 4 cores) and processes."""
     root, _ = labelled_tree
-    out = str(tmp_path_factory.mktemp("direct") / "out")
+    out = str(tmp_path_factory.mktemp(f"direct-{request.param.replace('_', '-')}") / "out")
     rc = main(["--input", root, "--model", tiny_package, "--output", out, "--batch-size", "8",
                "--direct_num_workers=2", f"--direct_running_mode={request.param}"])
     return rc, out
@@ -74,6 +74,7 @@ def test_direct_runner_scores_every_image_once(direct_run, labelled_tree):
     assert m["images_per_second"] == pytest.approx(len(rows) / m["wall_seconds"], rel=0.01)
     assert m["images_failed"] == len(bad)
     assert m["runner"] == "DirectRunner" and m["model"] == "pneumonia/1"
+    assert m["runner_mode"] == ("multi_processing" if "-processing" in direct_run[1] else "multi_threading")
     for path, fragment in bad.items():
         assert rows[path]["status"] == "error" and fragment in rows[path]["error"], rows[path]
         assert rows[path]["probability"] == "" and rows[path]["prediction"] == ""
@@ -163,7 +164,7 @@ def test_dask_runner_gives_identical_predictions(direct_run, dask_run):
     direct, dask = read_predictions(direct_run[1]), read_predictions(out)
     assert dask == direct
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["runner"] == "DaskRunner"
+    assert m["runner"] == "DaskRunner" and m["runner_mode"] is None
     assert m["images_found"] == m["images_scored"] + m["images_failed"] == len(direct)
 
 

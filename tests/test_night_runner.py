@@ -2,6 +2,7 @@
 DirectRunner's worker processes for nights of DICOM files (their decoders hold the GIL)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -20,14 +21,15 @@ from helpers import read_predictions, write_package
 
 @pytest.mark.parametrize("n, workers, expected", [
     (60, 2, 8),  # QA: 60 compressed DICOM files were one shard of 64, one worker's
-    (1, 2, 1), (7, 2, 1), (9, 2, 2), (511, 2, 64),
+    (1, 2, 8), (7, 2, 8), (9, 2, 8), (100, 2, 13), (100, 16, 8), (255, 64, 8), (60, 1, 15), (511, 2, 64),
     (512, 2, 64), (513, 2, 128), (2000, 2, 256), (20_000, 2, 2048), (10**6, 16, MAX_SHARD), (0, 2, 64)])
 def test_a_night_is_cut_into_about_four_shards_a_worker(n, workers, expected):
     assert shard_size(None, n, 64, workers) == expected
     assert shard_size(10, n, 64, workers) == 10  # --shard-size wins
     shards = -(-n // expected)
     assert n == 0 or shards <= 4 * workers or expected == MAX_SHARD
-    assert n < workers or shards >= workers  # small nights too: every worker gets work
+    assert expected >= 8  # review: not 100 JPEGs cut into 50 shards of 2 on 16 cores
+    assert n < 8 * workers or shards >= workers  # small nights too: every worker gets work
 
 
 def test_files_are_read_as_dicom_by_extension_or_by_having_no_image_extension():
@@ -48,6 +50,8 @@ def test_a_night_mostly_of_dicom_gets_worker_processes_unless_the_user_chose(two
     assert (processes.mode, processes.workers, processes.label) == ("multi_processing", 2, "DirectRunner")
     assert for_night(threads, [], dicom=29, images=60) is threads  # under half: JPEG nights keep their threads
     assert for_night(threads, [], dicom=0, images=0) is threads  # a quiet night
+    assert for_night(threads, [], dicom=3, images=3) is threads  # under 2 a worker: not worth starting processes
+    assert for_night(threads, [], dicom=4, images=4).mode == "multi_processing"
     chosen = ["--direct_running_mode=multi_threading"]
     assert for_night(choose_runner(chosen), chosen, dicom=60, images=60).mode == "multi_threading"
     one = ["--direct_num_workers=1"]
@@ -77,6 +81,7 @@ def test_a_dicom_night_is_scored_by_worker_processes(two_cores, tmp_path, caplog
     assert "6 of 8 inputs are DICOM, whose decoders hold the GIL: worker processes score them " \
            "(--direct_running_mode=multi_threading keeps threads)" in said
     assert any(m.startswith("listed 8 images") and m.endswith("(multi_processing, 2 workers)") for m in said)
+    assert json.load(open(tmp_path / "processes" / "metrics.json"))["runner_mode"] == "multi_processing"
     assert main(["--input", str(folder), "--model", package, "--output", str(tmp_path / "threads"), "--heatmaps", "0",
                  "--direct_running_mode=multi_threading"]) == 0
     by_processes, by_threads = (read_predictions(str(tmp_path / out)) for out in ("processes", "threads"))

@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -181,10 +182,11 @@ def test_ledger_skips_known_images_and_new_version_rescores(small_tree, tiny_pac
         f"to it; {earlier} flagged, 0 not screened on earlier nights) with pneumonia/1")
     # QA: the reader of night 2 saw "21 skipped" and nothing of night 1's flagged scans, on no worklist of tonight's
     said = (f"Not on this worklist: {earlier} images flagged PNEUMONIA at this threshold and 0 not screened on earlier "
-            "nights, skipped tonight as already in the ledger. Read them from the worklists of the nights that scored "
-            f"them (the latest night of pneumonia/1 on this ledger: {tmp_path / 'night1'} (finished ")
+            "nights, skipped tonight as already in the ledger (the predictions CSVs list them with status skipped). "
+            f"Their worklists, the latest first: {tmp_path / 'night1'} (finished ")
     assert said in open(tmp_path / "night2" / "report.md").read()
     assert said in " ".join(parse(str(tmp_path / "night2" / "report.html"))[1].split())
+    assert f" UTC): {earlier} flagged, 0 not screened." in open(tmp_path / "night2" / "report.md").read()
     night2 = json.load(open(tmp_path / "night2" / "metrics.json"))
     assert (night2["images_skipped_flagged"], night2["images_skipped_unscreened"]) == (earlier, 0)
     statuses = {os.path.basename(p): r["status"] for p, r in second.items()}
@@ -1169,3 +1171,27 @@ def test_a_name_that_is_not_utf8_is_known_as_an_old_ledger_stored_it():
 
     name = os.fsdecode(b"/data/caf\xe9.png")
     assert known_path("/unused.sqlite", name, Earlier("ab" * 32, 0.9, path=printable(name)))
+
+
+def test_a_night_names_the_earlier_nights_whose_worklists_hold_what_it_skips(tmp_path, tiny_package, capsys):
+    """Review: naming only the latest night sent the reader of night 3 to night 2, which held 6 of its 30 skipped
+    images. Each earlier night is named with its own counts, the latest first; a night that read nothing new is
+    not; a night that scored images tonight does not skip is not."""
+    from batch_job.result import EARLIER_SHOWN
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ledger = str(tmp_path / "ledger.sqlite")
+    base = ["--input", str(folder), "--model", tiny_package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+    for night, means in enumerate(((200, 210, 60), (220, 70, 80, 90), ()), start=1):  # 2 + 1 flagged, then 0
+        for i, mean in enumerate(means):
+            textured((64, 64), mean, seed=night * 10 + i).save(folder / f"n{night}_{i}.png")
+        assert main(base + ["--output", str(tmp_path / f"night{night}")]) == 0
+    Image.new("L", (64, 64), 250).save(folder / "blank.png")  # out of scope, no chest film: not "not screened"
+    assert main(base + ["--output", str(tmp_path / "night4")]) == 0
+    md = open(tmp_path / "night4" / "report.md").read()
+    m = json.load(open(tmp_path / "night4" / "metrics.json"))
+    assert (m["images_skipped"], m["images_skipped_flagged"], m["images_skipped_unscreened"]) == (7, 3, 0)
+    named = re.findall(r"night(\d) \(finished [0-9-]+ [0-9:]+ UTC\): (\d) flagged, 0 not screened", md)
+    assert named == [("2", "1"), ("1", "2")]  # the latest first; night 3 read nothing new
+    assert EARLIER_SHOWN == 3 and "older nights" not in md

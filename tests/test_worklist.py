@@ -133,7 +133,7 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     assert f"· LATERAL · same study as #{lateral['same_study_as']}" in page
     text = " ".join(parse(str(tmp_path / "o" / "report.html"))[1].split())
     assert "out of scope, 3 (not screened: 1, each needs a read)" in text
-    assert "Chest films the job did not screen: 1 (" in text and "Other files: 2, which the job cannot screen" in text
+    assert "Chest films the job did not screen: 1 (" in text and "Other files: 2, which the job does not screen" in text
 
 
 def test_later_rows_of_a_study_name_its_first_rank():
@@ -144,7 +144,14 @@ def test_later_rows_of_a_study_name_its_first_rank():
               _e("lat.dcm", "out_of_scope", reason="lateral view", patient_id="P1", accession_number="A1"),
               _e("ap.dcm", "ok", "0.7", "PNEUMONIA", patient_id="P1", accession_number="A1"),
               _e("other.dcm", "ok", "0.8", "PNEUMONIA", patient_id="P2", accession_number="A1"),  # another patient's
-              _e("a.png", "ok", "0.95", "PNEUMONIA"), _e("b.png", "ok", "0.1", "NORMAL")])
+              _e("a.png", "ok", "0.95", "PNEUMONIA"), _e("b.png", "ok", "0.1", "NORMAL"),
+              # review: exports without a RIS leave the accession empty; the Study Instance UID is mandatory
+              _e("u1.dcm", "ok", "0.6", "NORMAL", study_instance_uid="1.2.3"),
+              _e("u2.dcm", "ok", "0.5", "NORMAL", patient_id="P9", study_instance_uid="1.2.3"),
+              _e("u3.dcm", "ok", "0.4", "NORMAL", accession_number="A1", study_instance_uid="1.2.4"),
+              _e("no_patient.dcm", "ok", "0.3", "NORMAL", accession_number="A9"),
+              _e("no_patient2.dcm", "ok", "0.2", "NORMAL", accession_number="A9")])
     rows = [(r["path"], r["same_study_as"]) for r in csv.DictReader(io.StringIO(f.getvalue()))]
-    assert rows == [("a.png", ""), ("pa.dcm", ""), ("other.dcm", ""), ("ap.dcm", "2"), ("b.png", ""),
+    assert rows == [("a.png", ""), ("pa.dcm", ""), ("other.dcm", ""), ("ap.dcm", "2"), ("u1.dcm", ""),
+                    ("u2.dcm", "5"), ("u3.dcm", ""), ("no_patient.dcm", ""), ("no_patient2.dcm", "8"), ("b.png", ""),
                     ("lat.dcm", "2")]
