@@ -13,7 +13,6 @@ BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
 # a worker's exit code when SIGINT or SIGTERM ended it (as Python starts: -N; batch_job/beam_worker.py: 128 + N): a
 # signal to the whole process group may end a worker before the job's own handler has run
 # and 1: a Ctrl-C while the worker's Python is still starting ("Fatal Python error: init_import_site", full suite, once)
-STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "1", "129", "130", "143")
 # How a worker process's end wakes the main thread, blocked in Beam's wait: not SIGINT, which a shell ignores in a job a
 # script starts with `&` (QA: such a job waited for good, holding the ledger's lock, after a worker was killed)
 WAKE = signal.SIGUSR1
@@ -29,7 +28,7 @@ def thread_failed(args) -> None:
     (batch_job.errors.lost_workers; Beam would wait for that worker, or for the others, for good); the failures of the
     threads that read its streams, which come first, and the other workers' ends are logged at DEBUG. Any other
     failure is printed as Python's own hook does, on the job's stderr."""
-    from batch_job.errors import WORKER_EXITED, lost_workers
+    from batch_job.errors import STOPPED_BY_SIGNAL, WORKER_EXITED, lost_workers
     from batch_job.workers import REAPER
     from xray_core.interrupts import GATE
 

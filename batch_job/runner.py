@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from batch_job.dask_probe import check_scheduler
-from batch_job.errors import InputError, SchedulerLost, lost_workers, worker_lost
+from batch_job.errors import InputError, SchedulerLost, lost_to_the_jobs_signal, lost_workers, worker_lost
 from batch_job.quiet_stderr import quiet_worker_threads
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
 from xray_core.errors import Terminated, one_line
@@ -211,7 +211,10 @@ def execute(pipeline: beam.Pipeline, worker_logs: str | None = None, quiet_threa
                                 "nothing published; restart the cluster (its workers end with the scheduler) and "
                                 "rerun")
     except KeyboardInterrupt as exc:
-        if lost_workers and not isinstance(exc, Terminated):  # the job sends itself SIGINT, never SIGTERM
+        if lost_to_the_jobs_signal(GATE.raised):  # the worker ended of the group's signal before the job's handler
+            lost_workers.clear()  # ran (more than batch_job/__main__.py's SIGNAL_WAIT, under load): the job stops for
+            GATE.check()  # that signal, which the handler has raised for by now
+        if lost_workers and not isinstance(exc, Terminated):  # the job wakes itself with SIGUSR1, never SIGTERM
             raise worker_lost(lost_workers[0], death_reason(worker_logs, REAPER.survivors)) from None
         raise
     finally:

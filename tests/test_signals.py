@@ -146,8 +146,7 @@ def test_sigterm_stops_the_job_like_ctrl_c(mode, when, slow_tree, night_one, tmp
     (signal.SIGTERM, "terminated (SIGTERM)", "mid-run"),
     (signal.SIGTERM, "terminated (SIGTERM)", "as the workers start"),
     (signal.SIGINT, "interrupted", "mid-run"), (signal.SIGINT, "interrupted", "as the workers start"),
-    # not as the workers start: there 1 run in 12 still ends 1, "a worker process ended" (docs/operations.md)
-    (signal.SIGHUP, "terminated (SIGHUP)", "mid-run")])
+    (signal.SIGHUP, "terminated (SIGHUP)", "mid-run"), (signal.SIGHUP, "terminated (SIGHUP)", "as the workers start")])
 def test_a_signal_to_the_whole_group_stops_worker_processes_without_a_traceback(signum, said, when, slow_tree,
                                                                                   night_one, tmp_path):
     """QA: a Ctrl-C in a terminal, or systemd's stop, signals every process of the job's group. Beam's worker
@@ -594,3 +593,37 @@ def test_after_a_signal_the_error_line_stays_the_last_line(command, code):
     proc = subprocess.run([sys.executable, "-c", hook + done], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert proc.stderr.strip().splitlines()[-1] == "TypeError: late"  # exit hooks run as usual
+
+
+@pytest.mark.parametrize("code, raised, expected", [
+    ("-2", signal.SIGINT, "interrupted"), ("-15", signal.SIGTERM, "SIGTERM"), ("-1", signal.SIGHUP, "SIGHUP"),
+    ("-2", 0, "lost"),  # no signal reached the job: the worker is lost
+    ("-9", signal.SIGINT, "lost")])  # the OOM killer's SIGKILL, then a Ctrl-C: the worker's end is the news
+def test_a_worker_ended_by_the_groups_signal_stops_the_job_for_that_signal(code, raised, expected, monkeypatch):
+    """The full suite under load: a group Ctrl-C as the worker processes started ended the job with 1, "a worker
+    process ended while scoring (... return code -2)", once in four runs: the worker thread waited its 3 s for the
+    job's handler, then counted the worker as lost. When the job's handler has run for a signal that ends a worker so,
+    the job stops for that signal."""
+    from batch_job import runner
+    from batch_job.errors import WORKER_EXITED, WorkerLost, lost_workers
+    from xray_core.errors import Terminated
+    from xray_core.interrupts import GATE
+
+    class Interrupted:  # a pipeline whose wait the WAKE signal ended
+        def run(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(GATE, "raised", raised)
+    monkeypatch.setattr(runner, "death_reason", lambda *args: "")
+    lost_workers[:] = [f"{WORKER_EXITED} {code}"]
+    try:
+        with pytest.raises((KeyboardInterrupt, WorkerLost)) as caught:
+            runner.execute(Interrupted())
+        if expected == "lost":
+            assert isinstance(caught.value, WorkerLost) and lost_workers
+        elif expected == "interrupted":
+            assert type(caught.value) is KeyboardInterrupt and not lost_workers
+        else:
+            assert isinstance(caught.value, Terminated) and caught.value.code == 128 + raised and not lost_workers
+    finally:
+        lost_workers.clear()
