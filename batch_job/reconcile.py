@@ -38,8 +38,8 @@ class Reconciliation:
     skipped_new_name_flagged: int = 0  # of those, PNEUMONIA at this run's threshold
     new_name_rows: list[dict] = field(default_factory=list)  # NEW_NAMES_KEPT of them (CSV rows), flagged first
     skipped_flagged: int = 0  # of the skipped: PNEUMONIA at this run's threshold (on an earlier night's worklist)
-    skipped_unscreened: int = 0  # of the skipped: chest films refused, not screened (worklist.unscreened)
-    unscreened: int = 0  # of this run's out-of-scope images: chest films refused, not screened
+    skipped_unscreened: int = 0  # of the skipped: not screened, maybe chest films (worklist.unscreened)
+    unscreened: int = 0  # of this run's out-of-scope images: not screened, maybe chest films (worklist.unscreened)
 
     @property
     def ok(self) -> bool:

@@ -67,7 +67,7 @@ WORKLIST_FILE = "worklist.csv"
 
 
 def unscreened(reason: str) -> bool:
-    """An out-of-scope reason that refuses a chest film (not screened: it still needs a read), not a file that is
+    """An out-of-scope reason that may refuse a chest film (not screened: it still needs a read), not a file that is
     no chest film the job can read."""
     return reason.startswith(UNSCREENED)
 

@@ -133,7 +133,8 @@ def test_the_job_writes_the_ranked_worklist(tmp_path, runner, request):
     assert f"· LATERAL · same study as #{lateral['same_study_as']}" in page
     text = " ".join(parse(str(tmp_path / "o" / "report.html"))[1].split())
     assert "out of scope, 3 (not screened: 1, each needs a read)" in text
-    assert "Chest films the job did not screen: 1 (" in text and "Other files: 2, which the job does not screen" in text
+    assert "Not screened: 1 images too far from the X-rays" in text
+    assert "Other files: 2, which the job does not screen" in text
 
 
 def test_later_rows_of_a_study_name_its_first_rank():
