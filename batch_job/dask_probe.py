@@ -1,6 +1,6 @@
 """Before a DaskRunner night: does a Dask scheduler answer at --dask_client_address (or --dask_scheduler_file), and
-can its workers import what the job runs? Refused (exit 2, one line) before anything is listed or written, within a
-bounded time.
+can its workers import what the job runs, and is it the same code? Refused (exit 2, one line) before anything is
+listed or written, within a bounded time.
 
 Without it (QA, 2026-12-02), a wrong address ran until someone noticed: a port where another service listens (a web
 server) kept the job printing "0/200 images scored" for 11 minutes and counting, holding the ledger's lock; one that
@@ -18,9 +18,16 @@ from batch_job.errors import InputError
 from xray_core.errors import one_line
 
 CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.timeouts.connect); --dask_connection_timeout
+# The sha256 of the job's code (the .py files of batch_job and xray_core, as the process that evaluates it imports
+# them): a worker must run the code the driver runs (QA, 2026-12-02: a cluster started before an upgrade failed the
+# night with "TypeError: Entry.__init__() got an unexpected keyword argument 'same_study_as'"). Standard library only.
+CODE_DIGEST = ("__import__('hashlib').sha256(b''.join(open(p, 'rb').read() for m in ('batch_job', 'xray_core') "
+               "for p in sorted(__import__('glob').glob(__import__('os').path.join(__import__('os').path.dirname("
+               "__import__(m).__file__), '*.py'))))).hexdigest()")
 # Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself; it
-# imports what the job's steps need there (the job, onnxruntime, Beam). None: nothing to send back.
-IMPORTS_THE_JOB = "__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and None"
+# imports what the job's steps need there (the job, onnxruntime, Beam) and sends back CODE_DIGEST.
+IMPORTS_THE_JOB = ("__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and "
+                   + CODE_DIGEST)
 # How long the scheduler lets tasks wait without any worker before it fails them (Dask's default: None, for good).
 NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"  # its config key (DASK_DISTRIBUTED__SCHEDULER__...)
 
@@ -29,6 +36,11 @@ NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"  # its config ke
 class SchedulerCheck:
     workers: int  # workers that import the job now (0: the job waits for some to join, as Beam does)
     waits_for_good: bool = False  # the scheduler sets no NO_WORKERS_TIMEOUT: with every worker gone, the night waits
+
+
+def code_digest() -> str:
+    """CODE_DIGEST of this process's job."""
+    return eval(CODE_DIGEST)  # noqa: S307 - our own constant expression, as the workers evaluate it
 
 
 def no_workers_timeout(client) -> float | None | bool:
@@ -95,4 +107,10 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
         exc = outcome["import"]
         raise InputError(f"{where}: a Dask worker cannot import the job ({type(exc).__name__}: {one_line(exc, 200)})"
                          "; install this project on every worker (docs/batch_job.md); nothing scored")
+    ours = code_digest()
+    other = sorted({digest for digest in outcome.get("workers", {}).values() if digest != ours})
+    if other:
+        raise InputError(f"{where}: a Dask worker runs other code of the job (sha256 {str(other[0])[:12]}, this "
+                         f"one's {ours[:12]}): restart the workers from this version (docs/batch_job.md); nothing "
+                         "scored")
     return SchedulerCheck(len(outcome.get("workers", {})), outcome.get("no_workers_timeout", False) is None)

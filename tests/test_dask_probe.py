@@ -111,6 +111,14 @@ def test_a_scheduler_whose_workers_import_the_job_passes_and_one_that_cannot_is_
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None) as cluster:
         assert dask_probe.check_scheduler(cluster.scheduler_address, timeout=10).workers == 2
+        # QA: a cluster started before an upgrade failed the night with a TypeError from inside a worker; refused
+        ours = dask_probe.code_digest()
+        assert len(ours) == 64 and int(ours, 16) >= 0
+        monkeypatch.setattr(dask_probe, "code_digest", lambda: "0" * 64)  # the driver's code changed since
+        said = rf"a Dask worker runs other code of the job \(sha256 {ours[:12]}, this one's 000000000000\): restart"
+        with pytest.raises(dask_probe.InputError, match=said):
+            dask_probe.check_scheduler(cluster.scheduler_address, timeout=10)
+        monkeypatch.undo()
         monkeypatch.setattr(dask_probe, "IMPORTS_THE_JOB", "__import__('batch_job_not_installed') and None")
         with pytest.raises(dask_probe.InputError, match=r"a Dask worker cannot import the job \(ModuleNotFoundError: "
                                                         r"No module named 'batch_job_not_installed'\); install"):
