@@ -18,16 +18,13 @@ from batch_job.errors import InputError
 from xray_core.errors import one_line
 
 CONNECT_SECONDS = 30  # distributed's own connect timeout (distributed.comm.timeouts.connect); --dask_connection_timeout
-# The sha256 of the job's code (the .py files of batch_job and xray_core, as the process that evaluates it imports
-# them): a worker must run the code the driver runs (QA, 2026-12-02: a cluster started before an upgrade failed the
-# night with "TypeError: Entry.__init__() got an unexpected keyword argument 'same_study_as'"). Standard library only.
-CODE_DIGEST = ("__import__('hashlib').sha256(b''.join(open(p, 'rb').read() for m in ('batch_job', 'xray_core') "
-               "for p in sorted(__import__('glob').glob(__import__('os').path.join(__import__('os').path.dirname("
-               "__import__(m).__file__), '*.py'))))).hexdigest()")
 # Run on every worker by client.run: a builtin, so that a worker without the job can still load the call itself; it
-# imports what the job's steps need there (the job, onnxruntime, Beam) and sends back CODE_DIGEST.
+# imports what the job's steps need there (the job, onnxruntime, Beam) and sends back the job's code as that worker
+# loaded it (batch_job.CODE_SHA256; "" for a version from before 2026-12-02): a worker must run the code the driver
+# runs (QA, 2026-12-02: a cluster started before an upgrade failed the night with "TypeError: Entry.__init__() got
+# an unexpected keyword argument 'same_study_as'").
 IMPORTS_THE_JOB = ("__import__('batch_job.scoring') and __import__('onnxruntime') and __import__('apache_beam') and "
-                   + CODE_DIGEST)
+                   "getattr(__import__('batch_job'), 'CODE_SHA256', '')")
 # How long the scheduler lets tasks wait without any worker before it fails them (Dask's default: None, for good).
 NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"  # its config key (DASK_DISTRIBUTED__SCHEDULER__...)
 
@@ -39,8 +36,10 @@ class SchedulerCheck:
 
 
 def code_digest() -> str:
-    """CODE_DIGEST of this process's job."""
-    return eval(CODE_DIGEST)  # noqa: S307 - our own constant expression, as the workers evaluate it
+    """The job's code as this process loaded it."""
+    import batch_job
+
+    return batch_job.CODE_SHA256
 
 
 def no_workers_timeout(client) -> float | None | bool:
@@ -110,7 +109,7 @@ def check_scheduler(address: str | None = None, scheduler_file: str | None = Non
     ours = code_digest()
     other = sorted({digest for digest in outcome.get("workers", {}).values() if digest != ours})
     if other:
-        raise InputError(f"{where}: a Dask worker runs other code of the job (sha256 {str(other[0])[:12]}, this "
-                         f"one's {ours[:12]}): restart the workers from this version (docs/batch_job.md); nothing "
-                         "scored")
+        theirs = f"sha256 {str(other[0])[:12]}" if other[0] else "a version from before 2026-12-02"
+        raise InputError(f"{where}: a Dask worker runs other code of the job ({theirs}, this one's {ours[:12]}): "
+                         "restart the workers from this version (docs/batch_job.md); nothing scored")
     return SchedulerCheck(len(outcome.get("workers", {})), outcome.get("no_workers_timeout", False) is None)

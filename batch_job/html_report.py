@@ -241,7 +241,8 @@ def context(r: RunResult, out_dir: str, errors: list[dict], tiles_cap: int, rows
         "index_csv": any(f.heatmap is not None or f.png for f in r.flagged),  # heatmaps/index.csv was written
         "errors": errors, "error_total": c.failed, "skipped": c.skipped, "new_name_note": new_name_note(c),
         "new_names": new_names, "new_names_total": c.skipped_new_name,
-        "new_names_flagged": c.skipped_new_name_flagged, "skipped_to_read": display(r.skipped_to_read, 4 * MAX_TEXT),
+        "new_names_flagged": c.skipped_new_name_flagged, "skipped_to_read": display(r.skipped_to_read, 2 * MAX_TEXT),
+        "earlier_nights": [display(line, 2 * MAX_TEXT) for line in r.earlier_lines()],
     }
 
 

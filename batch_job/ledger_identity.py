@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-from dataclasses import dataclass
 
 from batch_job.ledger import LedgerError
 from batch_job.ledger_lookup import read_only
@@ -70,37 +69,3 @@ def warn_if_new_model(path: str, model: str) -> None:
                     ", ".join(others))
 
 
-
-@dataclass(frozen=True)
-class EarlierNight:
-    """An earlier night whose worklist holds images tonight skips: where it published, when it finished (UTC), and
-    how many of tonight's skipped images it flagged (at tonight's threshold) or did not screen."""
-
-    out_dir: str  # "" where the ledger no longer knows the run
-    finished_utc: str
-    flagged: int
-    unscreened: int
-
-    def line(self) -> str:
-        """`OUT_DIR (finished 2026-12-01 02:14 UTC): N flagged, M not screened`."""
-        where = self.out_dir or "a run the ledger no longer lists"
-        when = f" (finished {self.finished_utc[:16].replace('T', ' ')} UTC)" if self.finished_utc else ""
-        return f"{where}{when}: {self.flagged} flagged, {self.unscreened} not screened"
-
-
-def nights_of(path: str, counts: dict[str, tuple[int, int]]) -> list[EarlierNight]:
-    """The earlier nights of `counts` (run id -> flagged, not screened: shard_result.earlier_nights), the latest first
-    (QA: a night's 110 flagged scans were only "184 skipped" the night after, and no page said where to read them)."""
-    if not counts or not os.path.exists(path):
-        return []
-    runs = list(counts)
-    known: dict[str, tuple[int, str, str]] = {}
-    with contextlib.closing(read_only(path)) as conn:
-        for start in range(0, len(runs), 500):  # SQLite's bound on the number of parameters
-            chunk = runs[start:start + 500]
-            rows = _rows(conn, f"SELECT run_id, rowid, out_dir, finished_utc FROM runs WHERE run_id IN "
-                               f"({', '.join('?' * len(chunk))})", *chunk)
-            known.update({run: (order, out, finished) for run, order, out, finished in rows})
-    # the commit order (a commit replaces its run's row: a new rowid); finished_utc is to the second only
-    latest_first = sorted(runs, key=lambda run: known.get(run, (-1,))[0], reverse=True)
-    return [EarlierNight(*known.get(run, (-1, "", ""))[1:], *counts[run]) for run in latest_first]

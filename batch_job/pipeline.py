@@ -39,9 +39,10 @@ from batch_job import (
 )
 from batch_job import shards as shard_files
 from batch_job.drift import DriftResult, summary_line
+from batch_job.earlier_nights import nights_of
 from batch_job.errors import InputError, LedgerNotUpdated
 from batch_job.ledger import Ledger, check_usable
-from batch_job.ledger_identity import check_model, nights_of, warn_if_new_model
+from batch_job.ledger_identity import check_model, warn_if_new_model
 from batch_job.listing import check_inputs
 from batch_job.model import Model, load_model
 from batch_job.progress import Progress

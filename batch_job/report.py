@@ -76,7 +76,8 @@ def report_markdown(r: RunResult) -> str:
     if len(c.per_input) > 1:
         lines += ["", html_report.PER_INPUT_NOTE]
     if r.skipped_to_read:
-        lines += ["", f"**{r.skipped_to_read}**"]
+        where = f" Their worklists, the latest first: {'; '.join(r.earlier_lines())}." if r.earlier_lines() else ""
+        lines += ["", f"**{r.skipped_to_read}{where}**"]
     if c.skipped_new_name:
         lines += ["", html_report.new_name_note(c)]
     counts, edges = r.probability_histogram()

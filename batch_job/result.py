@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batch_job import earlier_nights
 from batch_job.drift import DriftResult
+from batch_job.earlier_nights import EarlierNight
 from batch_job.figures import labelled
-from batch_job.ledger_identity import EarlierNight
 from batch_job.reconcile import Reconciliation
 from batch_job.shard_result import Flagged
 from batch_job.worklist import WorklistSummary
 from xray_core.occlusion import HeatmapMethod
 from xray_core.training_data import TrainingData
 
-EARLIER_SHOWN = 3  # earlier nights named one by one in skipped_to_read; older ones summed
 SCORE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
@@ -72,19 +72,17 @@ class RunResult:
     @property
     def skipped_to_read(self) -> str:
         """report.md's and report.html's sentence on the skipped images flagged or not screened on earlier nights,
-        which are on those nights' worklists, not this one, and which nights ("" if none)."""
+        which are on those nights' worklists, not this one ("" if none); earlier_lines() says which nights."""
         c = self.counts
         if not (c.skipped_flagged or c.skipped_unscreened):
             return ""
-        shown = [n.line() for n in self.earlier_nights[:EARLIER_SHOWN]]
-        rest = self.earlier_nights[EARLIER_SHOWN:]
-        if rest:
-            shown.append(f"{len(rest)} older nights: {sum(n.flagged for n in rest)} flagged, "
-                         f"{sum(n.unscreened for n in rest)} not screened")
-        where = f" Their worklists, the latest first: {'; '.join(shown)}." if shown else ""
         return (f"Not on this worklist: {c.skipped_flagged} images flagged PNEUMONIA at this threshold and "
                 f"{c.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger "
-                f"(the predictions CSVs list them with status skipped).{where}")
+                "(the predictions CSVs list them with status skipped).")
+
+    def earlier_lines(self) -> list[str]:
+        """The earlier nights whose worklists hold them, a line each (earlier_nights.lines)."""
+        return earlier_nights.lines(self.earlier_nights, self.threshold) if self.skipped_to_read else []
 
     def threshold_text(self, digits: int = 4) -> str:
         """The run's threshold, and where --threshold set it, that it did and the package's own."""

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from batch_job.dask_probe import check_scheduler
 from batch_job.errors import InputError, SchedulerLost, lost_to_the_jobs_signal, lost_workers, worker_lost
 from batch_job.quiet_stderr import quiet_worker_threads
+from batch_job.shards import MIN_SMALL_SHARD
 from batch_job.workers import LOGS_ENV, REAPER, death_reason, worker_processes
 from xray_core.errors import Terminated, one_line
 from xray_core.interrupts import GATE
@@ -173,9 +174,10 @@ def for_night(runner: Runner, beam_args: list[str], dicom: int, images: int) -> 
     """DirectRunner's worker processes instead of its threads for a night that is half DICOM files or more, unless
     the user chose the running mode: the DICOM decoder plugins hold the GIL, so threads decode one file at a time
     (docs/dicom.md: 60 compressed files took 26.0 s with threads, 17.0 s with processes). Chosen once the inputs are
-    listed, by their names (listing.read_as_dicom), where there are 2 DICOM files a worker or more; the processes'
-    start-up is a second or two a night (60 files: 19.8 s against 29.7 s with threads, the whole command)."""
-    if (runner.mode != "multi_threading" or runner.workers < 2 or dicom < 2 * runner.workers or 2 * dicom < images
+    listed, by their names (listing.read_as_dicom), where there are two small shards of DICOM files or more (16: fewer
+    are one shard, one worker's, whatever the mode, review); the processes' start-up is a second or two a night (60
+    files: 19.8 s against 29.7 s with threads, the whole command)."""
+    if (runner.mode != "multi_threading" or runner.workers < 2 or dicom < 2 * MIN_SMALL_SHARD or 2 * dicom < images
             or "direct_running_mode" in PipelineOptions(beam_args).get_all_options(drop_default=True)):
         return runner
     logging.getLogger("batch_job").info(

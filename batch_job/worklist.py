@@ -96,10 +96,11 @@ def safe_cell(text: str) -> str:
 
 
 def study_of(e: Entry) -> tuple[str, ...] | None:
-    """A DICOM row's study: its Study Instance UID (mandatory in DICOM, though exports without a RIS may leave the
-    accession empty, review), else its patient ID and accession number; None for a row without either (JPEG, PNG)."""
+    """A DICOM row's study: its patient ID and Study Instance UID (mandatory in DICOM, though exports without a RIS
+    may leave the accession empty, review; with the patient ID, as a device that writes one fixed UID cannot join two
+    patients), else its patient ID and accession number; None for a row without either (JPEG, PNG)."""
     if e.study_instance_uid:
-        return ("uid", e.study_instance_uid)
+        return ("uid", e.patient_id, e.study_instance_uid)
     return ("accession", e.patient_id, e.accession_number) if e.accession_number else None
 
 

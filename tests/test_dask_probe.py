@@ -119,6 +119,9 @@ def test_a_scheduler_whose_workers_import_the_job_passes_and_one_that_cannot_is_
         with pytest.raises(dask_probe.InputError, match=said):
             dask_probe.check_scheduler(cluster.scheduler_address, timeout=10)
         monkeypatch.undo()
+        monkeypatch.setattr(dask_probe, "IMPORTS_THE_JOB", "__import__('batch_job.scoring') and ''")  # no digest yet
+        with pytest.raises(dask_probe.InputError, match="other code of the job \\(a version from before 2026-12-02, "):
+            dask_probe.check_scheduler(cluster.scheduler_address, timeout=10)
         monkeypatch.setattr(dask_probe, "IMPORTS_THE_JOB", "__import__('batch_job_not_installed') and None")
         with pytest.raises(dask_probe.InputError, match=r"a Dask worker cannot import the job \(ModuleNotFoundError: "
                                                         r"No module named 'batch_job_not_installed'\); install"):

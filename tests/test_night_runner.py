@@ -50,8 +50,8 @@ def test_a_night_mostly_of_dicom_gets_worker_processes_unless_the_user_chose(two
     assert (processes.mode, processes.workers, processes.label) == ("multi_processing", 2, "DirectRunner")
     assert for_night(threads, [], dicom=29, images=60) is threads  # under half: JPEG nights keep their threads
     assert for_night(threads, [], dicom=0, images=0) is threads  # a quiet night
-    assert for_night(threads, [], dicom=3, images=3) is threads  # under 2 a worker: not worth starting processes
-    assert for_night(threads, [], dicom=4, images=4).mode == "multi_processing"
+    assert for_night(threads, [], dicom=15, images=15) is threads  # one shard: one worker whatever the mode (review)
+    assert for_night(threads, [], dicom=16, images=16).mode == "multi_processing"
     chosen = ["--direct_running_mode=multi_threading"]
     assert for_night(choose_runner(chosen), chosen, dicom=60, images=60).mode == "multi_threading"
     one = ["--direct_num_workers=1"]
@@ -64,12 +64,12 @@ def test_a_night_mostly_of_dicom_gets_worker_processes_unless_the_user_chose(two
 
 @pytest.mark.slow
 def test_a_dicom_night_is_scored_by_worker_processes(two_cores, tmp_path, caplog):
-    """6 DICOM files and 2 PNGs on 2 cores: the log says why processes score them, every file has its row, and
+    """16 DICOM files and 2 PNGs on 2 cores: the log says why processes score them, every file has its row, and
     the scores are those of worker threads."""
     package = write_package(str(tmp_path / "serving"))
     folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(6):
+    for i in range(16):
         (folder / f"1.2.3.{i}").write_bytes(dicom_bytes(xray_like(96, 80, seed=i), bits_stored=12, modality="DX"))
     rng = np.random.default_rng(0)
     for i in range(2):
@@ -78,14 +78,15 @@ def test_a_dicom_night_is_scored_by_worker_processes(two_cores, tmp_path, caplog
     assert main(["--input", str(folder), "--model", package, "--output", str(tmp_path / "processes"),
                  "--heatmaps", "0"]) == 0
     said = [r.getMessage() for r in caplog.records]
-    assert "6 of 8 inputs are DICOM, whose decoders hold the GIL: worker processes score them " \
+    assert "16 of 18 inputs are DICOM, whose decoders hold the GIL: worker processes score them " \
            "(--direct_running_mode=multi_threading keeps threads)" in said
-    assert any(m.startswith("listed 8 images") and m.endswith("(multi_processing, 2 workers)") for m in said)
+    assert any(m.startswith("listed 18 images") and "-> 3 shards;" in m and m.endswith("(multi_processing, 2 workers)")
+               for m in said)
     assert json.load(open(tmp_path / "processes" / "metrics.json"))["runner_mode"] == "multi_processing"
     assert main(["--input", str(folder), "--model", package, "--output", str(tmp_path / "threads"), "--heatmaps", "0",
                  "--direct_running_mode=multi_threading"]) == 0
     by_processes, by_threads = (read_predictions(str(tmp_path / out)) for out in ("processes", "threads"))
-    assert len(by_processes) == 8 and sorted(map(os.path.basename, by_processes)) == sorted(os.listdir(folder))
+    assert len(by_processes) == 18 and sorted(map(os.path.basename, by_processes)) == sorted(os.listdir(folder))
     assert {p: r["probability"] for p, r in by_processes.items()} == {p: r["probability"]
                                                                        for p, r in by_threads.items()}
-    assert [r["status"] for r in by_processes.values()] == ["ok"] * 8
+    assert [r["status"] for r in by_processes.values()] == ["ok"] * 18

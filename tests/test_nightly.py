@@ -1177,7 +1177,7 @@ def test_a_night_names_the_earlier_nights_whose_worklists_hold_what_it_skips(tmp
     """Review: naming only the latest night sent the reader of night 3 to night 2, which held 6 of its 30 skipped
     images. Each earlier night is named with its own counts, the latest first; a night that read nothing new is
     not; a night that scored images tonight does not skip is not."""
-    from batch_job.result import EARLIER_SHOWN
+    from batch_job.earlier_nights import SHOWN
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -1194,4 +1194,13 @@ def test_a_night_names_the_earlier_nights_whose_worklists_hold_what_it_skips(tmp
     assert (m["images_skipped"], m["images_skipped_flagged"], m["images_skipped_unscreened"]) == (7, 3, 0)
     named = re.findall(r"night(\d) \(finished [0-9-]+ [0-9:]+ UTC\): (\d) flagged, 0 not screened", md)
     assert named == [("2", "1"), ("1", "2")]  # the latest first; night 3 read nothing new
-    assert EARLIER_SHOWN == 3 and "older nights" not in md
+    assert SHOWN == 3 and "older nights" not in md
+    html_text = " ".join(parse(str(tmp_path / "night4" / "report.html"))[1].split())
+    assert "Their worklists, the latest first: " + str(tmp_path / "night2") in html_text  # a list item a night
+    # review: counted at tonight's threshold, which the earlier worklist may not have used; a folder deleted since
+    shutil.rmtree(tmp_path / "night1")
+    assert main(base + ["--output", str(tmp_path / "night5"), "--threshold", "0.3"]) == 0
+    md = open(tmp_path / "night5" / "report.md").read()
+    assert re.search(r"night2 \(finished [^)]*\): \d flagged, 0 not screened \(its worklist flagged at 0\.5000, not "
+                     r"0\.3000\);", md), md
+    assert re.search(r"night1 \(finished [^)]*\): \d flagged, 0 not screened \(its folder is no longer there\)", md)

@@ -148,11 +148,13 @@ def test_later_rows_of_a_study_name_its_first_rank():
               _e("a.png", "ok", "0.95", "PNEUMONIA"), _e("b.png", "ok", "0.1", "NORMAL"),
               # review: exports without a RIS leave the accession empty; the Study Instance UID is mandatory
               _e("u1.dcm", "ok", "0.6", "NORMAL", study_instance_uid="1.2.3"),
-              _e("u2.dcm", "ok", "0.5", "NORMAL", patient_id="P9", study_instance_uid="1.2.3"),
+              _e("u2.dcm", "ok", "0.5", "NORMAL", study_instance_uid="1.2.3"),
+              _e("fixed_uid.dcm", "ok", "0.45", "NORMAL", patient_id="P9", study_instance_uid="1.2.3"),  # another
+              # patient under a UID a device writes for every study (review): not joined
               _e("u3.dcm", "ok", "0.4", "NORMAL", accession_number="A1", study_instance_uid="1.2.4"),
               _e("no_patient.dcm", "ok", "0.3", "NORMAL", accession_number="A9"),
               _e("no_patient2.dcm", "ok", "0.2", "NORMAL", accession_number="A9")])
     rows = [(r["path"], r["same_study_as"]) for r in csv.DictReader(io.StringIO(f.getvalue()))]
     assert rows == [("a.png", ""), ("pa.dcm", ""), ("other.dcm", ""), ("ap.dcm", "2"), ("u1.dcm", ""),
-                    ("u2.dcm", "5"), ("u3.dcm", ""), ("no_patient.dcm", ""), ("no_patient2.dcm", "8"), ("b.png", ""),
-                    ("lat.dcm", "2")]
+                    ("u2.dcm", "5"), ("fixed_uid.dcm", ""), ("u3.dcm", ""), ("no_patient.dcm", ""),
+                    ("no_patient2.dcm", "9"), ("b.png", ""), ("lat.dcm", "2")]
