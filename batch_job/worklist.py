@@ -62,7 +62,8 @@ class Entry:
     same_study_as: str = ""  # the rank of its study's first row, on the study's later rows (merge)
 
 
-COLUMNS = ("rank", "section") + tuple(f.name for f in fields(Entry))
+# `section` last: the columns before it keep the places they had (scripts that read a column by its place, review)
+COLUMNS = ("rank",) + tuple(f.name for f in fields(Entry)) + ("section",)
 WORKLIST_FILE = "worklist.csv"
 
 
@@ -116,8 +117,8 @@ def with_study(e: Entry, rank: int, first_ranks: dict[tuple[str, ...], int]) -> 
 
 
 def row_cells(rank: int, e: Entry) -> list[str]:
-    """A worklist.csv row: rank, section, the entry's fields as a spreadsheet shows them."""
-    return [str(rank), SECTIONS[group(e)]] + [safe_cell(v) for v in cells(e)]
+    """A worklist.csv row: rank, the entry's fields as a spreadsheet shows them, section."""
+    return [str(rank)] + [safe_cell(v) for v in cells(e)] + [SECTIONS[group(e)]]
 
 
 def entry(row) -> Entry:

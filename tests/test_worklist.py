@@ -57,8 +57,8 @@ def test_written_with_rank_and_every_column():
                                                             patient_id="P1", heatmap="heatmaps/0001.png")]) == 2
     rows = list(csv.DictReader(io.StringIO(f.getvalue())))
     assert tuple(rows[0]) == COLUMNS
-    assert COLUMNS[:9] == ("rank", "section", "path", "status", "probability", "prediction", "reason", "heatmap",
-                           "patient_id")
+    assert COLUMNS[:8] == ("rank", "path", "status", "probability", "prediction", "reason", "heatmap", "patient_id")
+    assert COLUMNS[-2:] == ("same_study_as", "section")  # new columns last: the others keep their places
     assert [(r["rank"], r["section"], r["path"], r["patient_id"], r["heatmap"]) for r in rows] == \
         [("1", "flagged", "a.png", "P1", "heatmaps/0001.png"), ("2", "not flagged", "b.png", "", "")]
 
