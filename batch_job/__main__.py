@@ -10,9 +10,6 @@ import traceback
 
 # the threads of Beam's FnApiRunner that read a worker process's control and data streams
 BEAM_STREAM_THREADS = ("beam_control_read", "read_grpc_client_inputs")
-# a worker's exit code when SIGINT or SIGTERM ended it (as Python starts: -N; batch_job/beam_worker.py: 128 + N): a
-# signal to the whole process group may end a worker before the job's own handler has run
-# and 1: a Ctrl-C while the worker's Python is still starting ("Fatal Python error: init_import_site", full suite, once)
 # How a worker process's end wakes the main thread, blocked in Beam's wait: not SIGINT, which a shell ignores in a job a
 # script starts with `&` (QA: such a job waited for good, holding the ledger's lock, after a worker was killed)
 WAKE = signal.SIGUSR1

@@ -1,6 +1,6 @@
 """Which earlier nights' worklists hold the images tonight skips through the ledger, flagged or not screened there
 (QA, 2026-12-02: a night's 110 flagged scans were only "184 skipped" the night after, and no page said where to read
-them). The workers count them by the run that scored the bytes (shard_result.earlier_nights); here the driver finds
+them). The workers count them by the run that scored the bytes (shard_result.earlier_counts); here the driver finds
 those runs in the ledger's `runs` table and words what report.md and report.html say."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from batch_job.ledger_identity import _rows
+from batch_job.ledger_identity import table_rows
 from batch_job.ledger_lookup import read_only
 
 SHOWN = 3  # nights named one by one, the latest first; older ones are summed
@@ -59,7 +59,7 @@ def nights_of(path: str, counts: dict[str, tuple[int, int]]) -> list[EarlierNigh
     with contextlib.closing(read_only(path)) as conn:
         for start in range(0, len(runs), 500):  # SQLite's bound on the number of parameters
             chunk = runs[start:start + 500]
-            rows = _rows(conn, f"SELECT run_id, rowid, out_dir, finished_utc FROM runs WHERE run_id IN "
+            rows = table_rows(conn, f"SELECT run_id, rowid, out_dir, finished_utc FROM runs WHERE run_id IN "
                                f"({', '.join('?' * len(chunk))})", *chunk)
             known.update({run: (order, out, finished) for run, order, out, finished in rows})
     # the commit order (a commit replaces its run's row: a new rowid); finished_utc is to the second only

@@ -56,7 +56,9 @@ def worker_lost(exit_line: str, printed: str = "") -> WorkerLost:
 WORKER_EXITED = "Worker subprocess exited with return code"
 lost_workers: list[str] = []
 # exit codes of a worker a signal to the job's process group (a terminal's Ctrl-C or hang-up, systemd's SIGTERM) ended
-# before the job's own handler ran; the job itself kills its workers with SIGKILL (workers.Reaper)
+# before the job's own handler ran (as Python starts: -N; batch_job/beam_worker.py: 128 + N; and 1: a Ctrl-C while the
+# worker's Python is still starting, "Fatal Python error: init_import_site", full suite, once); the job itself kills
+# its workers with SIGKILL (workers.Reaper)
 STOPPED_BY_SIGNAL = ("-1", "-2", "-15", "1", "129", "130", "143")
 
 

@@ -14,7 +14,8 @@ from batch_job.ledger_lookup import read_only
 LOG = logging.getLogger("batch_job")
 
 
-def _rows(conn: sqlite3.Connection, query: str, *args) -> list[tuple]:
+def table_rows(conn: sqlite3.Connection, query: str, *args) -> list[tuple]:
+    """The query's rows; none where its table is not there yet (a ledger written before it)."""
     try:
         return conn.execute(query, args).fetchall()
     except sqlite3.OperationalError as exc:
@@ -24,7 +25,7 @@ def _rows(conn: sqlite3.Connection, query: str, *args) -> list[tuple]:
 
 
 def _known(conn: sqlite3.Connection, query: str, model: str) -> str | None:
-    rows = _rows(conn, query, model)
+    rows = table_rows(conn, query, model)
     return rows[0][0] if rows else None
 
 
@@ -56,7 +57,8 @@ def other_models(path: str, model: str) -> list[str]:
     if not os.path.exists(path):
         return []
     with contextlib.closing(read_only(path)) as conn:  # not a killed run's publishing row (images_new -1)
-        models = [row[0] for row in _rows(conn, "SELECT DISTINCT model FROM runs WHERE images_new >= 0 ORDER BY model")]
+        rows = table_rows(conn, "SELECT DISTINCT model FROM runs WHERE images_new >= 0 ORDER BY model")
+    models = [row[0] for row in rows]
     return [] if model in models else models
 
 
@@ -67,5 +69,3 @@ def warn_if_new_model(path: str, model: str) -> None:
         LOG.warning("ledger %s has no night of %s (it has nights of %s): every image in the inputs is scored with it, "
                     "those read on earlier nights too, and tonight's worklist holds them all", path, model,
                     ", ".join(others))
-
-

@@ -37,8 +37,6 @@ class Reconciliation:
     skipped_new_name: int = 0  # of the skipped: under a path the ledger had not seen (scoring.is_new_name)
     skipped_new_name_flagged: int = 0  # of those, PNEUMONIA at this run's threshold
     new_name_rows: list[dict] = field(default_factory=list)  # NEW_NAMES_KEPT of them (CSV rows), flagged first
-    skipped_flagged: int = 0  # of the skipped: PNEUMONIA at this run's threshold (on an earlier night's worklist)
-    skipped_unscreened: int = 0  # of the skipped: not screened, maybe chest films (worklist.unscreened)
     unscreened: int = 0  # of this run's out-of-scope images: not screened, maybe chest films (worklist.unscreened)
 
     @property
@@ -56,7 +54,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
     per_input = {arg: {"found": 0, "scored": 0, "failed": 0, "skipped": 0, "out_of_scope": 0}
                  for arg in inputs}  # all, even empty
     found = scored = failed = skipped = out_of_scope = missing = duplicated = unexpected = new_names = 0
-    new_names_flagged = skipped_flagged = skipped_unscreened = unscreened_now = 0
+    new_names_flagged = unscreened_now = 0
     kept: dict[bool, list[dict]] = {True: [], False: []}  # new names, flagged or not, NEW_NAMES_KEPT of each
     for shard_id, offset, count in shards:
         listed = list(read_listing(listing, offset, count))
@@ -84,8 +82,6 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
             elif row["status"] == "skipped":  # scored on an earlier night: its figures were that night's
                 skipped += 1
                 counts["skipped"] += 1
-                skipped_flagged += row["prediction"] == "PNEUMONIA"
-                skipped_unscreened += unscreened(row["error"])  # the earlier refusal's reason comes first
                 if is_new_name(row):
                     flagged = row["prediction"] == "PNEUMONIA"
                     new_names += 1
@@ -104,8 +100,7 @@ def reconcile(out_dir: str, listing: str, shards: list[tuple[int, int, int]], in
                    if name not in expected)
     return Reconciliation(found, scored, failed, skipped, missing, duplicated, unexpected, stray, dict(per_input),
                           np.asarray(probs, dtype=np.float64), labels, out_of_scope, new_names, new_names_flagged,
-                          (kept[True] + kept[False])[:NEW_NAMES_KEPT], skipped_flagged, skipped_unscreened,
-                          unscreened_now)
+                          (kept[True] + kept[False])[:NEW_NAMES_KEPT], unscreened_now)
 
 
 def check(rec: Reconciliation) -> None:

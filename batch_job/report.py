@@ -102,8 +102,8 @@ def summary(r: RunResult, out: str) -> str:
     """The job's last lines on stdout."""
     c = r.counts
     new_names = f", {c.skipped_new_name} of them under a name new to it" if c.skipped_new_name else ""
-    earlier = (f"; {c.skipped_flagged} flagged, {c.skipped_unscreened} not screened on earlier nights"
-               if c.skipped_flagged or c.skipped_unscreened else "")
+    earlier = (f"; {r.skipped_flagged} flagged, {r.skipped_unscreened} not screened on earlier nights"
+               if r.skipped_flagged or r.skipped_unscreened else "")
     line = (f"scored {c.scored}/{c.found} images ({c.failed} failed, {c.out_of_scope} out of scope, {c.skipped} "
             f"skipped as already in the ledger{new_names}{earlier}) "
             f"with {r.model} on {r.runner} in {r.wall_seconds:.1f}s ({r.images_per_second} images/s); "

@@ -70,14 +70,23 @@ class RunResult:
     runner_mode: str = ""  # DirectRunner's running mode (runner.for_night may have chosen processes); "" for others
 
     @property
+    def skipped_flagged(self) -> int:
+        """Of the images skipped through the ledger: flagged at this run's threshold (counted by earlier night)."""
+        return sum(n.flagged for n in self.earlier_nights)
+
+    @property
+    def skipped_unscreened(self) -> int:
+        """Of the images skipped through the ledger: not screened on an earlier night."""
+        return sum(n.unscreened for n in self.earlier_nights)
+
+    @property
     def skipped_to_read(self) -> str:
         """report.md's and report.html's sentence on the skipped images flagged or not screened on earlier nights,
         which are on those nights' worklists, not this one ("" if none); earlier_lines() says which nights."""
-        c = self.counts
-        if not (c.skipped_flagged or c.skipped_unscreened):
+        if not (self.skipped_flagged or self.skipped_unscreened):
             return ""
-        return (f"Not on this worklist: {c.skipped_flagged} images flagged PNEUMONIA at this threshold and "
-                f"{c.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger "
+        return (f"Not on this worklist: {self.skipped_flagged} images flagged PNEUMONIA at this threshold and "
+                f"{self.skipped_unscreened} not screened on earlier nights, skipped tonight as already in the ledger "
                 "(the predictions CSVs list them with status skipped).")
 
     def earlier_lines(self) -> list[str]:
@@ -124,7 +133,7 @@ class RunResult:
         out = {
             "images_found": c.found, "images_scored": c.scored, "images_failed": c.failed,
             "images_skipped": c.skipped, "images_skipped_new_name": c.skipped_new_name,
-            "images_skipped_flagged": c.skipped_flagged, "images_skipped_unscreened": c.skipped_unscreened,
+            "images_skipped_flagged": self.skipped_flagged, "images_skipped_unscreened": self.skipped_unscreened,
             "images_out_of_scope": c.out_of_scope, "images_unscreened": c.unscreened,
             "positive_count": self.positive_count, "positive_rate": self.positive_rate,
             "probability_histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},

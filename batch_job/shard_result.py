@@ -76,10 +76,10 @@ class ShardSummary:
     file_keys: list[FileKey] = field(default_factory=list)  # of the files read in this run, with a ledger
     out_of_scope: int = 0
     refused: list[tuple[str, str, str]] = field(default_factory=list)  # (sha256, reason, path), with a ledger
-    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_nights
+    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_counts
 
 
-def earlier_nights(rows: list[Row]) -> dict[str, tuple[int, int]]:
+def earlier_counts(rows: list[Row]) -> dict[str, tuple[int, int]]:
     """The skipped images flagged (at this run's threshold) or not screened on an earlier night: run id of that night
     -> (flagged, not screened). Bounded by the nights the ledger holds."""
     out: dict[str, tuple[int, int]] = {}
@@ -101,7 +101,7 @@ def summarise(rows: list[Row], spec: ScoringSpec, file_keys: list[FileKey] = ())
     return ShardSummary(sum(r.status == "ok" for r in rows), sum(r.status == "error" for r in rows),
                         sum(r.status == "skipped" for r in rows), top_flagged(rows, spec.heatmaps), keys, embeddings,
                         ledger_rows, list(file_keys), sum(r.status == "out_of_scope" for r in rows), refused,
-                        earlier_nights(rows))
+                        earlier_counts(rows))
 
 
 NO_KEY = (-1, -1, -1)  # a flagged image's file_key where there is none (a URI)
@@ -171,7 +171,7 @@ class Gathered:
     ledger_rows: list[tuple[str, float, str]] = field(default_factory=list)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
     file_keys: list[FileKey] = field(default_factory=list)
-    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_nights, summed over the shards
+    earlier: dict[str, tuple[int, int]] = field(default_factory=dict)  # earlier_counts, summed over the shards
 
 
 def gather(scratch: str, shards, n_flagged: int, k_sample: int) -> Gathered:
