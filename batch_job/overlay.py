@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from xray_core import content
 from xray_core.preprocessing import PreprocessConfig, decode_image, upsample_map
 
 MAX_SIDE = 512
@@ -57,9 +58,17 @@ def blend(gray: Image.Image, heat01: np.ndarray) -> Image.Image:
 
 
 def render(data: bytes, heatmap: np.ndarray, preprocessing: dict) -> Image.Image:
-    """Image bytes and its (h, w) heatmap -> the RGB overlay."""
+    """Image bytes and its (h, w) heatmap -> the RGB overlay. The map covers what the model saw: the whole image,
+    or, for a model that cuts edge bands of constant grey (`crop_bands`), the scan inside them, measured again on
+    the displayed image; the bands are shown in gray."""
     img = display_image(data, preprocessing)
-    return blend(img, np.clip(upsample_map(normalise(heatmap), img.size), 0.0, 1.0))
+    box = (0, 0, *img.size)
+    if PreprocessConfig.from_dict(preprocessing).crop_bands:
+        box = content.scan_box(np.asarray(img))
+    scan = img.crop(box)
+    out = img.convert("RGB")
+    out.paste(blend(scan, np.clip(upsample_map(normalise(heatmap), scan.size), 0.0, 1.0)), box[:2])
+    return out
 
 
 def save_png(img: Image.Image, path: str) -> None:

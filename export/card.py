@@ -152,6 +152,8 @@ def model_card(meta: dict) -> str:
     src = meta.get("source", {})
     parity = meta.get("parity", {})
     size = meta["preprocessing"]["image_size"]
+    cut = ("Edge bands of constant grey (a border, a pillarbox, a scanner's black edge) are cut off first "
+           "(`crop_bands`). " if meta["preprocessing"].get("crop_bands") else "")
     source = meta.get("threshold_source", "internal validation split")
     data = TrainingData.from_dict(meta.get("training_data"))
     return f"""# Model card: {meta['name']} version {meta['version']}
@@ -184,7 +186,7 @@ Split sizes: {json.dumps(src.get('split_counts', {}))}.
 - {data.card_limitation()}
 - Scans from a later collection score worse than the internal split says (see the site sample above);
   re-check the threshold on local data before use.
-- Images are squashed to {size}x{size} grayscale; laterality, devices and text markers are not modelled.
+- {cut}Images are squashed to {size}x{size} grayscale; laterality, devices and text markers are not modelled.
 
 ## Parity (ONNX vs Keras)
 {parity.get('images', 'n/a')} images: max |Δprobability| {parity.get('max_abs_diff', 'n/a')}, identical decisions: {parity.get('decisions_equal', 'n/a')}.

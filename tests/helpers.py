@@ -87,10 +87,11 @@ def make_onnx_model(path: str, image_size: int, scale: float = 20.0, offset: flo
 
 def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, image_size: int = 32,
                   threshold: float = 0.5, reference_images: np.ndarray | None = None,
-                  heatmap_method: dict | None = None, **model_kwargs) -> str:
+                  heatmap_method: dict | None = None, preprocessing: dict | None = None, **model_kwargs) -> str:
     """A published package as `python -m export` lays it out, around the tiny ONNX model (with a heatmap
     output and its metadata key when model_kwargs has heatmap_hw; with reference_images (N, S, S, 1), an
-    `embedding` output and the drift reference computed from them, as export does from the validation split)."""
+    `embedding` output and the drift reference computed from them, as export does from the validation split;
+    `preprocessing`: settings over the default ones)."""
     vdir = os.path.join(serving_dir, name, str(version))
     os.makedirs(vdir)
     model_path = os.path.join(vdir, "model.onnx")
@@ -100,7 +101,7 @@ def write_package(serving_dir: str, name: str = "pneumonia", version: int = 1, i
     meta = {
         "name": name, "version": version, "architecture": "tiny_test_graph",
         "preprocessing": {"image_size": image_size, "color_mode": "L", "resize_filter": "bilinear",
-                          "scaling": "divide_by_255", "jpeg_draft": True, "min_side": 32},
+                          "scaling": "divide_by_255", "jpeg_draft": True, "min_side": 32, **(preprocessing or {})},
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, image_size, image_size, 1]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, 1]},
         "class_names": ["NORMAL", "PNEUMONIA"], "decision_threshold": threshold, "target_recall": 0.95,

@@ -118,6 +118,35 @@ def test_no_labels_from_folders_above_the_input(tmp_path, tiny_package):
     assert {r["label"] for r in read_predictions(out3).values()} == {"PNEUMONIA"}  # below the glob's root
 
 
+def test_a_package_that_cuts_edge_bands_scores_a_padded_scan_as_the_scan(tmp_path, capsys):
+    """preprocessing `crop_bands` (train --crop-bands): the job cuts the bands before the resize, as training did; a
+    package without it refuses the same file as padded; one naming a setting this job does not know is refused."""
+    from PIL import Image
+
+    scan = np.clip(np.random.default_rng(3).normal(120, 40, (160, 160)), 0, 255).astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(scan).save(folder / "scan.png")
+    Image.fromarray(np.pad(scan, ((0, 0), (40, 40)))).save(folder / "pillarboxed.png")  # 4:3, bands 33% of the width
+    crop = write_package(str(tmp_path / "crop"), preprocessing={"crop_bands": True})
+    plain = write_package(str(tmp_path / "plain"))
+    for package, out in ((crop, "out_crop"), (plain, "out_plain")):
+        assert main(["--input", str(folder), "--model", package, "--output", str(tmp_path / out),
+                     "--direct_running_mode=in_memory"]) == 0
+    rows = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "out_crop")).items()}
+    assert rows["pillarboxed.png"]["status"] == "ok"
+    assert float(rows["pillarboxed.png"]["probability"]) == pytest.approx(float(rows["scan.png"]["probability"]),
+                                                                        abs=1e-6)
+    rows = {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / "out_plain")).items()}
+    assert rows["pillarboxed.png"]["status"] == "out_of_scope"
+    assert rows["pillarboxed.png"]["error"].startswith("padded: bands of constant grey cover 33.3% of a side")
+    capsys.readouterr()
+    newer = write_package(str(tmp_path / "newer"), preprocessing={"crop_bands": True, "deskew": True})
+    assert_one_line_error(capsys, main(["--input", str(folder), "--model", newer, "--output", str(tmp_path / "o3")]),
+                          "preprocessing settings this code does not know: deskew (upgrade it)", code=2)
+    assert not os.path.exists(tmp_path / "o3")
+
+
 def test_probabilities_equal_direct_onnxruntime(direct_run, tiny_package):
     rows = read_predictions(direct_run[1])
     session = load_session(os.path.join(tiny_package, "1", "model.onnx"))

@@ -101,6 +101,30 @@ def test_band_share_measures_edge_bands_of_constant_grey_on_both_axes():
     assert content.band_share(big) == pytest.approx(0.25, abs=0.01)  # measured on every 10th row and column
 
 
+def _lit(scan: np.ndarray) -> np.ndarray:
+    """_xray_like 40 grey levels brighter: its dark edges are no longer flat rows a crop would take as band."""
+    return np.clip(scan.astype(np.int16) + 40, 0, 255).astype(np.uint8)
+
+
+def test_scan_box_is_what_lies_inside_the_bands_band_share_measures():
+    scan = _lit(_xray_like(size=96))
+    assert content.scan_box(scan) == (0, 0, 96, 96)
+    assert content.scan_box(_padded(scan, 16, 16)) == (16, 0, 112, 96)  # pillarbox
+    assert content.scan_box(_padded(scan, 0, 0, 32, 0, value=255)) == (0, 32, 96, 128)  # white, one side
+    assert content.scan_box(_padded(scan, 5, 7, 3, 9, value=90)) == (5, 3, 101, 99)  # a frame, each side its own
+    ramp = np.tile(np.arange(96, dtype=np.uint8)[:, None] * 2, (1, 96))
+    # every row is flat in the ramp itself (nothing cut along them but its first 4 rows, 0 to 6, as black as the bands)
+    assert content.scan_box(_padded(ramp, 16, 16)) == (16, 4, 112, 96)
+    assert content.scan_box(ramp) == (0, 0, 96, 96)
+    striped = scan.copy()
+    striped[40:60] = 0
+    assert content.scan_box(striped) == (0, 0, 96, 96)  # constant rows inside the scan are kept
+    big = np.asarray(Image.fromarray(_padded(scan, 16, 16)).resize((2560, 1920), Image.Resampling.NEAREST))
+    left, upper, right, lower = content.scan_box(big)  # measured on every 10th column: cut to within 10 px
+    assert (upper, lower) == (0, 1920) and 310 <= left <= 320 and 2240 <= right <= 2250
+    assert content.band_share(big[:, left:right]) < 0.01  # of the band, at most the 9 columns between two measured
+
+
 @pytest.mark.parametrize("left, right, refused", [(16, 16, True), (12, 12, False), (0, 28, False), (0, 29, True)])
 def test_scans_padded_past_the_training_scans_widest_bands_are_refused(left, right, refused):
     """0.23: the training scans' bands cover at most 22.3% of a side (the data test below). 28 of 124 columns is
@@ -125,6 +149,28 @@ def test_load_input_refuses_a_padded_jpeg_and_scores_it_cropped():
     for value in (0, 255):  # JPEG's ringing beside the scan stays within the band's spread
         reason = load_input(_jpeg(_padded(scan, 50, 50, value=value)), config).reason
         assert reason.startswith("padded: bands of constant grey cover 2") and reason.endswith("crop it to the scan")
+
+
+def test_with_crop_bands_a_padded_scan_is_scored_as_the_scan_inside():
+    from xray_core.preprocessing import PreprocessConfig, load_input, preprocess_image, read_model_input
+
+    config = PreprocessConfig(image_size=32, crop_bands=True)
+    scan = _lit(_xray_like(size=300))
+    plain = load_input(_jpeg(scan), config).array
+    assert np.array_equal(plain, load_input(_jpeg(scan), PreprocessConfig(image_size=32)).array)  # nothing to cut
+    # pillarbox, a band, a frame; on JPEG's 8-pixel blocks (at the 1/8 draft scale a band ending inside a block leaves
+    # one line that is half band, half scan, and that line is kept)
+    for pads in ((48, 48, 0, 0), (0, 0, 72, 0), (16, 16, 16, 16)):
+        for value in (0, 255):
+            data = _jpeg(_padded(scan, *pads, value=value))
+            loaded = load_input(data, config)
+            assert loaded.reason == ""
+            assert np.abs(loaded.array - plain).mean() < 0.02  # the scan inside, give or take JPEG's ringing
+            assert np.array_equal(read_model_input(data, config), loaded.array)
+            assert np.array_equal(preprocess_image(data, config), loaded.array)  # the occlusion maps' input
+    sliver = _padded(_xray_like(size=300)[:, :20], 140, 140)
+    assert load_input(_jpeg(sliver), config).reason == ("padded: bands of constant grey cover 92.1% of a side: too "
+                                                        "little scan inside them to score")
 
 
 @pytest.mark.slow

@@ -136,6 +136,25 @@ def test_overlay_keeps_orientation_aspect_and_the_gray_image():
     assert overlay.normalise(np.full((2, 2), 7.0)).tolist() == [[0, 0], [0, 0]]
 
 
+def test_with_crop_bands_the_map_covers_the_scan_inside_its_bands_and_the_bands_stay_gray():
+    scan = np.tile(np.linspace(60, 200, 400).astype(np.uint8)[:, None], (1, 300))  # a vertical ramp: no flat column
+    padded = np.pad(scan, ((0, 0), (100, 100)))  # pillarboxed: 500 x 400, the scan in columns 100 to 399
+    buf = io.BytesIO()
+    Image.fromarray(padded).save(buf, "PNG")
+    heat = np.zeros((4, 4), np.float32)
+    heat[:, 0] = 3.0  # the scan's left quarter: the most evidence
+    img = overlay.render(buf.getvalue(), heat, {"image_size": 32, "crop_bands": True})
+    assert img.size == (500, 400)
+    pixels = np.asarray(img).astype(int)
+    # the bands: gray (black), no colour (measured on every 2nd column of 500: the column next to the scan may go
+    # either way)
+    assert (pixels[:, :99] == 0).all() and (pixels[:, 401:] == 0).all()
+    assert red_minus_blue(img, (0.2, 0, 0.3, 1)) > HOT  # hot at the scan's left edge, not at the image's
+    assert red_minus_blue(img, (0.65, 0, 0.8, 1)) < -15
+    whole = overlay.render(buf.getvalue(), heat, {"image_size": 32})  # a model that sees the bands: its map spans them
+    assert red_minus_blue(whole, (0, 0, 0.1, 1)) > HOT
+
+
 def test_a_vanished_original_gets_no_heatmap_and_the_rest_do(tmp_path, caplog):
     good, gone = str(tmp_path / "good.png"), str(tmp_path / "gone.png")
     bright(220).save(good)

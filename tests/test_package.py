@@ -313,3 +313,11 @@ def test_an_unreadable_model_file_fails_verification_in_one_line(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == (f"error: model {vdir} failed verification: FAIL sha256: "
                                    f"{os.path.join(vdir, 'model.onnx')} is unreadable: Permission denied")
+
+
+def test_the_card_says_when_the_model_cuts_edge_bands_first():
+    meta = load_metadata(os.path.join(SHIPPED, "7")).to_dict()
+    assert "Edge bands" not in model_card(meta)
+    card = model_card({**meta, "preprocessing": {**meta["preprocessing"], "crop_bands": True}})
+    assert ("- Edge bands of constant grey (a border, a pillarbox, a scanner's black edge) are cut off first "
+            "(`crop_bands`). Images are squashed to 64x64 grayscale;") in card

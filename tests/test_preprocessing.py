@@ -246,7 +246,11 @@ def test_missing_file_is_an_image_error(tmp_path):
 
 def test_config_round_trip_and_validation():
     cfg = PreprocessConfig(image_size=64, resize_filter="bicubic")
-    assert PreprocessConfig.from_dict(cfg.to_dict() | {"unknown_key": 1}) == cfg
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert PreprocessConfig.from_dict({"image_size": 64}) == PreprocessConfig(image_size=64)  # older metadata
+    unknown = r"^preprocessing settings this code does not know: unknown_key \(upgrade it\)$"
+    with pytest.raises(ValueError, match=unknown):
+        PreprocessConfig.from_dict(cfg.to_dict() | {"unknown_key": 1})  # a newer export's step: never left out
     with pytest.raises(ValueError):
         PreprocessConfig(resize_filter="magic")
 

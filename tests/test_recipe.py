@@ -207,3 +207,30 @@ def test_pointwise_stages_use_one_by_one_convolutions():
     assert kernels["stage1_a_conv"] == (3, 3) and kernels["stage2_a_conv"] == kernels["stage3_b_conv"] == (1, 1)
     assert local.get_layer("last_block").output_shape == full.get_layer("last_block").output_shape
     assert local.count_params() < full.count_params() / 4
+
+
+@pytest.mark.slow
+def test_crop_bands_is_a_preprocessing_setting_of_the_run(tmp_path, capsys):
+    """--crop-bands: a training image pillarboxed past the padded check's limit is trained on (its scan inside the
+    bands), and the setting is recorded with the run's preprocessing, which export and the job rebuild from."""
+    import json
+
+    from PIL import Image
+
+    make_tree(str(tmp_path / "data"), per_class=16, size=48, seed=1)
+    paths = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and p.parent.name in ("NORMAL", "PNEUMONIA")]
+    assert len(paths) == 32
+    for path in paths:
+        img = np.asarray(Image.open(path).convert("L"))
+        Image.fromarray(np.pad(img, ((0, 0), (20, 20)))).save(path, format=Image.open(path).format, quality=95)
+        # 40 of 88 columns: bands over 45% of the width
+    common = ["--models", "resnet_aug", "--ensemble", "1"]
+    assert train_main(_args(tmp_path / "data", tmp_path / "plain", *common)) == 2  # every image refused as padded
+    plain = capsys.readouterr()
+    assert plain.out.count("padded: bands of constant grey cover 45.5%") == 32
+    assert plain.err == ("error: no image to train on: 0 could not be decoded, 32 are out of scope (the lines above "
+                         "say why)\n")
+    assert train_main(_args(tmp_path / "data", tmp_path / "crop", *common, "--crop-bands")) == 0
+    with open(tmp_path / "crop" / "resnet_aug" / "metrics.json") as f:
+        assert json.load(f)["preprocessing"]["crop_bands"] is True
+    assert "skipped 0" in capsys.readouterr().out

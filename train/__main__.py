@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--frame-max of the side (scans exported inside a border) (default: %(default)s)")
     p.add_argument("--frame-max", type=float, default=0.1,
                    help="resnet_aug: the largest border of --frame-prob, per side (default: %(default)s)")
+    p.add_argument("--crop-bands", action="store_true",
+                   help="cut each image's edge bands of constant grey (a border, a pillarbox, a scanner's black edge) "
+                        "before the resize, here and wherever the model is used (preprocessing `crop_bands`)")
     p.add_argument("--data-source", default=None, metavar="TEXT",
                    help="where the training images come from (population, site, licence), as the exported model card "
                         "and the job's report state it; 'kermany2018' for the Kaggle chest-xray-pneumonia set the "

@@ -20,7 +20,7 @@ class TeacherError(ValueError):
     """A teacher package that cannot label this run's inputs (one line)."""
 
 
-def check_teacher(teacher: str, weight: float, image_size: int) -> None:
+def check_teacher(teacher: str, weight: float, config: PreprocessConfig) -> None:
     """Before any work: the teacher is a published package that verifies (xray_core.verify) and preprocesses as this
     run does, weight in [0, 1]."""
     if not 0.0 <= weight <= 1.0:
@@ -35,9 +35,12 @@ def check_teacher(teacher: str, weight: float, image_size: int) -> None:
     failed = [c for c in verify_package(version_dir) if not c.ok]
     if failed:  # a model.onnx swapped or damaged since it was published would teach another model
         raise TeacherError(f"--teacher {version_dir} does not verify: {failed[0].line()}")
-    if meta.config != PreprocessConfig(image_size=image_size):
+    if meta.config.image_size != config.image_size:
         raise TeacherError(f"--teacher {teacher} takes {meta.image_size} px inputs: pass --image-size "
                            f"{meta.image_size}")
+    if meta.config != config:
+        crop = "pass --crop-bands" if meta.config.crop_bands else "leave out --crop-bands"
+        raise TeacherError(f"--teacher {teacher} preprocesses as {meta.config.to_dict()}: {crop}")
 
 
 def check_teacher_split(teacher: str, paths: list[str], splits: list[str]) -> None:

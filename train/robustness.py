@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from train.data import labels_to_array, read_split_csv
-from xray_core.preprocessing import ImageError, PreprocessConfig, decode_image, to_model_input
+from xray_core.preprocessing import ImageError, PreprocessConfig, decode_image, to_model_input, to_scan
 
 
 def _gamma(g):
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         decoded, labels = [], []
         for ex, _ in rows:
             try:
-                decoded.append(decode_image(ex.path, config))
+                decoded.append(to_scan(decode_image(ex.path, config), config))
                 labels.append(ex.label)
             except ImageError:
                 continue

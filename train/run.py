@@ -49,7 +49,7 @@ from xray_core.files import (
 from xray_core.interrupts import GATE
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
-from xray_core.preprocessing import PreprocessConfig
+from xray_core.preprocessing import OUT_OF_SCOPE, PreprocessConfig
 
 InputError = (UsageError, DataError, WeightsError)
 
@@ -92,7 +92,7 @@ def run(args) -> int:
               file=sys.stderr, flush=True)
     if args.limit_per_class:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
-    config = PreprocessConfig(image_size=args.image_size)
+    config = PreprocessConfig(image_size=args.image_size, crop_bands=args.crop_bands)
     out = os.path.abspath(args.output_dir)
     made: list[str] = []
     tmp = ""
@@ -224,7 +224,9 @@ def _run_into(run_dir, args, models, fractions, examples, config, vgg_weights) -
         _log(f"skipped {path}: {err}")
     examples = [examples[i] for i in ok]
     if not examples:
-        raise DataError("no image could be decoded")
+        out_of_scope = sum(err.startswith(OUT_OF_SCOPE) for _, err in failed)
+        raise DataError(f"no image to train on: {len(failed) - out_of_scope} could not be decoded, {out_of_scope} are "
+                        "out of scope (the lines above say why)")
     digests = [sha256_file(e.path) for e in examples]
     if args.site_dir:
         refuse_site_images(args.site_dir, args.data_dir, examples, digests)

@@ -7,6 +7,7 @@ from train.data import DataError
 from train.distill import TeacherError, check_teacher
 from train.models import MODEL_NAMES
 from xray_core.files import blocking_ancestor, inside
+from xray_core.preprocessing import PreprocessConfig
 
 MAX_SOURCE = 300  # --data-source: one line of the model card and of every report
 
@@ -42,7 +43,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         if models != ["resnet_aug"]:
             raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")
         try:
-            check_teacher(args.teacher, args.teacher_weight, args.image_size)
+            check_teacher(args.teacher, args.teacher_weight,
+                          PreprocessConfig(image_size=args.image_size, crop_bands=args.crop_bands))
         except TeacherError as exc:
             raise UsageError(str(exc)) from None
     source = getattr(args, "data_source", None)

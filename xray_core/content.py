@@ -55,19 +55,35 @@ def _flat_lines(lines: np.ndarray) -> int:
     return len(lines)
 
 
+def _edge_bands(gray: np.ndarray) -> tuple[int, list[tuple[int, int, int]]]:
+    """(H, W) uint8 -> the subsampling step and, for the rows then the columns, (flat lines from the start, flat
+    lines from the end, lines), counted on every k-th row and column (at most BAND_SIDE a side: the same work for a
+    drafted JPEG and a 3000-pixel DICOM). Where every line of an axis is flat there is no scan between bands: (0, 0)
+    along that axis (a smooth ramp; a blank image is near-constant before this)."""
+    step = max(1, -(-max(gray.shape) // BAND_SIDE))
+    small = gray[::step, ::step].astype(np.int16)
+    axes = []
+    for lines in (small, small.T):
+        first = _flat_lines(lines)
+        axes.append((0, 0, len(lines)) if first == len(lines) else (first, _flat_lines(lines[::-1]), len(lines)))
+    return step, axes
+
+
 def band_share(gray: np.ndarray) -> float:
     """(H, W) uint8 -> the larger of the shares of the height and of the width that edge bands of constant grey
     cover, both sides together: flat rows from the top and the bottom, flat columns from the left and the right
-    (_flat_lines), measured on every k-th row and column (at most BAND_SIDE a side: the same work for a drafted JPEG
-    and a 3000-pixel DICOM). Where every row (column) is flat there is no scan between bands: nothing padded along
-    that axis (a smooth ramp; a blank image is near-constant before this)."""
-    step = max(1, -(-max(gray.shape) // BAND_SIDE))
-    small = gray[::step, ::step].astype(np.int16)
-    shares = []
-    for lines in (small, small.T):
-        first = _flat_lines(lines)
-        shares.append(0.0 if first == len(lines) else (first + _flat_lines(lines[::-1])) / len(lines))
-    return max(shares)
+    (_flat_lines, _edge_bands)."""
+    return max((start + end) / n for start, end, n in _edge_bands(gray)[1])
+
+
+def scan_box(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """(H, W) uint8 -> (left, upper, right, lower), Pillow's crop box of what lies inside the edge bands of constant
+    grey (band_share's bands), in the image's own pixels: the whole image where it has none. The rows (columns)
+    measured flat are cut; those between the last flat one and the first that is not are kept."""
+    step, ((top, bottom, rows), (left, right, cols)) = _edge_bands(gray)
+    height, width = gray.shape[:2]
+    return ((left - 1) * step + 1 if left else 0, (top - 1) * step + 1 if top else 0,
+            (cols - right) * step if right else width, (rows - bottom) * step if bottom else height)
 
 
 def problem(gray: np.ndarray, spread: float = 0.0) -> str | None:

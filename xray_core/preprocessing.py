@@ -61,6 +61,7 @@ class PreprocessConfig:
     scaling: str = "divide_by_255"  # float32 in [0, 1]
     jpeg_draft: bool = True  # let libjpeg decode at a reduced scale (>= image_size)
     min_side: int = 32  # smaller inputs are rejected, not upscaled from nothing
+    crop_bands: bool = False  # cut edge bands of constant grey before the resize (to_scan)
 
     def __post_init__(self):
         if self.resize_filter not in _FILTERS:
@@ -75,8 +76,13 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
+        """ValueError for a setting this code does not know: a package from a newer export that preprocesses in a
+        way this code would not (crop_bands, before 2026-12-02) must be refused, not scored without it."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"preprocessing settings this code does not know: {', '.join(unknown)} (upgrade it)")
+        return cls(**data)
 
 
 def to_grayscale_8bit(img: Image.Image) -> Image.Image:
@@ -182,6 +188,15 @@ def decode_image(source: Union[bytes, str, os.PathLike], config: PreprocessConfi
     return decode(source, config).image
 
 
+def to_scan(img: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """A decoded gray image -> what the model sees of it: with `crop_bands`, the part inside its edge bands of
+    constant grey (a border, a pillarbox, a scanner's black edge; content.scan_box), else the whole image."""
+    if not config.crop_bands:
+        return img
+    box = content.scan_box(np.asarray(img))
+    return img if box == (0, 0, *img.size) else img.crop(box)
+
+
 def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Grayscale Pillow image -> (S, S, 1) float32 in [0, 1]."""
     size = (config.image_size, config.image_size)
@@ -197,7 +212,7 @@ def preprocess_image(source: Union[bytes, str, os.PathLike],
 
     Raises ImageError (one-line message) for anything that is not a usable image.
     """
-    return to_model_input(decode_image(source, config), config)
+    return to_model_input(to_scan(decode_image(source, config), config), config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +243,15 @@ def load_input(data: bytes, config: PreprocessConfig,
         decoded = decode(data, config)
     except ImageError as exc:
         raise ImageError(str(exc), header) from None
-    reason = content.problem(np.asarray(decoded.image), decoded.colour_spread)
+    scan = to_scan(decoded.image, config)
+    if min(scan.size) < config.min_side:  # at the decoded (JPEG draft) scale: said as the share the bands cover
+        share = 1 - min(scan.width / decoded.image.width, scan.height / decoded.image.height)
+        return Loaded(None, f"{content.PADDED}bands of constant grey cover {share:.1%} of a side: too little scan "
+                            "inside them to score", decoded.header)
+    reason = content.problem(np.asarray(scan), decoded.colour_spread)
     if reason:
         return Loaded(None, reason, decoded.header)
-    return Loaded(to_model_input(decoded.image, config), "", decoded.header)
+    return Loaded(to_model_input(scan, config), "", decoded.header)
 
 
 def read_model_input(source: Union[bytes, str, os.PathLike], config: PreprocessConfig,
