@@ -38,7 +38,7 @@ _ORDER = {"flagged": 0, "unscreened": 1, "ok": 2, "out_of_scope": 3, "error": 4}
 SECTIONS = ("flagged", "not screened", "not flagged", "out of scope", "error")  # the `section` column, by _ORDER
 # refusals of chest films: the model-side checks', and a padded scan's (QA: a padded film ranked after every scored
 # normal); read before the scored normals
-UNSCREENED = (gate.REASON, orientation.REASON, content.PADDED)
+UNSCREENED = (gate.REASON, gate.LAYOUT_REASON, orientation.REASON, content.PADDED)
 _PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 

@@ -109,11 +109,17 @@ def gate_section(meta: dict) -> str:
         f"{o['held_out_upside_down_refused']:.1%} of the turned or flipped scans and "
         f"{o['held_out_upright_refused']:.1%} of the upright ones (of the tilted copies: "
         f"{o['held_out_tilted_upside_down_refused']:.1%} and {o['held_out_tilted_refused']:.1%}).\n")
+    lo = g.get("layout")
+    laid = "" if not lo else (
+        f"So is an image whose layout is unlike a chest film's: the {lo['method']} {lo['rows']:,} images must be at "
+        f"most **{lo['limit']:.1f}**, the {lo['percentile']}th percentile of the {lo['held_out_rows']} validation "
+        f"images' distances ({lo['held_out_quantile']:.1f}) times {lo['margin']} (the gray photographs the embedding "
+        "leaves near its limit sit far past this one).\n")
     return f"""## Input gate
 Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
 validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later
 time or another machine. Images past it get status `out_of_scope` with the distance as the reason and no prediction.
-{turned}DICOM must be CR or DX (not "for processing") of the chest; near-constant images, images with too few grey
+{turned}{laid}DICOM must be CR or DX (not "for processing") of the chest; near-constant images, images with too few grey
 levels, colour photographs and images more than twice as wide as high (or high as wide) are refused before the model
 runs (docs/gate.md).
 """

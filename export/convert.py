@@ -166,9 +166,11 @@ def training_digest(data_dir: str | None, staging: str, verified: dict[str, str]
 def fit_gate(run_dir: str, staging: str, session, config: PreprocessConfig, modalities: tuple[str, ...],
              log=print) -> dict | None:
     """The input gate fitted on the run's training split (export/gate_fit.py); None, said, when it cannot be."""
-    train = [ex.path for ex, split in read_split_csv(os.path.join(run_dir, "split.csv")) if split == "train"]
+    rows = read_split_csv(os.path.join(run_dir, "split.csv"))
+    train = [ex.path for ex, split in rows if split == "train"]
     try:
-        return write_gate(staging, session, train, config, len(train), log, modalities)
+        return write_gate(staging, session, train, config, len(train), log, modalities,
+                          [ex.path for ex, split in rows if split == "val"])
     except UnreadableTrainingSplit as exc:
         raise ExportInputError(f"input gate: {exc}; nothing published") from None
     except GateFitError as exc:  # too few rows for a covariance: the package goes without a content check, said

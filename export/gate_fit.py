@@ -3,7 +3,8 @@
 The training split's images are scored by the package's own graph (onnxruntime, the package's preprocessing);
 the Ledoit-Wolf fit on their embeddings goes to gate.npz, and the limit comes from the distances of the package's
 reference rows (reference.npz: the validation split, which neither the network nor the fit saw). The orientation
-check (xray_core/orientation.py) is fitted on the same images' model inputs and goes to gate.npz too. Export does this
+check (xray_core/orientation.py) is fitted on the same images' model inputs and goes to gate.npz too, and so does the
+layout check (given the validation split's images, whose block means give its limit). Export does this
 from the run's split.csv; `export --add-gate VERSION_DIR --training-dir DIR` from the training folder (its images
 that the package's splits.csv does not list as validation or test).
 """
@@ -73,10 +74,12 @@ def model_inputs(paths: list[str], config: PreprocessConfig, expected: int | Non
 
 
 def write_gate(package_dir: str, session, paths: list[str], config: PreprocessConfig, expected: int | None = None,
-               log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> dict:
+               log=print, modalities: tuple[str, ...] = DEFAULT_MODALITIES,
+               validation_paths: list[str] | None = None) -> dict:
     """Fit the gate on the embeddings of `paths` (the training split; `expected` of them must be readable when
     given), write package_dir/gate.npz, derive the limit from package_dir's reference rows -> metadata.json's
-    `gate`."""
+    `gate`. With `validation_paths` (the validation split's images) the layout check too: fitted on the training
+    images' block means, its limit from the validation images'."""
     rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
     log(f"input gate: scoring {len(paths)} training-split images")
     images = model_inputs(paths, config, expected, log, modalities)
@@ -91,9 +94,19 @@ def write_gate(package_dir: str, session, paths: list[str], config: PreprocessCo
         log(f"input gate: no orientation check: held out, it refuses {figures['held_out_upside_down_refused']:.1%} of "
             f"images turned 180 degrees and {figures['held_out_upright_refused']:.1%} of upright ones")
         turned = figures = None
+    laid = layout_figures = validation = None
+    if validation_paths and orientation.fits(config.image_size):
+        validation, ok, _ = load_images(validation_paths, config, modalities=modalities)
+        try:
+            layout_figures, laid = gate.derive_layout(images, validation)
+        except gate.GateError as exc:  # the validation images moved away: the package goes without it, said
+            log(f"input gate: no layout check: {len(ok)} of {len(validation_paths)} validation-split images could be "
+                f"read ({exc})")
+            validation = None
     path = os.path.join(package_dir, gate.FIT_FILE)
-    gate.write_fit(path, dataclasses.replace(fitted, orientation=turned))
+    gate.write_fit(path, dataclasses.replace(fitted, orientation=turned, layout=laid),
+                   None if validation is None else orientation.layout(validation))
     spec = gate.GateSpec(**{**spec.to_dict(), "file": gate.FIT_FILE, "sha256": sha256_file(path),
-                            "orientation": figures})
+                            "orientation": figures, "layout": layout_figures})
     log(f"input gate: {spec.line()}")
     return spec.to_dict()

@@ -188,8 +188,10 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
             f"{training_dir} that {reference.SPLITS_FILE} does not list")
     try:  # exactly `expected` of them must be readable (the images training skipped are the difference)
         trained = TrainingData.from_dict(meta.training_data).modalities or DEFAULT_MODALITIES
+        validation = [os.path.join(training_dir, rel) for rel, split in
+                      reference.read_splits(os.path.join(staging, reference.SPLITS_FILE)) if split == "val"]
         return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config,
-                                   expected, log, trained)
+                                   expected, log, trained, validation)
     except gate_fit.GateFitError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
 

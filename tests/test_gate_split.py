@@ -278,3 +278,48 @@ def test_the_split_digest_takes_verified_contents_as_read(tmp_path):
     read = split_digest(paths, str(tmp_path))
     assert split_digest(paths, str(tmp_path), {p: sha256_of(p) for p in paths[:2]}) == read
     assert split_digest(paths, str(tmp_path), {paths[0]: "0" * 64}) != read  # the known contents are used as given
+
+
+def test_add_gate_fits_the_layout_check_where_the_validation_images_are_there(package, training_dir, tmp_path, capsys):
+    """Version 8's layout check: fitted on the training split's block means, its limit from the validation split's
+    (splits.csv's `val` rows under --training-dir), re-derived by --verify from the rows gate.npz keeps."""
+    rng = np.random.default_rng(6)
+    for i in range(1, 61):  # 60 of the 120 validation rows splits.csv lists (NORMAL/1.jpeg ...) are in the folder
+        Image.fromarray(rng.integers(40, 220, (48, 48), dtype=np.uint8)).save(os.path.join(training_dir, "NORMAL",
+                                                                                          f"{i}.jpeg"), format="PNG")
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert f"scoring {TRAIN_IMAGES} training-split images" in capsys.readouterr().out
+    vdir = serving / "pneumonia" / "2"
+    layout = read_json(vdir / "metadata.json")["gate"]["layout"]
+    assert (layout["rows"], layout["held_out_rows"], layout["percentile"], layout["margin"]) == (TRAIN_IMAGES, 60,
+                                                                                                 99.5, 1.2)
+    config = PreprocessConfig(image_size=32)
+    train = sorted(os.path.join(d, f) for d, _, fs in os.walk(training_dir) for f in fs if f.startswith("t"))
+    val = [os.path.join(training_dir, "NORMAL", f"{i}.jpeg") for i in range(1, 61)]
+    want, _ = gate.derive_layout(np.stack([preprocess_image(p, config) for p in train]),
+                                 np.stack([preprocess_image(p, config) for p in val]))
+    assert layout["limit"] == pytest.approx(want["limit"], rel=1e-9)
+    checks = verify_package(str(vdir))
+    assert all(c.ok for c in checks)
+    assert f"layout limit {layout['limit']:.2f}" in next(c.detail for c in checks if c.name == "input gate")
+    card = " ".join((vdir / "MODEL_CARD.md").read_text().split())
+    assert f"{TRAIN_IMAGES:,} images must be at most **{layout['limit']:.1f}**, the 99.5th percentile of the 60" in card
+    meta = read_json(vdir / "metadata.json")
+    meta["gate"]["layout"]["limit"] *= 2  # loosened by hand
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    failed = [c for c in verify_package(str(vdir)) if not c.ok]
+    assert [c.name for c in failed] == ["input gate"] and "layout limit" in failed[0].detail \
+        and "re-derived" in failed[0].detail
+    del meta["gate"]["layout"]  # dropped: gate.npz still holds it
+    (vdir / "metadata.json").write_text(json.dumps(meta))
+    failed = [c for c in verify_package(str(vdir)) if not c.ok]
+    assert "holds a layout check that metadata.json does not record" in failed[0].detail
+
+
+def test_without_its_validation_images_the_gate_goes_without_the_layout_check_and_says_so(package, training_dir,
+                                                                                          tmp_path, capsys):
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    assert "input gate: no layout check: 0 of 120 validation-split images could be read" in capsys.readouterr().out
+    assert "layout" not in read_json(serving / "pneumonia" / "2" / "metadata.json")["gate"]

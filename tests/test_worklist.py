@@ -49,6 +49,11 @@ def test_flagged_then_unscreened_then_scored_then_out_of_scope_then_errors():
     assert upside_down.startswith("looks upside down or inverted (P 0.90")
     assert group(entries[4]) == group(entries[5]) == 1
     assert too_far == "not like the chest X-rays the model knows (distance 12.5 > limit 10.0)"
+    from xray_core.gate import LAYOUT_REASON, past
+
+    odd = past(40.2, 36.1, LAYOUT_REASON, "layout distance")  # version 8's layout check: a read, before the normals
+    assert odd == "not laid out like the chest X-rays the model knows (layout distance 40.2 > limit 36.1)"
+    assert group(_e("odd.png", "out_of_scope", reason=odd)) == 1
 
 
 def test_written_with_rank_and_every_column():

@@ -12,6 +12,12 @@ validated on, with scikit-learn's Ledoit-Wolf covariance (well-conditioned in 51
 * ``mahalanobis_ledoit_wolf`` (version 5): fitted on the reference rows (the validation split) at scoring time;
   the limit is the PERCENTILE-th percentile of FOLDS-fold held-out reference distances times MARGIN.
 
+From version 8 a layout check rides along (``layout``): the same statistic and limit rule on the model input's
+16x16 block means (xray_core/orientation.py's `layout`) instead of the embedding, fitted on the training split's
+images, its limit from the validation split's; gate.npz keeps the validation rows so that the limit can be derived
+again. The embedding places gray photographs (a cat, a stained slide, a cameraman) within half a unit of the content
+check's limit; their layout is far from a chest film's, which the embedding of the upright scans barely encodes.
+
 The margin is there because the training collection is not tonight's: scans from another time or machine sit a
 little further out without being anything else (a rotated or inverted X-ray, a photograph, a blank export and a
 CT slice sit far further: docs/gate.md). No limit is ever fitted on the images it is checked on. A package holds
@@ -31,6 +37,10 @@ STATISTIC = "mahalanobis_ledoit_wolf"  # version 5: fitted on the reference rows
 TRAINING_SPLIT = "mahalanobis_ledoit_wolf_training_split"  # fitted on the training split, limit from validation
 FIT_FILE = "gate.npz"
 REASON = "not like the chest X-rays the model knows"  # how a refusal by the content check begins
+LAYOUT_REASON = "not laid out like the chest X-rays the model knows"  # ... and one by the layout check
+LAYOUT_FIGURES = ("method", "limit", "percentile", "margin", "held_out_quantile", "rows", "held_out_rows")
+LAYOUT_METHOD = (f"Mahalanobis distance (Ledoit-Wolf) of the model input's {orient.GRID}x{orient.GRID} block means to "
+                 "the training split's")
 PERCENTILE = 99.5
 MARGIN = 1.2
 FOLDS = 5
@@ -61,10 +71,12 @@ class GateSpec:
     # TRAINING_SPLIT from 2026-12-02: the orientation check's figures (None: no check); compared but not hashed (a
     # dict), so a spec with the check and one without are two keys of a cache keyed by the spec (batch_job/scoring.py)
     orientation: dict | None = field(default=None, hash=False)
+    layout: dict | None = field(default=None, hash=False)  # TRAINING_SPLIT from version 8: LAYOUT_FIGURES
 
     def to_dict(self) -> dict:
-        """metadata.json's `gate`; without `orientation` where there is no such check (as before it existed)."""
-        return {k: v for k, v in asdict(self).items() if k != "orientation" or v is not None}
+        """metadata.json's `gate`; without `orientation` or `layout` where there is no such check (as before they
+        existed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("orientation", "layout") or v is not None}
 
     def line(self) -> str:
         if self.statistic == TRAINING_SPLIT:
@@ -72,9 +84,12 @@ class GateSpec:
                 f"; upside down when P > {self.orientation['limit']} (held out: refuses "
                 f"{self.orientation['held_out_upside_down_refused']:.1%} of scans turned 180 degrees or flipped top to "
                 f"bottom, {self.orientation['held_out_upright_refused']:.1%} of upright ones)")
+            laid = "" if not self.layout else (
+                f"; layout limit {self.layout['limit']:.1f} = the same rule on the {orient.GRID}x{orient.GRID} block "
+                f"means ({self.layout['held_out_quantile']:.1f} x {self.layout['margin']})")
             return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of the distances "
                     f"of {self.held_out_rows} validation rows ({self.held_out_quantile:.1f}) to the fit on "
-                    f"{self.rows} training rows x margin {self.margin}{turned}")
+                    f"{self.rows} training rows x margin {self.margin}{turned}{laid}")
         return (f"{self.statistic} limit {self.limit:.1f} = the {self.percentile}th percentile of {self.rows} "
                 f"held-out reference distances ({self.held_out_quantile:.1f}) x margin {self.margin}")
 
@@ -87,6 +102,10 @@ class GateSpec:
                 raise TypeError("file and sha256 must be strings")
             if spec.orientation is not None and not isinstance(spec.orientation, dict):
                 raise TypeError("orientation must be an object")
+            if spec.layout is not None and (not isinstance(spec.layout, dict) or set(spec.layout) != set(LAYOUT_FIGURES)
+                                            or not np.isfinite(float(spec.layout["limit"]))
+                                            or float(spec.layout["limit"]) <= 0):
+                raise TypeError(f"layout must hold {', '.join(LAYOUT_FIGURES)} and a positive limit")
         except (TypeError, ValueError) as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
         if spec.orientation is not None and (set(spec.orientation) != set(orient.FIGURES)
@@ -95,7 +114,7 @@ class GateSpec:
             raise GateError(f"metadata gate orientation is unusable: {spec.orientation!r:.200} (its limit must be "
                             f"{orient.LIMIT}, its held-out figures within the gate's targets)")
         if spec.statistic not in (STATISTIC, TRAINING_SPLIT) or not np.isfinite(spec.limit) or spec.limit <= 0 \
-                or (spec.statistic != TRAINING_SPLIT and spec.orientation is not None) \
+                or (spec.statistic != TRAINING_SPLIT and (spec.orientation is not None or spec.layout is not None)) \
                 or (spec.statistic == TRAINING_SPLIT and not spec.file):
             raise GateError(f"metadata gate is unusable: statistic {spec.statistic!r}, limit {spec.limit!r}")
         return spec
@@ -103,13 +122,15 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class Gate:
-    """A fitted content check: distances of embeddings to the reference, and its limit; and the orientation check
-    (xray_core/orientation.py) where the package has one."""
+    """A fitted content check: distances of embeddings to the reference, and its limit; the orientation check
+    (xray_core/orientation.py) and the layout check (a Gate over the model inputs' block means) where the package has
+    them."""
 
     location: np.ndarray  # (D,)
     precision: np.ndarray  # (D, D)
     limit: float
     orientation: orient.Orientation | None = None
+    layout: "Gate | None" = None
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, D) -> (N,) Mahalanobis distances (not squared)."""
@@ -118,20 +139,29 @@ class Gate:
         return np.sqrt(np.maximum(np.einsum("nd,nd->n", d @ self.precision, d), 0.0))
 
     def reasons(self, embeddings: np.ndarray, arrays) -> list[str | None]:
-        """Why each image is out of scope (its embedding's distance, then its orientation), None where it is not;
-        `arrays`: the (S, S, 1) model inputs the embeddings are of."""
+        """Why each image is out of scope (its embedding's distance, then its orientation, then its layout), None
+        where it is not; `arrays`: the (S, S, 1) model inputs the embeddings are of."""
         distances = self.distances(embeddings)
-        turned = self.orientation.probability(np.stack(arrays)) if self.orientation is not None else None
-        return [self.reason(float(d)) or (None if turned is None else self.orientation.reason(float(turned[j])))
+        stacked = np.stack(arrays) if self.orientation is not None or self.layout is not None else None
+        turned = self.orientation.probability(stacked) if self.orientation is not None else None
+        laid = self.layout.distances(orient.layout(stacked)) if self.layout is not None else None
+        return [self.reason(float(d))
+                or (None if turned is None else self.orientation.reason(float(turned[j])))
+                or (None if laid is None else past(float(laid[j]), self.layout.limit, LAYOUT_REASON, "layout distance"))
                 for j, d in enumerate(distances)]
 
     def reason(self, distance: float) -> str | None:
-        """One line when the distance is past the limit, else None. Both are shown with one decimal, or as many
-        as it takes (up to 4) for the distance to read as past the limit."""
-        if distance > self.limit:
-            digits = next((d for d in range(1, 4) if round(distance, d) > round(self.limit, d)), 4)
-            return (f"{REASON} (distance {distance:.{digits}f} > limit {self.limit:.{digits}f})")
-        return None
+        """One line when the embedding's distance is past the limit, else None (:func:`past`)."""
+        return past(distance, self.limit, REASON, "distance")
+
+
+def past(distance: float, limit: float, reason: str, what: str) -> str | None:
+    """One line when the distance is past the limit, else None. Both are shown with one decimal, or as many as it
+    takes (up to 4) for the distance to read as past the limit."""
+    if distance > limit:
+        digits = next((d for d in range(1, 4) if round(distance, d) > round(limit, d)), 4)
+        return f"{reason} ({what} {distance:.{digits}f} > limit {limit:.{digits}f})"
+    return None
 
 
 def _fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,37 +221,69 @@ def derive_from_split(training: np.ndarray, validation: np.ndarray, percentile: 
     return spec, Gate(location, precision, spec.limit)
 
 
-def write_fit(path: str, fitted: Gate) -> None:
+def derive_layout(training: np.ndarray, validation: np.ndarray) -> tuple[dict, Gate]:
+    """The layout check: derive_from_split on the (N, S, S, 1) model inputs' block means of the training and the
+    validation split -> (its figures, metadata.json's gate `layout`; the fitted check)."""
+    spec, fitted = derive_from_split(orient.layout(training), orient.layout(validation))
+    figures = dict(method=LAYOUT_METHOD, limit=spec.limit, percentile=spec.percentile, margin=spec.margin,
+                   held_out_quantile=spec.held_out_quantile, rows=spec.rows, held_out_rows=spec.held_out_rows)
+    return figures, fitted
+
+
+def write_fit(path: str, fitted: Gate, layout_validation: np.ndarray | None = None) -> None:
     """gate.npz: the fit's location (D,) and precision (D, D), float64; the orientation check's coefficients
-    (GRID * GRID,) and intercept (1,) where there is one."""
+    (GRID * GRID,) and intercept (1,) where there is one; the layout check's location and precision, and the
+    validation split's block means its limit comes from (float32), where there is one."""
     turned = {} if fitted.orientation is None else {
         "orientation_coef": fitted.orientation.coef, "orientation_intercept": np.array([fitted.orientation.intercept])}
-    np.savez(path, location=fitted.location, precision=fitted.precision, **turned)
+    laid = {} if fitted.layout is None else {
+        "layout_location": fitted.layout.location, "layout_precision": fitted.layout.precision,
+        "layout_validation": np.asarray(layout_validation, np.float32)}
+    np.savez(path, location=fitted.location, precision=fitted.precision, **turned, **laid)
 
 
-def read_fit(path: str, limit: float, orientation: bool = False) -> Gate:
-    """gate.npz -> the fitted gate, with its orientation check when `orientation`; GateError (one line) when it is
-    missing, unreadable or malformed."""
+def read_layout_validation(path: str) -> np.ndarray:
+    """gate.npz's validation block means (N, GRID * GRID), float64: what `export --verify` derives the layout limit
+    from again."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["layout_validation"], np.float64)
+    except Exception as exc:  # noqa: BLE001 - as read_fit
+        raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
+
+
+def read_fit(path: str, limit: float, orientation: bool = False, layout_limit: float | None = None) -> Gate:
+    """gate.npz -> the fitted gate, with its orientation check when `orientation` and its layout check when
+    `layout_limit` is given; GateError (one line) when it is missing, unreadable or malformed."""
     try:
         with np.load(path, allow_pickle=False) as z:
             location, precision = np.asarray(z["location"], np.float64), np.asarray(z["precision"], np.float64)
             coef, intercept = ((np.asarray(z["orientation_coef"], np.float64),
                                 np.asarray(z["orientation_intercept"], np.float64)) if orientation else (None, None))
-            unrecorded = not orientation and "orientation_coef" in z.files
+            laid = None if layout_limit is None else (np.asarray(z["layout_location"], np.float64),
+                                                      np.asarray(z["layout_precision"], np.float64))
+            unrecorded = [check for check, key, recorded in (("an orientation", "orientation_coef", orientation),
+                                                             ("a layout", "layout_location", layout_limit is not None))
+                          if not recorded and key in z.files]
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not an npz, a key missing, pickled arrays
         raise GateError(f"{os.path.basename(path)} is unreadable: {type(exc).__name__}") from None
+    cells = orient.GRID ** 2
+    if laid is not None and (laid[0].shape != (cells,) or laid[1].shape != (cells, cells)
+                             or not (np.isfinite(laid[0]).all() and np.isfinite(laid[1]).all())):
+        raise GateError(f"{os.path.basename(path)} is malformed: layout {laid[0].shape}, {laid[1].shape}")
+    layout = None if laid is None else Gate(laid[0], laid[1], float(layout_limit))
     d = len(location) if location.ndim == 1 else -1
     if d < 1 or precision.shape != (d, d) or not (np.isfinite(location).all() and np.isfinite(precision).all()):
         raise GateError(f"{os.path.basename(path)} is malformed: location {location.shape}, precision "
                         f"{precision.shape}")
-    if unrecorded:  # metadata.json edited so that the check is off: its file says it had one
-        raise GateError(f"{os.path.basename(path)} holds an orientation check that metadata.json does not record")
+    if unrecorded:  # metadata.json edited so that a check is off: its file says it had one
+        raise GateError(f"{os.path.basename(path)} holds {unrecorded[0]} check that metadata.json does not record")
     if not orientation:
-        return Gate(location, precision, float(limit))
-    if coef.shape != (orient.GRID ** 2,) or intercept.shape != (1,) or not np.isfinite(coef).all() \
+        return Gate(location, precision, float(limit), layout=layout)
+    if coef.shape != (cells,) or intercept.shape != (1,) or not np.isfinite(coef).all() \
             or not np.isfinite(intercept).all():
         raise GateError(f"{os.path.basename(path)} is malformed: orientation {coef.shape}, {intercept.shape}")
-    return Gate(location, precision, float(limit), orient.Orientation(coef, float(intercept[0])))
+    return Gate(location, precision, float(limit), orient.Orientation(coef, float(intercept[0])), layout)
 
 
 def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
@@ -235,5 +297,6 @@ def package_gate(spec: GateSpec, package_dir: str, reference_rows=None) -> Gate:
             raise GateError(f"{spec.file} is unreadable: {exc.strerror}") from None
         if digest != spec.sha256:
             raise GateError(f"{spec.file} sha256 != metadata {spec.sha256[:16]}… (not the file its package recorded)")
-        return read_fit(path, spec.limit, orientation=spec.orientation is not None)
+        return read_fit(path, spec.limit, orientation=spec.orientation is not None,
+                        layout_limit=float(spec.layout["limit"]) if spec.layout else None)
     return fit(reference_rows(), spec.limit)
