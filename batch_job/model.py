@@ -48,8 +48,8 @@ class Model:
 
 def scoring_identity(meta: Metadata) -> str:
     """sha256 of what decides a ledger row besides the image: model.onnx, the preprocessing and the input gate (its
-    limit, its fit's sha256, its orientation check). Not the threshold: the ledger keeps probabilities and refusal
-    reasons, which it does not decide."""
+    limit, its fit's sha256, its orientation and layout checks). Not the threshold: the ledger keeps probabilities and
+    refusal reasons, which it does not decide."""
     keyed = {"model.onnx": meta.sha256, "preprocessing": meta.preprocessing, "gate": meta.gate}  # as recorded: a
     # field the code's PreprocessConfig adds later must not make every ledger refuse every package (review)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()

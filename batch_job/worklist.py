@@ -6,14 +6,14 @@ the night's DICOM rows), adds the rank, each study's first rank on its later row
 flagged images, and keeps the first flagged rows for report.html.
 
 Ranked: flagged images first by probability (highest first); then the images the model-side checks of the input gate
-refused (too far from the X-rays the model knows, or upside down) and padded scans (content.PADDED): often chest
-films exported oddly, of unknown risk, not screened; then the other scored images by probability, the ones the model
-judged least likely to show pneumonia last among them; then the other out-of-scope images (DICOM header rules:
-another modality or body part, a lateral view, raw data; blank, colour, elongated or drawn images); then errors; ties
-by path. (Before 2026-12-02 every out-of-scope image came after the scored ones: a reader stopping where the normal
-scans began never reached an upside-down chest film, QA.) The `section` column names each row's group (flagged, not
-screened, not flagged, out of scope, error: QA, 2026-12-02, only a row's position told the two groups of out-of-scope
-rows apart). Images skipped through the ledger are counted in the summary, not listed.
+refused (too far from the X-rays the model knows, upside down, or not laid out like a chest film) and padded scans
+(content.PADDED): often chest films exported oddly, of unknown risk, not screened; then the other scored images by
+probability, the ones the model judged least likely to show pneumonia last among them; then the other out-of-scope
+images (DICOM header rules: another modality or body part, a lateral view, raw data; blank, colour, elongated or drawn
+images); then errors; ties by path. (Before 2026-12-02 every out-of-scope image came after the scored ones: a reader
+stopping where the normal scans began never reached an upside-down chest film, QA.) The `section` column names each
+row's group (flagged, not screened, not flagged, out of scope, error: QA, 2026-12-02, only a row's position told the
+two groups of out-of-scope rows apart). Images skipped through the ledger are counted in the summary, not listed.
 
 People open the file in a spreadsheet, so a cell that would start a formula (`=`, `+`, `-`, `@`, or a tab or carriage
 return that some programs strip first) is written with a leading apostrophe, the escape spreadsheets show as text

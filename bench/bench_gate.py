@@ -3,17 +3,20 @@
     python -m bench.hostile                      # makes /tmp/pneumonia-hostile first
     python -m bench.bench_gate [--model serving_models/pneumonia] [--hostile /tmp/pneumonia-hostile]
 
-Runs `python -m batch_job` once over every group (the hostile corpus's folders; the site sample, as it is and
-turned by 180 degrees; the package's internal test split from its splits.csv, as symlinks) and tabulates, per group:
-images, out of scope, flagged PNEUMONIA, failed. The targets (issue "input gate"): non-X-rays >= 95% out of scope and
-none flagged; inverted or rotated X-rays >= 80% out of scope (upside down: the orientation check, from version 7);
-real X-rays (site sample, internal test split) <= 1% out of scope.
+Runs `python -m batch_job` once over every group (the hostile corpus's folders; the site sample, as it is, turned by
+180 degrees, and turned by 10 degrees, each scan the other way from the next, cropped to the rectangle inside or with
+black corners; the package's internal test split from its splits.csv, as symlinks) and tabulates, per group: images,
+out of scope, flagged PNEUMONIA, failed. The targets (issue "input gate"): non-X-rays >= 95% out of scope and none
+flagged; inverted or rotated X-rays >= 80% out of scope (upside down: the orientation check, from version 7); real
+X-rays (site sample, internal test split) <= 1% out of scope. A scan tilted by 10 degrees is a real X-ray positioned
+differently: version 8's layout check refused 135 of 313 with black corners, version 9's (fitted on tilted copies) 2.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +53,40 @@ def upside_down(folder: str, out: str) -> str:
     return out
 
 
+def inscribed(width: int, height: int, degrees: float) -> tuple[int, int, int, int]:
+    """The largest axis-aligned box inside a width x height image turned by `degrees` about its centre."""
+    a = math.radians(abs(degrees))
+    sin, cos = math.sin(a), math.cos(a)
+    long, short = max(width, height), min(width, height)
+    if short <= 2 * sin * cos * long:  # a narrow image: the box touches the long sides
+        x = short / 2
+        w, h = (x / sin, x / cos) if width >= height else (x / cos, x / sin)
+    else:
+        cos2 = cos * cos - sin * sin
+        w, h = (width * cos - height * sin) / cos2, (height * cos - width * sin) / cos2
+    cx, cy = width / 2, height / 2  # a pixel in from each side: the turn's interpolated edge stays out
+    return (math.ceil(cx - w / 2) + 1, math.ceil(cy - h / 2) + 1, math.floor(cx + w / 2) - 1,
+            math.floor(cy + h / 2) - 1)
+
+
+def turned(folder: str, out: str, degrees: float, crop: bool) -> str:
+    """The images under folder turned by +-degrees (alternately), cropped to the box inside or with black corners,
+    as PNGs in out under their label folders (a check's copy: temporary, never kept)."""
+    from PIL import Image
+
+    for i, path in enumerate(sorted(glob.glob(os.path.join(folder, "**", "*.jpeg"), recursive=True))):
+        label = os.path.basename(os.path.dirname(path))
+        os.makedirs(os.path.join(out, label), exist_ok=True)
+        with Image.open(path) as img:
+            gray = img.convert("L")
+        angle = degrees if i % 2 == 0 else -degrees
+        tilted = gray.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+        if crop:
+            tilted = tilted.crop(inscribed(gray.width, gray.height, angle))
+        tilted.save(os.path.join(out, label, f"{i:04d}.png"))
+    return out
+
+
 def run_group(model: str, folder: str, out: str) -> Counter:
     subprocess.run([sys.executable, "-m", "batch_job", "--input", folder, "--model", model, "--output", out,
                     "--heatmaps", "0", "--log-level", "WARNING"], check=True, stdout=subprocess.DEVNULL)
@@ -73,6 +110,9 @@ def main(argv=None) -> int:
         groups = {sub: os.path.join(args.hostile, sub) for sub in sorted(os.listdir(args.hostile))}
         groups["site sample"] = os.path.join(SHARED, "site_sample")
         groups["site sample turned 180"] = upside_down(groups["site sample"], os.path.join(tmp, "site_180"))
+        for crop, how in ((True, "cropped inside"), (False, "black corners")):
+            folder = os.path.join(tmp, f"site_10_{crop}")
+            groups[f"site sample turned 10, {how}"] = turned(groups["site sample"], folder, 10.0, crop)
         groups["internal test split"] = internal_test_split(vdir, os.path.join(tmp, "test_split"))
         rows, non_xray = [], Counter()
         for name, folder in groups.items():

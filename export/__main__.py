@@ -30,7 +30,7 @@ EXIT_CODES = """exit codes:
 
 Recalibrate a published package on a labelled local sample (folders NORMAL and PNEUMONIA, >= 30 images each;
 JPEG, PNG or DICOM), without retraining or TensorFlow:
-  python -m export --recalibrate serving_models/pneumonia/7 --calibrate-dir /data/local_sample
+  python -m export --recalibrate serving_models/pneumonia/9 --calibrate-dir /data/local_sample
   (the new version goes beside its source and, as the newest, becomes the batch job's default)
 """
 

@@ -111,10 +111,10 @@ def gate_section(meta: dict) -> str:
         f"{o['held_out_tilted_upside_down_refused']:.1%} and {o['held_out_tilted_refused']:.1%}).\n")
     lo = g.get("layout")
     laid = "" if not lo else (
-        f"So is an image whose layout is unlike a chest film's: the {lo['method']} {lo['rows']:,} images must be at "
-        f"most **{lo['limit']:.1f}**, the {lo['percentile']}th percentile of the {lo['held_out_rows']} validation "
-        f"images' distances ({lo['held_out_quantile']:.1f}) times {lo['margin']} (the gray photographs the embedding "
-        "leaves near its limit sit far past this one).\n")
+        f"So is an image whose layout is unlike a chest film's: the {lo['method']} {lo['rows']:,} rows must be at "
+        f"most **{lo['limit']:.1f}**, the {lo['percentile']}th percentile of the distances of the "
+        f"{lo['held_out_rows']:,} validation rows, counted the same way ({lo['held_out_quantile']:.1f}), times "
+        f"{lo['margin']}.\n")
     return f"""## Input gate
 Before an image can be flagged, the batch job checks that it looks like the X-rays this model was trained and
 validated on: the Mahalanobis distance of its `embedding` to {fit} times a margin of {g['margin']} for scans of a later

@@ -79,7 +79,7 @@ def write_gate(package_dir: str, session, paths: list[str], config: PreprocessCo
     """Fit the gate on the embeddings of `paths` (the training split; `expected` of them must be readable when
     given), write package_dir/gate.npz, derive the limit from package_dir's reference rows -> metadata.json's
     `gate`. With `validation_paths` (the validation split's images) the layout check too: fitted on the training
-    images' block means, its limit from the validation images'."""
+    images' block means (each image as it is, mirrored and tilted), its limit from the validation images'."""
     rows = reference.load(os.path.join(package_dir, reference.REFERENCE_FILE)).embeddings
     log(f"input gate: scoring {len(paths)} training-split images")
     images = model_inputs(paths, config, expected, log, modalities)
@@ -94,19 +94,32 @@ def write_gate(package_dir: str, session, paths: list[str], config: PreprocessCo
         log(f"input gate: no orientation check: held out, it refuses {figures['held_out_upside_down_refused']:.1%} of "
             f"images turned 180 degrees and {figures['held_out_upright_refused']:.1%} of upright ones")
         turned = figures = None
-    laid = layout_figures = validation = None
-    if validation_paths and orientation.fits(config.image_size):
-        validation, ok, _ = load_images(validation_paths, config, modalities=modalities)
-        try:
-            layout_figures, laid = gate.derive_layout(images, validation)
-        except gate.GateError as exc:  # the validation images moved away: the package goes without it, said
-            log(f"input gate: no layout check: {len(ok)} of {len(validation_paths)} validation-split images could be "
-                f"read ({exc})")
-            validation = None
+    layout_figures, laid, layout_rows = _layout_check(images, validation_paths, len(rows), config, log, modalities)
     path = os.path.join(package_dir, gate.FIT_FILE)
-    gate.write_fit(path, dataclasses.replace(fitted, orientation=turned, layout=laid),
-                   None if validation is None else orientation.layout(validation))
+    gate.write_fit(path, dataclasses.replace(fitted, orientation=turned, layout=laid), layout_rows)
     spec = gate.GateSpec(**{**spec.to_dict(), "file": gate.FIT_FILE, "sha256": sha256_file(path),
                             "orientation": figures, "layout": layout_figures})
     log(f"input gate: {spec.line()}")
     return spec.to_dict()
+
+
+def _layout_check(images: np.ndarray, validation_paths: list[str] | None, reference_rows: int,
+                  config: PreprocessConfig, log, modalities: tuple[str, ...]):
+    """The layout check (xray_core/gate.py derive_layout) on the training images and every image of the validation
+    split (the reference's rows: a part of them would give another limit than the package's validation split does)
+    -> (its figures, the fitted check, its validation rows), or three Nones, said, where it cannot be fitted."""
+    if not validation_paths:
+        return None, None, None
+    if not orientation.fits(config.image_size):
+        log(f"input gate: no layout check: image_size {config.image_size} is not a multiple of {orientation.GRID}")
+        return None, None, None
+    validation, ok, _ = load_images(validation_paths, config, modalities=modalities)
+    if len(ok) != reference_rows:  # moved away, or changed since: the package goes without it, said
+        log(f"input gate: no layout check: {len(ok)} of {len(validation_paths)} validation-split images could be "
+            f"read, the reference has {reference_rows}")
+        return None, None, None
+    try:
+        return gate.derive_layout(images, validation)
+    except gate.GateError as exc:
+        log(f"input gate: no layout check: {exc}")
+        return None, None, None

@@ -1356,7 +1356,7 @@ def test_without_model_the_job_uses_the_environment_then_the_shipped_model(tiny_
 
     monkeypatch.delenv(MODEL_ENV, raising=False)
     assert main(common + ["--output", str(tmp_path / "shipped")]) == 0
-    assert model_of(tmp_path / "shipped") == "pneumonia/8"  # the newest shipped version
+    assert model_of(tmp_path / "shipped") == "pneumonia/9"  # the newest shipped version
     monkeypatch.setenv(MODEL_ENV, tiny_package)
     assert main(common + ["--output", str(tmp_path / "env")]) == 0
     assert model_of(tmp_path / "env") == "pneumonia/1"

@@ -50,11 +50,27 @@ def test_distilled_training_labels_reach_the_fit():
     from train.trainers import distilled
 
     x, y = _images(8), np.array([0, 1] * 4, np.float32)
-    args = argparse.Namespace(teacher=SHIPPED, teacher_weight=0.25, image_size=64)
+    args = argparse.Namespace(teacher=SHIPPED, teacher_weight=0.25, image_size=64, crop_bands=False)
     x2, soft = distilled(args, (x, y))
     assert x2 is x
     teacher = teacher_probabilities(SHIPPED, x, PreprocessConfig(image_size=64))
     np.testing.assert_allclose(soft, 0.75 * y + 0.25 * teacher, atol=1e-6)
+
+
+def test_a_run_with_crop_bands_distils_from_a_teacher_with_them(tmp_path):
+    """Review: the teacher's probabilities were asked for without the run's --crop-bands, and a teacher that crops
+    them (the only one such a run may have) was refused mid-training."""
+    from helpers import write_package
+    from train.trainers import distilled
+
+    teacher = write_package(str(tmp_path / "serving"), preprocessing={"crop_bands": True})
+    x, y = _images(8, size=32), np.array([0, 1] * 4, np.float32)
+    args = argparse.Namespace(teacher=teacher, teacher_weight=0.5, image_size=32, crop_bands=True)
+    _, soft = distilled(args, (x, y))
+    want = score(open_session(os.path.join(teacher, "model.onnx"), 1), x).probability
+    np.testing.assert_allclose(soft, 0.5 * y + 0.5 * want, atol=1e-6)
+    with pytest.raises(TeacherError, match="preprocesses as"):
+        distilled(argparse.Namespace(**{**vars(args), "crop_bands": False}), (x, y))
 
 
 def _args(data, out, *extra):

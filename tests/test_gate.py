@@ -67,8 +67,23 @@ def test_too_few_rows_and_bad_specs_are_refused():
         gate.GateSpec.from_dict({"limit": 3})
     spec = gate.derive(_gaussian(100)).to_dict()
     with pytest.raises(gate.GateError, match="unusable"):
-        gate.GateSpec.from_dict({**spec, "limit": float("nan")})
+        gate.GateSpec.from_dict({**spec, "statistic": "euclidean"})
     assert gate.GateSpec.from_dict(spec).to_dict() == spec
+
+
+@pytest.mark.parametrize("edit", [
+    {"limit": float("nan")}, {"limit": "50"}, {"limit": True}, {"held_out_quantile": None}, {"rows": 20},
+    {"rows": 100.0},
+    # review: a margin (or percentile) edited with a limit to match passed the spec and --verify
+    {"margin": 100.0}, {"percentile": 50.0}])
+def test_figures_the_derivation_cannot_give_are_refused_as_read(edit):
+    spec = gate.derive(_gaussian(100)).to_dict()
+    edited = {**spec, **edit}
+    if "margin" in edit:
+        edited["limit"] = spec["held_out_quantile"] * edit["margin"]
+    with pytest.raises(gate.GateError, match="metadata gate is malformed: limit .* must be the held-out quantile "
+                                             "times margin 1.2 at percentile 99.5, from >= 50 rows"):
+        gate.GateSpec.from_dict(edited)
 
 
 @pytest.fixture()
@@ -102,7 +117,12 @@ def test_verify_fails_a_gate_that_its_reference_does_not_give(package, tmp_path)
     assert export_main(["--add-gate", package, "--serving-dir", str(serving)]) == 0
     path = serving / "pneumonia" / "2" / "metadata.json"
     meta = read_json(path)
-    meta["gate"]["limit"] *= 2  # a limit loosened by hand
+    meta["gate"]["limit"] *= 2  # a limit loosened by hand, alone: not what its own figures give
+    path.write_text(json.dumps(meta))
+    failed = [c for c in verify_package(str(path.parent)) if not c.ok]
+    assert [c.name for c in failed] == ["input gate"] and "must be the held-out quantile times margin 1.2" in \
+        failed[0].detail
+    meta["gate"]["held_out_quantile"] *= 2  # ... and its quantile with it: not what its reference gives
     path.write_text(json.dumps(meta))
     failed = [c for c in verify_package(str(path.parent)) if not c.ok]
     assert [c.name for c in failed] == ["input gate"] and "re-derived" in failed[0].detail

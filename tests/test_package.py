@@ -30,19 +30,19 @@ from xray_core.verify import verify_package
 SHIPPED = os.path.join(REPO, "serving_models", "pneumonia")
 
 
-@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5", "6", "7", "8"])
+@pytest.mark.parametrize("version", ["1", "2", "3", "4", "5", "6", "7", "8", "9"])
 def test_shipped_metadata_round_trips_through_the_schema(version):
     path = os.path.join(SHIPPED, version, "metadata.json")
     raw = json.load(open(path))
     meta = load_metadata(os.path.dirname(path))
     assert meta.to_dict() == raw and list(meta.to_dict()) == list(raw)  # every key, in the file's order
     assert meta.model_id == f"pneumonia/{version}" and meta.image_size == raw["preprocessing"]["image_size"]
-    assert meta.heatmap_hw == ((8, 8) if version in ("3", "4", "5", "6", "7", "8") else None)
-    assert meta.embedding_dim == {"4": 768, "5": 512, "6": 512, "7": 512, "8": 512}.get(version)
+    assert meta.heatmap_hw == ((8, 8) if version in ("3", "4", "5", "6", "7", "8", "9") else None)
+    assert meta.embedding_dim == {"4": 768, "5": 512, "6": 512, "7": 512, "8": 512, "9": 512}.get(version)
 
 
 def test_the_newest_version_is_the_default():
-    assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "8")
+    assert resolve_version_dir(SHIPPED) == os.path.join(SHIPPED, "9")
 
 
 def test_model_may_be_named_by_its_serving_folder_name_version_or_model_file(tmp_path):
@@ -52,7 +52,7 @@ def test_model_may_be_named_by_its_serving_folder_name_version_or_model_file(tmp
     assert resolve_version_dir(v1) == v1
     assert resolve_version_dir(os.path.dirname(v1)) == v2  # a model name: its newest version
     assert resolve_version_dir(serving) == v2  # a serving folder holding one model name
-    assert resolve_version_dir(os.path.join(REPO, "serving_models")) == os.path.join(SHIPPED, "8")
+    assert resolve_version_dir(os.path.join(REPO, "serving_models")) == os.path.join(SHIPPED, "9")
 
 
 @pytest.mark.parametrize("case, message", [

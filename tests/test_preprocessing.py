@@ -253,6 +253,9 @@ def test_config_round_trip_and_validation():
         PreprocessConfig.from_dict(cfg.to_dict() | {"unknown_key": 1})  # a newer export's step: never left out
     with pytest.raises(ValueError):
         PreprocessConfig(resize_filter="magic")
+    for name, value in (("crop_bands", "false"), ("crop_bands", 1), ("jpeg_draft", None)):  # review: not a boolean
+        with pytest.raises(ValueError, match=f"^{name} must be true or false"):
+            PreprocessConfig.from_dict(cfg.to_dict() | {name: value})
 
 
 def test_preprocessing_imports_no_tensorflow():
@@ -427,3 +430,17 @@ def test_a_png_whose_iend_bytes_sit_in_a_text_chunk_and_whose_end_is_cut_is_cut_
     assert preprocess_image(whole, PreprocessConfig(image_size=32)).shape == (32, 32, 1)
     with pytest.raises(ImageError, match="^decode failed: image file cut short"):
         preprocess_image(whole[:-12], PreprocessConfig(image_size=32))
+
+
+def test_a_jpeg_drafted_below_min_side_at_a_small_image_size_is_scored_without_crop_bands():
+    """Review: the bands' min-side check ran without crop_bands, and a 200 px JPEG that libjpeg drafts to 25 px for a
+    16 px model input was refused as "bands of constant grey cover 0.0% of a side"."""
+    from xray_core.preprocessing import load_input
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(30, 220, (200, 200), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    loaded = load_input(buf.getvalue(), PreprocessConfig(image_size=16))
+    assert loaded.reason == "" and loaded.array.shape == (16, 16, 1)
+    cropped = load_input(buf.getvalue(), PreprocessConfig(image_size=16, crop_bands=True))
+    assert cropped.reason == "" and cropped.array.shape == (16, 16, 1)  # nothing to crop: the same

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from batch_job.cli import main as batch_main
 from helpers import SHARED_DATA, SITE_SAMPLE, read_predictions
+from xray_core import gate
 from xray_core.package import resolve_version_dir
 from xray_core.verify import verify_package
 
@@ -37,7 +38,7 @@ def _rows(out_dir):
 
 def test_default_is_version_8_calibrated_on_the_site_with_occlusion_maps_a_drift_reference_and_a_gate():
     vdir = resolve_version_dir(NAME_DIR)
-    assert os.path.basename(vdir) == "8"
+    assert os.path.basename(vdir) == "9"
     assert all(check.ok for check in verify_package(vdir)), [c.line() for c in verify_package(vdir)]
     meta = _meta(vdir)
     assert meta["architecture"] == "resnet_aug"
@@ -65,21 +66,26 @@ def test_default_is_version_8_calibrated_on_the_site_with_occlusion_maps_a_drift
     o = g["orientation"]
     assert (o["limit"], o["rows"], o["folds"]) == (0.5, 3651, 5)
     assert o["held_out_upside_down_refused"] >= 0.95 and o["held_out_upright_refused"] <= 0.01
-    # and the layout check: the training split's 16x16 block means, its limit from the 782 validation images'
+    # and the layout check: the training split's 16x16 block means, each image as it is, mirrored and in 3 tilted
+    # copies, its limit from the 782 validation images' counted the same way
     lo = g["layout"]
-    assert (lo["rows"], lo["held_out_rows"], lo["percentile"], lo["margin"]) == (3651, 782, 99.5, 1.2)
-    assert lo["limit"] == lo["held_out_quantile"] * 1.2
-    # version 8 is version 7's network, threshold, content and orientation checks with that layout check; version 7
-    # is version 6's with the orientation check; version 6 is version 5's network and threshold with the content check
-    v5, v6, v7 = (_meta(os.path.join(NAME_DIR, v)) for v in ("5", "6", "7"))
-    assert meta["sha256"] == v7["sha256"] == v6["sha256"] == v5["sha256"]
-    assert meta["decision_threshold"] == v7["decision_threshold"] == v6["decision_threshold"] \
-        == v5["decision_threshold"]
+    assert (lo["rows"], lo["held_out_rows"], lo["percentile"], lo["margin"]) == (3651 * 5, 782 * 5, 99.5, 1.2)
+    assert lo["method"] == gate.LAYOUT_METHOD_TILTED and lo["limit"] == lo["held_out_quantile"] * 1.2
+    # version 9 is version 8 with the layout check fitted on the tilted copies too; version 8 is version 7's network,
+    # threshold, content and orientation checks with the layout check on the images as they are; version 7 is
+    # version 6's with the orientation check; version 6 is version 5's network and threshold with the content check
+    v5, v6, v7, v8 = (_meta(os.path.join(NAME_DIR, v)) for v in ("5", "6", "7", "8"))
+    assert meta["sha256"] == v8["sha256"] == v7["sha256"] == v6["sha256"] == v5["sha256"]
+    assert meta["decision_threshold"] == v8["decision_threshold"] == v7["decision_threshold"] \
+        == v6["decision_threshold"] == v5["decision_threshold"]
     assert {k: v for k, v in g.items() if k not in ("layout", "sha256")} == {
+        k: v for k, v in v8["gate"].items() if k not in ("layout", "sha256")}
+    assert (v8["gate"]["layout"]["rows"], v8["gate"]["layout"]["method"]) == (3651, gate.LAYOUT_METHOD)
+    assert {k: v for k, v in v8["gate"].items() if k not in ("layout", "sha256")} == {
         k: v for k, v in v7["gate"].items() if k != "sha256"} and "layout" not in v7["gate"]
     assert abs(g["limit"] - v6["gate"]["limit"]) < 1e-5 and "orientation" not in v6["gate"]
     assert v5["gate"]["statistic"] == "mahalanobis_ledoit_wolf"
-    for old in ("5", "6", "7"):
+    for old in ("5", "6", "7", "8"):
         assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, old)))
     for old in ("1", "2", "3", "4"):  # earlier versions keep scoring, without a gate
         assert all(check.ok for check in verify_package(os.path.join(NAME_DIR, old)))

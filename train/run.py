@@ -35,7 +35,7 @@ from train.data import (
 from train.distill import TeacherError, check_teacher_split
 from train.loading import load_images
 from train.models import WeightsError, resolve_vgg19_weights
-from train.validate import UsageError, validate
+from train.validate import UsageError, preprocess_config, validate
 from xray_core.files import (
     hold_lock,
     make_folders,
@@ -49,7 +49,7 @@ from xray_core.files import (
 from xray_core.interrupts import GATE
 from xray_core.metrics import choose_threshold, evaluate, operating_point
 from xray_core.plots import confusion_matrix_png, roc_curve_png
-from xray_core.preprocessing import OUT_OF_SCOPE, PreprocessConfig
+from xray_core.preprocessing import OUT_OF_SCOPE
 
 InputError = (UsageError, DataError, WeightsError)
 
@@ -92,7 +92,7 @@ def run(args) -> int:
               file=sys.stderr, flush=True)
     if args.limit_per_class:
         examples = limit_per_class(examples, args.limit_per_class, args.seed)
-    config = PreprocessConfig(image_size=args.image_size, crop_bands=args.crop_bands)
+    config = preprocess_config(args)
     out = os.path.abspath(args.output_dir)
     made: list[str] = []
     tmp = ""

@@ -9,7 +9,7 @@ from train import fit
 from train.augment import AugmentConfig
 from train.distill import soft_labels, teacher_probabilities
 from train.models import build_cnn, build_resnet, ensemble, keras, vgg19_parts
-from xray_core.preprocessing import PreprocessConfig
+from train.validate import preprocess_config
 
 # The shift-robust recipe (train/EXPERIMENTS.md): augmentation, label smoothing, cosine decay.
 RECIPE_LABEL_SMOOTHING = 0.05
@@ -59,7 +59,7 @@ def distilled(args, train_xy):
     """The training split with the teacher package's probabilities mixed into its labels (train/distill.py)."""
     x, y = train_xy
     t0 = time.perf_counter()
-    teacher = teacher_probabilities(args.teacher, x, PreprocessConfig(image_size=args.image_size))
+    teacher = teacher_probabilities(args.teacher, x, preprocess_config(args))
     _log(f"[teacher] {args.teacher}: {len(x)} training images scored in {time.perf_counter() - t0:.1f}s; "
          f"mean |teacher - label| {np.abs(teacher - y).mean():.3f}; weight {args.teacher_weight}")
     return x, soft_labels(y, teacher, args.teacher_weight)

@@ -9,6 +9,12 @@ from train.models import MODEL_NAMES
 from xray_core.files import blocking_ancestor, inside
 from xray_core.preprocessing import PreprocessConfig
 
+
+def preprocess_config(args) -> PreprocessConfig:
+    """The run's preprocessing, from its arguments: what it trains, validates and is distilled with (review: the
+    teacher's probabilities were computed without --crop-bands when the run had it)."""
+    return PreprocessConfig(image_size=args.image_size, crop_bands=args.crop_bands)
+
 MAX_SOURCE = 300  # --data-source: one line of the model card and of every report
 
 
@@ -43,8 +49,7 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         if models != ["resnet_aug"]:
             raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")
         try:
-            check_teacher(args.teacher, args.teacher_weight,
-                          PreprocessConfig(image_size=args.image_size, crop_bands=args.crop_bands))
+            check_teacher(args.teacher, args.teacher_weight, preprocess_config(args))
         except TeacherError as exc:
             raise UsageError(str(exc)) from None
     source = getattr(args, "data_source", None)

@@ -47,8 +47,11 @@ class Orientation:
 
     def probability(self, arrays: np.ndarray) -> np.ndarray:
         """(N, S, S, 1) model inputs -> (N,) P(upside down)."""
-        logit = layout(arrays) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-logit))
+        return self.probability_of(layout(arrays))
+
+    def probability_of(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, GRID * GRID) block means (:func:`layout`) -> (N,) P(upside down)."""
+        return 1.0 / (1.0 + np.exp(-(blocks @ self.coef + self.intercept)))
 
     @staticmethod
     def reason(probability: float) -> str | None:
@@ -91,17 +94,24 @@ def tilted(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _variants(arrays: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(upright rows, upside-down rows, whether each pair is a tilted copy): the upright rows are the images, their
-    mirror images and TILTED tilted copies; each upside-down row is its upright row turned by 180 degrees or flipped
-    top to bottom (alternately; seeded at random for the copies). Rows go image 0..N-1, then the next variant."""
+def upright_variants(arrays: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, S, S[, 1]) -> (N * (2 + TILTED), S, S) upright rows: the images, their mirror images and TILTED tilted
+    copies, image 0..N-1, then the next variant. The layout check (xray_core/gate.py) counts the same rows."""
     a = np.asarray(arrays)[..., 0] if np.asarray(arrays).ndim == 4 else np.asarray(arrays)
-    rng = np.random.default_rng(seed)
-    up = [a, a[:, :, ::-1]] + [tilted(a, rng) for _ in range(TILTED)]
+    return np.concatenate([a, a[:, :, ::-1]] + [tilted(a, rng) for _ in range(TILTED)])
+
+
+def _variants(arrays: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upright rows, upside-down rows, whether each pair is a tilted copy): the upright rows are
+    :func:`upright_variants`; each upside-down row is the image turned by 180 degrees or flipped top to bottom
+    (alternately for the plain rows; seeded at random for the copies)."""
+    a = np.asarray(arrays)[..., 0] if np.asarray(arrays).ndim == 4 else np.asarray(arrays)
+    n, rng = len(a), np.random.default_rng(seed)
+    up = upright_variants(a, rng)
+    copies = up[2 * n:].reshape(TILTED, n, *a.shape[1:])
     down = [a[:, ::-1, ::-1], a[:, ::-1, :]] + [
-        np.where(rng.random(len(a))[:, None, None] < 0.5, copy[:, ::-1, ::-1], copy[:, ::-1, :]) for copy in up[2:]]
-    is_tilted = np.repeat(np.arange(len(up)) >= 2, len(a))
-    return np.concatenate(up), np.concatenate(down), is_tilted
+        np.where(rng.random(n)[:, None, None] < 0.5, copy[:, ::-1, ::-1], copy[:, ::-1, :]) for copy in copies]
+    return up, np.concatenate(down), np.arange(len(up)) >= 2 * n
 
 
 def _model(seed: int):

@@ -70,6 +70,9 @@ class PreprocessConfig:
             raise ValueError("only color_mode 'L' with scaling 'divide_by_255' is implemented")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
+        for name in ("jpeg_draft", "crop_bands"):  # review: "false" (a string) would have read as cropping
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,7 +247,9 @@ def load_input(data: bytes, config: PreprocessConfig,
     except ImageError as exc:
         raise ImageError(str(exc), header) from None
     scan = to_scan(decoded.image, config)
-    if min(scan.size) < config.min_side:  # at the decoded (JPEG draft) scale: said as the share the bands cover
+    # what the bands leave, at the decoded (JPEG draft) scale, said as the share they cover: only where they were cut
+    # (review: a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands)
+    if scan is not decoded.image and min(scan.size) < config.min_side:
         share = 1 - min(scan.width / decoded.image.width, scan.height / decoded.image.height)
         return Loaded(None, f"{content.PADDED}bands of constant grey cover {share:.1%} of a side: too little scan "
                             "inside them to score", decoded.header)
