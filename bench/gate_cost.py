@@ -6,7 +6,9 @@ The gate adds three things to the job, each timed here on its own (best of 5 pas
 1. the cheap checks (xray_core/content.py) on each decoded scan: `content.problem`, plus `colour_spread` where the
    JPEG is in colour (the corpus is gray, as real scans are: the colour check is also timed on the colour
    version of the same scans, the worst case);
-2. the content check's distances, one matrix product per batch of 64 embeddings (`Gate.distances`);
+2. the model-side checks on a batch of 64 scans (`Gate.reasons`: the content check's distances, one matrix product
+   per batch of embeddings; the block means of the model inputs, and on them the orientation and layout checks,
+   where the package has them);
 3. making the content check once per worker process (`gate.package_gate`: reading gate.npz for a gate fitted on
    the training split, version 6 on; a Ledoit-Wolf fit on the reference rows for version 5's); worker threads of
    one process share it, and a second thread waits for the first.
@@ -67,14 +69,15 @@ def main(argv=None) -> int:
 
     cheap = per_image_ms(content.problem, gray)
     spread = per_image_ms(content.colour_spread, colour)
-    distances = per_image_ms(lambda _: check.distances(emb), range(20)) / len(emb)
+    arrays = list(x)
+    distances = per_image_ms(lambda _: check.reasons(emb, arrays), range(20)) / len(emb)
     fit_s = min(per_image_ms(lambda _: gate.package_gate(spec, vdir, lambda: ref), range(1), passes=1)
                 for _ in range(5)) / 1e3
     per_scan = cheap + distances
     total = per_scan * args.images / args.cores / 1e3 + fit_s
     rows = [["cheap checks (content.problem), per gray scan", f"{cheap:.3f} ms"],
             ["colour check (colour_spread), per colour JPEG (not in the total)", f"{spread:.3f} ms"],
-            ["content check distances, per scan (batches of 64)", f"{distances:.4f} ms"],
+            ["model-side checks (content, orientation, layout), per scan (batches of 64)", f"{distances:.4f} ms"],
             [f"making the check once per worker process ({spec.statistic})", f"{fit_s:.3f} s"],
             [f"total for {args.images:,} gray scans on {args.cores} cores", f"{total:.3f} s"]]
     if args.job_seconds:
