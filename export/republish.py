@@ -190,10 +190,17 @@ def training_split_gate(meta: Metadata, staging: str, training_dir: str, log=pri
         trained = TrainingData.from_dict(meta.training_data).modalities or DEFAULT_MODALITIES
         validation = [os.path.join(training_dir, rel) for rel, split in
                       reference.read_splits(os.path.join(staging, reference.SPLITS_FILE)) if split == "val"]
-        return gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config,
-                                   expected, log, trained, validation)
+        fitted = gate_fit.write_gate(staging, open_session(os.path.join(staging, MODEL_FILE)), paths, meta.config,
+                                     expected, log, trained, validation)
     except gate_fit.GateFitError as exc:
         raise RepublishError(f"{exc}; nothing published") from None
+    lost = [check for check in ("orientation", "layout") if (meta.gate or {}).get(check) and not fitted.get(check)]
+    if lost:  # review: a validation image gone published a new default without its layout check, exit 0
+        source = (meta.source or {}).get("republished_from", meta.model_id)  # the source, not the id it would get
+        raise RepublishError(f"{source}: its gate has a {lost[0]} check that the fit on {training_dir} could not make "
+                             "again (said above): the new version would be the default with a weaker gate; nothing "
+                             "published")
+    return fitted
 
 
 def add_gate(source_dir: str, serving_dir: str | None, name: str | None, version: int | None = None, command: str = "",

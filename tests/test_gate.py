@@ -73,7 +73,7 @@ def test_too_few_rows_and_bad_specs_are_refused():
 
 @pytest.mark.parametrize("edit", [
     {"limit": float("nan")}, {"limit": "50"}, {"limit": True}, {"held_out_quantile": None}, {"rows": 20},
-    {"rows": 100.0},
+    {"rows": 100.0}, {"limit": 10 ** 400},
     # review: a margin (or percentile) edited with a limit to match passed the spec and --verify
     {"margin": 100.0}, {"percentile": 50.0}])
 def test_figures_the_derivation_cannot_give_are_refused_as_read(edit):

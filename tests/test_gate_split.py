@@ -339,3 +339,18 @@ def test_without_all_its_validation_images_the_gate_goes_without_the_layout_chec
     assert (f"input gate: no layout check: {present} of 120 validation-split images could be read, the reference "
             "has 120") in capsys.readouterr().out
     assert "layout" not in read_json(serving / "pneumonia" / "2" / "metadata.json")["gate"]
+
+
+def test_a_version_with_a_layout_check_is_not_republished_without_one(package, training_dir, tmp_path, capsys):
+    """Review: with one validation image gone, --add-gate from a version with a layout check published the new
+    default without it (exit 0), and it scored the gray photographs the source refuses."""
+    _validation_images(training_dir, 120)
+    serving = tmp_path / "serving"
+    assert export_main(["--add-gate", package, "--serving-dir", str(serving), "--training-dir", training_dir]) == 0
+    with_layout = serving / "pneumonia" / "2"
+    assert "layout" in read_json(with_layout / "metadata.json")["gate"]
+    os.remove(os.path.join(training_dir, "NORMAL", "7.jpeg"))
+    capsys.readouterr()
+    rc = export_main(["--add-gate", str(with_layout), "--training-dir", training_dir])
+    assert_one_line_error(capsys, rc, "pneumonia/2", "its gate has a layout check that the fit on", "nothing published")
+    assert sorted(os.listdir(serving / "pneumonia")) == ["1", "2", "config.pbtxt"]

@@ -126,11 +126,27 @@ def test_its_figures_in_metadata_are_checked(tilted):
     for bad in ({k: v for k, v in figures.items() if k != "limit"}, {**figures, "limit": -1.0}, [1],
                 {**figures, "limit": str(figures["limit"])}, {**figures, "percentile": "99.5"},
                 {**figures, "margin": 100.0, "limit": q * 100.0},  # review: passed with a limit to match
-                {**figures, "limit": q * 2.0}, {**figures, "method": "a method this code does not know"}):
+                {**figures, "limit": q * 2.0}, {**figures, "method": "a method this code does not know"},
+                {**figures, "method": [1]}, {**figures, "limit": 10 ** 400}):
         with pytest.raises(gate.GateError, match="layout must hold method, limit"):
             gate.GateSpec.from_dict({**spec, "layout": bad})
-    for rows in ({"rows": figures["rows"] + 1}, {"held_out_rows": figures["held_out_rows"] * 2}):
+    for rows in ({"rows": figures["rows"] + 1}, {"held_out_rows": figures["held_out_rows"] * 2},
+                 {"rows": float(figures["rows"])}):
         with pytest.raises(gate.GateError, match="layout rows .* must be the gate's"):
             gate.GateSpec.from_dict({**spec, "layout": {**figures, **rows}})
     with pytest.raises(gate.GateError, match="unusable"):  # a gate fitted on reference rows alone has no images
         gate.GateSpec.from_dict({**spec, "statistic": gate.STATISTIC})
+    with pytest.raises(gate.GateError, match="must be the held-out quantile"):  # review: a traceback
+        gate.GateSpec.from_dict({**plain, "held_out_rows": None})
+    turned = dict.fromkeys(orientation.FIGURES, "x")
+    with pytest.raises(gate.GateError, match="metadata gate is malformed: TypeError"):  # strings where numbers go
+        gate.GateSpec.from_dict({**spec, "orientation": {**turned, "limit": 0.5}})
+
+
+def test_the_tilted_method_names_the_copies_the_orientation_check_makes():
+    """A package's method names what its rows are: the literal must change with the orientation check's constants
+    (review: built from them, a change would have made version 9 unloadable)."""
+    assert gate.LAYOUT_COPIES[gate.LAYOUT_METHOD_TILTED] == 2 + orientation.TILTED
+    assert (f"in {orientation.TILTED} tilted copies (the orientation check's: turned by up to {orientation.MAX_TILT:g} "
+            f"degrees, cropped to {orientation.MIN_CROP:.0%}-100%)") in gate.LAYOUT_METHOD_TILTED
+    assert f"{orientation.GRID}x{orientation.GRID} block means" in gate.LAYOUT_METHOD

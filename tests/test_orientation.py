@@ -103,7 +103,8 @@ def test_a_malformed_check_in_gate_npz_or_metadata_is_refused(tmp_path):
     with pytest.raises(gate.GateError, match="is unreadable: KeyError"):
         gate.read_fit(path, 3.0, orientation=True)
     spec = {"statistic": gate.TRAINING_SPLIT, "limit": 3.0, "percentile": 99.5, "margin": 1.2,
-            "held_out_quantile": 2.5, "folds": 0, "rows": 60, "seed": 0, "file": gate.FIT_FILE, "sha256": "x"}
+            "held_out_quantile": 2.5, "folds": 0, "rows": 60, "seed": 0, "file": gate.FIT_FILE, "sha256": "x",
+            "held_out_rows": 60}
     assert gate.GateSpec.from_dict({**spec, "orientation": figures}).orientation == figures
     with_check = gate.GateSpec.from_dict({**spec, "orientation": figures})  # a cache key of the job's workers: the
     assert with_check != gate.GateSpec.from_dict(spec) and hash(with_check)  # check makes another key (review)

@@ -256,6 +256,11 @@ def test_config_round_trip_and_validation():
     for name, value in (("crop_bands", "false"), ("crop_bands", 1), ("jpeg_draft", None)):  # review: not a boolean
         with pytest.raises(ValueError, match=f"^{name} must be true or false"):
             PreprocessConfig.from_dict(cfg.to_dict() | {name: value})
+    for name, value in (("min_side", "32"), ("min_side", -1), ("image_size", 64.0), ("image_size", True)):
+        with pytest.raises(ValueError, match=f"^{name} must be a whole number >= 1"):  # review: "32" made every
+            PreprocessConfig.from_dict(cfg.to_dict() | {name: value})  # image an error row, verify passed it
+    with pytest.raises(ValueError, match="unknown resize_filter"):
+        PreprocessConfig.from_dict(cfg.to_dict() | {"resize_filter": ["bilinear"]})
 
 
 def test_preprocessing_imports_no_tensorflow():
@@ -444,3 +449,25 @@ def test_a_jpeg_drafted_below_min_side_at_a_small_image_size_is_scored_without_c
     assert loaded.reason == "" and loaded.array.shape == (16, 16, 1)
     cropped = load_input(buf.getvalue(), PreprocessConfig(image_size=16, crop_bands=True))
     assert cropped.reason == "" and cropped.array.shape == (16, 16, 1)  # nothing to crop: the same
+
+
+def test_the_scan_left_inside_cut_bands_is_measured_in_the_originals_pixels():
+    """Review: at a 16 px model input a 200 px JPEG is drafted to 25 px, and a 16 px black band left 23 px of scan
+    at that scale: refused as "too little scan inside them" although 184 px of scan remain."""
+    from xray_core.preprocessing import load_input
+
+    rng = np.random.default_rng(4)
+    ramp = np.linspace(30, 230, 200)[None, :] + np.linspace(0, 20, 200)[:, None]  # grey levels a draft keeps
+    scan = np.clip(ramp + rng.normal(0, 4, (200, 200)), 0, 255).astype(np.uint8)
+    scan[:, :16] = 0  # a black band at the left
+    buf = io.BytesIO()
+    Image.fromarray(scan).save(buf, format="JPEG", quality=95)
+    for size in (16, 64):
+        loaded = load_input(buf.getvalue(), PreprocessConfig(image_size=size, crop_bands=True))
+        assert loaded.reason == "" and loaded.array.shape == (size, size, 1), (size, loaded.reason)
+    thin = np.zeros((200, 200), np.uint8)
+    thin[:, 90:110] = rng.integers(60, 200, (200, 20), dtype=np.uint8)  # 20 px of scan between wide bands
+    buf = io.BytesIO()
+    Image.fromarray(thin).save(buf, format="PNG")
+    assert "too little scan inside them" in load_input(buf.getvalue(), PreprocessConfig(image_size=16,
+                                                                                       crop_bands=True)).reason

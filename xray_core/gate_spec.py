@@ -18,12 +18,14 @@ FOLDS = 5
 SEED = 0
 MIN_ROWS = 50  # fewer reference rows give no usable covariance or percentile
 LAYOUT_FIGURES = ("method", "limit", "percentile", "margin", "held_out_quantile", "rows", "held_out_rows")
-_BLOCKS = f"Mahalanobis distance (Ledoit-Wolf) of the model input's {orient.GRID}x{orient.GRID} block means"
-LAYOUT_METHOD = f"{_BLOCKS} to the training split's"  # version 8: the images as they are
-LAYOUT_METHOD_TILTED = (  # from version 9: with the orientation check's upright copies
-    f"{_BLOCKS}, each image as it is, mirrored and in {orient.TILTED} tilted copies (the orientation check's: turned "
-    f"by up to {orient.MAX_TILT:g} degrees, cropped to {orient.MIN_CROP:.0%}-100%), to the training split's")
-LAYOUT_COPIES = {LAYOUT_METHOD: 1, LAYOUT_METHOD_TILTED: 2 + orient.TILTED}  # rows per image, by method
+# The methods as published, word for word (literals: a package's method names what its rows are, whatever the
+# orientation check's constants become later) and the rows each counts per image.
+LAYOUT_METHOD = ("Mahalanobis distance (Ledoit-Wolf) of the model input's 16x16 block means to the training "
+                 "split's")  # version 8: the images as they are
+LAYOUT_METHOD_TILTED = ("Mahalanobis distance (Ledoit-Wolf) of the model input's 16x16 block means, each image as it "
+                        "is, mirrored and in 3 tilted copies (the orientation check's: turned by up to 20 degrees, "
+                        "cropped to 80%-100%), to the training split's")  # from version 9: orientation.upright_variants
+LAYOUT_COPIES = {LAYOUT_METHOD: 1, LAYOUT_METHOD_TILTED: 5}
 
 
 class GateError(ValueError):
@@ -31,8 +33,11 @@ class GateError(ValueError):
 
 
 def _number(value) -> bool:
-    """A finite real number as JSON gives one (not a string, not a boolean)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number as JSON gives one (not a string, not a boolean, not an integer past a float's range)."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # review: 10**400 crashed --verify
+        return False
 
 
 def _count(value) -> bool:
@@ -97,12 +102,16 @@ class GateSpec:
             spec = cls(**data)
         except TypeError as exc:
             raise GateError(f"metadata gate is malformed: {exc}") from None
-        problem = spec._problem()
+        try:  # a figure of a type no check above foresaw is malformed too, never a traceback (review)
+            problem = spec._problem()
+            turned = spec.orientation is None or (set(spec.orientation) == set(orient.FIGURES)
+                                                  and spec.orientation["limit"] == orient.LIMIT
+                                                  and orient.usable(spec.orientation))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise GateError(f"metadata gate is malformed: {type(exc).__name__}: {str(exc)[:200]}") from None
         if problem:
             raise GateError(f"metadata gate is malformed: {problem}")
-        if spec.orientation is not None and (set(spec.orientation) != set(orient.FIGURES)
-                                             or spec.orientation["limit"] != orient.LIMIT
-                                             or not orient.usable(spec.orientation)):
+        if not turned:
             raise GateError(f"metadata gate orientation is unusable: {spec.orientation!r:.200} (its limit must be "
                             f"{orient.LIMIT}, its held-out figures within the gate's targets)")
         if spec.statistic not in (STATISTIC, TRAINING_SPLIT) \
@@ -113,7 +122,8 @@ class GateSpec:
 
     def _problem(self) -> str:
         """What is wrong with the figures as recorded, "" when nothing."""
-        if not _derived(self.limit, self.percentile, self.margin, self.held_out_quantile) or not _count(self.rows):
+        if not _derived(self.limit, self.percentile, self.margin, self.held_out_quantile) or not _count(self.rows) \
+                or (self.statistic == TRAINING_SPLIT and not _count(self.held_out_rows)):
             return (f"limit {self.limit!r} must be the held-out quantile times margin {MARGIN} at percentile "
                     f"{PERCENTILE}, from >= {MIN_ROWS} rows")
         if not isinstance(self.file, str) or not isinstance(self.sha256, str):
@@ -123,12 +133,14 @@ class GateSpec:
         if self.layout is None:
             return ""
         lo = self.layout
-        if not isinstance(lo, dict) or set(lo) != set(LAYOUT_FIGURES) or lo["method"] not in LAYOUT_COPIES \
+        if not isinstance(lo, dict) or set(lo) != set(LAYOUT_FIGURES) or not isinstance(lo["method"], str) \
+                or lo["method"] not in LAYOUT_COPIES \
                 or not _derived(lo["limit"], lo["percentile"], lo["margin"], lo["held_out_quantile"]):
             return (f"layout must hold {', '.join(LAYOUT_FIGURES)} (a known method, the limit its held-out quantile "
                     f"times margin {MARGIN} at percentile {PERCENTILE})")
         copies = LAYOUT_COPIES[lo["method"]]
-        if lo["rows"] != self.rows * copies or lo["held_out_rows"] != self.held_out_rows * copies:
+        if not (_count(lo["rows"]) and _count(lo["held_out_rows"])) or lo["rows"] != self.rows * copies \
+                or lo["held_out_rows"] != self.held_out_rows * copies:
             return (f"layout rows {lo['rows']!r} and {lo['held_out_rows']!r} must be the gate's {self.rows} and "
                     f"{self.held_out_rows} times {copies}")
         return ""

@@ -94,10 +94,16 @@ def tilted(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _planes(arrays: np.ndarray) -> np.ndarray:
+    """(N, S, S[, 1]) -> (N, S, S)."""
+    a = np.asarray(arrays)
+    return a[..., 0] if a.ndim == 4 else a
+
+
 def upright_variants(arrays: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(N, S, S[, 1]) -> (N * (2 + TILTED), S, S) upright rows: the images, their mirror images and TILTED tilted
     copies, image 0..N-1, then the next variant. The layout check (xray_core/gate.py) counts the same rows."""
-    a = np.asarray(arrays)[..., 0] if np.asarray(arrays).ndim == 4 else np.asarray(arrays)
+    a = _planes(arrays)
     return np.concatenate([a, a[:, :, ::-1]] + [tilted(a, rng) for _ in range(TILTED)])
 
 
@@ -105,7 +111,7 @@ def _variants(arrays: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np
     """(upright rows, upside-down rows, whether each pair is a tilted copy): the upright rows are
     :func:`upright_variants`; each upside-down row is the image turned by 180 degrees or flipped top to bottom
     (alternately for the plain rows; seeded at random for the copies)."""
-    a = np.asarray(arrays)[..., 0] if np.asarray(arrays).ndim == 4 else np.asarray(arrays)
+    a = _planes(arrays)
     n, rng = len(a), np.random.default_rng(seed)
     up = upright_variants(a, rng)
     copies = up[2 * n:].reshape(TILTED, n, *a.shape[1:])

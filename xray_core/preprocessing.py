@@ -64,15 +64,19 @@ class PreprocessConfig:
     crop_bands: bool = False  # cut edge bands of constant grey before the resize (to_scan)
 
     def __post_init__(self):
-        if self.resize_filter not in _FILTERS:
+        for name in ("image_size", "min_side"):  # review: "32" failed every image with a TypeError, as an error row
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+        for name in ("jpeg_draft", "crop_bands"):  # review: "false" (a string) would have read as cropping
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.resize_filter, str) or self.resize_filter not in _FILTERS:
             raise ValueError(f"unknown resize_filter {self.resize_filter!r}")
         if self.color_mode != "L" or self.scaling != "divide_by_255":
             raise ValueError("only color_mode 'L' with scaling 'divide_by_255' is implemented")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
-        for name in ("jpeg_draft", "crop_bands"):  # review: "false" (a string) would have read as cropping
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,6 +125,7 @@ class Decoded:
     image: Image.Image
     colour_spread: float = 0.0
     header: DicomHeader | None = None
+    drafted_by: float = 1.0  # the original's pixels per decoded pixel (a JPEG decoded at a reduced scale: 2, 4, 8)
 
 
 def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
@@ -133,6 +138,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     if img.format == "PNG" and not png_ends(data):  # Pillow decodes the pixels it has and stops: a PNG still being
         raise ImageError(f"decode failed: {CUT_SHORT}")  # written was scored whole, then again (QA)
     _check_size(img, config)
+    full_side = min(img.size)
     jpeg = img.format in JPEG_FORMATS
     wide_colour = img.format == "PNG" and png_depth_and_colour(data) in WIDE_COLOUR
     draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
@@ -145,7 +151,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
         img.draft("YCbCr", (config.image_size, config.image_size) if draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
+        return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))),
+                       drafted_by=full_side / min(img.size))
     if draft:  # an RGB-stored JPEG stays RGB: its colour is checked
         img.draft("RGB" if stored_rgb else "L", (config.image_size, config.image_size))
     img.load()
@@ -154,7 +161,8 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     gray = to_grayscale_8bit(img)
     if wide_colour:
         gray = Image.fromarray(high_bytes_stretched(np.asarray(gray)), mode="L")
-    return Decoded(gray, content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
+    return Decoded(gray, content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0,
+                   drafted_by=full_side / min(gray.size))
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's words: a file ends in its pixels
@@ -247,9 +255,10 @@ def load_input(data: bytes, config: PreprocessConfig,
     except ImageError as exc:
         raise ImageError(str(exc), header) from None
     scan = to_scan(decoded.image, config)
-    # what the bands leave, at the decoded (JPEG draft) scale, said as the share they cover: only where they were cut
-    # (review: a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands)
-    if scan is not decoded.image and min(scan.size) < config.min_side:
+    # what the bands leave, in the original's pixels, said as the share they cover: only where they were cut (review:
+    # a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands, and one with a band as
+    # too little scan at its draft scale)
+    if scan is not decoded.image and min(scan.size) * decoded.drafted_by < config.min_side:
         share = 1 - min(scan.width / decoded.image.width, scan.height / decoded.image.height)
         return Loaded(None, f"{content.PADDED}bands of constant grey cover {share:.1%} of a side: too little scan "
                             "inside them to score", decoded.header)
