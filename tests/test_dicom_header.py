@@ -106,13 +106,16 @@ def test_allowed_modalities_widen_the_gate_but_keep_the_other_rules():
 
 
 @pytest.mark.parametrize("value", ["CHEST", "CHEST ", " chest", "THORAX", "TORAX", "Thorax", "LUNG", "CHEST_PA",
-                                   "PA CHEST", "CHEST-LAT", "THORAX AP", "TORACE", "PECHO", "POITRINE"])
+                                   "PA CHEST", "CHEST-LAT", "THORAX AP", "TORACE", "PECHO", "POITRINE",
+                                   # QA: what real portable and paediatric chest films send
+                                   "PORT CHEST", "CXR", "CHEST 1V", "CHEST (PA)", "PEDIATRIC CHEST", "CHEST.PA"])
 def test_chest_body_parts(value):
     assert is_chest(value)
 
 
 @pytest.mark.parametrize("value", ["CHESTABDOMEN", "CHEST ABDOMEN", "ABDOMEN", "BREAST", "BRUST", "RIBS",
-                                   "SHOULDER", "SKULL", "HAND", "PA", "CSPINE", "TSPINE", "NECKCHEST", "X"])
+                                   "SHOULDER", "SKULL", "HAND", "PA", "CSPINE", "TSPINE", "NECKCHEST", "X",
+                                   "PORT", "PEDIATRIC ABDOMEN", "CHEST (ABDOMEN)", "XR", "CXR HAND"])
 def test_other_body_parts(value):
     assert not is_chest(value)
 

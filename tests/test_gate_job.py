@@ -187,3 +187,40 @@ def test_a_refusal_by_modality_holds_only_under_the_modalities_it_was_decided_un
     assert (night("b", "--modalities", "CR")["slice.dcm"]["status"], night("c", "--modalities", "CR")["slice.dcm"][
         "status"]) == ("out_of_scope", "skipped")
     assert night("d", "--modalities", "CR")["slice.dcm"]["error"] == "Modality CT not allowed (allowed: CR)"
+
+
+def test_a_refusal_by_body_part_holds_only_while_the_rule_refuses_that_value(gated, tmp_path):
+    """QA, 2026-12-03: portable and paediatric chest films sent BodyPartExamined PORT CHEST, CXR, CHEST (PA) ... and
+    were refused as "not a chest". The rule takes them now; a ledger that recorded such a refusal on an earlier
+    night must not skip the film for ever: it is judged again, while a refusal the rule still gives (HAND) holds."""
+    import sqlite3
+
+    from xray_core.dicom_header import still_refused
+
+    assert still_refused("BodyPartExamined HAND is not a chest") and still_refused("near-constant image")
+    assert not still_refused("BodyPartExamined PORT CHEST is not a chest")
+    _, package = gated
+    rng = np.random.default_rng(2)
+    os.makedirs(tmp_path / "in")
+    for name, part in (("port.dcm", "PORT CHEST"), ("hand.dcm", "HAND")):
+        with open(tmp_path / "in" / name, "wb") as f:
+            f.write(dicom_bytes((_like_the_reference(rng, 0.5) * 4000).astype(np.uint16), bits_stored=12,
+                                BodyPartExamined=part))
+    ledger = str(tmp_path / "ledger.sqlite")
+    args = ["--input", str(tmp_path / "in"), "--model", package, "--ledger", ledger, "--direct_running_mode=in_memory"]
+
+    def night(name):
+        assert main(args + ["--output", str(tmp_path / name)]) == 0
+        return {os.path.basename(p): r for p, r in read_predictions(str(tmp_path / name)).items()}
+
+    first = night("night1")
+    assert first["port.dcm"]["status"] == "ok" and first["hand.dcm"]["error"] == "BodyPartExamined HAND is not a chest"
+    with sqlite3.connect(ledger) as conn:  # as an earlier version of the rule recorded PORT CHEST
+        moved = conn.execute("INSERT INTO out_of_scope SELECT sha256, model, 'BodyPartExamined PORT CHEST is not a "
+                             "chest', scored_utc, path, run_id FROM scored").rowcount
+        conn.execute("DELETE FROM scored")
+    assert moved == 1
+    again = night("night2")
+    assert again["port.dcm"]["status"] != "skipped"  # judged again under today's rule
+    assert (again["hand.dcm"]["status"], again["hand.dcm"]["error"]) == ("skipped",
+                                                                         "BodyPartExamined HAND is not a chest")

@@ -37,12 +37,15 @@ logging.getLogger("pydicom").addFilter(lambda record: not VR_MISMATCH.match(reco
 
 # BodyPartExamined is a Code String: upper case, at most 16 characters; DICOM's defined term for the chest is CHEST
 # (PS3.16 Annex L). Devices also send THORAX, the word in their own language, or add the view. A value is a chest
-# when, split at spaces, underscores, hyphens, slashes and backslashes (DICOM's value separator), at least one word
-# is a chest word and every other word a view word: "CHEST", "THORAX", "CHEST_PA", "PA CHEST" pass; "CHESTABDOMEN"
-# and "CHEST ABDOMEN" (a larger field, e.g. a neonatal babygram), "RIBS", "BREAST" and "SHOULDER" do not. German
-# "BRUST" is left out on purpose: it means chest and breast alike.
+# when, split at spaces, underscores, hyphens, slashes, backslashes (DICOM's value separator), brackets, dots and
+# commas, at least one word is a chest word and every other word a view word or a qualifier of how the film was taken:
+# "CHEST", "THORAX", "CHEST_PA", "PA CHEST", "CHEST (PA)", "PORT CHEST", "CHEST 1V", "PEDIATRIC CHEST", "CXR" pass;
+# "CHESTABDOMEN" and "CHEST ABDOMEN" (a larger field, e.g. a neonatal babygram), "RIBS", "BREAST" and "SHOULDER" do
+# not. German "BRUST" is left out on purpose: it means chest and breast alike. (QA, 2026-12-03: real portable and
+# paediatric chest films sent PORT CHEST, CXR, CHEST 1V, CHEST (PA) and PEDIATRIC CHEST, and were refused.)
 CHEST_WORDS = frozenset({
     "CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS",
+    "CXR",  # chest X-ray, as sites abbreviate it
     "TORAX",  # Spanish, Portuguese
     "PECHO",  # Spanish
     "TORACE",  # Italian
@@ -51,7 +54,10 @@ CHEST_WORDS = frozenset({
     "BRUSTKORB",  # German, the rib cage (Thorax is THORAX)
 })
 VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT",
-                        "SUPINE", "1", "2", "VIEW", "VIEWS"})
+                        "SUPINE", "1", "2", "VIEW", "VIEWS",
+                        # how or for whom the film was taken, not what of the body
+                        "PORT", "MOBILE", "BEDSIDE", "1V", "2V", "1VIEW", "2VIEW", "PEDIATRIC", "PAEDIATRIC", "PED",
+                        "PEDS", "ROUTINE", "XR", "CR", "DX"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 # pydicom.uid's DigitalXRay-, DigitalMammographyXRay- and DigitalIntraOralXRayImageStorageForProcessing, spelled out
 # so that importing this module (the preprocessing module does, for every JPEG too) does not import pydicom
@@ -266,9 +272,21 @@ def modalities_named(reason: str) -> frozenset[str] | None:
     return frozenset(m.strip() for m in found.group(1).split(",")) if found else None
 
 
+_BODY_PART = re.compile(r"\ABodyPartExamined (.*) is not a chest\Z", re.DOTALL)
+
+
+def still_refused(reason: str) -> bool:
+    """Whether an earlier night's refusal by the BodyPartExamined rule still holds under today's rule (the ledger):
+    the rule learnt values it refused before (PORT CHEST, CXR: 2026-12-03), and such a film must be read again, not
+    skipped. Any other reason holds."""
+    found = _BODY_PART.match(reason)
+    return found is None or not is_chest(found.group(1))
+
+
 def words(value: str) -> list[str]:
-    """A Code String's words, upper case: split at spaces, underscores, hyphens, slashes and backslashes."""
-    return [w for w in re.split(r"[\s_\-/\\]+", value.upper()) if w]
+    """A Code String's words, upper case: split at spaces, underscores, hyphens, slashes, backslashes, brackets, dots
+    and commas."""
+    return [w for w in re.split(r"[\s_\-/\\().,]+", value.upper()) if w]
 
 
 def is_chest(body_part: str) -> bool:
