@@ -29,7 +29,7 @@ from xray_core.reference import SPLITS_FILE, read_splits
 
 HOSTILE = "/tmp/pneumonia-hostile"
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray")
-NON_XRAYS = ("photos", "synthetic", "dicom")
+NON_XRAYS = ("photos", "faces", "synthetic", "dicom")
 
 
 def internal_test_split(version_dir: str, folder: str) -> str:

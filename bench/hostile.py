@@ -5,6 +5,8 @@ sample; written outside the repo):
 
 OUT/photos/      scikit-image's bundled pictures (`pip install scikit-image`; skipped without it), scikit-learn's
                  two sample photographs and matplotlib's: each as it is and as grayscale PNG
+OUT/faces/       scikit-image's 200 small gray faces (`lfw_subset`, 25 px) upscaled to 256 px: ID photographs a PACS
+                 may hold, and the non-X-rays a layout check passes most often (QA, 2026-12-03); skipped without it
 OUT/synthetic/   constant black, white and mid-grey, uniform noise, a smooth gradient, a checkerboard (512 px)
 OUT/dicom/       every file of pydicom's bundled test data with pixel data (CT, MR, US, SC, ... in many encodings)
 OUT/inverted/    --xrays training X-rays (seeded choice), grey levels inverted
@@ -52,6 +54,16 @@ def pictures() -> dict[str, np.ndarray]:
     return {k: (v.astype(np.uint8) * 255 if v.dtype == bool else v.astype(np.uint8)) for k, v in found.items()}
 
 
+def faces(size: int = 256) -> dict[str, np.ndarray]:
+    """name -> uint8 gray face photograph, upscaled (bicubic) from scikit-image's lfw_subset; {} without it."""
+    try:
+        import skimage.data
+    except ImportError:
+        return {}
+    return {f"lfw_{i:03d}": np.asarray(Image.fromarray(np.round(face * 255).astype(np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC)) for i, face in enumerate(skimage.data.lfw_subset())}
+
+
 def synthetic(size: int = 512) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     ramp = np.tile(np.linspace(0, 255, size), (size, 1))
@@ -70,8 +82,10 @@ def xrays(n: int, seed: int = 0) -> list[str]:
 def build(out: str, n_xrays: int) -> dict[str, int]:
     if os.path.isdir(out):
         shutil.rmtree(out)
-    for sub in ("photos", "synthetic", "dicom", "inverted", "rotated"):
+    for sub in ("photos", "faces", "synthetic", "dicom", "inverted", "rotated"):
         os.makedirs(os.path.join(out, sub))
+    for name, arr in faces().items():
+        Image.fromarray(arr, mode="L").save(os.path.join(out, "faces", f"{name}.png"))
     for name, arr in pictures().items():
         img = Image.fromarray(arr)
         img.save(os.path.join(out, "photos", f"{name}.png"))
