@@ -57,6 +57,32 @@ def test_a_frame_shrinks_the_image_inside_a_black_border_of_at_most_the_limit():
     assert AugmentConfig().frame_prob == 0.0  # off unless asked for
 
 
+def test_artefacts_are_a_band_at_one_edge_and_a_bright_square_on_about_the_share_asked_for():
+    """--artefact-prob: a collimator's band (2-15% of the side, at one edge, bright or dark) and a lead marker (a
+    bright square of 4-8% of the side), each on about `prob` of the images; the rest of the image untouched."""
+    from train.augment import random_artefacts
+
+    x = tf.fill((400, 50, 50, 1), 0.5)
+    out = random_artefacts(x, 0.3, seed=5).numpy()[..., 0]
+    changed = out != 0.5
+    assert 0.35 <= changed.any(axis=(1, 2)).mean() <= 0.65  # 1 - 0.7 * 0.7 = 0.51 of the images have one or both
+    bands = 0
+    for img, diff in zip(out, changed):
+        rows, cols = diff.all(axis=1), diff.all(axis=0)  # a band covers whole rows (top/bottom) or columns
+        for line, axis_img in ((rows, img), (cols, img.T)):
+            if line.any():
+                bands += 1
+                k = int(line.sum())
+                assert 1 <= k <= 0.15 * 50 + 1 and (line[:k].all() or line[-k:].all())  # at an edge, at most 15%
+                edge = axis_img[0] if line[0] else axis_img[-1]
+                level = np.median(edge)  # constant but where a marker lies over it; bright or dark
+                assert (edge == level).mean() >= 0.8 and (level >= 0.85 or level <= 0.1)
+    assert 80 <= bands <= 160  # about 0.3 of 400
+    untouched = random_artefacts(x, 0.0, seed=5).numpy()
+    np.testing.assert_array_equal(untouched, x.numpy())
+    assert AugmentConfig().artefact_prob == 0.0  # off unless asked for
+
+
 def test_photometric_stays_in_range_and_varies_per_image():
     x = tf.tile(_batch(1), [16, 1, 1, 1])  # the same image 16 times
     out = photometric(x, AugmentConfig(), seed=3).numpy()
@@ -234,3 +260,11 @@ def test_crop_bands_is_a_preprocessing_setting_of_the_run(tmp_path, capsys):
     with open(tmp_path / "crop" / "resnet_aug" / "metrics.json") as f:
         assert json.load(f)["preprocessing"]["crop_bands"] is True
     assert "skipped 0" in capsys.readouterr().out
+
+
+def test_artefacts_or_gamma_outside_their_bounds_are_refused(tmp_path, capsys):
+    make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
+    for bad in (["--artefact-prob", "1.5"], ["--gamma-range", "2.0", "0.5"], ["--gamma-range", "0", "1"]):
+        assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", *bad)),
+                              "--artefact-prob must be in [0, 1] and --gamma-range two positive numbers, low first")
+    assert os.listdir(tmp_path) == ["data"]

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--frame-max of the side (scans exported inside a border) (default: %(default)s)")
     p.add_argument("--frame-max", type=float, default=0.1,
                    help="resnet_aug: the largest border of --frame-prob, per side (default: %(default)s)")
+    p.add_argument("--artefact-prob", type=float, default=0.0,
+                   help="resnet_aug: share of training images given a constant band at one edge (2-15%% of the side, "
+                        "bright or dark: a collimator's shadow), and, independently, of images given a bright "
+                        "square (a lead marker) (default: %(default)s)")
+    p.add_argument("--gamma-range", type=float, nargs=2, default=(0.7, 1.4), metavar=("LO", "HI"),
+                   help="resnet_aug: the range of the per-image gamma jitter (default: 0.7 1.4)")
     p.add_argument("--crop-bands", action="store_true",
                    help="cut each image's edge bands of constant grey (a border, a pillarbox, a scanner's black edge) "
                         "before the resize, here and wherever the model is used (preprocessing `crop_bands`)")

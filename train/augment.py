@@ -1,8 +1,8 @@
 """Training-time augmentation in the tf.data input pipeline (never in the saved graph).
 
 The shift-robust recipe: a random resized crop (area 0.5-1, aspect 3/4-4/3) and per-image
-gamma, contrast and brightness jitter; optionally a random black frame (a scan exported inside a border) and
-mixup. Batched tensors (B, S, S, 1) in [0, 1].
+gamma, contrast and brightness jitter; optionally a random black frame (a scan exported inside a border), the marks
+real films carry (a collimator's band at one edge, a lead marker) and mixup. Batched tensors (B, S, S, 1) in [0, 1].
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class AugmentConfig:
     mixup_alpha: float = 0.0  # 0: no mixup
     frame_prob: float = 0.0  # share of images put inside a black frame (0: none)
     frame_max: float = 0.1  # each side's border: U(0, frame_max) of the side
+    artefact_prob: float = 0.0  # share of images given an edge band, and (independently) a marker (0: none)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +58,38 @@ def random_frame(x: tf.Tensor, prob: float, max_border: float, seed: int) -> tf.
     return tf.image.crop_and_resize(x, boxes, tf.range(n), tf.shape(x)[1:3], extrapolation_value=0.0)
 
 
+BAND = (0.02, 0.15)  # an edge band's share of the side: a collimator's shadow, a scanner's edge
+MARKER = (0.04, 0.08)  # a lead marker's side, as a share of the image's
+BRIGHT, DARK = (0.85, 1.0), (0.0, 0.1)
+
+
+def _per_image(n, bounds, seed: int) -> tf.Tensor:
+    """(n, 1, 1, 1) uniform draws in bounds, one per image."""
+    return tf.reshape(_uniform([n], bounds, seed), (-1, 1, 1, 1))
+
+
+def random_artefacts(x: tf.Tensor, prob: float, seed: int) -> tf.Tensor:
+    """Each image with probability `prob`: a constant band at one edge (top, bottom, left or right; BAND of the side;
+    bright or dark, half each), and independently with probability `prob` a bright square (a lead marker; MARKER of
+    the side) anywhere. Drawn on the cropped image, before the photometric jitter."""
+    n, size = tf.shape(x)[0], tf.shape(x)[1]
+    grid = (tf.cast(tf.range(size), tf.float32) + 0.5) / tf.cast(size, tf.float32)
+    yy, xx = tf.reshape(grid, (1, -1, 1, 1)), tf.reshape(grid, (1, 1, -1, 1))
+    banded = _per_image(n, (0.0, 1.0), seed) < prob
+    width = _per_image(n, BAND, seed + 1)
+    edge = tf.reshape(tf.random.uniform([n], 0, 4, tf.int32, seed=seed + 2), (-1, 1, 1, 1))
+    band = tf.where(edge == 0, yy < width, tf.where(edge == 1, yy > 1 - width,
+                                                   tf.where(edge == 2, xx < width, xx > 1 - width)))
+    value = tf.where(_per_image(n, (0.0, 1.0), seed + 3) < 0.5, _per_image(n, BRIGHT, seed + 4),
+                     _per_image(n, DARK, seed + 5))
+    x = tf.where(banded & band, value, x)
+    marked, side = _per_image(n, (0.0, 1.0), seed + 6) < prob, _per_image(n, MARKER, seed + 7)
+    y0 = _per_image(n, (0.0, 1.0), seed + 8) * (1 - side)
+    x0 = _per_image(n, (0.0, 1.0), seed + 9) * (1 - side)
+    marker = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
+    return tf.where(marked & marker, _per_image(n, BRIGHT, seed + 10), x)
+
+
 def photometric(x: tf.Tensor, cfg: AugmentConfig, seed: int) -> tf.Tensor:
     """Gamma, then contrast around each image's mean, then brightness; clipped to [0, 1]."""
     n = tf.shape(x)[0]
@@ -85,6 +118,8 @@ def augment_batch(x: tf.Tensor, y: tf.Tensor, cfg: AugmentConfig, seed: int):
     x = random_resized_crop(x, cfg.crop_area, cfg.crop_aspect, seed)
     if cfg.frame_prob > 0:
         x = random_frame(x, cfg.frame_prob, cfg.frame_max, seed + 30)
+    if cfg.artefact_prob > 0:
+        x = random_artefacts(x, cfg.artefact_prob, seed + 40)
     x = photometric(x, cfg, seed + 10)
     if cfg.mixup_alpha > 0:
         x, y = mixup(x, y, cfg.mixup_alpha, seed + 20)

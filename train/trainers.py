@@ -23,7 +23,7 @@ def recipe_augment(args) -> AugmentConfig | None:
     if args.augment == "none":
         return None
     return AugmentConfig(crop_area=(args.crop_min_area, 1.0), mixup_alpha=args.mixup, frame_prob=args.frame_prob,
-                         frame_max=args.frame_max)
+                         frame_max=args.frame_max, artefact_prob=args.artefact_prob, gamma=tuple(args.gamma_range))
 
 
 def _common(name, args, seed):
