@@ -8,7 +8,8 @@ import pathlib
 import sqlite3
 from dataclasses import dataclass
 
-from xray_core.dicom_header import DEFAULT_MODALITIES, modalities_named, normalised, still_refused
+from xray_core.body_part import still_refused
+from xray_core.dicom_header import DEFAULT_MODALITIES, modalities_named, normalised
 
 
 def read_only(path: str) -> sqlite3.Connection:

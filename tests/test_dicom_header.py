@@ -10,8 +10,9 @@ import pytest
 from pydicom import uid
 
 from dicom_factory import LOSSLESS, LOSSY, bundled_files, dicom_bytes, xray_like
+from xray_core.body_part import CHEST_WORDS, is_chest
 from xray_core.dicom import read_dicom
-from xray_core.dicom_header import CHEST_WORDS, DicomHeader, header_problem, is_chest, read_dicom_header
+from xray_core.dicom_header import DicomHeader, header_problem, read_dicom_header
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def test_a_refusal_by_body_part_holds_only_while_the_rule_refuses_that_value(gat
     night must not skip the film for ever: it is judged again, while a refusal the rule still gives (HAND) holds."""
     import sqlite3
 
-    from xray_core.dicom_header import still_refused
+    from xray_core.body_part import still_refused
 
     assert still_refused("BodyPartExamined HAND is not a chest") and still_refused("near-constant image")
     assert not still_refused("BodyPartExamined PORT CHEST is not a chest")

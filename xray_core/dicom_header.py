@@ -11,7 +11,7 @@ UIDs, study date, view position). Every field is a string, empty when the elemen
 - "FOR PROCESSING" images are refused: raw detector data, before the vendor's processing that makes the image a
   reader (and the training data) sees. Told by PresentationIntentType or, where that is missing, by a For
   Processing SOP class.
-- BodyPartExamined, where present and not empty, must name the chest: see :data:`CHEST_WORDS`.
+- BodyPartExamined, where present and not empty, must name the chest: see xray_core/body_part.py.
 - A lateral view is refused, the model reading frontal (PA or AP) radiographs: ViewPosition LL, RL, LLD, RLD (PS3.3
   C.8.11.5's terms) or LAT / LATERAL, or one of those words in BodyPartExamined ("CHEST LAT").
 """
@@ -25,6 +25,7 @@ import re
 import warnings
 import zlib
 
+from xray_core.body_part import LATERAL_VIEWS, is_chest, words
 from xray_core.errors import one_line
 
 # pydicom logs and warns, for each file, that its data set is in the other VR encoding than its transfer syntax says
@@ -35,30 +36,6 @@ VR_MISMATCH = re.compile(r"Expected (explicit|implicit) VR, but found (explicit|
 warnings.filterwarnings("ignore", message=VR_MISMATCH.pattern, category=UserWarning)
 logging.getLogger("pydicom").addFilter(lambda record: not VR_MISMATCH.match(record.getMessage()))
 
-# BodyPartExamined is a Code String: upper case, at most 16 characters; DICOM's defined term for the chest is CHEST
-# (PS3.16 Annex L). Devices also send THORAX, the word in their own language, or add the view. A value is a chest
-# when, split at spaces, underscores, hyphens, slashes, backslashes (DICOM's value separator), brackets, dots and
-# commas, at least one word is a chest word and every other word a view word or a qualifier of how the film was taken:
-# "CHEST", "THORAX", "CHEST_PA", "PA CHEST", "CHEST (PA)", "PORT CHEST", "CHEST 1V", "PEDIATRIC CHEST", "CXR" pass;
-# "CHESTABDOMEN" and "CHEST ABDOMEN" (a larger field, e.g. a neonatal babygram), "RIBS", "BREAST" and "SHOULDER" do
-# not. German "BRUST" is left out on purpose: it means chest and breast alike. (QA, 2026-12-03: real portable and
-# paediatric chest films sent PORT CHEST, CXR, CHEST 1V, CHEST (PA) and PEDIATRIC CHEST, and were refused.)
-CHEST_WORDS = frozenset({
-    "CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS",
-    "CXR",  # chest X-ray, as sites abbreviate it
-    "TORAX",  # Spanish, Portuguese
-    "PECHO",  # Spanish
-    "TORACE",  # Italian
-    "POITRINE",  # French (Thorax is THORAX)
-    "BORST", "BORSTKAS",  # Dutch
-    "BRUSTKORB",  # German, the rib cage (Thorax is THORAX)
-})
-VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT",
-                        "SUPINE", "1", "2", "VIEW", "VIEWS",
-                        # how or for whom the film was taken, not what of the body
-                        "PORT", "MOBILE", "BEDSIDE", "1V", "2V", "1VIEW", "2VIEW", "PEDIATRIC", "PAEDIATRIC", "PED",
-                        "PEDS", "ROUTINE", "XR", "CR", "DX"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
 # pydicom.uid's DigitalXRay-, DigitalMammographyXRay- and DigitalIntraOralXRayImageStorageForProcessing, spelled out
 # so that importing this module (the preprocessing module does, for every JPEG too) does not import pydicom
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR's SOP class (PS3.10)
@@ -270,29 +247,6 @@ def modalities_named(reason: str) -> frozenset[str] | None:
     on them: whether an earlier night's refusal still holds under tonight's --modalities (the ledger)."""
     found = _ALLOWED.search(reason)
     return frozenset(m.strip() for m in found.group(1).split(",")) if found else None
-
-
-_BODY_PART = re.compile(r"\ABodyPartExamined (.*) is not a chest\Z", re.DOTALL)
-
-
-def still_refused(reason: str) -> bool:
-    """Whether an earlier night's refusal by the BodyPartExamined rule still holds under today's rule (the ledger):
-    the rule learnt values it refused before (PORT CHEST, CXR: 2026-12-03), and such a film must be read again, not
-    skipped. Any other reason holds."""
-    found = _BODY_PART.match(reason)
-    return found is None or not is_chest(found.group(1))
-
-
-def words(value: str) -> list[str]:
-    """A Code String's words, upper case: split at spaces, underscores, hyphens, slashes, backslashes, brackets, dots
-    and commas."""
-    return [w for w in re.split(r"[\s_\-/\\().,]+", value.upper()) if w]
-
-
-def is_chest(body_part: str) -> bool:
-    """Whether a BodyPartExamined value names the chest (see CHEST_WORDS)."""
-    found = words(body_part)
-    return any(w in CHEST_WORDS for w in found) and all(w in CHEST_WORDS or w in VIEW_WORDS for w in found)
 
 
 def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str | None:
