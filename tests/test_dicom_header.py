@@ -90,6 +90,8 @@ def test_a_file_cut_short_before_its_modality_is_corrupt_not_out_of_scope():
     ({"modality": "DX", "view_position": "LATERAL"}, "lateral view (ViewPosition LATERAL)"),
     ({"modality": "DX", "body_part_examined": "CHEST LAT"}, "lateral view (BodyPartExamined CHEST LAT)"),
     ({"modality": "DX", "body_part_examined": "CHEST_RL", "view_position": "PA"}, "lateral view (BodyPartExamined"),
+    # review: a decubitus view named in BodyPartExamined was refused as "not a chest"
+    ({"modality": "DX", "body_part_examined": "CHEST LLD"}, "lateral view (BodyPartExamined CHEST LLD)"),
 ])
 def test_header_problem(fields, problem):
     found = header_problem(DicomHeader(**fields))

@@ -86,6 +86,14 @@ def test_figures_the_derivation_cannot_give_are_refused_as_read(edit):
         gate.GateSpec.from_dict(edited)
 
 
+@pytest.mark.parametrize("edit", [{"folds": []}, {"seed": "0"}, {"folds": True}, {"source": 3}])
+def test_the_other_figures_must_be_of_their_type(edit):
+    """Review: "folds": [] passed --verify, then the job crashed on the spec as a cache key (unhashable)."""
+    spec = gate.derive(_gaussian(100)).to_dict()
+    with pytest.raises(gate.GateError, match="must be (whole numbers|strings)"):
+        gate.GateSpec.from_dict({**spec, **edit})
+
+
 @pytest.fixture()
 def package(tmp_path):
     rng = np.random.default_rng(0)

@@ -471,3 +471,21 @@ def test_the_scan_left_inside_cut_bands_is_measured_in_the_originals_pixels():
     Image.fromarray(thin).save(buf, format="PNG")
     assert "too little scan inside them" in load_input(buf.getvalue(), PreprocessConfig(image_size=16,
                                                                                        crop_bands=True)).reason
+
+
+def test_a_small_scan_inside_wide_bands_is_decoded_at_full_scale_before_the_model_sees_it():
+    """Review: the reduced JPEG decode is chosen for the whole image; a 240 px scan inside a 2048 px black frame came
+    out 30 px and was stretched to the 64 px model input. Where the cut scan is smaller than the model input, the
+    file is decoded again at full scale: the input is the one a full decode gives."""
+    from xray_core.preprocessing import load_input
+
+    rng = np.random.default_rng(5)
+    canvas = np.zeros((2048, 2048), np.uint8)
+    ramp = np.linspace(40, 220, 240)[None, :] + np.linspace(0, 30, 240)[:, None]
+    canvas[904:1144, 904:1144] = np.clip(ramp + rng.normal(0, 6, (240, 240)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="JPEG", quality=95)
+    cfg = PreprocessConfig(image_size=64, crop_bands=True)
+    full = preprocess_image(buf.getvalue(), PreprocessConfig(image_size=64, crop_bands=True, jpeg_draft=False))
+    for got in (preprocess_image(buf.getvalue(), cfg), load_input(buf.getvalue(), cfg).array):
+        assert np.abs(got - full).max() < 0.02  # the drafted thumbnail differed by up to 0.64

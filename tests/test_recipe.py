@@ -264,7 +264,8 @@ def test_crop_bands_is_a_preprocessing_setting_of_the_run(tmp_path, capsys):
 
 def test_artefacts_or_gamma_outside_their_bounds_are_refused(tmp_path, capsys):
     make_tree(str(tmp_path / "data"), per_class=4, size=48, seed=1)
-    for bad in (["--artefact-prob", "1.5"], ["--gamma-range", "2.0", "0.5"], ["--gamma-range", "0", "1"]):
+    for bad in (["--artefact-prob", "1.5"], ["--gamma-range", "2.0", "0.5"], ["--gamma-range", "0", "1"],
+                ["--gamma-range", "1", "inf"], ["--gamma-range", "nan", "1"]):  # review: inf made blank images
         assert_one_line_error(capsys, train_main(_args(tmp_path / "data", tmp_path / "run", *bad)),
-                              "--artefact-prob must be in [0, 1] and --gamma-range two positive numbers, low first")
+                              "--artefact-prob must be in [0, 1] and --gamma-range two numbers in (0, 5], low first")
     assert os.listdir(tmp_path) == ["data"]

@@ -45,8 +45,8 @@ def validate(args) -> tuple[list[str], tuple[float, float, float]]:
         raise UsageError("--ensemble must be >= 1, --mixup >= 0, --crop-min-area in (0, 1]")
     if not (0 <= args.frame_prob <= 1 and 0 <= args.frame_max <= 0.5):
         raise UsageError("--frame-prob must be in [0, 1] and --frame-max in [0, 0.5]")
-    if not (0 <= args.artefact_prob <= 1 and 0 < args.gamma_range[0] <= args.gamma_range[1]):
-        raise UsageError("--artefact-prob must be in [0, 1] and --gamma-range two positive numbers, low first")
+    if not (0 <= args.artefact_prob <= 1 and 0 < args.gamma_range[0] <= args.gamma_range[1] <= 5):
+        raise UsageError("--artefact-prob must be in [0, 1] and --gamma-range two numbers in (0, 5], low first")
     if getattr(args, "teacher", None):
         if models != ["resnet_aug"]:
             raise UsageError("--teacher distils into resnet_aug only: pass --models resnet_aug")

@@ -21,8 +21,8 @@ CHEST_WORDS = frozenset({
     "BORST", "BORSTKAS",  # Dutch
     "BRUSTKORB",  # German, the rib cage (Thorax is THORAX)
 })
-VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT",
-                        "SUPINE", "1", "2", "VIEW", "VIEWS",
+VIEW_WORDS = frozenset({"PA", "AP", "LAT", "LATERAL", "LL", "RL", "LLD", "RLD", "FRONTAL", "PORTABLE", "ERECT",
+                        "UPRIGHT", "SUPINE", "1", "2", "VIEW", "VIEWS",
                         # how or for whom the film was taken, not what of the body
                         "PORT", "MOBILE", "BEDSIDE", "1V", "2V", "1VIEW", "2VIEW", "PEDIATRIC", "PAEDIATRIC", "PED",
                         "PEDS", "ROUTINE", "XR", "CR", "DX"})

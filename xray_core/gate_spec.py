@@ -126,8 +126,10 @@ class GateSpec:
                 or (self.statistic == TRAINING_SPLIT and not _count(self.held_out_rows)):
             return (f"limit {self.limit!r} must be the held-out quantile times margin {MARGIN} at percentile "
                     f"{PERCENTILE}, from >= {MIN_ROWS} rows")
-        if not isinstance(self.file, str) or not isinstance(self.sha256, str):
-            return "file and sha256 must be strings"
+        if not all(isinstance(x, str) for x in (self.file, self.sha256, self.source)):
+            return "file, sha256 and source must be strings"
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (self.folds, self.seed)):
+            return f"folds {self.folds!r} and seed {self.seed!r} must be whole numbers"
         if self.orientation is not None and not isinstance(self.orientation, dict):
             return "orientation must be an object"
         if self.layout is None:

@@ -208,6 +208,18 @@ def to_scan(img: Image.Image, config: PreprocessConfig) -> Image.Image:
     return img if box == (0, 0, *img.size) else img.crop(box)
 
 
+def decoded_scan(data: bytes, config: PreprocessConfig) -> tuple[Decoded, Image.Image]:
+    """The decoded file and :func:`to_scan` of it. Where bands were cut from a JPEG decoded at a reduced scale and the
+    scan inside them came out smaller than the model input, it is decoded again at full scale: the scale was chosen
+    for the whole image (review: a 240 px scan inside a 2048 px black frame reached the model as 30 px, stretched)."""
+    decoded = decode(data, config)
+    scan = to_scan(decoded.image, config)
+    if scan is not decoded.image and decoded.drafted_by > 1 and min(scan.size) < config.image_size:
+        decoded = decode(data, dataclasses.replace(config, jpeg_draft=False))
+        scan = to_scan(decoded.image, config)
+    return decoded, scan
+
+
 def to_model_input(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Grayscale Pillow image -> (S, S, 1) float32 in [0, 1]."""
     size = (config.image_size, config.image_size)
@@ -223,7 +235,7 @@ def preprocess_image(source: Union[bytes, str, os.PathLike],
 
     Raises ImageError (one-line message) for anything that is not a usable image.
     """
-    return to_model_input(to_scan(decode_image(source, config), config), config)
+    return to_model_input(decoded_scan(_read_or_refuse(source), config)[1], config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +263,9 @@ def load_input(data: bytes, config: PreprocessConfig,
         if reason:
             return Loaded(None, reason, header)
     try:
-        decoded = decode(data, config)
+        decoded, scan = decoded_scan(data, config)
     except ImageError as exc:
         raise ImageError(str(exc), header) from None
-    scan = to_scan(decoded.image, config)
     # what the bands leave, in the original's pixels, said as the share they cover: only where they were cut (review:
     # a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands, and one with a band as
     # too little scan at its draft scale)
