@@ -168,8 +168,8 @@ def test_with_crop_bands_a_padded_scan_is_scored_as_the_scan_inside():
             assert np.abs(loaded.array - plain).mean() < 0.02  # the scan inside, give or take JPEG's ringing
             assert np.array_equal(read_model_input(data, config), loaded.array)
             assert np.array_equal(preprocess_image(data, config), loaded.array)  # the occlusion maps' input
-    sliver = _padded(_xray_like(size=300)[:, :20], 140, 140)
-    assert load_input(_jpeg(sliver), config).reason == ("padded: bands of constant grey cover 92.1% of a side: too "
+    sliver = _padded(_xray_like(size=300)[:, :20], 140, 140)  # 20 px of scan: 93.3% bands, measured at full scale
+    assert load_input(_jpeg(sliver), config).reason == ("padded: bands of constant grey cover 93.0% of a side: too "
                                                         "little scan inside them to score")
 
 
