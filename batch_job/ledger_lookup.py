@@ -8,8 +8,7 @@ import pathlib
 import sqlite3
 from dataclasses import dataclass
 
-from xray_core.body_part import still_refused
-from xray_core.dicom_header import DEFAULT_MODALITIES, modalities_named, normalised
+from xray_core.dicom_header import DEFAULT_MODALITIES, refusal_holds
 
 
 def read_only(path: str) -> sqlite3.Connection:
@@ -52,10 +51,7 @@ def _earlier(conn, sha256: str, model: str, modalities: tuple[str, ...]) -> Earl
                        (sha256, model)).fetchone()
     if not row:
         return None
-    named = modalities_named(row[0])  # a refusal by Modality holds only under the modalities it was decided under,
-    # one by BodyPartExamined only while the rule still refuses that value
-    return Earlier(sha256, None, row[0], row[1], row[2]) \
-        if (named is None or named == frozenset(normalised(modalities))) and still_refused(row[0]) else None
+    return Earlier(sha256, None, row[0], row[1], row[2]) if refusal_holds(row[0], modalities) else None
 
 
 def lookup_unchanged(path: str, file_path: str, found: tuple[int, int, int], model: str,

@@ -25,7 +25,7 @@ import re
 import warnings
 import zlib
 
-from xray_core.body_part import LATERAL_VIEWS, is_chest, words
+from xray_core.body_part import LATERAL_VIEWS, is_chest, still_refused, words
 from xray_core.errors import one_line
 
 # pydicom logs and warns, for each file, that its data set is in the other VR encoding than its transfer syntax says
@@ -244,9 +244,17 @@ _ALLOWED = re.compile(r" \(allowed: ([^()]*)\)\Z")
 
 def modalities_named(reason: str) -> frozenset[str] | None:
     """The allowed modalities a header_problem reason was decided under, or None for a reason that does not depend
-    on them: whether an earlier night's refusal still holds under tonight's --modalities (the ledger)."""
+    on them."""
     found = _ALLOWED.search(reason)
     return frozenset(m.strip() for m in found.group(1).split(",")) if found else None
+
+
+def refusal_holds(reason: str, modalities: tuple[str, ...]) -> bool:
+    """Whether an earlier night's refusal still holds tonight (the ledger): one by Modality only under the allowed
+    modalities it was decided under, one by BodyPartExamined only while the rule still refuses that value
+    (body_part.still_refused); any other reason holds."""
+    named = modalities_named(reason)
+    return (named is None or named == frozenset(normalised(modalities))) and still_refused(reason)
 
 
 def header_problem(header: DicomHeader, allowed_modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> str | None:

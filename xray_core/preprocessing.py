@@ -125,7 +125,6 @@ class Decoded:
     image: Image.Image
     colour_spread: float = 0.0
     header: DicomHeader | None = None
-    drafted_by: float = 1.0  # the original's pixels per decoded pixel (a JPEG decoded at a reduced scale: 2, 4, 8)
 
 
 def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
@@ -138,7 +137,6 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     if img.format == "PNG" and not png_ends(data):  # Pillow decodes the pixels it has and stops: a PNG still being
         raise ImageError(f"decode failed: {CUT_SHORT}")  # written was scored whole, then again (QA)
     _check_size(img, config)
-    full_side = min(img.size)
     jpeg = img.format in JPEG_FORMATS
     wide_colour = img.format == "PNG" and png_depth_and_colour(data) in WIDE_COLOUR
     draft = config.jpeg_draft and jpeg and scalable_jpeg(data)
@@ -151,8 +149,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
         img.draft("YCbCr", (config.image_size, config.image_size) if draft else img.size)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))),
-                       drafted_by=full_side / min(img.size))
+        return Decoded(img.getchannel(0), content.colour_spread(np.asarray(img.convert("RGB"))))
     if draft:  # an RGB-stored JPEG stays RGB: its colour is checked
         img.draft("RGB" if stored_rgb else "L", (config.image_size, config.image_size))
     img.load()
@@ -161,8 +158,7 @@ def _decode(data: bytes, config: PreprocessConfig) -> Decoded:
     gray = to_grayscale_8bit(img)
     if wide_colour:
         gray = Image.fromarray(high_bytes_stretched(np.asarray(gray)), mode="L")
-    return Decoded(gray, content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0,
-                   drafted_by=full_side / min(gray.size))
+    return Decoded(gray, content.colour_spread(np.asarray(img.convert("RGB"))) if colour else 0.0)
 
 
 PILLOW_TRUNCATED = ("image file is truncated", "Truncated File Read")  # Pillow's words: a file ends in its pixels
@@ -209,12 +205,13 @@ def to_scan(img: Image.Image, config: PreprocessConfig) -> Image.Image:
 
 
 def decoded_scan(data: bytes, config: PreprocessConfig) -> tuple[Decoded, Image.Image]:
-    """The decoded file and :func:`to_scan` of it. Where bands were cut from a JPEG decoded at a reduced scale and the
-    scan inside them came out smaller than the model input, it is decoded again at full scale: the scale was chosen
-    for the whole image (review: a 240 px scan inside a 2048 px black frame reached the model as 30 px, stretched)."""
+    """The decoded file and :func:`to_scan` of it. Where bands were cut and the scan inside them came out smaller than
+    the model input or `min_side`, the file is decoded again without JPEG's reduced scale, chosen for the whole image
+    (review: a 240 px scan inside a 2048 px black frame reached the model as 30 px, stretched; a 184 px one was refused
+    as too small at its 23 px draft): what is left is then measured in the original's pixels."""
     decoded = decode(data, config)
     scan = to_scan(decoded.image, config)
-    if scan is not decoded.image and decoded.drafted_by > 1 and min(scan.size) < config.image_size:
+    if config.jpeg_draft and scan is not decoded.image and min(scan.size) < max(config.image_size, config.min_side):
         decoded = decode(data, dataclasses.replace(config, jpeg_draft=False))
         scan = to_scan(decoded.image, config)
     return decoded, scan
@@ -266,10 +263,9 @@ def load_input(data: bytes, config: PreprocessConfig,
         decoded, scan = decoded_scan(data, config)
     except ImageError as exc:
         raise ImageError(str(exc), header) from None
-    # what the bands leave, in the original's pixels, said as the share they cover: only where they were cut (review:
-    # a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands, and one with a band as
-    # too little scan at its draft scale)
-    if scan is not decoded.image and min(scan.size) * decoded.drafted_by < config.min_side:
+    # what the bands leave (decoded_scan: at full scale where it matters), said as the share they cover; only where
+    # they were cut (review: a draft-decoded JPEG below min_side at a small image_size was refused as "0.0%" bands)
+    if scan is not decoded.image and min(scan.size) < config.min_side:
         share = 1 - min(scan.width / decoded.image.width, scan.height / decoded.image.height)
         return Loaded(None, f"{content.PADDED}bands of constant grey cover {share:.1%} of a side: too little scan "
                             "inside them to score", decoded.header)
